@@ -1,0 +1,1 @@
+"""A generic supervised actor runtime on anyio (knows nothing about LoRA)."""

@@ -1,0 +1,1 @@
+"""Numba kernels for the LoRA math on float32 arrays."""

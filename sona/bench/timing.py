@@ -1,0 +1,91 @@
+"""Shared timing and table helpers for the benchmarks.
+
+Timings are per call, measured with ``perf_counter_ns`` around batches of calls so that the
+timer's own cost (~50 ns) does not dominate sub-microsecond kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p99_us: float
+    samples: int
+
+
+def time_call(
+    fn: Callable[[], object], *, samples: int = 2000, inner: int = 10, warmup: int = 200
+) -> Timing:
+    """Median and p99 of ``fn()`` in microseconds, each sample averaging ``inner`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(samples, dtype=np.float64)
+    clock = time.perf_counter_ns
+    for i in range(samples):
+        t0 = clock()
+        for _ in range(inner):
+            fn()
+        out[i] = (clock() - t0) / inner
+    return summarize_ns(out)
+
+
+def summarize_ns(values_ns: np.ndarray | Sequence[float]) -> Timing:
+    arr = np.asarray(values_ns, dtype=np.float64)
+    return Timing(
+        median_us=float(np.median(arr)) / 1e3,
+        p99_us=float(np.percentile(arr, 99)) / 1e3,
+        samples=int(arr.size),
+    )
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a table with rich when it is installed, else as aligned plain text."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is in the demo and test extras
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        print(title)
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for r in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if c not in (columns[0],) else "left")
+    for r in cells:
+        table.add_row(*r)
+    Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
+
+
+def dump_json(payload: Any) -> None:
+    def default(o: Any) -> Any:
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.astype(float).round(6).tolist()
+        raise TypeError(type(o).__name__)
+
+    json.dump(payload, sys.stdout, indent=2, default=default)
+    sys.stdout.write("\n")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,80 @@
+"""The ``sona`` command: demo, bench and inspect.
+
+The CLI is the only place that configures logging (the library never does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from sona.bench import BENCHES
+
+
+def configure_logging(*, level: int = logging.INFO) -> None:
+    """Route sona's stdlib-backed structlog loggers to stderr in a readable form."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(processor=structlog.dev.ConsoleRenderer(colors=False))
+    )
+    root = logging.getLogger("sona")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sona", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", help="level for sona's logs on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the simulator")
+    try:
+        demo_mod = importlib.import_module("sona.demo")
+    except ImportError:
+        demo_mod = None
+    if demo_mod is not None:
+        demo_mod.add_arguments(demo)
+
+    bench = sub.add_parser("bench", help="measure sona against numpy, torch and asyncio")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        p = bench_sub.add_parser(name)
+        p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError:
+            p.set_defaults(unavailable=True)
+
+    inspect = sub.add_parser("inspect", help="describe an adapter, checkpoint or PEFT directory")
+    inspect.add_argument("path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    configure_logging(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    if args.command == "bench":
+        if getattr(args, "unavailable", False):
+            print(f"sona bench {args.bench}: not available in this build", file=sys.stderr)
+            return 2
+        result: int = importlib.import_module(BENCHES[args.bench]).run(args)
+        return result
+    if args.command == "demo":
+        demo_mod = importlib.import_module("sona.demo")
+        result = demo_mod.run(args)
+        return result
+    if args.command == "inspect":
+        from sona.inspect import run as inspect_run
+
+        return inspect_run(args.path)
+    return 2  # pragma: no cover - argparse enforces the choices
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
