@@ -1,0 +1,57 @@
+"""The unit of supervised work: subclass :class:`Actor` and override the hooks you need."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Actor:
+    """One incarnation of a supervised actor.
+
+    The supervisor builds a fresh instance from its factory at start and after every crash,
+    so state that must survive a crash belongs outside the instance (the mailbox always
+    survives). Hooks run in the actor's own task, one at a time, never concurrently.
+    """
+
+    async def on_start(self) -> None:
+        """Called before the first message; raising here counts as a crash."""
+
+    async def handle(self, message: Any) -> object | None:
+        """Handle one message; the return value answers an ``ask()``, and is ignored for a tell.
+
+        Raising crashes this instance: the supervisor restarts the actor, which retries this
+        message once, and dead-letters it if it raises again.
+        """
+        return None
+
+    async def on_stop(self) -> None:
+        """Called once on a graceful stop (after the drain), never after a crash."""
+
+    async def on_failure(self, error: BaseException) -> None:
+        """Called on the crashed instance before its successor starts: release what it holds.
+
+        ``on_stop`` is not called after a crash, so that a final action such as a checkpoint
+        never runs on state the crash may have left half-updated.
+        """
+
+
+class Ask:
+    """Envelope of an ``ask()``: the message plus the slot its answer or failure goes to."""
+
+    __slots__ = ("done", "error", "message", "result")
+
+    def __init__(self, message: Any, done: Any) -> None:
+        self.message = message
+        self.done = done  # an anyio.Event, created by the asking task
+        self.result: object | None = None
+        self.error: BaseException | None = None
+
+    def resolve(self, result: object | None) -> None:
+        if not self.done.is_set():
+            self.result = result
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()

@@ -1,0 +1,200 @@
+"""Broadcast of events to any number of subscribers, like tokio's broadcast channel.
+
+Publishing is synchronous and never waits: each subscriber has its own bounded buffer and a
+subscriber that falls behind loses its oldest unread events, then receives one in-band
+:class:`Lagged` saying how many, and goes on with the newest. So a subscriber that never reads
+costs memory bounded by its buffer, and never slows the publisher or the other subscribers.
+
+Numbering: the bus, not the publisher, owns ``seq``. ``publish`` returns the event with ``seq``
+set to the next number (and ``at`` set to ``time.time()`` when it was left at 0.0), built with
+``msgspec.structs.replace``. Any msgspec Struct with ``at`` and ``seq`` fields can be published,
+so layers above define their own events and share one numbering on one bus.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from sona.actors.events import Lagged
+
+E = TypeVar("E", bound=msgspec.Struct)
+
+__all__ = ["EventBus", "Subscription"]
+
+
+class Subscription:
+    """One subscriber's view of a bus: an async iterator of events, used as a context manager.
+
+    Registered on ``__aenter__`` and removed on ``__aexit__``; iteration ends once the bus is
+    closed and the buffer is empty.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_bus",
+        "_capacity",
+        "_closed",
+        "_kinds",
+        "_last_missed_seq",
+        "_missed",
+        "_waiter",
+        "total_missed",
+    )
+
+    def __init__(
+        self, bus: EventBus, buffer: int, kinds: tuple[type[Any], ...] | None = None
+    ) -> None:
+        if buffer < 1:
+            raise ValueError(f"subscribe(buffer=...) must be >= 1, got {buffer}")
+        self._bus = bus
+        self._capacity = buffer
+        self._kinds = kinds
+        self._buffer: deque[Any] = deque()
+        self._missed = 0
+        self._last_missed_seq = 0
+        self._waiter: anyio.Event | None = None
+        self._closed = False
+        self.total_missed = 0
+
+    def _push(self, event: Any) -> None:
+        buffer = self._buffer
+        if len(buffer) >= self._capacity:
+            lost = buffer.popleft()
+            self._missed += 1
+            self._last_missed_seq = lost.seq
+        buffer.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def _close(self) -> None:
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    @property
+    def pending(self) -> int:
+        """Events buffered and not yet received (a pending ``Lagged`` not included)."""
+        return len(self._buffer)
+
+    def receive_nowait(self) -> Any:
+        """The next event; ``anyio.WouldBlock`` if none, ``anyio.EndOfStream`` once closed."""
+        if self._missed:
+            missed, self._missed = self._missed, 0
+            self.total_missed += missed
+            return Lagged(missed=missed, seq=self._last_missed_seq, at=time.time())
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
+
+    async def receive(self) -> Any:
+        """The next event, waiting for one; ``anyio.EndOfStream`` once the bus is closed."""
+        while True:
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                waiter = self._waiter = anyio.Event()
+                try:
+                    await waiter.wait()
+                finally:
+                    if self._waiter is waiter:
+                        self._waiter = None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Subscription:
+        self._bus._add(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bus._remove(self)
+        self._close()
+
+
+class EventBus:
+    """Broadcast channel for msgspec Struct events that carry ``at`` and ``seq`` fields."""
+
+    def __init__(self, *, clock: Any = time.time) -> None:
+        self._subscribers: list[Subscription] = []
+        self._seq = 0
+        self._clock = clock
+        self._closed = False
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the most recent event published (0 before the first)."""
+        return self._seq
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def publish(self, event: E) -> int:
+        """Number ``event`` and hand it to every matching subscriber; never waits.
+
+        Returns the number of subscribers that received it. Publishing on a closed bus is
+        allowed and reaches nobody, so late events during shutdown never raise.
+        """
+        self._seq += 1
+        if getattr(event, "at", None) == 0.0:
+            event = msgspec.structs.replace(event, seq=self._seq, at=self._clock())
+        else:
+            event = msgspec.structs.replace(event, seq=self._seq)
+        delivered = 0
+        for sub in self._subscribers:
+            kinds = sub._kinds
+            if kinds is None or isinstance(event, kinds):
+                sub._push(event)
+                delivered += 1
+        return delivered
+
+    def subscribe(
+        self, *, buffer: int = 256, kinds: tuple[type[Any], ...] | None = None
+    ) -> Subscription:
+        """A subscription (enter it with ``async with``) to events of ``kinds`` (all if None).
+
+        A subscriber sees only events published after it entered. ``Lagged`` is always
+        delivered, whatever ``kinds`` says.
+        """
+        return Subscription(self, buffer, kinds)
+
+    def close(self) -> None:
+        """End every subscription once it has read what it buffered."""
+        self._closed = True
+        for sub in self._subscribers:
+            sub._close()
+
+    def _add(self, sub: Subscription) -> None:
+        if self._closed:
+            sub._close()
+        # Copy on write: a publish iterating the old list is never disturbed.
+        self._subscribers = [*self._subscribers, sub]
+
+    def _remove(self, sub: Subscription) -> None:
+        self._subscribers = [s for s in self._subscribers if s is not sub]

@@ -1,0 +1,102 @@
+"""The handle through which everyone else talks to a supervised actor."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from sona.actors.actor import Ask
+from sona.actors.child import Child
+
+if TYPE_CHECKING:
+    from sona.actors.supervisor import Supervisor
+
+
+class ActorRef:
+    """Address of one supervised child; stays valid across its restarts.
+
+    After the supervisor gave up, ``tell``, ``tell_nowait`` and ``ask`` raise
+    ``SupervisorGaveUp``; after a graceful stop they raise ``ActorStopped``.
+    """
+
+    __slots__ = ("_child", "_mailbox", "_supervisor", "name")
+
+    def __init__(self, child: Child, supervisor: Supervisor) -> None:
+        self._child = child
+        self._mailbox = child.mailbox
+        self._supervisor = supervisor
+        self.name = child.name
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self.name!r} queued={self._child.queued()}>"
+
+    async def tell(self, message: Any) -> bool:
+        """Send ``message``, obeying the mailbox's overflow policy; never yields if there is room.
+
+        Returns True when the message was queued, False when DROP_NEWEST dropped it. BLOCK waits
+        for room; REJECT raises Backpressure.
+        """
+        return await self._mailbox.put(message)
+
+    def tell_nowait(self, message: Any) -> bool:
+        """Send without waiting: as :meth:`tell`, but BLOCK raises Backpressure when full."""
+        return self._mailbox.put_nowait(message)
+
+    async def ask(self, message: Any, *, timeout: float | None = None) -> object:
+        """Send ``message`` and wait for what ``handle`` returns for it.
+
+        ``timeout`` covers both waiting for room and waiting for the answer; on expiry a
+        ``TimeoutError`` is raised and the message, if already queued, is still handled. If the
+        message is dropped by the overflow policy the asker gets MessageDropped; if it raises
+        twice and is dead-lettered, MessageFailed (the handler's error as ``__cause__``); if the
+        actor stops first, ActorStopped or SupervisorGaveUp.
+        """
+        envelope = Ask(message, anyio.Event())
+        try:
+            with anyio.fail_after(timeout):
+                await self._mailbox.put(envelope)
+                await envelope.done.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"ask to actor {self.name!r} got no answer within {timeout} s"
+            ) from None
+        if envelope.error is not None:
+            raise envelope.error
+        return envelope.result
+
+    def qsize(self) -> int:
+        """Messages waiting, including one waiting to be retried after a crash."""
+        return self._child.queued()
+
+    @property
+    def capacity(self) -> int:
+        return self._mailbox.capacity
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued and the actor waits for a message (or is gone)."""
+        return self._child.quiet()
+
+    @property
+    def running(self) -> bool:
+        return self._child.running
+
+    @property
+    def gave_up(self) -> bool:
+        return self._supervisor.gave_up
+
+    async def join(self) -> None:
+        """Wait until the mailbox is empty and the actor idle, or the actor stopped for good.
+
+        Returns normally in every case; check ``gave_up`` or ``qsize()`` to tell them apart.
+        Messages sent meanwhile are waited for too.
+        """
+        await self._child.join()
+
+    def stats(self) -> dict[str, int]:
+        """This child's counters, as in :meth:`Supervisor.stats`."""
+        return self._child.stats()
+
+    def leftovers(self) -> list[Any]:
+        """Messages still queued when the actor stopped for good (none handled), oldest first."""
+        return list(self._child.leftovers)
