@@ -8,9 +8,10 @@ import sys
 
 
 def test_subpackages_import_under_sona() -> None:
-    import sona
     import sona.actors
     import sona.kernels
+
+    import sona
 
     assert sona.actors.__name__ == "sona.actors"
     assert sona.kernels.__name__ == "sona.kernels"

@@ -1,0 +1,221 @@
+"""LoRA forward and gradient kernels.
+
+Layout: ``A`` is (rank, in), ``Bt`` is B transposed, (rank, out), both C-contiguous float32, so
+every inner loop runs over a contiguous row and vectorises; the rank loop (a runtime length) is
+always outermost. ``scale`` (alpha / rank) is folded into the rank-sized hidden vector h = s·A·x,
+which costs ``rank`` multiplications instead of a pass over B.
+
+Kernels never allocate. They check finiteness of the cheap intermediate (h, rank values) rather
+than of x: NaN or inf anywhere in x reaches h through the dot products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sona.kernels.jit import inline, kernel
+from sona.kernels.random import normal, uniform01
+
+
+@inline
+def _hidden(a: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray) -> bool:
+    """h = scale · A·x; False when any entry is non-finite."""
+    rank, n_in = a.shape
+    if rank == 2:  # the common micro rank: one pass over x for both rows
+        acc0 = np.float32(0.0)
+        acc1 = np.float32(0.0)
+        for i in range(n_in):
+            xi = x[i]
+            acc0 += a[0, i] * xi
+            acc1 += a[1, i] * xi
+        h[0] = np.float32(acc0 * scale)
+        h[1] = np.float32(acc1 * scale)
+        return bool(np.isfinite(h[0]) and np.isfinite(h[1]))
+    ok = True
+    for k in range(rank):
+        acc = np.float32(0.0)
+        for i in range(n_in):
+            acc += a[k, i] * x[i]
+        v = np.float32(acc * scale)
+        h[k] = v
+        ok = ok and np.isfinite(v)
+    return ok
+
+
+@kernel
+def forward_vec(
+    a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray, out: np.ndarray
+) -> bool:
+    """out = s·B·A·x for one vector. Returns False (``out`` untouched) if x is not finite."""
+    if not _hidden(a, scale, x, h):
+        return False
+    rank, n_out = bt.shape
+    h0 = h[0]
+    if rank == 2:
+        h1 = h[1]
+        for j in range(n_out):
+            out[j] = h0 * bt[0, j] + h1 * bt[1, j]
+        return True
+    for j in range(n_out):
+        out[j] = h0 * bt[0, j]
+    for k in range(1, rank):
+        hk = h[k]
+        for j in range(n_out):
+            out[j] += hk * bt[k, j]
+    return True
+
+
+@kernel
+def forward_add_vec(
+    a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray, out: np.ndarray
+) -> bool:
+    """out += s·B·A·x for one vector. Returns False (``out`` untouched) if x is not finite."""
+    if not _hidden(a, scale, x, h):
+        return False
+    rank, n_out = bt.shape
+    for k in range(rank):
+        hk = h[k]
+        for j in range(n_out):
+            out[j] += hk * bt[k, j]
+    return True
+
+
+@kernel
+def forward_batch(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    h: np.ndarray,
+    out: np.ndarray,
+    accumulate: bool,
+) -> bool:
+    """out[n] (+)= s·B·A·x[n] for a batch; h is (batch, rank) scratch.
+
+    All hidden vectors are computed and checked before ``out`` is written, so a non-finite row
+    leaves ``out`` untouched.
+    """
+    n = x.shape[0]
+    ok = True
+    for r in range(n):
+        ok = _hidden(a, scale, x[r], h[r]) and ok
+    if not ok:
+        return False
+    rank, n_out = bt.shape
+    for r in range(n):
+        o = out[r]
+        hr = h[r]
+        if not accumulate:
+            h0 = hr[0]
+            for j in range(n_out):
+                o[j] = h0 * bt[0, j]
+        for k in range(0 if accumulate else 1, rank):
+            hk = hr[k]
+            for j in range(n_out):
+                o[j] += hk * bt[k, j]
+    return True
+
+
+# prepare_grad modes: how the output-space gradient g is formed
+MODE_REGRESS = 0  # g = weight · (μ(x) − vec)
+MODE_GRADIENT = 1  # g = vec
+MODE_NOISE = 2  # g = weight · N(0, I) keyed on ``key`` (REINFORCE on explored noise)
+
+
+@kernel
+def prepare_grad(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    mode: int,
+    key: np.uint64,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+) -> bool:
+    """Phase one of a gradient step: fill the scratch h = s·A·x, g and u = s·Bᵀg.
+
+    Writes only scratch, so a multi-module update can check every module before committing.
+    Returns False when any of h, g, u is not finite (NaN/inf in x reaches h through the dot
+    products; overflow shows up in g or u).
+    """
+    if not _hidden(a, scale, x, h):
+        return False
+    rank, n_out = bt.shape
+    w = np.float32(weight)
+    if mode == MODE_REGRESS:
+        if rank == 2:
+            h0 = h[0]
+            h1 = h[1]
+            for j in range(n_out):
+                g[j] = w * (h0 * bt[0, j] + h1 * bt[1, j] - vec[j])
+        else:
+            for j in range(n_out):
+                g[j] = -vec[j]
+            for k in range(rank):
+                hk = h[k]
+                for j in range(n_out):
+                    g[j] += hk * bt[k, j]
+            for j in range(n_out):
+                g[j] *= w
+    elif mode == MODE_GRADIENT:
+        for j in range(n_out):
+            g[j] = vec[j]
+    else:
+        for j in range(n_out):
+            g[j] = w * normal(key, np.uint64(j))
+    ok = True
+    for k in range(rank):
+        acc = np.float32(0.0)
+        for j in range(n_out):
+            acc += bt[k, j] * g[j]
+        v = np.float32(acc * scale)
+        u[k] = v
+        ok = ok and np.isfinite(v)
+    return ok
+
+
+@kernel
+def commit_grad(
+    a: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    grad_a: np.ndarray,
+    grad_bt: np.ndarray,
+    recompute_h: bool,
+) -> None:
+    """Phase two: dBᵀ += h·gᵀ, dA += u·xᵀ (gradients of ⟨g, s·B·A·x⟩).
+
+    With ``recompute_h`` (gradient checkpointing) h = s·A·x is computed again here instead of
+    being kept from phase one.
+    """
+    if recompute_h:
+        _hidden(a, scale, x, h)
+    rank, n_in = grad_a.shape
+    n_out = grad_bt.shape[1]
+    for k in range(rank):
+        hk = h[k]
+        for j in range(n_out):
+            grad_bt[k, j] += hk * g[j]
+        uk = u[k]
+        for i in range(n_in):
+            grad_a[k, i] += uk * x[i]
+
+
+@kernel
+def apply_dropout(
+    x: np.ndarray, p: float, key: np.uint64, counter: np.uint64, out: np.ndarray
+) -> None:
+    """Inverted dropout: out = x·mask/(1 − p), mask keyed on (key, counter) for determinism."""
+    keep = np.float32(1.0 / (1.0 - p))
+    base = counter * np.uint64(x.shape[0])
+    for i in range(x.shape[0]):
+        if uniform01(key, base + np.uint64(i)) < p:
+            out[i] = 0.0
+        else:
+            out[i] = x[i] * keep

@@ -1,0 +1,82 @@
+"""Applying accumulated gradients safely.
+
+An update is published only if every resulting weight is finite and delta_weight = s·B·A cannot
+overflow float32. The check runs on the candidate values before anything is written, so a
+rejected update leaves the weights bit-identical without keeping a copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sona.kernels.jit import kernel
+
+
+@kernel
+def sq_norm(x: np.ndarray) -> float:
+    """Sum of squares in float64 (float32 would overflow for the gradients we must reject)."""
+    acc = 0.0
+    for v in x.flat:
+        acc += float(v) * float(v)
+    return acc
+
+
+@kernel
+def all_finite(x: np.ndarray) -> bool:
+    """True when no entry is NaN or inf; vectorises because the sum is reassociable."""
+    acc = np.float32(0.0)
+    for v in x.flat:
+        acc += v * np.float32(0.0)
+    return bool(acc == 0.0)
+
+
+@kernel
+def grad_sq_norm(grad_a: np.ndarray, grad_bt: np.ndarray) -> float:
+    """‖dA‖² + ‖dBᵀ‖² in float64 (float32 would overflow for gradients we must reject)."""
+    acc = 0.0
+    for v in grad_a.flat:
+        acc += float(v) * float(v)
+    for v in grad_bt.flat:
+        acc += float(v) * float(v)
+    return acc
+
+
+@kernel
+def candidate_sq_norms(
+    a: np.ndarray, grad_a: np.ndarray, bt: np.ndarray, grad_bt: np.ndarray, step: float
+) -> tuple[float, float]:
+    """(‖A − step·dA‖², ‖Bᵀ − step·dBᵀ‖²) of the float32 candidates, without writing them.
+
+    A non-finite candidate entry makes its sum inf or NaN, which the caller rejects.
+    """
+    s = np.float32(step)
+    na = 0.0
+    af = a.ravel()
+    gaf = grad_a.ravel()
+    for i in range(af.shape[0]):
+        v = af[i] - s * gaf[i]
+        na += float(v) * float(v)
+    nb = 0.0
+    bf = bt.ravel()
+    gbf = grad_bt.ravel()
+    for i in range(bf.shape[0]):
+        v = bf[i] - s * gbf[i]
+        nb += float(v) * float(v)
+    return na, nb
+
+
+@kernel
+def apply_step(
+    a: np.ndarray, grad_a: np.ndarray, bt: np.ndarray, grad_bt: np.ndarray, step: float
+) -> None:
+    """A −= step·dA, Bᵀ −= step·dBᵀ, then both accumulators are zeroed (consumed)."""
+    s = np.float32(step)
+    af = a.ravel()
+    gaf = grad_a.ravel()
+    for i in range(af.shape[0]):
+        af[i] = af[i] - s * gaf[i]
+        gaf[i] = 0.0
+    bf = bt.ravel()
+    gbf = grad_bt.ravel()
+    for i in range(bf.shape[0]):
+        bf[i] = bf[i] - s * gbf[i]
+        gbf[i] = 0.0

@@ -1,0 +1,77 @@
+"""Compile (or load from the on-disk cache) every kernel before the first request.
+
+A cold compile of all kernels takes seconds and a cache load ~0.2 s; either is unacceptable on
+the first request of a latency-sensitive service, so runtimes call :func:`warm_up` at start. It
+also resolves :data:`fast`, the dispatch-free entry points of the hot-path kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sona.kernels import lora, random, update
+from sona.kernels.jit import entry_point
+
+
+class FastKernels:
+    """Direct entry points for C-contiguous float32 arguments (see ``jit.entry_point``)."""
+
+    forward_vec: Callable[..., Any]
+    forward_add_vec: Callable[..., Any]
+    prepare_grad: Callable[..., Any]
+    commit_grad: Callable[..., Any]
+    grad_sq_norm: Callable[..., Any]
+    candidate_sq_norms: Callable[..., Any]
+    apply_step: Callable[..., Any]
+    all_finite_vec: Callable[..., Any]
+
+
+fast = FastKernels()
+_done = False
+
+
+def warm_up(*, force: bool = False) -> float:
+    """Run every kernel once on tiny float32 arrays; returns the seconds it took."""
+    global _done
+    if _done and not force:
+        return 0.0
+    t0 = time.perf_counter()
+    f32 = np.float32
+    a = np.ones((2, 3), f32)
+    bt = np.ones((2, 4), f32)
+    x = np.ones(3, f32)
+    xb = np.ones((2, 3), f32)
+    h = np.empty(2, f32)
+    hb = np.empty((2, 2), f32)
+    out = np.zeros(4, f32)
+    outb = np.zeros((2, 4), f32)
+    g = np.zeros(4, f32)
+    u = np.empty(2, f32)
+    ga = np.zeros_like(a)
+    gbt = np.zeros_like(bt)
+    key = np.uint64(1)
+    s = 0.5
+    fast.forward_vec = entry_point(lora.forward_vec, a, bt, s, x, h, out)
+    fast.forward_add_vec = entry_point(lora.forward_add_vec, a, bt, s, x, h, out)
+    fast.prepare_grad = entry_point(lora.prepare_grad, a, bt, s, x, g, 1.0, 0, key, h, u, g)
+    fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
+    fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
+    fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
+    fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
+    fast.all_finite_vec = entry_point(update.all_finite, x)
+    lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
+    lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)
+    for accumulate in (False, True):
+        lora.forward_batch(a, bt, s, xb, hb, outb, accumulate)
+    lora.apply_dropout(x, 0.1, key, np.uint64(0), x.copy())
+    random.fill_normal(key, 1.0, out)
+    random.add_normal(key, 1.0, out)
+    random.hash_vector(x, key)
+    for arr in (x, xb, a):
+        update.all_finite(arr)
+        update.sq_norm(arr)
+    _done = True
+    return time.perf_counter() - t0

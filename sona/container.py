@@ -1,0 +1,163 @@
+"""A small, self-describing, checksummed binary container for arrays plus a JSON header.
+
+Adapters and checkpoints are both stored this way. Loading never runs code (no pickle): the
+header is JSON decoded by msgspec, arrays are raw little-endian bytes of a whitelisted dtype.
+Everything is validated before any large allocation: sizes are checked against the actual
+byte count and hard limits, and the BLAKE2b checksum over the whole body is verified first.
+
+Layout::
+
+    magic (8 bytes) | version u16 | reserved u16 | header_len u32 | payload_len u64
+    | header (JSON) | payload (arrays, in header order) | blake2b-256 of everything before
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from sona.errors import FormatError
+
+VERSION = 1
+_PREFIX = struct.Struct("<8sHHIQ")
+_DIGEST = 32
+MAX_HEADER_BYTES = 1 << 20
+_DTYPES = {
+    "f4": np.dtype("<f4"),
+    "f8": np.dtype("<f8"),
+    "i8": np.dtype("<i8"),
+    "u8": np.dtype("<u8"),
+}
+
+
+class ArraySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: str
+    arrays: list[ArraySpec]
+    meta: dict[str, Any]
+
+
+def encode(magic: bytes, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise ``arrays`` (float32/float64/int64/uint64) and a JSON-able ``meta``."""
+    specs = []
+    blobs = []
+    for name, arr in arrays.items():
+        code = _code_for(arr.dtype)
+        specs.append(ArraySpec(name=name, dtype=code, shape=list(arr.shape)))
+        blobs.append(np.ascontiguousarray(arr, dtype=_DTYPES[code]).tobytes())
+    header = msgspec.json.encode(Header(kind=kind, arrays=specs, meta=meta))
+    payload = b"".join(blobs)
+    body = _PREFIX.pack(magic, VERSION, 0, len(header), len(payload)) + header + payload
+    return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+
+
+def decode(
+    data: bytes, magic: bytes, kind: str, *, what: str = "data"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Validate and decode; every failure is a :class:`FormatError` naming ``what``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, got {type(data).__name__}")
+    buf = bytes(data)
+    n = len(buf)
+    if n < _PREFIX.size + _DIGEST:
+        raise FormatError(f"{what}: truncated ({n} bytes is shorter than any valid file)")
+    got_magic, version, _reserved, header_len, payload_len = _PREFIX.unpack_from(buf, 0)
+    if got_magic != magic:
+        raise FormatError(f"{what}: not a {kind} file (bad magic {got_magic!r})")
+    if version != VERSION:
+        raise FormatError(
+            f"{what}: unsupported format version {version} (this sona reads {VERSION})"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise FormatError(f"{what}: header length {header_len} exceeds {MAX_HEADER_BYTES}")
+    expected = _PREFIX.size + header_len + payload_len + _DIGEST
+    if expected != n:
+        raise FormatError(
+            f"{what}: size mismatch (header says {expected} bytes, file has {n}); "
+            "truncated or corrupt"
+        )
+    body = memoryview(buf)[: n - _DIGEST]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != buf[n - _DIGEST :]:
+        raise FormatError(f"{what}: checksum mismatch; the file is corrupt")
+    start = _PREFIX.size
+    try:
+        header = msgspec.json.decode(buf[start : start + header_len], type=Header)
+    except msgspec.DecodeError as exc:
+        raise FormatError(f"{what}: malformed header: {exc}") from None
+    if header.kind != kind:
+        raise FormatError(f"{what}: holds a {header.kind!r}, expected {kind!r}")
+    arrays: dict[str, np.ndarray] = {}
+    offset = start + header_len
+    end = offset + payload_len
+    for spec in header.arrays:
+        dtype = _DTYPES.get(spec.dtype)
+        if dtype is None or any(d < 0 for d in spec.shape) or len(spec.shape) > 4:
+            raise FormatError(f"{what}: bad array spec for {spec.name!r}")
+        count = math.prod(spec.shape)
+        size = count * dtype.itemsize
+        if size > end - offset or spec.name in arrays:
+            raise FormatError(f"{what}: array {spec.name!r} does not fit the payload")
+        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(spec.shape)
+        arrays[spec.name] = arr.astype(dtype.newbyteorder("="), copy=True)
+        offset += size
+    if offset != end:
+        raise FormatError(f"{what}: {end - offset} unexplained payload bytes")
+    return header.meta, arrays
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` so that ``path`` holds either the old or the new content, never a mix.
+
+    Temporary file in the same directory, fsync, rename over the target, fsync the directory.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+def read_file(path: str | os.PathLike[str], *, limit: int = 1 << 34) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise FormatError(f"{p}: {size} bytes exceeds the {limit}-byte limit")
+        return p.read_bytes()
+    except IsADirectoryError:
+        raise FormatError(f"{p}: is a directory, expected a file") from None
+
+
+def _code_for(dtype: np.dtype[Any]) -> str:
+    for code, dt in _DTYPES.items():
+        if dtype == dt or dtype == dt.newbyteorder("="):
+            return code
+    raise TypeError(f"unsupported array dtype {dtype}")

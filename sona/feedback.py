@@ -1,0 +1,161 @@
+"""Feedback forms and the objective each one defines.
+
+Every vector lives in the adapter's output space: the correction added to the frozen base
+output. A host that knows a desired layer output y* passes y* − base_output.
+
+- target (``with_target``): supervised, minimise ½·q·‖μ(x) − y*‖².
+- gradient (``with_gradient``): the host's ∂L/∂output, applied through the adapter.
+- rated output (``with_output``): advantage-weighted regression toward the rated response.
+- group (``from_group``): k rated candidates for one input; the group mean is the baseline, so
+  the pull target (the advantage-weighted mean of the candidates) is fixed at construction.
+- quality only (``from_quality``): a REINFORCE step, valid only if the adapter explored on that
+  input; otherwise the adapter declines it with a note.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+from sona.errors import InvalidInputError
+from sona.validation import as_f32, check_finite, check_quality, frozen_copy
+
+
+class FeedbackKind(enum.Enum):
+    QUALITY = "quality"
+    OUTPUT = "output"
+    TARGET = "target"
+    GRADIENT = "gradient"
+    GROUP = "group"
+
+
+class AdaptFeedback:
+    """Immutable feedback on one input; arrays are copied and made read-only."""
+
+    __slots__ = ("_group_qualities", "_kind", "_quality", "_vector")
+
+    _kind: FeedbackKind
+    _quality: float
+    _vector: np.ndarray | None
+    _group_qualities: np.ndarray | None
+
+    def __init__(self, quality: float) -> None:
+        self._set(FeedbackKind.QUALITY, check_quality(quality), None, None)
+
+    def _set(
+        self,
+        kind: FeedbackKind,
+        quality: float,
+        vector: np.ndarray | None,
+        group_qualities: np.ndarray | None,
+    ) -> None:
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_quality", quality)
+        object.__setattr__(self, "_vector", vector)
+        object.__setattr__(self, "_group_qualities", group_qualities)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("AdaptFeedback is immutable; use the with_* methods")
+
+    # construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_quality(cls, quality: float) -> AdaptFeedback:
+        return cls(quality)
+
+    @classmethod
+    def from_group(
+        cls, outputs: Any, qualities: Any, *, temperature: float = 1.0, cap: float = 20.0
+    ) -> AdaptFeedback:
+        """k >= 2 rated candidates for one input.
+
+        Advantages are the qualities' z-scores within the group (the group mean is the
+        baseline); weights are min(exp(advantage / temperature), cap). The stored vector is the
+        weighted mean of the candidates, so adapting regresses toward the better ones and never
+        pushes without bound. ``quality`` is the group's mean.
+        """
+        outs = as_f32(outputs, "outputs")
+        if outs.ndim != 2 or outs.shape[0] < 2:
+            raise InvalidInputError(f"outputs must have shape (k >= 2, out), got {outs.shape}")
+        check_finite(outs, "outputs")
+        qs = np.asarray(qualities, dtype=np.float64) if not np.isscalar(qualities) else None
+        if qs is None or qs.ndim != 1 or qs.shape[0] != outs.shape[0]:
+            raise InvalidInputError(
+                f"qualities must be a sequence of {outs.shape[0]} numbers, one per output"
+            )
+        for i, q in enumerate(qs):
+            check_quality(float(q), f"qualities[{i}]")
+        mean = float(qs.mean())
+        spread = float(qs.std())
+        adv = (qs - mean) / (spread + 1e-8) if spread > 0 else np.zeros_like(qs)
+        w = np.minimum(np.exp(adv / float(temperature)), float(cap))
+        pull = (w[:, None] * outs.astype(np.float64)).sum(axis=0) / w.sum()
+        fb = object.__new__(cls)
+        fb._set(FeedbackKind.GROUP, mean, frozen_copy(pull.astype(np.float32)), frozen_copy(qs))
+        return fb
+
+    def _with(self, kind: FeedbackKind, vector: Any, name: str) -> AdaptFeedback:
+        if self._kind is not FeedbackKind.QUALITY:
+            raise InvalidInputError(
+                f"{name}: feedback already carries a {self._kind.value}; start from from_quality"
+            )
+        arr = as_f32(vector, name)
+        if arr.ndim != 1:
+            raise InvalidInputError(f"{name} must be a vector of shape (out,), got {arr.shape}")
+        check_finite(arr, name)
+        fb = object.__new__(type(self))
+        fb._set(kind, self._quality, frozen_copy(arr), None)
+        return fb
+
+    def with_output(self, output: Any) -> AdaptFeedback:
+        """The response that was produced and rated (advantage-weighted regression)."""
+        return self._with(FeedbackKind.OUTPUT, output, "output")
+
+    def with_target(self, target: Any) -> AdaptFeedback:
+        """The desired output (supervised, weighted by quality)."""
+        return self._with(FeedbackKind.TARGET, target, "target")
+
+    def with_gradient(self, grad: Any) -> AdaptFeedback:
+        """∂Loss/∂output computed by the host."""
+        return self._with(FeedbackKind.GRADIENT, grad, "grad")
+
+    # access ----------------------------------------------------------------------------------
+    @property
+    def quality(self) -> float:
+        return self._quality
+
+    @property
+    def kind(self) -> FeedbackKind:
+        return self._kind
+
+    @property
+    def vector(self) -> np.ndarray | None:
+        """The target, gradient, rated output or group pull target; None for quality only."""
+        return self._vector
+
+    @property
+    def group_qualities(self) -> np.ndarray | None:
+        return self._group_qualities
+
+    def __repr__(self) -> str:
+        dim = "" if self._vector is None else f", dim={self._vector.shape[0]}"
+        return f"AdaptFeedback(kind={self._kind.value}, quality={self._quality:.3f}{dim})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AdaptFeedback):
+            return NotImplemented
+        return (
+            self._kind is other._kind
+            and self._quality == other._quality
+            and _arr_eq(self._vector, other._vector)
+            and _arr_eq(self._group_qualities, other._group_qualities)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _arr_eq(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(np.array_equal(a, b))

@@ -1,0 +1,625 @@
+"""MicroLoRA: a tiny low-rank adapter that learns from feedback in microseconds.
+
+ΔW = s·B·A with s = alpha / rank, A (rank × in) random, B (out × rank) zero at start, as in
+PEFT. B is stored transposed (rank × out) so every kernel loop is contiguous. ``forward`` returns
+only the delta μ(x) = ΔW·x; the host adds it to its frozen base output.
+
+Learning is two-phase: ``adapt`` accumulates the gradient of the objective its feedback defines
+(see :mod:`sona.feedback`), ``apply_updates`` applies their mean, norm-clipped, and only if the
+result is finite. Bad input raises before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from sona import container
+from sona.baseline import RunningBaseline
+from sona.errors import ConfigMismatchError, FormatError, InvalidInputError, UnknownModuleError
+from sona.feedback import AdaptFeedback, FeedbackKind
+from sona.kernels import lora as k_lora
+from sona.kernels import random as k_random
+from sona.kernels import update as k_update
+from sona.kernels.warmup import fast, warm_up
+from sona.log import get_logger
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.validation import as_f32, check_positive
+
+__all__ = [
+    "AdaptFeedback",
+    "ComposedAdapter",
+    "MicroLoRA",
+    "MicroLoraConfig",
+    "TargetModule",
+]
+
+_log = get_logger("sona.lora")
+_F32 = np.dtype(np.float32)
+_F32_MAX = float(np.finfo(np.float32).max)
+_MAGIC = b"SONALORA"
+_KIND = "micro_lora"
+_MAX_EXPLORED = 4096
+_NO_KEY = np.uint64(0)
+
+
+class _Module:
+    """Weights, gradient accumulators and preallocated scratch for one target module."""
+
+    __slots__ = ("a", "bt", "g", "grad_a", "grad_bt", "h", "index", "module", "u")
+
+    def __init__(self, index: int, module: TargetModule, a: np.ndarray, bt: np.ndarray) -> None:
+        self.index = index
+        self.module = module
+        self.a = a
+        self.bt = bt
+        self.grad_a = np.zeros_like(a)
+        self.grad_bt = np.zeros_like(bt)
+        rank, n_out = bt.shape
+        self.h = np.zeros(rank, np.float32)
+        self.u = np.zeros(rank, np.float32)
+        self.g = np.zeros(n_out, np.float32)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.a, self.bt, self.grad_a, self.grad_bt, self.h, self.u, self.g)
+
+
+class MicroLoRA:
+    """A rank-1..8 LoRA adapter over one or more target modules of the same shape."""
+
+    def __init__(self, config: MicroLoraConfig, *, seed: int | None = None) -> None:
+        if not isinstance(config, MicroLoraConfig):
+            raise TypeError(f"config must be a MicroLoraConfig, got {type(config).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        warm_up()
+        self.config = config
+        self.seed = int(seed) if seed is not None else secrets.randbits(63)
+        self._scale = float(config.scaling)
+        self._in = config.in_features
+        self._out = config.out_features
+        self._in_shape = (self._in,)
+        rng = np.random.default_rng(self.seed)
+        self._modules: dict[TargetModule, _Module] = {}
+        for i, m in enumerate(config.target_modules):
+            a = rng.standard_normal((config.rank, self._in)) / math.sqrt(self._in)
+            bt = np.zeros((config.rank, self._out), np.float32)
+            self._modules[m] = _Module(i, m, np.ascontiguousarray(a, dtype=np.float32), bt)
+        # Identity-keyed view: Enum.__hash__ is a Python-level call, too slow for forward().
+        self._by_id = {id(m): st for m, st in self._modules.items()}
+        self._states = list(self._modules.values())
+        self._xd = np.zeros(self._in, np.float32)
+        self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
+        self._dropout_counter = 0
+        self._explored: OrderedDict[tuple[int, int], float] = OrderedDict()
+        self._baseline = RunningBaseline(config.baseline_decay)
+        self._pending = 0
+        self.version = 0
+        self.last_note: str | None = None
+        self.last_update_norm: float | None = None
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def modules(self) -> tuple[TargetModule, ...]:
+        return self.config.target_modules
+
+    @property
+    def scaling(self) -> float:
+        return self._scale
+
+    @property
+    def pending_updates(self) -> int:
+        """Samples whose gradients are accumulated but not yet applied."""
+        return self._pending
+
+    @property
+    def param_count(self) -> int:
+        c = self.config
+        return len(self._modules) * c.rank * (c.in_features + c.out_features)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held in arrays: weights, gradient accumulators and scratch."""
+        own = sum(arr.nbytes for st in self._modules.values() for arr in st.arrays())
+        return own + self._xd.nbytes
+
+    @property
+    def baseline(self) -> RunningBaseline:
+        return self._baseline
+
+    def factors(self, module: TargetModule) -> tuple[np.ndarray, np.ndarray]:
+        """The live (A, Bᵀ) arrays of ``module``; write to them only between published steps."""
+        st = self._state(module)
+        return st.a, st.bt
+
+    def gradients(self, module: TargetModule) -> tuple[np.ndarray, np.ndarray]:
+        """The live accumulated (dA, dBᵀ) of ``module`` (sums, not yet divided by the count)."""
+        st = self._state(module)
+        return st.grad_a, st.grad_bt
+
+    def __repr__(self) -> str:
+        c = self.config
+        mods = ",".join(m.value for m in c.target_modules)
+        return f"MicroLoRA(in={c.in_features}, out={c.out_features}, rank={c.rank}, modules={mods})"
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
+        """The delta μ(x) = s·B·A·x: shape (out,) for x of shape (in,), (n, out) for (n, in).
+
+        ``explore=True`` adds Gaussian noise, σ = explore_std·‖x‖/√out, regenerable from
+        (seed, module, hash of x), so a later ``adapt(x, AdaptFeedback.from_quality(q))`` can
+        turn the rating into a REINFORCE step.
+        """
+        st = self._by_id.get(id(module))
+        if (
+            st is not None
+            and not explore
+            and type(x) is np.ndarray
+            and x.dtype is _F32
+            and x.shape == self._in_shape
+            and x.flags.c_contiguous
+        ):
+            out = np.empty(self._out, _F32)
+            if fast.forward_vec(st.a, st.bt, self._scale, x, st.h, out):
+                return out
+            raise InvalidInputError("x contains NaN or inf")
+        return self._forward_general(x, module, explore)
+
+    def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:
+        st = self._state(module)
+        x = as_f32(x, "x")
+        if x.ndim == 2:
+            return self._forward_batch(st, x, explore)
+        if x.ndim != 1 or x.shape[0] != self._in:
+            raise InvalidInputError(
+                f"x must have shape ({self._in},) or (n, {self._in}), got {x.shape}"
+            )
+        out = np.empty(self._out, _F32)
+        if not fast.forward_vec(st.a, st.bt, self._scale, x, st.h, out):
+            raise InvalidInputError("x contains NaN or inf")
+        if explore:
+            self._explore(st, x, out)
+        return out
+
+    def forward_add(self, x: Any, module: TargetModule, out: np.ndarray) -> None:
+        """out += μ(x) in place, without allocating; ``out`` is float32 (out,) or (n, out)."""
+        st = self._by_id.get(id(module))
+        if st is None:
+            st = self._state(module)
+        if not (type(x) is np.ndarray and x.dtype is _F32):
+            x = as_f32(x, "x")
+        if type(out) is not np.ndarray or out.dtype is not _F32 or not out.flags.writeable:
+            raise TypeError("out must be a writeable float32 numpy array")
+        if x.ndim == 1:
+            if x.shape[0] != self._in or out.shape != (self._out,):
+                raise InvalidInputError(
+                    f"x must have shape ({self._in},) and out ({self._out},), "
+                    f"got {x.shape} and {out.shape}"
+                )
+            ok = k_lora.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
+        elif x.ndim == 2:
+            n = x.shape[0]
+            if x.shape[1] != self._in or out.shape != (n, self._out):
+                raise InvalidInputError(
+                    f"x must have shape (n, {self._in}) and out (n, {self._out}), "
+                    f"got {x.shape} and {out.shape}"
+                )
+            h = np.empty((n, self.config.rank), _F32)
+            ok = k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, True)
+        else:
+            raise InvalidInputError(f"x must be 1- or 2-dimensional, got shape {x.shape}")
+        if not ok:
+            raise InvalidInputError("x contains NaN or inf")
+
+    def _forward_batch(self, st: _Module, x: np.ndarray, explore: bool) -> np.ndarray:
+        if x.shape[1] != self._in:
+            raise InvalidInputError(f"x must have shape (n, {self._in}), got {x.shape}")
+        n = x.shape[0]
+        out = np.empty((n, self._out), _F32)
+        h = np.empty((n, self.config.rank), _F32)
+        if not k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, False):
+            raise InvalidInputError("x contains NaN or inf")
+        if explore:
+            for i in range(n):
+                self._explore(st, x[i], out[i])
+        return out
+
+    def delta_weight(self, module: TargetModule) -> np.ndarray:
+        """The full (out, in) matrix s·B·A; for inspection and merging, not the hot path."""
+        st = self._state(module)
+        return np.asarray(self._scale * (st.bt.T @ st.a), dtype=np.float32)
+
+    # ------------------------------------------------------------------ exploration
+    def _explore_key(self, st: _Module, x: np.ndarray) -> int:
+        salt = self._key ^ np.uint64((st.index + 1) * 0x9E3779B1)
+        return int(k_random.hash_vector(np.ascontiguousarray(x), salt))
+
+    def _explore(self, st: _Module, x: np.ndarray, out: np.ndarray) -> None:
+        sigma = self.config.explore_std * float(np.sqrt(np.dot(x, x))) / math.sqrt(self._out)
+        key = self._explore_key(st, x)
+        k_random.add_normal(np.uint64(key), sigma, out)
+        explored = self._explored
+        explored[(st.index, key)] = sigma
+        explored.move_to_end((st.index, key))
+        if len(explored) > _MAX_EXPLORED:
+            explored.popitem(last=False)
+
+    # ------------------------------------------------------------------ learning
+    def adapt(self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None) -> bool:
+        """Accumulate the gradient ``feedback`` defines for input ``x``.
+
+        All target modules when ``module`` is None. Returns False, changes nothing and says why
+        in ``last_note`` when the feedback gives no direction (quality alone without
+        exploration, or the very first rating, which only seeds the baseline).
+        """
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        states = self._states if module is None else [self._state(module)]
+        x = as_f32(x, "x")
+        if x.ndim != 1 or x.shape[0] != self._in:
+            raise InvalidInputError(f"x must have shape ({self._in},), got {x.shape}")
+        kind = feedback.kind
+        vec = feedback.vector
+        if vec is not None and vec.shape[0] != self._out:
+            name = "grad" if kind is FeedbackKind.GRADIENT else kind.value
+            raise InvalidInputError(
+                f"feedback {name} must have shape ({self._out},), got {vec.shape}"
+            )
+        if kind is FeedbackKind.QUALITY:
+            if not fast.all_finite_vec(x):
+                raise InvalidInputError("x contains NaN or inf")
+            return self._adapt_quality(states, x, feedback.quality)
+        assert vec is not None
+        p = self.config.dropout
+        xu = x
+        if p > 0.0:
+            k_lora.apply_dropout(x, p, self._key, np.uint64(self._dropout_counter), self._xd)
+            xu = self._xd
+        if kind is FeedbackKind.GRADIENT:
+            mode, weight = k_lora.MODE_GRADIENT, 1.0
+        elif kind is FeedbackKind.TARGET:
+            mode, weight = k_lora.MODE_REGRESS, feedback.quality
+        elif kind is FeedbackKind.OUTPUT:
+            adv = self._baseline.advantage(feedback.quality)
+            c = self.config
+            mode = k_lora.MODE_REGRESS
+            weight = min(math.exp(adv / c.advantage_temperature), c.advantage_cap)
+        else:  # GROUP: the pull target already carries the advantage weighting
+            mode, weight = k_lora.MODE_REGRESS, 1.0
+        for st in states:
+            if not fast.prepare_grad(
+                st.a, st.bt, self._scale, xu, vec, weight, mode, _NO_KEY, st.h, st.u, st.g
+            ):
+                raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+        self._commit(states, xu)
+        if kind is FeedbackKind.OUTPUT:
+            self._baseline.update(feedback.quality)
+        if p > 0.0:
+            self._dropout_counter += 1
+        return True
+
+    def _adapt_quality(self, states: list[_Module], x: np.ndarray, quality: float) -> bool:
+        found = []
+        for st in states:
+            key = self._explore_key(st, x)
+            sigma = self._explored.get((st.index, key))
+            if sigma is not None:
+                found.append((st, key, sigma))
+        if not found:
+            self.last_note = (
+                "declined: quality-only feedback gives no direction unless the adapter explored "
+                "on this input (call forward(x, module, explore=True) first)"
+            )
+            return False
+        if self._baseline.count == 0:
+            for st, key, _ in found:
+                del self._explored[(st.index, key)]
+            self._baseline.update(quality)
+            self.last_note = "declined: first rating only initialises the quality baseline"
+            return False
+        adv = self._baseline.advantage(quality)
+        # REINFORCE with a baseline: the log-likelihood gradient of the explored output is
+        # ε/σ; scaled by σ² (absorbed into the step size) the loss gradient is −adv·σ·ε.
+        for st, key, sigma in found:
+            if not fast.prepare_grad(
+                st.a,
+                st.bt,
+                self._scale,
+                x,
+                st.g,
+                -adv * sigma,
+                k_lora.MODE_NOISE,
+                np.uint64(key),
+                st.h,
+                st.u,
+                st.g,
+            ):
+                raise InvalidInputError("the gradient overflows")
+        self._commit([st for st, _, _ in found], x)
+        for st, key, _ in found:
+            del self._explored[(st.index, key)]
+        self._baseline.update(quality)
+        return True
+
+    def _commit(self, states: list[_Module], x: np.ndarray) -> None:
+        recompute = self.config.gradient_checkpointing
+        for st in states:
+            fast.commit_grad(
+                st.a, self._scale, x, st.h, st.u, st.g, st.grad_a, st.grad_bt, recompute
+            )
+        self._pending += 1
+        self.last_note = None
+
+    def apply_updates(self, learning_rate: float, *, max_norm: float | None = 1.0) -> bool:
+        """Apply the mean accumulated gradient, norm-clipped to ``max_norm``, and clear it.
+
+        Returns False, keeps every weight bit-identical and says why in ``last_note`` when there
+        is nothing to apply, or when the result would be non-finite or would make delta_weight
+        overflow (the rejected gradient is discarded).
+        """
+        lr = check_positive(learning_rate, "learning_rate")
+        if max_norm is not None:
+            max_norm = check_positive(max_norm, "max_norm")
+        n = self._pending
+        if n == 0:
+            self.last_note = "nothing to apply: no accumulated updates"
+            return False
+        states = self._states
+        sq = 0.0
+        for st in states:
+            sq += fast.grad_sq_norm(st.grad_a, st.grad_bt)
+        norm = math.sqrt(sq) / n
+        if not math.isfinite(norm):
+            return self._reject("rejected: the accumulated gradient is not finite")
+        clip = 1.0 if max_norm is None or norm <= max_norm else max_norm / norm
+        step = lr * clip / n
+        for st in states:
+            na, nb = fast.candidate_sq_norms(st.a, st.grad_a, st.bt, st.grad_bt, step)
+            if not (math.isfinite(na) and math.isfinite(nb)):
+                return self._reject("rejected: the update would make the weights non-finite")
+            if self._scale * math.sqrt(na) * math.sqrt(nb) >= _F32_MAX:
+                return self._reject("rejected: the update would make delta_weight overflow")
+        for st in states:
+            fast.apply_step(st.a, st.grad_a, st.bt, st.grad_bt, step)
+        self._pending = 0
+        self.version += 1
+        self.last_update_norm = norm * clip
+        self.last_note = None
+        return True
+
+    def _reject(self, note: str) -> bool:
+        self.clear_gradients()
+        self.last_note = note
+        _log.debug("update_rejected", note=note)
+        return False
+
+    def clear_gradients(self) -> None:
+        """Discard accumulated gradients without touching the weights."""
+        for st in self._modules.values():
+            st.grad_a.fill(0.0)
+            st.grad_bt.fill(0.0)
+        self._pending = 0
+
+    # ------------------------------------------------------------------ copies and state
+    def clone(self) -> MicroLoRA:
+        """An independent copy: weights, baseline and RNG position (not pending gradients)."""
+        twin = MicroLoRA(self.config, seed=self.seed)
+        twin._copy_state_from(self)
+        return twin
+
+    def _copy_state_from(self, other: MicroLoRA) -> None:
+        for m, st in self._modules.items():
+            src = other._modules[m]
+            np.copyto(st.a, src.a)
+            np.copyto(st.bt, src.bt)
+        self._baseline.load(other._baseline.state())
+        self._dropout_counter = other._dropout_counter
+        self.version = other.version
+
+    def reset_b(self) -> None:
+        """Start afresh from the current A with B = 0 (delta zero), as after a hand-over."""
+        for st in self._modules.values():
+            st.bt.fill(0.0)
+        self.clear_gradients()
+        self.version += 1
+
+    def set_factors(self, module: TargetModule, a: Any, bt: Any) -> None:
+        """Replace one module's (A, Bᵀ); shapes must match and values be finite."""
+        st = self._state(module)
+        a_arr = as_f32(a, "a")
+        bt_arr = as_f32(bt, "bt")
+        if a_arr.shape != st.a.shape or bt_arr.shape != st.bt.shape:
+            raise InvalidInputError(
+                f"factors must have shapes {st.a.shape} and {st.bt.shape}, "
+                f"got {a_arr.shape} and {bt_arr.shape}"
+            )
+        if not (k_update.all_finite(a_arr) and k_update.all_finite(bt_arr)):
+            raise InvalidInputError("factors contain NaN or inf")
+        np.copyto(st.a, a_arr)
+        np.copyto(st.bt, bt_arr)
+        self.version += 1
+
+    def iter_factors(self) -> Iterator[tuple[TargetModule, np.ndarray, np.ndarray]]:
+        for m, st in self._modules.items():
+            yield m, st.a, st.bt
+
+    # ------------------------------------------------------------------ serialisation
+    def export_weights(self) -> bytes:
+        """Versioned, checksummed bytes holding the config, the factors and the baseline."""
+        arrays: dict[str, np.ndarray] = {}
+        for m, st in self._modules.items():
+            arrays[f"{m.value}.A"] = st.a
+            arrays[f"{m.value}.Bt"] = st.bt
+        meta = {
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "version": self.version,
+            "dropout_counter": self._dropout_counter,
+            "baseline": self._baseline.state(),
+        }
+        return container.encode(_MAGIC, _KIND, meta, arrays)
+
+    def import_weights(self, data: bytes) -> None:
+        """Load bytes from :meth:`export_weights`; refuses corrupt data or another config."""
+        state = _decode(data, "adapter bytes")
+        if state.config != self.config:
+            raise ConfigMismatchError(
+                f"adapter bytes hold config {state.config}, this adapter has {self.config}"
+            )
+        self._install(state)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the adapter atomically: the file holds the old or the new adapter, never a mix."""
+        container.write_atomic(path, self.export_weights())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MicroLoRA:
+        state = _decode(container.read_file(path), str(path))
+        lora = cls(state.config, seed=state.seed)
+        lora._install(state)
+        return lora
+
+    def _install(self, state: _Decoded) -> None:
+        for m, st in self._modules.items():
+            np.copyto(st.a, state.arrays[f"{m.value}.A"])
+            np.copyto(st.bt, state.arrays[f"{m.value}.Bt"])
+        self.seed = state.seed
+        self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
+        self._baseline.load(state.baseline)
+        self._dropout_counter = state.dropout_counter
+        self.version = state.version
+        self.clear_gradients()
+        self._explored.clear()
+
+    # ------------------------------------------------------------------ combining adapters
+    @staticmethod
+    def merge_adapters(
+        adapters: Sequence[tuple[MicroLoRA, float]], *, rank: int | None = None
+    ) -> MicroLoRA:
+        """An adapter whose delta_weight is Σ wᵢ·delta_weightᵢ.
+
+        Exact when ``rank`` is None: the ranks are concatenated (A stacked, each B scaled by its
+        weight and scale), never A and B averaged separately, which would add cross terms. With
+        ``rank``, the best rank-``rank`` approximation of the exact sum (truncated SVD).
+        """
+        from sona.merge import merge_adapters
+
+        return merge_adapters(adapters, rank=rank)
+
+    @staticmethod
+    def compose_sequential(adapters: Sequence[MicroLoRA]) -> ComposedAdapter:
+        """x → x + Δ₁(x) → x + Δ₁(x) + Δ₂(x + Δ₁(x)) → …; requires in == out."""
+        return ComposedAdapter(adapters, "sequential")
+
+    @staticmethod
+    def compose_parallel(adapters: Sequence[MicroLoRA]) -> ComposedAdapter:
+        """The mean of the adapters' deltas."""
+        return ComposedAdapter(adapters, "parallel")
+
+    # ------------------------------------------------------------------ helpers
+    def _state(self, module: object) -> _Module:
+        m = TargetModule.parse(module)
+        st = self._modules.get(m)
+        if st is None:
+            targets = ", ".join(t.value for t in self._modules)
+            raise UnknownModuleError(
+                f"module {m.value!r} is not targeted by this adapter ({targets})"
+            )
+        return st
+
+
+class ComposedAdapter:
+    """Several adapters applied in sequence or in parallel (see ``MicroLoRA.compose_*``)."""
+
+    def __init__(self, adapters: Sequence[MicroLoRA], mode: str) -> None:
+        items = list(adapters)
+        if not items:
+            raise InvalidInputError("adapters must not be empty")
+        for a in items:
+            if not isinstance(a, MicroLoRA):
+                raise TypeError(f"adapters must be MicroLoRA instances, got {type(a).__name__}")
+        c0 = items[0].config
+        if any(
+            (a.config.in_features, a.config.out_features) != (c0.in_features, c0.out_features)
+            for a in items
+        ):
+            raise InvalidInputError("composed adapters must share in_features and out_features")
+        if mode == "sequential" and c0.in_features != c0.out_features:
+            raise InvalidInputError("sequential composition needs in_features == out_features")
+        if mode not in ("sequential", "parallel"):
+            raise InvalidInputError(f"unknown composition mode {mode!r}")
+        self.adapters = tuple(items)
+        self.mode = mode
+
+    def forward(self, x: Any, module: TargetModule) -> np.ndarray:
+        """The total delta the composition adds to x's base output."""
+        x = as_f32(x, "x")
+        if self.mode == "parallel":
+            total = self.adapters[0].forward(x, module).astype(np.float64)
+            for a in self.adapters[1:]:
+                total += a.forward(x, module)
+            return (total / len(self.adapters)).astype(np.float32)
+        total = np.zeros((*x.shape[:-1], self.adapters[0].config.out_features), np.float32)
+        cur = x
+        for a in self.adapters:
+            d = a.forward(cur, module)
+            total += d
+            cur = x + total
+        return total
+
+
+class _Decoded:
+    __slots__ = ("arrays", "baseline", "config", "dropout_counter", "seed", "version")
+
+    def __init__(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    config: MicroLoraConfig
+    arrays: dict[str, np.ndarray]
+    seed: int
+    version: int
+    dropout_counter: int
+    baseline: dict[str, float]
+
+
+def _decode(data: bytes, what: str) -> _Decoded:
+    meta, arrays = container.decode(data, _MAGIC, _KIND, what=what)
+    try:
+        config = MicroLoraConfig.from_dict(meta["config"])
+        seed = int(meta["seed"])
+        version = int(meta["version"])
+        dropout_counter = int(meta["dropout_counter"])
+        baseline = dict(meta["baseline"])
+        probe = RunningBaseline(config.baseline_decay)
+        probe.load(baseline)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{what}: invalid adapter metadata: {exc}") from None
+    if seed < 0 or version < 0 or dropout_counter < 0:
+        raise FormatError(f"{what}: invalid adapter metadata: negative counter")
+    expected = {}
+    for m in config.target_modules:
+        expected[f"{m.value}.A"] = (config.rank, config.in_features)
+        expected[f"{m.value}.Bt"] = (config.rank, config.out_features)
+    if set(arrays) != set(expected):
+        raise FormatError(f"{what}: tensors {sorted(arrays)} do not match the config's modules")
+    for name, shape in expected.items():
+        arr = arrays[name]
+        if arr.shape != shape or arr.dtype != np.float32:
+            raise FormatError(f"{what}: tensor {name} has shape {arr.shape}, expected {shape}")
+        if not np.isfinite(arr).all():
+            raise FormatError(f"{what}: tensor {name} holds NaN or inf")
+    return _Decoded(
+        config=config,
+        arrays=arrays,
+        seed=seed,
+        version=version,
+        dropout_counter=dropout_counter,
+        baseline=baseline,
+    )

@@ -1,0 +1,161 @@
+"""Adapter configuration: which modules an adapter targets and how large it is."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from sona.errors import ConfigError
+
+
+class TargetModule(enum.Enum):
+    """Projection layers an adapter can target; values are the PEFT / Hugging Face names."""
+
+    Q_PROJ = "q_proj"
+    K_PROJ = "k_proj"
+    V_PROJ = "v_proj"
+    O_PROJ = "o_proj"
+    GATE_PROJ = "gate_proj"
+    UP_PROJ = "up_proj"
+    DOWN_PROJ = "down_proj"
+
+    @classmethod
+    def parse(cls, value: object) -> TargetModule:
+        """Accept a member or its PEFT name; anything else is a ``TypeError``/``ValueError``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value)
+            except ValueError:
+                names = ", ".join(m.value for m in cls)
+                raise ConfigError(f"unknown module {value!r}; expected one of {names}") from None
+        raise TypeError(f"module must be a TargetModule, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MicroLoraConfig:
+    """Shape and training knobs of a MicroLoRA; validated at construction.
+
+    ``explore_std`` sets exploration noise relative to the input's scale (σ = explore_std·‖x‖/√out,
+    the per-coordinate size of a unit-gain layer's output), so one default works at any width.
+    ``advantage_temperature`` and ``advantage_cap`` shape advantage-weighted regression for rated
+    outputs: weight = min(exp(advantage / temperature), cap), with advantages normalised by the
+    running spread of quality. ``baseline_decay`` is the EMA decay of that running baseline.
+    """
+
+    in_features: int = 768
+    out_features: int = 768
+    rank: int = 2
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: tuple[TargetModule, ...] = (TargetModule.Q_PROJ, TargetModule.V_PROJ)
+    gradient_checkpointing: bool = False
+    explore_std: float = 0.5
+    advantage_temperature: float = 1.0
+    advantage_cap: float = 20.0
+    baseline_decay: float = 0.99
+    _scaling: float = field(init=False, repr=False, compare=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        for name in ("in_features", "out_features", "rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.rank > min(self.in_features, self.out_features):
+            raise ConfigError(
+                f"rank must be <= min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}, got {self.rank}"
+            )
+        _require_float(self.alpha, "alpha", lo=0.0, lo_open=True)
+        _require_float(self.dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
+        _require_float(self.explore_std, "explore_std", lo=0.0, lo_open=True)
+        _require_float(self.advantage_temperature, "advantage_temperature", lo=0.0, lo_open=True)
+        _require_float(self.advantage_cap, "advantage_cap", lo=1.0)
+        _require_float(self.baseline_decay, "baseline_decay", lo=0.0, hi=1.0, hi_open=True)
+        modules = self.target_modules
+        if isinstance(modules, (str, TargetModule)) or not isinstance(modules, (tuple, list)):
+            raise TypeError("target_modules must be a tuple of TargetModule")
+        parsed = tuple(TargetModule.parse(m) for m in modules)
+        if not parsed:
+            raise ConfigError("target_modules must not be empty")
+        if len(set(parsed)) != len(parsed):
+            raise ConfigError(f"target_modules has duplicates: {[m.value for m in parsed]}")
+        object.__setattr__(self, "target_modules", parsed)
+        object.__setattr__(self, "gradient_checkpointing", bool(self.gradient_checkpointing))
+        object.__setattr__(self, "_scaling", float(self.alpha) / self.rank)
+
+    @classmethod
+    def for_hidden_dim(cls, dim: int, **overrides: object) -> MicroLoraConfig:
+        """A square adapter (in = out = dim), the shape of attention projections."""
+        return cls(in_features=dim, out_features=dim, **overrides)  # type: ignore[arg-type]
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, the factor PEFT applies to B·A."""
+        return self._scaling
+
+    def replace(self, **changes: object) -> MicroLoraConfig:
+        """A validated copy with ``changes`` applied."""
+        values = {n: getattr(self, n) for n in _FIELDS}
+        values.update(changes)
+        return MicroLoraConfig(**values)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        values: dict[str, object] = {n: getattr(self, n) for n in _FIELDS}
+        values["target_modules"] = [m.value for m in self.target_modules]
+        return values
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> MicroLoraConfig:
+        unknown = set(data) - set(_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown MicroLoraConfig fields: {sorted(unknown)}")
+        values = dict(data)
+        if "target_modules" in values:
+            mods = values["target_modules"]
+            if not isinstance(mods, (list, tuple)):
+                raise ConfigError("target_modules must be a list of module names")
+            values["target_modules"] = tuple(TargetModule.parse(m) for m in mods)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_FIELDS = (
+    "in_features",
+    "out_features",
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "gradient_checkpointing",
+    "explore_std",
+    "advantage_temperature",
+    "advantage_cap",
+    "baseline_decay",
+)
+
+
+def _require_float(
+    value: object,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = v != v or v in (float("inf"), float("-inf"))
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        hi_s = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        rng = f"{lo_s or '(-inf'}, {hi_s or 'inf)'}"
+        raise ConfigError(f"{name} must be in {rng}, got {v!r}")

@@ -1,0 +1,75 @@
+"""Exact merging of adapters in weight space.
+
+The merged delta must equal Σ wᵢ·ΔWᵢ with ΔWᵢ = sᵢ·Bᵢ·Aᵢ. Averaging A and B separately is
+wrong: (ΣBᵢ)(ΣAᵢ) adds cross terms Bᵢ·Aⱼ. Concatenating ranks is exact; when a smaller rank is
+wanted, the truncated SVD of the exact sum is the best approximation (Eckart–Young).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sona.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from sona.lora import MicroLoRA
+
+
+def merge_adapters(
+    adapters: Sequence[tuple[MicroLoRA, float]], *, rank: int | None = None
+) -> MicroLoRA:
+    from sona.lora import MicroLoRA
+
+    items = list(adapters)
+    if not items:
+        raise InvalidInputError("adapters must not be empty")
+    for i, item in enumerate(items):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], MicroLoRA)):
+            raise TypeError(f"adapters[{i}] must be a (MicroLoRA, weight) pair")
+        w = item[1]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InvalidInputError(f"adapters[{i}] weight must be a finite number, got {w!r}")
+    first = items[0][0].config
+    shape = (first.in_features, first.out_features)
+    modules = first.target_modules
+    for i, (a, _) in enumerate(items):
+        if (a.config.in_features, a.config.out_features) != shape:
+            raise InvalidInputError(f"adapters[{i}] has a different shape than adapters[0]")
+        if set(a.config.target_modules) != set(modules):
+            raise InvalidInputError(f"adapters[{i}] targets different modules than adapters[0]")
+    max_rank = min(shape)
+    if rank is not None and (
+        isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank
+    ):
+        raise InvalidInputError(f"rank must be an int in [1, {max_rank}], got {rank!r}")
+    total = sum(a.config.rank for a, _ in items)
+    exact_concat = rank is None and total <= max_rank
+    new_rank = total if exact_concat else (rank if rank is not None else max_rank)
+    # alpha = rank gives scaling 1, so every source's weight·scale is folded into B.
+    config = first.replace(rank=new_rank, alpha=float(new_rank))
+    merged = MicroLoRA(config, seed=items[0][0].seed)
+    for m in modules:
+        if exact_concat:
+            a_new = np.concatenate([a.factors(m)[0] for a, _ in items], axis=0)
+            bt_new = np.concatenate([w * a.scaling * a.factors(m)[1] for a, w in items], axis=0)
+        else:
+            delta = sum(
+                (w * a.scaling) * (a.factors(m)[1].T.astype(np.float64) @ a.factors(m)[0])
+                for a, w in items
+            )
+            a_new, bt_new = _low_rank(np.asarray(delta), new_rank)
+        merged.set_factors(m, a_new.astype(np.float32), bt_new.astype(np.float32))
+    return merged
+
+
+def _low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, Bᵀ) with Bᵀ.T @ A the best rank-``rank`` approximation of ``delta`` (balanced)."""
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    a = root[:, None] * vt[:rank]
+    bt = root[:, None] * u[:, :rank].T
+    return a, bt

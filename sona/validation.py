@@ -1,0 +1,74 @@
+"""Argument coercion and checks shared by the public entry points.
+
+Arrays of other real dtypes are converted to float32; anything that is not a real array is a
+``TypeError``. Shape errors name the argument and the expected shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from sona.errors import InvalidInputError
+
+F32 = np.float32
+
+
+def as_f32(value: Any, name: str) -> np.ndarray:
+    """``value`` as a C-contiguous float32 array (a no-op for one already)."""
+    if type(value) is np.ndarray and value.dtype == F32 and value.flags.c_contiguous:
+        return value
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested sequences and the like
+        raise TypeError(f"{name} must be a real-valued array: {exc}") from None
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr, dtype=F32)
+
+
+def as_vector(value: Any, name: str, size: int) -> np.ndarray:
+    arr = as_f32(value, name)
+    if arr.ndim != 1 or arr.shape[0] != size:
+        raise InvalidInputError(f"{name} must have shape ({size},), got {arr.shape}")
+    return arr
+
+
+def as_finite_vector(value: Any, name: str, size: int) -> np.ndarray:
+    arr = as_vector(value, name, size)
+    check_finite(arr, name)
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{name} contains NaN or inf")
+
+
+def check_quality(quality: Any, name: str = "quality") -> float:
+    if isinstance(quality, bool) or not isinstance(quality, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {type(quality).__name__}")
+    q = float(quality)
+    if not (0.0 <= q <= 1.0):  # also rejects NaN
+        raise InvalidInputError(f"{name} must be in [0, 1], got {q!r}")
+    return q
+
+
+def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidInputError(f"{name} must be finite and {bound}, got {v!r}")
+    return v
+
+
+def frozen_copy(arr: np.ndarray) -> np.ndarray:
+    """A private read-only copy, so later mutation by the caller cannot change stored data."""
+    out = np.array(arr, dtype=F32, copy=True, order="C")
+    out.flags.writeable = False
+    return out
