@@ -289,7 +289,10 @@ class MicroLoRA:
             adv = self._baseline.advantage(feedback.quality)
             c = self.config
             mode = k_lora.MODE_REGRESS
-            weight = min(math.exp(adv / c.advantage_temperature), c.advantage_cap)
+            # min(exp(z), cap) without math.exp overflowing: right after the first ratings the
+            # spread is tiny and z-scores reach thousands.
+            z = adv / c.advantage_temperature
+            weight = c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
         else:  # GROUP: the pull target already carries the advantage weighting
             mode, weight = k_lora.MODE_REGRESS, 1.0
         for st in states:
