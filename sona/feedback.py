@@ -15,12 +15,13 @@ output. A host that knows a desired layer output y* passes y* − base_output.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import numpy as np
 
 from sona.errors import InvalidInputError
-from sona.validation import as_f32, check_finite, check_quality, frozen_copy
+from sona.validation import as_f32, check_finite, check_positive, check_quality, frozen_copy
 
 
 class FeedbackKind(enum.Enum):
@@ -75,6 +76,10 @@ class AdaptFeedback:
         weighted mean of the candidates, so adapting regresses toward the better ones and never
         pushes without bound. ``quality`` is the group's mean.
         """
+        temperature = check_positive(temperature, "temperature")
+        cap = check_positive(cap, "cap")
+        if cap < 1.0:
+            raise InvalidInputError(f"cap must be >= 1, got {cap!r}")
         outs = as_f32(outputs, "outputs")
         if outs.ndim != 2 or outs.shape[0] < 2:
             raise InvalidInputError(f"outputs must have shape (k >= 2, out), got {outs.shape}")
@@ -89,7 +94,7 @@ class AdaptFeedback:
         mean = float(qs.mean())
         spread = float(qs.std())
         adv = (qs - mean) / (spread + 1e-8) if spread > 0 else np.zeros_like(qs)
-        w = np.minimum(np.exp(adv / float(temperature)), float(cap))
+        w = np.exp(np.minimum(adv / temperature, math.log(cap)))  # min(exp(·), cap), no overflow
         pull = (w[:, None] * outs.astype(np.float64)).sum(axis=0) / w.sum()
         fb = object.__new__(cls)
         fb._set(FeedbackKind.GROUP, mean, frozen_copy(pull.astype(np.float32)), frozen_copy(qs))
@@ -153,6 +158,21 @@ class AdaptFeedback:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # __setattr__ refuses the default slot-state protocol; without this, samples holding
+        # feedback could not be copied or sent to a worker process.
+        return (_rebuild, (self._kind.value, self._quality, self._vector, self._group_qualities))
+
+
+def _rebuild(
+    kind: str, quality: float, vector: np.ndarray | None, group_qualities: np.ndarray | None
+) -> AdaptFeedback:
+    fb = object.__new__(AdaptFeedback)
+    vec = None if vector is None else frozen_copy(vector)
+    qs = None if group_qualities is None else frozen_copy(group_qualities)
+    fb._set(FeedbackKind(kind), quality, vec, qs)
+    return fb
 
 
 def _arr_eq(a: np.ndarray | None, b: np.ndarray | None) -> bool:
