@@ -137,6 +137,8 @@ def prepare_grad(
 ) -> bool:
     """Phase one of a gradient step: fill the scratch h = s·A·x, g and u = s·Bᵀg.
 
+    g is the output-space gradient times ``weight`` and divided by max(‖x‖², 1).
+
     Writes only scratch, so a multi-module update can check every module before committing.
     Returns False when any of h, g, u is not finite (NaN/inf in x reaches h through the dot
     products; overflow shows up in g or u).
@@ -144,7 +146,12 @@ def prepare_grad(
     if not _hidden(a, scale, x, h):
         return False
     rank, n_out = bt.shape
-    w = np.float32(weight)
+    # Normalised LMS: a step changes μ(x) by ~lr·‖x‖²·g, so dividing by ‖x‖² (for ‖x‖ > 1)
+    # makes the output-space step independent of the input scale.
+    xx = np.float32(0.0)
+    for i in range(x.shape[0]):
+        xx += x[i] * x[i]
+    w = np.float32(weight / max(float(xx), 1.0))
     if mode == MODE_REGRESS:
         if rank == 2:
             h0 = h[0]
@@ -162,7 +169,7 @@ def prepare_grad(
                 g[j] *= w
     elif mode == MODE_GRADIENT:
         for j in range(n_out):
-            g[j] = vec[j]
+            g[j] = w * vec[j]
     else:
         for j in range(n_out):
             g[j] = w * normal(key, np.uint64(j))

@@ -6,7 +6,9 @@ only the delta μ(x) = ΔW·x; the host adds it to its frozen base output.
 
 Learning is two-phase: ``adapt`` accumulates the gradient of the objective its feedback defines
 (see :mod:`sona.feedback`), ``apply_updates`` applies their mean, norm-clipped, and only if the
-result is finite. Bad input raises before anything changes.
+result is finite. Each sample's gradient is divided by max(‖x‖², 1) (normalised LMS), so the
+output-space step does not grow with the input's scale: embeddings of norm 50 learn with the same
+learning rate as unit vectors. Bad input raises before anything changes.
 """
 
 from __future__ import annotations
