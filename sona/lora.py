@@ -18,7 +18,8 @@ import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.validation import as_f32, check_positive
+
+if TYPE_CHECKING:
+    from sona.peft_format import PeftNaming
 
 __all__ = [
     "AdaptFeedback",
@@ -489,6 +493,45 @@ class MicroLoRA:
         lora = cls(state.config, seed=state.seed)
         lora._install(state)
         return lora
+
+    def export_peft(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        layers: Sequence[int] = (0,),
+        base_model_name_or_path: str | None = None,
+        naming: PeftNaming | None = None,
+        task_type: str | None = "CAUSAL_LM",
+    ) -> Path:
+        """Write a Hugging Face PEFT adapter directory, the same factors in each of ``layers``.
+
+        ``naming`` defaults to the Llama family's module paths; see :mod:`sona.peft_format`.
+        """
+        from sona.peft_format import LLAMA, export_peft
+
+        return export_peft(
+            self,
+            directory,
+            layers=layers,
+            base_model_name_or_path=base_model_name_or_path,
+            naming=LLAMA if naming is None else naming,
+            task_type=task_type,
+        )
+
+    @classmethod
+    def from_peft(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        layer: int = 0,
+        naming: PeftNaming | None = None,
+        seed: int | None = None,
+    ) -> MicroLoRA:
+        """Read one layer of a PEFT LoRA adapter directory; refuses what it cannot represent."""
+        from sona.peft_format import LLAMA, from_peft
+
+        naming = LLAMA if naming is None else naming
+        return from_peft(directory, layer=layer, naming=naming, seed=seed, cls=cls)
 
     def _install(self, state: _Decoded) -> None:
         for m, st in self._modules.items():

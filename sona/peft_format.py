@@ -1,0 +1,483 @@
+"""Hugging Face PEFT's LoRA adapter layout, written from and read into a MicroLoRA.
+
+PEFT's directory layout (``adapter_model.safetensors`` plus ``adapter_config.json``) is what
+PEFT, transformers and vLLM load, so an adapter learned online is usable wherever the base model
+is. The two factorisations agree: PEFT's ``lora_A.weight`` is sona's A (rank × in), its
+``lora_B.weight`` is B (out × rank), sona's Bᵀ transposed, and both scale by lora_alpha / r.
+
+A MicroLoRA holds one (A, B) per target module, all of one shape and rank. Export replicates
+it into every requested decoder layer; import reads one layer. A PEFT adapter sona cannot
+represent exactly (DoRA, biases, per-module ranks or scales, extra trained modules, modules of
+different shapes) is refused with the reason, never approximated.
+
+Only the tensor dtype float32 is written; float16 and float64 are read (converted to float32);
+bfloat16 cannot be read without torch and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
+
+from sona import container
+from sona.errors import ConfigError, FormatError, InvalidInputError
+from sona.lora_config import MicroLoraConfig, TargetModule
+
+if TYPE_CHECKING:
+    from sona.lora import MicroLoRA
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LLAMA",
+    "PeftNaming",
+    "export_peft",
+    "from_peft",
+    "pattern_value",
+    "read_config",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PICKLED_WEIGHTS = "adapter_model.bin"
+_ATTENTION = frozenset(
+    {TargetModule.Q_PROJ, TargetModule.K_PROJ, TargetModule.V_PROJ, TargetModule.O_PROJ}
+)
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_READABLE_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+# Config fields that never change what a loaded adapter computes (bookkeeping, initialisation
+# recipes, which modules get wrapped) or that are handled explicitly below.
+_HARMLESS = frozenset(
+    {
+        "alpha_pattern",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "corda_config",
+        "ensure_weight_tying",
+        "eva_config",
+        "exclude_modules",
+        "fan_in_fan_out",  # only orients the merged weight; lora_A/lora_B are stored as usual
+        "inference_mode",
+        "init_lora_weights",
+        "layers_pattern",
+        "layers_to_transform",
+        "loftq_config",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_ga_config",
+        "megatron_core",
+        "peft_type",
+        "peft_version",
+        "qalora_group_size",
+        "r",
+        "rank_pattern",
+        "revision",
+        "runtime_config",
+        "target_modules",
+        "task_type",
+        "use_rslora",
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeftNaming:
+    """Where a model family keeps its decoder layers and projections in PEFT's tensor names.
+
+    A tensor is named ``{layers_prefix}.{i}.{attention or mlp}.{module}.lora_{A,B}.weight``.
+    The default is the Llama family (Llama, Mistral, Qwen2, Gemma, ...) loaded as a causal LM;
+    a bare ``LlamaModel`` has ``layers_prefix="base_model.model.layers"``, OPT has
+    ``"base_model.model.model.decoder.layers"``.
+    """
+
+    layers_prefix: str = "base_model.model.model.layers"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+
+    def __post_init__(self) -> None:
+        for name in ("layers_prefix", "attention", "mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"naming.{name} must be a str, got {type(value).__name__}")
+            if not _DOTTED.fullmatch(value):
+                raise ConfigError(f"naming.{name} must be a dotted module path, got {value!r}")
+
+    @property
+    def layers_pattern(self) -> str:
+        """PEFT's ``layers_pattern``: the name of the module list holding the layers."""
+        return self.layers_prefix.rsplit(".", 1)[-1]
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}.{layer}."
+
+    def module_path(self, layer: int, module: TargetModule) -> str:
+        block = self.attention if module in _ATTENTION else self.mlp
+        return f"{self.layers_prefix}.{layer}.{block}.{module.value}"
+
+    def tensor_name(self, layer: int, module: TargetModule, factor: Literal["A", "B"]) -> str:
+        return f"{self.module_path(layer, module)}.lora_{factor}.weight"
+
+
+LLAMA = PeftNaming()
+
+
+# ---------------------------------------------------------------------- export
+def export_peft(
+    lora: MicroLoRA,
+    directory: str | os.PathLike[str],
+    *,
+    layers: Iterable[int] = (0,),
+    base_model_name_or_path: str | None = None,
+    naming: PeftNaming = LLAMA,
+    task_type: str | None = "CAUSAL_LM",
+) -> Path:
+    """Write ``lora`` as a PEFT LoRA adapter applied identically to each of ``layers``.
+
+    Each file is replaced atomically; the weights are written before the config, so a reader
+    never sees a config announcing tensors that are not there yet. Returns the directory.
+    """
+    layer_list = _check_layers(layers)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(
+            "base_model_name_or_path must be a str or None, "
+            f"got {type(base_model_name_or_path).__name__}"
+        )
+    if not isinstance(naming, PeftNaming):
+        raise TypeError(f"naming must be a PeftNaming, got {type(naming).__name__}")
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a str or None, got {type(task_type).__name__}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(f"directory {target} exists and is not a directory")
+
+    tensors: dict[str, np.ndarray] = {}
+    for module, a, bt in lora.iter_factors():
+        lora_a = np.ascontiguousarray(a, dtype=np.float32)
+        lora_b = np.ascontiguousarray(bt.T, dtype=np.float32)
+        for layer in layer_list:
+            tensors[naming.tensor_name(layer, module, "A")] = lora_a
+            tensors[naming.tensor_name(layer, module, "B")] = lora_b
+    c = lora.config
+    alpha = float(c.alpha)
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": c.rank,
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "lora_dropout": float(c.dropout),
+        "target_modules": [m.value for m in c.target_modules],
+        "layers_to_transform": layer_list,
+        "layers_pattern": naming.layers_pattern,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+    weights = safetensors.numpy.save(tensors, metadata={"format": "pt"})
+    container.write_atomic(target / ADAPTER_WEIGHTS, weights)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    container.write_atomic(target / ADAPTER_CONFIG, text.encode())
+    return target
+
+
+def _check_layers(layers: Iterable[int]) -> list[int]:
+    if isinstance(layers, (str, bytes, int)) or not isinstance(layers, Iterable):
+        raise TypeError("layers must be a sequence of layer indices, e.g. (0, 1)")
+    out: list[int] = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layers must hold ints, got {type(layer).__name__}")
+        if layer < 0:
+            raise InvalidInputError(f"layers must be >= 0, got {int(layer)}")
+        out.append(int(layer))
+    if not out:
+        raise InvalidInputError("layers must name at least one layer")
+    if len(set(out)) != len(out):
+        raise InvalidInputError(f"layers must be distinct, got {out}")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------- import
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a PEFT adapter directory."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: not a directory (expected a PEFT adapter directory)")
+    if not path.is_file():
+        raise FormatError(f"{path}: missing; not a PEFT adapter directory")
+    try:
+        config = json.loads(container.read_file(path, limit=1 << 20))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def from_peft(
+    directory: str | os.PathLike[str],
+    *,
+    layer: int = 0,
+    naming: PeftNaming = LLAMA,
+    seed: int | None = None,
+    cls: type[MicroLoRA] | None = None,
+) -> MicroLoRA:
+    """Read layer ``layer`` of a PEFT LoRA adapter directory into a new MicroLoRA (or ``cls``).
+
+    Everything is checked before the adapter is built: the config's options, the presence of
+    both factors of every module, their shapes, dtypes and finiteness.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if layer < 0:
+        raise InvalidInputError(f"layer must be >= 0, got {int(layer)}")
+    if not isinstance(naming, PeftNaming):
+        raise TypeError(f"naming must be a PeftNaming, got {type(naming).__name__}")
+    layer = int(layer)
+    root = Path(directory)
+    config = read_config(root)
+    cfg_path = root / ADAPTER_CONFIG
+    _check_options(config, cfg_path)
+    rank = _positive_int(config.get("r"), "r", cfg_path)
+    alpha = _positive_float(config.get("lora_alpha"), "lora_alpha", cfg_path)
+    dropout = config.get("lora_dropout", 0.0)
+    if dropout is None:
+        dropout = 0.0
+    dropout = _number(dropout, "lora_dropout", cfg_path)
+    chosen = config.get("layers_to_transform")
+    if chosen is not None:
+        chosen_list = [chosen] if isinstance(chosen, int) else chosen
+        if isinstance(chosen_list, list) and chosen_list and layer not in chosen_list:
+            raise FormatError(
+                f"{cfg_path}: the adapter covers layers {chosen_list} (layers_to_transform), "
+                f"not layer {layer}"
+            )
+
+    weights_path = root / ADAPTER_WEIGHTS
+    factors = _read_layer(weights_path, layer, naming)
+    shapes = {m: (a.shape[0], a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{m.value} (r={r}, in={i}, out={o})" for m, (r, i, o) in shapes.items())
+        raise FormatError(
+            f"{weights_path}: layer {layer} has modules of different shapes or ranks: {listed}; "
+            "a MicroLoRA needs one shape and rank for all its modules (export the modules "
+            "separately, or choose a model whose targeted projections share shapes)"
+        )
+    got_rank, n_in, n_out = next(iter(shapes.values()))
+    for m in factors:
+        path = naming.module_path(layer, m)
+        eff_rank = pattern_value(config.get("rank_pattern"), path, rank)
+        eff_alpha = pattern_value(config.get("alpha_pattern"), path, alpha)
+        if eff_rank != got_rank:
+            raise FormatError(
+                f"{weights_path}: {path} has rank {got_rank} but the config gives it r={eff_rank}"
+            )
+        if eff_alpha != alpha:
+            raise FormatError(
+                f"{cfg_path}: alpha_pattern gives {path} lora_alpha={eff_alpha}, other modules "
+                f"{alpha}; a MicroLoRA has one scale for all its modules"
+            )
+    _check_targets(config.get("target_modules"), factors, cfg_path)
+    if config.get("use_rslora", False):
+        # rsLoRA scales by alpha / sqrt(r); sona by alpha / r, so the same scale needs
+        # alpha·sqrt(r).
+        alpha = alpha * math.sqrt(got_rank)
+    modules = tuple(m for m in TargetModule if m in factors)
+    try:
+        micro = MicroLoraConfig(
+            in_features=n_in,
+            out_features=n_out,
+            rank=got_rank,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=modules,
+        )
+    except (ConfigError, TypeError) as exc:
+        raise FormatError(f"{root}: the adapter does not fit a MicroLoRA: {exc}") from None
+    if cls is None:
+        from sona.lora import MicroLoRA
+
+        cls = MicroLoRA
+    lora = cls(micro, seed=seed)
+    for m, (a, b) in factors.items():
+        lora.set_factors(m, a, np.ascontiguousarray(b.T))
+    return lora
+
+
+def pattern_value(patterns: object, module_path: str, default: Any) -> Any:
+    """The value PEFT's ``rank_pattern``/``alpha_pattern`` assigns to ``module_path``.
+
+    PEFT takes the first key that matches the end of the module's name at a dot boundary.
+    """
+    if not patterns:
+        return default
+    if not isinstance(patterns, Mapping):
+        raise FormatError(f"rank_pattern/alpha_pattern must be an object, got {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_path):
+                return value
+        except re.error as exc:
+            raise FormatError(f"invalid pattern {key!r}: {exc}") from None
+    return default
+
+
+def _check_options(config: Mapping[str, Any], where: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise FormatError(f"{where}: peft_type is {peft_type!r}; only LORA adapters are read")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise FormatError(
+            f"{where}: bias={bias!r} trains bias vectors a MicroLoRA cannot hold; "
+            "only bias='none' is supported"
+        )
+    refused = {
+        key: value
+        for key, value in config.items()
+        if key not in _HARMLESS and value not in (None, False, "", [], {})
+    }
+    if refused:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(refused.items()))
+        raise FormatError(
+            f"{where}: unsupported options {listed}: they change what the adapter computes "
+            "and a MicroLoRA cannot represent them"
+        )
+
+
+def _check_targets(targets: object, factors: Mapping[TargetModule, Any], where: Path) -> None:
+    """Tensors for a module the config does not target would be ignored by PEFT: a mismatch."""
+    if not isinstance(targets, list):
+        return  # a regex or "all-linear": PEFT resolves it against the model
+    names = set(targets)
+    stray = [m.value for m in factors if m.value not in names]
+    if stray:
+        raise FormatError(
+            f"{where}: tensors exist for {stray}, which target_modules {targets} does not list"
+        )
+
+
+def _read_layer(
+    path: Path, layer: int, naming: PeftNaming
+) -> dict[TargetModule, tuple[np.ndarray, np.ndarray]]:
+    if not path.is_file():
+        hint = ""
+        if (path.parent / _PICKLED_WEIGHTS).is_file():
+            hint = (
+                f" ({_PICKLED_WEIGHTS} is a pickle, which sona never loads; re-save it with "
+                "save_pretrained(..., safe_serialization=True))"
+            )
+        raise FormatError(f"{path}: missing{hint}")
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            keys = list(fh.keys())
+            wanted = _layer_keys(path, keys, layer, naming)
+            factors: dict[TargetModule, tuple[np.ndarray, np.ndarray]] = {}
+            for module, (key_a, key_b) in wanted.items():
+                a = _tensor(fh, key_a, path)
+                b = _tensor(fh, key_b, path)
+                if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                    raise FormatError(
+                        f"{path}: {key_a} has shape {a.shape} and {key_b} {b.shape}; expected "
+                        "(r, in) and (out, r) with the same r"
+                    )
+                factors[module] = (a, b)
+    except SafetensorError as exc:
+        raise FormatError(f"{path}: not a valid safetensors file: {exc}") from None
+    return factors
+
+
+def _layer_keys(
+    path: Path, keys: list[str], layer: int, naming: PeftNaming
+) -> dict[TargetModule, tuple[str, str]]:
+    prefix = naming.layer_prefix(layer)
+    in_layer = {k for k in keys if k.startswith(prefix)}
+    if not in_layer:
+        layers = sorted(
+            {
+                int(m.group(1))
+                for k in keys
+                if (m := re.match(re.escape(naming.layers_prefix) + r"\.(\d+)\.", k))
+            }
+        )
+        if layers:
+            raise FormatError(f"{path}: no tensors for layer {layer}; it holds layers {layers}")
+        example = keys[0] if keys else "none"
+        raise FormatError(
+            f"{path}: no tensor name starts with {naming.layers_prefix!r} (first tensor: "
+            f"{example}); pass a PeftNaming that matches the model family"
+        )
+    wanted: dict[TargetModule, tuple[str, str]] = {}
+    for module in TargetModule:
+        key_a = naming.tensor_name(layer, module, "A")
+        key_b = naming.tensor_name(layer, module, "B")
+        if key_a in in_layer or key_b in in_layer:
+            missing = [k for k in (key_a, key_b) if k not in in_layer]
+            if missing:
+                raise FormatError(f"{path}: missing tensor {missing[0]}")
+            wanted[module] = (key_a, key_b)
+            in_layer -= {key_a, key_b}
+    if in_layer:
+        raise FormatError(
+            f"{path}: tensors sona cannot represent in layer {layer}: {sorted(in_layer)}"
+        )
+    return wanted
+
+
+def _tensor(fh: Any, key: str, path: Path) -> np.ndarray:
+    dtype = fh.get_slice(key).get_dtype()
+    try:
+        arr = np.asarray(fh.get_tensor(key))
+    except TypeError:
+        raise FormatError(
+            f"{path}: tensor {key} has dtype {dtype}, which numpy cannot read; "
+            "save the adapter in float32 or float16"
+        ) from None
+    if arr.dtype not in _READABLE_DTYPES:
+        raise FormatError(f"{path}: tensor {key} has dtype {dtype}; expected a float dtype")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise FormatError(f"{path}: tensor {key} holds NaN or inf")
+    return out
+
+
+def _number(value: object, name: str, where: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"{where}: {name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise FormatError(f"{where}: {name} must be finite, got {value!r}")
+    return v
+
+
+def _positive_float(value: object, name: str, where: Path) -> float:
+    v = _number(value, name, where)
+    if v <= 0:
+        raise FormatError(f"{where}: {name} must be > 0, got {value!r}")
+    return v
+
+
+def _positive_int(value: object, name: str, where: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FormatError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return value
