@@ -257,15 +257,24 @@ class MicroLoRA:
             explored.popitem(last=False)
 
     # ------------------------------------------------------------------ learning
-    def adapt(self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None) -> bool:
+    def adapt(
+        self,
+        x: Any,
+        feedback: AdaptFeedback,
+        module: TargetModule | None = None,
+        *,
+        weight: float = 1.0,
+    ) -> bool:
         """Accumulate the gradient ``feedback`` defines for input ``x``.
 
-        All target modules when ``module`` is None. Returns False, changes nothing and says why
-        in ``last_note`` when the feedback gives no direction (quality alone without
+        All target modules when ``module`` is None. ``weight`` scales this sample's objective
+        (consolidation strategies weight samples by quality). Returns False, changes nothing and
+        says why in ``last_note`` when the feedback gives no direction (quality alone without
         exploration, or the very first rating, which only seeds the baseline).
         """
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        sample_weight = 1.0 if weight == 1.0 else check_positive(weight, "weight", allow_zero=True)
         states = self._states if module is None else [self._state(module)]
         x = as_f32(x, "x")
         if x.ndim != 1 or x.shape[0] != self._in:
@@ -280,7 +289,7 @@ class MicroLoRA:
         if kind is FeedbackKind.QUALITY:
             if not fast.all_finite_vec(x):
                 raise InvalidInputError("x contains NaN or inf")
-            return self._adapt_quality(states, x, feedback.quality)
+            return self._adapt_quality(states, x, feedback.quality, sample_weight)
         assert vec is not None
         p = self.config.dropout
         xu = x
@@ -301,6 +310,7 @@ class MicroLoRA:
             weight = c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
         else:  # GROUP: the pull target already carries the advantage weighting
             mode, weight = k_lora.MODE_REGRESS, 1.0
+        weight *= sample_weight
         for st in states:
             if not fast.prepare_grad(
                 st.a, st.bt, self._scale, xu, vec, weight, mode, _NO_KEY, st.h, st.u, st.g
@@ -313,7 +323,9 @@ class MicroLoRA:
             self._dropout_counter += 1
         return True
 
-    def _adapt_quality(self, states: list[_Module], x: np.ndarray, quality: float) -> bool:
+    def _adapt_quality(
+        self, states: list[_Module], x: np.ndarray, quality: float, sample_weight: float
+    ) -> bool:
         found = []
         for st in states:
             key = self._explore_key(st, x)
@@ -342,7 +354,7 @@ class MicroLoRA:
                 self._scale,
                 x,
                 st.g,
-                -adv * sigma,
+                -adv * sigma * sample_weight,
                 k_lora.MODE_NOISE,
                 np.uint64(key),
                 st.h,
