@@ -16,7 +16,8 @@ def sq_norm(x: np.ndarray) -> float:
     """Sum of squares in float64 (float32 would overflow for the gradients we must reject)."""
     acc = 0.0
     for v in x.flat:
-        acc += float(v) * float(v)
+        w = np.float64(v)  # Numba's float() keeps float32 as float32
+        acc += w * w
     return acc
 
 
@@ -34,9 +35,11 @@ def grad_sq_norm(grad_a: np.ndarray, grad_bt: np.ndarray) -> float:
     """‖dA‖² + ‖dBᵀ‖² in float64 (float32 would overflow for gradients we must reject)."""
     acc = 0.0
     for v in grad_a.flat:
-        acc += float(v) * float(v)
+        w = np.float64(v)
+        acc += w * w
     for v in grad_bt.flat:
-        acc += float(v) * float(v)
+        w = np.float64(v)
+        acc += w * w
     return acc
 
 
@@ -53,14 +56,14 @@ def candidate_sq_norms(
     af = a.ravel()
     gaf = grad_a.ravel()
     for i in range(af.shape[0]):
-        v = af[i] - s * gaf[i]
-        na += float(v) * float(v)
+        v = np.float64(af[i] - s * gaf[i])
+        na += v * v
     nb = 0.0
     bf = bt.ravel()
     gbf = grad_bt.ravel()
     for i in range(bf.shape[0]):
-        v = bf[i] - s * gbf[i]
-        nb += float(v) * float(v)
+        v = np.float64(bf[i] - s * gbf[i])
+        nb += v * v
     return na, nb
 
 
