@@ -1,0 +1,313 @@
+"""MicroLoRA.apply_updates and the state helpers around it (clone, reset_b, set_factors).
+
+An update applies the mean accumulated gradient, clipped to max_norm, and is published only if
+every weight stays finite and delta_weight cannot overflow; otherwise the weights stay bit-
+identical, the gradient is discarded and last_note says why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from lora_reference import Q, Snapshot, V, config, f64, trained, vec, weights_bytes
+
+from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def target(q: float, y: np.ndarray) -> AdaptFeedback:
+    return AdaptFeedback.from_quality(q).with_target(y)
+
+
+def accumulate(lora: MicroLoRA, n: int, seed: int = 0, scale: float = 1.0) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        assert lora.adapt(vec(rng, lora.config.in_features), target(1.0, vec(rng, 10, scale)))
+
+
+def grads64(lora: MicroLoRA) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+    return {m: (f64(lora.gradients(m)[0]), f64(lora.gradients(m)[1])) for m in lora.modules}
+
+
+def factors64(lora: MicroLoRA) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+    return {m: (f64(a), f64(bt)) for m, a, bt in lora.iter_factors()}
+
+
+def total_norm(grads: dict[Any, tuple[np.ndarray, np.ndarray]]) -> float:
+    return math.sqrt(sum(float(np.sum(ga**2) + np.sum(gb**2)) for ga, gb in grads.values()))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_apply_steps_along_the_mean_gradient(n: int) -> None:
+    lora = trained(config(rank=3))
+    accumulate(lora, n)
+    g, w = grads64(lora), factors64(lora)
+    norm = total_norm(g) / n
+    assert norm < 1e3  # no clipping with max_norm=None below
+    version = lora.version
+    assert lora.apply_updates(0.01, max_norm=None) is True
+    assert lora.pending_updates == 0 and lora.last_note is None
+    assert lora.version == version + 1
+    assert lora.last_update_norm == pytest.approx(norm, rel=1e-6)
+    for m, a, bt in lora.iter_factors():
+        np.testing.assert_allclose(a, w[m][0] - 0.01 * g[m][0] / n, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bt, w[m][1] - 0.01 * g[m][1] / n, rtol=1e-5, atol=1e-6)
+        ga, gb = lora.gradients(m)
+        assert not ga.any() and not gb.any()
+
+
+def test_clipping_scales_the_step_to_max_norm() -> None:
+    lora = trained(config())
+    accumulate(lora, 2, scale=50.0)
+    g, w = grads64(lora), factors64(lora)
+    norm = total_norm(g) / 2
+    max_norm = norm / 7.0
+    assert lora.apply_updates(0.5, max_norm=max_norm)
+    assert lora.last_update_norm == pytest.approx(max_norm, rel=1e-6)
+    moved = math.sqrt(
+        sum(
+            float(np.sum((f64(a) - w[m][0]) ** 2) + np.sum((f64(bt) - w[m][1]) ** 2))
+            for m, a, bt in lora.iter_factors()
+        )
+    )
+    assert moved == pytest.approx(0.5 * max_norm, rel=1e-3)
+    for m, a, _ in lora.iter_factors():  # the direction is the gradient's
+        np.testing.assert_allclose(
+            a, w[m][0] - 0.5 * (max_norm / norm) * g[m][0] / 2, rtol=1e-4, atol=1e-6
+        )
+
+
+def test_default_max_norm_is_one_and_small_steps_are_not_clipped() -> None:
+    big = trained(config())
+    accumulate(big, 1, scale=1e3)
+    assert total_norm(grads64(big)) > 1.0
+    assert big.apply_updates(0.1)
+    assert big.last_update_norm == pytest.approx(1.0, rel=1e-6)
+    small = trained(config())
+    rng = np.random.default_rng(0)
+    grad = AdaptFeedback.from_quality(1.0).with_gradient(vec(rng, 10, 0.01))
+    assert small.adapt(vec(rng, 12), grad)
+    norm = total_norm(grads64(small))
+    assert 0 < norm < 1.0
+    assert small.apply_updates(0.1)
+    assert small.last_update_norm == pytest.approx(norm, rel=1e-6)
+
+
+def test_nothing_to_apply_is_declined_with_a_note() -> None:
+    lora = trained(config())
+    before = weights_bytes(lora)
+    version = lora.version
+    assert lora.apply_updates(0.1) is False
+    assert lora.last_note is not None and "nothing" in lora.last_note
+    assert weights_bytes(lora) == before and lora.version == version
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "name"),
+    [
+        ({"learning_rate": 0.0}, InvalidInputError, "learning_rate"),
+        ({"learning_rate": -0.1}, InvalidInputError, "learning_rate"),
+        ({"learning_rate": float("nan")}, InvalidInputError, "learning_rate"),
+        ({"learning_rate": float("inf")}, InvalidInputError, "learning_rate"),
+        ({"learning_rate": "0.1"}, TypeError, "learning_rate"),
+        ({"learning_rate": True}, TypeError, "learning_rate"),
+        ({"learning_rate": None}, TypeError, "learning_rate"),
+        ({"learning_rate": 0.1, "max_norm": 0.0}, InvalidInputError, "max_norm"),
+        ({"learning_rate": 0.1, "max_norm": -1.0}, InvalidInputError, "max_norm"),
+        ({"learning_rate": 0.1, "max_norm": float("nan")}, InvalidInputError, "max_norm"),
+        ({"learning_rate": 0.1, "max_norm": "1"}, TypeError, "max_norm"),
+    ],
+)
+def test_invalid_step_arguments_raise_and_keep_the_pending_gradient(
+    kw: dict[str, Any], error: type, name: str
+) -> None:
+    lora = trained(config())
+    accumulate(lora, 2)
+    before = Snapshot.of(lora)
+    with pytest.raises(error, match=name):
+        lora.apply_updates(**kw)
+    assert Snapshot.of(lora) == before
+    assert lora.apply_updates(0.1)  # the gradient is still there
+
+
+def assert_rejected(lora: MicroLoRA, before: Snapshot, words: str) -> None:
+    assert lora.last_note is not None and words in lora.last_note, lora.last_note
+    after = Snapshot.of(lora)
+    assert after.exported == before.exported  # weights, version, baseline: bit-identical
+    assert after.version == before.version
+    assert after.pending == 0
+    assert all(not np.frombuffer(b, np.float32).any() for pair in after.grads for b in pair)
+
+
+def test_a_non_finite_accumulated_gradient_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    lora = MicroLoRA(config(), seed=0)  # B = 0: u stays 0, dBt = h·gᵀ is large but finite
+    a = lora.factors(Q)[0]
+    x = a[0] / np.linalg.norm(a[0])  # unit norm: no per-sample normalisation, h[0] = s·‖A₀‖
+    g = np.full(10, 3e38, np.float32)
+    for _ in range(4):
+        assert lora.adapt(x, AdaptFeedback.from_quality(1.0).with_gradient(g))
+    assert not np.isfinite(lora.gradients(Q)[1]).all()  # the sum overflowed
+    before = Snapshot.of(lora)
+    assert lora.apply_updates(0.1) is False
+    assert_rejected(lora, before, "not finite")
+    assert capsys.readouterr() == ("", "")  # the library never prints
+
+
+def test_an_update_that_would_make_weights_non_finite_is_rejected() -> None:
+    lora = trained(config())
+    accumulate(lora, 1, scale=1e3)
+    assert np.isfinite(lora.gradients(Q)[1]).all()
+    before = Snapshot.of(lora)
+    assert lora.apply_updates(1e38, max_norm=None) is False
+    assert_rejected(lora, before, "non-finite")
+
+
+def test_an_update_that_would_overflow_delta_weight_is_rejected() -> None:
+    cfg = config(n_in=12, n_out=64)
+    lora = MicroLoRA(cfg, seed=0)
+    x = vec(np.random.default_rng(1), 12)
+    h = cfg.scaling * f64(lora.factors(Q)[0]) @ x
+    step = 1.0 / max(float(x @ x), 1.0)
+    # one unclipped step sets Bt = -lr·step·h·gᵀ: largest entry 1e38, finite, but
+    # s·‖A‖·‖Bt‖ is far beyond float32's range
+    c = 1e38 / (float(np.max(np.abs(h))) * step)
+    fb = AdaptFeedback.from_quality(1.0).with_gradient(np.full(64, c / 1e10, np.float32))
+    assert lora.adapt(x, fb, Q)
+    before = Snapshot.of(lora)
+    assert lora.apply_updates(1e10, max_norm=None) is False
+    assert_rejected(lora, before, "overflow")
+    # the same gradient at a sane scale is accepted: the check is not vacuous
+    assert lora.adapt(x, fb, Q)
+    assert lora.apply_updates(1.0, max_norm=None) is True
+    dw = lora.delta_weight(Q)
+    assert np.isfinite(dw).all() and dw.any()
+
+
+def test_after_a_rejection_the_adapter_learns_normally() -> None:
+    lora = trained(config())
+    accumulate(lora, 1, scale=1e3)
+    assert not lora.apply_updates(1e38, max_norm=None)
+    accumulate(lora, 2, seed=5)
+    expected = grads64(lora)
+    w = factors64(lora)
+    assert lora.apply_updates(0.01, max_norm=None)
+    for m, a, _ in lora.iter_factors():
+        np.testing.assert_allclose(a, w[m][0] - 0.01 * expected[m][0] / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_is_over_samples_even_when_they_touch_different_modules() -> None:
+    lora = trained(config())
+    rng = np.random.default_rng(2)
+    lora.adapt(vec(rng, 12), target(1.0, vec(rng, 10)), Q)
+    lora.adapt(vec(rng, 12), target(1.0, vec(rng, 10)), V)
+    assert lora.pending_updates == 2
+    g, w = grads64(lora), factors64(lora)
+    assert lora.apply_updates(0.01, max_norm=None)
+    for m, a, bt in lora.iter_factors():
+        np.testing.assert_allclose(a, w[m][0] - 0.01 * g[m][0] / 2, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(bt, w[m][1] - 0.01 * g[m][1] / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_supervised_steps_descend_the_loss() -> None:
+    lora = trained(config(n_in=12, n_out=10))
+    rng = np.random.default_rng(3)
+    x, y = vec(rng, 12), vec(rng, 10)
+
+    def loss() -> float:
+        r = lora.forward(x, Q).astype(np.float64) - y
+        return float(r @ r)
+
+    start = loss()
+    for _ in range(20):  # small steps: each one is a descent step
+        before = loss()
+        lora.adapt(x, target(1.0, y), Q)
+        assert lora.apply_updates(1e-3)
+        assert loss() < before
+    for _ in range(2000):
+        lora.adapt(x, target(1.0, y), Q)
+        assert lora.apply_updates(0.05)
+    assert loss() < 1e-3 * start
+
+
+# ---------------------------------------------------------------------------- state helpers
+
+
+def test_clear_gradients_keeps_weights() -> None:
+    lora = trained(config())
+    accumulate(lora, 3)
+    before = weights_bytes(lora)
+    lora.clear_gradients()
+    assert lora.pending_updates == 0 and weights_bytes(lora) == before
+    assert all(not g.any() for m in lora.modules for g in lora.gradients(m))
+    assert lora.apply_updates(0.1) is False
+
+
+def test_reset_b_zeroes_the_delta_and_keeps_a() -> None:
+    lora = trained(config())
+    accumulate(lora, 1)
+    a_before = [a.copy() for _, a, _ in lora.iter_factors()]
+    version = lora.version
+    lora.reset_b()
+    assert lora.version == version + 1 and lora.pending_updates == 0
+    for (m, a, bt), a0 in zip(lora.iter_factors(), a_before, strict=True):
+        assert np.array_equal(a, a0) and not bt.any()
+        assert not lora.delta_weight(m).any()
+
+
+def test_set_factors_replaces_one_module_and_validates() -> None:
+    lora = trained(config(rank=2))
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 12))
+    bt = rng.standard_normal((2, 10))
+    v_before = [x.copy() for x in lora.factors(V)]
+    version = lora.version
+    lora.set_factors(Q, a, bt)
+    assert lora.version == version + 1
+    np.testing.assert_array_equal(lora.factors(Q)[0], a.astype(np.float32))
+    np.testing.assert_array_equal(lora.factors(Q)[1], bt.astype(np.float32))
+    assert all(np.array_equal(x, y) for x, y in zip(lora.factors(V), v_before, strict=True))
+    a[0, 0] = 99.0  # a copy was taken
+    assert lora.factors(Q)[0][0, 0] != 99.0
+    before = Snapshot.of(lora)
+    nan_a = np.ones((2, 12))
+    nan_a[1, 3] = np.nan
+    for bad_a, bad_bt, error in (
+        (np.ones((3, 12)), bt, InvalidInputError),
+        (np.ones((2, 12)), np.ones((2, 11)), InvalidInputError),
+        (nan_a, bt, InvalidInputError),
+        (np.ones((2, 12)), np.full((2, 10), np.inf), InvalidInputError),
+        (np.ones((2, 12), complex), bt, TypeError),
+    ):
+        with pytest.raises(error):
+            lora.set_factors(Q, bad_a, bad_bt)
+        assert Snapshot.of(lora) == before
+
+
+def test_clone_is_an_independent_copy_that_continues_identically() -> None:
+    cfg = config(dropout=0.3)
+    lora = trained(cfg)
+    lora.baseline.load({"count": 4.0, "mean": 0.6, "var": 0.02})
+    accumulate(lora, 2)
+    lora.apply_updates(0.1)
+    accumulate(lora, 1, seed=9)  # pending gradients are not part of a clone
+    twin = lora.clone()
+    assert twin is not lora and twin.pending_updates == 0
+    assert weights_bytes(twin) == weights_bytes(lora)
+    assert twin.version == lora.version and twin.seed == lora.seed
+    assert twin.baseline.state() == lora.baseline.state()
+    lora.clear_gradients()
+    rng1, rng2 = np.random.default_rng(7), np.random.default_rng(7)
+    for who, rng in ((lora, rng1), (twin, rng2)):
+        for _ in range(3):
+            x = vec(rng, 12)
+            who.adapt(x, AdaptFeedback.from_quality(0.9).with_output(vec(rng, 10)))
+        who.apply_updates(0.1)
+    assert weights_bytes(twin) == weights_bytes(lora)  # same dropout masks, same baseline
+    twin.reset_b()
+    assert lora.delta_weight(Q).any()  # mutating the clone leaves the original alone
