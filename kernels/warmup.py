@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sona.kernels import lora, random, update
+from sona.kernels import ewc, lora, random, update
 from sona.kernels.jit import entry_point
 
 
@@ -27,6 +27,8 @@ class FastKernels:
     candidate_sq_norms: Callable[..., Any]
     apply_step: Callable[..., Any]
     all_finite_vec: Callable[..., Any]
+    ewc_prox_step: Callable[..., Any]
+    ewc_penalty: Callable[..., Any]
 
 
 fast = FastKernels()
@@ -62,6 +64,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
     fast.all_finite_vec = entry_point(update.all_finite, x)
+    _warm_ewc(a, bt, s)
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
     lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)
     for accumulate in (False, True):
@@ -75,3 +78,24 @@ def warm_up(*, force: bool = False) -> float:
         update.sq_norm(arr)
     _done = True
     return time.perf_counter() - t0
+
+
+def _warm_ewc(a: np.ndarray, bt: np.ndarray, s: float) -> None:
+    f32 = np.float32
+    rank = a.shape[0]
+    ut = np.eye(2, a.shape[1], dtype=f32)
+    c = np.ones(2, f32)
+    mt = np.zeros((2, bt.shape[1]), f32)
+    q = np.empty((rank, 2), f32)
+    dq = np.empty_like(q)
+    w = np.empty((rank, 2), np.float64)
+    small = [np.empty((rank, rank), np.float64) for _ in range(3)]
+    vec = np.empty(rank, np.float64)
+    bt_new = np.empty_like(bt)
+    a2 = a.copy()
+    bt2 = bt.copy()
+    ewc.anchor(a2, bt2, s, ut, q, mt)
+    fast.ewc_penalty = entry_point(ewc.penalty, a2, bt2, s, ut, c, mt, q)
+    fast.ewc_prox_step = entry_point(
+        ewc.prox_step, a2, bt2, s, ut, c, mt, 1.0, q, dq, w, *small, vec, bt_new
+    )

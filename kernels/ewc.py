@@ -1,0 +1,251 @@
+"""EWC++ penalty kernels with the importance in ΔW space.
+
+The penalty is P/λ = ‖(ΔW − ΔW*)·C^½‖² with ΔW = s·Bᵀᵀ·A (``bt`` is B transposed) and the
+importance sketched as C = Uᵀ·diag(c)·U: ``ut`` holds k orthonormal input directions as rows
+(k, in), ``c`` their weights, and ``mt`` (k, out) the anchor ΔW*·u_j of each direction. With
+Q = A·Uᵀ (rank, k) the residual on direction j is d_j = s·Σ_r Q[r, j]·Bᵀ[r] − mt[j], so nothing of
+size in × in or out × in is ever formed: every kernel costs O(rank·(in + out)·k).
+
+The step is proximal rather than an explicit gradient step, which diverges once η·λ·c > 1:
+first the component of A on the protected directions (Q) given B, column by column, then Bᵀ
+given the new A, each an r×r solve of (I + τ·H) with τ = 2·η·λ and H >= 0. The solves never
+amplify, so any λ is stable; as λ grows the step approaches the exact projection onto
+ΔW·C = ΔW*·C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sona.kernels.jit import inline, kernel
+
+
+@inline
+def _project(a: np.ndarray, ut: np.ndarray, q: np.ndarray) -> None:
+    """q[r, j] = A[r]·U[j] for every rank row r and direction j."""
+    rank, n_in = a.shape
+    k = ut.shape[0]
+    for r in range(rank):
+        for j in range(k):
+            acc = np.float32(0.0)
+            for i in range(n_in):
+                acc += a[r, i] * ut[j, i]
+            q[r, j] = acc
+
+
+@inline
+def _cholesky(m: np.ndarray, lower: np.ndarray) -> None:
+    """lower·lowerᵀ = m for a symmetric positive-definite r×r ``m`` (here always >= I)."""
+    n = m.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            acc = m[i, j]
+            for p in range(j):
+                acc -= lower[i, p] * lower[j, p]
+            if i == j:
+                lower[i, i] = np.sqrt(acc)
+            else:
+                lower[i, j] = acc / lower[j, j]
+        for j in range(i + 1, n):
+            lower[i, j] = 0.0
+
+
+@inline
+def _solve_vec(lower: np.ndarray, v: np.ndarray) -> None:
+    """v ← (lower·lowerᵀ)⁻¹·v in place."""
+    n = lower.shape[0]
+    for i in range(n):
+        acc = v[i]
+        for p in range(i):
+            acc -= lower[i, p] * v[p]
+        v[i] = acc / lower[i, i]
+    for i in range(n - 1, -1, -1):
+        acc = v[i]
+        for p in range(i + 1, n):
+            acc -= lower[p, i] * v[p]
+        v[i] = acc / lower[i, i]
+
+
+@inline
+def _solve_rows(lower: np.ndarray, rows: np.ndarray) -> None:
+    """rows ← (lower·lowerᵀ)⁻¹·rows in place, for an (r, n) block, row-vectorised."""
+    r, n = rows.shape
+    for i in range(r):
+        for p in range(i):
+            f = np.float32(lower[i, p])
+            for t in range(n):
+                rows[i, t] -= f * rows[p, t]
+        inv = np.float32(1.0 / lower[i, i])
+        for t in range(n):
+            rows[i, t] *= inv
+    for i in range(r - 1, -1, -1):
+        for p in range(i + 1, r):
+            f = np.float32(lower[p, i])
+            for t in range(n):
+                rows[i, t] -= f * rows[p, t]
+        inv = np.float32(1.0 / lower[i, i])
+        for t in range(n):
+            rows[i, t] *= inv
+
+
+@inline
+def _residual_sq(
+    bt: np.ndarray, scale: float, c: np.ndarray, mt: np.ndarray, q: np.ndarray
+) -> float:
+    """Σ_j c_j·‖s·Σ_r q[r, j]·Bᵀ[r] − mt[j]‖² in float64."""
+    rank, n_out = bt.shape
+    k = mt.shape[0]
+    s = np.float32(scale)
+    total = 0.0
+    for j in range(k):
+        cj = c[j]
+        if cj == 0.0:
+            continue
+        acc = 0.0
+        for t in range(n_out):
+            v = -mt[j, t]
+            for r in range(rank):
+                v += s * q[r, j] * bt[r, t]
+            acc += float(v) * float(v)
+        total += float(cj) * acc
+    return total
+
+
+@kernel
+def penalty(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    q: np.ndarray,
+) -> float:
+    """‖(ΔW − ΔW*)·C^½‖² (without λ); ``q`` is (rank, k) scratch."""
+    _project(a, ut, q)
+    return _residual_sq(bt, scale, c, mt, q)
+
+
+@kernel
+def anchor(
+    a: np.ndarray, bt: np.ndarray, scale: float, ut: np.ndarray, q: np.ndarray, mt: np.ndarray
+) -> None:
+    """mt[j] = ΔW·u_j = s·Σ_r (A·u_j)[r]·Bᵀ[r]: the current delta on each protected direction."""
+    _project(a, ut, q)
+    rank, n_out = bt.shape
+    k = ut.shape[0]
+    s = np.float32(scale)
+    for j in range(k):
+        for t in range(n_out):
+            v = np.float32(0.0)
+            for r in range(rank):
+                v += q[r, j] * bt[r, t]
+            mt[j, t] = s * v
+
+
+@kernel
+def prox_step(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    tau: float,
+    q: np.ndarray,
+    dq: np.ndarray,
+    w: np.ndarray,
+    gram: np.ndarray,
+    kmat: np.ndarray,
+    lower: np.ndarray,
+    vec: np.ndarray,
+    bt_new: np.ndarray,
+) -> float:
+    """One proximal step of τ/2·‖(ΔW − ΔW*)·C^½‖² on A (protected part) then Bᵀ, in place.
+
+    Scratch: q, dq (rank, k) float32; w (rank, k), gram, kmat, lower (rank, rank) and vec
+    (rank,) float64; bt_new (rank, out) float32. Each solve is written for the increment,
+    (I/τ + H)·Δ = −∇, so no entry grows with τ: in float32, (I + τ·H)·x = rhs would lose every
+    significant digit once τ reaches ~1e4. The r×r systems are float64 because for large τ a
+    direction H does not constrain has a pivot of only 1/τ.
+    Returns the penalty (without λ) after the step, or −1.0 with A and Bᵀ untouched when the
+    step would not be finite.
+    """
+    rank, n_out = bt.shape
+    n_in = a.shape[1]
+    k = ut.shape[0]
+    s = float(scale)
+    inv_tau = 1.0 / float(tau)
+    _project(a, ut, q)
+    # A-part, per direction j: (I/τ + s²·c_j·Bᵀ·B)·Δq_j = −s·c_j·Bᵀ·d_j with the residual
+    # d_j = s·Bᵀᵀ·q_j − m_j, and Bᵀ·d_j = s·(Bᵀ·B)·q_j − Bᵀ·m_j.
+    for r1 in range(rank):
+        for r2 in range(rank):
+            acc = 0.0
+            for o in range(n_out):
+                acc += float(bt[r1, o]) * float(bt[r2, o])
+            gram[r1, r2] = acc
+        for j in range(k):
+            acc = 0.0
+            for o in range(n_out):
+                acc += float(bt[r1, o]) * float(mt[j, o])
+            w[r1, j] = acc
+    for j in range(k):
+        cj = float(c[j])
+        if cj == 0.0:
+            for r in range(rank):
+                dq[r, j] = 0.0
+            continue
+        for r1 in range(rank):
+            grad = -w[r1, j]
+            for r2 in range(rank):
+                kmat[r1, r2] = s * s * cj * gram[r1, r2]
+                grad += s * gram[r1, r2] * float(q[r2, j])
+            kmat[r1, r1] += inv_tau
+            vec[r1] = -s * cj * grad
+        _cholesky(kmat, lower)
+        _solve_vec(lower, vec)
+        for r in range(rank):
+            dq[r, j] = vec[r]
+            q[r, j] = q[r, j] + np.float32(vec[r])
+    # B-part with the new Q: (I/τ + s²·Q·diag(c)·Qᵀ)·ΔBᵀ = −s·Σ_j c_j·q_j·d_jᵀ
+    #   = −s²·(Q·diag(c)·Qᵀ)·Bᵀ + s·Σ_j c_j·q_j·m_jᵀ.
+    for r1 in range(rank):
+        for r2 in range(rank):
+            acc = 0.0
+            for j in range(k):
+                acc += float(c[j]) * float(q[r1, j]) * float(q[r2, j])
+            gram[r1, r2] = s * s * acc
+            kmat[r1, r2] = s * s * acc
+        kmat[r1, r1] += inv_tau
+    for r1 in range(rank):
+        for o in range(n_out):
+            bt_new[r1, o] = 0.0
+        for r2 in range(rank):
+            f = np.float32(-gram[r1, r2])
+            if f != 0.0:
+                for o in range(n_out):
+                    bt_new[r1, o] += f * bt[r2, o]
+        for j in range(k):
+            f = np.float32(s * float(c[j]) * float(q[r1, j]))
+            if f != 0.0:
+                for o in range(n_out):
+                    bt_new[r1, o] += f * mt[j, o]
+    _cholesky(kmat, lower)
+    _solve_rows(lower, bt_new)
+    ok = np.float32(0.0)
+    for r in range(rank):
+        for j in range(k):
+            ok += dq[r, j] * np.float32(0.0)
+        for o in range(n_out):
+            ok += bt_new[r, o] * np.float32(0.0)
+    if ok != 0.0:
+        return -1.0
+    for r in range(rank):
+        for j in range(k):
+            d = dq[r, j]
+            if d != 0.0:
+                for i in range(n_in):
+                    a[r, i] += d * ut[j, i]
+        for o in range(n_out):
+            bt[r, o] += bt_new[r, o]
+    return _residual_sq(bt, scale, c, mt, q)

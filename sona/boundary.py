@@ -1,0 +1,194 @@
+"""Detecting task boundaries from a sustained shift in the input statistics.
+
+Traffic that moves to another domain moves its inputs to other directions of the embedding
+space. The detector learns the current task's principal input subspace from its first
+inputs, measures on the next ones (out of sample) how much of an input's energy falls outside
+it, and then runs a two-sided CUSUM on that residual fraction, standardised by its calibrated
+spread. Each input's contribution is capped, so one odd input cannot fire a boundary: a shift
+has to persist for several inputs in a row. The residual fraction does not depend on the input
+scale, and its calibration happens per task, so a stationary stream of any shape stays quiet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sona.errors import FormatError
+
+_F32 = np.float32
+
+# Phases of the detector after a (re)start.
+REFERENCE = "reference"
+CALIBRATING = "calibrating"
+WATCHING = "watching"
+_PHASES = (REFERENCE, CALIBRATING, WATCHING)
+
+
+class ShiftDetector:
+    """Two-sided CUSUM on the fraction of each input outside the current task's subspace."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        reference_samples: int,
+        max_directions: int,
+        calibration_samples: int = 64,
+        energy: float = 0.99,
+        drift: float = 1.0,
+        threshold: float = 48.0,
+        z_cap: float = 8.0,
+        min_spread: float = 0.02,
+    ) -> None:
+        self.dim = dim
+        self.reference_samples = max(int(reference_samples), 2 * int(max_directions), 16)
+        self.max_directions = max(1, min(int(max_directions), dim))
+        self.calibration_samples = calibration_samples
+        self.energy = energy
+        self.drift = drift
+        self.threshold = threshold
+        self.z_cap = z_cap
+        self.min_spread = min_spread
+        self._reference = np.zeros((self.reference_samples, dim), _F32)
+        self._basis = np.zeros((0, dim), _F32)
+        self.restart()
+
+    def restart(self, recent: np.ndarray | None = None) -> None:
+        """Forget the reference and learn a new one, starting from ``recent`` inputs."""
+        self.phase = REFERENCE
+        self._filled = 0
+        self._basis = np.zeros((0, self.dim), _F32)
+        self._cal_n = 0
+        self._cal_mean = 0.0
+        self._cal_m2 = 0.0
+        self.mean = 0.0
+        self.spread = 0.0
+        self.up = 0.0
+        self.down = 0.0
+        self._up_start = 0
+        self._down_start = 0
+        self.seen = 0
+        self.shift_age = 0
+        if recent is not None:
+            for row in recent[-self.reference_samples :]:
+                self.update(row)
+
+    def residual_fraction(self, x: np.ndarray) -> float | None:
+        """The share of ‖x‖² outside the reference subspace (None for a zero input)."""
+        energy = float(np.dot(x, x))
+        if energy <= 0.0:
+            return None
+        proj = self._basis @ x
+        return max(0.0, 1.0 - float(np.dot(proj, proj)) / energy)
+
+    def update(self, x: np.ndarray) -> bool:
+        """Feed one input; True when a sustained shift is confirmed.
+
+        After True, :attr:`shift_age` says how many of the latest inputs already belong to the
+        new statistics; the caller restarts the detector with them.
+        """
+        self.seen += 1
+        if self.phase == REFERENCE:
+            self._reference[self._filled] = x
+            self._filled += 1
+            if self._filled == self.reference_samples:
+                self._learn_basis()
+            return False
+        e = self.residual_fraction(x)
+        if e is None:
+            return False
+        if self.phase == CALIBRATING:
+            self._cal_n += 1
+            delta = e - self._cal_mean
+            self._cal_mean += delta / self._cal_n
+            self._cal_m2 += delta * (e - self._cal_mean)
+            if self._cal_n == self.calibration_samples:
+                self.mean = self._cal_mean
+                std = float(np.sqrt(self._cal_m2 / max(self._cal_n - 1, 1)))
+                self.spread = max(std, self.min_spread)
+                self.phase = WATCHING
+            return False
+        z = (e - self.mean) / self.spread
+        if self.up == 0.0:
+            self._up_start = self.seen
+        if self.down == 0.0:
+            self._down_start = self.seen
+        self.up = max(0.0, self.up + min(z, self.z_cap) - self.drift)
+        self.down = max(0.0, self.down + min(-z, self.z_cap) - self.drift)
+        if self.up > self.threshold or self.down > self.threshold:
+            start = self._up_start if self.up > self.threshold else self._down_start
+            self.shift_age = self.seen - start + 1
+            return True
+        return False
+
+    def _learn_basis(self) -> None:
+        rows = self._reference.astype(np.float64)
+        _, sv, vt = np.linalg.svd(rows, full_matrices=False)
+        ev = sv**2
+        total = float(ev.sum())
+        if total <= 0.0 or not np.isfinite(total):
+            self._filled = 0  # all-zero inputs: keep waiting for informative ones
+            return
+        m = int(np.searchsorted(np.cumsum(ev) / total, self.energy) + 1)
+        m = min(m, self.max_directions)
+        self._basis = np.ascontiguousarray(vt[:m], dtype=_F32)
+        self.phase = CALIBRATING
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {
+            "phase": self.phase,
+            "filled": self._filled,
+            "cal_n": self._cal_n,
+            "cal_mean": self._cal_mean,
+            "cal_m2": self._cal_m2,
+            "mean": self.mean,
+            "spread": self.spread,
+            "up": self.up,
+            "down": self.down,
+            "up_start": self._up_start,
+            "down_start": self._down_start,
+            "seen": self.seen,
+        }
+        arrays = {
+            "boundary.reference": self._reference[: self._filled].copy(),
+            "boundary.basis": self._basis.copy(),
+        }
+        return meta, arrays
+
+    def load(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        try:
+            phase = str(meta["phase"])
+            filled = int(meta["filled"])
+            ref = np.asarray(arrays["boundary.reference"])
+            basis = np.asarray(arrays["boundary.basis"])
+            numbers = {
+                k: float(meta[k]) for k in ("cal_mean", "cal_m2", "mean", "spread", "up", "down")
+            }
+            counters = {k: int(meta[k]) for k in ("cal_n", "up_start", "down_start", "seen")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"boundary detector state is malformed: {exc}") from None
+        if phase not in _PHASES or not 0 <= filled <= self.reference_samples:
+            raise FormatError(f"boundary detector state has phase {phase!r}, filled {filled}")
+        if ref.shape != (filled, self.dim) or basis.ndim != 2 or basis.shape[1] != self.dim:
+            raise FormatError("boundary detector arrays do not match the input width")
+        if not (np.isfinite(ref).all() and np.isfinite(basis).all()):
+            raise FormatError("boundary detector arrays hold NaN or inf")
+        if not all(np.isfinite(v) for v in numbers.values()):
+            raise FormatError("boundary detector statistics hold NaN or inf")
+        self.phase = phase
+        self._filled = filled
+        self._reference[:filled] = ref
+        self._basis = np.ascontiguousarray(basis, dtype=_F32)
+        self._cal_mean = numbers["cal_mean"]
+        self._cal_m2 = numbers["cal_m2"]
+        self.mean = numbers["mean"]
+        self.spread = numbers["spread"]
+        self.up = numbers["up"]
+        self.down = numbers["down"]
+        self._cal_n = counters["cal_n"]
+        self._up_start = counters["up_start"]
+        self._down_start = counters["down_start"]
+        self.seen = counters["seen"]

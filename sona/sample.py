@@ -1,0 +1,138 @@
+"""One unit of feedback as the loops keep it: what went in, what came out, how it was rated.
+
+Samples are immutable so the replay buffer, the durable log and the loops can share one object
+without copies or races; the ``with_*`` builders return new instances.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.validation import as_f32, check_finite, check_quality, frozen_copy
+
+_FIELDS = (
+    "input_embedding",
+    "output_embedding",
+    "quality",
+    "query",
+    "response",
+    "latency_ms",
+    "token_count",
+    "session_id",
+    "feedback",
+)
+
+
+class TrainingSample:
+    """An input embedding, the output embedding that was rated, and the rating.
+
+    ``feedback`` None means the output embedding is the rated output itself (advantage-weighted
+    regression toward it); a sample may instead carry explicit feedback (a target, a gradient,
+    a group) from :meth:`with_feedback`.
+    """
+
+    __slots__ = _FIELDS
+
+    input_embedding: np.ndarray
+    output_embedding: np.ndarray
+    quality: float
+    query: str | None
+    response: str | None
+    latency_ms: float
+    token_count: int
+    session_id: str
+    feedback: AdaptFeedback | None
+
+    def __init__(self, input_embedding: Any, output_embedding: Any, quality: float) -> None:
+        x = _vector(input_embedding, "input_embedding")
+        y = _vector(output_embedding, "output_embedding")
+        q = check_quality(quality)
+        _init(self, x, y, q, None, None, 0.0, 0, "", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("TrainingSample is immutable; use the with_* methods")
+
+    def _replace(self, **changes: Any) -> TrainingSample:
+        values = {n: getattr(self, n) for n in _FIELDS}
+        values.update(changes)
+        twin = object.__new__(TrainingSample)
+        _init(twin, *(values[n] for n in _FIELDS))
+        return twin
+
+    def with_query(self, query: str) -> TrainingSample:
+        return self._replace(query=_text(query, "query"))
+
+    def with_response(self, response: str) -> TrainingSample:
+        return self._replace(response=_text(response, "response"))
+
+    def with_latency(self, ms: float) -> TrainingSample:
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            raise TypeError(f"ms must be a number, got {type(ms).__name__}")
+        if not math.isfinite(ms) or ms < 0:
+            raise InvalidInputError(f"ms must be finite and >= 0, got {ms!r}")
+        return self._replace(latency_ms=float(ms))
+
+    def with_tokens(self, n: int) -> TrainingSample:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, got {type(n).__name__}")
+        if n < 0:
+            raise InvalidInputError(f"n must be >= 0, got {n}")
+        return self._replace(token_count=int(n))
+
+    def with_session(self, session_id: str) -> TrainingSample:
+        text = _text(session_id, "session_id")
+        return self._replace(session_id=text)
+
+    def with_feedback(self, feedback: AdaptFeedback) -> TrainingSample:
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        return self._replace(feedback=feedback)
+
+    def to_feedback(self) -> AdaptFeedback:
+        """The feedback to learn from: the explicit one, else the rated output embedding."""
+        if self.feedback is not None:
+            return self.feedback
+        return AdaptFeedback.from_quality(self.quality).with_output(self.output_embedding)
+
+    def __repr__(self) -> str:
+        fb = "rated output" if self.feedback is None else self.feedback.kind.value
+        return (
+            f"TrainingSample(in={self.input_embedding.shape[0]}, "
+            f"out={self.output_embedding.shape[0]}, quality={self.quality:.3f}, feedback={fb})"
+        )
+
+
+def _init(
+    sample: TrainingSample,
+    x: np.ndarray,
+    y: np.ndarray,
+    quality: float,
+    query: str | None,
+    response: str | None,
+    latency_ms: float,
+    token_count: int,
+    session_id: str,
+    feedback: AdaptFeedback | None,
+) -> None:
+    values = (x, y, quality, query, response, latency_ms, token_count, session_id, feedback)
+    for name, value in zip(_FIELDS, values, strict=True):
+        object.__setattr__(sample, name, value)
+
+
+def _vector(value: Any, name: str) -> np.ndarray:
+    arr = as_f32(value, name)
+    if arr.ndim != 1 or arr.shape[0] == 0:
+        raise InvalidInputError(f"{name} must be a non-empty vector, got shape {arr.shape}")
+    check_finite(arr, name)
+    return frozen_copy(arr)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value

@@ -1,0 +1,387 @@
+"""The EWC++ training pipeline: one update per sample, without forgetting earlier tasks.
+
+A step gates the feedback (``quality_threshold``), accumulates and applies the adapter's
+gradient (clipped to ``max_grad_norm``), then takes a proximal EWC++ step that pulls ΔW back
+toward its anchor on the input directions earlier tasks used (:mod:`sona.ewc`). Task boundaries
+come from :meth:`TrainingPipeline.start_new_task` or, with ``boundary_detection``, from a
+sustained shift of the input statistics (:mod:`sona.boundary`); either folds the importance of
+the task that ended and re-anchors.
+
+The Background loop owns a pipeline; its whole state is exportable as JSON-able metadata plus
+named arrays (:meth:`TrainingPipeline.state_dict`) for checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sona.boundary import ShiftDetector
+from sona.errors import ConfigMismatchError, FormatError, InvalidInputError
+from sona.ewc import EwcImportance, InputWindow
+from sona.feedback import AdaptFeedback, FeedbackKind
+from sona.log import get_logger
+from sona.lora import MicroLoRA
+from sona.lora_config import TargetModule
+from sona.sample import TrainingSample
+from sona.training_config import TrainingConfig
+from sona.validation import as_f32
+
+__all__ = [
+    "StepResult",
+    "TrainingConfig",
+    "TrainingPipeline",
+    "TrainingSample",
+]
+
+_log = get_logger("sona.training")
+_STATE_FORMAT = "sona.training/1"
+_GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one training step did.
+
+    ``ewc_penalty`` is the penalty λ·‖(ΔW − ΔW*)·C^½‖² measured after the step (0 before the
+    first boundary or with λ = 0); ``task_boundary`` is True when this step started a new task
+    (detected before the sample was learned from).
+    """
+
+    applied: bool
+    notes: list[str] = field(default_factory=list)
+    ewc_penalty: float = 0.0
+    task_boundary: bool = False
+    task_count: int = 0
+
+
+class TrainingPipeline:
+    """Trains a MicroLoRA one sample at a time under EWC++ (see the module docstring)."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        self.config = config
+        self._ewc: EwcImportance | None = None
+        self._window: InputWindow | None = None
+        self._detector: ShiftDetector | None = None
+        self._task_count = 0
+        self._samples_seen = 0
+        self._boundary_samples: list[int] = []
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def task_count(self) -> int:
+        """Tasks whose importance is folded into the penalty (boundaries passed)."""
+        return self._task_count
+
+    @property
+    def samples_seen(self) -> int:
+        """Inputs that went through :meth:`train_step` (learned from or gated) as traffic."""
+        return self._samples_seen
+
+    @property
+    def boundary_samples(self) -> tuple[int, ...]:
+        """For each boundary, how many inputs had been seen before the new task began."""
+        return tuple(self._boundary_samples)
+
+    @property
+    def initialized(self) -> bool:
+        return self._ewc is not None
+
+    # ------------------------------------------------------------------ setup
+    def init_for_lora(self, lora: MicroLoRA) -> None:
+        """Size the importance, anchors and detector for ``lora``; forgets any earlier state."""
+        _check_lora(lora)
+        c = self.config
+        ewc = EwcImportance.for_lora(lora, rank=c.ewc_rank, gamma=c.online_ewc_gamma)
+        self._install(ewc)
+        self._task_count = 0
+        self._samples_seen = 0
+        self._boundary_samples = []
+
+    def _install(self, ewc: EwcImportance) -> None:
+        c = self.config
+        self._ewc = ewc
+        self._window = InputWindow(c.fisher_samples, ewc.in_features)
+        self._detector = ShiftDetector(
+            ewc.in_features, reference_samples=c.fisher_samples, max_directions=c.ewc_rank
+        )
+
+    def _ready(self, lora: MicroLoRA) -> EwcImportance:
+        _check_lora(lora)
+        if self._ewc is None:
+            self.init_for_lora(lora)
+        ewc = self._ewc
+        assert ewc is not None
+        if not ewc.matches(lora):
+            raise ConfigMismatchError(
+                f"lora has shape {_shape_of(lora)}, this pipeline was set up for "
+                f"{ewc.shape_meta()}; call init_for_lora first"
+            )
+        return ewc
+
+    # ------------------------------------------------------------------ training
+    def train_step(
+        self,
+        lora: MicroLoRA,
+        input: Any,
+        feedback: AdaptFeedback,
+        module: TargetModule | None = None,
+    ) -> StepResult:
+        """Learn from one (input, feedback) pair; see the module docstring for the order.
+
+        Target and gradient feedback rated below ``quality_threshold`` is not learned from
+        (``applied`` False, with a note); the input still counts as traffic for importance and
+        boundary detection.
+        """
+        ewc = self._ready(lora)
+        x = self._input(input, ewc)
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        vec = feedback.vector
+        if vec is not None and vec.shape[0] != ewc.out_features:
+            raise InvalidInputError(
+                f"feedback {feedback.kind.value} must have shape ({ewc.out_features},), "
+                f"got {vec.shape}"
+            )
+        if module is not None:
+            lora.factors(module)  # raises for a module the adapter does not target
+        boundary = self._track(lora, ewc, x)
+        return self._learn(lora, ewc, x, feedback, module, boundary)
+
+    def train_sample(
+        self, lora: MicroLoRA, sample: TrainingSample, *, replay: bool = False
+    ) -> StepResult:
+        """Learn from a sample; ``replay`` marks a kept sample seen again (Deep loop).
+
+        A replayed sample below ``quality_threshold`` is skipped whatever its feedback form, and
+        replayed inputs neither feed the importance window nor the boundary detector: old traffic
+        replayed is not a shift, and its importance was taken when it was new.
+        """
+        if not isinstance(sample, TrainingSample):
+            raise TypeError(f"sample must be a TrainingSample, got {type(sample).__name__}")
+        if not replay:
+            return self.train_step(lora, sample.input_embedding, sample.to_feedback())
+        ewc = self._ready(lora)
+        x = self._input(sample.input_embedding, ewc)
+        threshold = self.config.quality_threshold
+        if sample.quality < threshold:
+            note = (
+                f"skipped: replayed sample quality {sample.quality:.3f} is below "
+                f"quality_threshold {threshold:.3f}"
+            )
+            return StepResult(False, [note], self._penalty(lora, ewc), False, self._task_count)
+        return self._learn(lora, ewc, x, sample.to_feedback(), None, False)
+
+    def replay(self, lora: MicroLoRA, samples: Iterable[TrainingSample]) -> list[StepResult]:
+        """:meth:`train_sample` with ``replay=True`` for each sample, in order."""
+        return [self.train_sample(lora, s, replay=True) for s in samples]
+
+    def _input(self, value: Any, ewc: EwcImportance) -> np.ndarray:
+        x = as_f32(value, "input")
+        if x.ndim != 1 or x.shape[0] != ewc.in_features:
+            raise InvalidInputError(f"input must have shape ({ewc.in_features},), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise InvalidInputError("input contains NaN or inf")
+        return x
+
+    def _track(self, lora: MicroLoRA, ewc: EwcImportance, x: np.ndarray) -> bool:
+        """Feed the detector and the importance window; start a new task on a shift."""
+        window = self._window
+        detector = self._detector
+        assert window is not None and detector is not None
+        boundary = False
+        if self.config.boundary_detection and detector.update(x):
+            # The last shift_age inputs (this one included) already belong to the new task.
+            moved = min(detector.shift_age - 1, window.count)
+            rows = window.ordered()
+            old, new = rows[: rows.shape[0] - moved], rows[rows.shape[0] - moved :]
+            self._begin_task(lora, ewc, old, self._samples_seen - moved)
+            window.refill(new)
+            detector.restart(np.concatenate([new, x[None, :]]))
+            boundary = True
+            _log.info(
+                "task_boundary_detected", task_count=self._task_count, samples=self._samples_seen
+            )
+        window.push(x)
+        self._samples_seen += 1
+        return boundary
+
+    def _learn(
+        self,
+        lora: MicroLoRA,
+        ewc: EwcImportance,
+        x: np.ndarray,
+        feedback: AdaptFeedback,
+        module: TargetModule | None,
+        boundary: bool,
+    ) -> StepResult:
+        c = self.config
+        notes: list[str] = []
+        if boundary:
+            notes.append(f"task boundary detected: task {self._task_count + 1} begins")
+        if feedback.kind in _GATED and feedback.quality < c.quality_threshold:
+            notes.append(
+                f"skipped: {feedback.kind.value} feedback quality {feedback.quality:.3f} is "
+                f"below quality_threshold {c.quality_threshold:.3f}"
+            )
+            return StepResult(False, notes, self._penalty(lora, ewc), boundary, self._task_count)
+        if not lora.adapt(x, feedback, module):
+            notes.append(lora.last_note or "declined by the adapter")
+            return StepResult(False, notes, self._penalty(lora, ewc), boundary, self._task_count)
+        if not lora.apply_updates(c.learning_rate, max_norm=c.max_grad_norm):
+            notes.append(lora.last_note or "update rejected by the adapter")
+            return StepResult(False, notes, self._penalty(lora, ewc), boundary, self._task_count)
+        penalty = 0.0
+        if c.ewc_lambda > 0.0 and ewc.active:
+            tau = 2.0 * c.learning_rate * c.ewc_lambda
+            raw = ewc.step(lora, tau, lora.modules)
+            if raw < 0.0:
+                notes.append("EWC++ step skipped: it would not have been finite")
+                penalty = self._penalty(lora, ewc)
+            else:
+                penalty = c.ewc_lambda * raw
+        return StepResult(True, notes, penalty, boundary, self._task_count)
+
+    # ------------------------------------------------------------------ tasks and importance
+    def start_new_task(self, lora: MicroLoRA) -> None:
+        """End the current task: fold its recent inputs' importance in, anchor at current ΔW."""
+        ewc = self._ready(lora)
+        window = self._window
+        detector = self._detector
+        assert window is not None and detector is not None
+        self._begin_task(lora, ewc, window.ordered(), self._samples_seen)
+        window.clear()
+        detector.restart()
+
+    def _begin_task(
+        self, lora: MicroLoRA, ewc: EwcImportance, inputs: np.ndarray, at_sample: int
+    ) -> None:
+        ewc.fold(lora, inputs)
+        self._task_count += 1
+        self._boundary_samples.append(at_sample)
+
+    def observe(self, x: Any) -> None:
+        """Count an input toward the current task's importance without a training step.
+
+        For inputs the host served but gave no feedback on. It does not feed the boundary
+        detector (a detected boundary needs the adapter to re-anchor).
+        """
+        if self._ewc is None or self._window is None:
+            raise InvalidInputError("observe needs an initialised pipeline: call init_for_lora")
+        self._window.push(self._input(x, self._ewc))
+
+    def ewc_penalty(self, lora: MicroLoRA) -> float:
+        """λ·‖(ΔW − ΔW*)·C^½‖² summed over the adapter's modules, measured now."""
+        _check_lora(lora)
+        if self._ewc is None:
+            return 0.0
+        ewc = self._ready(lora)
+        return self._penalty(lora, ewc)
+
+    def _penalty(self, lora: MicroLoRA, ewc: EwcImportance) -> float:
+        lam = self.config.ewc_lambda
+        if lam == 0.0 or not ewc.active:
+            return 0.0
+        return lam * ewc.penalty(lora)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able metadata, named float32 arrays) holding everything a restore needs."""
+        meta: dict[str, Any] = {
+            "format": _STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "task_count": self._task_count,
+            "samples_seen": self._samples_seen,
+            "boundary_samples": list(self._boundary_samples),
+            "shape": None,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if self._ewc is None or self._window is None or self._detector is None:
+            return meta, arrays
+        meta["shape"] = self._ewc.shape_meta()
+        ewc_meta, ewc_arrays = self._ewc.state()
+        win_meta, win_rows = self._window.state()
+        det_meta, det_arrays = self._detector.state()
+        meta.update(ewc=ewc_meta, window=win_meta, detector=det_meta)
+        arrays.update(ewc_arrays)
+        arrays.update(det_arrays)
+        arrays["window.inputs"] = win_rows
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` output; validates all of it before changing anything.
+
+        The configuration must be the one this pipeline was built with.
+        """
+        if not isinstance(meta, dict) or not isinstance(arrays, dict):
+            raise TypeError("meta and arrays must be dicts (from state_dict)")
+        if meta.get("format") != _STATE_FORMAT:
+            raise FormatError(
+                f"meta is not a {_STATE_FORMAT} state (format {meta.get('format')!r})"
+            )
+        try:
+            config = TrainingConfig.from_dict(dict(meta["config"]))
+            task_count = int(meta["task_count"])
+            samples_seen = int(meta["samples_seen"])
+            boundaries = [int(v) for v in meta["boundary_samples"]]
+            shape = meta["shape"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"training state metadata is malformed: {exc}") from None
+        if config != self.config:
+            raise ConfigMismatchError(
+                f"training state was saved with {config}, this pipeline has {self.config}"
+            )
+        if task_count < 0 or samples_seen < 0:
+            raise FormatError("training state has a negative counter")
+        if shape is None:
+            self._ewc = self._window = self._detector = None
+            self._task_count, self._samples_seen = task_count, samples_seen
+            self._boundary_samples = boundaries
+            return
+        try:
+            modules = tuple(TargetModule.parse(m) for m in shape["modules"])
+            ewc = EwcImportance(
+                in_features=int(shape["in_features"]),
+                out_features=int(shape["out_features"]),
+                lora_rank=int(shape["lora_rank"]),
+                modules=modules,
+                rank=config.ewc_rank,
+                gamma=config.online_ewc_gamma,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"training state shape is malformed: {exc}") from None
+        previous = (self._ewc, self._window, self._detector)
+        self._install(ewc)
+        try:
+            assert self._window is not None and self._detector is not None
+            ewc.load(meta["ewc"], arrays)
+            self._window.load(meta["window"], np.asarray(arrays["window.inputs"]))
+            self._detector.load(meta["detector"], arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._ewc, self._window, self._detector = previous
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(f"training state is incomplete: {exc}") from None
+        self._task_count = task_count
+        self._samples_seen = samples_seen
+        self._boundary_samples = boundaries
+
+
+def _check_lora(lora: object) -> None:
+    if not isinstance(lora, MicroLoRA):
+        raise TypeError(f"lora must be a MicroLoRA, got {type(lora).__name__}")
+
+
+def _shape_of(lora: MicroLoRA) -> dict[str, Any]:
+    c = lora.config
+    return {
+        "in_features": c.in_features,
+        "out_features": c.out_features,
+        "lora_rank": c.rank,
+        "modules": [m.value for m in c.target_modules],
+    }

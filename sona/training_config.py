@@ -1,0 +1,110 @@
+"""Configuration of the EWC++ training pipeline; validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sona.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingConfig:
+    """Every field changes what :class:`sona.training.TrainingPipeline` does.
+
+    - ``learning_rate``: the step size of every update and of the EWC++ proximal step.
+    - ``ewc_lambda``: strength of the penalty on changing ΔW along old tasks' inputs; 0 is plain
+      SGD, bit for bit.
+    - ``quality_threshold``: target and gradient feedback (and replayed samples of any form)
+      rated below it are not learned from; advantage-based forms compare against their baseline
+      instead, so a low rating there is still information.
+    - ``fisher_samples``: how many of the current task's most recent inputs stand behind the
+      importance folded in at the next boundary, and how many the shift detector uses to learn
+      what the current task's inputs look like.
+    - ``online_ewc_gamma``: the accumulated importance decays by this factor at each boundary.
+    - ``max_grad_norm``: updates are clipped to this norm before they are applied.
+    - ``ewc_rank``: how many input directions the importance sketch keeps.
+    - ``boundary_detection``: start a new task when the input statistics shift for good.
+    """
+
+    learning_rate: float = 0.001
+    ewc_lambda: float = 0.1
+    quality_threshold: float = 0.5
+    fisher_samples: int = 100
+    online_ewc_gamma: float = 0.95
+    max_grad_norm: float = 1.0
+    ewc_rank: int = 16
+    boundary_detection: bool = True
+
+    def __post_init__(self) -> None:
+        _number(self.learning_rate, "learning_rate", lo=0.0, lo_open=True)
+        _number(self.ewc_lambda, "ewc_lambda", lo=0.0)
+        _number(self.quality_threshold, "quality_threshold", lo=0.0, hi=1.0)
+        _number(self.online_ewc_gamma, "online_ewc_gamma", lo=0.0, hi=1.0)
+        _number(self.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True)
+        _integer(self.fisher_samples, "fisher_samples", lo=1)
+        _integer(self.ewc_rank, "ewc_rank", lo=1)
+        if not isinstance(self.boundary_detection, bool):
+            raise TypeError(
+                f"boundary_detection must be a bool, got {type(self.boundary_detection).__name__}"
+            )
+        for name in (
+            "learning_rate",
+            "ewc_lambda",
+            "quality_threshold",
+            "online_ewc_gamma",
+            "max_grad_norm",
+        ):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with ``changes`` applied."""
+        values = self.to_dict()
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown TrainingConfig fields: {sorted(unknown)}")
+        values.update(changes)
+        return TrainingConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown TrainingConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _number(
+    value: object,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or v > hi
+    if bad:
+        lo_s = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        hi_s = "inf)" if hi is None else f"{hi}]"
+        raise ConfigError(f"{name} must be in {lo_s}, {hi_s}, got {v!r}")
+
+
+def _integer(value: object, name: str, *, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value}")

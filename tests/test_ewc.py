@@ -1,0 +1,203 @@
+"""EWC++ in ΔW space: kernels against dense numpy references, sketching and folding."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sona.kernels import ewc as k_ewc
+
+from sona.ewc import EwcImportance, InputWindow, covariance_sketch
+from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
+
+F32 = np.float32
+
+
+def _problem(
+    seed: int, rank: int, n_in: int, n_out: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(F32)
+    bt = rng.standard_normal((rank, n_out)).astype(F32)
+    u, _ = np.linalg.qr(rng.standard_normal((n_in, k)))
+    ut = np.ascontiguousarray(u.T, dtype=F32)
+    c = rng.uniform(0.1, 1.0, k).astype(F32)
+    a0 = (a + 0.3 * rng.standard_normal(a.shape)).astype(F32)
+    bt0 = (bt + 0.3 * rng.standard_normal(bt.shape)).astype(F32)
+    mt = np.asarray((0.5 * bt0.T @ a0 @ u).T, dtype=F32)  # anchor ΔW*·u_j with s = 0.5
+    return a, bt, ut, c, np.ascontiguousarray(mt), 0.5
+
+
+def _dense_penalty(
+    a: np.ndarray, bt: np.ndarray, s: float, ut: np.ndarray, c: np.ndarray, mt: np.ndarray
+) -> float:
+    dw = s * bt.astype(np.float64).T @ a.astype(np.float64)
+    resid = dw @ ut.T.astype(np.float64) - mt.T
+    return float(np.sum(resid**2 * c))
+
+
+def _scratch(rank: int, k: int, n_out: int) -> list[np.ndarray]:
+    f64 = np.float64
+    return [
+        np.zeros((rank, k), F32),
+        np.zeros((rank, k), F32),
+        np.zeros((rank, k), f64),
+        np.zeros((rank, rank), f64),
+        np.zeros((rank, rank), f64),
+        np.zeros((rank, rank), f64),
+        np.zeros(rank, f64),
+        np.zeros((rank, n_out), F32),
+    ]
+
+
+def _reference_prox(
+    a: np.ndarray,
+    bt: np.ndarray,
+    s: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    tau: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same two proximal solves, written densely in float64."""
+    a64, bt64, u = a.astype(np.float64), bt.astype(np.float64), ut.astype(np.float64).T
+    m = mt.astype(np.float64).T  # (out, k)
+    rank = a.shape[0]
+    q = a64 @ u
+    qn = q.copy()
+    for j in range(u.shape[1]):
+        lhs = np.eye(rank) + tau * s * s * c[j] * bt64 @ bt64.T
+        qn[:, j] = np.linalg.solve(lhs, q[:, j] + tau * s * c[j] * bt64 @ m[:, j])
+    a_new = a64 + (qn - q) @ u.T
+    lhs = np.eye(rank) + tau * s * s * (qn * c) @ qn.T
+    bt_new = np.linalg.solve(lhs, bt64 + tau * s * (qn * c) @ m.T)
+    return a_new, bt_new
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rank=st.integers(1, 4),
+    n_in=st.integers(8, 40),
+    n_out=st.integers(4, 40),
+    k=st.integers(1, 6),
+)
+def test_penalty_kernel_matches_dense_reference(
+    seed: int, rank: int, n_in: int, n_out: int, k: int
+) -> None:
+    a, bt, ut, c, mt, s = _problem(seed, rank, n_in, n_out, min(k, n_in))
+    q = np.zeros((rank, ut.shape[0]), F32)
+    got = k_ewc.penalty(a, bt, s, ut, c, mt, q)
+    want = _dense_penalty(a, bt, s, ut, c, mt)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rank=st.integers(1, 4),
+    n_in=st.integers(8, 40),
+    n_out=st.integers(4, 40),
+    tau=st.sampled_from([0.01, 0.3, 3.0]),
+)
+def test_prox_step_matches_dense_reference(
+    seed: int, rank: int, n_in: int, n_out: int, tau: float
+) -> None:
+    a, bt, ut, c, mt, s = _problem(seed, rank, n_in, n_out, min(5, n_in))
+    want_a, want_bt = _reference_prox(a, bt, s, ut, c, mt, tau)
+    got_a, got_bt = a.copy(), bt.copy()
+    after = k_ewc.prox_step(got_a, got_bt, s, ut, c, mt, tau, *_scratch(rank, ut.shape[0], n_out))
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got_bt, want_bt, rtol=1e-3, atol=1e-4)
+    assert after == pytest.approx(_dense_penalty(got_a, got_bt, s, ut, c, mt), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.1, 10.0, 1e3, 1e6])
+def test_prox_step_never_increases_the_penalty_and_is_stable_for_huge_lambda(tau: float) -> None:
+    a, bt, ut, c, mt, s = _problem(3, 2, 48, 32, 6)
+    before = _dense_penalty(a, bt, s, ut, c, mt)
+    scratch = _scratch(2, 6, 32)
+    values = [k_ewc.prox_step(a, bt, s, ut, c, mt, tau, *scratch) for _ in range(50)]
+    assert np.isfinite(a).all() and np.isfinite(bt).all()
+    assert values[0] < before
+    assert all(v2 <= v1 * (1 + 1e-4) + 1e-9 for v1, v2 in itertools.pairwise(values))
+    if tau >= 1e3:  # the step approaches the projection onto ΔW·C = ΔW*·C
+        assert values[-1] < 1e-4 * before
+
+
+def test_prox_step_leaves_unprotected_directions_of_a_alone() -> None:
+    a, bt, ut, c, mt, s = _problem(5, 2, 40, 16, 4)
+    a_before = a.copy()
+    k_ewc.prox_step(a, bt, s, ut, c, mt, 1.0, *_scratch(2, 4, 16))
+    u = ut.T.astype(np.float64)
+    free = np.eye(40) - u @ u.T  # the complement of the protected directions
+    np.testing.assert_allclose(a @ free, a_before @ free, atol=1e-5)
+
+
+def test_prox_step_refuses_a_non_finite_result_and_writes_nothing() -> None:
+    a, bt, ut, c, mt, s = _problem(1, 2, 16, 8, 3)
+    mt[0, 0] = np.inf
+    a0, bt0 = a.copy(), bt.copy()
+    assert k_ewc.prox_step(a, bt, s, ut, c, mt, 1.0, *_scratch(2, 3, 8)) == -1.0
+    assert np.array_equal(a, a0) and np.array_equal(bt, bt0)
+
+
+def test_covariance_sketch_finds_the_top_eigenvectors() -> None:
+    rng = np.random.default_rng(0)
+    scales = np.array([3.0, 2.0, 1.0, 0.1])
+    basis, _ = np.linalg.qr(rng.standard_normal((20, 4)))
+    rows = (rng.standard_normal((500, 4)) * scales) @ basis.T
+    ut, c = covariance_sketch(rows, 3)
+    cov = rows.T @ rows
+    w, v = np.linalg.eigh(cov)
+    top = v[:, ::-1][:, :3]
+    np.testing.assert_allclose(np.abs(ut @ top), np.eye(3), atol=1e-3)
+    np.testing.assert_allclose(c, w[::-1][:3] / w[-1], rtol=1e-4)
+    assert c[0] == pytest.approx(1.0)
+
+
+def test_covariance_sketch_pads_with_zero_weights() -> None:
+    rows = np.zeros((10, 8), F32)
+    rows[:, 0] = 1.0
+    ut, c = covariance_sketch(rows, 4)
+    assert c[0] == pytest.approx(1.0) and not c[1:].any() and not ut[1:].any()
+
+
+def _lora(n: int = 24) -> MicroLoRA:
+    cfg = MicroLoraConfig(
+        in_features=n, out_features=n, rank=2, target_modules=(TargetModule.Q_PROJ,)
+    )
+    return MicroLoRA(cfg, seed=0)
+
+
+def test_fold_protects_old_subspaces_with_gamma_decay() -> None:
+    lora = _lora()
+    ewc = EwcImportance.for_lora(lora, rank=8, gamma=0.5)
+    assert not ewc.active and ewc.penalty(lora) == 0.0
+    rng = np.random.default_rng(1)
+    first = np.zeros((50, 24), F32)
+    first[:, :2] = rng.standard_normal((50, 2))
+    second = np.zeros((50, 24), F32)
+    second[:, 2:4] = rng.standard_normal((50, 2))
+    ewc.fold(lora, first)
+    ewc.fold(lora, second)
+    assert ewc.active
+    cov = ewc.ut.T @ np.diag(ewc.c) @ ewc.ut
+    old = np.trace(cov[:2, :2])
+    new = np.trace(cov[2:4, 2:4])
+    assert new == pytest.approx(2 * old, rel=0.15)  # the first task decayed by gamma = 0.5
+    assert abs(cov[4:, 4:]).max() < 1e-6  # directions no task used stay free
+
+
+def test_input_window_keeps_the_newest_rows_in_order() -> None:
+    w = InputWindow(3, 2)
+    for i in range(5):
+        w.push(np.full(2, i, F32))
+    np.testing.assert_array_equal(w.ordered()[:, 0], [2, 3, 4])
+    meta, rows = w.state()
+    twin = InputWindow(3, 2)
+    twin.load(meta, rows)
+    np.testing.assert_array_equal(twin.ordered(), w.ordered())

@@ -1,0 +1,355 @@
+"""TrainingPipeline: gating, EWC++ behaviour, exact plain SGD at λ = 0, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sona.bench.tasks import SubspaceSequence
+from sona.errors import ConfigError, ConfigMismatchError, FormatError, InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
+from sona.training import StepResult, TrainingConfig, TrainingPipeline, TrainingSample
+
+Q = TargetModule.Q_PROJ
+V = TargetModule.V_PROJ
+F32 = np.float32
+
+
+def _lora(d: int = 32, rank: int = 2, modules: tuple[TargetModule, ...] = (Q,)) -> MicroLoRA:
+    cfg = MicroLoraConfig(in_features=d, out_features=d, rank=rank, target_modules=modules)
+    return MicroLoRA(cfg, seed=7)
+
+
+def _target(y: np.ndarray, quality: float = 1.0) -> AdaptFeedback:
+    return AdaptFeedback.from_quality(quality).with_target(y)
+
+
+def _weights(lora: MicroLoRA) -> list[np.ndarray]:
+    return [arr.copy() for _, a, bt in lora.iter_factors() for arr in (a, bt)]
+
+
+def _train(
+    pipe: TrainingPipeline, lora: MicroLoRA, seq: SubspaceSequence, task: int, n: int, seed: int
+) -> list[StepResult]:
+    rng = np.random.default_rng(seed)
+    x = seq.inputs(task, n, rng)
+    y = seq.target_delta(task, x)
+    return [pipe.train_step(lora, x[i], _target(y[i])) for i in range(n)]
+
+
+def _seq(d: int = 32) -> SubspaceSequence:
+    return SubspaceSequence.make(d=d, n_tasks=2, subspace_dim=4, held_out=64, seed=3)
+
+
+# ---------------------------------------------------------------------- config and samples
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("learning_rate", 0.0, ConfigError),
+        ("learning_rate", float("nan"), ConfigError),
+        ("ewc_lambda", -1.0, ConfigError),
+        ("quality_threshold", 1.5, ConfigError),
+        ("fisher_samples", 0, ConfigError),
+        ("fisher_samples", 2.5, TypeError),
+        ("online_ewc_gamma", 1.01, ConfigError),
+        ("max_grad_norm", 0.0, ConfigError),
+        ("ewc_rank", 0, ConfigError),
+        ("boundary_detection", 1, TypeError),
+        ("ewc_lambda", "1", TypeError),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(
+    field: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=field):
+        TrainingConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_config_defaults_follow_the_contract_and_round_trip() -> None:
+    c = TrainingConfig()
+    assert (c.learning_rate, c.ewc_lambda, c.quality_threshold) == (0.001, 0.1, 0.5)
+    assert (c.fisher_samples, c.online_ewc_gamma, c.max_grad_norm) == (100, 0.95, 1.0)
+    assert (c.ewc_rank, c.boundary_detection) == (16, True)
+    assert TrainingConfig.from_dict(c.to_dict()) == c
+    assert c.replace(ewc_lambda=2).ewc_lambda == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.ewc_lambda = 1.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="unknown"):
+        c.replace(lambda_=1.0)
+
+
+def test_sample_copies_arrays_read_only_and_builders_return_new_instances() -> None:
+    x = np.ones(4)
+    y = np.zeros(3, F32)
+    s = TrainingSample(x, y, 0.7)
+    x[0] = 5.0
+    assert s.input_embedding[0] == 1.0 and s.input_embedding.dtype == F32
+    with pytest.raises(ValueError):
+        s.input_embedding[0] = 2.0
+    s2 = (
+        s.with_query("q")
+        .with_response("r")
+        .with_latency(3.5)
+        .with_tokens(12)
+        .with_session("abc")
+        .with_feedback(AdaptFeedback.from_quality(0.9).with_target(np.ones(3)))
+    )
+    assert (s.query, s.response, s.latency_ms, s.token_count, s.session_id) == (
+        None,
+        None,
+        0,
+        0,
+        "",
+    )
+    assert s.feedback is None
+    assert (s2.query, s2.response, s2.latency_ms, s2.token_count, s2.session_id) == (
+        "q",
+        "r",
+        3.5,
+        12,
+        "abc",
+    )
+    assert s2.to_feedback().kind.value == "target"
+    assert s.to_feedback().kind.value == "output"
+    with pytest.raises(AttributeError):
+        s.quality = 0.1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "name"),
+    [
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 1.5), InvalidInputError, "quality"),
+        (lambda: TrainingSample([np.nan, 1.0], np.ones(3), 0.5), InvalidInputError, "input"),
+        (lambda: TrainingSample(np.ones(3), np.ones((2, 3)), 0.5), InvalidInputError, "output"),
+        (lambda: TrainingSample(np.ones(3), ["a"], 0.5), TypeError, "output"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_latency(-1), ValueError, "ms"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_tokens(True), TypeError, "n"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_query(3), TypeError, "query"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_feedback(1), TypeError, "feed"),
+    ],
+)
+def test_sample_rejects_bad_input(build: object, error: type[Exception], name: str) -> None:
+    assert callable(build)
+    with pytest.raises(error, match=name):
+        build()
+
+
+# ---------------------------------------------------------------------- the penalty
+def test_penalty_is_zero_before_the_first_boundary_and_positive_after_once_weights_move() -> None:
+    seq = _seq()
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=1.0))
+    pipe.init_for_lora(lora)
+    results = _train(pipe, lora, seq, 0, 300, seed=1)
+    assert pipe.task_count == 0
+    assert all(r.ewc_penalty == 0.0 for r in results)
+    assert pipe.ewc_penalty(lora) == 0.0
+    pipe.start_new_task(lora)
+    assert pipe.task_count == 1
+    assert pipe.ewc_penalty(lora) == pytest.approx(0.0, abs=1e-9)  # anchored at the current ΔW
+    results = _train(pipe, lora, seq, 1, 50, seed=2)
+    assert all(r.applied for r in results)
+    assert results[-1].ewc_penalty > 0.0
+    assert pipe.ewc_penalty(lora) == pytest.approx(results[-1].ewc_penalty, rel=1e-5)
+
+
+def test_lambda_zero_reproduces_plain_sgd_bit_for_bit() -> None:
+    seq = _seq()
+    config = TrainingConfig(learning_rate=0.05, ewc_lambda=0.0, max_grad_norm=0.5)
+    pipe = TrainingPipeline(config)
+    trained = _lora(modules=(Q, V))
+    plain = _lora(modules=(Q, V))
+    pipe.init_for_lora(trained)
+    rng = np.random.default_rng(4)
+    for task in (0, 1):
+        if task:
+            pipe.start_new_task(trained)
+        x = seq.inputs(task, 200, rng)
+        y = seq.target_delta(task, x)
+        for i in range(200):
+            r = pipe.train_step(trained, x[i], _target(y[i]))
+            assert r.applied and r.ewc_penalty == 0.0
+            assert plain.adapt(x[i], _target(y[i]))
+            assert plain.apply_updates(0.05, max_norm=0.5)
+    for got, want in zip(_weights(trained), _weights(plain), strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_positive_lambda_departs_from_sgd_after_a_boundary_and_reduces_forgetting() -> None:
+    seq = _seq()
+    quality: dict[float, list[float]] = {}
+    for lam in (0.0, 10.0):
+        lora = _lora()
+        pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=lam))
+        _train(pipe, lora, seq, 0, 600, seed=5)
+        learned = seq.adapter_quality(lora, 0, Q)
+        pipe.start_new_task(lora)
+        _train(pipe, lora, seq, 1, 600, seed=6)
+        quality[lam] = [learned, seq.adapter_quality(lora, 0, Q), seq.adapter_quality(lora, 1, Q)]
+    sgd, ewc = quality[0.0], quality[10.0]
+    assert sgd[0] == ewc[0] > 0.95  # identical until the first boundary
+    assert sgd[0] - sgd[1] > 0.05  # plain SGD forgets task 0
+    assert ewc[0] - ewc[1] < 0.005  # EWC++ keeps it
+    assert ewc[2] > 0.95  # and still learns task 1
+
+
+def test_huge_lambda_stays_finite_and_holds_old_task_exactly() -> None:
+    seq = _seq()
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.5, ewc_lambda=1e4, max_grad_norm=10.0))
+    _train(pipe, lora, seq, 0, 300, seed=8)
+    before = seq.adapter_quality(lora, 0, Q)
+    pipe.start_new_task(lora)
+    results = _train(pipe, lora, seq, 1, 300, seed=9)
+    assert all(np.isfinite(w).all() for w in _weights(lora))
+    assert all(np.isfinite(r.ewc_penalty) for r in results)
+    assert seq.adapter_quality(lora, 0, Q) == pytest.approx(before, abs=0.01)
+
+
+# ---------------------------------------------------------------------- gating
+@pytest.mark.parametrize("kind", ["target", "gradient"])
+def test_quality_threshold_gates_target_and_gradient_feedback(kind: str) -> None:
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, quality_threshold=0.6))
+    x = np.random.default_rng(0).standard_normal(32).astype(F32)
+    vec = np.ones(32, F32)
+
+    def fb(q: float) -> AdaptFeedback:
+        base = AdaptFeedback.from_quality(q)
+        return base.with_target(vec) if kind == "target" else base.with_gradient(vec)
+
+    before = _weights(lora)
+    low = pipe.train_step(lora, x, fb(0.59))
+    assert not low.applied and "quality_threshold" in low.notes[0]
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+    assert lora.pending_updates == 0
+    high = pipe.train_step(lora, x, fb(0.6))
+    assert high.applied
+    assert not all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+
+
+def test_rated_outputs_use_their_baseline_not_the_threshold_but_replay_is_gated() -> None:
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, quality_threshold=0.6))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(32).astype(F32)
+    out = rng.standard_normal(32).astype(F32)
+    rated = AdaptFeedback.from_quality(0.2).with_output(out)
+    assert pipe.train_step(lora, x, rated).applied  # below threshold, still learned from
+    low = TrainingSample(x, out, 0.2)
+    before = _weights(lora)
+    (res,) = pipe.replay(lora, [low])
+    assert not res.applied and "replayed" in res.notes[0]
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+    seen = pipe.samples_seen
+    good = TrainingSample(x, out, 0.9)
+    assert pipe.train_sample(lora, good, replay=True).applied
+    assert pipe.samples_seen == seen  # replayed inputs are not new traffic
+
+
+def test_declined_feedback_is_reported_and_changes_nothing() -> None:
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig())
+    before = _weights(lora)
+    res = pipe.train_step(lora, np.ones(32, F32), AdaptFeedback.from_quality(0.9))
+    assert not res.applied and "declined" in res.notes[0]
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_raises_naming_the_argument_and_changes_nothing() -> None:
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig())
+    pipe.init_for_lora(lora)
+    before = _weights(lora)
+    state = pipe.state_dict()
+    good = _target(np.ones(32, F32))
+    with pytest.raises(InvalidInputError, match="input"):
+        pipe.train_step(lora, np.ones(31, F32), good)
+    with pytest.raises(InvalidInputError, match="input"):
+        pipe.train_step(lora, np.full(32, np.nan, F32), good)
+    with pytest.raises(TypeError, match="input"):
+        pipe.train_step(lora, ["x"] * 32, good)
+    with pytest.raises(InvalidInputError, match="target"):
+        pipe.train_step(lora, np.ones(32, F32), _target(np.ones(5, F32)))
+    with pytest.raises(TypeError, match="feedback"):
+        pipe.train_step(lora, np.ones(32, F32), 0.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="module"):
+        pipe.train_step(lora, np.ones(32, F32), good, module=V)
+    with pytest.raises(TypeError, match="lora"):
+        pipe.train_step(object(), np.ones(32, F32), good)  # type: ignore[arg-type]
+    with pytest.raises(ConfigMismatchError):
+        pipe.train_step(_lora(d=16), np.ones(16, F32), _target(np.ones(16, F32)))
+    with pytest.raises(TypeError, match="config"):
+        TrainingPipeline({"learning_rate": 0.1})  # type: ignore[arg-type]
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+    after = pipe.state_dict()
+    assert after[0] == state[0]
+    assert all(np.array_equal(after[1][k], v) for k, v in state[1].items())
+
+
+# ---------------------------------------------------------------------- observe and checkpoints
+def test_observe_counts_inputs_toward_the_next_importance() -> None:
+    seq = _seq()
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=1.0))
+    with pytest.raises(InvalidInputError, match="init_for_lora"):
+        pipe.observe(np.ones(32, F32))
+    pipe.init_for_lora(lora)
+    trainer = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=0.0))
+    _train(trainer, lora, seq, 0, 300, seed=1)  # learn task 0 elsewhere; pipe only observes
+    for x in seq.inputs(0, 50, np.random.default_rng(2)):
+        pipe.observe(x)
+    pipe.start_new_task(lora)
+    _train(pipe, lora, seq, 1, 20, seed=3)
+    assert pipe.ewc_penalty(lora) > 0.0
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    seq = _seq()
+    config = TrainingConfig(learning_rate=0.05, ewc_lambda=5.0, fisher_samples=40)
+    lora = _lora()
+    pipe = TrainingPipeline(config)
+    _train(pipe, lora, seq, 0, 200, seed=1)
+    pipe.start_new_task(lora)
+    _train(pipe, lora, seq, 1, 100, seed=2)
+    meta, arrays = pipe.state_dict()
+    meta = json.loads(json.dumps(meta))  # the metadata must survive JSON
+    twin_lora = lora.clone()
+    twin = TrainingPipeline(config)
+    twin.load_state_dict(meta, arrays)
+    assert twin.task_count == pipe.task_count == 1
+    a = _train(pipe, lora, seq, 1, 100, seed=3)
+    b = _train(twin, twin_lora, seq, 1, 100, seed=3)
+    assert [r.ewc_penalty for r in a] == [r.ewc_penalty for r in b]
+    for got, want in zip(_weights(twin_lora), _weights(lora), strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_load_state_dict_refuses_mismatches_and_leaves_the_pipeline_unchanged() -> None:
+    seq = _seq()
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=1.0))
+    _train(pipe, lora, seq, 0, 150, seed=1)
+    pipe.start_new_task(lora)
+    meta, arrays = pipe.state_dict()
+    other = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=2.0))
+    with pytest.raises(ConfigMismatchError):
+        other.load_state_dict(meta, arrays)
+    twin = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=1.0))
+    broken = dict(arrays)
+    broken["ewc.ut"] = np.full_like(arrays["ewc.ut"], np.nan)
+    with pytest.raises(FormatError):
+        twin.load_state_dict(meta, broken)
+    assert not twin.initialized and twin.task_count == 0
+    missing = {k: v for k, v in arrays.items() if not k.startswith("ewc.anchor")}
+    with pytest.raises(FormatError):
+        twin.load_state_dict(meta, missing)
+    with pytest.raises(FormatError):
+        twin.load_state_dict({**meta, "format": "other"}, arrays)
+    twin.load_state_dict(meta, arrays)
+    assert twin.ewc_penalty(lora) == pytest.approx(pipe.ewc_penalty(lora))
