@@ -53,23 +53,29 @@ def merge_adapters(
     config = first.replace(rank=new_rank, alpha=float(new_rank))
     merged = MicroLoRA(config, seed=items[0][0].seed)
     for m in modules:
+        a_cat = np.concatenate([a.factors(m)[0] for a, _ in items], axis=0)
+        bt_cat = np.concatenate([w * a.scaling * a.factors(m)[1] for a, w in items], axis=0)
         if exact_concat:
-            a_new = np.concatenate([a.factors(m)[0] for a, _ in items], axis=0)
-            bt_new = np.concatenate([w * a.scaling * a.factors(m)[1] for a, w in items], axis=0)
+            a_new, bt_new = a_cat, bt_cat
         else:
-            delta = sum(
-                (w * a.scaling) * (a.factors(m)[1].T.astype(np.float64) @ a.factors(m)[0])
-                for a, w in items
-            )
-            a_new, bt_new = _low_rank(np.asarray(delta), new_rank)
+            a_new, bt_new = _low_rank(a_cat.astype(np.float64), bt_cat.astype(np.float64), new_rank)
         merged.set_factors(m, a_new.astype(np.float32), bt_new.astype(np.float32))
     return merged
 
 
-def _low_rank(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, Bᵀ) with Bᵀ.T @ A the best rank-``rank`` approximation of ``delta`` (balanced)."""
-    u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    root = np.sqrt(s[:rank])
-    a = root[:, None] * vt[:rank]
-    bt = root[:, None] * u[:, :rank].T
-    return a, bt
+def _low_rank(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, Bᵀ) of the best rank-``rank`` approximation of Btᵀ·A, balanced between the factors.
+
+    Works on the factors (QR of each side, SVD of the small core), so it costs O(d·R²) for a
+    total rank R instead of an SVD of the full d × d matrix.
+    """
+    qb, rb = np.linalg.qr(bt.T)  # (out, R), (R, R)
+    qa, ra = np.linalg.qr(a.T)  # (in, R), (R, R)
+    u, s, vt = np.linalg.svd(rb @ ra.T)
+    k = min(rank, s.shape[0])
+    root = np.sqrt(s[:k])
+    a_new = np.zeros((rank, a.shape[1]))
+    bt_new = np.zeros((rank, bt.shape[1]))
+    a_new[:k] = root[:, None] * (vt[:k] @ qa.T)
+    bt_new[:k] = root[:, None] * (qb @ u[:, :k]).T
+    return a_new, bt_new
