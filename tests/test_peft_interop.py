@@ -83,7 +83,7 @@ def peft_delta(model: Any, layer: int, module: TargetModule, x: np.ndarray) -> n
     proj = attn(model, layer, module)
     with torch.no_grad():
         xt = torch.from_numpy(x)
-        return (proj(xt) - proj.base_layer(xt)).numpy()
+        return np.asarray((proj(xt) - proj.base_layer(xt)).numpy())
 
 
 def random_inputs(seed: int, n: int = 5) -> np.ndarray:

@@ -1,0 +1,204 @@
+"""``sona inspect``: sona adapter files, PEFT adapter directories, bad input, plug-in kinds."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sona import inspect as sona_inspect
+from sona.cli import main
+from sona.lora import MicroLoRA
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+Q, V = TargetModule.Q_PROJ, TargetModule.V_PROJ
+
+
+def adapter(*, trained: bool = True, rank: int = 2, alpha: float = 4.0) -> MicroLoRA:
+    config = MicroLoraConfig(in_features=24, out_features=16, rank=rank, alpha=alpha)
+    lora = MicroLoRA(config, seed=0)
+    if trained:
+        a, bt = lora.factors(Q)
+        lora.set_factors(Q, a, np.ones_like(bt))
+    return lora
+
+
+def run(path: Path | str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = sona_inspect.run(str(path), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def fields(text: str) -> dict[str, str]:
+    """The summary block as a dict: 'key  value' lines before the table."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        if not line.strip():
+            break
+        key, _, value = line.strip().partition("  ")
+        found[key] = value.strip()
+    return found
+
+
+def table(text: str) -> list[list[str]]:
+    """The table rows (header first) split on runs of spaces."""
+    blocks = text.split("\n\n", 1)
+    if len(blocks) < 2:
+        return []
+    return [line.split() for line in blocks[1].splitlines() if line.strip() and "note:" not in line]
+
+
+def test_sona_adapter_file(tmp_path: Path) -> None:
+    lora = adapter(rank=2, alpha=3.0)
+    a, bt = lora.factors(Q)
+    lora.set_factors(Q, a, np.ones_like(bt))
+    lora.save(tmp_path / "a.sona")
+    code, out, err = run(tmp_path / "a.sona")
+    assert code == 0 and err == ""
+    info = fields(out)
+    assert out.startswith(f"sona adapter: {tmp_path / 'a.sona'}")
+    assert info["modules"] == "q_proj, v_proj"
+    assert (info["in_features"], info["out_features"], info["rank"]) == ("24", "16", "2")
+    assert info["scaling"].startswith("1.5")
+    assert info["parameters"] == str(lora.param_count) == str(2 * 2 * (24 + 16))
+    rows = table(out)
+    assert rows[0] == ["module", "rank", "in", "out", "scale", "|ΔW|"]
+    norms = {r[0]: float(r[5]) for r in rows[1:]}
+    assert norms["q_proj"] == pytest.approx(np.linalg.norm(lora.delta_weight(Q)), rel=1e-3)
+    assert norms["v_proj"] == 0.0
+
+
+def test_peft_directory_written_by_sona(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p", layers=(0, 1, 2, 5), base_model_name_or_path="tiny")
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    assert out.startswith("PEFT LoRA adapter:")
+    info = fields(out)
+    assert info["base model"] == "tiny"
+    assert (info["r"], info["lora_alpha"]) == ("2", "4")
+    assert info["scale"] == "2 (lora_alpha / r)"
+    assert info["target_modules"] == "q_proj, v_proj"
+    assert info["layers"] == "0-2,5"
+    assert info["parameters"] == str(4 * 2 * 2 * (24 + 16))
+    assert info["sona from_peft"].startswith("yes")
+    rows = table(out)
+    assert rows[0] == ["module", "layers", "rank", "in", "out", "scale"]
+    assert ["base_model.model.model.layers.*.self_attn.q_proj", "0-2,5", "2", "24", "16", "2"] in (
+        rows
+    )
+    assert len(rows) == 3
+
+
+def test_peft_file_inside_the_directory_is_accepted(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        code, out, _ = run(tmp_path / "p" / name)
+        assert code == 0 and out.startswith(f"PEFT LoRA adapter: {tmp_path / 'p'}")
+
+
+def test_peft_rslora_and_patterns_show_the_scale_peft_applies(tmp_path: Path) -> None:
+    adapter(rank=4, alpha=8.0).export_peft(tmp_path / "p", layers=(0, 1))
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config.update(use_rslora=True, alpha_pattern={"layers.1.self_attn.v_proj": 16})
+    config_path.write_text(json.dumps(config))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    info = fields(out)
+    assert info["scale"] == "4 (lora_alpha / sqrt(r), rsLoRA)"
+    assert info["alpha_pattern"] == "{'layers.1.self_attn.v_proj': 16}"
+    scales = {(r[0].rsplit(".", 1)[-1], r[1]): r[5] for r in table(out)[1:]}
+    assert scales == {("q_proj", "0-1"): "4", ("v_proj", "0"): "4", ("v_proj", "1"): "8"}
+
+
+def test_peft_adapter_sona_cannot_read_is_still_described(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config.update(use_dora=True)
+    config_path.write_text(json.dumps(config))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    info = fields(out)
+    assert info["use_dora"] == "True"
+    assert info["sona from_peft"].startswith("no:") and "use_dora" in info["sona from_peft"]
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown_file", "empty_dir", "truncated", "flipped"])
+def test_bad_inputs_exit_2_with_a_message(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "x"
+    if case == "unknown_file":
+        path.write_text("hello")
+    elif case == "empty_dir":
+        path.mkdir()
+    elif case in ("truncated", "flipped"):
+        adapter().save(path)
+        data = bytearray(path.read_bytes())
+        if case == "truncated":
+            data = data[: len(data) // 2]
+        else:
+            data[-40] ^= 0xFF
+        path.write_bytes(bytes(data))
+    code, out, err = run(path)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("sona inspect: error:") and str(path) in err
+
+
+def test_corrupt_peft_directory_exits_2(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    (tmp_path / "p" / ADAPTER_WEIGHTS).write_bytes(b"garbage")
+    code, _, err = run(tmp_path / "p")
+    assert code == 2 and "safetensors" in err
+    (tmp_path / "p" / ADAPTER_CONFIG).write_text("{")
+    code, _, err = run(tmp_path / "p")
+    assert code == 2 and "JSON" in err
+
+
+def test_cli_routes_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter().save(tmp_path / "a.sona")
+    assert main(["inspect", str(tmp_path / "a.sona")]) == 0
+    assert "sona adapter" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+class _Checkpoint:
+    """A stand-in for a kind added later: files starting with a magic number."""
+
+    name = "test checkpoint"
+
+    def recognises(self, path: Path) -> bool:
+        return path.is_file() and path.read_bytes().startswith(b"CKPT")
+
+    def describe(self, path: Path) -> sona_inspect.Report:
+        return sona_inspect.Report("test checkpoint", path, [("steps", "3")])
+
+
+@pytest.fixture
+def plugged() -> Iterator[None]:
+    before = list(sona_inspect._REGISTRY)
+    sona_inspect.register(_Checkpoint())
+    yield
+    sona_inspect._REGISTRY[:] = before
+
+
+@pytest.mark.usefixtures("plugged")
+def test_another_kind_plugs_in(tmp_path: Path) -> None:
+    (tmp_path / "c").write_bytes(b"CKPT....")
+    code, out, _ = run(tmp_path / "c")
+    assert code == 0
+    assert out.splitlines() == [f"test checkpoint: {tmp_path / 'c'}", "  steps  3"]
+    assert "test checkpoint" in [i.name for i in sona_inspect.inspectors()]
+    adapter().save(tmp_path / "a.sona")
+    assert run(tmp_path / "a.sona")[1].startswith("sona adapter")
+
+
+def test_register_refuses_non_inspectors() -> None:
+    with pytest.raises(TypeError, match="recognises"):
+        sona_inspect.register(object())  # type: ignore[arg-type]
