@@ -1,0 +1,131 @@
+"""Task-boundary detection: fires soon after every switch, never on a stationary stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sona.bench.tasks import SubspaceSequence
+from sona.boundary import WATCHING, ShiftDetector
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
+from sona.training import TrainingConfig, TrainingPipeline
+
+Q = TargetModule.Q_PROJ
+SEEDS = (0, 1, 2)
+
+
+def _lora(d: int, seed: int) -> MicroLoRA:
+    cfg = MicroLoraConfig(in_features=d, out_features=d, rank=2, target_modules=(Q,))
+    return MicroLoRA(cfg, seed=seed)
+
+
+def _target(y: np.ndarray) -> AdaptFeedback:
+    return AdaptFeedback.from_quality(1.0).with_target(y)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fires_within_200_samples_of_every_switch_on_the_default_sequence(seed: int) -> None:
+    seq = SubspaceSequence.make(seed=seed, held_out=16)  # d=96, 4 tasks, 6-dim subspaces
+    lora = _lora(seq.dim, seed)
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=10.0))
+    assert pipe.config.boundary_detection  # on by default
+    rng = np.random.default_rng(seed + 10)
+    per_task = 700
+    fired = []
+    for task in range(seq.n_tasks):
+        x = seq.inputs(task, per_task, rng)
+        y = seq.target_delta(task, x)
+        for i in range(per_task):
+            res = pipe.train_step(lora, x[i], _target(y[i]))
+            if res.task_boundary:
+                fired.append(task * per_task + i)
+                assert any("task boundary" in n for n in res.notes)
+    switches = [t * per_task for t in range(1, seq.n_tasks)]
+    assert len(fired) == len(switches), fired
+    for at, switch in zip(fired, switches, strict=True):
+        assert switch <= at < switch + 200
+    assert pipe.task_count == len(switches)
+    # the recorded change points exclude the new task's first inputs from the old importance
+    for change, switch in zip(pipe.boundary_samples, switches, strict=True):
+        assert abs(change - switch) <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_never_fires_on_10000_samples_of_a_stationary_task_while_training(seed: int) -> None:
+    seq = SubspaceSequence.make(seed=seed, held_out=16)
+    lora = _lora(seq.dim, seed)
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, ewc_lambda=10.0))
+    rng = np.random.default_rng(seed + 20)
+    x = seq.inputs(seed % seq.n_tasks, 10_000, rng)
+    y = seq.target_delta(seed % seq.n_tasks, x)
+    fired = [i for i in range(10_000) if pipe.train_step(lora, x[i], _target(y[i])).task_boundary]
+    assert fired == []
+    assert pipe.task_count == 0
+
+
+def _stationary_streams(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    seq = SubspaceSequence.make(seed=seed, held_out=16)
+    iso = rng.standard_normal((10_000, 96))
+    iso /= np.linalg.norm(iso, axis=1, keepdims=True)
+    task = rng.integers(0, seq.n_tasks, 10_000)
+    mixture = np.concatenate([seq.inputs(t, 1, rng) for t in task])
+    scales = rng.lognormal(0.0, 1.0, (10_000, 1))  # heavy-tailed norms, same directions
+    anisotropic = rng.standard_normal((10_000, 96)) * np.linspace(3.0, 0.1, 96) * scales
+    return {
+        "isotropic": iso.astype(np.float32),
+        "task mixture": mixture,
+        "anisotropic, lognormal norms": anisotropic.astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_detector_stays_quiet_on_other_stationary_streams(seed: int) -> None:
+    for name, stream in _stationary_streams(seed).items():
+        det = ShiftDetector(96, reference_samples=100, max_directions=16)
+        fired = [i for i, x in enumerate(stream) if det.update(x)]
+        assert fired == [], name
+        assert det.phase == WATCHING
+
+
+def test_a_short_burst_of_odd_inputs_does_not_fire_but_a_sustained_shift_does() -> None:
+    seq = SubspaceSequence.make(seed=4, held_out=16)
+    rng = np.random.default_rng(4)
+    det = ShiftDetector(96, reference_samples=100, max_directions=16)
+    for x in seq.inputs(0, 400, rng):
+        assert not det.update(x)
+    for x in seq.inputs(1, 4, rng):  # four outliers from another task
+        assert not det.update(x)
+    for x in seq.inputs(0, 400, rng):
+        assert not det.update(x)
+    fired = next(i for i, x in enumerate(seq.inputs(1, 50, rng)) if det.update(x))
+    assert fired < 20
+    assert det.shift_age == fired + 1  # every input since the shift began
+
+
+def test_detection_off_never_starts_a_task() -> None:
+    seq = SubspaceSequence.make(seed=5, held_out=16)
+    lora = _lora(seq.dim, 5)
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, boundary_detection=False))
+    rng = np.random.default_rng(5)
+    for task in range(2):
+        x = seq.inputs(task, 300, rng)
+        y = seq.target_delta(task, x)
+        assert not any(pipe.train_step(lora, x[i], _target(y[i])).task_boundary for i in range(300))
+    assert pipe.task_count == 0
+
+
+def test_detector_state_round_trip_continues_identically() -> None:
+    seq = SubspaceSequence.make(seed=6, held_out=16)
+    rng = np.random.default_rng(6)
+    det = ShiftDetector(96, reference_samples=100, max_directions=16)
+    for x in seq.inputs(0, 180, rng):
+        det.update(x)
+    meta, arrays = det.state()
+    twin = ShiftDetector(96, reference_samples=100, max_directions=16)
+    twin.load(meta, arrays)
+    tail = np.concatenate([seq.inputs(0, 100, rng), seq.inputs(2, 30, rng)])
+    assert [det.update(x) for x in tail] == [twin.update(x) for x in tail]
+    assert det.shift_age == twin.shift_age > 0
