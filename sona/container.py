@@ -158,6 +158,6 @@ def read_file(path: str | os.PathLike[str], *, limit: int = 1 << 34) -> bytes:
 
 def _code_for(dtype: np.dtype[Any]) -> str:
     for code, dt in _DTYPES.items():
-        if dtype == dt or dtype == dt.newbyteorder("="):
+        if dtype.newbyteorder("<") == dt:  # any byte order: encode writes little-endian
             return code
     raise TypeError(f"unsupported array dtype {dtype}")
