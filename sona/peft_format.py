@@ -297,7 +297,8 @@ def from_peft(
                 f"{cfg_path}: alpha_pattern gives {path} lora_alpha={eff_alpha}, other modules "
                 f"{alpha}; a MicroLoRA has one scale for all its modules"
             )
-    _check_targets(config.get("target_modules"), factors, cfg_path)
+    paths = {m: naming.module_path(layer, m) for m in factors}
+    _check_targets(config.get("target_modules"), paths, cfg_path)
     if config.get("use_rslora", False):
         # rsLoRA scales by alpha / sqrt(r); sona by alpha / r, so the same scale needs
         # alpha·sqrt(r).
@@ -365,12 +366,19 @@ def _check_options(config: Mapping[str, Any], where: Path) -> None:
         )
 
 
-def _check_targets(targets: object, factors: Mapping[TargetModule, Any], where: Path) -> None:
-    """Tensors for a module the config does not target would be ignored by PEFT: a mismatch."""
+def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Path) -> None:
+    """Tensors for a module the config does not target would be ignored by PEFT: a mismatch.
+
+    PEFT matches each listed name against the end of a module's path at a dot boundary.
+    """
     if not isinstance(targets, list):
         return  # a regex or "all-linear": PEFT resolves it against the model
-    names = set(targets)
-    stray = [m.value for m in factors if m.value not in names]
+    names = [str(t) for t in targets]
+    stray = [
+        m.value
+        for m, path in paths.items()
+        if not any(path == t or path.endswith(f".{t}") for t in names)
+    ]
     if stray:
         raise FormatError(
             f"{where}: tensors exist for {stray}, which target_modules {targets} does not list"

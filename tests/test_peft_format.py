@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +347,19 @@ def test_harmless_options_are_accepted(exported: Path) -> None:
         some_future_option=None,
     )
     assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
+    rewrite_config(exported, target_modules=["self_attn.q_proj", "v_proj"])
+    assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
+
+
+def test_sona_never_imports_torch_transformers_or_peft() -> None:
+    code = (
+        "import sys, sona.lora, sona.peft_format, sona.inspect, sona.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_absent_layer_lists_the_layers_present(exported: Path) -> None:
