@@ -1,0 +1,275 @@
+"""MicroLoRA export/import and save/load: exact round trips, refusal of anything else."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lora_reference import Q, Snapshot, V, config, trained, vec, weights_bytes
+
+from sona import container
+from sona.errors import ConfigMismatchError, FormatError
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
+
+KIND = "micro_lora"
+
+
+def busy_adapter() -> MicroLoRA:
+    """An adapter whose every serialised field differs from a fresh one's."""
+    lora = trained(config(dropout=0.2), seed=3)
+    rng = np.random.default_rng(0)
+    for q in (0.3, 0.8, 0.5):
+        lora.adapt(vec(rng, 12), AdaptFeedback.from_quality(q).with_output(vec(rng, 10)))
+    assert lora.apply_updates(0.05)
+    return lora
+
+
+def continue_training(lora: MicroLoRA) -> list[bytes]:
+    rng = np.random.default_rng(42)
+    for _ in range(3):
+        x = vec(rng, 12)
+        lora.adapt(x, AdaptFeedback.from_quality(float(rng.random())).with_output(vec(rng, 10)))
+        y = lora.forward(x, Q, explore=True)
+        lora.adapt(x, AdaptFeedback.from_quality(float(rng.random())), Q)
+        assert y.shape == (10,)
+    assert lora.apply_updates(0.05)
+    return weights_bytes(lora)
+
+
+def test_export_import_is_exact_and_restores_every_counter() -> None:
+    src = busy_adapter()
+    data = src.export_weights()
+    assert isinstance(data, bytes)
+    dst = MicroLoRA(src.config, seed=999)
+    dst.import_weights(data)
+    assert weights_bytes(dst) == weights_bytes(src)
+    assert (dst.seed, dst.version) == (src.seed, src.version)
+    assert dst.baseline.state() == src.baseline.state()
+    assert dst.export_weights() == data
+    x = vec(np.random.default_rng(1), 12)
+    for m in (Q, V):
+        assert np.array_equal(dst.forward(x, m), src.forward(x, m))
+        assert np.array_equal(dst.forward(x, m, explore=True), src.forward(x, m, explore=True))
+    # the same future: baseline, dropout masks and exploration keys all came across
+    assert continue_training(dst) == continue_training(src)
+
+
+def test_import_discards_pending_gradients_and_explorations() -> None:
+    src = busy_adapter()
+    dst = MicroLoRA(src.config, seed=1)
+    rng = np.random.default_rng(2)
+    x = vec(rng, 12)
+    dst.adapt(x, AdaptFeedback.from_quality(1.0).with_target(vec(rng, 10)))
+    dst.forward(x, Q, explore=True)
+    dst.import_weights(src.export_weights())
+    assert dst.pending_updates == 0
+    assert all(not g.any() for m in dst.modules for g in dst.gradients(m))
+    assert dst.adapt(x, AdaptFeedback.from_quality(0.9), Q) is False
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    src = busy_adapter()
+    path = tmp_path / "nested" / "adapter.sona"
+    src.save(path)
+    loaded = MicroLoRA.load(path)
+    assert loaded.config == src.config
+    assert weights_bytes(loaded) == weights_bytes(src)
+    assert loaded.export_weights() == src.export_weights()
+    assert continue_training(loaded) == continue_training(src)
+    MicroLoRA.load(str(path))  # str paths too
+
+
+def test_save_replaces_atomically_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    path = tmp_path / "a.sona"
+    first = busy_adapter()
+    first.save(path)
+    second = trained(first.config, seed=77)
+    second.save(path)
+    assert path.read_bytes() == second.export_weights()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sona"]
+
+
+def test_a_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.sona"
+    old = busy_adapter()
+    old.save(path)
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        trained(old.config, seed=5).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old.export_weights()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sona"]
+
+
+def test_import_refuses_another_config_and_changes_nothing() -> None:
+    src = busy_adapter()
+    for other in (
+        config(rank=3),
+        config(n_in=13),
+        config(modules=(Q,)),
+        config(dropout=0.1),
+        config(alpha=8.0),
+    ):
+        dst = trained(other, seed=4)
+        before = Snapshot.of(dst)
+        with pytest.raises(ConfigMismatchError, match="config"):
+            dst.import_weights(src.export_weights())
+        assert Snapshot.of(dst) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_corruption_is_detected_and_changes_nothing(data: st.DataObject) -> None:
+    src = busy_adapter()
+    blob = bytearray(src.export_weights())
+    how = data.draw(st.sampled_from(["flip", "truncate", "append"]))
+    if how == "flip":
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= data.draw(st.integers(1, 255))
+    elif how == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        blob += bytes(data.draw(st.binary(min_size=1, max_size=40)))
+    dst = trained(src.config, seed=8)
+    before = Snapshot.of(dst)
+    with pytest.raises(FormatError):
+        dst.import_weights(bytes(blob))
+    assert Snapshot.of(dst) == before
+
+
+def test_import_accepts_buffers_and_rejects_non_bytes() -> None:
+    src = busy_adapter()
+    data = src.export_weights()
+    for buf in (bytearray(data), memoryview(data)):
+        dst = MicroLoRA(src.config, seed=1)
+        dst.import_weights(buf)  # type: ignore[arg-type]
+        assert weights_bytes(dst) == weights_bytes(src)
+    dst = MicroLoRA(src.config, seed=1)
+    with pytest.raises(TypeError, match="bytes"):
+        dst.import_weights(data.decode("latin-1"))  # type: ignore[arg-type]
+
+
+def rebuild(data: bytes, edit: Callable[[dict[str, Any], dict[str, np.ndarray]], None]) -> bytes:
+    """Decode, edit, and re-encode with a valid checksum: tests the checks behind the checksum."""
+    magic = data[:8]
+    meta, arrays = container.decode(data, magic, KIND)
+    edit(meta, arrays)
+    return container.encode(magic, KIND, meta, arrays)
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        *parents, last = path.split(".")
+        node = meta
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return edit
+
+
+def _drop(path: str) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        del meta[path]
+
+    return edit
+
+
+def _array(name: str, fn: Callable[[np.ndarray], np.ndarray | None]) -> Any:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        out = fn(arrays[name])
+        if out is None:
+            del arrays[name]
+        else:
+            arrays[name] = out
+
+    return edit
+
+
+def _with_nan(a: np.ndarray) -> np.ndarray:
+    b = a.copy()
+    b.flat[3] = np.nan
+    return b
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("seed", -1),
+        _set("seed", "x"),
+        _set("version", -2),
+        _drop("version"),
+        _drop("baseline"),
+        _set("baseline", {"count": 1.0, "mean": 0.5, "var": -1.0}),
+        _set("baseline", {"count": "many"}),
+        _set("dropout_counter", None),
+        _set("config.rank", 0),
+        _set("config.rank", 64),
+        _set("config.target_modules", ["lm_head"]),
+        _set("config.target_modules", 3),
+        _set("config.extra", 1),
+        _set("config", None),
+        _array("q_proj.A", _with_nan),
+        _array("v_proj.Bt", lambda a: np.full_like(a, np.inf)),
+        _array("q_proj.A", lambda a: a[:, :-1].copy()),
+        _array("q_proj.Bt", lambda a: a.astype(np.float64)),
+        _array("v_proj.A", lambda a: None),
+        _array("q_proj.A", lambda a: a.reshape(-1)),
+    ],
+)
+def test_crafted_payloads_behind_a_valid_checksum_are_refused(edit: Any) -> None:
+    src = busy_adapter()
+    data = rebuild(src.export_weights(), edit)
+    dst = trained(src.config, seed=8)
+    before = Snapshot.of(dst)
+    with pytest.raises(FormatError):
+        dst.import_weights(data)
+    assert Snapshot.of(dst) == before
+
+
+def test_unchanged_rebuild_is_accepted() -> None:
+    """Guards the test above: rebuilding without an edit must import fine."""
+    src = busy_adapter()
+    dst = trained(src.config, seed=8)
+    dst.import_weights(rebuild(src.export_weights(), lambda m, a: None))
+    assert weights_bytes(dst) == weights_bytes(src)
+
+
+def test_extra_tensors_are_refused() -> None:
+    src = busy_adapter()
+
+    def add(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        arrays["k_proj.A"] = arrays["q_proj.A"].copy()
+
+    dst = trained(src.config, seed=8)
+    with pytest.raises(FormatError, match="tensors"):
+        dst.import_weights(rebuild(src.export_weights(), add))
+
+
+def test_other_files_are_refused(tmp_path: Path) -> None:
+    src = busy_adapter()
+    data = src.export_weights()
+    foreign = container.encode(data[:8], "checkpoint", {}, {})
+    with pytest.raises(FormatError, match="micro_lora"):
+        MicroLoRA(src.config).import_weights(foreign)
+    other_magic = container.encode(b"NOTSONA!", KIND, {}, {})
+    with pytest.raises(FormatError, match="magic"):
+        MicroLoRA(src.config).import_weights(other_magic)
+    (tmp_path / "junk").write_bytes(b"hello world" * 10)
+    with pytest.raises(FormatError):
+        MicroLoRA.load(tmp_path / "junk")
+    with pytest.raises(FormatError, match="directory"):
+        MicroLoRA.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        MicroLoRA.load(tmp_path / "missing")
