@@ -126,6 +126,7 @@ def test_other_real_dtypes_layouts_and_module_names_give_the_same_delta() -> Non
         list(x32.tolist()),
         np.stack([x32, x32], axis=1)[:, 0],  # non-contiguous view
         x32.astype(">f4"),  # non-native byte order
+        np.frombuffer(b"\0" + x32.tobytes(), np.float32, offset=1),  # unaligned, read-only
     ):
         np.testing.assert_array_equal(lora.forward(variant, Q), y)
     np.testing.assert_array_equal(lora.forward(x32, "q_proj"), y)  # type: ignore[arg-type]

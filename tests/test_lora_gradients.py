@@ -244,6 +244,30 @@ def test_dropout_masks_are_deterministic_per_seed_and_change_per_step() -> None:
     assert not np.array_equal(other.gradients(Q)[0][0] != 0, masks[0][0])
 
 
+@pytest.mark.parametrize("w", [0.0, 0.25, 3.0])
+def test_sample_weight_scales_the_gradient_linearly(w: float) -> None:
+    one, weighted = trained(config()), trained(config())
+    rng = np.random.default_rng(14)
+    for _ in range(2):
+        x, y = vec(rng, 12), vec(rng, 10)
+        one.adapt(x, fb(0.8).with_output(y))
+        weighted.adapt(x, fb(0.8).with_output(y), weight=w)
+    assert weighted.pending_updates == 2
+    assert weighted.baseline.state() == one.baseline.state()
+    for m in (Q, V):
+        for got, ref in zip(weighted.gradients(m), one.gradients(m), strict=True):
+            np.testing.assert_allclose(got, w * f64(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [-0.5, float("nan"), float("inf"), "1"])
+def test_invalid_sample_weight_raises_and_changes_nothing(w: Any) -> None:
+    lora = trained(config())
+    before = Snapshot.of(lora)
+    with pytest.raises((InvalidInputError, TypeError), match="weight"):
+        lora.adapt(np.ones(12, np.float32), fb(0.5).with_target(np.ones(10)), weight=w)
+    assert Snapshot.of(lora) == before
+
+
 # ---------------------------------------------------------------------------- quality only
 
 
