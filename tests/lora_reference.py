@@ -26,12 +26,12 @@ def f64(a: Any) -> np.ndarray:
 
 def ref_forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray) -> np.ndarray:
     """μ(x) = s·Bᵀ·A·x for one vector (in,) or a batch (n, in)."""
-    return scale * (f64(x) @ f64(a).T) @ f64(bt)
+    return f64(scale * (f64(x) @ f64(a).T) @ f64(bt))
 
 
 def ref_magnitude(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray) -> np.ndarray:
     """The same sum over absolute values: the scale a float32 rounding error is relative to."""
-    return abs(scale) * (np.abs(f64(x)) @ np.abs(f64(a)).T) @ np.abs(f64(bt))
+    return f64(abs(scale) * (np.abs(f64(x)) @ np.abs(f64(a)).T) @ np.abs(f64(bt)))
 
 
 def ref_grads(

@@ -165,7 +165,7 @@ def test_prepare_grad_reports_non_finite_input_and_overflow() -> None:
     huge = np.full(5, 3e38, F32)  # finite gradient whose Bᵀg overflows
     unit = np.eye(6, dtype=F32)[0]  # ‖x‖ = 1: no per-sample normalisation
     assert not kl.prepare_grad(
-        a, np.ones((2, 5), F32), 1.0, unit, huge, 1.0, kl.MODE_GRADIENT, 0, h, u, g
+        a, np.ones((2, 5), F32), 1.0, unit, huge, 1.0, kl.MODE_GRADIENT, np.uint64(0), h, u, g
     )
 
 

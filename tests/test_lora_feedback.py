@@ -78,7 +78,7 @@ def test_feedback_is_immutable() -> None:
     with pytest.raises(AttributeError):
         fb.quality = 0.9  # type: ignore[misc]
     with pytest.raises(AttributeError):
-        fb._quality = 0.9  # type: ignore[misc]
+        fb._quality = 0.9
     assert fb.quality == 0.5
 
 
@@ -112,7 +112,8 @@ def group_reference(outs: np.ndarray, qs: np.ndarray, temperature: float, cap: f
     std = qs.std()
     z = (qs - qs.mean()) / (std + 1e-8) if std > 0 else np.zeros_like(qs)
     w = np.array([min(math.exp(min(v / temperature, 700.0)), cap) for v in z])
-    return (w[:, None] * outs.astype(np.float64)).sum(axis=0) / w.sum()
+    pull: np.ndarray = (w[:, None] * outs.astype(np.float64)).sum(axis=0) / w.sum()
+    return pull
 
 
 @settings(max_examples=60, deadline=None)

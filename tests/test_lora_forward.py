@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from lora_reference import (
 )
 
 from sona.errors import InvalidInputError, UnknownModuleError
+from sona.feedback import AdaptFeedback
 from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
 
 
@@ -140,7 +142,7 @@ def test_forward_add_adds_in_place() -> None:
     x = vec(rng, 12)
     base = vec(rng, 10)
     out = base.copy()
-    assert lora.forward_add(x, Q, out) is None
+    lora.forward_add(x, Q, out)
     np.testing.assert_allclose(out, base + lora.forward(x, Q), rtol=1e-6, atol=1e-6)
     xb = rng.standard_normal((4, 12)).astype(np.float32)
     baseb = rng.standard_normal((4, 10)).astype(np.float32)
@@ -196,9 +198,7 @@ def test_forward_rejects_bad_x_naming_it_and_changes_nothing(
     assert not lora.adapt(np.ones(12, np.float32), _quality(0.5), Q)  # nothing was explored
 
 
-def _quality(q: float) -> Any:
-    from sona.feedback import AdaptFeedback
-
+def _quality(q: float) -> AdaptFeedback:
     return AdaptFeedback.from_quality(q)
 
 
@@ -244,7 +244,7 @@ def test_untargeted_modules_are_rejected_everywhere(module: Any, error: type) ->
     lora = trained(config())
     x = np.ones(12, np.float32)
     before = Snapshot.of(lora)
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: lora.forward(x, module),
         lambda: lora.forward(x, module, explore=True),
         lambda: lora.forward(np.ones((2, 12), np.float32), module),

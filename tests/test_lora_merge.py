@@ -17,7 +17,7 @@ from sona.lora import ComposedAdapter, MicroLoRA
 
 def delta64(lora: MicroLoRA, m: Any) -> np.ndarray:
     a, bt = lora.factors(m)
-    return lora.scaling * f64(bt).T @ f64(a)
+    return f64(lora.scaling * f64(bt).T @ f64(a))
 
 
 @settings(max_examples=40, deadline=None)
