@@ -341,6 +341,9 @@ class Supervisor:
             with anyio.CancelScope() as scope:
                 child.scope = scope
                 try:
+                    if child.restarting is not None:
+                        self._announce_restart(child, *child.restarting)
+                        child.restarting = None
                     actor = child.factory()
                     child.actor = actor
                     await actor.on_start()
@@ -349,9 +352,6 @@ class Supervisor:
                 else:
                     on_start_ok = True
                     started.set()
-                    if child.restarting is not None:
-                        self._announce_restart(child, *child.restarting)
-                        child.restarting = None
                     error = await child.serve(actor)
             child.scope = None
             started.set()
@@ -377,8 +377,8 @@ class Supervisor:
             done.set()
 
     def _announce_restart(self, child: Child, delay: float, cause: str) -> None:
-        # Counted and published by the new incarnation itself, before its first message, so
-        # that LoopRestarted always precedes whatever the successor does.
+        # Counted and published by the new incarnation itself, before its on_start, so that
+        # LoopRestarted always precedes whatever the successor does.
         child.restarts += 1
         self.events.publish(
             LoopRestarted(actor=child.name, restarts=child.restarts, backoff_s=delay, cause=cause)

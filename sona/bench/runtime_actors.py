@@ -14,6 +14,7 @@ Three shapes, each measured for sona.actors and for its peers on the same event 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -63,7 +64,7 @@ async def _paced_actor(n: int, hops: int) -> list[int]:
     sup = Supervisor(shutdown_timeout_s=5.0)
     ref = sup.spawn(lambda: _Stamp(out), name="sink", mailbox_size=CAPACITY)
     for i in range(hops - 1):
-        ref = sup.spawn(lambda to=ref: _Forward(to), name=f"hop{i}", mailbox_size=CAPACITY)
+        ref = sup.spawn(functools.partial(_Forward, ref), name=f"hop{i}", mailbox_size=CAPACITY)
     async with sup:
         await _paced(ref.tell, n)
     return out
@@ -123,7 +124,7 @@ async def _saturated_actor(n: int, hops: int) -> float:
     ref = sup.spawn(_Sink, name="sink", mailbox_size=CAPACITY)
     refs = [ref]
     for i in range(hops - 1):
-        ref = sup.spawn(lambda to=ref: _Forward(to), name=f"hop{i}", mailbox_size=CAPACITY)
+        ref = sup.spawn(functools.partial(_Forward, ref), name=f"hop{i}", mailbox_size=CAPACITY)
         refs.append(ref)
     async with sup:
         await anyio.sleep(0)

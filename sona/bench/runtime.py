@@ -1,0 +1,59 @@
+"""``sona bench runtime``: the async runtime against bare asyncio in the same run.
+
+Part one measures the generic actor runtime (``sona.actors``), see
+:mod:`sona.bench.runtime_actors`. Part two, the SonaRuntime's own numbers (submit -> applied
+through the supervised loops), is added in :func:`_sona_part` once that runtime exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sona.bench.runtime_actors import bench_actors
+from sona.bench.timing import dump_json, print_table
+
+ACTOR_COLUMNS = ("case", "p50 µs", "p99 µs", "msgs/s", "p50 vs Queue", "rate vs Queue")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--paced", type=int, default=20_000, help="messages per paced run")
+    parser.add_argument("--saturated", type=int, default=500_000, help="messages per saturated run")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
+
+
+def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return bench_actors(paced=args.paced, saturated=args.saturated, rounds=args.rounds)
+
+
+def _sona_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """SonaRuntime rows (submit latency, throughput); empty until the runtime is built."""
+    return []
+
+
+def run(args: argparse.Namespace) -> int:
+    actors = _actor_part(args)
+    sona_rows = _sona_part(args)
+    if args.json:
+        dump_json({"actors": actors, "sona": sona_rows})
+        return 0
+    nan = float("nan")
+    print_table(
+        "sona.actors: one hop and a 3-actor pipeline vs asyncio.Queue (best of rounds)",
+        ACTOR_COLUMNS,
+        [
+            (
+                r["case"],
+                r["p50_us"],
+                r["p99_us"],
+                r["msgs_per_s"],
+                r.get("p50_vs_queue", nan),
+                r.get("rate_vs_queue", nan),
+            )
+            for r in actors
+        ],
+    )
+    if sona_rows:
+        columns = tuple(sona_rows[0])
+        print_table("SonaRuntime", columns, [tuple(r.values()) for r in sona_rows])
+    return 0

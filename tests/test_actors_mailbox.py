@@ -1,0 +1,231 @@
+"""Mailbox overflow policies and cancellation safety."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import anyio
+import pytest
+from sona.actors import (
+    Actor,
+    Backpressure,
+    MessageDropped,
+    OverflowPolicy,
+    SamplesDropped,
+    Supervisor,
+)
+from sona.actors.mailbox import Mailbox
+
+pytestmark = pytest.mark.anyio
+
+
+async def settle(rounds: int = 20) -> None:
+    for _ in range(rounds):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_block_suspends_the_sender_until_space_frees() -> None:
+    box: Mailbox[int] = Mailbox(2, OverflowPolicy.BLOCK)
+    await box.put(1)
+    await box.put(2)
+    finished: list[int] = []
+
+    async def sender() -> None:
+        await box.put(3)
+        finished.append(3)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        await settle()
+        assert finished == []  # still suspended: the mailbox is full
+        assert box.qsize() == 2
+        assert box.get_nowait() == 1
+        await settle()
+        assert finished == [3]
+    assert [box.get_nowait(), box.get_nowait()] == [2, 3]
+
+
+async def test_block_nowait_and_reject_raise_backpressure() -> None:
+    for policy in (OverflowPolicy.BLOCK, OverflowPolicy.REJECT):
+        box: Mailbox[int] = Mailbox(2, policy)
+        assert box.put_nowait(1) and box.put_nowait(2)
+        with pytest.raises(Backpressure, match="full"):
+            box.put_nowait(3)
+        if policy is OverflowPolicy.REJECT:
+            with pytest.raises(Backpressure):
+                await box.put(4)
+        assert list(box._items) == [1, 2]
+        assert box.rejected == (2 if policy is OverflowPolicy.REJECT else 1)
+        assert box.dropped == 0
+
+
+async def test_drop_oldest_and_drop_newest_drop_exactly_the_right_items() -> None:
+    dropped: list[int] = []
+    oldest: Mailbox[int] = Mailbox(3, OverflowPolicy.DROP_OLDEST, on_drop=dropped.append)
+    results = [await oldest.put(i) for i in range(1, 6)]
+    assert results == [True] * 5
+    assert list(oldest._items) == [3, 4, 5]
+    assert dropped == [1, 2] and oldest.dropped == 2
+
+    dropped.clear()
+    newest: Mailbox[int] = Mailbox(3, OverflowPolicy.DROP_NEWEST, on_drop=dropped.append)
+    results = [newest.put_nowait(i) for i in range(1, 6)]
+    assert results == [True, True, True, False, False]
+    assert list(newest._items) == [1, 2, 3]
+    assert dropped == [4, 5] and newest.dropped == 2
+
+
+class Gate(Actor):
+    """Handles nothing until the test opens the gate; records what it handled."""
+
+    def __init__(self, gate: anyio.Event, seen: list[object]) -> None:
+        self.gate = gate
+        self.seen = seen
+
+    async def handle(self, message: object) -> object:
+        await self.gate.wait()
+        self.seen.append(message)
+        return message
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_OLDEST, OverflowPolicy.DROP_NEWEST])
+async def test_actor_drops_are_counted_announced_and_fail_asks(policy: OverflowPolicy) -> None:
+    gate = anyio.Event()
+    seen: list[object] = []
+    dropped: list[object] = []
+    sup = Supervisor()
+    ref = sup.spawn(
+        lambda: Gate(gate, seen), name="g", mailbox_size=3, overflow=policy, on_drop=dropped.append
+    )
+    async with sup.events.subscribe(buffer=100) as sub, sup:
+        await ref.tell("busy")  # taken by the actor, which then waits on the gate
+        await settle()
+        asks: list[BaseException | object] = []
+
+        async def asker() -> None:
+            try:
+                asks.append(await ref.ask("asked"))
+            except MessageDropped as exc:
+                asks.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            if policy is OverflowPolicy.DROP_OLDEST:
+                tg.start_soon(asker)  # oldest queued: dropped by the later tells
+                await settle()
+                accepted = [await ref.tell(i) for i in range(5)]
+                assert accepted == [True] * 5
+            else:
+                accepted = [await ref.tell(i) for i in range(3)]
+                tg.start_soon(asker)  # arrives to a full mailbox: dropped
+                await settle()
+                accepted += [await ref.tell(i) for i in range(3, 5)]
+                assert accepted == [True, True, True, False, False]
+        assert len(asks) == 1 and isinstance(asks[0], MessageDropped)
+        gate.set()
+        await ref.join()
+        stats = sup.stats()["g"]
+    if policy is OverflowPolicy.DROP_OLDEST:
+        assert seen == ["busy", 2, 3, 4]
+        assert dropped == ["asked", 0, 1]
+    else:
+        assert seen == ["busy", 0, 1, 2]
+        assert dropped == ["asked", 3, 4]
+    assert stats["dropped"] == 3
+    announced = [e for e in sub._buffer if isinstance(e, SamplesDropped)]
+    assert sum(e.count for e in announced) == 3
+    assert {e.stage for e in announced} == {"g"} and {e.policy for e in announced} == {policy.name}
+
+
+async def test_cancelled_blocked_senders_enqueue_nothing() -> None:
+    box: Mailbox[str] = Mailbox(1, OverflowPolicy.BLOCK)
+    await box.put("first")
+    done: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def sender(item: str) -> None:
+        with anyio.CancelScope() as scope:
+            scopes[item] = scope
+            await box.put(item)
+            done.append(item)
+
+    taken: list[str] = []
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            tg.start_soon(sender, name)
+        await settle()
+        assert done == []
+        scopes["b"].cancel()  # cancelled while suspended: must not enqueue
+        await settle()
+        # Free a slot, which wakes "a", and cancel "a" at once: either its put completed
+        # (and "a" is queued) or it did not (and the wake-up reached "c").
+        taken.append(box.get_nowait())
+        scopes["a"].cancel()
+        await settle()
+        while box.qsize():
+            taken.append(box.get_nowait())
+            await settle()
+        for scope in scopes.values():
+            scope.cancel()
+    assert "b" not in done
+    assert taken[0] == "first"
+    assert Counter(taken[1:]) == Counter(done)
+    assert done  # the freed slots were used: no wake-up was lost
+
+
+async def test_cancelled_receivers_take_nothing() -> None:
+    box: Mailbox[str] = Mailbox(4)
+    got: list[str] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def receiver() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            got.append(await box.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        tg.start_soon(receiver)
+        await settle()
+        box.put_nowait("x")  # wakes the first receiver ...
+        scopes[0].cancel()  # ... which is cancelled before it runs
+        await settle()
+        box.put_nowait("y")
+        await settle()
+        for scope in scopes:
+            scope.cancel()
+    assert Counter(got) + Counter(box._items) == Counter(["x", "y"])
+    assert len(got) >= 1  # the wake-up was not lost with a cancelled receiver
+
+
+async def test_random_cancellation_loses_no_accepted_message() -> None:
+    rng = random.Random(7)
+    box: Mailbox[int] = Mailbox(5, OverflowPolicy.BLOCK)
+    accepted: list[int] = []
+    received: list[int] = []
+    senders_left = 4
+
+    async def sender(base: int) -> None:
+        nonlocal senders_left
+        for i in range(300):
+            with anyio.move_on_after(rng.choice([0, 0.00005, 0.001])):
+                await box.put(base + i)
+                accepted.append(base + i)
+            if rng.random() < 0.3:
+                await anyio.lowlevel.checkpoint()
+        senders_left -= 1
+
+    async def receiver() -> None:
+        while senders_left or box.qsize():
+            with anyio.move_on_after(rng.choice([0, 0.00005, 0.001])):
+                received.append(await box.get())
+
+    async with anyio.create_task_group() as tg:
+        for s in range(4):
+            tg.start_soon(sender, s * 1000)
+        for _ in range(2):
+            tg.start_soon(receiver)
+    leftover = list(box._items)
+    assert Counter(accepted) == Counter(received + leftover)
+    assert len(set(accepted)) == len(accepted)
+    assert 0 < len(accepted) < 1200  # some puts were cancelled, many got through

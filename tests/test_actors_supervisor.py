@@ -1,0 +1,344 @@
+"""Supervisor: restarts, retry then dead letter, give-up, strategies, backoff and shutdown."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+from sona.actors import (
+    Actor,
+    ActorStopped,
+    Backoff,
+    DeadLettered,
+    LoopCrashed,
+    LoopRestarted,
+    MessageFailed,
+    RestartStrategy,
+    Supervisor,
+    SupervisorGaveUp,
+    SupervisorGaveUpEvent,
+)
+
+pytestmark = pytest.mark.anyio
+
+NO_WAIT = Backoff(min_s=0.0, max_s=0.0, jitter=0.0)
+
+
+class Boom(Exception):
+    pass
+
+
+class Flaky(Actor):
+    """Raises on a random 10 % of handle calls; records the messages it handled successfully."""
+
+    def __init__(self, rng: random.Random, handled: Counter[int]) -> None:
+        self.rng = rng
+        self.handled = handled
+
+    async def handle(self, message: int) -> None:
+        if self.rng.random() < 0.1:
+            raise Boom(f"injected on {message}")
+        self.handled[message] += 1
+
+
+async def test_fault_injection_accounts_for_every_message_exactly_once() -> None:
+    n = 100_000
+    rng = random.Random(1234)
+    handled: Counter[int] = Counter()
+    dead: list[int] = []
+    sup = Supervisor(max_restarts=1_000_000, within_s=60.0, backoff=NO_WAIT, seed=1)
+    ref = sup.spawn(
+        lambda: Flaky(rng, handled),
+        name="flaky",
+        mailbox_size=256,
+        on_dead_letter=lambda m, e: dead.append(m),
+    )
+    crashes = restarts = dead_events = 0
+    async with sup.events.subscribe(buffer=1_000_000) as sub:
+        async with sup:
+            for i in range(n):
+                await ref.tell(i)
+            await ref.join()
+            stats = sup.stats()["flaky"]
+        for event in [sub.receive_nowait() for _ in range(sub.pending)]:
+            crashes += isinstance(event, LoopCrashed)
+            restarts += isinstance(event, LoopRestarted)
+            dead_events += isinstance(event, DeadLettered)
+    assert not sup.gave_up
+    assert max(handled.values()) == 1  # never handled twice after a success
+    assert set(handled).isdisjoint(dead)
+    assert len(handled) + len(dead) == n
+    assert set(handled) | set(dead) == set(range(n))
+    # ~10 % crash, ~10 % of their retries crash again and are dead-lettered
+    assert 8_000 < stats["crashes"] < 12_000
+    assert 500 < len(dead) < 1_600
+    assert stats["crashes"] == stats["restarts"] == crashes == restarts
+    assert stats["dead_letters"] == dead_events == len(dead)
+    assert stats["processed"] == len(handled)
+    assert stats["queued"] == 0 and stats["left_at_shutdown"] == 0
+
+
+class AlwaysFails(Actor):
+    async def handle(self, message: Any) -> None:
+        raise Boom(f"cannot handle {message!r}")
+
+
+async def test_gives_up_past_the_limit_with_a_plain_clear_error() -> None:
+    sup = Supervisor(max_restarts=3, within_s=60.0, backoff=NO_WAIT)
+    ref = sup.spawn(AlwaysFails, name="bad")
+    stopped: list[str] = []
+    other = sup.spawn(lambda: Recorder("other", stopped), name="other")
+    async with sup.events.subscribe(buffer=100) as sub:
+        with pytest.raises(SupervisorGaveUp) as info:
+            async with sup:
+                for i in range(10):
+                    await ref.tell(i)
+                await anyio.sleep_forever()  # cancelled by the give-up
+        events = [sub.receive_nowait() for _ in range(sub.pending)]
+    error = info.value
+    assert type(error) is SupervisorGaveUp  # not an exception group
+    assert isinstance(error.cause, Boom) and error.__cause__ is error.cause
+    assert error.child == "bad"
+    assert "max_restarts=3" in str(error) and "'bad'" in str(error)
+    assert sup.gave_up and sup.cause is not None
+    assert sup.stats()["bad"]["restarts"] == 3
+    assert sup.stats()["bad"]["crashes"] == 4
+    assert stopped == ["start other", "stop other"]
+    assert [type(e) for e in events].count(SupervisorGaveUpEvent) == 1
+    with pytest.raises(SupervisorGaveUp):
+        await ref.tell("late")
+    with pytest.raises(SupervisorGaveUp):
+        other.tell_nowait("late")
+    assert ref.gave_up
+
+
+async def test_give_up_without_raising_into_the_host() -> None:
+    sup = Supervisor(max_restarts=1, within_s=60.0, backoff=NO_WAIT, raise_on_give_up=False)
+    ref = sup.spawn(AlwaysFails, name="bad")
+    async with sup:
+        await ref.tell(1)
+        with pytest.raises(SupervisorGaveUp):
+            await ref.ask(2)  # dead-lettered or failed by the give-up, never hangs
+        await ref.join()  # returns once the child stopped for good
+        assert sup.gave_up
+        with pytest.raises(SupervisorGaveUp):
+            await ref.tell(3)
+    assert sup.cause is not None and isinstance(sup.cause.cause, Boom)
+
+
+class Once(Actor):
+    """Raises the first time it sees a message in ``fail_once``, always on ``fail_always``."""
+
+    def __init__(self, seen: list[Any], failed: set[Any]) -> None:
+        self.seen = seen
+        self.failed = failed
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, str) and message.startswith("always"):
+            raise Boom(message)
+        if isinstance(message, str) and message.startswith("once") and message not in self.failed:
+            self.failed.add(message)
+            raise Boom(message)
+        self.seen.append(message)
+        return f"ok {message}"
+
+
+async def test_failing_message_is_retried_once_then_dead_lettered_and_queue_survives() -> None:
+    seen: list[Any] = []
+    failed: set[Any] = set()
+    sup = Supervisor(max_restarts=100, backoff=NO_WAIT)
+    ref = sup.spawn(lambda: Once(seen, failed), name="once")
+    async with sup.events.subscribe() as sub, sup:
+        for m in [1, "once-a", 2, "always-b", 3, 4]:
+            await ref.tell(m)
+        assert await ref.ask("once-c") == "ok once-c"
+        with pytest.raises(MessageFailed) as info:
+            await ref.ask("always-d")
+        assert isinstance(info.value.__cause__, Boom)
+        await ref.join()
+        stats = sup.stats()["once"]
+        dead = [
+            e
+            for e in [sub.receive_nowait() for _ in range(sub.pending)]
+            if isinstance(e, DeadLettered)
+        ]
+    assert seen == [1, "once-a", 2, 3, 4, "once-c"]
+    assert [e.message for e in dead] == ["'always-b'", "'always-d'"]
+    assert all(e.actor == "once" and e.error_type == "Boom" for e in dead)
+    assert stats["crashes"] == 2 + 2 * 2 and stats["dead_letters"] == 2
+
+
+async def test_ask_timeout_and_plain_exceptions_from_the_body() -> None:
+    class Slow(Actor):
+        async def handle(self, message: Any) -> None:
+            await anyio.sleep(10)
+
+    sup = Supervisor(shutdown_timeout_s=0.05)
+    ref = sup.spawn(Slow, name="slow")
+    with pytest.raises(ValueError, match="body"):
+        async with sup:
+            with pytest.raises(TimeoutError, match="'slow'"):
+                await ref.ask("x", timeout=0.01)
+            raise ValueError("body")
+
+
+class Recorder(Actor):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    async def on_start(self) -> None:
+        self.log.append(f"start {self.name}")
+
+    async def handle(self, message: Any) -> None:
+        if message == "crash":
+            raise Boom(self.name)
+
+    async def on_stop(self) -> None:
+        self.log.append(f"stop {self.name}")
+
+
+@pytest.mark.parametrize("strategy", list(RestartStrategy))
+async def test_restart_strategies(strategy: RestartStrategy) -> None:
+    log: list[str] = []
+    sup = Supervisor(strategy=strategy, backoff=NO_WAIT)
+    refs = {n: sup.spawn(functools.partial(Recorder, n, log), name=n) for n in "abcd"}
+    async with sup:
+        assert log == ["start a", "start b", "start c", "start d"]
+        log.clear()
+        await refs["b"].tell("crash")
+        for _ in range(3):  # the retry crashes too
+            for ref in refs.values():
+                await ref.join()
+        after_crash = list(log)
+        log.clear()
+    if strategy is RestartStrategy.ONE_FOR_ONE:
+        assert after_crash == ["start b", "start b"]
+    else:
+        cycle = ["stop d", "stop c", "start b", "start c", "start d"]
+        assert after_crash == cycle + cycle
+    assert log == ["stop d", "stop c", "stop b", "stop a"]  # reverse start order
+    stats = sup.stats()
+    assert stats["a"]["restarts"] == 0
+    assert stats["b"]["restarts"] == 2
+    expected_later = 2 if strategy is RestartStrategy.REST_FOR_ONE else 0
+    assert stats["c"]["restarts"] == stats["d"]["restarts"] == expected_later
+
+
+async def test_backoff_doubles_is_capped_and_resets_after_a_success() -> None:
+    backoff = Backoff(min_s=0.001, max_s=0.004, jitter=0.0)
+    assert [backoff.delay(k) for k in range(1, 6)] == [0.001, 0.002, 0.004, 0.004, 0.004]
+    jittered = Backoff(min_s=1.0, max_s=10.0, jitter=0.2)
+    rng = random.Random(0)
+    samples = [jittered.delay(2, rng) for _ in range(200)]
+    assert all(1.6 <= s <= 2.4 for s in samples) and len(set(samples)) > 100
+    with pytest.raises(ValueError):
+        Backoff(min_s=2.0, max_s=1.0)
+
+    sup = Supervisor(max_restarts=100, backoff=backoff)
+    seen: list[Any] = []
+    ref = sup.spawn(lambda: Once(seen, set()), name="x")
+    async with sup.events.subscribe() as sub, sup:
+        for m in ["always-1", "always-2", 1, "always-3"]:
+            await ref.tell(m)
+        await ref.join()
+        delays = [
+            e.backoff_s
+            for e in [sub.receive_nowait() for _ in range(sub.pending)]
+            if isinstance(e, LoopRestarted)
+        ]
+    # always-1 twice, always-2 twice (4 in a row), success on 1 resets, always-3 twice
+    assert delays == [0.001, 0.002, 0.004, 0.004, 0.001, 0.002]
+
+
+async def test_crash_in_on_start_is_restarted() -> None:
+    attempts: list[int] = []
+
+    class StartsLate(Actor):
+        async def on_start(self) -> None:
+            attempts.append(1)
+            if len(attempts) < 3:
+                raise Boom("not yet")
+
+        async def handle(self, message: Any) -> Any:
+            return message
+
+    sup = Supervisor(backoff=NO_WAIT)
+    ref = sup.spawn(StartsLate, name="late")
+    async with sup:
+        assert await ref.ask("hi") == "hi"
+    assert len(attempts) == 3 and sup.stats()["late"]["restarts"] == 2
+
+
+class Sleepy(Actor):
+    def __init__(self, delay: float, log: list[Any]) -> None:
+        self.delay = delay
+        self.log = log
+
+    async def handle(self, message: Any) -> None:
+        if message == "forever":
+            await anyio.sleep_forever()
+        await anyio.sleep(self.delay)
+        self.log.append(message)
+
+    async def on_stop(self) -> None:
+        self.log.append("stopped")
+
+
+async def test_shutdown_drains_full_mailboxes() -> None:
+    log: list[Any] = []
+    sup = Supervisor(shutdown_timeout_s=30.0)
+    ref = sup.spawn(lambda: Sleepy(0.0001, log), name="s", mailbox_size=50)
+    async with sup:
+        for i in range(50):
+            ref.tell_nowait(i)
+        assert ref.qsize() >= 49
+    assert log == [*range(50), "stopped"]
+    assert sup.stats()["s"]["left_at_shutdown"] == 0
+    with pytest.raises(ActorStopped):
+        await ref.tell("late")
+
+
+async def test_shutdown_past_the_timeout_cancels_and_reports_what_was_left() -> None:
+    log: list[Any] = []
+    sup = Supervisor(shutdown_timeout_s=0.05)
+    ref = sup.spawn(lambda: Sleepy(0.0, log), name="s", mailbox_size=20)
+    async with sup:
+        await ref.tell("forever")
+        await anyio.lowlevel.checkpoint()
+        for i in range(10):
+            await ref.tell(i)
+    stats = sup.stats()["s"]
+    assert stats["left_at_shutdown"] == 11  # the interrupted message and the ten behind it
+    assert stats["interrupted"] == 1
+    assert ref.leftovers() == ["forever", *range(10)]
+    assert log == ["stopped"]  # on_stop still ran after the cancellation
+
+
+async def test_pipeline_drains_through_its_stages_while_outsiders_are_refused() -> None:
+    got: list[int] = []
+
+    class Sink(Actor):
+        async def handle(self, message: int) -> None:
+            await anyio.sleep(0)
+            got.append(message)
+
+    class Stage(Actor):
+        def __init__(self, to: Any) -> None:
+            self.to = to
+
+        async def handle(self, message: int) -> None:
+            await self.to.tell(message)
+
+    sup = Supervisor(shutdown_timeout_s=30.0)
+    sink = sup.spawn(Sink, name="sink", mailbox_size=10)
+    mid = sup.spawn(lambda: Stage(sink), name="mid", mailbox_size=10)
+    head = sup.spawn(lambda: Stage(mid), name="head", mailbox_size=100)
+    async with sup:
+        for i in range(100):
+            await head.tell(i)
+    assert got == list(range(100))
