@@ -1,0 +1,277 @@
+"""``sona bench learning``: how fast each feedback form learns, measured on held-out inputs.
+
+One task (d = 256, isotropic unit inputs, a frozen random base whose quality is 0.83, a hidden
+rank-2 correction); a rank-2 adapter learns it through :class:`TrainingPipeline` from one form
+of feedback per run, one update per sample:
+
+- target: the desired correction y* (quality 1);
+- gradient: the host's ∂½‖μ − y*‖²/∂μ = μ(x) − y*;
+- rated output: one answer μ(x) + noise, rated by the task's quality (advantage-weighted);
+- group of 4: four such answers for one input, rated together;
+- quality only: the adapter explores on the forward pass and gets only the rating.
+
+The frozen base (nothing learned) and the ideal correction (quality 1 by construction) bracket
+the curves. Noise for rated answers has the adapter's own exploration scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sona.bench.tasks import LinearTask
+from sona.bench.timing import dump_json, print_table
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
+from sona.training import TrainingConfig, TrainingPipeline
+
+MODULE = TargetModule.Q_PROJ
+FORMS = ("target", "gradient", "rated output", "group of 4", "quality only")
+# Per form, the best of the rates tried at d = 256 (0.02 to 2.0): rated output and quality only
+# lose quality at every one of them, least at the smallest.
+DEFAULT_LR = {
+    "target": 0.05,
+    "gradient": 0.05,
+    "rated output": 0.02,
+    "group of 4": 0.5,
+    "quality only": 0.05,
+}
+
+Feedback = Callable[[np.ndarray], AdaptFeedback | None]
+
+
+@dataclass
+class Curve:
+    form: str
+    learning_rate: float
+    updates: list[int] = field(default_factory=list)
+    quality: list[list[float]] = field(default_factory=list)  # per checkpoint, per seed
+    applied: list[int] = field(default_factory=list)  # per seed
+    seconds: float = 0.0
+
+    def mean(self) -> np.ndarray:
+        return np.array([np.mean(q) for q in self.quality])
+
+
+def _feedback_for(
+    form: str, task: LinearTask, lora: MicroLoRA, rng: np.random.Generator
+) -> Feedback:
+    """How a host would produce this form of feedback for input x."""
+    cfg = lora.config
+    n_out = cfg.out_features
+
+    def answers(x: np.ndarray, k: int) -> np.ndarray:
+        sigma = cfg.explore_std * float(np.linalg.norm(x)) / math.sqrt(n_out)
+        mu = lora.forward(x, MODULE)
+        return (mu + sigma * rng.standard_normal((k, n_out))).astype(np.float32)
+
+    def target(x: np.ndarray) -> AdaptFeedback:
+        return AdaptFeedback.from_quality(1.0).with_target(task.target_delta(x))
+
+    def gradient(x: np.ndarray) -> AdaptFeedback:
+        grad = lora.forward(x, MODULE) - task.target_delta(x)
+        return AdaptFeedback.from_quality(1.0).with_gradient(grad)
+
+    def rated(x: np.ndarray) -> AdaptFeedback:
+        y = answers(x, 1)[0]
+        q = float(task.rate(x, y))
+        return AdaptFeedback.from_quality(q).with_output(y)
+
+    def group(x: np.ndarray) -> AdaptFeedback:
+        ys = answers(x, 4)
+        qs = task.rate(np.broadcast_to(x, ys.shape), ys)
+        return AdaptFeedback.from_group(ys, [float(q) for q in qs])
+
+    def quality(x: np.ndarray) -> AdaptFeedback:
+        y = lora.forward(x, MODULE, explore=True)
+        return AdaptFeedback.from_quality(float(task.rate(x, y)))
+
+    table: dict[str, Feedback] = {
+        "target": target,
+        "gradient": gradient,
+        "rated output": rated,
+        "group of 4": group,
+        "quality only": quality,
+    }
+    return table[form]
+
+
+def learning_curve(
+    form: str,
+    *,
+    updates: int,
+    every: int,
+    learning_rate: float,
+    seeds: Sequence[int],
+    dim: int = 256,
+) -> Curve:
+    curve = Curve(form, learning_rate)
+    checkpoints = list(range(0, updates + 1, every))
+    curve.updates = checkpoints
+    curve.quality = [[] for _ in checkpoints]
+    t0 = time.perf_counter()
+    for seed in seeds:
+        task = LinearTask.make(d=dim, rank=2, base_quality=0.83, seed=seed)
+        cfg = MicroLoraConfig(in_features=dim, out_features=dim, rank=2, target_modules=(MODULE,))
+        lora = MicroLoRA(cfg, seed=seed)
+        pipe = TrainingPipeline(TrainingConfig(learning_rate=learning_rate))
+        make = _feedback_for(form, task, lora, np.random.default_rng(seed + 500))
+        xs = task.inputs(updates)
+        applied = 0
+        curve.quality[0].append(task.adapter_quality(lora, MODULE))
+        for i in range(updates):
+            fb = make(xs[i])
+            assert fb is not None
+            applied += pipe.train_step(lora, xs[i], fb).applied
+            if (i + 1) % every == 0:
+                curve.quality[(i + 1) // every].append(task.adapter_quality(lora, MODULE))
+        curve.applied.append(applied)
+    curve.seconds = time.perf_counter() - t0
+    return curve
+
+
+def summarize(curve: Curve, base: float) -> dict[str, Any]:
+    """Quality reached, its peak, and the updates each milestone took (None: not reached)."""
+    mean = curve.mean()
+    peak_i = int(np.argmax(mean))
+    gain = float(mean[peak_i] - base)
+
+    def first_reaching(level: float) -> int | None:
+        hit = np.nonzero(mean >= level)[0]
+        return int(curve.updates[hit[0]]) if hit.size else None
+
+    final = curve.quality[-1]
+    return {
+        "form": curve.form,
+        "learning_rate": curve.learning_rate,
+        "final_quality": float(np.mean(final)),
+        "final_sd": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
+        "peak_quality": float(mean[peak_i]),
+        "updates_to_peak": int(curve.updates[peak_i]),
+        "updates_to_90pct_of_gain": first_reaching(base + 0.9 * gain) if gain > 0 else None,
+        "updates_to_half_of_ideal_gap": first_reaching(base + 0.5 * (1.0 - base)),
+        "applied_fraction": float(np.mean(curve.applied)) / max(curve.updates[-1], 1),
+        "seconds": round(curve.seconds, 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--updates", type=int, default=10_000, help="updates per form")
+    parser.add_argument("--every", type=int, default=250, help="evaluate every N updates")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset")
+    for form, lr in DEFAULT_LR.items():
+        flag = "--lr-" + form.split()[0]
+        parser.add_argument(flag, type=float, default=lr, help=f"learning rate for {form}")
+
+
+def run(args: argparse.Namespace) -> int:
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        raise SystemExit(f"unknown forms {unknown}; choose from {', '.join(FORMS)}")
+    seeds = list(range(args.seeds))
+    base = float(
+        np.mean(
+            [
+                LinearTask.make(d=args.dim, rank=2, seed=s).quality_of(
+                    np.zeros((512, args.dim), np.float32)
+                )
+                for s in seeds
+            ]
+        )
+    )
+    ideal = float(
+        np.mean(
+            [
+                (lambda t: t.quality_of(t.target_delta(t.held_out)))(
+                    LinearTask.make(d=args.dim, rank=2, seed=s)
+                )
+                for s in seeds
+            ]
+        )
+    )
+    curves = [
+        learning_curve(
+            form,
+            updates=args.updates,
+            every=args.every,
+            learning_rate=getattr(args, "lr_" + form.split()[0]),
+            seeds=seeds,
+            dim=args.dim,
+        )
+        for form in forms
+    ]
+    summaries = [summarize(c, base) for c in curves]
+    if args.json:
+        dump_json(
+            {
+                "dim": args.dim,
+                "seeds": seeds,
+                "frozen_base_quality": base,
+                "ideal_quality": ideal,
+                "forms": summaries,
+                "curves": [
+                    {"form": c.form, "updates": c.updates, "quality_mean": c.mean().tolist()}
+                    for c in curves
+                ],
+            }
+        )
+        return 0
+    rows: list[list[Any]] = [["frozen base", "-", base, base, "-", "-", "-", "-"]]
+    for s in summaries:
+        rows.append(
+            [
+                s["form"],
+                s["learning_rate"],
+                f"{s['final_quality']:.3f} ± {s['final_sd']:.3f}",
+                s["peak_quality"],
+                s["updates_to_peak"],
+                _opt(s["updates_to_90pct_of_gain"]),
+                _opt(s["updates_to_half_of_ideal_gap"]),
+                s["applied_fraction"],
+            ]
+        )
+    rows.append(["ideal correction", "-", ideal, ideal, "-", "-", "-", "-"])
+    print_table(
+        f"Learning: held-out quality, d={args.dim}, rank 2, {args.updates} updates, "
+        f"seeds {seeds} (mean ± sd)",
+        [
+            "feedback",
+            "lr",
+            "final quality",
+            "peak",
+            "updates to peak",
+            "updates to 90% of gain",
+            "updates to half the gap",
+            "applied",
+        ],
+        rows,
+    )
+    marks = _marks(curves[0].updates) if curves else []
+    print_table(
+        "Learning curves: mean held-out quality after N updates",
+        ["feedback", *(str(m) for m in marks)],
+        [[c.form, *(float(c.mean()[c.updates.index(m)]) for m in marks)] for c in curves],
+    )
+    return 0
+
+
+def _marks(updates: list[int]) -> list[int]:
+    wanted = [0, 250, 500, 1000, 2000, 3000, 5000, 10_000, 20_000, 50_000]
+    have = set(updates)
+    marks = [m for m in wanted if m in have]
+    if updates[-1] not in marks:
+        marks.append(updates[-1])
+    return marks
+
+
+def _opt(v: int | None) -> str:
+    return "not reached" if v is None else str(v)
