@@ -265,6 +265,25 @@ class TrainingPipeline:
         self._task_count += 1
         self._boundary_samples.append(at_sample)
 
+    def track(self, lora: MicroLoRA, x: Any) -> bool:
+        """Count ``x`` as traffic without learning from it; True when it started a new task.
+
+        For callers that learn in batches (the Background loop): the input feeds the importance
+        window and, with ``boundary_detection``, the shift detector; a detected shift folds the
+        importance and re-anchors on ``lora`` as it is now.
+        """
+        ewc = self._ready(lora)
+        return self._track(lora, ewc, self._input(x, ewc))
+
+    def prox_step(self, lora: MicroLoRA, tau: float) -> float:
+        """One EWC++ proximal step of strength ``tau`` (2·η·λ for a step of size η) on every
+        module; the raw penalty after it, 0 before the first boundary, −1 if it was skipped
+        because it would not have been finite (the weights then stay as they were)."""
+        ewc = self._ready(lora)
+        if not ewc.active or tau <= 0.0:
+            return 0.0
+        return ewc.step(lora, float(tau), lora.modules)
+
     def observe(self, x: Any) -> None:
         """Count an input toward the current task's importance without a training step.
 

@@ -1,0 +1,314 @@
+"""The Background loop's logic: consolidation, EWC++ importance, pattern bank, replay buffer.
+
+It owns the consolidated adapter(s), the training pipeline (importance, anchors, task
+boundaries), the pattern bank and the replay buffer. It never touches the live adapter: it gets
+a snapshot in a :class:`~sona.instant.HandOver` and publishes its result as a new
+:class:`~sona.published.Published`.
+
+Every run holds back its newest measurable samples to measure ``quality_delta`` on data it did
+not train on; they are consumed by the next run, so every sample is consolidated exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sona.config import ConsolidationStrategy, SonaLlmConfig
+from sona.deep import DeepOutcome
+from sona.instant import HandOver
+from sona.lora import MicroLoRA
+from sona.lora_config import TargetModule
+from sona.objective import mean_loss, measurable, relative_improvement
+from sona.pattern_bank import PatternBank
+from sona.published import Published
+from sona.results import BackgroundResult
+from sona.sample import TrainingSample
+from sona.training import TrainingPipeline
+
+MINI_BATCH = 16
+BEST_FRACTION = 0.2
+EVAL_FRACTION = 0.1
+MAX_EVAL = 64
+
+
+@dataclass(slots=True)
+class Consolidation:
+    result: BackgroundResult
+    consumed: list[int]  # sample ids consolidated by this run
+    boundaries: int = 0
+    rejected: list[str] = field(default_factory=list)
+
+
+class BackgroundLoop:
+    """Folds handed-over learning into the consolidated state with the configured strategy."""
+
+    def __init__(self, config: SonaLlmConfig, *, seed: int) -> None:
+        self.config = config
+        self.strategy = config.consolidation_strategy
+        base = MicroLoRA(config.consolidated_lora, seed=seed)
+        self.pipeline = TrainingPipeline(config.training)
+        self.pipeline.init_for_lora(base)
+        self.bank = PatternBank(config.pattern_clusters, config.micro_lora.in_features)
+        self.replay: deque[TrainingSample] = deque(maxlen=config.replay_capacity)
+        self.carry: list[tuple[int, TrainingSample]] = []
+        self.version = 0
+        self.runs = 0
+        self.consolidated = 0
+        self.published = Published(base)
+        self._seed = seed
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def base(self) -> MicroLoRA:
+        return self.published.base
+
+    @property
+    def held_back(self) -> int:
+        return len(self.carry)
+
+    def ready(self, pending: int) -> bool:
+        """Enough samples to run: never on an empty or under-filled buffer."""
+        return pending + len(self.carry) >= self.config.background_min_samples
+
+    # ------------------------------------------------------------------ consolidation
+    def consolidate(self, hand: HandOver) -> Consolidation:
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        samples = self.carry + hand.samples
+        train, held = _split_eval(samples)
+        self.carry = held
+        old = self.published
+        before_fn = _effective(old, hand.live)
+        train_samples = [s for _, s in train]
+        boundaries = self._track(train_samples, notes)
+        published, rejected = self._fold(old, hand.live, train_samples, notes)
+        eval_samples = [s for _, s in held]
+        quality_delta = self._delta(eval_samples, before_fn, _effective(published, None), notes)
+        self.replay.extend(train_samples)
+        self.version += 1
+        published.version = self.version
+        self.published = published
+        self.runs += 1
+        self.consolidated += len(train)
+        result = BackgroundResult(
+            samples_used=len(train),
+            strategy=self.strategy,
+            quality_delta=quality_delta,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            notes=notes,
+            task_boundary=boundaries > 0,
+            evaluated_on=len(eval_samples),
+        )
+        return Consolidation(result, [sid for sid, _ in train], boundaries, rejected)
+
+    def _track(self, samples: Sequence[TrainingSample], notes: list[str]) -> int:
+        """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
+        consolidated state as it was before this batch's learning is folded in."""
+        if not samples:
+            return 0
+        base = self.published.base
+        boundaries = 0
+        for i, s in enumerate(samples):
+            if self.pipeline.track(base, s.input_embedding):
+                boundaries += 1
+                notes.append(f"task boundary detected at sample {i} of the batch")
+            if i % 64 == 63:
+                time.sleep(0)  # let a waiting event-loop thread take the GIL
+        return boundaries
+
+    def _fold(
+        self,
+        old: Published,
+        live: MicroLoRA,
+        samples: Sequence[TrainingSample],
+        notes: list[str],
+    ) -> tuple[Published, list[str]]:
+        cfg = self.config
+        rejected: list[str] = []
+        x = np.stack([s.input_embedding for s in samples]) if samples else None
+        labels = self.bank.update(x) if x is not None else np.empty(0, np.intp)
+        centroids = self.bank.centroids[: len(self.bank)].copy()
+        strategy = self.strategy
+        if strategy is ConsolidationStrategy.EWC_MERGE:
+            base = MicroLoRA.merge_adapters(
+                [(old.base, 1.0), (live, 1.0)], rank=old.base.config.rank
+            )
+            base.baseline.load(live.baseline.state())
+            self._prox(base, cfg.instant_lr * max(len(samples), 1), notes)
+            return Published(base, dict(old.ensemble), None), rejected
+        if strategy is ConsolidationStrategy.ENSEMBLE:
+            ensemble = dict(old.ensemble)
+            for label in sorted(set(labels.tolist())):
+                members = [s for s, lab in zip(samples, labels, strict=True) if lab == label]
+                adapter = ensemble.get(label)
+                adapter = adapter.clone() if adapter is not None else _zero_like(old.base, label)
+                self._relearn(adapter, members, [1.0] * len(members), rejected)
+                ensemble[int(label)] = adapter
+            notes.append(f"trained {len(set(labels.tolist()))} cluster adapters")
+            return Published(old.base, ensemble, centroids), rejected
+        weights = _strategy_weights(strategy, samples)
+        base = old.base.clone()
+        used = sum(1 for w in weights if w > 0)
+        if strategy is ConsolidationStrategy.BEST_ONLY:
+            notes.append(f"best_only: learned from the top {used} of {len(samples)} samples")
+        self._relearn(base, samples, weights, rejected)
+        return Published(base, dict(old.ensemble), None), rejected
+
+    def _relearn(
+        self,
+        adapter: MicroLoRA,
+        samples: Sequence[TrainingSample],
+        weights: Sequence[float],
+        rejected: list[str],
+    ) -> None:
+        """Mini-batch steps at instant_lr per sample: the weighted mean gradient of each batch,
+        applied once per sample it holds, then an EWC++ proximal step of the same strength."""
+        cfg = self.config
+        threshold = cfg.training.quality_threshold
+        batch = 0
+        for s, w in zip(samples, weights, strict=True):
+            if w <= 0.0:
+                continue
+            fb = s.to_feedback()
+            if fb.kind.value in ("target", "gradient") and fb.quality < threshold:
+                continue
+            if adapter.adapt(s.input_embedding, fb, weight=w):
+                batch += 1
+            if batch == MINI_BATCH:
+                self._apply(adapter, batch, rejected)
+                batch = 0
+        if batch:
+            self._apply(adapter, batch, rejected)
+
+    def _apply(self, adapter: MicroLoRA, batch: int, rejected: list[str]) -> None:
+        cfg = self.config
+        if not adapter.apply_updates(
+            cfg.instant_lr * batch, max_norm=cfg.training.max_grad_norm * batch
+        ):
+            rejected.append(adapter.last_note or "update rejected")
+            return
+        self._prox(adapter, cfg.instant_lr * batch, [])
+
+    def _prox(self, adapter: MicroLoRA, lr_total: float, notes: list[str]) -> None:
+        lam = self.config.training.ewc_lambda
+        if lam <= 0.0:
+            return
+        if self.pipeline.prox_step(adapter, 2.0 * lr_total * lam) < 0.0:
+            notes.append("EWC++ step skipped: it would not have been finite")
+
+    def _delta(
+        self,
+        eval_samples: Sequence[TrainingSample],
+        before: _Predictor,
+        after: _Predictor,
+        notes: list[str],
+    ) -> float | None:
+        if not eval_samples:
+            notes.append("quality_delta: no held-back sample with a measurable objective")
+            return None
+        deltas = []
+        for module in self.config.micro_lora.target_modules:
+            b = mean_loss(eval_samples, lambda x, m=module: before(x, m))
+            a = mean_loss(eval_samples, lambda x, m=module: after(x, m))
+            d = relative_improvement(b, a)
+            if d is not None:
+                deltas.append(d)
+        if not deltas:
+            notes.append("quality_delta: the objective is zero on the held-back samples")
+            return None
+        return float(np.mean(deltas))
+
+    # ------------------------------------------------------------------ tasks and deep
+    def start_new_task(self) -> None:
+        self.pipeline.start_new_task(self.published.base)
+
+    def install(self, outcome: DeepOutcome, notes: list[str]) -> bool:
+        """Install a Deep result; True when it replaced the state it was computed from.
+
+        If consolidation moved on meanwhile, the Deep run's change to the shared adapter
+        (result − its starting point) is re-applied on top of the current one, exactly in ΔW
+        space, and its cluster-adapter and pattern-bank changes are discarded (both moved too).
+        """
+        current = self.published
+        if outcome.version == self.version:
+            self.bank = outcome.bank
+            self.version += 1
+            outcome.published.version = self.version
+            self.published = outcome.published
+            return True
+        rank = current.base.config.rank
+        base = MicroLoRA.merge_adapters(
+            [(current.base, 1.0), (outcome.published.base, 1.0), (outcome.start, -1.0)], rank=rank
+        )
+        self.version += 1
+        self.published = Published(base, current.ensemble, current.centroids, self.version)
+        notes.append(
+            "consolidated state moved during the deep run: its change to the shared adapter was "
+            "re-applied on top; cluster adapters and pattern bank changes were discarded"
+        )
+        return False
+
+    @property
+    def task_count(self) -> int:
+        return self.pipeline.task_count
+
+
+class _Predictor:  # pragma: no cover - typing helper
+    def __call__(self, x: np.ndarray, module: TargetModule) -> np.ndarray: ...
+
+
+def _effective(published: Published, live: MicroLoRA | None) -> _Predictor:
+    def predict(x: np.ndarray, module: TargetModule) -> np.ndarray:
+        out = published.predict(x, module)
+        if live is not None:
+            live.forward_add(x, module, out)
+        return out
+
+    return predict  # type: ignore[return-value]
+
+
+def _split_eval(
+    samples: list[tuple[int, TrainingSample]],
+) -> tuple[list[tuple[int, TrainingSample]], list[tuple[int, TrainingSample]]]:
+    """Hold back the newest measurable samples (about 10 %, at most 64) for evaluation."""
+    if len(samples) < 2:
+        return samples, []
+    want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
+    held_idx: list[int] = []
+    for i in range(len(samples) - 1, 0, -1):
+        if len(held_idx) == want:
+            break
+        if measurable(samples[i][1]):
+            held_idx.append(i)
+    held_set = set(held_idx)
+    train = [p for i, p in enumerate(samples) if i not in held_set]
+    held = [samples[i] for i in sorted(held_idx)]
+    return train, held
+
+
+def _strategy_weights(
+    strategy: ConsolidationStrategy, samples: Sequence[TrainingSample]
+) -> list[float]:
+    n = len(samples)
+    if n == 0:
+        return []
+    q = np.array([s.quality for s in samples], np.float64)
+    if strategy is ConsolidationStrategy.QUALITY_WEIGHTED:
+        mean = float(q.mean())
+        return [float(v / mean) if mean > 0 else 0.0 for v in q]
+    if strategy is ConsolidationStrategy.BEST_ONLY:
+        k = max(1, math.ceil(BEST_FRACTION * n))
+        top = set(np.argsort(-q, kind="stable")[:k].tolist())
+        return [1.0 if i in top else 0.0 for i in range(n)]
+    return [1.0] * n
+
+
+def _zero_like(template: MicroLoRA, label: int) -> MicroLoRA:
+    fresh = MicroLoRA(template.config, seed=(template.seed + 7919 * (label + 1)) % (1 << 63))
+    return fresh

@@ -1,0 +1,224 @@
+"""Configuration of the learning engine and runtime, with the seed's tuning presets."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sona.actors.mailbox import OverflowPolicy
+from sona.errors import ConfigError
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.training_config import TrainingConfig
+
+
+class ConsolidationStrategy(enum.Enum):
+    """How the Background loop folds what the Instant loop learned into the consolidated state.
+
+    - EWC_MERGE: add the instant adapter's delta to the consolidated one (exactly, truncated to
+      the consolidated rank), then pull it back toward the anchor on old tasks' input
+      directions (the EWC++ proximal step).
+    - AVERAGE: re-learn the batch on the consolidated adapter with the plain mean of the
+      samples' gradients.
+    - QUALITY_WEIGHTED: the same with each sample's gradient weighted by its quality.
+    - BEST_ONLY: the same with only the top 20 % of samples by quality.
+    - ENSEMBLE: one adapter per pattern-bank cluster; each sample trains its cluster's adapter
+      and inference routes each input to its nearest cluster's adapter.
+    """
+
+    EWC_MERGE = "ewc_merge"
+    AVERAGE = "average"
+    QUALITY_WEIGHTED = "quality_weighted"
+    BEST_ONLY = "best_only"
+    ENSEMBLE = "ensemble"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SupervisionConfig:
+    """Restart budget and backoff for the three loops (see ``sona.actors.Supervisor``).
+
+    Backoff doubles on consecutive crashes and resets once a message is handled successfully.
+    """
+
+    max_restarts: int = 50
+    within_s: float = 10.0
+    backoff_min_s: float = 0.001
+    backoff_max_s: float = 0.5
+    jitter: float = 0.2
+    shutdown_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _int(self.max_restarts, "max_restarts", lo=0)
+        _float(self.within_s, "within_s", lo=0.0, lo_open=True)
+        _float(self.backoff_min_s, "backoff_min_s", lo=0.0)
+        _float(self.backoff_max_s, "backoff_max_s", lo=float(self.backoff_min_s))
+        _float(self.jitter, "jitter", lo=0.0, hi=1.0)
+        _float(self.shutdown_timeout_s, "shutdown_timeout_s", lo=0.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Chaos:
+    """Fault injection: the named loops raise at random while handling messages.
+
+    Lets users (and the demo) watch supervision work on their own integration. Raise
+    ``SupervisionConfig.max_restarts`` to match the crash rate you inject.
+    """
+
+    crash_probability: float
+    loops: tuple[str, ...] = ("instant", "background", "deep")
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _float(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
+        loops = tuple(self.loops)
+        unknown = set(loops) - {"instant", "background", "deep"}
+        if unknown:
+            raise ConfigError(f"Chaos.loops has unknown loops {sorted(unknown)}")
+        object.__setattr__(self, "loops", loops)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SonaLlmConfig:
+    """Everything the three loops need; every field changes behaviour.
+
+    ``deep_epochs`` is the number of passes over the replay buffer per Deep run, at a learning
+    rate decaying as instant_lr · 0.95^epoch. ``consolidated_rank`` is the rank of the
+    consolidated adapter the live one is folded into (None: 4 × the micro rank, capped), so
+    what a new domain teaches is not truncated away by what older ones left. Text is embedded
+    at the adapter's in_features (queries) and out_features (responses).
+    """
+
+    instant_lr: float = 0.01
+    background_interval_ms: int = 100
+    background_min_samples: int = 10
+    deep_trigger_threshold: float = 100.0
+    consolidation_strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE
+    max_pending_samples: int = 1000
+    overflow: OverflowPolicy = OverflowPolicy.BLOCK
+    replay_capacity: int = 10_000
+    pattern_clusters: int = 16
+    checkpoint_interval_s: float = 30.0
+    deep_epochs: int = 3
+    consolidated_rank: int | None = None
+    micro_lora: MicroLoraConfig = field(default_factory=MicroLoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+
+    def __post_init__(self) -> None:
+        _float(self.instant_lr, "instant_lr", lo=0.0, lo_open=True)
+        _int(self.background_interval_ms, "background_interval_ms", lo=1)
+        _int(self.background_min_samples, "background_min_samples", lo=1)
+        _float(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
+        _int(self.max_pending_samples, "max_pending_samples", lo=1)
+        _int(self.replay_capacity, "replay_capacity", lo=1)
+        _int(self.pattern_clusters, "pattern_clusters", lo=1)
+        _float(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)
+        _int(self.deep_epochs, "deep_epochs", lo=1)
+        if self.consolidated_rank is not None:
+            _int(self.consolidated_rank, "consolidated_rank", lo=1)
+            limit = min(self.micro_lora.in_features, self.micro_lora.out_features)
+            if self.consolidated_rank > limit:
+                raise ConfigError(
+                    f"consolidated_rank must be <= {limit}, got {self.consolidated_rank}"
+                )
+        _typed(self.consolidation_strategy, ConsolidationStrategy, "consolidation_strategy")
+        _typed(self.overflow, OverflowPolicy, "overflow")
+        _typed(self.micro_lora, MicroLoraConfig, "micro_lora")
+        _typed(self.training, TrainingConfig, "training")
+        _typed(self.supervision, SupervisionConfig, "supervision")
+
+    @property
+    def consolidated_lora(self) -> MicroLoraConfig:
+        """Config of the consolidated adapter(s): the micro shape at the consolidated rank."""
+        m = self.micro_lora
+        rank = self.consolidated_rank or min(4 * m.rank, m.in_features, m.out_features)
+        return m.replace(rank=rank, alpha=float(rank))
+
+    def replace(self, **changes: Any) -> SonaLlmConfig:
+        """A validated copy with ``changes`` applied."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown SonaLlmConfig fields: {sorted(unknown)}")
+        values.update(changes)
+        return SonaLlmConfig(**values)
+
+    # presets from the seed's tuning table ------------------------------------------------
+    @classmethod
+    def low_latency(cls, dim: int = 768) -> SonaLlmConfig:
+        """Rank 1 on one module, consolidation every 200 ms, no EWC penalty."""
+        return cls(
+            background_interval_ms=200,
+            micro_lora=MicroLoraConfig.for_hidden_dim(
+                dim, rank=1, alpha=2.0, target_modules=(TargetModule.Q_PROJ,)
+            ),
+            training=TrainingConfig(ewc_lambda=0.0),
+        )
+
+    @classmethod
+    def balanced(cls, dim: int = 768) -> SonaLlmConfig:
+        """Rank 2 on two modules, consolidation every 100 ms, lambda 0.1 (the defaults)."""
+        return cls(
+            background_interval_ms=100,
+            micro_lora=MicroLoraConfig.for_hidden_dim(
+                dim, rank=2, target_modules=(TargetModule.Q_PROJ, TargetModule.V_PROJ)
+            ),
+            training=TrainingConfig(ewc_lambda=0.1),
+        )
+
+    @classmethod
+    def high_quality(cls, dim: int = 768) -> SonaLlmConfig:
+        """Rank 4 on four attention modules, consolidation every 50 ms, lambda 0.5."""
+        mods = (TargetModule.Q_PROJ, TargetModule.K_PROJ, TargetModule.V_PROJ, TargetModule.O_PROJ)
+        return cls(
+            background_interval_ms=50,
+            micro_lora=MicroLoraConfig.for_hidden_dim(dim, rank=4, alpha=8.0, target_modules=mods),
+            training=TrainingConfig(ewc_lambda=0.5),
+        )
+
+    @classmethod
+    def minimal_memory(cls, dim: int = 768) -> SonaLlmConfig:
+        """Rank 1 on one module, at most 100 pending samples, a small replay buffer."""
+        return cls(
+            max_pending_samples=100,
+            replay_capacity=1000,
+            pattern_clusters=4,
+            micro_lora=MicroLoraConfig.for_hidden_dim(
+                dim, rank=1, alpha=2.0, target_modules=(TargetModule.Q_PROJ,)
+            ),
+        )
+
+
+def _typed(value: object, kind: type, name: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
+def _int(value: object, name: str, *, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value}")
+
+
+def _float(
+    value: object,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or v > hi
+    if bad:
+        lo_s = "-inf" if lo is None else f"{lo}"
+        hi_s = "inf" if hi is None else f"{hi}"
+        raise ConfigError(f"{name} must be a finite number in [{lo_s}, {hi_s}], got {v!r}")

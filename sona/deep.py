@@ -1,0 +1,235 @@
+"""The Deep loop's logic: replay under EWC++, an ensemble distilled into one adapter, and
+pattern-bank maintenance.
+
+It works only on copies taken from the Background loop (a :class:`DeepJob`) and returns a
+replacement; Background installs it if its own state has not moved meanwhile, else re-applies
+the change on top. It calls only numpy and GIL-releasing Numba kernels in short steps, so it can
+run in a worker thread without stealing the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sona.config import SonaLlmConfig
+from sona.lora import MicroLoRA
+from sona.lora_config import TargetModule
+from sona.objective import mean_loss, measurable, relative_improvement
+from sona.pattern_bank import PatternBank
+from sona.published import Published
+from sona.sample import TrainingSample
+from sona.training import TrainingPipeline
+
+MEMBERS = 3
+MAX_REPLAY = 2048  # samples replayed per run, drawn at random from the older kept ones
+LR_DECAY = 0.95
+EVAL_FRACTION = 0.1
+MAX_EVAL = 256
+EWC_EVERY = 16
+
+
+@dataclass(slots=True)
+class DeepJob:
+    """Everything a Deep run needs, copied so the caller's state can move on meanwhile."""
+
+    config: SonaLlmConfig
+    published: Published  # adapters are clones
+    samples: list[TrainingSample]
+    pipeline_state: tuple[dict[str, Any], dict[str, np.ndarray]]
+    bank_state: tuple[dict[str, Any], dict[str, np.ndarray]]
+    version: int
+    seed: int
+
+
+@dataclass(slots=True)
+class DeepOutcome:
+    published: Published
+    bank: PatternBank
+    samples_used: int
+    epochs: int
+    quality_delta: float | None
+    latency_ms: float
+    version: int
+    start: MicroLoRA  # the shared adapter the run started from
+    evaluated_on: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def snapshot(
+    config: SonaLlmConfig,
+    published: Published,
+    samples: Sequence[TrainingSample],
+    pipeline: TrainingPipeline,
+    bank: PatternBank,
+    version: int,
+    seed: int,
+) -> DeepJob:
+    copy = Published(
+        published.base.clone(),
+        {k: v.clone() for k, v in published.ensemble.items()},
+        None if published.centroids is None else published.centroids.copy(),
+        published.version,
+    )
+    return DeepJob(config, copy, list(samples), pipeline.state_dict(), bank.state(), version, seed)
+
+
+def run_deep(job: DeepJob) -> DeepOutcome:
+    """Replay the kept samples for ``deep_epochs`` epochs in ``MEMBERS`` shuffled orders under
+    EWC++, merge the members exactly (their mean, truncated to the adapter's rank), refine,
+    merge and prune the pattern bank, and measure the result on held-out newest samples."""
+    t0 = time.perf_counter()
+    cfg = job.config
+    notes: list[str] = []
+    train, held = _split(job.samples)
+    pipeline = TrainingPipeline(cfg.training)
+    pipeline.load_state_dict(*job.pipeline_state)
+    bank = PatternBank(cfg.pattern_clusters, cfg.micro_lora.in_features)
+    bank.load(*job.bank_state)
+    rng = np.random.default_rng(job.seed)
+    if len(train) > MAX_REPLAY:
+        keep = np.sort(rng.choice(len(train), MAX_REPLAY, replace=False))
+        train = [train[i] for i in keep]
+    old = job.published
+    usable = [s for s in train if s.quality >= cfg.training.quality_threshold]
+    if len(usable) < len(train):
+        notes.append(f"{len(train) - len(usable)} kept samples below quality_threshold skipped")
+    base = _train_members(old.base, usable, cfg, pipeline, rng)
+    ensemble: dict[int, MicroLoRA] = {}
+    centroids = old.centroids
+    if old.ensemble:
+        if usable:
+            labels = bank.assign_many(np.stack([s.input_embedding for s in usable]))
+        else:
+            labels = np.empty(0, np.intp)
+        for label, adapter in old.ensemble.items():
+            members = [s for s, lab in zip(usable, labels, strict=True) if lab == label]
+            ensemble[label] = _train_members(adapter, members, cfg, pipeline, rng)
+    if train:
+        bank.refine(np.stack([s.input_embedding for s in train]))
+        mapping = bank.merge_and_prune()
+        ensemble = _remap(ensemble, mapping, bank)
+        centroids = bank.centroids[: len(bank)].copy() if ensemble else None
+        merged = sum(1 for i, j in enumerate(mapping) if j >= 0 and mapping.index(j) != i)
+        pruned = sum(1 for j in mapping if j < 0)
+        if merged or pruned:
+            notes.append(f"pattern bank: merged {merged}, pruned {pruned} clusters")
+    result = Published(base, ensemble, centroids)
+    delta = _delta(held, old, result, cfg.micro_lora.target_modules, notes)
+    return DeepOutcome(
+        result,
+        bank,
+        samples_used=len(usable),
+        epochs=cfg.deep_epochs,
+        quality_delta=delta,
+        latency_ms=(time.perf_counter() - t0) * 1e3,
+        version=job.version,
+        start=old.base,
+        evaluated_on=len(held),
+        notes=notes,
+    )
+
+
+def _train_members(
+    start: MicroLoRA,
+    samples: Sequence[TrainingSample],
+    cfg: SonaLlmConfig,
+    pipeline: TrainingPipeline,
+    rng: np.random.Generator,
+) -> MicroLoRA:
+    if not samples:
+        return start.clone()
+    members = []
+    for _ in range(MEMBERS):
+        member = start.clone()
+        for epoch in range(cfg.deep_epochs):
+            lr = cfg.instant_lr * LR_DECAY**epoch
+            order = rng.permutation(len(samples))
+            _epoch(member, [samples[i] for i in order], lr, cfg, pipeline)
+        members.append(member)
+    weight = 1.0 / len(members)
+    return MicroLoRA.merge_adapters([(m, weight) for m in members], rank=start.config.rank)
+
+
+def _epoch(
+    adapter: MicroLoRA,
+    samples: Sequence[TrainingSample],
+    lr: float,
+    cfg: SonaLlmConfig,
+    pipeline: TrainingPipeline,
+) -> None:
+    lam = cfg.training.ewc_lambda
+    max_norm = cfg.training.max_grad_norm
+    since = 0
+    for s in samples:
+        if not adapter.adapt(s.input_embedding, s.to_feedback()):
+            continue
+        if not adapter.apply_updates(lr, max_norm=max_norm):
+            continue
+        since += 1
+        if since == EWC_EVERY:
+            if lam > 0.0:
+                pipeline.prox_step(adapter, 2.0 * lr * lam * since)
+            since = 0
+            time.sleep(0)  # hand the GIL to the event loop between short steps
+    if since and lam > 0.0:
+        pipeline.prox_step(adapter, 2.0 * lr * lam * since)
+
+
+def _remap(
+    ensemble: dict[int, MicroLoRA], mapping: list[int], bank: PatternBank
+) -> dict[int, MicroLoRA]:
+    """Follow the bank's merges: adapters of merged clusters are merged, weighted by count."""
+    if not ensemble:
+        return ensemble
+    groups: dict[int, list[int]] = {}
+    for old, new in enumerate(mapping):
+        if new >= 0 and old in ensemble:
+            groups.setdefault(new, []).append(old)
+    out: dict[int, MicroLoRA] = {}
+    for new, olds in groups.items():
+        if len(olds) == 1:
+            out[new] = ensemble[olds[0]]
+            continue
+        rank = ensemble[olds[0]].config.rank
+        share = 1.0 / len(olds)
+        out[new] = MicroLoRA.merge_adapters([(ensemble[o], share) for o in olds], rank=rank)
+    return out
+
+
+def _split(samples: list[TrainingSample]) -> tuple[list[TrainingSample], list[TrainingSample]]:
+    """Hold out the newest measurable samples (about 10 %, at most 256) for evaluation."""
+    if len(samples) < 2:
+        return samples, []
+    want = min(MAX_EVAL, max(1, int(EVAL_FRACTION * len(samples))))
+    held_idx = [i for i in range(len(samples) - 1, 0, -1) if measurable(samples[i])][:want]
+    held_set = set(held_idx)
+    train = [s for i, s in enumerate(samples) if i not in held_set]
+    return train, [samples[i] for i in sorted(held_idx)]
+
+
+def _delta(
+    held: Sequence[TrainingSample],
+    before: Published,
+    after: Published,
+    modules: Sequence[TargetModule],
+    notes: list[str],
+) -> float | None:
+    if not held:
+        notes.append("quality_delta: no held-out sample with a measurable objective")
+        return None
+    deltas = []
+    for m in modules:
+        b = mean_loss(held, lambda x, m=m: before.predict(x, m))
+        a = mean_loss(held, lambda x, m=m: after.predict(x, m))
+        d = relative_improvement(b, a)
+        if d is not None:
+            deltas.append(d)
+    if not deltas:
+        notes.append("quality_delta: the objective is zero on the held-out samples")
+        return None
+    return float(np.mean(deltas))

@@ -1,0 +1,257 @@
+"""``SonaLlm``: the synchronous engine, the three loops driven directly by the caller.
+
+Deterministic given a seed and a clock: the same calls produce the same weights. This is the
+seed design's API; :class:`sona.runtime.SonaRuntime` runs the same loop logic as supervised
+actors. Backpressure here is synchronous: under BLOCK a full pending buffer makes ``submit``
+run the Background loop first, so the caller waits while room is made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sona.actors.errors import Backpressure
+from sona.actors.mailbox import OverflowPolicy
+from sona.background import BackgroundLoop
+from sona.config import SonaLlmConfig
+from sona.deep import DeepOutcome, run_deep, snapshot
+from sona.embedding import Embedder, HashingEmbedder
+from sona.feedback import AdaptFeedback
+from sona.instant import InstantLoop
+from sona.log import get_logger
+from sona.lora_config import TargetModule
+from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
+from sona.sample import TrainingSample
+from sona.validation import as_f32, check_quality
+
+_log = get_logger("sona.engine")
+
+
+class SonaLlm:
+    """Instant, Background and Deep loops in one object, for synchronous hosts and tests."""
+
+    def __init__(
+        self,
+        config: SonaLlmConfig | None = None,
+        *,
+        embedder: Embedder | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config if config is not None else SonaLlmConfig()
+        if not isinstance(self.config, SonaLlmConfig):
+            raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
+        self.embedder: Embedder = embedder if embedder is not None else HashingEmbedder()
+        self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        self.clock = clock
+        self.instant = InstantLoop(self.config, seed=self.seed)
+        self.background = BackgroundLoop(self.config, seed=self.seed + 1)
+        self._ids = itertools.count(1)
+        self._last_background = clock()
+        self.submitted = 0
+        self.dropped = 0
+        self.deep_runs = 0
+        self.background_skipped = 0
+
+    # ------------------------------------------------------------------ input
+    def make_sample(self, query: Any, response: Any, quality: float) -> TrainingSample:
+        """A sample from text (embedded by the embedder) or embeddings."""
+        cfg = self.config.micro_lora
+        q = check_quality(quality)
+        x = self._embed(query, "query", cfg.in_features)
+        y = self._embed(response, "response", cfg.out_features)
+        sample = TrainingSample(x, y, q)
+        if isinstance(query, str):
+            sample = sample.with_query(query)
+        if isinstance(response, str):
+            sample = sample.with_response(response)
+        return sample
+
+    def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
+        if isinstance(value, str):
+            return self.embedder.embed(value, dim)
+        arr = as_f32(value, name)
+        if arr.shape != (dim,):
+            raise _shape_error(name, dim, arr.shape)
+        return arr
+
+    def feedback_sample(self, x: Any, feedback: AdaptFeedback) -> TrainingSample:
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        cfg = self.config.micro_lora
+        vec = feedback.vector if feedback.vector is not None else np.zeros(cfg.out_features)
+        if vec.shape != (cfg.out_features,):
+            raise _shape_error("feedback vector", cfg.out_features, vec.shape)
+        x_arr = self._embed(x, "x", cfg.in_features)
+        return TrainingSample(x_arr, vec, feedback.quality).with_feedback(feedback)
+
+    # ------------------------------------------------------------------ instant loop
+    def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:
+        """Learn from a rated (query, response) pair now; text or embeddings."""
+        return self.submit(self.make_sample(query, response, quality))
+
+    def adapt(
+        self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None
+    ) -> AdaptationResult:
+        """Learn from explicit feedback on input ``x`` (target, gradient, group, ...)."""
+        sample = self.feedback_sample(x, feedback)
+        return self.submit(sample, module=module)
+
+    def submit(
+        self, sample: TrainingSample, *, module: TargetModule | None = None
+    ) -> AdaptationResult:
+        if not isinstance(sample, TrainingSample):
+            raise TypeError(f"sample must be a TrainingSample, got {type(sample).__name__}")
+        self._check_sample(sample)
+        if module is not None:
+            TargetModule.parse(module)
+            self.instant.live.factors(module)  # raises for an untargeted module
+        sid = next(self._ids)
+        self.submitted += 1
+        if self.pending_samples() >= self.config.max_pending_samples and not self._make_room():
+            self.dropped += 1
+            return AdaptationResult(
+                applied=False,
+                loop="instant",
+                latency_us=0.0,
+                notes=["dropped: pending buffer full (DROP_NEWEST)"],
+                sample_id=sid,
+            )
+        out = self.instant.process(sid, sample, module)
+        return AdaptationResult(
+            applied=out.applied, loop="instant", latency_us=out.latency_us,
+            notes=list(out.notes), sample_id=sid,
+        )  # fmt: skip
+
+    def _check_sample(self, sample: TrainingSample) -> None:
+        cfg = self.config.micro_lora
+        if sample.input_embedding.shape != (cfg.in_features,):
+            raise _shape_error(
+                "sample.input_embedding", cfg.in_features, sample.input_embedding.shape
+            )
+        if sample.output_embedding.shape != (cfg.out_features,):
+            raise _shape_error(
+                "sample.output_embedding", cfg.out_features, sample.output_embedding.shape
+            )
+
+    def _make_room(self) -> bool:
+        """Apply the overflow policy to a full pending buffer; False drops the new sample."""
+        policy = self.config.overflow
+        if policy is OverflowPolicy.REJECT:
+            self.submitted -= 1
+            raise Backpressure(
+                f"pending buffer full ({self.config.max_pending_samples} samples); "
+                "call maybe_background() or raise max_pending_samples"
+            )
+        if policy is OverflowPolicy.DROP_NEWEST:
+            return False
+        if policy is OverflowPolicy.DROP_OLDEST:
+            self.instant.evict_oldest()
+            return True
+        self.run_background()  # BLOCK: make room synchronously
+        return True
+
+    def pending_samples(self) -> int:
+        return len(self.instant.pending) + self.background.held_back
+
+    # ------------------------------------------------------------------ background loop
+    def maybe_background(self) -> BackgroundResult | None:
+        """Consolidate if the interval has passed and enough samples are pending."""
+        now = self.clock()
+        interval = self.config.background_interval_ms / 1e3
+        if now - self._last_background < interval:
+            return None
+        if not self.background.ready(len(self.instant.pending)):
+            self.background_skipped += 1
+            return None
+        return self.run_background()
+
+    def run_background(self) -> BackgroundResult:
+        """Consolidate now, whatever the interval (used by BLOCK backpressure and new tasks)."""
+        self._last_background = self.clock()
+        hand = self.instant.hand_over()
+        outcome = self.background.consolidate(hand)
+        return outcome.result
+
+    # ------------------------------------------------------------------ deep loop
+    def should_trigger_deep(self) -> bool:
+        return self.instant.accumulated_quality >= self.config.deep_trigger_threshold
+
+    def deep_optimize(self, samples: list[TrainingSample] | None = None) -> DeepResult:
+        """Replay kept samples (or ``samples``) under EWC++ and install the result."""
+        job = self.deep_job(samples)
+        return self.install_deep(run_deep(job))
+
+    def deep_job(self, samples: list[TrainingSample] | None = None):  # type: ignore[no-untyped-def]
+        bg = self.background
+        kept = list(bg.replay) if samples is None else list(samples)
+        for s in kept:
+            if not isinstance(s, TrainingSample):
+                raise TypeError("samples must be TrainingSample instances")
+            self._check_sample(s)
+        self.instant.take_deep_quality()
+        return snapshot(
+            self.config, bg.published, kept, bg.pipeline, bg.bank, bg.version,
+            self.seed + 1000 + self.deep_runs,
+        )  # fmt: skip
+
+    def install_deep(self, outcome: DeepOutcome) -> DeepResult:
+        notes = list(outcome.notes)
+        installed = self.background.install(outcome, notes)
+        self.deep_runs += 1
+        return DeepResult(
+            samples_used=outcome.samples_used, epochs=outcome.epochs,
+            quality_delta=outcome.quality_delta, latency_ms=outcome.latency_ms,
+            notes=notes, installed=installed, evaluated_on=outcome.evaluated_on,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
+        """The effective delta: consolidated adapter(s) plus the live adapter."""
+        out = self.instant.live.forward(x, module, explore=explore)
+        xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
+        self.background.published.add_into(xa, module, out)
+        return out
+
+    def start_new_task(self) -> None:
+        """Consolidate what is pending into the old task, then fold its importance (EWC++)."""
+        if self.instant.pending:
+            self.run_background()
+        self.background.start_new_task()
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> LearningStats:
+        inst = self.instant
+        bg = self.background
+        return LearningStats(
+            submitted_count=self.submitted,
+            instant_count=inst.applied,
+            skipped_count=inst.skipped,
+            dropped_samples=self.dropped,
+            dead_lettered=0,
+            in_flight=0,
+            instant_avg_latency_us=inst.avg_latency_us,
+            background_count=bg.runs,
+            deep_count=self.deep_runs,
+            pending_samples=self.pending_samples(),
+            accumulated_quality=inst.accumulated_quality,
+            evicted_samples=inst.evicted,
+            consolidated_count=bg.consolidated,
+            task_count=bg.task_count,
+            updates_rejected=inst.rejected,
+            replay_size=len(bg.replay),
+            pattern_clusters=len(bg.bank),
+            skip_reasons=dict(inst.skip_reasons),
+        )
+
+
+def _shape_error(name: str, dim: int, shape: tuple[int, ...]) -> Exception:
+    from sona.errors import InvalidInputError
+
+    return InvalidInputError(f"{name} must have shape ({dim},), got {shape}")

@@ -1,0 +1,114 @@
+"""The Instant loop's logic: one MicroLoRA step per sample, on the request path.
+
+It owns the live adapter and the samples it applied that the Background loop has not taken yet
+(``pending``). Handing over gives Background a snapshot of the live adapter together with
+exactly the samples that shaped it, and starts the live adapter afresh (B = 0), so nothing is
+folded twice and nothing is lost between the two.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from sona.config import SonaLlmConfig
+from sona.feedback import FeedbackKind
+from sona.lora import MicroLoRA
+from sona.lora_config import TargetModule
+from sona.sample import TrainingSample
+
+_GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
+
+
+@dataclass(frozen=True, slots=True)
+class InstantOutcome:
+    applied: bool
+    latency_us: float
+    notes: list[str] = field(default_factory=list)
+    reason: str | None = None  # short key for skip statistics
+    rejected: bool = False  # the adapter refused the update as non-finite
+
+
+@dataclass(slots=True)
+class HandOver:
+    """What Background receives: the live adapter as it was, and the samples behind it."""
+
+    live: MicroLoRA
+    samples: list[tuple[int, TrainingSample]]
+
+
+class InstantLoop:
+    """Applies each sample to the live adapter at ``instant_lr`` and keeps it for Background."""
+
+    def __init__(self, config: SonaLlmConfig, *, seed: int) -> None:
+        self.config = config
+        self.live = MicroLoRA(config.micro_lora, seed=seed)
+        self.pending: deque[tuple[int, TrainingSample]] = deque()
+        self.applied = 0
+        self.skipped = 0
+        self.rejected = 0
+        self.evicted = 0
+        self.skip_reasons: dict[str, int] = {}
+        self.latency_sum_us = 0.0
+        self.accumulated_quality = 0.0
+        self._lr = config.instant_lr
+        self._max_norm = config.training.max_grad_norm
+        self._threshold = config.training.quality_threshold
+
+    def process(
+        self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
+    ) -> InstantOutcome:
+        """One update; a sample that changes nothing is counted as skipped with its reason."""
+        t0 = time.perf_counter_ns()
+        fb = sample.to_feedback()
+        live = self.live
+        if fb.kind in _GATED and fb.quality < self._threshold:
+            return self._skip(t0, "below_quality_threshold", (
+                f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
+                f"quality_threshold {self._threshold:.3f}"
+            ))  # fmt: skip
+        if not live.adapt(sample.input_embedding, fb, module):
+            return self._skip(t0, "no_direction", live.last_note or "declined by the adapter")
+        if not live.apply_updates(self._lr, max_norm=self._max_norm):
+            self.rejected += 1
+            note = live.last_note or "update rejected"
+            return self._skip(t0, "update_rejected", note, rejected=True)
+        self.pending.append((sample_id, sample))
+        self.applied += 1
+        self.accumulated_quality += sample.quality
+        dt = (time.perf_counter_ns() - t0) / 1e3
+        self.latency_sum_us += dt
+        return InstantOutcome(True, dt)
+
+    def _skip(self, t0: int, reason: str, note: str, *, rejected: bool = False) -> InstantOutcome:
+        self.skipped += 1
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+        dt = (time.perf_counter_ns() - t0) / 1e3
+        return InstantOutcome(False, dt, [note], reason, rejected)
+
+    def hand_over(self) -> HandOver:
+        """Snapshot the live adapter with its pending samples, then start afresh (B = 0)."""
+        snapshot = self.live.clone()
+        samples = list(self.pending)
+        self.pending.clear()
+        self.live.reset_b()
+        return HandOver(snapshot, samples)
+
+    def evict_oldest(self) -> int | None:
+        """Drop the oldest sample waiting for consolidation (it stays applied); its id."""
+        if not self.pending:
+            return None
+        sid, _ = self.pending.popleft()
+        self.evicted += 1
+        return sid
+
+    def take_deep_quality(self) -> float:
+        """The quality accumulated since the last Deep run, reset to zero."""
+        q = self.accumulated_quality
+        self.accumulated_quality = 0.0
+        return q
+
+    @property
+    def avg_latency_us(self) -> float:
+        return self.latency_sum_us / self.applied if self.applied else 0.0

@@ -1,0 +1,139 @@
+"""The pattern bank: k-means over input embeddings.
+
+It tells the ENSEMBLE strategy which adapter an input belongs to, and the Deep loop where inputs
+lie. Centroids are learned online (mini-batch k-means with per-cluster step 1/count, floored so
+old clusters keep tracking drift) and refined by Lloyd passes in the Deep loop. A centroid is
+only ever set from real inputs: an empty cluster keeps its last centroid or is re-seeded with an
+input, never left at zero (a zero centroid would attract nothing or everything).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sona.errors import FormatError, InvalidInputError
+
+_MIN_STEP = 0.01
+
+
+class PatternBank:
+    """Up to ``k`` centroids in ``dim`` dimensions; slots fill with the first distinct inputs."""
+
+    def __init__(self, k: int, dim: int) -> None:
+        if k < 1 or dim < 1:
+            raise InvalidInputError(f"k and dim must be >= 1, got k={k}, dim={dim}")
+        self.k = k
+        self.dim = dim
+        self.centroids = np.zeros((k, dim), np.float32)
+        self.counts = np.zeros(k, np.int64)
+        self.size = 0  # slots in use; always a prefix of the arrays
+
+    def __len__(self) -> int:
+        return self.size
+
+    def assign(self, x: np.ndarray) -> int:
+        """Index of the nearest centroid (squared Euclidean); -1 when the bank is empty."""
+        if self.size == 0:
+            return -1
+        c = self.centroids[: self.size]
+        d = np.einsum("ij,ij->i", c, c) - 2.0 * (c @ x)
+        return int(np.argmin(d))
+
+    def assign_many(self, xs: np.ndarray) -> np.ndarray:
+        if self.size == 0:
+            return np.full(xs.shape[0], -1, np.intp)
+        c = self.centroids[: self.size]
+        d = np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (xs @ c.T)
+        return np.argmin(d, axis=1)
+
+    def update(self, xs: np.ndarray) -> np.ndarray:
+        """Fold a batch of inputs in; returns each input's cluster index after the update."""
+        xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        labels = np.empty(xs.shape[0], np.intp)
+        for i, x in enumerate(xs):
+            j = self.assign(x)
+            if self.size < self.k and (j < 0 or not np.allclose(self.centroids[j], x, atol=1e-6)):
+                j = self.size
+                self.centroids[j] = x
+                self.counts[j] = 1
+                self.size += 1
+            else:
+                self.counts[j] += 1
+                step = max(1.0 / float(self.counts[j]), _MIN_STEP)
+                self.centroids[j] += np.float32(step) * (x - self.centroids[j])
+            labels[i] = j
+        return labels
+
+    def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
+        """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid."""
+        xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        if self.size == 0 or xs.shape[0] == 0:
+            return
+        for _ in range(iterations):
+            labels = self.assign_many(xs)
+            for j in range(self.size):
+                members = xs[labels == j]
+                if members.shape[0]:
+                    self.centroids[j] = members.mean(axis=0)
+
+    def merge_and_prune(self, *, merge_cos: float = 0.98, min_share: float = 0.002) -> list[int]:
+        """Merge near-duplicate centroids and drop clusters holding almost no inputs.
+
+        Returns ``mapping``: old slot -> new slot (or -1 when pruned), so per-cluster state kept
+        elsewhere (ensemble adapters) can follow. Freed slots are re-seeded by later inputs.
+        """
+        n = self.size
+        if n == 0:
+            return []
+        total = max(int(self.counts[:n].sum()), 1)
+        c = self.centroids[:n].astype(np.float64)
+        norms = np.linalg.norm(c, axis=1)
+        norms[norms == 0] = 1.0
+        unit = c / norms[:, None]
+        group = list(range(n))
+        for i in range(n):
+            for j in range(i):
+                if group[j] == j and float(unit[i] @ unit[j]) >= merge_cos:
+                    group[i] = j
+                    break
+        roots = [j for j in range(n) if group[j] == j]
+        share = {j: int(self.counts[[i for i in range(n) if group[i] == j]].sum()) for j in roots}
+        keep = [j for j in roots if share[j] / total >= min_share]
+        if not keep:  # never prune everything: keep the largest group
+            keep = [max(roots, key=lambda j: share[j])]
+        mapping = [-1] * n
+        new_c = np.zeros_like(self.centroids)
+        new_counts = np.zeros_like(self.counts)
+        for slot, j in enumerate(keep):
+            members = [i for i in range(n) if group[i] == j]
+            w = self.counts[members].astype(np.float64)
+            w = w / w.sum() if w.sum() > 0 else np.full(len(members), 1.0 / len(members))
+            new_c[slot] = (w[:, None] * c[members]).sum(axis=0)
+            new_counts[slot] = int(self.counts[members].sum())
+            for i in members:
+                mapping[i] = slot
+        self.centroids = new_c
+        self.counts = new_counts
+        self.size = len(keep)
+        return mapping
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {"k": self.k, "dim": self.dim, "size": self.size}
+        return meta, {"centroids": self.centroids.copy(), "counts": self.counts.copy()}
+
+    def load(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        try:
+            k, dim, size = int(meta["k"]), int(meta["dim"]), int(meta["size"])
+            centroids = np.asarray(arrays["centroids"], np.float32)
+            counts = np.asarray(arrays["counts"], np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"invalid pattern bank state: {exc}") from None
+        if (k, dim) != (self.k, self.dim) or not 0 <= size <= k:
+            raise FormatError("pattern bank state does not match this bank's shape")
+        if centroids.shape != (k, dim) or counts.shape != (k,) or not np.isfinite(centroids).all():
+            raise FormatError("pattern bank arrays have the wrong shape or hold NaN/inf")
+        self.centroids = centroids.copy()
+        self.counts = counts.copy()
+        self.size = size

@@ -1,0 +1,121 @@
+"""A simulated model and users: the world the demo, the benchmarks and the tests learn in.
+
+A frozen base model is a fixed random linear map. Each domain has its own input distribution
+(a random low-dimensional subspace plus a little isotropic noise) and its own hidden low-rank
+correction; what the adapter should output for x is that correction applied to x (the ideal
+output minus the base output). Quality is the cosine between the produced and the ideal output,
+mapped to [0, 1]. Corrections of different domains conflict: they are independent random maps,
+so what one domain teaches is wrong for the others wherever their inputs overlap (``shared``
+input directions common to all domains), and with a small adapter rank they compete for the
+same factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Domain:
+    basis: np.ndarray  # (k, d) orthonormal rows: where this domain's inputs lie
+    correction: np.ndarray  # (d, d), low rank
+    held_out: np.ndarray  # (n, d)
+
+
+class DomainWorld:
+    """``domains`` domains over a frozen random linear base of width ``dim``."""
+
+    def __init__(
+        self,
+        dim: int = 64,
+        domains: int = 2,
+        *,
+        subspace: int = 6,
+        shared: int = 0,
+        correction_rank: int = 1,
+        base_quality: float = 0.8,
+        noise: float = 0.05,
+        held_out: int = 256,
+        seed: int = 0,
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.noise = noise
+        self.rng = np.random.default_rng(seed + 1)
+        self.base = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+        self.domains: list[Domain] = []
+        common = np.linalg.qr(rng.standard_normal((dim, max(shared, 1))))[0][:, :shared]
+        for _ in range(domains):
+            own = rng.standard_normal((dim, subspace - shared))
+            basis, _ = np.linalg.qr(np.concatenate([common, own], axis=1))
+            u, _ = np.linalg.qr(rng.standard_normal((dim, correction_rank)))
+            # the correction reads this domain's input directions, writes anywhere
+            v = basis.T.T @ np.linalg.qr(rng.standard_normal((subspace, correction_rank)))[0]
+            shape = (u @ v.T).astype(np.float32)
+            dom = Domain(basis.T.astype(np.float32), shape, np.zeros((0, dim), np.float32))
+            dom.held_out = self._draw(dom, held_out, rng)
+            scale = self._scale_for(dom, shape, base_quality)
+            dom.correction = (shape * scale).astype(np.float32)
+            self.domains.append(dom)
+
+    def _draw(self, dom: Domain, n: int, rng: np.random.Generator) -> np.ndarray:
+        k = dom.basis.shape[0]
+        x = rng.standard_normal((n, k)) @ dom.basis + self.noise * rng.standard_normal(
+            (n, self.dim)
+        ) * np.sqrt(k / self.dim)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def _scale_for(self, dom: Domain, shape: np.ndarray, target: float) -> float:
+        lo, hi = 0.0, 1000.0
+        zeros = np.zeros((dom.held_out.shape[0], self.dim), np.float32)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            dom.correction = (shape * mid).astype(np.float32)
+            q = self.quality(len(self.domains), zeros, dom)
+            lo, hi = (mid, hi) if q > target else (lo, mid)
+        return (lo + hi) / 2
+
+    # ---------------------------------------------------------------- sampling and rating
+    def inputs(self, domain: int, n: int) -> np.ndarray:
+        return self._draw(self.domains[domain], n, self.rng)
+
+    def target_delta(self, domain: int, x: np.ndarray) -> np.ndarray:
+        """What the adapter should add to the base output for ``x`` in ``domain``."""
+        return (x @ self.domains[domain].correction.T).astype(np.float32)
+
+    def base_output(self, x: np.ndarray) -> np.ndarray:
+        return (x @ self.base.T).astype(np.float32)
+
+    def rate(self, domain: int, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Per-row quality of base(x) + delta in ``domain``: cosine to ideal, mapped to [0, 1]."""
+        return _rate(self.base, self.domains[domain].correction, x, delta)
+
+    def quality(self, domain: int, delta: np.ndarray, dom: Domain | None = None) -> float:
+        """Mean held-out quality of ``delta`` (the adapter's outputs on the held-out inputs)."""
+        d = dom if dom is not None else self.domains[domain]
+        return float(np.mean(_rate(self.base, d.correction, d.held_out, delta)))
+
+    def held_out(self, domain: int) -> np.ndarray:
+        return self.domains[domain].held_out
+
+    def evaluate(self, domain: int, predict: Predict) -> float:
+        x = self.held_out(domain)
+        return self.quality(domain, predict(x))
+
+    def base_quality(self, domain: int) -> float:
+        x = self.held_out(domain)
+        return self.quality(domain, np.zeros_like(x))
+
+
+def _rate(base: np.ndarray, corr: np.ndarray, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    out = x @ base.T + delta
+    ideal = x @ (base + corr).T
+    cos = np.sum(out * ideal, axis=-1) / (
+        np.linalg.norm(out, axis=-1) * np.linalg.norm(ideal, axis=-1) + 1e-12
+    )
+    return np.asarray((1.0 + cos) / 2.0)
