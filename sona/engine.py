@@ -21,14 +21,15 @@ from sona.actors.mailbox import OverflowPolicy
 from sona.background import BackgroundLoop
 from sona.config import SonaLlmConfig
 from sona.deep import DeepOutcome, run_deep, snapshot
-from sona.embedding import Embedder, HashingEmbedder
+from sona.embedding import Embedder
 from sona.feedback import AdaptFeedback
+from sona.ingest import SampleFactory
 from sona.instant import InstantLoop
 from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32, check_quality
+from sona.validation import as_f32
 
 _log = get_logger("sona.engine")
 
@@ -47,7 +48,8 @@ class SonaLlm:
         self.config = config if config is not None else SonaLlmConfig()
         if not isinstance(self.config, SonaLlmConfig):
             raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
-        self.embedder: Embedder = embedder if embedder is not None else HashingEmbedder()
+        self._factory = SampleFactory(self.config, embedder)
+        self.embedder = self._factory.embedder
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
         self.clock = clock
         self.instant = InstantLoop(self.config, seed=self.seed)
@@ -62,34 +64,10 @@ class SonaLlm:
     # ------------------------------------------------------------------ input
     def make_sample(self, query: Any, response: Any, quality: float) -> TrainingSample:
         """A sample from text (embedded by the embedder) or embeddings."""
-        cfg = self.config.micro_lora
-        q = check_quality(quality)
-        x = self._embed(query, "query", cfg.in_features)
-        y = self._embed(response, "response", cfg.out_features)
-        sample = TrainingSample(x, y, q)
-        if isinstance(query, str):
-            sample = sample.with_query(query)
-        if isinstance(response, str):
-            sample = sample.with_response(response)
-        return sample
-
-    def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
-        if isinstance(value, str):
-            return self.embedder.embed(value, dim)
-        arr = as_f32(value, name)
-        if arr.shape != (dim,):
-            raise _shape_error(name, dim, arr.shape)
-        return arr
+        return self._factory.rated(query, response, quality)
 
     def feedback_sample(self, x: Any, feedback: AdaptFeedback) -> TrainingSample:
-        if not isinstance(feedback, AdaptFeedback):
-            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
-        cfg = self.config.micro_lora
-        vec = feedback.vector if feedback.vector is not None else np.zeros(cfg.out_features)
-        if vec.shape != (cfg.out_features,):
-            raise _shape_error("feedback vector", cfg.out_features, vec.shape)
-        x_arr = self._embed(x, "x", cfg.in_features)
-        return TrainingSample(x_arr, vec, feedback.quality).with_feedback(feedback)
+        return self._factory.with_feedback(x, feedback)
 
     # ------------------------------------------------------------------ instant loop
     def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:
@@ -106,12 +84,7 @@ class SonaLlm:
     def submit(
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
-        if not isinstance(sample, TrainingSample):
-            raise TypeError(f"sample must be a TrainingSample, got {type(sample).__name__}")
-        self._check_sample(sample)
-        if module is not None:
-            TargetModule.parse(module)
-            self.instant.live.factors(module)  # raises for an untargeted module
+        self._factory.check(sample, module)
         sid = next(self._ids)
         self.submitted += 1
         if self.pending_samples() >= self.config.max_pending_samples and not self._make_room():
@@ -128,17 +101,6 @@ class SonaLlm:
             applied=out.applied, loop="instant", latency_us=out.latency_us,
             notes=list(out.notes), sample_id=sid,
         )  # fmt: skip
-
-    def _check_sample(self, sample: TrainingSample) -> None:
-        cfg = self.config.micro_lora
-        if sample.input_embedding.shape != (cfg.in_features,):
-            raise _shape_error(
-                "sample.input_embedding", cfg.in_features, sample.input_embedding.shape
-            )
-        if sample.output_embedding.shape != (cfg.out_features,):
-            raise _shape_error(
-                "sample.output_embedding", cfg.out_features, sample.output_embedding.shape
-            )
 
     def _make_room(self) -> bool:
         """Apply the overflow policy to a full pending buffer; False drops the new sample."""
@@ -192,9 +154,7 @@ class SonaLlm:
         bg = self.background
         kept = list(bg.replay) if samples is None else list(samples)
         for s in kept:
-            if not isinstance(s, TrainingSample):
-                raise TypeError("samples must be TrainingSample instances")
-            self._check_sample(s)
+            self._factory.check(s)
         self.instant.take_deep_quality()
         return snapshot(
             self.config, bg.published, kept, bg.pipeline, bg.bank, bg.version,
@@ -249,9 +209,3 @@ class SonaLlm:
             pattern_clusters=len(bg.bank),
             skip_reasons=dict(inst.skip_reasons),
         )
-
-
-def _shape_error(name: str, dim: int, shape: tuple[int, ...]) -> Exception:
-    from sona.errors import InvalidInputError
-
-    return InvalidInputError(f"{name} must have shape ({dim},), got {shape}")

@@ -1,0 +1,80 @@
+"""Turning what a host passes in (text, embeddings, feedback) into validated samples.
+
+Shared by the synchronous engine and the async runtime so both accept exactly the same input
+and reject it with the same errors before any state changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sona.config import SonaLlmConfig
+from sona.embedding import Embedder, HashingEmbedder
+from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.lora_config import TargetModule
+from sona.sample import TrainingSample
+from sona.validation import as_f32, check_quality
+
+
+class SampleFactory:
+    """Builds and checks samples for one configuration."""
+
+    def __init__(self, config: SonaLlmConfig, embedder: Embedder | None) -> None:
+        if embedder is not None and not isinstance(embedder, Embedder):
+            raise TypeError("embedder must have an embed(text, dim) -> np.ndarray method")
+        self.embedder: Embedder = embedder if embedder is not None else HashingEmbedder()
+        self._in = config.micro_lora.in_features
+        self._out = config.micro_lora.out_features
+        self._modules = config.micro_lora.target_modules
+
+    def rated(self, query: Any, response: Any, quality: float) -> TrainingSample:
+        """A sample from a rated (query, response) pair: text or embeddings."""
+        q = check_quality(quality)
+        x = self._embed(query, "query", self._in)
+        y = self._embed(response, "response", self._out)
+        sample = TrainingSample(x, y, q)
+        if isinstance(query, str):
+            sample = sample.with_query(query)
+        if isinstance(response, str):
+            sample = sample.with_response(response)
+        return sample
+
+    def with_feedback(self, x: Any, feedback: AdaptFeedback) -> TrainingSample:
+        """A sample carrying explicit feedback (target, gradient, group, quality only)."""
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        vec = feedback.vector if feedback.vector is not None else np.zeros(self._out, np.float32)
+        if vec.shape != (self._out,):
+            raise _shape("feedback vector", self._out, vec.shape)
+        x_arr = self._embed(x, "x", self._in)
+        return TrainingSample(x_arr, vec, feedback.quality).with_feedback(feedback)
+
+    def check(self, sample: object, module: object = None) -> TrainingSample:
+        if not isinstance(sample, TrainingSample):
+            raise TypeError(f"sample must be a TrainingSample, got {type(sample).__name__}")
+        if sample.input_embedding.shape != (self._in,):
+            raise _shape("sample.input_embedding", self._in, sample.input_embedding.shape)
+        if sample.output_embedding.shape != (self._out,):
+            raise _shape("sample.output_embedding", self._out, sample.output_embedding.shape)
+        if module is not None and TargetModule.parse(module) not in self._modules:
+            from sona.errors import UnknownModuleError
+
+            raise UnknownModuleError(f"module {module!r} is not targeted by this configuration")
+        return sample
+
+    def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
+        if isinstance(value, str):
+            vec = self.embedder.embed(value, dim)
+            arr = as_f32(vec, f"embedding of {name}")
+        else:
+            arr = as_f32(value, name)
+        if arr.shape != (dim,):
+            raise _shape(name, dim, arr.shape)
+        return arr
+
+
+def _shape(name: str, dim: int, shape: tuple[int, ...]) -> InvalidInputError:
+    return InvalidInputError(f"{name} must have shape ({dim},), got {shape}")
