@@ -59,6 +59,10 @@ class SampleFactory:
             raise _shape("sample.input_embedding", self._in, sample.input_embedding.shape)
         if sample.output_embedding.shape != (self._out,):
             raise _shape("sample.output_embedding", self._out, sample.output_embedding.shape)
+        fb = sample.feedback
+        if fb is not None and fb.vector is not None and fb.vector.shape != (self._out,):
+            # otherwise the adapter refuses it only after the sample was counted as submitted
+            raise _shape(f"sample.feedback {fb.kind.value}", self._out, fb.vector.shape)
         if module is not None and TargetModule.parse(module) not in self._modules:
             from sona.errors import UnknownModuleError
 
