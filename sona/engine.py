@@ -162,6 +162,8 @@ class SonaLlm:
         )  # fmt: skip
 
     def install_deep(self, outcome: DeepOutcome) -> DeepResult:
+        if not isinstance(outcome, DeepOutcome):
+            raise TypeError(f"outcome must be a DeepOutcome, got {type(outcome).__name__}")
         notes = list(outcome.notes)
         installed = self.background.install(outcome, notes)
         self.deep_runs += 1
