@@ -113,6 +113,14 @@ class AdaptFeedback:
         fb._set(kind, self._quality, frozen_copy(arr), None)
         return fb
 
+    @classmethod
+    def _validated_output(cls, quality: float, output: np.ndarray) -> AdaptFeedback:
+        """Rated-output feedback on a vector that is already a checked, frozen float32 copy
+        (a TrainingSample's output embedding), without copying or re-checking it."""
+        fb = object.__new__(cls)
+        fb._set(FeedbackKind.OUTPUT, quality, output, None)
+        return fb
+
     def with_output(self, output: Any) -> AdaptFeedback:
         """The response that was produced and rated (advantage-weighted regression)."""
         return self._with(FeedbackKind.OUTPUT, output, "output")

@@ -384,8 +384,11 @@ class MicroLoRA:
         is nothing to apply, or when the result would be non-finite or would make delta_weight
         overflow (the rejected gradient is discarded).
         """
-        lr = check_positive(learning_rate, "learning_rate")
-        if max_norm is not None:
+        if type(learning_rate) is float and 0.0 < learning_rate < math.inf:
+            lr = learning_rate  # the hot path's common case, without the general checks
+        else:
+            lr = check_positive(learning_rate, "learning_rate")
+        if max_norm is not None and not (type(max_norm) is float and 0.0 < max_norm < math.inf):
             max_norm = check_positive(max_norm, "max_norm")
         n = self._pending
         if n == 0:

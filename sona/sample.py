@@ -97,7 +97,7 @@ class TrainingSample:
         """The feedback to learn from: the explicit one, else the rated output embedding."""
         if self.feedback is not None:
             return self.feedback
-        return AdaptFeedback.from_quality(self.quality).with_output(self.output_embedding)
+        return AdaptFeedback._validated_output(self.quality, self.output_embedding)
 
     def __repr__(self) -> str:
         fb = "rated output" if self.feedback is None else self.feedback.kind.value

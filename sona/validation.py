@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sona.errors import InvalidInputError
+from sona.kernels.update import all_finite
 
 F32 = np.float32
 
@@ -44,8 +45,12 @@ def as_finite_vector(value: Any, name: str, size: int) -> np.ndarray:
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
-    if not np.isfinite(arr).all():
-        raise InvalidInputError(f"{name} contains NaN or inf")
+    if arr.dtype == F32 and arr.flags.c_contiguous:
+        if all_finite(arr):
+            return
+    elif np.isfinite(arr).all():
+        return
+    raise InvalidInputError(f"{name} contains NaN or inf")
 
 
 def check_quality(quality: Any, name: str = "quality") -> float:
