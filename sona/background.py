@@ -112,15 +112,11 @@ class BackgroundLoop:
         consolidated state as it was before this batch's learning is folded in."""
         if not samples:
             return 0
-        base = self.published.base
-        boundaries = 0
-        for i, s in enumerate(samples):
-            if self.pipeline.track(base, s.input_embedding):
-                boundaries += 1
-                notes.append(f"task boundary detected at sample {i} of the batch")
-            if i % 64 == 63:
-                time.sleep(0)  # let a waiting event-loop thread take the GIL
-        return boundaries
+        xs = np.stack([s.input_embedding for s in samples])
+        fired = self.pipeline.track_many(self.published.base, xs)
+        for i in fired:
+            notes.append(f"task boundary detected at sample {i} of the batch")
+        return len(fired)
 
     def _fold(
         self,

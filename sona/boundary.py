@@ -99,6 +99,44 @@ class ShiftDetector:
         e = self.residual_fraction(x)
         if e is None:
             return False
+        return self._step(e)
+
+    def update_many(self, xs: np.ndarray) -> int:
+        """Feed rows in order; the index of the row that confirmed a shift, else -1.
+
+        Equivalent to calling :meth:`update` on each row and stopping at the first True (the
+        rows after it are not consumed), but the residual fractions of a whole run of rows are
+        computed with one matrix product.
+        """
+        n = xs.shape[0]
+        i = 0
+        while i < n:
+            if self.phase == REFERENCE:
+                take = min(n - i, self.reference_samples - self._filled)
+                self._reference[self._filled : self._filled + take] = xs[i : i + take]
+                self._filled += take
+                self.seen += take
+                i += take
+                if self._filled == self.reference_samples:
+                    self._learn_basis()
+                continue
+            rest = xs[i:]
+            energy = np.einsum("ij,ij->i", rest, rest, dtype=np.float64)
+            proj = rest @ self._basis.T
+            captured = np.einsum("ij,ij->i", proj, proj, dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                fractions = np.maximum(0.0, 1.0 - captured / energy)
+            for j in range(rest.shape[0]):
+                self.seen += 1
+                if energy[j] <= 0.0:
+                    continue
+                if self._step(float(fractions[j])):
+                    return i + j
+            return -1
+        return -1
+
+    def _step(self, e: float) -> bool:
+        """One residual fraction through calibration or the CUSUM."""
         if self.phase == CALIBRATING:
             self._cal_n += 1
             delta = e - self._cal_mean

@@ -45,6 +45,16 @@ class InputWindow:
         self._next = (self._next + 1) % self.capacity
         self.count = min(self.count + 1, self.capacity)
 
+    def push_many(self, rows: np.ndarray) -> None:
+        """Push each row in order (the same result as pushing them one by one)."""
+        rows = rows[-self.capacity :]
+        n = rows.shape[0]
+        first = min(n, self.capacity - self._next)
+        self._rows[self._next : self._next + first] = rows[:first]
+        self._rows[: n - first] = rows[first:]
+        self._next = (self._next + n) % self.capacity
+        self.count = min(self.count + n, self.capacity)
+
     def ordered(self) -> np.ndarray:
         """The kept inputs, oldest first (a copy)."""
         if self.count < self.capacity:

@@ -49,22 +49,44 @@ class PatternBank:
         return np.argmin(d, axis=1)
 
     def update(self, xs: np.ndarray) -> np.ndarray:
-        """Fold a batch of inputs in; returns each input's cluster index after the update."""
+        """Fold a batch of inputs in; returns each input's cluster index after the update.
+
+        Empty slots take the first inputs that differ from every centroid; the rest move their
+        nearest centroid toward their mean by (members / count), floored at ``_MIN_STEP`` per
+        member, which equals the sequential running mean while counts are small.
+        """
         xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
-        for i, x in enumerate(xs):
+        i = 0
+        while self.size < self.k and i < xs.shape[0]:
+            x = xs[i]
             j = self.assign(x)
-            if self.size < self.k and (j < 0 or not np.allclose(self.centroids[j], x, atol=1e-6)):
+            if j < 0 or not np.allclose(self.centroids[j], x, atol=1e-6):
                 j = self.size
                 self.centroids[j] = x
-                self.counts[j] = 1
                 self.size += 1
             else:
-                self.counts[j] += 1
-                step = max(1.0 / float(self.counts[j]), _MIN_STEP)
-                self.centroids[j] += np.float32(step) * (x - self.centroids[j])
+                self._move(j, x[None, :])
+                labels[i] = j
+                i += 1
+                continue
+            self.counts[j] = 1
             labels[i] = j
+            i += 1
+        rest = xs[i:]
+        if rest.shape[0]:
+            lab = self.assign_many(rest)
+            labels[i:] = lab
+            for j in np.unique(lab):
+                self._move(int(j), rest[lab == j])
         return labels
+
+    def _move(self, j: int, members: np.ndarray) -> None:
+        m = members.shape[0]
+        self.counts[j] += m
+        step = max(m / float(self.counts[j]), 1.0 - (1.0 - _MIN_STEP) ** m)
+        mean = members.mean(axis=0)
+        self.centroids[j] += np.float32(step) * (mean - self.centroids[j])
 
     def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
         """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid."""

@@ -275,6 +275,49 @@ class TrainingPipeline:
         ewc = self._ready(lora)
         return self._track(lora, ewc, self._input(x, ewc))
 
+    def track_many(self, lora: MicroLoRA, xs: Any) -> list[int]:
+        """:meth:`track` for the rows of ``xs`` in order; the row indices that began a task.
+
+        Vectorised for the Background loop, which tracks whole batches: the same boundaries and
+        window as tracking the rows one by one (the detector's sums may differ in the last bits).
+        """
+        ewc = self._ready(lora)
+        rows = as_f32(xs, "xs")
+        if rows.ndim != 2 or rows.shape[1] != ewc.in_features:
+            raise InvalidInputError(f"xs must have shape (n, {ewc.in_features}), got {rows.shape}")
+        if not np.isfinite(rows).all():
+            raise InvalidInputError("xs contains NaN or inf")
+        window = self._window
+        detector = self._detector
+        assert window is not None and detector is not None
+        fired: list[int] = []
+        pos = 0
+        n = rows.shape[0]
+        while pos < n:
+            rest = rows[pos:]
+            hit = detector.update_many(rest) if self.config.boundary_detection else -1
+            if hit < 0:
+                window.push_many(rest)
+                self._samples_seen += rest.shape[0]
+                break
+            window.push_many(rest[:hit])
+            self._samples_seen += hit
+            x = rest[hit]
+            moved = min(detector.shift_age - 1, window.count)
+            ordered = window.ordered()
+            old, new = ordered[: ordered.shape[0] - moved], ordered[ordered.shape[0] - moved :]
+            self._begin_task(lora, ewc, old, self._samples_seen - moved)
+            window.refill(new)
+            detector.restart(np.concatenate([new, x[None, :]]))
+            window.push(x)
+            self._samples_seen += 1
+            fired.append(pos + hit)
+            _log.info(
+                "task_boundary_detected", task_count=self._task_count, samples=self._samples_seen
+            )
+            pos += hit + 1
+        return fired
+
     def prox_step(self, lora: MicroLoRA, tau: float) -> float:
         """One EWC++ proximal step of strength ``tau`` (2·η·λ for a step of size η) on every
         module; the raw penalty after it, 0 before the first boundary, −1 if it was skipped

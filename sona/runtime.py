@@ -1,0 +1,673 @@
+"""``SonaRuntime``: the three loops as supervised async actors inside the host's event loop.
+
+- **instant** owns the live adapter: it learns from each accepted sample and answers the caller.
+- **background** owns the consolidated state: every ``background_interval_ms`` it takes the live
+  adapter and the samples behind it (a hand-over), consolidates in a worker thread and
+  publishes the result by swapping one reference.
+- **deep** replays kept samples on copies in a worker thread (GIL-releasing kernels, short
+  Python steps) and hands a replacement back to background.
+
+Ingress applies ``max_pending_samples`` (accepted but not yet consolidated) with the configured
+overflow policy. Every accepted sample ends as exactly one of applied, skipped, dropped or
+dead-lettered, and until then it is in flight; ``stats()`` keeps the identities at all times.
+If the supervisor gives up, nothing is raised into the host's tasks: ``forward`` keeps serving
+the last published adapters and ``submit`` raises :class:`SupervisorGaveUp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import anyio
+import numpy as np
+
+from sona.actors import (
+    Actor,
+    ActorRef,
+    Backoff,
+    Backpressure,
+    EventBus,
+    OverflowPolicy,
+    SamplesDropped,
+    Subscription,
+    Supervisor,
+    SupervisorGaveUp,
+    SupervisorGaveUpEvent,
+)
+from sona.background import BackgroundLoop
+from sona.config import Chaos, SonaLlmConfig
+from sona.deep import run_deep, snapshot
+from sona.embedding import Embedder
+from sona.events import (
+    BackgroundCompleted,
+    DeepCompleted,
+    InstantApplied,
+    InstantSkipped,
+    TaskBoundary,
+    UpdateRejected,
+)
+from sona.feedback import AdaptFeedback
+from sona.ingest import SampleFactory
+from sona.instant import HandOver, InstantLoop, InstantOutcome
+from sona.log import get_logger
+from sona.lora_config import TargetModule
+from sona.messages import (
+    DeepSnapshot,
+    HandOverRequest,
+    InstallDeep,
+    NewTask,
+    Process,
+    RunDeep,
+    Tick,
+)
+from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
+from sona.sample import TrainingSample
+from sona.validation import as_f32
+
+_log = get_logger("sona.runtime")
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by fault injection (``Chaos``) inside a loop's handler."""
+
+
+class Ticket:
+    """One accepted sample's way back to its caller.
+
+    On asyncio it waits on a bare future (a fraction of the cost of an ``anyio.Event``, which
+    matters on a path budgeted in microseconds); on other backends on an ``anyio.Event``.
+    """
+
+    __slots__ = ("done", "error", "event", "future", "result", "sample_id")
+
+    def __init__(self, sample_id: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.sample_id = sample_id
+        self.future: asyncio.Future[None] | None = None
+        self.event: anyio.Event | None = None
+        if loop is not None:
+            self.future = loop.create_future()
+        else:
+            self.event = anyio.Event()
+        self.result: AdaptationResult | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+    async def wait(self) -> AdaptationResult:
+        if self.future is not None:
+            if not self.done:
+                await self.future
+        elif self.event is not None:
+            await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def _wake(self) -> None:
+        self.done = True
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_result(None)
+        elif self.event is not None:
+            self.event.set()
+
+    def resolve(self, result: AdaptationResult) -> None:
+        self.result = result
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+
+class SonaRuntime:
+    """The SONA engine as supervised actors; use as ``async with SonaRuntime(cfg) as rt``."""
+
+    def __init__(
+        self,
+        config: SonaLlmConfig | None = None,
+        *,
+        embedder: Embedder | None = None,
+        seed: int | None = None,
+        checkpoint_dir: Any = None,
+        chaos: Chaos | None = None,
+    ) -> None:
+        self.config = config if config is not None else SonaLlmConfig()
+        if not isinstance(self.config, SonaLlmConfig):
+            raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
+        if chaos is not None and not isinstance(chaos, Chaos):
+            raise TypeError(f"chaos must be a Chaos or None, got {type(chaos).__name__}")
+        self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        self._factory = SampleFactory(self.config, embedder)
+        self.checkpoint_dir = checkpoint_dir
+        self._chaos = chaos
+        self._chaos_rng = random.Random(chaos.seed if chaos is not None else None)
+        self._instant = InstantLoop(self.config, seed=self.seed)
+        self._background = BackgroundLoop(self.config, seed=self.seed + 1)
+        sup = self.config.supervision
+        self.events = EventBus()
+        self._supervisor = Supervisor(
+            max_restarts=sup.max_restarts,
+            within_s=sup.within_s,
+            backoff=Backoff(min_s=sup.backoff_min_s, max_s=sup.backoff_max_s, jitter=sup.jitter),
+            shutdown_timeout_s=sup.shutdown_timeout_s,
+            events=self.events,
+            raise_on_give_up=False,
+            name="sona",
+            seed=self.seed,
+        )
+        self._ids = itertools.count(1)
+        self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
+        self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
+        self._room: anyio.Event | None = None  # created only while a submitter waits
+        self._idle: anyio.Event | None = None  # created only while drain() waits
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.submitted = 0
+        self.dropped = 0
+        self.dead_lettered = 0
+        self.deep_runs = 0
+        self._deep_requested = False
+        self._unfinished: HandOver | None = None  # a hand-over whose consolidation crashed
+        self._last_background = time.monotonic()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._started = False
+        self._stopped = False
+        self._instant_ref: ActorRef | None = None
+        self._background_ref: ActorRef | None = None
+        self._deep_ref: ActorRef | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> SonaRuntime:
+        if self._started:
+            raise RuntimeError("a SonaRuntime can only be started once")
+        self._started = True
+        self._loop = _asyncio_loop()
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            sup = self._supervisor
+            margin = 64
+            self._instant_ref = sup.spawn(
+                lambda: _InstantActor(self),
+                name="instant",
+                mailbox_size=self.config.max_pending_samples + margin,
+                on_dead_letter=self._instant_dead_letter,
+            )
+            self._background_ref = sup.spawn(
+                lambda: _BackgroundActor(self), name="background", mailbox_size=64
+            )
+            self._deep_ref = sup.spawn(lambda: _DeepActor(self), name="deep", mailbox_size=16)
+            await stack.enter_async_context(sup)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            watcher = self.events.subscribe(buffer=16, kinds=(SupervisorGaveUpEvent,))
+            await stack.enter_async_context(watcher)
+            tg.start_soon(self._ticker)
+            tg.start_soon(self._watch_give_up, watcher)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        _log.info("runtime_started", seed=self.seed)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Graceful stop: drain accepted samples, let the supervisor drain and stop the loops."""
+        stack = self._stack
+        if stack is None:
+            return
+        self._stack = None
+        if exc_type is None and not self._supervisor.gave_up:
+            with anyio.move_on_after(self.config.supervision.shutdown_timeout_s):
+                await self.drain()
+        self._stopped = True
+        await stack.__aexit__(exc_type, exc, tb)
+        _log.info("runtime_stopped", gave_up=self._supervisor.gave_up)
+
+    async def _ticker(self) -> None:
+        interval = self.config.background_interval_ms / 1e3
+        ref = self._background_ref
+        assert ref is not None
+        while True:
+            await anyio.sleep(interval)
+            if ref.qsize() == 0 and not self._supervisor.gave_up:
+                with contextlib.suppress(Exception):
+                    ref.tell_nowait(Tick())
+
+    async def _watch_give_up(self, sub: Subscription) -> None:
+        async for event in sub:
+            if isinstance(event, SupervisorGaveUpEvent):
+                self._fail_queued(self._gave_up_error())
+                return
+
+    def _gave_up_error(self) -> SupervisorGaveUp:
+        cause = self._supervisor.cause
+        if cause is not None:
+            return cause.copy()
+        return SupervisorGaveUp("the supervisor gave up: the learning loops are stopped")
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """After a give-up, samples nobody will handle are dropped (counted and announced)."""
+        tickets = list(self._queued.values())
+        self._queued.clear()
+        for t in tickets:
+            self.dropped += 1
+            self._pending -= 1
+            t.fail(error)
+        if tickets:
+            self.events.publish(SamplesDropped(count=len(tickets), stage="gave_up", policy=""))
+        self._signal()
+
+    def _check_running(self) -> None:
+        if self._supervisor.gave_up:
+            raise self._gave_up_error()
+        if not self._started or self._stack is None or self._stopped:
+            raise RuntimeError("SonaRuntime is not running: use `async with SonaRuntime(...)`")
+
+    # ------------------------------------------------------------------ ingress
+    async def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:
+        """Learn from a rated (query, response) pair: text or embeddings."""
+        return await self.submit(self._factory.rated(query, response, quality))
+
+    async def adapt(
+        self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None
+    ) -> AdaptationResult:
+        """Learn from explicit feedback on input ``x``."""
+        return await self.submit(self._factory.with_feedback(x, feedback), module=module)
+
+    async def submit(
+        self, sample: TrainingSample, *, module: TargetModule | None = None
+    ) -> AdaptationResult:
+        """Returns once the Instant loop has handled the sample (see the class docstring)."""
+        self._check_running()
+        self._factory.check(sample, module)
+        policy = self.config.overflow
+        while self._pending >= self.config.max_pending_samples:
+            if policy is OverflowPolicy.BLOCK:
+                await self._wait_for_room()
+                self._check_running()
+                continue
+            dropped = self._overflow(policy)
+            if dropped is not None:
+                return dropped
+            break
+        return await self._accept(sample, module).wait()
+
+    def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
+        """Accept without waiting for the Instant loop; raises Backpressure under BLOCK and
+        REJECT when full, never under the DROP_* policies."""
+        self._check_running()
+        self._factory.check(sample, module)
+        policy = self.config.overflow
+        if self._pending >= self.config.max_pending_samples:
+            if policy in (OverflowPolicy.BLOCK, OverflowPolicy.REJECT):
+                raise Backpressure(
+                    f"pending buffer full ({self.config.max_pending_samples} samples)"
+                )
+            if self._overflow(policy) is not None:
+                return
+        self._accept(sample, module)
+
+    def _overflow(self, policy: OverflowPolicy) -> AdaptationResult | None:
+        """REJECT raises; DROP_NEWEST returns the dropped result; DROP_OLDEST makes room."""
+        if policy is OverflowPolicy.REJECT:
+            raise Backpressure(
+                f"pending buffer full ({self.config.max_pending_samples} samples); "
+                "the Background loop has not caught up"
+            )
+        if policy is OverflowPolicy.DROP_NEWEST:
+            sid = next(self._ids)
+            self.submitted += 1
+            self.dropped += 1
+            self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
+            return AdaptationResult(
+                applied=False,
+                loop="instant",
+                latency_us=0.0,
+                notes=["dropped: pending buffer full (DROP_NEWEST)"],
+                sample_id=sid,
+            )
+        # DROP_OLDEST: the oldest sample not yet handled, else the oldest awaiting consolidation
+        if self._queued:
+            _, victim = self._queued.popitem(last=False)
+            self.dropped += 1
+            self._pending -= 1
+            victim.resolve(
+                AdaptationResult(
+                    applied=False,
+                    loop="instant",
+                    latency_us=0.0,
+                    notes=["dropped: pending buffer full (DROP_OLDEST) before it was handled"],
+                    sample_id=victim.sample_id,
+                )
+            )
+            self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
+            self._check_idle()
+        elif self._instant.evict_oldest() is not None:
+            self._pending -= 1
+            self.events.publish(SamplesDropped(count=1, stage="consolidation", policy=policy.name))
+        return None
+
+    def _accept(self, sample: TrainingSample, module: TargetModule | None) -> Ticket:
+        sid = next(self._ids)
+        ticket = Ticket(sid, self._loop)
+        ref = self._instant_ref
+        assert ref is not None
+        ref.tell_nowait(Process(sid, sample, module, ticket))
+        self.submitted += 1
+        self._pending += 1
+        self._queued[sid] = ticket
+        return ticket
+
+    async def _wait_for_room(self) -> None:
+        if self._room is None:
+            self._room = anyio.Event()
+        await self._room.wait()
+
+    def _signal(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._queued and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def drain(self) -> None:
+        """Wait until every accepted sample has been handled by the Instant loop."""
+        while self._queued and not self._supervisor.gave_up:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # ------------------------------------------------------------------ instant (actor side)
+    def _chaos_check(self, loop: str) -> None:
+        chaos = self._chaos
+        if (
+            chaos is not None
+            and loop in chaos.loops
+            and self._chaos_rng.random() < chaos.crash_probability
+        ):
+            raise InjectedCrash(f"injected crash in the {loop} loop")
+
+    def _handle_process(self, msg: Process) -> None:
+        ticket: Ticket = msg.ticket
+        if ticket.done:  # dropped (DROP_OLDEST) or failed while it waited in the mailbox
+            return
+        self._chaos_check("instant")
+        out = self._instant.process(msg.sample_id, msg.sample, msg.module)
+        self._queued.pop(msg.sample_id, None)
+        if out.applied:
+            self.events.publish(
+                InstantApplied(
+                    sample_id=msg.sample_id, latency_us=out.latency_us, quality=msg.sample.quality
+                )
+            )
+        else:
+            self._pending -= 1
+            self._on_skipped(msg.sample_id, out)
+            self._signal()
+        ticket.resolve(
+            AdaptationResult(
+                applied=out.applied,
+                loop="instant",
+                latency_us=out.latency_us,
+                notes=out.notes,
+                sample_id=msg.sample_id,
+            )
+        )
+        self._check_idle()
+        if (
+            not self._deep_requested
+            and self._instant.accumulated_quality >= self.config.deep_trigger_threshold
+        ):
+            self._request_deep()
+
+    def _on_skipped(self, sample_id: int, out: InstantOutcome) -> None:
+        self.events.publish(InstantSkipped(sample_id=sample_id, reason=out.reason or "skipped"))
+        if out.rejected:
+            self.events.publish(UpdateRejected(loop="instant", reason=out.notes[0]))
+
+    def _instant_dead_letter(self, message: Any, error: BaseException) -> None:
+        if isinstance(message, Process):
+            ticket: Ticket = message.ticket
+            if self._queued.pop(message.sample_id, None) is not None:
+                self.dead_lettered += 1
+                self._pending -= 1
+                ticket.resolve(
+                    AdaptationResult(
+                        applied=False,
+                        loop="instant",
+                        latency_us=0.0,
+                        notes=[f"dead-lettered: the Instant loop failed twice on it ({error!r})"],
+                        sample_id=message.sample_id,
+                    )
+                )
+                self._signal()
+
+    def _request_deep(self) -> None:
+        ref = self._deep_ref
+        if ref is None or self._supervisor.gave_up:
+            return
+        with contextlib.suppress(Exception):
+            if ref.tell_nowait(RunDeep()):
+                self._deep_requested = True
+
+    # ------------------------------------------------------------------ background (actor side)
+    async def _handle_tick(self, msg: Tick | NewTask) -> BackgroundResult | None:
+        self._chaos_check("background")
+        bg = self._background
+        if self._unfinished is None:
+            due = msg.force or isinstance(msg, NewTask) or bg.ready(len(self._instant.pending))
+            if not due:
+                return None
+            ref = self._instant_ref
+            assert ref is not None
+            hand = await ref.ask(HandOverRequest())
+            assert isinstance(hand, HandOver)
+            self._unfinished = hand
+        hand = self._unfinished
+        outcome = await anyio.to_thread.run_sync(bg.consolidate, hand)
+        self._unfinished = None
+        self._last_background = time.monotonic()
+        self._pending -= len(outcome.consumed)
+        self._signal()
+        res = outcome.result
+        self.events.publish(
+            BackgroundCompleted(
+                samples_used=res.samples_used,
+                strategy=res.strategy.value,
+                quality_delta=res.quality_delta,
+                latency_ms=res.latency_ms,
+            )
+        )
+        for _ in range(outcome.boundaries):
+            self.events.publish(TaskBoundary(task_count=bg.task_count, reason="detected"))
+        for note in outcome.rejected:
+            self.events.publish(UpdateRejected(loop="background", reason=note))
+        if isinstance(msg, NewTask):
+            bg.start_new_task()
+            self.events.publish(TaskBoundary(task_count=bg.task_count, reason="requested"))
+        return res
+
+    # ------------------------------------------------------------------ deep (actor side)
+    async def _handle_deep(self, msg: RunDeep) -> DeepResult:
+        self._chaos_check("deep")
+        bg_ref = self._background_ref
+        assert bg_ref is not None
+        try:
+            job = await bg_ref.ask(DeepSnapshot(msg.samples))
+            self._instant.take_deep_quality()
+            outcome = await anyio.to_thread.run_sync(run_deep, job)
+            notes = list(outcome.notes)
+            installed = await bg_ref.ask(InstallDeep((outcome, notes)))
+        finally:
+            if not msg.on_demand:
+                self._deep_requested = False
+        self.deep_runs += 1
+        self.events.publish(
+            DeepCompleted(
+                samples_used=outcome.samples_used,
+                epochs=outcome.epochs,
+                quality_delta=outcome.quality_delta,
+                latency_ms=outcome.latency_ms,
+                installed=bool(installed),
+            )
+        )
+        return DeepResult(
+            samples_used=outcome.samples_used,
+            epochs=outcome.epochs,
+            quality_delta=outcome.quality_delta,
+            latency_ms=outcome.latency_ms,
+            notes=notes,
+            installed=bool(installed),
+            evaluated_on=outcome.evaluated_on,
+        )
+
+    def _deep_snapshot(self, samples: Any) -> Any:
+        bg = self._background
+        kept = list(bg.replay) if samples is None else [self._factory.check(s) for s in samples]
+        return snapshot(
+            self.config,
+            bg.published,
+            kept,
+            bg.pipeline,
+            bg.bank,
+            bg.version,
+            self.seed + 1000 + self.deep_runs,
+        )
+
+    async def deep_optimize(self, samples: list[TrainingSample] | None = None) -> DeepResult:
+        """Run the Deep loop now (on the kept samples, or on ``samples``) and wait for it."""
+        self._check_running()
+        if samples is not None:
+            samples = [self._factory.check(s) for s in samples]
+        ref = self._deep_ref
+        assert ref is not None
+        result = await ref.ask(RunDeep(samples, on_demand=True))
+        assert isinstance(result, DeepResult)
+        return result
+
+    def start_new_task(self) -> None:
+        """Fold what is pending into the current task, then start a new one (EWC++)."""
+        self._check_running()
+        ref = self._background_ref
+        assert ref is not None
+        ref.tell_nowait(NewTask())
+
+    # ------------------------------------------------------------------ reading
+    def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
+        """The effective delta: the last published consolidated state plus the live adapter."""
+        out = self._instant.live.forward(x, module, explore=explore)
+        xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
+        self._background.published.add_into(xa, module, out)
+        return out
+
+    def subscribe(
+        self, kinds: Any = None, *, buffer: int = 256
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """An async context manager yielding an iterator of events (``kinds``: event classes)."""
+        kind_tuple = tuple(kinds) if kinds is not None else None
+        return self.events.subscribe(buffer=buffer, kinds=kind_tuple)  # type: ignore[return-value]
+
+    @property
+    def gave_up(self) -> bool:
+        return self._supervisor.gave_up
+
+    def stats(self) -> LearningStats:
+        inst = self._instant
+        bg = self._background
+        sup = self._supervisor.stats()
+        restarts = sum(child.get("restarts", 0) for child in sup.values())
+        return LearningStats(
+            submitted_count=self.submitted,
+            instant_count=inst.applied,
+            skipped_count=inst.skipped,
+            dropped_samples=self.dropped,
+            dead_lettered=self.dead_lettered,
+            in_flight=len(self._queued),
+            instant_avg_latency_us=inst.avg_latency_us,
+            background_count=bg.runs,
+            deep_count=self.deep_runs,
+            pending_samples=len(inst.pending) + bg.held_back + self._unfinished_count(),
+            accumulated_quality=inst.accumulated_quality,
+            restarts=restarts,
+            gave_up=self._supervisor.gave_up,
+            evicted_samples=inst.evicted,
+            consolidated_count=bg.consolidated,
+            task_count=bg.task_count,
+            updates_rejected=inst.rejected,
+            replay_size=len(bg.replay),
+            pattern_clusters=len(bg.bank),
+            skip_reasons=dict(inst.skip_reasons),
+        )
+
+    def _unfinished_count(self) -> int:
+        return len(self._unfinished.samples) if self._unfinished is not None else 0
+
+    def supervisor_stats(self) -> dict[str, dict[str, int]]:
+        return self._supervisor.stats()
+
+
+class _InstantActor(Actor):
+    def __init__(self, rt: SonaRuntime) -> None:
+        self.rt = rt
+
+    async def handle(self, message: Any) -> object | None:
+        if type(message) is Process:
+            self.rt._handle_process(message)
+            return None
+        if type(message) is HandOverRequest:
+            self.rt._chaos_check("instant")
+            return self.rt._instant.hand_over()
+        raise TypeError(f"instant loop got an unknown message {type(message).__name__}")
+
+
+class _BackgroundActor(Actor):
+    def __init__(self, rt: SonaRuntime) -> None:
+        self.rt = rt
+
+    async def handle(self, message: Any) -> object | None:
+        rt = self.rt
+        if isinstance(message, (Tick, NewTask)):
+            return await rt._handle_tick(message)
+        if isinstance(message, DeepSnapshot):
+            return rt._deep_snapshot(message.samples)
+        if isinstance(message, InstallDeep):
+            outcome, notes = message.outcome
+            return rt._background.install(outcome, notes)
+        raise TypeError(f"background loop got an unknown message {type(message).__name__}")
+
+
+class _DeepActor(Actor):
+    def __init__(self, rt: SonaRuntime) -> None:
+        self.rt = rt
+
+    async def handle(self, message: Any) -> object | None:
+        if isinstance(message, RunDeep):
+            return await self.rt._handle_deep(message)
+        raise TypeError(f"deep loop got an unknown message {type(message).__name__}")
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None under another anyio backend."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
