@@ -1,0 +1,303 @@
+"""When the Background loop runs, which samples it consumes, and what ``quality_delta`` means.
+
+A fake clock (``SonaLlm(cfg, clock=lambda: t[0])``) drives ``maybe_background``; a spy on
+``BackgroundLoop.consolidate`` records the sample ids each run consolidated, so "never twice on
+the same samples" and "held-back samples are consumed exactly once" are checked on ids, not
+only on counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from sona.background import Consolidation
+from sona.config import ConsolidationStrategy as CS
+from sona.config import SonaLlmConfig
+from sona.engine import SonaLlm
+from sona.feedback import AdaptFeedback
+from sona.instant import HandOver
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.sample import TrainingSample
+
+D = 32
+Q = TargetModule.Q_PROJ
+V = TargetModule.V_PROJ
+
+
+def _config(**changes: object) -> SonaLlmConfig:
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(D, rank=2, target_modules=(Q, V)),
+        background_interval_ms=100,
+        background_min_samples=5,
+        instant_lr=0.05,
+    )
+    return cfg.replace(**changes)
+
+
+class Spy:
+    """Wraps ``engine.background.consolidate`` and keeps what each run consumed and held back."""
+
+    def __init__(self, engine: SonaLlm) -> None:
+        self.engine = engine
+        self.consumed: list[list[int]] = []
+        self.held: list[list[int]] = []
+        self.offered: list[list[int]] = []
+        self._inner = engine.background.consolidate
+        engine.background.consolidate = self  # type: ignore[method-assign]
+
+    def __call__(self, hand: HandOver) -> Consolidation:
+        carried = [sid for sid, _ in self.engine.background.carry]
+        self.offered.append(carried + [sid for sid, _ in hand.samples])
+        out = self._inner(hand)
+        self.consumed.append(list(out.consumed))
+        self.held.append([sid for sid, _ in self.engine.background.carry])
+        return out
+
+
+class World:
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.w = (self.rng.standard_normal((D, D)) / math.sqrt(D)).astype(np.float32)
+
+    def x(self) -> np.ndarray:
+        v = self.rng.standard_normal(D).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    def target(self, engine: SonaLlm, q: float | None = None) -> int:
+        x = self.x()
+        quality = float(self.rng.uniform(0.6, 1.0)) if q is None else q
+        res = engine.adapt(x, AdaptFeedback.from_quality(quality).with_target(self.w @ x))
+        assert res.applied and res.sample_id is not None
+        return res.sample_id
+
+
+def _engine(t: list[float], **changes: object) -> SonaLlm:
+    return SonaLlm(_config(**changes), seed=1, clock=lambda: t[0])
+
+
+# ---------------------------------------------------------------------- scheduling
+def test_never_runs_on_an_empty_or_under_filled_buffer() -> None:
+    t = [0.0]
+    engine = _engine(t)
+    world = World()
+    for step in range(1, 6):
+        t[0] = step * 1.0  # far past the interval every time
+        assert engine.maybe_background() is None  # empty, then 1..4 pending: under-filled
+        assert engine.stats().background_count == 0
+        if step < 5:
+            world.target(engine)
+    world.target(engine)  # the fifth pending sample
+    assert engine.stats().pending_samples == 5
+    assert engine.maybe_background() is not None
+    assert engine.stats().background_count == 1
+
+
+def test_waits_for_the_interval_then_runs_once_per_interval() -> None:
+    t = [0.0]
+    engine = _engine(t)
+    spy = Spy(engine)
+    world = World()
+    for _ in range(12):
+        world.target(engine)
+    for now in (0.0, 0.05, 0.0999):
+        t[0] = now
+        assert engine.maybe_background() is None
+    t[0] = 0.1
+    assert engine.maybe_background() is not None
+    for _ in range(12):
+        world.target(engine)
+    t[0] = 0.15  # plenty pending, interval not over
+    assert engine.maybe_background() is None
+    assert engine.maybe_background() is None
+    t[0] = 0.2
+    assert engine.maybe_background() is not None
+    assert engine.maybe_background() is None  # same instant: nothing runs twice
+    assert len(spy.consumed) == 2 == engine.stats().background_count
+
+
+def test_a_timer_at_exactly_the_interval_runs_every_time() -> None:
+    """Clock readings 0.1, 0.2, 0.3 ... s with a 100 ms interval: each tick is one interval
+    later than the last run, so each must run (0.3 − 0.2 is 0.09999999999999998 in floats)."""
+    t = [0.0]
+    engine = _engine(t, background_min_samples=1)
+    world = World()
+    ran = []
+    for tick in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+        world.target(engine)
+        t[0] = tick
+        ran.append(engine.maybe_background() is not None)
+    assert all(ran), ran
+
+
+def test_an_under_filled_buffer_runs_as_soon_as_it_fills_after_the_interval() -> None:
+    t = [0.0]
+    engine = _engine(t)
+    world = World()
+    for _ in range(3):
+        world.target(engine)
+    t[0] = 0.5
+    assert engine.maybe_background() is None
+    t[0] = 0.51
+    world.target(engine)
+    world.target(engine)
+    assert engine.maybe_background() is not None  # no second interval to wait for
+
+
+def test_never_consolidates_a_sample_twice_and_loses_none() -> None:
+    t = [0.0]
+    engine = _engine(t, background_min_samples=7)
+    spy = Spy(engine)
+    world = World(3)
+    applied: list[int] = []
+    for step in range(200):
+        applied.append(world.target(engine))
+        if step % 3 == 0:
+            t[0] += 0.037
+            engine.maybe_background()
+    flat = [sid for run in spy.consumed for sid in run]
+    assert len(flat) == len(set(flat)), "a sample was consolidated twice"
+    stats = engine.stats()
+    assert stats.consolidated_count == len(flat)
+    waiting = [sid for sid, _ in engine.background.carry] + [
+        sid for sid, _ in engine.instant.pending
+    ]
+    assert sorted(flat + waiting) == applied
+    assert stats.instant_count == stats.consolidated_count + stats.pending_samples
+    assert len(spy.consumed) >= 10
+
+
+def test_held_back_samples_are_consumed_exactly_once_by_the_next_run() -> None:
+    t = [0.0]
+    engine = _engine(t)
+    spy = Spy(engine)
+    world = World(4)
+    for run in range(6):
+        for _ in range(10 + 7 * run):
+            world.target(engine)
+        t[0] += 0.1
+        result = engine.maybe_background()
+        assert result is not None
+        held = spy.held[-1]
+        assert held, "a run with measurable samples holds some back"
+        assert result.evaluated_on == len(held)
+        assert not set(held) & set(spy.consumed[-1])
+        assert sorted(held + spy.consumed[-1]) == sorted(spy.offered[-1])
+        # the newest samples are the ones held back, about 10 % of what the run saw
+        assert held == sorted(spy.offered[-1])[-len(held) :]
+        assert len(held) == math.ceil(0.1 * len(spy.offered[-1]))
+        if run:
+            assert set(spy.held[-2]) <= set(spy.consumed[-1])
+    assert engine.stats().pending_samples == len(spy.held[-1])
+
+
+def test_held_back_samples_count_toward_min_samples_and_are_consumed_by_the_next_run() -> None:
+    t = [0.0]
+    engine = _engine(t, background_min_samples=3)
+    spy = Spy(engine)
+    world = World(5)
+    for _ in range(25):
+        world.target(engine)
+    t[0] = 1.0
+    assert engine.maybe_background() is not None
+    held = spy.held[-1]
+    assert len(held) == 3
+    t[0] = 2.0
+    assert engine.maybe_background() is not None  # 3 held back, nothing new: still 3 samples
+    assert sorted(spy.consumed[-1] + spy.held[-1]) == held
+    # nothing is left to hold back from a single run's worth: eventually all are consumed
+    for k in range(3, 6):
+        t[0] = float(k)
+        engine.maybe_background()
+    assert engine.stats().pending_samples < 3
+    flat = [sid for run in spy.consumed for sid in run]
+    assert len(flat) == len(set(flat))
+
+
+# ---------------------------------------------------------------------- quality_delta
+def test_quality_delta_is_none_with_a_note_when_nothing_held_back_is_measurable() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.standard_normal(D).astype(np.float32)
+        g = rng.standard_normal(D).astype(np.float32)
+        assert engine.adapt(x, AdaptFeedback.from_quality(0.9).with_gradient(g)).applied
+    result = engine.run_background()
+    assert result.samples_used == 20
+    assert result.quality_delta is None
+    assert result.evaluated_on == 0
+    assert any("quality_delta" in n and "measurable" in n for n in result.notes), result.notes
+
+
+def test_quality_delta_is_none_on_an_empty_run() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    result = engine.run_background()
+    assert result.samples_used == 0
+    assert result.quality_delta is None
+    assert result.notes
+
+
+def _loss(
+    forward: Callable[[np.ndarray, TargetModule], np.ndarray],
+    rows: list[TrainingSample],
+    module: TargetModule,
+) -> float:
+    """½·q·‖μ(x) − y*‖², averaged: target feedback's objective, computed here from scratch."""
+    total = 0.0
+    for s in rows:
+        fb = s.to_feedback()
+        assert fb.vector is not None
+        err = forward(s.input_embedding, module).astype(np.float64) - fb.vector
+        total += 0.5 * fb.quality * float(err @ err)
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("strategy", list(CS))
+def test_quality_delta_equals_an_independent_recomputation(strategy: CS) -> None:
+    engine = SonaLlm(_config(consolidation_strategy=strategy), seed=2, clock=lambda: 0.0)
+    world = World(6)
+    samples: dict[int, TrainingSample] = {}
+    deltas = []
+    for run in range(4):
+        for _ in range(15 + 5 * run):
+            x = world.x()
+            fb = AdaptFeedback.from_quality(float(world.rng.uniform(0.6, 1.0)))
+            sample = TrainingSample(x, world.w @ x, fb.quality).with_feedback(
+                fb.with_target(world.w @ x if run % 2 == 0 else -(world.w @ x))
+            )
+            res = engine.submit(sample)
+            assert res.applied and res.sample_id is not None
+            samples[res.sample_id] = sample
+        # which samples this run will hold back: the newest 10 % (all are measurable)
+        offered = [sid for sid, _ in engine.background.carry] + [
+            sid for sid, _ in engine.instant.pending
+        ]
+        held = offered[-math.ceil(0.1 * len(offered)) :]
+        rows = [samples[sid] for sid in held]
+        before = {m: _loss(engine.forward, rows, m) for m in (Q, V)}
+        result = engine.run_background()
+        assert [sid for sid, _ in engine.background.carry] == held
+        after = {m: _loss(engine.forward, rows, m) for m in (Q, V)}
+        expected = float(np.mean([(before[m] - after[m]) / before[m] for m in (Q, V)]))
+        assert result.quality_delta is not None
+        assert result.evaluated_on == len(held)
+        assert result.quality_delta == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        deltas.append(result.quality_delta)
+    assert len(set(deltas)) == len(deltas)  # a measurement, not a constant
+
+
+def test_quality_delta_is_negative_when_consolidation_makes_the_held_back_samples_worse() -> None:
+    """Train on one map, hold back samples that want the opposite: the consolidated state
+    (which never saw them) serves them worse than the live adapter that had learned them."""
+    engine = SonaLlm(_config(consolidation_strategy=CS.AVERAGE), seed=2, clock=lambda: 0.0)
+    world = World(7)
+    for i in range(30):
+        x = world.x()
+        y = world.w @ x if i < 27 else -5.0 * (world.w @ x)
+        engine.adapt(x, AdaptFeedback.from_quality(1.0).with_target(y))
+    result = engine.run_background()
+    assert result.evaluated_on == 3
+    assert result.quality_delta is not None and result.quality_delta < 0.0
