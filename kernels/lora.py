@@ -185,6 +185,73 @@ def prepare_grad(
 
 
 @kernel
+def step_sums(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    sums: np.ndarray,
+) -> None:
+    """The squared norms a fused single-sample step needs, after ``prepare_grad``.
+
+    sums = [‖x‖², ‖g‖², ‖A‖², ‖Bᵀ‖², ‖u‖², ‖h‖², u·h], in float64. With them the norm of the
+    rank-one gradients (u⊗x, h⊗g) and of the updated factors are known exactly before any
+    weight is written: ‖A − c·u⊗x‖² = ‖A‖² − 2c·(u·h)/s + c²‖u‖²‖x‖², and likewise for Bᵀ.
+    """
+    xx = 0.0
+    for i in range(x.shape[0]):
+        xx += np.float64(x[i]) * np.float64(x[i])
+    gg = 0.0
+    for j in range(g.shape[0]):
+        gg += np.float64(g[j]) * np.float64(g[j])
+    aa = 0.0
+    for v in a.flat:
+        aa += np.float64(v) * np.float64(v)
+    bb = 0.0
+    for v in bt.flat:
+        bb += np.float64(v) * np.float64(v)
+    uu = 0.0
+    hh = 0.0
+    uh = 0.0
+    for k in range(h.shape[0]):
+        uu += np.float64(u[k]) * np.float64(u[k])
+        hh += np.float64(h[k]) * np.float64(h[k])
+        uh += np.float64(u[k]) * np.float64(h[k])
+    sums[0] = xx
+    sums[1] = gg
+    sums[2] = aa
+    sums[3] = bb
+    sums[4] = uu
+    sums[5] = hh
+    sums[6] = uh
+
+
+@kernel
+def apply_rank_one(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    c: float,
+) -> None:
+    """A −= c·u⊗x and Bᵀ −= c·h⊗g: one sample's clipped gradient step, without accumulators."""
+    rank, n_in = a.shape
+    n_out = bt.shape[1]
+    cf = np.float32(c)
+    for k in range(rank):
+        uk = cf * u[k]
+        for i in range(n_in):
+            a[k, i] -= uk * x[i]
+        hk = cf * h[k]
+        for j in range(n_out):
+            bt[k, j] -= hk * g[j]
+
+
+@kernel
 def commit_grad(
     a: np.ndarray,
     scale: float,

@@ -22,6 +22,8 @@ class FastKernels:
     forward_vec: Callable[..., Any]
     forward_add_vec: Callable[..., Any]
     prepare_grad: Callable[..., Any]
+    step_sums: Callable[..., Any]
+    apply_rank_one: Callable[..., Any]
     commit_grad: Callable[..., Any]
     grad_sq_norm: Callable[..., Any]
     candidate_sq_norms: Callable[..., Any]
@@ -60,6 +62,8 @@ def warm_up(*, force: bool = False) -> float:
     fast.forward_add_vec = entry_point(lora.forward_add_vec, a, bt, s, x, h, out)
     fast.prepare_grad = entry_point(lora.prepare_grad, a, bt, s, x, g, 1.0, 0, key, h, u, g)
     fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
+    fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(7))
+    fast.apply_rank_one = entry_point(lora.apply_rank_one, a.copy(), bt.copy(), x, h, u, g, 0.0)
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)

@@ -68,12 +68,14 @@ class InstantLoop:
                 f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
                 f"quality_threshold {self._threshold:.3f}"
             ))  # fmt: skip
-        if not live.adapt(sample.input_embedding, fb, module):
-            return self._skip(t0, "no_direction", live.last_note or "declined by the adapter")
-        if not live.apply_updates(self._lr, max_norm=self._max_norm):
-            self.rejected += 1
-            note = live.last_note or "update rejected"
-            return self._skip(t0, "update_rejected", note, rejected=True)
+        if not live.step(
+            sample.input_embedding, fb, self._lr, max_norm=self._max_norm, module=module
+        ):
+            note = live.last_note or "declined by the adapter"
+            if note.startswith("rejected"):
+                self.rejected += 1
+                return self._skip(t0, "update_rejected", note, rejected=True)
+            return self._skip(t0, "no_direction", note)
         self.pending.append((sample_id, sample))
         self.applied += 1
         self.accumulated_quality += sample.quality

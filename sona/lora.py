@@ -53,12 +53,13 @@ _MAGIC = b"SONALORA"
 _KIND = "micro_lora"
 _MAX_EXPLORED = 4096
 _NO_KEY = np.uint64(0)
+_F32_MAX_SQ = _F32_MAX * _F32_MAX
 
 
 class _Module:
     """Weights, gradient accumulators and preallocated scratch for one target module."""
 
-    __slots__ = ("a", "bt", "g", "grad_a", "grad_bt", "h", "index", "module", "u")
+    __slots__ = ("a", "bt", "g", "grad_a", "grad_bt", "h", "index", "module", "sums", "u")
 
     def __init__(self, index: int, module: TargetModule, a: np.ndarray, bt: np.ndarray) -> None:
         self.index = index
@@ -71,6 +72,7 @@ class _Module:
         self.h = np.zeros(rank, np.float32)
         self.u = np.zeros(rank, np.float32)
         self.g = np.zeros(n_out, np.float32)
+        self.sums = np.zeros(7, np.float64)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return (self.a, self.bt, self.grad_a, self.grad_bt, self.h, self.u, self.g)
@@ -272,9 +274,86 @@ class MicroLoRA:
         says why in ``last_note`` when the feedback gives no direction (quality alone without
         exploration, or the very first rating, which only seeds the baseline).
         """
+        prepared = self._prepare(x, feedback, module, weight, with_sums=False)
+        if prepared is None:
+            return self._adapt_quality(feedback, x, module, weight)
+        states, xu = prepared
+        self._commit(states, xu)
+        self._after(feedback)
+        return True
+
+    def step(
+        self,
+        x: Any,
+        feedback: AdaptFeedback,
+        learning_rate: float,
+        *,
+        max_norm: float | None = 1.0,
+        module: TargetModule | None = None,
+        weight: float = 1.0,
+    ) -> bool:
+        """``adapt`` then ``apply_updates`` for one sample, fused: the Instant loop's update.
+
+        Same result and the same guarantees (clipping, finiteness, bit-identical weights and a
+        note on rejection), but the rank-one gradient is applied directly from its factors:
+        its norm and the updated weights' norms are known in closed form before anything is
+        written, so no accumulator is touched. With gradients already pending, or for
+        quality-only feedback, it falls back to ``adapt`` + ``apply_updates``.
+        """
+        if self._pending or feedback.kind is FeedbackKind.QUALITY:
+            if not self.adapt(x, feedback, module, weight=weight):
+                return False
+            return self.apply_updates(learning_rate, max_norm=max_norm)
+        lr, max_norm = self._check_step_args(learning_rate, max_norm)
+        prepared = self._prepare(x, feedback, module, weight, with_sums=True)
+        assert prepared is not None
+        states, xu = prepared
+        s = self._scale
+        total = 0.0
+        for st in states:
+            sums = st.sums
+            total += sums[4] * sums[0] + sums[5] * sums[1]
+        norm = math.sqrt(total)
+        if not math.isfinite(norm):
+            self._after(feedback)
+            return self._reject("rejected: the gradient is not finite")
+        c = lr * (1.0 if max_norm is None or norm <= max_norm else max_norm / norm)
+        for st in states:
+            xx, gg, aa, bb, uu, hh, uh = st.sums
+            cross = 2.0 * c * uh / s
+            na = aa - cross + c * c * uu * xx
+            nb = bb - cross + c * c * hh * gg
+            if not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < _F32_MAX_SQ):
+                self._after(feedback)
+                return self._reject("rejected: the update would make the weights non-finite")
+            if s * math.sqrt(max(na, 0.0)) * math.sqrt(max(nb, 0.0)) >= _F32_MAX:
+                self._after(feedback)
+                return self._reject("rejected: the update would make delta_weight overflow")
+        for st in states:
+            fast.apply_rank_one(st.a, st.bt, xu, st.h, st.u, st.g, c)
+        self._after(feedback)
+        self.version += 1
+        self.last_update_norm = norm * (c / lr)
+        self.last_note = None
+        return True
+
+    def _prepare(
+        self,
+        x: Any,
+        feedback: AdaptFeedback,
+        module: TargetModule | None,
+        weight: float,
+        *,
+        with_sums: bool,
+    ) -> tuple[list[_Module], np.ndarray] | None:
+        """Validate, then fill every module's scratch (h, g, u); None for quality-only
+        feedback, which takes its own path. Raises before any state changes."""
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
-        sample_weight = 1.0 if weight == 1.0 else check_positive(weight, "weight", allow_zero=True)
+        if type(weight) is float and weight == 1.0:
+            sample_weight = 1.0
+        else:
+            sample_weight = check_positive(weight, "weight", allow_zero=True)
         states = self._states if module is None else [self._state(module)]
         x = as_f32(x, "x")
         if x.ndim != 1 or x.shape[0] != self._in:
@@ -289,7 +368,7 @@ class MicroLoRA:
         if kind is FeedbackKind.QUALITY:
             if not fast.all_finite_vec(x):
                 raise InvalidInputError("x contains NaN or inf")
-            return self._adapt_quality(states, x, feedback.quality, sample_weight)
+            return None
         assert vec is not None
         p = self.config.dropout
         xu = x
@@ -297,9 +376,9 @@ class MicroLoRA:
             k_lora.apply_dropout(x, p, self._key, np.uint64(self._dropout_counter), self._xd)
             xu = self._xd
         if kind is FeedbackKind.GRADIENT:
-            mode, weight = k_lora.MODE_GRADIENT, 1.0
+            mode, w = k_lora.MODE_GRADIENT, 1.0
         elif kind is FeedbackKind.TARGET:
-            mode, weight = k_lora.MODE_REGRESS, feedback.quality
+            mode, w = k_lora.MODE_REGRESS, feedback.quality
         elif kind is FeedbackKind.OUTPUT:
             adv = self._baseline.advantage(feedback.quality)
             c = self.config
@@ -307,25 +386,33 @@ class MicroLoRA:
             # min(exp(z), cap) without math.exp overflowing: right after the first ratings the
             # spread is tiny and z-scores reach thousands.
             z = adv / c.advantage_temperature
-            weight = c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
+            w = c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
         else:  # GROUP: the pull target already carries the advantage weighting
-            mode, weight = k_lora.MODE_REGRESS, 1.0
-        weight *= sample_weight
+            mode, w = k_lora.MODE_REGRESS, 1.0
+        w *= sample_weight
         for st in states:
             if not fast.prepare_grad(
-                st.a, st.bt, self._scale, xu, vec, weight, mode, _NO_KEY, st.h, st.u, st.g
+                st.a, st.bt, self._scale, xu, vec, w, mode, _NO_KEY, st.h, st.u, st.g
             ):
                 raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
-        self._commit(states, xu)
-        if kind is FeedbackKind.OUTPUT:
+            if with_sums:
+                fast.step_sums(st.a, st.bt, xu, st.h, st.u, st.g, st.sums)
+        return states, xu
+
+    def _after(self, feedback: AdaptFeedback) -> None:
+        """Advance what a consumed sample advances: the rating baseline, the dropout stream."""
+        if feedback.kind is FeedbackKind.OUTPUT:
             self._baseline.update(feedback.quality)
-        if p > 0.0:
+        if self.config.dropout > 0.0:
             self._dropout_counter += 1
-        return True
 
     def _adapt_quality(
-        self, states: list[_Module], x: np.ndarray, quality: float, sample_weight: float
+        self, feedback: AdaptFeedback, x_in: Any, module: TargetModule | None, weight: float
     ) -> bool:
+        states = self._states if module is None else [self._state(module)]
+        x = as_f32(x_in, "x")
+        quality = feedback.quality
+        sample_weight = weight
         found = []
         for st in states:
             key = self._explore_key(st, x)
@@ -384,12 +471,7 @@ class MicroLoRA:
         is nothing to apply, or when the result would be non-finite or would make delta_weight
         overflow (the rejected gradient is discarded).
         """
-        if type(learning_rate) is float and 0.0 < learning_rate < math.inf:
-            lr = learning_rate  # the hot path's common case, without the general checks
-        else:
-            lr = check_positive(learning_rate, "learning_rate")
-        if max_norm is not None and not (type(max_norm) is float and 0.0 < max_norm < math.inf):
-            max_norm = check_positive(max_norm, "max_norm")
+        lr, max_norm = self._check_step_args(learning_rate, max_norm)
         n = self._pending
         if n == 0:
             self.last_note = "nothing to apply: no accumulated updates"
@@ -416,6 +498,18 @@ class MicroLoRA:
         self.last_update_norm = norm * clip
         self.last_note = None
         return True
+
+    @staticmethod
+    def _check_step_args(
+        learning_rate: float, max_norm: float | None
+    ) -> tuple[float, float | None]:
+        if type(learning_rate) is float and 0.0 < learning_rate < math.inf:
+            lr = learning_rate  # the hot path's common case, without the general checks
+        else:
+            lr = check_positive(learning_rate, "learning_rate")
+        if max_norm is not None and not (type(max_norm) is float and 0.0 < max_norm < math.inf):
+            max_norm = check_positive(max_norm, "max_norm")
+        return lr, max_norm
 
     def _reject(self, note: str) -> bool:
         self.clear_gradients()
