@@ -140,13 +140,14 @@ class BackgroundLoop:
             return Published(base, dict(old.ensemble), None), rejected
         if strategy is ConsolidationStrategy.ENSEMBLE:
             ensemble = dict(old.ensemble)
-            for label in sorted(set(labels.tolist())):
+            trained = sorted(set(labels.tolist()) - {-1})  # -1: only zero inputs, empty bank
+            for label in trained:
                 members = [s for s, lab in zip(samples, labels, strict=True) if lab == label]
                 adapter = ensemble.get(label)
                 adapter = adapter.clone() if adapter is not None else _zero_like(old.base, label)
                 self._relearn(adapter, members, [1.0] * len(members), rejected)
                 ensemble[int(label)] = adapter
-            notes.append(f"trained {len(set(labels.tolist()))} cluster adapters")
+            notes.append(f"trained {len(trained)} cluster adapters")
             return Published(old.base, ensemble, centroids), rejected
         weights = _strategy_weights(strategy, samples)
         base = old.base.clone()

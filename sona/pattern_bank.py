@@ -53,14 +53,21 @@ class PatternBank:
 
         Empty slots take the first inputs that differ from every centroid; the rest move their
         nearest centroid toward their mean by (members / count), floored at ``_MIN_STEP`` per
-        member, which equals the sequential running mean while counts are small.
+        member, which equals the sequential running mean while counts are small. A zero input
+        (empty text) has no direction to cluster on: it gets its nearest cluster (-1 on an empty
+        bank) and moves nothing, so no centroid is ever zero.
         """
         xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
+        real = xs.any(axis=1)
         i = 0
         while self.size < self.k and i < xs.shape[0]:
             x = xs[i]
             j = self.assign(x)
+            if not real[i]:
+                labels[i] = j
+                i += 1
+                continue
             if j < 0 or not np.allclose(self.centroids[j], x, atol=1e-6):
                 j = self.size
                 self.centroids[j] = x
@@ -77,8 +84,9 @@ class PatternBank:
         if rest.shape[0]:
             lab = self.assign_many(rest)
             labels[i:] = lab
-            for j in np.unique(lab):
-                self._move(int(j), rest[lab == j])
+            moving = real[i:]
+            for j in np.unique(lab[moving]):
+                self._move(int(j), rest[(lab == j) & moving])
         return labels
 
     def _move(self, j: int, members: np.ndarray) -> None:
