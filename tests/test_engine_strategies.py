@@ -309,3 +309,23 @@ def test_ewc_merge_beyond_the_consolidated_rank_is_the_best_truncation() -> None
         assert err >= tail * (1 - 1e-3) - 1e-6
         checked += tail > 1e-4
     assert checked >= 2  # the rank limit was actually hit
+
+
+def test_ensemble_makes_no_cluster_from_an_empty_query() -> None:
+    """Empty text embeds to zero: a zero centroid would capture most later inputs and serve
+    them with an adapter that learned nothing (a zero input has a zero gradient)."""
+    cfg = _config(CS.ENSEMBLE, pattern_clusters=4, background_min_samples=1)
+    engine = SonaLlm(cfg, seed=7, clock=lambda: 0.0)
+    assert engine.instant_adapt("", "an answer", 0.9).applied
+    engine.run_background()
+    assert engine.stats().pattern_clusters == 0
+    assert not engine.background.published.ensemble
+    queries = ["sort a list in python", "python list sorting", "rust borrow checker"]
+    for q in queries:
+        engine.instant_adapt(q, "answer to " + q, 0.9)
+    engine.instant_adapt("", "another answer", 0.9)
+    engine.run_background()
+    pub = engine.background.published
+    assert pub.centroids is not None
+    assert np.all(np.linalg.norm(pub.centroids, axis=1) > 0.5)
+    assert len(pub.ensemble) == len(pub.centroids) == engine.stats().pattern_clusters
