@@ -111,6 +111,12 @@ class SonaLlmConfig:
         _int(self.background_min_samples, "background_min_samples", lo=1)
         _float(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
         _int(self.max_pending_samples, "max_pending_samples", lo=1)
+        if self.background_min_samples > self.max_pending_samples:
+            # the buffer could never fill enough for a run: consolidation would stall
+            raise ConfigError(
+                f"background_min_samples ({self.background_min_samples}) must be <= "
+                f"max_pending_samples ({self.max_pending_samples})"
+            )
         _int(self.replay_capacity, "replay_capacity", lo=1)
         _int(self.pattern_clusters, "pattern_clusters", lo=1)
         _float(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)

@@ -35,7 +35,7 @@ def _config(overflow: OverflowPolicy, max_pending: int, **changes: object) -> So
     cfg = SonaLlmConfig(
         micro_lora=MicroLoraConfig.for_hidden_dim(D, rank=1, target_modules=(Q, V)),
         background_interval_ms=50,
-        background_min_samples=3,
+        background_min_samples=min(3, max_pending),
         max_pending_samples=max_pending,
         overflow=overflow,
         deep_trigger_threshold=4.0,
