@@ -1,0 +1,298 @@
+"""The Deep loop through the engine: its trigger, what it replays and reports, and installing
+a result when the Background loop has moved on meanwhile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sona.config import ConsolidationStrategy as CS
+from sona.config import SonaLlmConfig
+from sona.deep import DeepJob, run_deep
+from sona.engine import SonaLlm
+from sona.feedback import AdaptFeedback
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.objective import measurable
+from sona.sample import TrainingSample
+from sona.training_config import TrainingConfig
+
+D = 32
+Q = TargetModule.Q_PROJ
+V = TargetModule.V_PROJ
+
+
+def _config(**changes: object) -> SonaLlmConfig:
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(D, rank=2, target_modules=(Q, V)),
+        background_min_samples=5,
+        deep_trigger_threshold=5.0,
+        deep_epochs=2,
+        instant_lr=0.05,
+    )
+    return cfg.replace(**changes)
+
+
+class Stream:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.w = (self.rng.standard_normal((D, D)) / math.sqrt(D)).astype(np.float32)
+
+    def feed(self, engine: SonaLlm, n: int, q: float = 0.9) -> None:
+        for _ in range(n):
+            x = self.rng.standard_normal(D).astype(np.float32)
+            x /= np.linalg.norm(x)
+            engine.adapt(x, AdaptFeedback.from_quality(q).with_target(self.w @ x))
+
+
+PROBE = np.random.default_rng(77).standard_normal((8, D)).astype(np.float32)
+
+
+def _published(engine: SonaLlm) -> np.ndarray:
+    pub = engine.background.published
+    return np.stack([pub.predict(PROBE, m) for m in (Q, V)])
+
+
+# ---------------------------------------------------------------------- trigger
+def test_fires_when_accumulated_quality_passes_the_threshold_and_resets_after_a_run() -> None:
+    engine = SonaLlm(_config(deep_trigger_threshold=3.0), seed=0, clock=lambda: 0.0)
+    stream = Stream(0)
+    assert not engine.should_trigger_deep()
+    stream.feed(engine, 3, q=0.9)  # 2.7
+    assert not engine.should_trigger_deep()
+    stream.feed(engine, 2, q=0.3)  # below quality_threshold: skipped, not accumulated
+    assert engine.stats().skipped_count == 2
+    assert not engine.should_trigger_deep()
+    stream.feed(engine, 1, q=0.9)  # 3.6
+    assert engine.should_trigger_deep()
+    assert engine.stats().accumulated_quality == pytest.approx(3.6)
+    engine.run_background()  # consolidation does not reset the Deep trigger
+    assert engine.should_trigger_deep()
+    engine.deep_optimize()
+    assert not engine.should_trigger_deep()
+    assert engine.stats().accumulated_quality == 0.0
+    stream.feed(engine, 4, q=0.9)
+    assert engine.should_trigger_deep()
+
+
+# ---------------------------------------------------------------------- what it does
+def _held_out(samples: list[TrainingSample]) -> list[TrainingSample]:
+    """The newest 10 % (at least one) measurable samples, never the oldest one."""
+    want = max(1, int(0.1 * len(samples)))
+    idx = [i for i in range(len(samples) - 1, 0, -1) if measurable(samples[i])][:want]
+    return [samples[i] for i in sorted(idx)]
+
+
+def _objective(engine: SonaLlm, rows: list[TrainingSample], module: TargetModule) -> float:
+    pub = engine.background.published
+    x = np.stack([s.input_embedding for s in rows])
+    pred = pub.predict(x, module).astype(np.float64)
+    total = 0.0
+    for s, p in zip(rows, pred, strict=True):
+        fb = s.to_feedback()
+        assert fb.vector is not None
+        err = p - fb.vector
+        total += 0.5 * fb.quality * float(err @ err)
+    return total / len(rows)
+
+
+def test_replays_the_kept_samples_and_reports_a_measured_quality_delta() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    stream = Stream(1)
+    for _ in range(3):
+        stream.feed(engine, 20)
+        engine.run_background()
+    kept = list(engine.background.replay)
+    assert len(kept) == engine.stats().replay_size > 40
+    held = _held_out(kept)
+    before = {m: _objective(engine, held, m) for m in (Q, V)}
+    published_before = _published(engine)
+    live_before = engine.instant.live.export_weights()
+    version = engine.background.version
+    result = engine.deep_optimize()
+    assert result.installed and not any("moved" in n for n in result.notes)
+    assert result.epochs == 2
+    assert result.evaluated_on == len(held)
+    assert result.samples_used == len(kept) - len(held)
+    assert engine.stats().deep_count == 1
+    assert engine.background.version == version + 1
+    assert np.abs(_published(engine) - published_before).max() > 1e-4  # it changed weights
+    assert engine.instant.live.export_weights() == live_before  # and left the live adapter
+    after = {m: _objective(engine, held, m) for m in (Q, V)}
+    expected = float(np.mean([(before[m] - after[m]) / before[m] for m in (Q, V)]))
+    assert result.quality_delta == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_more_epochs_move_the_weights_further() -> None:
+    moved = []
+    for epochs in (1, 4):
+        engine = SonaLlm(_config(deep_epochs=epochs), seed=1, clock=lambda: 0.0)
+        Stream(2).feed(engine, 40)
+        engine.run_background()
+        before = _published(engine)
+        assert engine.deep_optimize().epochs == epochs
+        moved.append(float(np.abs(_published(engine) - before).max()))
+    assert moved[1] > moved[0] > 0.0
+
+
+def test_replays_explicit_samples_when_given() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    Stream(3).feed(engine, 20)
+    engine.run_background()
+    other = Stream(4)
+    samples = []
+    for _ in range(30):
+        x = other.rng.standard_normal(D).astype(np.float32)
+        fb = AdaptFeedback.from_quality(0.9).with_target(other.w @ x)
+        samples.append(TrainingSample(x, other.w @ x, 0.9).with_feedback(fb))
+    result = engine.deep_optimize(samples)
+    assert result.samples_used == 30 - 3
+    assert result.evaluated_on == 3
+    assert engine.stats().replay_size == 18  # the kept samples themselves are left alone
+
+
+def test_samples_below_the_quality_threshold_are_not_replayed() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    other = Stream(5)
+    samples = []
+    for i in range(20):
+        x = other.rng.standard_normal(D).astype(np.float32)
+        q = 0.9 if i % 2 else 0.2
+        fb = AdaptFeedback.from_quality(q).with_target(other.w @ x)
+        samples.append(TrainingSample(x, other.w @ x, q).with_feedback(fb))
+    result = engine.deep_optimize(samples)
+    assert result.samples_used == 9  # 18 trained on, half of them too poor
+    assert any("below quality_threshold" in n for n in result.notes), result.notes
+
+
+def test_nothing_kept_means_nothing_to_measure() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    before = _published(engine)
+    result = engine.deep_optimize()
+    assert result.samples_used == 0
+    assert result.quality_delta is None
+    assert any("quality_delta" in n for n in result.notes)
+    np.testing.assert_array_equal(_published(engine), before)
+
+
+def test_gradient_only_replay_has_no_measurable_quality_delta() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        x = rng.standard_normal(D).astype(np.float32)
+        engine.adapt(x, AdaptFeedback.from_quality(0.9).with_gradient(rng.standard_normal(D)))
+    engine.run_background()
+    result = engine.deep_optimize()
+    assert result.samples_used == 20
+    assert result.quality_delta is None and result.evaluated_on == 0
+    assert any("measurable" in n for n in result.notes)
+
+
+def test_deep_is_deterministic_given_the_seed() -> None:
+    outs = []
+    for _ in range(2):
+        engine = SonaLlm(_config(), seed=9, clock=lambda: 0.0)
+        Stream(7).feed(engine, 30)
+        engine.run_background()
+        engine.deep_optimize()
+        outs.append(_published(engine))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------- installing
+def test_installing_after_background_moved_re_applies_the_change_on_top() -> None:
+    cfg = _config(consolidated_rank=D)  # room for every rank: the re-application is exact
+    engine = SonaLlm(cfg, seed=2, clock=lambda: 0.0)
+    stream = Stream(8)
+    stream.feed(engine, 30)
+    engine.run_background()
+    job = engine.deep_job()
+    assert isinstance(job, DeepJob)
+    start = {m: engine.background.published.base.delta_weight(m) for m in (Q, V)}
+    outcome = run_deep(job)
+    deep_change = {m: outcome.published.base.delta_weight(m) - start[m] for m in (Q, V)}
+    assert max(np.abs(c).max() for c in deep_change.values()) > 1e-4
+    # meanwhile the Background loop consolidates new learning
+    stream.feed(engine, 20)
+    engine.run_background()
+    current = {m: engine.background.published.base.delta_weight(m) for m in (Q, V)}
+    live = engine.instant.live.export_weights()
+    version = engine.background.version
+    result = engine.install_deep(outcome)
+    assert result.installed is False
+    assert any("moved" in n and "re-applied" in n for n in result.notes), result.notes
+    assert engine.background.version == version + 1
+    assert engine.stats().deep_count == 1
+    for m in (Q, V):
+        got = engine.background.published.base.delta_weight(m)
+        want = current[m] + deep_change[m]
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    assert engine.instant.live.export_weights() == live
+
+
+def test_installing_when_nothing_moved_replaces_the_state() -> None:
+    engine = SonaLlm(_config(), seed=2, clock=lambda: 0.0)
+    Stream(9).feed(engine, 30)
+    engine.run_background()
+    outcome = run_deep(engine.deep_job())
+    Stream(10).feed(engine, 3)  # instant learning alone does not move the consolidated state
+    result = engine.install_deep(outcome)
+    assert result.installed is True
+    assert engine.background.published is outcome.published
+    assert engine.background.bank is outcome.bank
+
+
+def test_the_truncated_re_application_is_no_worse_than_the_best_rank_approximation() -> None:
+    engine = SonaLlm(_config(consolidated_rank=2), seed=3, clock=lambda: 0.0)
+    stream = Stream(11)
+    stream.feed(engine, 30)
+    engine.run_background()
+    job = engine.deep_job()
+    outcome = run_deep(job)
+    stream.w = -stream.w  # new directions so the sum exceeds rank 2
+    stream.feed(engine, 30)
+    engine.run_background()
+    exact = (
+        engine.background.published.base.delta_weight(Q).astype(np.float64)
+        + outcome.published.base.delta_weight(Q)
+        - outcome.start.delta_weight(Q)
+    )
+    assert engine.install_deep(outcome).installed is False
+    got = engine.background.published.base.delta_weight(Q)
+    s = np.linalg.svd(exact, compute_uv=False)
+    tail = float(np.sqrt(np.sum(s[2:] ** 2)))
+    assert float(np.linalg.norm(got - exact)) <= tail * (1 + 1e-3) + 1e-6
+
+
+def test_ensemble_deep_run_keeps_routing_to_trained_cluster_adapters() -> None:
+    engine = SonaLlm(_config(consolidation_strategy=CS.ENSEMBLE, pattern_clusters=3), seed=4)
+    stream = Stream(12)
+    for _ in range(2):
+        stream.feed(engine, 30)
+        engine.run_background()
+    result = engine.deep_optimize()
+    assert result.installed
+    pub = engine.background.published
+    assert pub.ensemble and pub.centroids is not None
+    assert len(pub.centroids) == len(engine.background.bank)
+    labels = set(pub.route(np.stack([s.input_embedding for s in engine.background.replay])))
+    assert labels <= set(pub.ensemble)
+    out = engine.forward(PROBE, Q)
+    assert np.isfinite(out).all() and out.any()
+
+
+def test_ewc_lambda_zero_is_plain_replay() -> None:
+    """With lambda 0 the EWC++ steps are skipped exactly: a task boundary changes nothing."""
+    outs = []
+    for boundary in (False, True):
+        engine = SonaLlm(
+            _config(training=TrainingConfig(ewc_lambda=0.0)), seed=5, clock=lambda: 0.0
+        )
+        Stream(13).feed(engine, 30)
+        engine.run_background()
+        if boundary:
+            engine.start_new_task()
+        engine.deep_optimize()
+        outs.append(_published(engine))
+    np.testing.assert_array_equal(outs[0], outs[1])
