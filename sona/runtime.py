@@ -471,19 +471,34 @@ class SonaRuntime:
 
     # ------------------------------------------------------------------ background (actor side)
     async def _handle_tick(self, msg: Tick | NewTask) -> BackgroundResult | None:
+        """Consolidate when due (or forced), then, for NewTask, start the new task."""
         self._chaos_check("background")
         bg = self._background
+        new_task = isinstance(msg, NewTask)
+        res: BackgroundResult | None = None
+        live_pending = len(self._instant.pending)
+        forced = new_task or (isinstance(msg, Tick) and msg.force)
+        if self._unfinished is not None or (
+            live_pending + bg.held_back > 0 and (forced or bg.ready(live_pending))
+        ):
+            res = await self._consolidate()
+        if new_task:
+            bg.start_new_task()
+            self.events.publish(TaskBoundary(task_count=bg.task_count, reason="requested"))
+        return res
+
+    async def _consolidate(self) -> BackgroundResult:
+        """Hand-over, consolidation in a worker thread, publication. A hand-over whose
+        consolidation crashed is kept and finished first by the restarted loop, so its samples
+        are never lost."""
+        bg = self._background
         if self._unfinished is None:
-            due = msg.force or isinstance(msg, NewTask) or bg.ready(len(self._instant.pending))
-            if not due:
-                return None
             ref = self._instant_ref
             assert ref is not None
             hand = await ref.ask(HandOverRequest())
             assert isinstance(hand, HandOver)
             self._unfinished = hand
-        hand = self._unfinished
-        outcome = await anyio.to_thread.run_sync(bg.consolidate, hand)
+        outcome = await anyio.to_thread.run_sync(bg.consolidate, self._unfinished)
         self._unfinished = None
         self._last_background = time.monotonic()
         self._pending -= len(outcome.consumed)
@@ -501,9 +516,6 @@ class SonaRuntime:
             self.events.publish(TaskBoundary(task_count=bg.task_count, reason="detected"))
         for note in outcome.rejected:
             self.events.publish(UpdateRejected(loop="background", reason=note))
-        if isinstance(msg, NewTask):
-            bg.start_new_task()
-            self.events.publish(TaskBoundary(task_count=bg.task_count, reason="requested"))
         return res
 
     # ------------------------------------------------------------------ deep (actor side)
@@ -562,6 +574,15 @@ class SonaRuntime:
         assert ref is not None
         result = await ref.ask(RunDeep(samples, on_demand=True))
         assert isinstance(result, DeepResult)
+        return result
+
+    async def consolidate(self) -> BackgroundResult | None:
+        """Run the Background loop now, whatever its interval; None if nothing was pending."""
+        self._check_running()
+        ref = self._background_ref
+        assert ref is not None
+        result = await ref.ask(Tick(force=True))
+        assert result is None or isinstance(result, BackgroundResult)
         return result
 
     def start_new_task(self) -> None:
