@@ -59,7 +59,7 @@ class PatternBank:
         """
         xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
-        real = xs.any(axis=1)
+        real = np.asarray(xs.any(axis=1), dtype=bool)
         i = 0
         while self.size < self.k and i < xs.shape[0]:
             x = xs[i]
