@@ -206,9 +206,10 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineAccounting = EngineMachine.TestCase
 TestEngineAccounting.settings = settings(
-    max_examples=40,
+    max_examples=80,
     stateful_step_count=40,
     deadline=None,
+    derandomize=True,  # the same sequences on every run: CI cannot flake on a rare draw
     suppress_health_check=[HealthCheck.too_slow],
 )
 
