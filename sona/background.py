@@ -21,6 +21,7 @@ import numpy as np
 
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.deep import DeepOutcome
+from sona.errors import InvalidInputError
 from sona.instant import HandOver
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
@@ -232,12 +233,18 @@ class BackgroundLoop:
         (result − its starting point) is re-applied on top of the current one, exactly in ΔW
         space, and its cluster-adapter and pattern-bank changes are discarded (both moved too).
         """
+        if outcome.installed:
+            raise InvalidInputError(
+                "this Deep outcome was already installed; installing it again would apply its "
+                "change twice"
+            )
         current = self.published
         if outcome.version == self.version:
             self.bank = outcome.bank
             self.version += 1
             outcome.published.version = self.version
             self.published = outcome.published
+            outcome.installed = True
             return True
         rank = current.base.config.rank
         base = MicroLoRA.merge_adapters(
@@ -245,6 +252,7 @@ class BackgroundLoop:
         )
         self.version += 1
         self.published = Published(base, current.ensemble, current.centroids, self.version)
+        outcome.installed = True
         notes.append(
             "consolidated state moved during the deep run: its change to the shared adapter was "
             "re-applied on top; cluster adapters and pattern bank changes were discarded"

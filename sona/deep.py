@@ -58,6 +58,7 @@ class DeepOutcome:
     start: MicroLoRA  # the shared adapter the run started from
     evaluated_on: int = 0
     notes: list[str] = field(default_factory=list)
+    installed: bool = False  # set by the Background loop: an outcome is installed at most once
 
 
 def snapshot(
