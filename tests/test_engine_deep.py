@@ -296,3 +296,28 @@ def test_ewc_lambda_zero_is_plain_replay() -> None:
         engine.deep_optimize()
         outs.append(_published(engine))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_an_outcome_is_installed_at_most_once() -> None:
+    """Installing the same outcome again (a retried message, a host's double call) would
+    apply the Deep run's change twice; it is refused and nothing changes."""
+    engine = SonaLlm(_config(), seed=2, clock=lambda: 0.0)
+    Stream(14).feed(engine, 30)
+    engine.run_background()
+    outcome = run_deep(engine.deep_job())
+    assert engine.install_deep(outcome).installed
+    before = _published(engine)
+    version = engine.background.version
+    with pytest.raises(ValueError, match="already installed"):
+        engine.install_deep(outcome)
+    np.testing.assert_array_equal(_published(engine), before)
+    assert engine.background.version == version
+    assert engine.stats().deep_count == 1
+    # a stale outcome too: re-applied once, then refused
+    stale = run_deep(engine.deep_job())
+    Stream(15).feed(engine, 10)
+    engine.run_background()
+    assert engine.install_deep(stale).installed is False
+    with pytest.raises(ValueError, match="already installed"):
+        engine.install_deep(stale)
+    assert engine.stats().deep_count == 2
