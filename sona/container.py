@@ -36,6 +36,7 @@ _DTYPES = {
     "f8": np.dtype("<f8"),
     "i8": np.dtype("<i8"),
     "u8": np.dtype("<u8"),
+    "u1": np.dtype("u1"),  # raw bytes: nested adapter files, UTF-8 text
 }
 
 
@@ -52,7 +53,7 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def encode(magic: bytes, kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """Serialise ``arrays`` (float32/float64/int64/uint64) and a JSON-able ``meta``."""
+    """Serialise ``arrays`` (float32/float64/int64/uint64/uint8) and a JSON-able ``meta``."""
     specs = []
     blobs = []
     for name, arr in arrays.items():
