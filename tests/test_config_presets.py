@@ -85,7 +85,7 @@ def test_bad_values_raise_a_clear_error_naming_the_field(
 def test_a_min_batch_larger_than_the_pending_bound_is_refused() -> None:
     """The pending buffer could never hold enough samples for maybe_background to run: under
     the DROP and REJECT policies consolidation would stall with the buffer full forever."""
-    with pytest.raises(ConfigError, match="background_min_samples.*max_pending_samples"):
+    with pytest.raises(ConfigError, match=r"background_min_samples.*max_pending_samples"):
         SonaLlmConfig(background_min_samples=20, max_pending_samples=10)
     with pytest.raises(ConfigError, match="background_min_samples"):
         SonaLlmConfig.minimal_memory().replace(background_min_samples=101)
