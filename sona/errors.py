@@ -25,3 +25,8 @@ class FormatError(ValueError):
 
 class ConfigMismatchError(FormatError):
     """Valid adapter bytes whose configuration differs from the adapter importing them."""
+
+
+class CheckpointDirError(ValueError):
+    """A ``checkpoint_dir`` that cannot be used: another runtime holds it, or it holds the
+    state of an earlier run (continue that with ``SonaRuntime.restore``)."""
