@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import os
 import random
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -44,8 +45,10 @@ from sona.actors import (
     SupervisorGaveUpEvent,
 )
 from sona.background import BackgroundLoop
+from sona.checkpoint import CaptureState, SampleIds
 from sona.config import Chaos, SonaLlmConfig
 from sona.deep import run_deep, snapshot
+from sona.durability import Durability, RestoreInfo, restore_runtime
 from sona.embedding import Embedder
 from sona.events import (
     BackgroundCompleted,
@@ -87,10 +90,18 @@ class Ticket:
     matters on a path budgeted in microseconds); on other backends on an ``anyio.Event``.
     """
 
-    __slots__ = ("done", "error", "event", "future", "result", "sample_id")
+    __slots__ = ("done", "error", "event", "future", "module", "result", "sample", "sample_id")
 
-    def __init__(self, sample_id: int, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self,
+        sample_id: int,
+        loop: asyncio.AbstractEventLoop | None,
+        sample: TrainingSample | None = None,
+        module: TargetModule | None = None,
+    ) -> None:
         self.sample_id = sample_id
+        self.sample = sample  # kept until handled: checkpoints store accepted, unhandled samples
+        self.module = module
         self.future: asyncio.Future[None] | None = None
         self.event: anyio.Event | None = None
         if loop is not None:
@@ -149,6 +160,8 @@ class SonaRuntime:
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
         self._factory = SampleFactory(self.config, embedder)
         self.checkpoint_dir = checkpoint_dir
+        self._durable = Durability(self, checkpoint_dir)  # checkpoints, sample log, replay
+        self.restored: RestoreInfo | None = None  # set by restore()
         self._chaos = chaos
         self._chaos_rng = random.Random(chaos.seed if chaos is not None else None)
         self._instant = InstantLoop(self.config, seed=self.seed)
@@ -165,7 +178,7 @@ class SonaRuntime:
             name="sona",
             seed=self.seed,
         )
-        self._ids = itertools.count(1)
+        self._ids = SampleIds(1)
         self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
         self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
         self._room: anyio.Event | None = None  # created only while a submitter waits
@@ -191,6 +204,7 @@ class SonaRuntime:
             raise RuntimeError("a SonaRuntime can only be started once")
         self._started = True
         self._loop = _asyncio_loop()
+        await self._durable.open()  # checkpoint_dir: lock, sample log, first checkpoint
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -213,8 +227,11 @@ class SonaRuntime:
             await stack.enter_async_context(watcher)
             tg.start_soon(self._ticker)
             tg.start_soon(self._watch_give_up, watcher)
+            self._durable.start(tg)  # sample-log writer, periodic checkpoints
+            await self._durable.replay()  # restored samples go first, in id order
         except BaseException:
             await stack.__aexit__(None, None, None)
+            await self._durable.abort()
             raise
         self._stack = stack
         _log.info("runtime_started", seed=self.seed)
@@ -235,7 +252,12 @@ class SonaRuntime:
             with anyio.move_on_after(self.config.supervision.shutdown_timeout_s):
                 await self.drain()
         self._stopped = True
-        await stack.__aexit__(exc_type, exc, tb)
+        try:
+            await stack.__aexit__(exc_type, exc, tb)
+        except BaseException:
+            await self._durable.close(raise_errors=False)
+            raise
+        await self._durable.close(raise_errors=exc_type is None)  # the final checkpoint
         _log.info("runtime_stopped", gave_up=self._supervisor.gave_up)
 
     async def _ticker(self) -> None:
@@ -364,10 +386,11 @@ class SonaRuntime:
 
     def _accept(self, sample: TrainingSample, module: TargetModule | None) -> Ticket:
         sid = next(self._ids)
-        ticket = Ticket(sid, self._loop)
-        ref = self._instant_ref
-        assert ref is not None
-        ref.tell_nowait(Process(sid, sample, module, ticket))
+        ticket = Ticket(sid, self._loop, sample, module)
+        if not self._durable.log_step(ticket):  # with a sample log: delivered once committed
+            ref = self._instant_ref
+            assert ref is not None
+            ref.tell_nowait(Process(sid, sample, module, ticket))
         self.submitted += 1
         self._pending += 1
         self._queued[sid] = ticket
@@ -592,6 +615,39 @@ class SonaRuntime:
         assert ref is not None
         ref.tell_nowait(NewTask())
 
+    # ------------------------------------------------------------------ checkpoints
+    async def checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write a checkpoint (atomically) and return its path; see :mod:`sona.durability`.
+
+        ``path`` None writes the next numbered checkpoint into ``checkpoint_dir``, prunes older
+        ones and truncates the sample log; a path writes exactly there. Works before start,
+        while running (captured between two Background turns) and after stop.
+        """
+        return await self._durable.checkpoint(path)
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        config: SonaLlmConfig | None = None,
+        embedder: Embedder | None = None,
+        chaos: Chaos | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+    ) -> SonaRuntime:
+        """A runtime, not yet started, continuing from a checkpoint file or ``checkpoint_dir``.
+
+        From a directory: the newest checkpoint that reads back intact, plus every logged
+        sample after its log sequence number, replayed with its original id when the runtime
+        starts (before it accepts new samples); the runtime keeps using that directory unless
+        ``checkpoint_dir`` names another, empty one. From a file alone, samples accepted after
+        it was written are not recovered. ``config`` may change everything except the fields
+        that shape the stored state. ``restored`` describes what was loaded. A bad file raises
+        FormatError naming it and builds nothing.
+        """
+        extra = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir}
+        return restore_runtime(cls, path, config=config, embedder=embedder, chaos=chaos, **extra)
+
     # ------------------------------------------------------------------ reading
     def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
         """The effective delta: the last published consolidated state plus the live adapter."""
@@ -673,6 +729,8 @@ class _BackgroundActor(Actor):
         if isinstance(message, InstallDeep):
             outcome, notes = message.outcome
             return rt._background.install(outcome, notes)
+        if isinstance(message, CaptureState):  # a consistent moment: no loop is mid-turn
+            return rt._durable.capture_now()
         raise TypeError(f"background loop got an unknown message {type(message).__name__}")
 
 

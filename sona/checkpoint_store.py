@@ -1,0 +1,117 @@
+"""A checkpoint directory: numbered checkpoint files, the durable sample log and a lock.
+
+Layout of ``checkpoint_dir``::
+
+    checkpoint-000000000007.sona   checkpoints, numbered in the order they were written
+    samples.sqlite3 (+ -wal, -shm) the durable sample log (:mod:`sona.sample_log`)
+    LOCK                           held (flock) by the one runtime using the directory
+
+Checkpoints are written atomically (temporary file, fsync, rename, fsync of the directory), so
+a crash leaves at most a stray temporary file, never a half-written checkpoint. The two newest
+checkpoints written or restored are kept; older ones are deleted, and the log is truncated
+only through the log sequence of the older kept one, so even if the newest checkpoint later
+turned out unreadable, the one before it and the log still hold everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import IO
+
+from sona.checkpoint import CheckpointState, read
+from sona.errors import CheckpointDirError, FormatError
+
+try:  # POSIX advisory locks; elsewhere the directory is simply not locked
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "KEEP",
+    "DirectoryLock",
+    "checkpoint_name",
+    "list_checkpoints",
+    "newest_valid",
+    "remove_temporaries",
+]
+
+KEEP = 2
+_NAME = re.compile(r"^checkpoint-(\d{12})\.sona$")
+_TEMPORARY = re.compile(r"^\.checkpoint-\d{12}\.sona\..*\.tmp$")
+
+
+def checkpoint_name(seq: int) -> str:
+    return f"checkpoint-{seq:012d}.sona"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """``(number, path)`` of the checkpoint files in ``directory``, newest first."""
+    found = []
+    for entry in directory.iterdir():
+        m = _NAME.match(entry.name)
+        if m is not None and entry.is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found, reverse=True)
+
+
+def newest_valid(directory: Path) -> tuple[CheckpointState, list[str]]:
+    """The newest checkpoint that reads back intact, and why each newer one was passed over."""
+    skipped: list[str] = []
+    for _, path in list_checkpoints(directory):
+        try:
+            return read(path), skipped
+        except (FormatError, OSError) as exc:
+            skipped.append(str(exc))
+    detail = f" ({'; '.join(skipped)})" if skipped else ""
+    raise FormatError(f"{directory}: no readable checkpoint{detail}")
+
+
+def remove_temporaries(directory: Path) -> int:
+    """Delete temporary files a crash left behind mid-write; how many there were."""
+    n = 0
+    for entry in directory.iterdir():
+        if _TEMPORARY.match(entry.name):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                n += 1
+    return n
+
+
+def remove_older(directory: Path, seq: int) -> None:
+    """Delete checkpoint files numbered below ``seq`` (kept ones are never below it)."""
+    for number, path in list_checkpoints(directory):
+        if number < seq:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+class DirectoryLock:
+    """An exclusive advisory lock on ``directory/LOCK``, released on close or process death."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "LOCK"
+        self._fh: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "ab")  # noqa: SIM115 - held open for the lock's lifetime
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                raise CheckpointDirError(
+                    f"{self.path.parent}: checkpoint_dir is in use by another runtime"
+                ) from None
+        fh.truncate(0)
+        fh.write(f"{os.getpid()}\n".encode())
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        fh = self._fh
+        self._fh = None
+        if fh is not None:
+            fh.close()  # closing drops the flock

@@ -1,0 +1,434 @@
+"""How a :class:`~sona.runtime.SonaRuntime` loses nothing: checkpoints, the sample log, restore.
+
+The runtime calls into this module from a few places: the durable-log step of ``submit``
+(:meth:`Durability.log_step`), start (:meth:`Durability.open` and :meth:`Durability.start`),
+stop (:meth:`Durability.close`), ``checkpoint`` and ``restore``. Everything else lives here.
+
+Guarantees, with ``checkpoint_dir`` set:
+
+- ``submit`` returns only after the sample is committed to the log; a sample reaches the
+  Instant loop only after that, in id order, so every sample the runtime ever learned from is
+  in the log or in a checkpoint.
+- A checkpoint's log sequence number is the highest id below every sample still waiting to be
+  handled: all samples at or below it are in the checkpoint's state, none above it are (those
+  waiting are stored in the checkpoint too, and delivered again on restore).
+- ``restore(checkpoint_dir)`` takes the newest checkpoint that reads back intact and replays
+  every logged sample above its sequence number, with its original id, before the runtime
+  accepts new samples. Nothing acknowledged is lost, nothing consumed is applied twice.
+
+Without ``checkpoint_dir`` (or restoring from a checkpoint file alone) the loss window is
+everything accepted since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from sona import checkpoint as ckpt
+from sona import container
+from sona.actors import SamplesDropped, SupervisorGaveUpEvent
+from sona.checkpoint_store import (
+    KEEP,
+    DirectoryLock,
+    checkpoint_name,
+    list_checkpoints,
+    newest_valid,
+    remove_older,
+    remove_temporaries,
+)
+from sona.errors import CheckpointDirError, InvalidInputError
+from sona.events import CheckpointWritten
+from sona.log import get_logger
+from sona.lora_config import TargetModule
+from sona.messages import Process
+from sona.sample import TrainingSample
+from sona.sample_log import LOG_FILE, LogWriter, SampleLog, SampleLogError
+
+if TYPE_CHECKING:
+    from sona.config import Chaos, SonaLlmConfig
+    from sona.embedding import Embedder
+    from sona.runtime import SonaRuntime, Ticket
+
+__all__ = ["Durability", "RestoreInfo", "restore_runtime"]
+
+_log = get_logger("sona.durability")
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreInfo:
+    """Where a restored runtime came from and what it replays when it starts.
+
+    ``replayed`` holds the ids of the samples delivered to the Instant loop again at start, in
+    order: the ones the checkpoint held as accepted-but-unhandled, and the logged ones after
+    ``log_sequence``. Samples with an id at or below ``log_sequence`` are in the checkpoint's
+    state. ``skipped`` says why newer checkpoint files were passed over.
+    """
+
+    checkpoint: Path
+    log_sequence: int
+    replayed: tuple[int, ...]
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Kept:
+    seq: int
+    path: Path
+    log_sequence: int
+
+
+@dataclass(slots=True)
+class _Replay:
+    items: list[tuple[int, TrainingSample, TargetModule | None]] = field(default_factory=list)
+    unlogged: list[tuple[int, TrainingSample, TargetModule | None]] = field(default_factory=list)
+
+
+class Durability:
+    """The checkpoint directory, the sample log and the replay of one runtime."""
+
+    def __init__(self, rt: SonaRuntime, checkpoint_dir: Any) -> None:
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"checkpoint_dir must be a path or None, got {type(checkpoint_dir).__name__}"
+            )
+        self.rt = rt
+        self.dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.run_id = secrets.token_hex(8)
+        self.seq = 1
+        self.kept: list[_Kept] = []
+        self.log: SampleLog | None = None
+        self.writer: LogWriter[Ticket] | None = None
+        self._lock: DirectoryLock | None = None
+        self._replay = _Replay()
+        self._restored_here = False
+        self._write_lock: anyio.Lock | None = None
+        self._loops_active = False  # between start() and close(): capture inside Background
+        self._loops_stopped = False  # the supervisor gave up and every loop has stopped
+
+    # ------------------------------------------------------------------ start
+    async def open(self) -> None:
+        """Lock the directory, open the log, log what a restore brought along, queue it for
+        delivery, and write a first checkpoint if the directory holds none of this run."""
+        if self.dir is not None:
+            await anyio.to_thread.run_sync(self._open_sync)
+        self._enqueue_replay()
+        if self.dir is not None and not self.kept:
+            try:
+                await self.checkpoint()
+            except BaseException:
+                await anyio.to_thread.run_sync(self._close_sync)
+                raise
+
+    def _open_sync(self) -> None:
+        directory = self.dir
+        assert directory is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(directory)
+        lock.acquire()
+        try:
+            remove_temporaries(directory)
+            micro = self.rt.config.micro_lora
+            log = SampleLog(
+                directory / LOG_FILE, in_features=micro.in_features, out_features=micro.out_features
+            )
+            try:
+                self._adopt(directory, log)
+                log.append_samples(self._replay.unlogged)
+            except BaseException:
+                log.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
+        self._replay.unlogged = []
+        self._lock = lock
+        self.log = log
+        self.writer = LogWriter(log, self._on_logged, self._on_failed)
+
+    def _adopt(self, directory: Path, log: SampleLog) -> None:
+        """Continue this run's directory, or claim a fresh one; never another run's."""
+        existing = list_checkpoints(directory)
+        if existing:
+            self.seq = existing[0][0] + 1
+        if self._restored_here:
+            if log.get_meta("run_id") not in (None, self.run_id):
+                raise CheckpointDirError(f"{log.path}: the sample log belongs to another run")
+        elif existing or log.count() > 0:
+            raise CheckpointDirError(
+                f"{directory}: checkpoint_dir holds the state of an earlier run; continue it "
+                "with SonaRuntime.restore(checkpoint_dir) or choose an empty directory"
+            )
+        log.set_meta("run_id", self.run_id)
+
+    def start(self, tg: Any) -> None:
+        """Start the log writer and the periodic checkpoints in the runtime's task group."""
+        self._loops_active = True
+        tg.start_soon(self._watch_give_up)
+        if self.writer is not None:
+            tg.start_soon(self.writer.run)
+        if self.dir is not None:
+            tg.start_soon(self._periodic)
+
+    async def _watch_give_up(self) -> None:
+        """The give-up event comes after every loop stopped: from then on, capture directly."""
+        async with self.rt.events.subscribe(buffer=4, kinds=(SupervisorGaveUpEvent,)) as sub:
+            async for _ in sub:
+                self._loops_stopped = True
+                return
+
+    def _enqueue_replay(self) -> None:
+        """Count what a restore brought back as accepted and not yet handled (so checkpoints
+        taken from now on hold it), before it is delivered."""
+        from sona.runtime import Ticket
+
+        rt = self.rt
+        for sid, sample, module in self._replay.items:
+            rt._queued[sid] = Ticket(sid, rt._loop, sample, module)
+            rt.submitted += 1
+            rt._pending += 1
+        self._replay.items = []
+
+    async def replay(self) -> None:
+        """Deliver what a restore brought back to the Instant loop, in id order, before the
+        runtime accepts anything new (so the Instant loop keeps handling samples in id order)."""
+        rt = self.rt
+        ref = rt._instant_ref
+        assert ref is not None
+        for t in list(rt._queued.values()):
+            if not t.done:
+                await ref.tell(Process(t.sample_id, t.sample, t.module, t))
+
+    # ------------------------------------------------------------------ the durable-log step
+    def log_step(self, ticket: Ticket) -> bool:
+        """Queue ``ticket``'s sample for the log; True when it will be delivered once logged."""
+        writer = self.writer
+        if writer is None or ticket.sample is None:
+            return False
+        writer.put(ticket.sample_id, ticket.sample, ticket.module, ticket)
+        return True
+
+    def _on_logged(self, tickets: list[Ticket]) -> None:
+        ref = self.rt._instant_ref
+        assert ref is not None
+        for t in tickets:
+            if t.done:  # dropped (DROP_OLDEST) or failed while it was being logged
+                continue
+            try:
+                ref.tell_nowait(Process(t.sample_id, t.sample, t.module, t))
+            except Exception as exc:
+                self._drop([t], exc)
+
+    def _on_failed(self, tickets: list[Ticket], error: BaseException) -> None:
+        if not isinstance(error, SampleLogError):
+            error = SampleLogError(f"the durable sample log failed: {error!r}")
+        _log.warning("sample_log_failed", error=str(error), samples=len(tickets))
+        self._drop([t for t in tickets if not t.done], error)
+
+    def _drop(self, tickets: list[Ticket], error: BaseException) -> None:
+        rt = self.rt
+        n = 0
+        for t in tickets:
+            if rt._queued.pop(t.sample_id, None) is None:
+                continue
+            rt.dropped += 1
+            rt._pending -= 1
+            t.fail(error)
+            n += 1
+        if n:
+            rt.events.publish(SamplesDropped(count=n, stage="log", policy=""))
+            rt._signal()
+
+    # ------------------------------------------------------------------ checkpoints
+    async def _periodic(self) -> None:
+        interval = self.rt.config.checkpoint_interval_s
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # the previous checkpoint and the log still hold it all
+                _log.warning("checkpoint_failed", error=repr(exc))
+
+    async def checkpoint(self, path: Any = None) -> Path:
+        """Capture, encode, verify and write a checkpoint; into the directory when ``path`` is
+        None (then older checkpoints are pruned and the log truncated)."""
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a path or None, got {type(path).__name__}")
+        if path is None and self.dir is None:
+            raise InvalidInputError(
+                "checkpoint() needs a path when the runtime has no checkpoint_dir"
+            )
+        target = None if path is None else Path(path)
+        if target is not None and target.is_dir():
+            raise InvalidInputError(f"path {target} is a directory; pass a file name")
+        if self._write_lock is None:
+            self._write_lock = anyio.Lock()
+        async with self._write_lock:
+            seq = self.seq
+            captured = await self._capture(seq)
+            into_dir = target is None
+            if target is None:
+                assert self.dir is not None
+                target = self.dir / checkpoint_name(seq)
+                self.seq = seq + 1
+            size = await anyio.to_thread.run_sync(_write_verified, captured, target)
+            if into_dir:
+                self.kept.append(_Kept(seq, target, captured.log_sequence))
+                await anyio.to_thread.run_sync(self._prune)
+        self.rt.events.publish(
+            CheckpointWritten(path=str(target), bytes=size, log_sequence=captured.log_sequence)
+        )
+        _log.debug("checkpoint_written", path=str(target), bytes=size)
+        return target
+
+    async def _capture(self, seq: int) -> ckpt.Captured:
+        ref = self.rt._background_ref
+        if self._loops_active and not self._loops_stopped and ref is not None:
+            got = await ref.ask(ckpt.CaptureState())
+            assert isinstance(got, ckpt.Captured)
+            return got
+        return self.capture_now(seq)
+
+    def capture_now(self, seq: int | None = None) -> ckpt.Captured:
+        """Capture synchronously; only where no loop is mid-turn (Background's turn, or with
+        the loops stopped)."""
+        return ckpt.capture(
+            self.rt, run_id=self.run_id, checkpoint_seq=self.seq if seq is None else seq
+        )
+
+    def _prune(self) -> None:
+        """Keep the KEEP newest checkpoints; truncate the log through the older kept one."""
+        kept = self.kept
+        while len(kept) > KEEP:
+            old = kept.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                old.path.unlink()
+        assert self.dir is not None
+        remove_older(self.dir, kept[0].seq)
+        if self.log is not None and len(kept) >= KEEP:
+            self.log.truncate_through(kept[0].log_sequence)
+
+    # ------------------------------------------------------------------ stop
+    async def close(self, *, raise_errors: bool) -> None:
+        """The final checkpoint (with a checkpoint_dir), then release the log and the lock."""
+        self._loops_active = False
+        if self.dir is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(max(self.rt.config.supervision.shutdown_timeout_s, 1.0)):
+                    if self.writer is not None:
+                        await self.writer.flush()
+                    await self.checkpoint()
+        except Exception as exc:
+            _log.warning("final_checkpoint_failed", error=repr(exc))
+            if raise_errors:
+                raise
+        finally:
+            await anyio.to_thread.run_sync(self._close_sync)
+
+    async def abort(self) -> None:
+        """Release the log and the lock after a failed start, without a checkpoint."""
+        self._loops_active = False
+        await anyio.to_thread.run_sync(self._close_sync)
+
+    def _close_sync(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        self.writer = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _write_verified(captured: ckpt.Captured, target: Path) -> int:
+    """Encode, check that the bytes decode (structure, adapters, ids), then write atomically."""
+    data = ckpt.encode(captured)
+    ckpt.decode(data, what=str(target), samples=False)
+    container.write_atomic(target, data)
+    return len(data)
+
+
+# ---------------------------------------------------------------------- restore
+_SAME: Any = object()
+
+
+def restore_runtime(
+    cls: type[SonaRuntime],
+    path: Any,
+    *,
+    config: SonaLlmConfig | None = None,
+    embedder: Embedder | None = None,
+    chaos: Chaos | None = None,
+    checkpoint_dir: Any = _SAME,
+) -> SonaRuntime:
+    """See :meth:`SonaRuntime.restore`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a path, got {type(path).__name__}")
+    source = Path(path)
+    skipped: list[str] = []
+    log_items: list[tuple[int, TrainingSample, TargetModule | None]] = []
+    if source.is_dir():
+        state, skipped = newest_valid(source)
+        log_path = source / LOG_FILE
+        if log_path.exists():
+            micro = state.config.micro_lora
+            log = SampleLog(
+                log_path, in_features=micro.in_features, out_features=micro.out_features
+            )
+            try:
+                owner = log.get_meta("run_id")
+                if owner is not None and owner != state.run_id:
+                    raise CheckpointDirError(
+                        f"{log_path}: the sample log belongs to another run than {state.path}"
+                    )
+                log_items = log.samples_after(state.log_sequence)
+            finally:
+                log.close()
+        if checkpoint_dir is _SAME:
+            checkpoint_dir = source
+    elif source.is_file():
+        state = ckpt.read(source)
+        if checkpoint_dir is _SAME:
+            checkpoint_dir = None
+    else:
+        raise InvalidInputError(f"{source}: no such checkpoint file or directory")
+    cfg = ckpt.check_config(state, config)
+    if skipped:
+        _log.warning("checkpoints_skipped", directory=str(source), reasons=skipped)
+    logged_ids = {sid for sid, _, _ in log_items}
+    merged = {sid: (sid, s, m) for sid, s, m in state.queued}
+    merged.update({sid: (sid, s, m) for sid, s, m in log_items})
+    items = [merged[sid] for sid in sorted(merged)]
+    rt = cls(cfg, embedder=embedder, seed=state.seed, checkpoint_dir=checkpoint_dir, chaos=chaos)
+    ckpt.install(rt, state)
+    if items:
+        rt._ids = ckpt.SampleIds(max(state.next_sample_id, items[-1][0] + 1))
+    d = rt._durable
+    d.run_id = state.run_id
+    same = checkpoint_dir is not None and source.is_dir() and _same_dir(source, checkpoint_dir)
+    d._restored_here = same
+    if same:
+        d.kept = [_Kept(state.checkpoint_seq, Path(state.path), state.log_sequence)]
+    d._replay = _Replay(items, [it for it in items if not (same and it[0] in logged_ids)])
+    rt.restored = RestoreInfo(
+        checkpoint=Path(state.path),
+        log_sequence=state.log_sequence,
+        replayed=tuple(sid for sid, _, _ in items),
+        skipped=tuple(skipped),
+    )
+    return rt
+
+
+def _same_dir(a: Path, b: Any) -> bool:
+    try:
+        return a.resolve() == Path(b).resolve()
+    except OSError:
+        return False

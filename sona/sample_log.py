@@ -1,0 +1,282 @@
+"""The durable sample log: every accepted sample, on disk before its caller hears back.
+
+An embedded SQLite database (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL``: a
+committed transaction survives a killed process and a power cut. Rows are keyed by the runtime's
+sample id, which is also the log sequence number: a checkpoint records the highest id whose
+effect it holds, restore replays the rows after it, and rows are deleted only below a
+checkpoint that was verified on disk.
+
+Writes never run on the event loop. :class:`LogWriter` collects the samples submitted while the
+previous transaction was being written and commits them together in a worker thread (group
+commit), so one fsync is shared by every concurrent submitter; each sample is handed on to the
+Instant loop only once its transaction has committed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from sona.errors import FormatError
+from sona.lora_config import TargetModule
+from sona.sample import TrainingSample
+from sona.sample_codec import decode_sample, encode_sample
+
+__all__ = ["LOG_FILE", "LogWriter", "SampleLog", "SampleLogError"]
+
+LOG_FILE = "samples.sqlite3"
+_FORMAT = "sona.sample_log/1"
+_T = TypeVar("_T")
+
+
+class SampleLogError(OSError):
+    """The durable log could not be written: the samples concerned were not accepted."""
+
+
+class SampleLog:
+    """Samples keyed by sample id in one SQLite file; thread-safe (one connection, a lock).
+
+    Opening an existing log checks its format and widths; a file that is not such a log is
+    refused with a :class:`FormatError` naming it.
+    """
+
+    def __init__(self, path: str | Path, *, in_features: int, out_features: int) -> None:
+        self.path = Path(path)
+        self.in_features = in_features
+        self.out_features = out_features
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            raise FormatError(f"{self.path}: cannot open the sample log: {exc}") from None
+        try:
+            self._setup()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)"
+            )
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("format", _FORMAT),
+                        ("in_features", str(self.in_features)),
+                        ("out_features", str(self.out_features)),
+                    ],
+                )
+                self._db.execute("COMMIT")
+                meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as exc:
+            raise FormatError(f"{self.path}: not a usable sona sample log: {exc}") from None
+        if str(mode).lower() != "wal":
+            raise FormatError(f"{self.path}: could not switch the sample log to WAL mode")
+        if meta.get("format") != _FORMAT:
+            raise FormatError(f"{self.path}: not a sona sample log (format {meta.get('format')!r})")
+        widths = (meta.get("in_features"), meta.get("out_features"))
+        if widths != (str(self.in_features), str(self.out_features)):
+            raise FormatError(
+                f"{self.path}: the log holds samples of widths {widths}, this runtime uses "
+                f"({self.in_features}, {self.out_features})"
+            )
+
+    # ------------------------------------------------------------------ metadata
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._query("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._write_sql(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(key, value)]
+            )
+
+    # ------------------------------------------------------------------ samples
+    def append(self, rows: Sequence[tuple[int, bytes]]) -> None:
+        """Commit ``(sample id, record)`` rows in one durable transaction; ids already present
+        keep their record (a replayed sample logged again)."""
+        if not rows:
+            return
+        with self._lock:
+            self._write_sql("INSERT OR IGNORE INTO samples (id, record) VALUES (?, ?)", rows)
+
+    def append_samples(
+        self, items: Sequence[tuple[int, TrainingSample, TargetModule | None]]
+    ) -> None:
+        self.append([(sid, encode_sample(s, m)) for sid, s, m in items])
+
+    def records_after(self, sequence: int) -> list[tuple[int, bytes]]:
+        """Raw rows with an id above ``sequence``, in id order."""
+        with self._lock:
+            cur = self._query(
+                "SELECT id, record FROM samples WHERE id > ? ORDER BY id", (int(sequence),)
+            )
+            return [(int(i), bytes(r)) for i, r in cur.fetchall()]
+
+    def samples_after(self, sequence: int) -> list[tuple[int, TrainingSample, TargetModule | None]]:
+        """Decoded rows above ``sequence``; a FormatError naming the file and row if any is bad."""
+        out = []
+        for sid, record in self.records_after(sequence):
+            sample, module = decode_sample(
+                record,
+                in_features=self.in_features,
+                out_features=self.out_features,
+                what=f"{self.path} (sample {sid})",
+            )
+            out.append((sid, sample, module))
+        return out
+
+    def truncate_through(self, sequence: int) -> int:
+        """Delete the rows with an id at or below ``sequence``; how many went."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute("DELETE FROM samples WHERE id <= ?", (int(sequence),))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise SampleLogError(f"{self.path}: truncating the log failed: {exc}") from None
+            return int(cur.rowcount)
+
+    def last_id(self) -> int:
+        with self._lock:
+            row = self._query("SELECT MAX(id) FROM samples", ()).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def count(self) -> int:
+        with self._lock:
+            row = self._query("SELECT COUNT(*) FROM samples", ()).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _query(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise FormatError(f"{self.path}: reading the sample log failed: {exc}") from None
+
+    def _write_sql(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(sql, rows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise SampleLogError(f"{self.path}: writing the sample log failed: {exc}") from None
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class LogWriter(Generic[_T]):
+    """Group commit on top of a :class:`SampleLog`, driven by :meth:`run` in a task group.
+
+    :meth:`put` never waits: it queues a sample with an opaque ``token``. :meth:`run` takes
+    everything queued, encodes and commits it in a worker thread, then calls ``on_logged`` with
+    the tokens in submission order, or ``on_failed`` with them and the error. A transaction in
+    progress is finished even if the task is cancelled, so a sample is never half-handled.
+    """
+
+    def __init__(
+        self,
+        log: SampleLog,
+        on_logged: Callable[[list[_T]], None],
+        on_failed: Callable[[list[_T], BaseException], None],
+        *,
+        max_batch: int = 4096,
+    ) -> None:
+        self.log = log
+        self._on_logged = on_logged
+        self._on_failed = on_failed
+        self._max_batch = max_batch
+        self._queue: deque[tuple[int, TrainingSample, TargetModule | None, _T]] = deque()
+        self._wake: anyio.Event | None = None
+        self._progress: anyio.Event | None = None
+        self.queued_total = 0
+        self.done_total = 0
+        self.batches = 0
+        self.write_ns = 0  # time spent encoding and committing, in worker threads
+
+    def put(
+        self, sample_id: int, sample: TrainingSample, module: TargetModule | None, token: _T
+    ) -> None:
+        self._queue.append((sample_id, sample, module, token))
+        self.queued_total += 1
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Samples put but not yet committed (or failed)."""
+        return self.queued_total - self.done_total
+
+    async def run(self) -> None:
+        queue = self._queue
+        while True:
+            while not queue:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                self._wake = None
+            n = min(len(queue), self._max_batch)
+            batch = [queue.popleft() for _ in range(n)]
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(self._write, batch)
+                except Exception as exc:
+                    self._finish(n)
+                    self._on_failed([item[3] for item in batch], exc)
+                    continue
+                self._finish(n)
+                self._on_logged([item[3] for item in batch])
+
+    def _finish(self, n: int) -> None:
+        self.done_total += n
+        self.batches += 1
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
+    def _write(self, batch: list[tuple[int, TrainingSample, TargetModule | None, _T]]) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            rows = [(sid, encode_sample(s, m)) for sid, s, m, _ in batch]
+            self.log.append(rows)
+        finally:
+            self.write_ns += time.perf_counter_ns() - t0
+
+    async def flush(self) -> None:
+        """Wait until everything put so far is committed (or failed)."""
+        target = self.queued_total
+        while self.done_total < target:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
