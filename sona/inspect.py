@@ -1,4 +1,4 @@
-"""``sona inspect PATH``: what an adapter file or a PEFT adapter directory holds.
+"""``sona inspect PATH``: what an adapter, a checkpoint or a PEFT adapter directory holds.
 
 Each kind of input has an :class:`Inspector` that recognises it cheaply (a magic number, a
 file name) and describes it as a :class:`Report`. New kinds, such as checkpoints, plug in with
@@ -7,6 +7,7 @@ file name) and describes it as a :class:`Report`. New kinds, such as checkpoints
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import re
 import sys
@@ -23,6 +24,7 @@ from sona.errors import FormatError
 from sona.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, pattern_value, read_config
 
 __all__ = [
+    "CheckpointInspector",
     "Inspector",
     "PeftAdapterInspector",
     "Report",
@@ -348,5 +350,116 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------- checkpoints
+class CheckpointInspector:
+    """Files written by ``SonaRuntime.checkpoint`` and ``checkpoint_dir`` directories."""
+
+    name = "sona checkpoint (SonaRuntime.checkpoint) or checkpoint_dir"
+
+    def recognises(self, path: Path) -> bool:
+        from sona.checkpoint import MAGIC
+        from sona.checkpoint_store import list_checkpoints
+        from sona.sample_log import LOG_FILE
+
+        if path.is_dir():
+            try:
+                return bool(list_checkpoints(path)) or (path / LOG_FILE).is_file()
+            except OSError:
+                return False
+        return _starts_with(path, MAGIC)
+
+    def describe(self, path: Path) -> Report:
+        from sona.checkpoint import read
+        from sona.checkpoint_store import list_checkpoints, newest_valid
+
+        notes: list[str] = []
+        if path.is_dir():
+            state, skipped = newest_valid(path)
+            notes += [f"unreadable, passed over: {reason}" for reason in skipped]
+            kind = "sona checkpoint_dir"
+            files = [p.name for _, p in list_checkpoints(path)]
+            head = [("checkpoints", ", ".join(files)), ("newest readable", Path(state.path).name)]
+            head.append(("sample log", _log_status(path, state.log_sequence)))
+        else:
+            state = read(path)
+            kind = "sona checkpoint"
+            head = []
+        cfg = state.config
+        micro = cfg.micro_lora
+        c = state.counters
+        inst = state.instant
+        bgm = state.background
+        created = _dt.datetime.fromtimestamp(state.created_unix, _dt.UTC)
+        samples = state.samples
+        fields = [
+            *head,
+            ("format", "sona.checkpoint/1"),
+            ("written", created.isoformat(timespec="seconds")),
+            ("run", state.run_id),
+            ("checkpoint number", str(state.checkpoint_seq)),
+            ("seed", str(state.seed)),
+            ("log sequence", f"{state.log_sequence} (samples up to this id are included)"),
+            ("next sample id", str(state.next_sample_id)),
+            (
+                "adapter",
+                f"in={micro.in_features} out={micro.out_features} rank={micro.rank} "
+                f"modules={','.join(m.value for m in micro.target_modules)}",
+            ),
+            ("strategy", cfg.consolidation_strategy.value),
+            (
+                "samples",
+                f"submitted {c.submitted}, applied {inst.applied}, skipped {inst.skipped}, "
+                f"dropped {c.dropped}, dead-lettered {c.dead_lettered}",
+            ),
+            (
+                "waiting",
+                f"queued {len(samples['queued'])}, pending {len(samples['pending'])}, "
+                f"held back {len(samples['carry'])}, interrupted hand-over "
+                f"{len(samples['unfinished'])}",
+            ),
+            ("replay buffer", f"{len(samples['replay'])} of {cfg.replay_capacity}"),
+            ("consolidations", f"{bgm.runs} ({bgm.consolidated} samples), version {bgm.version}"),
+            ("deep runs", str(c.deep_runs)),
+            ("tasks", str(state.pipeline.task_count)),
+            ("pattern clusters", f"{len(state.bank)} of {cfg.pattern_clusters}"),
+        ]
+        rows: list[tuple[str, ...]] = []
+        adapters = [("live", state.live), ("consolidated", state.base)]
+        adapters += [(f"cluster {k}", a) for k, a in sorted(state.ensemble.items())]
+        if state.unfinished is not None:
+            adapters.append(("interrupted hand-over", state.unfinished.live))
+        for name, lora in adapters:
+            lc = lora.config
+            for module, a, bt in lora.iter_factors():
+                rows.append(
+                    (
+                        name,
+                        module.value,
+                        str(lc.rank),
+                        str(lc.in_features),
+                        str(lc.out_features),
+                        f"{_delta_norm(a, bt, lora.scaling):.4g}",
+                    )
+                )
+        columns = ("adapter", "module", "rank", "in", "out", "|ΔW|")
+        return Report(kind, path, fields, columns, rows, notes)
+
+
+def _log_status(directory: Path, log_sequence: int) -> str:
+    from sona.sample_log import LOG_FILE, log_summary
+
+    log = directory / LOG_FILE
+    if not log.is_file():
+        return "none"
+    try:
+        rows, first, last, above = log_summary(log, log_sequence)
+    except FormatError as exc:
+        return f"unreadable: {exc}"
+    if rows == 0:
+        return "empty"
+    return f"{rows} samples, ids {first}..{last}; {above} after the checkpoint, to replay"
+
+
+register(CheckpointInspector())
 register(SonaAdapterInspector())
 register(PeftAdapterInspector())

@@ -29,7 +29,7 @@ from sona.lora_config import TargetModule
 from sona.sample import TrainingSample
 from sona.sample_codec import decode_sample, encode_sample
 
-__all__ = ["LOG_FILE", "LogWriter", "SampleLog", "SampleLogError"]
+__all__ = ["LOG_FILE", "LogWriter", "SampleLog", "SampleLogError", "log_summary"]
 
 LOG_FILE = "samples.sqlite3"
 _FORMAT = "sona.sample_log/1"
@@ -195,6 +195,24 @@ class SampleLog:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+
+
+def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
+    """(rows, first id, last id, rows above ``after``) of a sample log, read without writing
+    anything to it."""
+    p = Path(path)
+    try:
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise FormatError(f"{p}: cannot open the sample log: {exc}") from None
+    try:
+        row = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM samples").fetchone()
+        above = db.execute("SELECT COUNT(*) FROM samples WHERE id > ?", (int(after),)).fetchone()
+    except sqlite3.Error as exc:
+        raise FormatError(f"{p}: not a readable sona sample log: {exc}") from None
+    finally:
+        db.close()
+    return int(row[0]), int(row[1] or 0), int(row[2] or 0), int(above[0])
 
 
 class LogWriter(Generic[_T]):
