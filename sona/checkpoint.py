@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -220,8 +221,14 @@ class Captured:
         return int(self.meta["log_sequence"])
 
 
-def capture(rt: SonaRuntime, *, run_id: str, checkpoint_seq: int) -> Captured:
-    """Read ``rt``'s state; must run where no loop is mid-turn (see the module docstring)."""
+def capture(
+    rt: SonaRuntime, *, run_id: str, checkpoint_seq: int, undelivered: Sequence[Item] = ()
+) -> Captured:
+    """Read ``rt``'s state; must run where no loop is mid-turn (see the module docstring).
+
+    ``undelivered``: samples a restore brought back that are not yet counted as accepted
+    (a restored runtime that was not started); they are stored as queued.
+    """
     inst = rt._instant
     bg = rt._background
     live = inst.live
@@ -253,6 +260,8 @@ def capture(rt: SonaRuntime, *, run_id: str, checkpoint_seq: int) -> Captured:
         for sid, t in rt._queued.items()
         if not t.done and t.sample is not None
     ]
+    if undelivered:
+        queued = sorted([*queued, *undelivered], key=lambda item: item[0])
     next_id = rt._ids.value
     log_sequence = min((sid for sid, _, _ in queued), default=next_id) - 1
     samples: dict[str, list[Item]] = {
@@ -272,7 +281,7 @@ def capture(rt: SonaRuntime, *, run_id: str, checkpoint_seq: int) -> Captured:
         "log_sequence": log_sequence,
         "next_sample_id": next_id,
         "counters": {
-            "submitted": rt.submitted,
+            "submitted": rt.submitted + len(undelivered),
             "dropped": rt.dropped,
             "dead_lettered": rt.dead_lettered,
             "deep_runs": rt.deep_runs,

@@ -18,6 +18,10 @@ Guarantees, with ``checkpoint_dir`` set:
 
 Without ``checkpoint_dir`` (or restoring from a checkpoint file alone) the loss window is
 everything accepted since the last checkpoint.
+
+One thing is not logged: explorations (``forward(x, explore=True)``). A checkpoint keeps those
+waiting for their rating, but a quality-only rating replayed from the log whose exploration
+happened after the checkpoint is declined like any unexplored rating, with its note.
 """
 
 from __future__ import annotations
@@ -299,7 +303,10 @@ class Durability:
         """Capture synchronously; only where no loop is mid-turn (Background's turn, or with
         the loops stopped)."""
         return ckpt.capture(
-            self.rt, run_id=self.run_id, checkpoint_seq=self.seq if seq is None else seq
+            self.rt,
+            run_id=self.run_id,
+            checkpoint_seq=self.seq if seq is None else seq,
+            undelivered=self._replay.items,
         )
 
     def _prune(self) -> None:
