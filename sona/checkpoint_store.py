@@ -8,7 +8,7 @@ Layout of ``checkpoint_dir``::
 
 Checkpoints are written atomically (temporary file, fsync, rename, fsync of the directory), so
 a crash leaves at most a stray temporary file, never a half-written checkpoint. The two newest
-checkpoints written or restored are kept; older ones are deleted, and the log is truncated
+checkpoints written or restored are kept; the others are deleted, and the log is truncated
 only through the log sequence of the older kept one, so even if the newest checkpoint later
 turned out unreadable, the one before it and the log still hold everything.
 """
@@ -80,10 +80,11 @@ def remove_temporaries(directory: Path) -> int:
     return n
 
 
-def remove_older(directory: Path, seq: int) -> None:
-    """Delete checkpoint files numbered below ``seq`` (kept ones are never below it)."""
+def remove_others(directory: Path, keep: set[int]) -> None:
+    """Delete every checkpoint file whose number is not in ``keep`` (older checkpoints, and
+    unreadable ones a restore passed over)."""
     for number, path in list_checkpoints(directory):
-        if number < seq:
+        if number not in keep:
             with contextlib.suppress(OSError):
                 path.unlink()
 

@@ -44,7 +44,7 @@ from sona.checkpoint_store import (
     checkpoint_name,
     list_checkpoints,
     newest_valid,
-    remove_older,
+    remove_others,
     remove_temporaries,
 )
 from sona.errors import CheckpointDirError, InvalidInputError
@@ -317,7 +317,7 @@ class Durability:
             with contextlib.suppress(FileNotFoundError):
                 old.path.unlink()
         assert self.dir is not None
-        remove_older(self.dir, kept[0].seq)
+        remove_others(self.dir, {k.seq for k in kept})
         if self.log is not None and len(kept) >= KEEP:
             self.log.truncate_through(kept[0].log_sequence)
 

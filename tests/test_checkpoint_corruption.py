@@ -1,0 +1,224 @@
+"""A damaged checkpoint is always detected, named, and never half-loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+
+from sona import checkpoint as ckpt
+from sona import container
+from sona.checkpoint_store import list_checkpoints
+from sona.config import SonaLlmConfig
+from sona.errors import FormatError
+from sona.lora_config import MicroLoraConfig
+from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
+
+DIM = 6
+
+
+def small_config(**kw: Any) -> SonaLlmConfig:
+    return SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(DIM),
+        background_interval_ms=3_600_000,
+        background_min_samples=3,
+        deep_trigger_threshold=1e9,
+        pattern_clusters=2,
+        replay_capacity=20,
+        **kw,
+    )
+
+
+def samples(n: int, seed: int = 0) -> list[TrainingSample]:
+    rng = np.random.default_rng(seed)
+    return [
+        TrainingSample(rng.standard_normal(DIM), rng.standard_normal(DIM), 0.8).with_query("q")
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("c") / "c.sona"
+
+    async def make() -> None:
+        async with SonaRuntime(small_config(), seed=1) as rt:
+            for s in samples(8):
+                await rt.submit(s)
+            await rt.consolidate()
+            for s in samples(3, 1):
+                await rt.submit(s)
+            await rt.checkpoint(path)
+
+    anyio.run(make)
+    return path.read_bytes()
+
+
+def test_every_flipped_byte_is_detected_and_names_the_file(checkpoint_bytes: bytes) -> None:
+    data = checkpoint_bytes
+    assert ckpt.decode(data, what="c.sona").next_sample_id == 12
+    rng = np.random.default_rng(0)
+    masks = rng.integers(1, 256, size=len(data))
+    for i in range(len(data)):  # every position, each with some non-zero change
+        bad = bytearray(data)
+        bad[i] ^= int(masks[i])
+        with pytest.raises(FormatError) as info:
+            ckpt.decode(bytes(bad), what="c.sona")
+        assert str(info.value).startswith("c.sona:")
+
+
+def test_a_flipped_byte_in_a_file_is_named(tmp_path: Path, checkpoint_bytes: bytes) -> None:
+    for pos in (0, 9, 30, len(checkpoint_bytes) // 2, len(checkpoint_bytes) - 1):
+        bad = bytearray(checkpoint_bytes)
+        bad[pos] ^= 0x10
+        path = tmp_path / f"flip{pos}.sona"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(FormatError, match=re.escape(str(path))):
+            ckpt.read(path)
+        with pytest.raises(FormatError, match=re.escape(str(path))):
+            SonaRuntime.restore(path)
+
+
+def test_every_truncation_is_detected(checkpoint_bytes: bytes) -> None:
+    n = len(checkpoint_bytes)
+    for cut in sorted({*range(0, 64), *range(64, n, max(1, n // 300)), n - 1}):
+        with pytest.raises(FormatError, match=r"c\.sona"):
+            ckpt.decode(checkpoint_bytes[:cut], what="c.sona")
+    with pytest.raises(FormatError, match=r"c\.sona"):
+        ckpt.decode(checkpoint_bytes + b"\0", what="c.sona")
+
+
+def body_with(header: dict[str, Any] | bytes, payload: bytes = b"", **prefix: int) -> bytes:
+    """A container with a correct checksum around whatever header and payload we like."""
+    raw = header if isinstance(header, bytes) else msgspec.json.encode(header)
+    fields = {"version": 1, "header_len": len(raw), "payload_len": len(payload), **prefix}
+    head = struct.pack(
+        "<8sHHIQ", ckpt.MAGIC, fields["version"], 0, fields["header_len"], fields["payload_len"]
+    )
+    body = head + raw + payload
+    return body + hashlib.blake2b(body, digest_size=32).digest()
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        {"header_len": 2**32 - 1},
+        {"payload_len": 2**63},
+        {"payload_len": 2**40, "header_len": 2**20},
+        {"version": 65535},
+    ],
+)
+def test_absurd_sizes_are_refused_before_any_allocation(prefix: dict[str, int]) -> None:
+    data = body_with({"kind": ckpt.KIND, "arrays": [], "meta": {}}, **prefix)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError):
+            ckpt.decode(data, what="absurd")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+def test_absurd_array_shapes_with_a_valid_checksum_are_refused() -> None:
+    for shape in ([2**40, 2**40], [10**18] * 4, [-1], [1, 2, 3, 4, 5]):
+        header = {"kind": ckpt.KIND, "arrays": [{"name": "a", "dtype": "f4", "shape": shape}]}
+        data = body_with({**header, "meta": {}}, b"\0" * 16)
+        tracemalloc.start()
+        try:
+            with pytest.raises(FormatError):
+                ckpt.decode(data, what="shape")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 * 1024
+
+
+def test_an_adapter_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    from sona.lora import MicroLoRA
+
+    MicroLoRA(MicroLoraConfig.for_hidden_dim(DIM), seed=0).save(tmp_path / "a.sona")
+    with pytest.raises(FormatError, match="not a sona_checkpoint"):
+        ckpt.read(tmp_path / "a.sona")
+
+
+def test_restore_skips_an_unreadable_newest_checkpoint_and_loses_nothing(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+
+    async def run() -> tuple[Any, list[int]]:
+        cfg = small_config(checkpoint_interval_s=3600.0)
+        acked = []
+        async with SonaRuntime(cfg, seed=2, checkpoint_dir=d) as rt:
+            for i, s in enumerate(samples(30, 3)):
+                acked.append((await rt.submit(s)).sample_id)
+                if i in (9, 19):
+                    await rt.checkpoint()
+            stats = rt.stats()
+        return stats, acked
+
+    stats, acked = anyio.run(run)
+    files = list_checkpoints(d)
+    assert len(files) == 2
+    newest, older = files[0][1], files[1][1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    newest.write_bytes(bytes(data))
+    rt = SonaRuntime.restore(d)
+    info = rt.restored
+    assert info is not None and info.checkpoint == older
+    assert len(info.skipped) == 1 and str(newest) in info.skipped[0]
+    assert all(i <= info.log_sequence or i in info.replayed for i in acked)
+
+    async def finish() -> Any:
+        async with rt:
+            await rt.drain()
+            return rt.stats()
+
+    after = anyio.run(finish)
+    assert after.submitted_count == stats.submitted_count == 30
+    assert after.instant_count == stats.instant_count
+    # the next checkpoints replace the damaged one
+    assert all(ckpt.read(p) for _, p in list_checkpoints(d))
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each_file(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "checkpoint-000000000001.sona").write_bytes(b"SONACKPT garbage")
+    (d / "checkpoint-000000000002.sona").write_bytes(b"")
+    with pytest.raises(FormatError, match="no readable checkpoint") as info:
+        SonaRuntime.restore(d)
+    assert "checkpoint-000000000001.sona" in str(info.value)
+    assert "checkpoint-000000000002.sona" in str(info.value)
+
+
+def test_a_failed_write_leaves_every_checkpoint_readable(tmp_path: Path, monkeypatch: Any) -> None:
+    d = tmp_path / "d"
+
+    async def run() -> None:
+        async with SonaRuntime(small_config(), seed=2, checkpoint_dir=d) as rt:
+            for s in samples(5):
+                await rt.submit(s)
+            real = container.os.replace
+
+            def crash(*_: Any) -> None:
+                raise OSError("simulated crash before rename")
+
+            monkeypatch.setattr(container.os, "replace", crash)
+            with pytest.raises(OSError, match="simulated"):
+                await rt.checkpoint()
+            monkeypatch.setattr(container.os, "replace", real)
+
+    anyio.run(run)
+    for _, path in list_checkpoints(d):
+        ckpt.read(path)
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
