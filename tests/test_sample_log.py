@@ -1,0 +1,223 @@
+"""The durable sample log: exact records, durable rows, acknowledgement only after commit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+from sona.config import SonaLlmConfig
+from sona.errors import FormatError
+from sona.feedback import AdaptFeedback
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
+from sona.sample_codec import decode_sample, encode_sample, pack_samples, unpack_samples
+from sona.sample_log import LOG_FILE, SampleLog, SampleLogError, log_summary
+
+DIM_IN, DIM_OUT = 5, 4
+
+
+def rng_vec(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.standard_normal(n).astype(np.float32)
+
+
+def every_kind(seed: int = 0) -> list[tuple[TrainingSample, TargetModule | None]]:
+    rng = np.random.default_rng(seed)
+    x = rng_vec(rng, DIM_IN)
+    y = rng_vec(rng, DIM_OUT)
+    plain = TrainingSample(x, y, 0.25)
+    full = (
+        plain.with_query("ünïcode ✓")
+        .with_response("")
+        .with_session("s-1")
+        .with_tokens(7)
+        .with_latency(12.5)
+    )
+    group = AdaptFeedback.from_group(np.stack([y, -y, 2 * y]), [0.1, 0.9, 0.5])
+    return [
+        (plain, None),
+        (full, TargetModule.V_PROJ),
+        (plain.with_feedback(AdaptFeedback.from_quality(0.7)), TargetModule.Q_PROJ),
+        (plain.with_feedback(AdaptFeedback.from_quality(0.6).with_target(y)), None),
+        (plain.with_feedback(AdaptFeedback.from_quality(1.0).with_gradient(-y)), None),
+        (plain.with_feedback(AdaptFeedback.from_quality(0.0).with_output(y)), None),
+        (plain.with_feedback(group), None),
+    ]
+
+
+def same_sample(a: TrainingSample, b: TrainingSample) -> bool:
+    arrays = (
+        a.input_embedding.tobytes() == b.input_embedding.tobytes()
+        and a.output_embedding.tobytes() == b.output_embedding.tobytes()
+    )
+    fields = ("quality", "query", "response", "latency_ms", "token_count", "session_id")
+    return (
+        arrays
+        and all(getattr(a, f) == getattr(b, f) for f in fields)
+        and (a.feedback == b.feedback)
+    )
+
+
+def test_records_round_trip_exactly() -> None:
+    for sample, module in every_kind():
+        got, got_module = decode_sample(
+            encode_sample(sample, module), in_features=DIM_IN, out_features=DIM_OUT
+        )
+        assert same_sample(sample, got) and got_module is module
+        assert not got.input_embedding.flags.writeable  # as immutable as a submitted sample
+    items = [(i + 1, s, m) for i, (s, m) in enumerate(every_kind(1))]
+    back = unpack_samples(pack_samples(items), in_features=DIM_IN, out_features=DIM_OUT, what="x")
+    assert [i for i, _, _ in back] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(same_sample(a[1], b[1]) for a, b in zip(items, back, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not a sample record"),
+        (b"\x93\x01\x02\x03", "not a sample record"),
+        (b"\xff" * 40, "not a sample record"),
+    ],
+)
+def test_bad_records_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        decode_sample(data, in_features=DIM_IN, out_features=DIM_OUT, what="row 3")
+    with pytest.raises(TypeError, match="bytes"):
+        decode_sample("text", in_features=DIM_IN, out_features=DIM_OUT)  # type: ignore[arg-type]
+
+
+def test_records_of_other_widths_or_with_bad_values_are_refused() -> None:
+    sample, _ = every_kind()[0]
+    data = encode_sample(sample)
+    with pytest.raises(FormatError, match="row 9: invalid sample: input_embedding"):
+        decode_sample(data, in_features=DIM_IN + 1, out_features=DIM_OUT, what="row 9")
+    nan = np.full(DIM_IN, np.nan, np.float32).tobytes()
+    bad = data.replace(sample.input_embedding.tobytes(), nan)
+    with pytest.raises(FormatError, match="NaN"):
+        decode_sample(bad, in_features=DIM_IN, out_features=DIM_OUT)
+
+
+def test_log_rows_survive_reopening_and_truncation_is_exact(tmp_path: Path) -> None:
+    path = tmp_path / LOG_FILE
+    log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+    items = [(i, s, m) for i, (s, m) in enumerate(every_kind(), start=10)]
+    log.append_samples(items[:4])
+    log.append_samples(items[4:])
+    log.append_samples(items[:1])  # logged again: kept as it was
+    assert (log.count(), log.last_id()) == (7, 16)
+    assert log.get_meta("format") == "sona.sample_log/1"
+    log.close()
+    again = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    got = again.samples_after(12)
+    assert [i for i, _, _ in got] == [13, 14, 15, 16]
+    assert all(same_sample(a[1], b[1]) for a, b in zip(items[3:], got, strict=True))
+    assert again.truncate_through(13) == 4
+    assert [i for i, _ in again.records_after(0)] == [14, 15, 16]
+    assert log_summary(path, 14) == (3, 14, 16, 2)
+    again.close()
+
+
+def test_a_foreign_or_mismatched_log_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"this is not a database, not even close" * 100)
+    with pytest.raises(FormatError, match="junk"):
+        SampleLog(junk, in_features=DIM_IN, out_features=DIM_OUT)
+    SampleLog(tmp_path / "a", in_features=DIM_IN, out_features=DIM_OUT).close()
+    with pytest.raises(FormatError, match="widths"):
+        SampleLog(tmp_path / "a", in_features=DIM_IN, out_features=DIM_OUT + 1)
+    other = sqlite3.connect(tmp_path / "b")
+    other.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    other.execute("INSERT INTO meta VALUES ('format', 'something else')")
+    other.commit()
+    other.close()
+    with pytest.raises(FormatError, match="not a sona sample log"):
+        SampleLog(tmp_path / "b", in_features=DIM_IN, out_features=DIM_OUT)
+
+
+def test_a_bad_row_is_named_on_restore(tmp_path: Path) -> None:
+    log = SampleLog(tmp_path / LOG_FILE, in_features=DIM_IN, out_features=DIM_OUT)
+    log.append([(5, b"\x00garbage")])
+    with pytest.raises(FormatError, match=r"sample 5"):
+        log.samples_after(0)
+    log.close()
+
+
+# ---------------------------------------------------------------------- with the runtime
+def config(**kw: Any) -> SonaLlmConfig:
+    return SonaLlmConfig(
+        micro_lora=MicroLoraConfig(in_features=DIM_IN, out_features=DIM_OUT),
+        background_interval_ms=3_600_000,
+        background_min_samples=2,
+        deep_trigger_threshold=1e9,
+        checkpoint_interval_s=3600.0,
+        **kw,
+    )
+
+
+def samples(n: int) -> list[TrainingSample]:
+    rng = np.random.default_rng(3)
+    return [TrainingSample(rng_vec(rng, DIM_IN), rng_vec(rng, DIM_OUT), 0.9) for _ in range(n)]
+
+
+@pytest.mark.anyio
+async def test_submit_returns_only_once_the_sample_is_committed(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    async with SonaRuntime(config(), seed=1, checkpoint_dir=d) as rt:
+        for s in samples(5):
+            res = await rt.submit(s)
+            # another connection sees the committed row the moment submit returns
+            rows, _, last, _ = log_summary(d / LOG_FILE)
+            assert last == res.sample_id and res.applied
+        assert rows == 5
+
+
+@pytest.mark.anyio
+async def test_concurrent_submits_share_transactions(tmp_path: Path) -> None:
+    async with SonaRuntime(config(), seed=1, checkpoint_dir=tmp_path / "d") as rt:
+        batch = samples(200)
+        async with anyio.create_task_group() as tg:
+            for s in batch:
+                tg.start_soon(rt.submit, s)
+        writer = rt._durable.writer
+        assert writer is not None and writer.done_total == 200
+        assert writer.batches < 100  # group commit: far fewer transactions than samples
+        assert rt.stats().instant_count == 200
+
+
+@pytest.mark.anyio
+async def test_a_failing_log_refuses_the_sample_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SonaRuntime(config(), seed=1, checkpoint_dir=tmp_path / "d") as rt:
+        first, second = samples(2)
+        await rt.submit(first)
+        probe = np.ones(DIM_IN, np.float32)
+        before = rt.forward(probe, TargetModule.Q_PROJ)
+        stats = rt.stats()
+
+        def disk_full(self: SampleLog, rows: Any) -> None:
+            raise SampleLogError("database or disk is full")
+
+        monkeypatch.setattr(SampleLog, "append", disk_full)
+        with pytest.raises(SampleLogError, match="disk is full"):
+            await rt.submit(second)
+        after = rt.stats()
+        assert rt.forward(probe, TargetModule.Q_PROJ).tobytes() == before.tobytes()
+        assert after.instant_count == stats.instant_count
+        assert after.dropped_samples == stats.dropped_samples + 1
+        assert after.submitted_count == (
+            after.instant_count
+            + after.skipped_count
+            + after.dropped_samples
+            + after.dead_lettered
+            + after.in_flight
+        )
+        monkeypatch.undo()
+        assert (await rt.submit(second)).applied
