@@ -141,6 +141,8 @@ class SonaLlm:
         self._last_background = self.clock()
         hand = self.instant.hand_over()
         outcome = self.background.consolidate(hand)
+        if outcome.fresh_a is not None:
+            self.instant.refresh_directions(outcome.fresh_a)
         return outcome.result
 
     # ------------------------------------------------------------------ deep loop

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sona.config import SonaLlmConfig
 from sona.feedback import FeedbackKind
 from sona.lora import MicroLoRA
@@ -55,6 +57,7 @@ class InstantLoop:
         self._lr = config.instant_lr
         self._max_norm = config.training.max_grad_norm
         self._threshold = config.training.quality_threshold
+        self._fresh_a: np.ndarray | None = None
 
     def process(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
@@ -90,12 +93,26 @@ class InstantLoop:
         return InstantOutcome(False, dt, [note], reason, rejected)
 
     def hand_over(self) -> HandOver:
-        """Snapshot the live adapter with its pending samples, then start afresh (B = 0)."""
+        """Snapshot the live adapter with its pending samples, then start afresh (B = 0).
+
+        If a new task began, A restarts along its input directions (see
+        :meth:`refresh_directions`); with B = 0 that leaves the effective delta unchanged.
+        """
         snapshot = self.live.clone()
         samples = list(self.pending)
         self.pending.clear()
         self.live.reset_b()
+        if self._fresh_a is not None:
+            for module, _, _ in self.live.iter_factors():
+                self.live.set_factors(
+                    module, self._fresh_a, np.zeros_like(snapshot.factors(module)[1])
+                )
+            self._fresh_a = None
         return HandOver(snapshot, samples)
+
+    def refresh_directions(self, a: np.ndarray) -> None:
+        """Use ``a`` as the live adapter's A from the next hand-over on (a new task began)."""
+        self._fresh_a = a
 
     def evict_oldest(self) -> int | None:
         """Drop the oldest sample waiting for consolidation (it stays applied); its id."""

@@ -523,6 +523,8 @@ class SonaRuntime:
             self._unfinished = hand
         outcome = await anyio.to_thread.run_sync(bg.consolidate, self._unfinished)
         self._unfinished = None
+        if outcome.fresh_a is not None:  # a slot the Instant loop reads at its next hand-over
+            self._instant.refresh_directions(outcome.fresh_a)
         self._last_background = time.monotonic()
         self._pending -= len(outcome.consumed)
         self._signal()

@@ -1,0 +1,54 @@
+"""Shared builders for the SonaRuntime tests: small configs and sample streams."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sona.config import SonaLlmConfig, SupervisionConfig
+from sona.feedback import AdaptFeedback
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.results import LearningStats
+from sona.sample import TrainingSample
+from sona.simulator import DomainWorld
+
+Q = TargetModule.Q_PROJ
+DIM = 32
+
+
+def small_config(**overrides: object) -> SonaLlmConfig:
+    base: dict[str, object] = {
+        "micro_lora": MicroLoraConfig.for_hidden_dim(DIM, target_modules=(Q,)),
+        "background_interval_ms": 20,
+        "deep_trigger_threshold": 1e9,
+        "supervision": SupervisionConfig(backoff_min_s=0.0, backoff_max_s=0.001),
+    }
+    base.update(overrides)
+    return SonaLlmConfig(**base)  # type: ignore[arg-type]
+
+
+def target_samples(
+    world: DomainWorld, domain: int, n: int, quality: float = 1.0
+) -> list[TrainingSample]:
+    xs = world.inputs(domain, n)
+    ys = world.target_delta(domain, xs)
+    return [
+        TrainingSample(x, y, quality).with_feedback(
+            AdaptFeedback.from_quality(quality).with_target(y)
+        )
+        for x, y in zip(xs, ys, strict=True)
+    ]
+
+
+def rated_samples(n: int, seed: int = 0) -> list[TrainingSample]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return [TrainingSample(x[i], 0.5 * x[i], 0.8) for i in range(n)]
+
+
+def identity_holds(s: LearningStats) -> bool:
+    first = s.submitted_count == (
+        s.instant_count + s.skipped_count + s.dropped_samples + s.dead_lettered + s.in_flight
+    )
+    second = s.instant_count == s.consolidated_count + s.evicted_samples + s.pending_samples
+    return first and second

@@ -1,0 +1,126 @@
+"""max_pending_samples with a stalled Background loop: each overflow policy at ingress."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from runtime_helpers import identity_holds, rated_samples, small_config
+
+from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
+from sona.runtime import SonaRuntime
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 100
+STALLED = 3_600_000  # ms: the Background loop never runs on its own during a test
+
+
+def _config(policy: OverflowPolicy) -> object:
+    return small_config(max_pending_samples=LIMIT, overflow=policy, background_interval_ms=STALLED)
+
+
+async def test_block_suspends_submitters_until_background_drains() -> None:
+    samples = rated_samples(LIMIT + 20)
+    async with SonaRuntime(_config(OverflowPolicy.BLOCK), seed=0) as rt:  # type: ignore[arg-type]
+        for s in samples[:LIMIT]:
+            assert (await rt.submit(s)).applied
+        assert rt.stats().pending_samples == LIMIT
+        finished: list[int] = []
+
+        async def submitter(i: int) -> None:
+            await rt.submit(samples[LIMIT + i])
+            finished.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(submitter, i)
+            await anyio.sleep(0.2)
+            assert finished == []  # really suspended: nothing got in
+            assert rt.stats().submitted_count == LIMIT
+            await rt.consolidate()  # the Background loop makes room
+        assert sorted(finished) == list(range(20))
+        await rt.drain()
+        st = rt.stats()
+        assert st.dropped_samples == 0
+        assert st.submitted_count == st.instant_count + st.skipped_count + st.dead_lettered
+        assert identity_holds(st)
+
+
+async def test_drop_newest_drops_and_announces_each_incoming_sample() -> None:
+    samples = rated_samples(LIMIT + 37)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_NEWEST), seed=0) as rt:  # type: ignore[arg-type]
+        async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
+            results = [await rt.submit(s) for s in samples]
+            await rt.drain()
+            dropped_events = 0
+            while sub.pending:  # type: ignore[attr-defined]
+                ev = sub.receive_nowait()  # type: ignore[attr-defined]
+                if isinstance(ev, SamplesDropped):
+                    dropped_events += ev.count
+        assert [r.applied for r in results[LIMIT:]] == [False] * 37
+        assert all("DROP_NEWEST" in r.notes[0] for r in results[LIMIT:])
+        assert all(r.applied for r in results[:LIMIT])
+        st = rt.stats()
+        assert st.dropped_samples == 37 == dropped_events
+        assert st.submitted_count == (
+            st.instant_count + st.skipped_count + st.dropped_samples + st.dead_lettered
+        )
+        assert identity_holds(st)
+
+
+async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
+    samples = rated_samples(LIMIT + 30)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
+            # Without awaiting, the first samples are still waiting for the Instant loop: the
+            # oldest of those are the ones dropped.
+            for s in samples[: LIMIT + 10]:
+                rt.submit_nowait(s)
+            assert rt.stats().dropped_samples == 10
+            await rt.drain()
+            # Now everything is handled: further overflow evicts the oldest pending samples.
+            for s in samples[LIMIT + 10 :]:
+                assert (await rt.submit(s)).applied
+            await rt.drain()
+            stages: dict[str, int] = {}
+            while sub.pending:  # type: ignore[attr-defined]
+                ev = sub.receive_nowait()  # type: ignore[attr-defined]
+                if isinstance(ev, SamplesDropped):
+                    stages[ev.stage] = stages.get(ev.stage, 0) + ev.count
+        st = rt.stats()
+        assert st.dropped_samples == 10
+        assert st.evicted_samples == 20
+        assert stages == {"ingress": 10, "consolidation": 20}
+        assert st.pending_samples == LIMIT
+        assert st.submitted_count == (
+            st.instant_count + st.skipped_count + st.dropped_samples + st.dead_lettered
+        )
+        assert identity_holds(st)
+
+
+async def test_reject_raises_backpressure_and_counts_nothing() -> None:
+    samples = rated_samples(LIMIT + 1)
+    async with SonaRuntime(_config(OverflowPolicy.REJECT), seed=0) as rt:  # type: ignore[arg-type]
+        for s in samples[:LIMIT]:
+            await rt.submit(s)
+        with pytest.raises(Backpressure):
+            await rt.submit(samples[-1])
+        with pytest.raises(Backpressure):
+            rt.submit_nowait(samples[-1])
+        await rt.drain()
+        st = rt.stats()
+        assert st.submitted_count == LIMIT == st.instant_count
+        assert identity_holds(st)
+        await rt.consolidate()
+        assert (await rt.submit(samples[-1])).applied  # room again after consolidation
+
+
+async def test_block_submit_nowait_raises_when_full() -> None:
+    samples = rated_samples(LIMIT + 1)
+    async with SonaRuntime(_config(OverflowPolicy.BLOCK), seed=0) as rt:  # type: ignore[arg-type]
+        for s in samples[:LIMIT]:
+            rt.submit_nowait(s)
+        with pytest.raises(Backpressure):
+            rt.submit_nowait(samples[-1])
+        await rt.drain()
+        assert identity_holds(rt.stats())

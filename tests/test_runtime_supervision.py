@@ -1,0 +1,156 @@
+"""Chaos on all three loops, and a supervisor that gives up without hurting the host."""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+from runtime_helpers import Q, identity_holds, small_config, target_samples
+
+from sona.actors import LoopCrashed, LoopRestarted, SupervisorGaveUp
+from sona.config import Chaos, SupervisionConfig
+from sona.runtime import SonaRuntime
+from sona.simulator import DomainWorld
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.slow
+async def test_chaos_on_all_loops_keeps_accounting_and_learning() -> None:
+    world = DomainWorld(dim=32, domains=1, seed=5)
+    samples = target_samples(world, 0, 20_000)
+    cfg = small_config(
+        deep_trigger_threshold=5_000.0,
+        supervision=SupervisionConfig(
+            max_restarts=100_000, within_s=10.0, backoff_min_s=0.0, backoff_max_s=0.0005
+        ),
+    )
+    chaos = Chaos(crash_probability=0.02, loops=("instant", "background", "deep"), seed=1)
+    held = world.held_out(0)
+    base = world.quality(0, np.zeros_like(held))
+    restarts: dict[str, int] = {}
+    crashes = 0
+    async with SonaRuntime(cfg, seed=3, chaos=chaos) as rt:
+        async with rt.subscribe(kinds=[LoopCrashed, LoopRestarted], buffer=100_000) as sub:
+            for i, s in enumerate(samples):
+                await rt.submit(s)
+                if i % 5000 == 4999:
+                    await anyio.sleep(0.05)  # let Background and Deep run meanwhile
+                    assert identity_holds(rt.stats())
+            await rt.drain()
+            await rt.consolidate()
+            await rt.deep_optimize()
+            while sub.pending:  # type: ignore[attr-defined]
+                ev = sub.receive_nowait()  # type: ignore[attr-defined]
+                if isinstance(ev, LoopRestarted):
+                    restarts[ev.actor] = restarts.get(ev.actor, 0) + 1
+                elif isinstance(ev, LoopCrashed):
+                    crashes += 1
+        st = rt.stats()
+        quality = world.quality(0, rt.forward(held, Q))
+    assert not st.gave_up
+    assert restarts.get("instant", 0) > 100  # ~2 % of 20,000 handled messages
+    assert st.background_count > 0 and st.deep_count > 0
+    assert st.restarts == sum(restarts.values()) == crashes
+    assert identity_holds(st)
+    assert st.in_flight == 0
+    assert st.submitted_count == (
+        st.instant_count + st.skipped_count + st.dropped_samples + st.dead_lettered
+    )
+    assert quality > base + 0.05
+
+
+async def test_supervisor_gives_up_without_disturbing_the_host() -> None:
+    world = DomainWorld(dim=32, domains=1, seed=6)
+    samples = target_samples(world, 0, 50)
+    cfg = small_config(supervision=SupervisionConfig(max_restarts=3, within_s=30.0))
+    host_ticks = 0
+
+    async def host_work() -> None:
+        nonlocal host_ticks
+        for _ in range(50):
+            host_ticks += 1
+            await anyio.sleep(0.002)
+
+    held = world.held_out(0)[:4]
+    rt = SonaRuntime(cfg, seed=1, chaos=Chaos(crash_probability=0.0, loops=("instant",), seed=0))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(host_work)
+        async with rt:
+            for s in samples[:10]:
+                assert (await rt.submit(s)).applied
+            before = rt.forward(held, Q)
+            rt._chaos = Chaos(crash_probability=1.0, loops=("instant",), seed=0)
+            with pytest.raises(SupervisorGaveUp):
+                for s in samples[10:]:
+                    await rt.submit(s)
+            with anyio.fail_after(5):
+                while not rt.gave_up:
+                    await anyio.sleep(0.01)
+            assert rt.stats().gave_up
+            with pytest.raises(SupervisorGaveUp):
+                await rt.submit(samples[-1])
+            with pytest.raises(SupervisorGaveUp):
+                rt.submit_nowait(samples[-1])
+            np.testing.assert_array_equal(rt.forward(held, Q), before)  # still serving
+        # __aexit__ returned normally; the host task keeps running to completion
+    assert host_ticks == 50
+    st = rt.stats()
+    assert st.in_flight == 0
+    assert st.submitted_count == (
+        st.instant_count + st.skipped_count + st.dropped_samples + st.dead_lettered
+    )
+
+
+async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
+    """A crash after the hand-over keeps it; the restarted loop finishes it first."""
+    world = DomainWorld(dim=32, domains=1, seed=7)
+    samples = target_samples(world, 0, 200)
+    cfg = small_config(background_interval_ms=3_600_000)
+    async with SonaRuntime(cfg, seed=2) as rt:
+        for s in samples:
+            await rt.submit(s)
+        bg = rt._background
+        real = bg.consolidate
+        calls = 0
+
+        def flaky(hand: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("consolidation failed half-way")
+            return real(hand)  # type: ignore[arg-type]
+
+        bg.consolidate = flaky  # type: ignore[method-assign]
+        result = await rt.consolidate()  # crashes once; the retry after the restart succeeds
+        st = rt.stats()
+    assert result is not None and result.samples_used > 0
+    assert calls == 2
+    assert st.restarts >= 1
+    assert st.instant_count == 200
+    assert st.consolidated_count + st.pending_samples == 200
+    assert identity_holds(st)
+
+
+async def test_background_chaos_never_loses_pending_samples() -> None:
+    world = DomainWorld(dim=32, domains=1, seed=8)
+    samples = target_samples(world, 0, 300)
+    cfg = small_config(
+        background_interval_ms=5,
+        supervision=SupervisionConfig(max_restarts=10_000, within_s=10.0, backoff_max_s=0.001),
+    )
+    chaos = Chaos(crash_probability=1.0, loops=("background",), seed=0)
+    async with SonaRuntime(cfg, seed=2, chaos=chaos) as rt:
+        for s in samples:
+            await rt.submit(s)
+        await anyio.sleep(0.2)
+        st = rt.stats()
+        assert st.restarts > 0 and st.consolidated_count == 0
+        assert st.pending_samples == 300
+        rt._chaos = None
+        with anyio.fail_after(5):
+            while rt.stats().pending_samples > 30:  # the newest few are held back to measure
+                await rt.consolidate()
+        st = rt.stats()
+    assert st.consolidated_count + st.pending_samples == 300
+    assert identity_holds(st)
