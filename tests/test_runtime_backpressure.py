@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 from runtime_helpers import identity_holds, rated_samples, small_config
-
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
+
 from sona.runtime import SonaRuntime
 
 pytestmark = pytest.mark.anyio

@@ -6,8 +6,8 @@ import anyio
 import numpy as np
 import pytest
 from runtime_helpers import Q, identity_holds, small_config, target_samples
-
 from sona.actors import LoopCrashed, LoopRestarted, SupervisorGaveUp
+
 from sona.config import Chaos, SupervisionConfig
 from sona.runtime import SonaRuntime
 from sona.simulator import DomainWorld
