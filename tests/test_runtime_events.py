@@ -1,0 +1,94 @@
+"""A small async application embeds the runtime and watches its events."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from runtime_helpers import Q, identity_holds, small_config, target_samples
+
+from sona.events import (
+    BackgroundCompleted,
+    DeepCompleted,
+    InstantApplied,
+    Lagged,
+)
+from sona.runtime import SonaRuntime
+from sona.simulator import DomainWorld
+
+pytestmark = pytest.mark.anyio
+
+
+def _check_sequence(events: list[Any]) -> None:
+    """seq strictly increases; a gap is exactly what the Lagged event before it reports."""
+    for prev, ev in itertools.pairwise(events):
+        assert ev.seq > prev.seq
+        if isinstance(ev, Lagged):
+            assert ev.seq - prev.seq == ev.missed
+        else:
+            assert ev.seq == prev.seq + 1
+
+
+async def test_app_receives_loop_events_in_order() -> None:
+    world = DomainWorld(dim=32, domains=1, seed=11)
+    samples = target_samples(world, 0, 600)
+    cfg = small_config(background_interval_ms=10, deep_trigger_threshold=250.0)
+    seen: list[Any] = []
+    lagging: list[Any] = []
+    async with SonaRuntime(cfg, seed=4) as rt:
+
+        async def watch(buffer: int, into: list[Any], stop: anyio.Event) -> None:
+            async with rt.subscribe(buffer=buffer) as sub:
+                ready.set()
+                while not (stop.is_set() and sub.pending == 0):  # type: ignore[attr-defined]
+                    with anyio.move_on_after(0.05):
+                        into.append(await sub.__anext__())  # type: ignore[attr-defined]
+                    if buffer < 100:
+                        await anyio.sleep(0.002)  # a slow reader
+
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            ready = anyio.Event()
+            tg.start_soon(watch, 100_000, seen, stop)
+            await ready.wait()
+            ready = anyio.Event()
+            tg.start_soon(watch, 8, lagging, stop)
+            await ready.wait()
+            for s in samples:  # the application's own request loop
+                result = await rt.submit(s)
+                assert result.applied and result.sample_id is not None
+            await rt.drain()
+            await rt.consolidate()
+            await rt.deep_optimize()
+            await anyio.sleep(0.1)
+            stop.set()
+        assert identity_holds(rt.stats())
+        assert world.quality(0, rt.forward(world.held_out(0), Q)) > world.base_quality(0)
+    kinds = {type(e) for e in seen}
+    assert {InstantApplied, BackgroundCompleted, DeepCompleted} <= kinds
+    assert sum(isinstance(e, InstantApplied) for e in seen) == 600
+    _check_sequence(seen)
+    assert not any(isinstance(e, Lagged) for e in seen)
+    assert any(isinstance(e, Lagged) for e in lagging)
+    _check_sequence(lagging)
+
+
+async def test_forward_reads_a_consistent_published_state() -> None:
+    """Readers see consolidated versions only as whole swaps: the version never goes back."""
+    world = DomainWorld(dim=32, domains=1, seed=12)
+    samples = target_samples(world, 0, 400)
+    x = world.held_out(0)[:8]
+    async with SonaRuntime(small_config(background_interval_ms=5), seed=4) as rt:
+        versions: list[int] = []
+        for i, s in enumerate(samples):
+            await rt.submit(s)
+            if i % 20 == 0:
+                pub = rt._background.published
+                versions.append(pub.version)
+                out = rt.forward(x, Q)
+                assert np.isfinite(out).all()
+                await anyio.sleep(0.006)
+    assert versions == sorted(versions) and versions[-1] > 0
