@@ -9,7 +9,7 @@ to reassociation-style flags so float32 reductions vectorise while NaN and inf s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numba
 
@@ -20,12 +20,13 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 
 def kernel(fn: F) -> F:
     """Compile ``fn`` as a cached, GIL-free, float32-friendly Numba kernel."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))(fn)  # type: ignore[no-any-return]
+    return cast(F, numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))(fn))
 
 
 def inline(fn: F) -> F:
     """A helper that other kernels call; compiled the same way and inlined by LLVM."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH), inline="always")(fn)  # type: ignore[no-any-return]
+    compiled = numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH), inline="always")(fn)
+    return cast(F, compiled)
 
 
 def entry_point(dispatcher: Any, *example_args: Any) -> Callable[..., Any]:
@@ -36,5 +37,5 @@ def entry_point(dispatcher: Any, *example_args: Any) -> Callable[..., Any]:
     compiled wrapper directly. The wrapper does not check types: callers must guarantee them.
     """
     dispatcher(*example_args)
-    signature = tuple(numba.typeof(a) for a in example_args)
+    signature = tuple(numba.typeof(a) for a in example_args)  # type: ignore[no-untyped-call]
     return dispatcher.overloads[signature].entry_point  # type: ignore[no-any-return]

@@ -5,8 +5,11 @@ boundaries), the pattern bank and the replay buffer. It never touches the live a
 a snapshot in a :class:`~sona.instant.HandOver` and publishes its result as a new
 :class:`~sona.published.Published`.
 
-Every run holds back its newest measurable samples to measure ``quality_delta`` on data it did
-not train on; they are consumed by the next run, so every sample is consolidated exactly once.
+Every run holds back its newest measurable samples and measures ``quality_delta`` on them: how
+much the consolidated state improved its objective on samples it has not consolidated yet
+(their own consolidation comes with the next run, so every sample is consolidated once). Under
+EWC_MERGE the live adapter did learn from them; the figure then says how much of that learning
+the fold kept, which is what a consolidation should preserve.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +34,8 @@ from sona.published import Published
 from sona.results import BackgroundResult
 from sona.sample import TrainingSample
 from sona.training import TrainingPipeline
+
+Predictor = Callable[[np.ndarray, TargetModule], np.ndarray]
 
 MINI_BATCH = 16
 BEST_FRACTION = 0.2
@@ -87,12 +92,11 @@ class BackgroundLoop:
         train, held = _split_eval(samples)
         self.carry = held
         old = self.published
-        before_fn = _effective(old, hand.live)
         train_samples = [s for _, s in train]
         fired = self._track(train_samples, notes)
         published, rejected = self._fold(old, hand.live, train_samples, notes)
         eval_samples = [s for _, s in held]
-        quality_delta = self._delta(eval_samples, before_fn, _effective(published, None), notes)
+        quality_delta = self._delta(eval_samples, old.predict, published.predict, notes)
         self.replay.extend(train_samples)
         self.version += 1
         published.version = self.version
@@ -206,8 +210,8 @@ class BackgroundLoop:
     def _delta(
         self,
         eval_samples: Sequence[TrainingSample],
-        before: _Predictor,
-        after: _Predictor,
+        before: Predictor,
+        after: Predictor,
         notes: list[str],
     ) -> float | None:
         if not eval_samples:
@@ -215,8 +219,8 @@ class BackgroundLoop:
             return None
         deltas = []
         for module in self.config.micro_lora.target_modules:
-            b = mean_loss(eval_samples, lambda x, m=module: before(x, m))
-            a = mean_loss(eval_samples, lambda x, m=module: after(x, m))
+            b = mean_loss(eval_samples, _bind(before, module))
+            a = mean_loss(eval_samples, _bind(after, module))
             d = relative_improvement(b, a)
             if d is not None:
                 deltas.append(d)
@@ -265,20 +269,6 @@ class BackgroundLoop:
     @property
     def task_count(self) -> int:
         return self.pipeline.task_count
-
-
-class _Predictor:  # pragma: no cover - typing helper
-    def __call__(self, x: np.ndarray, module: TargetModule) -> np.ndarray: ...
-
-
-def _effective(published: Published, live: MicroLoRA | None) -> _Predictor:
-    def predict(x: np.ndarray, module: TargetModule) -> np.ndarray:
-        out = published.predict(x, module)
-        if live is not None:
-            live.forward_add(x, module, out)
-        return out
-
-    return predict  # type: ignore[return-value]
 
 
 def _split_eval(
@@ -340,3 +330,7 @@ def _task_directions(samples: Sequence[TrainingSample], rank: int) -> np.ndarray
 def _zero_like(template: MicroLoRA, label: int) -> MicroLoRA:
     fresh = MicroLoRA(template.config, seed=(template.seed + 7919 * (label + 1)) % (1 << 63))
     return fresh
+
+
+def _bind(predict: Predictor, module: TargetModule) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: predict(x, module)

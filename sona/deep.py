@@ -9,6 +9,7 @@ run in a worker thread without stealing the event loop.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sona.config import SonaLlmConfig
+from sona.errors import InvalidInputError
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
 from sona.objective import mean_loss, measurable, relative_improvement
@@ -167,7 +169,10 @@ def _epoch(
     max_norm = cfg.training.max_grad_norm
     since = 0
     for s in samples:
-        if not adapter.adapt(s.input_embedding, s.to_feedback()):
+        try:
+            if not adapter.adapt(s.input_embedding, s.to_feedback()):
+                continue
+        except InvalidInputError:  # finite values whose gradient overflows float32: no step
             continue
         if not adapter.apply_updates(lr, max_norm=max_norm):
             continue
@@ -225,8 +230,8 @@ def _delta(
         return None
     deltas = []
     for m in modules:
-        b = mean_loss(held, lambda x, m=m: before.predict(x, m))
-        a = mean_loss(held, lambda x, m=m: after.predict(x, m))
+        b = mean_loss(held, functools.partial(_predict, before, m))
+        a = mean_loss(held, functools.partial(_predict, after, m))
         d = relative_improvement(b, a)
         if d is not None:
             deltas.append(d)
@@ -234,3 +239,7 @@ def _delta(
         notes.append("quality_delta: the objective is zero on the held-out samples")
         return None
     return float(np.mean(deltas))
+
+
+def _predict(published: Published, module: TargetModule, x: np.ndarray) -> np.ndarray:
+    return published.predict(x, module)

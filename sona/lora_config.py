@@ -101,7 +101,7 @@ class MicroLoraConfig:
         """A validated copy with ``changes`` applied."""
         values = {n: getattr(self, n) for n in _FIELDS}
         values.update(changes)
-        return MicroLoraConfig(**values)  # type: ignore[arg-type]
+        return MicroLoraConfig(**values)
 
     def to_dict(self) -> dict[str, object]:
         values: dict[str, object] = {n: getattr(self, n) for n in _FIELDS}

@@ -46,7 +46,7 @@ class PatternBank:
             return np.full(xs.shape[0], -1, np.intp)
         c = self.centroids[: self.size]
         d = np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (xs @ c.T)
-        return np.argmin(d, axis=1)
+        return np.asarray(np.argmin(d, axis=1), dtype=np.intp)
 
     def update(self, xs: np.ndarray) -> np.ndarray:
         """Fold a batch of inputs in; returns each input's cluster index after the update.

@@ -36,7 +36,7 @@ class Published:
         if c is None or c.shape[0] == 0:
             return np.full(x.shape[0], -1, np.intp)
         d = np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (x @ c.T)
-        return np.argmin(d, axis=1)
+        return np.asarray(np.argmin(d, axis=1), dtype=np.intp)
 
     def add_into(self, x: np.ndarray, module: TargetModule, out: np.ndarray) -> None:
         """out += the consolidated delta for ``x`` (1-D or 2-D)."""

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -47,7 +47,7 @@ from sona.actors import (
 from sona.background import BackgroundLoop
 from sona.checkpoint import CaptureState, SampleIds
 from sona.config import Chaos, SonaLlmConfig
-from sona.deep import run_deep, snapshot
+from sona.deep import DeepJob, run_deep, snapshot
 from sona.durability import Durability, RestoreInfo, restore_runtime
 from sona.embedding import Embedder
 from sona.events import (
@@ -551,7 +551,7 @@ class SonaRuntime:
         try:
             job = await bg_ref.ask(DeepSnapshot(msg.samples))
             self._instant.take_deep_quality()
-            outcome = await anyio.to_thread.run_sync(run_deep, job)
+            outcome = await anyio.to_thread.run_sync(run_deep, cast(DeepJob, job))
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:
@@ -577,7 +577,7 @@ class SonaRuntime:
             evaluated_on=outcome.evaluated_on,
         )
 
-    def _deep_snapshot(self, samples: Any) -> Any:
+    def _deep_snapshot(self, samples: Any) -> DeepJob:
         bg = self._background
         kept = list(bg.replay) if samples is None else [self._factory.check(s) for s in samples]
         return snapshot(
@@ -663,7 +663,7 @@ class SonaRuntime:
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
         """An async context manager yielding an iterator of events (``kinds``: event classes)."""
         kind_tuple = tuple(kinds) if kinds is not None else None
-        return self.events.subscribe(buffer=buffer, kinds=kind_tuple)  # type: ignore[return-value]
+        return self.events.subscribe(buffer=buffer, kinds=kind_tuple)
 
     @property
     def gave_up(self) -> bool:
@@ -727,7 +727,8 @@ class _BackgroundActor(Actor):
         if isinstance(message, (Tick, NewTask)):
             return await rt._handle_tick(message)
         if isinstance(message, DeepSnapshot):
-            return rt._deep_snapshot(message.samples)
+            job: DeepJob = rt._deep_snapshot(message.samples)
+            return job
         if isinstance(message, InstallDeep):
             outcome, notes = message.outcome
             return rt._background.install(outcome, notes)
