@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sona.config import SonaLlmConfig
+from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
+from sona.published import Published
 from sona.sample import TrainingSample
 
 _GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
+_REGRESSION = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +47,22 @@ class HandOver:
 class InstantLoop:
     """Applies each sample to the live adapter at ``instant_lr`` and keeps it for Background."""
 
-    def __init__(self, config: SonaLlmConfig, *, seed: int) -> None:
+    def __init__(
+        self,
+        config: SonaLlmConfig,
+        *,
+        seed: int,
+        consolidated: Callable[[], Published] | None = None,
+    ) -> None:
         self.config = config
         self.live = MicroLoRA(config.micro_lora, seed=seed)
+        # The live adapter learns what the consolidated state still gets wrong: regression
+        # feedback is taken relative to the consolidated output (reused buffers, per module).
+        self._consolidated = consolidated
+        self._offsets = {
+            m: np.zeros(config.micro_lora.out_features, np.float32)
+            for m in config.micro_lora.target_modules
+        }
         self.pending: deque[tuple[int, TrainingSample]] = deque()
         self.applied = 0
         self.skipped = 0
@@ -71,9 +88,22 @@ class InstantLoop:
                 f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
                 f"quality_threshold {self._threshold:.3f}"
             ))  # fmt: skip
-        if not live.step(
-            sample.input_embedding, fb, self._lr, max_norm=self._max_norm, module=module
-        ):
+        offsets = None
+        if self._consolidated is not None and fb.kind in _REGRESSION:
+            offsets = self._consolidated_outputs(sample.input_embedding, module)
+        try:
+            stepped = live.step(
+                sample.input_embedding,
+                fb,
+                self._lr,
+                max_norm=self._max_norm,
+                module=module,
+                offsets=offsets,
+            )
+        except InvalidInputError as exc:  # finite values whose gradient overflows float32
+            self.rejected += 1
+            return self._skip(t0, "update_rejected", f"rejected: {exc}", rejected=True)
+        if not stepped:
             note = live.last_note or "declined by the adapter"
             if note.startswith("rejected"):
                 self.rejected += 1
@@ -85,6 +115,17 @@ class InstantLoop:
         dt = (time.perf_counter_ns() - t0) / 1e3
         self.latency_sum_us += dt
         return InstantOutcome(True, dt)
+
+    def _consolidated_outputs(
+        self, x: np.ndarray, module: TargetModule | None
+    ) -> dict[TargetModule, np.ndarray]:
+        assert self._consolidated is not None
+        published = self._consolidated()
+        for m, buf in self._offsets.items():
+            if module is None or m is module:
+                buf.fill(0.0)
+                published.add_into(x, m, buf)
+        return self._offsets
 
     def _skip(self, t0: int, reason: str, note: str, *, rejected: bool = False) -> InstantOutcome:
         self.skipped += 1

@@ -17,7 +17,7 @@ import math
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,19 @@ _F32_MAX_SQ = _F32_MAX * _F32_MAX
 class _Module:
     """Weights, gradient accumulators and preallocated scratch for one target module."""
 
-    __slots__ = ("a", "bt", "g", "grad_a", "grad_bt", "h", "index", "module", "sums", "u")
+    __slots__ = (
+        "a",
+        "bt",
+        "g",
+        "grad_a",
+        "grad_bt",
+        "h",
+        "index",
+        "module",
+        "sums",
+        "target",
+        "u",
+    )
 
     def __init__(self, index: int, module: TargetModule, a: np.ndarray, bt: np.ndarray) -> None:
         self.index = index
@@ -73,9 +85,20 @@ class _Module:
         self.u = np.zeros(rank, np.float32)
         self.g = np.zeros(n_out, np.float32)
         self.sums = np.zeros(7, np.float64)
+        self.target = np.zeros(n_out, np.float32)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.a, self.bt, self.grad_a, self.grad_bt, self.h, self.u, self.g)
+        return (
+            self.a,
+            self.bt,
+            self.grad_a,
+            self.grad_bt,
+            self.h,
+            self.u,
+            self.g,
+            self.sums,
+            self.target,
+        )
 
 
 class MicroLoRA:
@@ -266,15 +289,19 @@ class MicroLoRA:
         module: TargetModule | None = None,
         *,
         weight: float = 1.0,
+        offsets: Mapping[TargetModule, np.ndarray] | None = None,
     ) -> bool:
         """Accumulate the gradient ``feedback`` defines for input ``x``.
 
         All target modules when ``module`` is None. ``weight`` scales this sample's objective
-        (consolidation strategies weight samples by quality). Returns False, changes nothing and
+        (consolidation strategies weight samples by quality). ``offsets`` holds, per module, the
+        output of adapters applied together with this one (a consolidated adapter): target,
+        rated-output and group feedback then train this adapter on the residual, so the sum of
+        the adapters meets the target. Returns False, changes nothing and
         says why in ``last_note`` when the feedback gives no direction (quality alone without
         exploration, or the very first rating, which only seeds the baseline).
         """
-        prepared = self._prepare(x, feedback, module, weight, with_sums=False)
+        prepared = self._prepare(x, feedback, module, weight, offsets, with_sums=False)
         if prepared is None:
             return self._adapt_quality(feedback, x, module, weight)
         states, xu = prepared
@@ -291,6 +318,7 @@ class MicroLoRA:
         max_norm: float | None = 1.0,
         module: TargetModule | None = None,
         weight: float = 1.0,
+        offsets: Mapping[TargetModule, np.ndarray] | None = None,
     ) -> bool:
         """``adapt`` then ``apply_updates`` for one sample, fused: the Instant loop's update.
 
@@ -300,12 +328,14 @@ class MicroLoRA:
         written, so no accumulator is touched. With gradients already pending, or for
         quality-only feedback, it falls back to ``adapt`` + ``apply_updates``.
         """
+        if type(feedback) is not AdaptFeedback and not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
         if self._pending or feedback.kind is FeedbackKind.QUALITY:
-            if not self.adapt(x, feedback, module, weight=weight):
+            if not self.adapt(x, feedback, module, weight=weight, offsets=offsets):
                 return False
             return self.apply_updates(learning_rate, max_norm=max_norm)
         lr, max_norm = self._check_step_args(learning_rate, max_norm)
-        prepared = self._prepare(x, feedback, module, weight, with_sums=True)
+        prepared = self._prepare(x, feedback, module, weight, offsets, with_sums=True)
         assert prepared is not None
         states, xu = prepared
         s = self._scale
@@ -343,6 +373,7 @@ class MicroLoRA:
         feedback: AdaptFeedback,
         module: TargetModule | None,
         weight: float,
+        offsets: Mapping[TargetModule, np.ndarray] | None,
         *,
         with_sums: bool,
     ) -> tuple[list[_Module], np.ndarray] | None:
@@ -390,14 +421,35 @@ class MicroLoRA:
         else:  # GROUP: the pull target already carries the advantage weighting
             mode, w = k_lora.MODE_REGRESS, 1.0
         w *= sample_weight
-        for st in states:
+        targets = [vec] * len(states)
+        if offsets is not None and mode == k_lora.MODE_REGRESS:
+            targets = [self._residual_target(st, vec, offsets) for st in states]
+        for st, target in zip(states, targets, strict=True):
             if not fast.prepare_grad(
-                st.a, st.bt, self._scale, xu, vec, w, mode, _NO_KEY, st.h, st.u, st.g
+                st.a, st.bt, self._scale, xu, target, w, mode, _NO_KEY, st.h, st.u, st.g
             ):
                 raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
             if with_sums:
                 fast.step_sums(st.a, st.bt, xu, st.h, st.u, st.g, st.sums)
         return states, xu
+
+    def _residual_target(
+        self, st: _Module, vec: np.ndarray, offsets: Mapping[TargetModule, np.ndarray]
+    ) -> np.ndarray:
+        """vec − offset for this module, in the module's scratch (vec itself without one)."""
+        off = offsets.get(st.module)
+        if off is None:
+            return vec
+        if type(off) is not np.ndarray or off.dtype is not _F32 or off.shape != (self._out,):
+            off = as_f32(off, "offsets")
+            if off.shape != (self._out,):
+                raise InvalidInputError(
+                    f"offsets[{st.module.value}] must have shape ({self._out},), got {off.shape}"
+                )
+        if not fast.all_finite_vec(np.ascontiguousarray(off)):
+            raise InvalidInputError(f"offsets[{st.module.value}] contains NaN or inf")
+        np.subtract(vec, off, out=st.target)
+        return st.target
 
     def _after(self, feedback: AdaptFeedback) -> None:
         """Advance what a consumed sample advances: the rating baseline, the dropout stream."""
