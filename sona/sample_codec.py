@@ -52,8 +52,8 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(_Record)
 
 
-def encode_sample(sample: TrainingSample, module: TargetModule | None = None) -> bytes:
-    """The record of one sample (and the module it was submitted for)."""
+def encode_sample(sample: TrainingSample, module: TargetModule | str | None = None) -> bytes:
+    """The record of one sample (and the module it was submitted for, by enum or name)."""
     fb = sample.feedback
     vec = None if fb is None else fb.vector
     gq = None if fb is None else fb.group_qualities
@@ -71,7 +71,7 @@ def encode_sample(sample: TrainingSample, module: TargetModule | None = None) ->
         fb_quality=0.0 if fb is None else fb.quality,
         fb_vector=None if vec is None else vec.astype(_F4, copy=False).tobytes(),
         group=None if gq is None else gq.astype(_F8, copy=False).tobytes(),
-        module=None if module is None else module.value,
+        module=None if module is None else TargetModule.parse(module).value,
     )
     return _encoder.encode(record)
 
