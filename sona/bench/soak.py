@@ -1,0 +1,263 @@
+"""``sona bench soak``: sustained load with fault injection, watched for drift over time.
+
+Producers submit samples at a fixed aggregate rate (open loop: each submission has a scheduled
+time, so a stall shows up as latency instead of quietly lowering the load) to a SonaRuntime
+with a checkpoint directory (durable sample log and periodic checkpoints) and ``Chaos``
+crashing the loops at random. Per window (a minute by default) it reports throughput, submit
+latency percentiles and resident memory; at the end, memory growth after the first window, the
+last window's p99 against the second's, and what the durable log cost per sample.
+
+What would show up here and nowhere else: memory that grows with the number of samples seen
+(a leak, an unbounded buffer, a log never truncated), latency that creeps up as state grows,
+and supervision that does not recover under a steady trickle of crashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from sona.bench.timing import dump_json, print_table
+from sona.config import Chaos, SonaLlmConfig, SupervisionConfig
+from sona.events import CheckpointWritten
+from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
+
+COLUMNS = ("window", "samples", "samples/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "RSS MB")
+POOL = 4096  # distinct samples, drawn from at random (no generation on the measured path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long to run")
+    parser.add_argument("--rate", type=float, default=1000.0, help="samples per second offered")
+    parser.add_argument("--producers", type=int, default=16, help="concurrent submitters")
+    parser.add_argument("--dim", type=int, default=256, help="hidden size of the adapter")
+    parser.add_argument("--chaos", type=float, default=0.001, help="crash probability per message")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds per report row")
+    parser.add_argument("--no-log", action="store_true", help="no checkpoint_dir (no durability)")
+    parser.add_argument("--dir", default=None, help="checkpoint_dir (default: a temporary one)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def soak_config(dim: int, chaos: float) -> SonaLlmConfig:
+    """The balanced preset, with a restart budget that matches the injected crash rate and a
+    Deep loop that runs every few seconds rather than several times a second."""
+    return SonaLlmConfig.balanced(dim).replace(
+        deep_trigger_threshold=3000.0,
+        checkpoint_interval_s=30.0,
+        supervision=SupervisionConfig(max_restarts=100_000, within_s=10.0),
+    )
+
+
+def _pool(dim: int, seed: int) -> list[TrainingSample]:
+    """Samples from four input domains, each with its own correction, rated by closeness."""
+    rng = np.random.default_rng(seed)
+    domains = [rng.standard_normal((8, dim)).astype(np.float32) for _ in range(4)]
+    fixes = [rng.standard_normal(dim).astype(np.float32) for _ in range(4)]
+    out = []
+    for i in range(POOL):
+        d = i % 4
+        x = rng.standard_normal(8).astype(np.float32) @ domains[d]
+        x /= np.float32(np.linalg.norm(x) + 1e-6)
+        y = fixes[d] + 0.3 * rng.standard_normal(dim).astype(np.float32)
+        out.append(TrainingSample(x, y, float(rng.uniform(0.3, 1.0))))
+    return out
+
+
+async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, Any]:
+    cfg = soak_config(args.dim, args.chaos)
+    chaos = Chaos(crash_probability=args.chaos, seed=args.seed) if args.chaos > 0 else None
+    pool = _pool(args.dim, args.seed)
+    duration = args.minutes * 60.0
+    window = args.window if duration >= 3 * args.window else max(duration / 5.0, 0.5)
+    n_windows = max(1, round(duration / window))
+    lat: list[list[float]] = [[] for _ in range(n_windows)]  # schedule -> acknowledged, s
+    rss: list[int] = [0] * n_windows
+    checkpoints: list[int] = []
+    rt = SonaRuntime(cfg, seed=args.seed, checkpoint_dir=directory, chaos=chaos)
+    failures: dict[str, int] = {}
+    async with rt:
+        start = time.perf_counter()
+        slots = itertools.count()
+        rng = np.random.default_rng(args.seed + 1)
+        picks = rng.integers(0, POOL, size=1 << 16)
+        period = 1.0 / args.rate
+
+        async def producer() -> None:
+            clock = time.perf_counter
+            while True:
+                k = next(slots)
+                due = start + k * period
+                if due >= start + duration:
+                    return
+                wait = due - clock()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                try:
+                    await rt.submit(pool[picks[k & 0xFFFF]])
+                except Exception as exc:  # counted, never fatal to the soak
+                    name = type(exc).__name__
+                    failures[name] = failures.get(name, 0) + 1
+                    continue
+                done = clock()
+                w = min(int((due - start) / window), n_windows - 1)
+                lat[w].append(done - due)
+
+        async def sampler() -> None:
+            while True:
+                w = min(int((time.perf_counter() - start) / window), n_windows - 1)
+                rss[w] = rss_bytes()
+                await anyio.sleep(0.5)
+
+        async def checkpoint_watch() -> None:
+            async with rt.subscribe([CheckpointWritten]) as events:
+                async for ev in events:
+                    checkpoints.append(int(ev.bytes))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sampler)
+            tg.start_soon(checkpoint_watch)
+            async with anyio.create_task_group() as producers:
+                for _ in range(args.producers):
+                    producers.start_soon(producer)
+            tg.cancel_scope.cancel()
+        await rt.drain()
+        stats = rt.stats()
+        writer = rt._durable.writer
+        log_cost = None
+        if writer is not None and writer.done_total:
+            log_cost = {
+                "samples": writer.done_total,
+                "transactions": writer.batches,
+                "samples_per_transaction": writer.done_total / max(writer.batches, 1),
+                "thread_us_per_sample": writer.write_ns / writer.done_total / 1e3,
+                "thread_us_per_transaction": writer.write_ns / max(writer.batches, 1) / 1e3,
+            }
+    rows = []
+    for i in range(n_windows):
+        arr = np.asarray(lat[i], np.float64) * 1e3
+        rows.append(
+            {
+                "window": f"{i * window:.0f}-{(i + 1) * window:.0f} s",
+                "samples": int(arr.size),
+                "samples_per_s": arr.size / window,
+                "p50_ms": float(np.percentile(arr, 50)) if arr.size else float("nan"),
+                "p99_ms": float(np.percentile(arr, 99)) if arr.size else float("nan"),
+                "p999_ms": float(np.percentile(arr, 99.9)) if arr.size else float("nan"),
+                "max_ms": float(arr.max()) if arr.size else float("nan"),
+                "rss_mb": rss[i] / 2**20,
+            }
+        )
+    growth = (rss[-1] - rss[0]) / rss[0] if n_windows > 1 and rss[0] else float("nan")
+    p99_ratio = (
+        rows[-1]["p99_ms"] / rows[1]["p99_ms"] if n_windows > 2 and rows[1]["p99_ms"] else None
+    )
+    return {
+        "config": {
+            "minutes": args.minutes,
+            "rate": args.rate,
+            "producers": args.producers,
+            "dim": args.dim,
+            "chaos": args.chaos,
+            "durable_log": directory is not None,
+            "window_s": window,
+        },
+        "windows": rows,
+        "rss_growth_after_first_window": growth,
+        "last_p99_over_second_p99": p99_ratio,
+        "stats": {
+            "submitted": stats.submitted_count,
+            "applied": stats.instant_count,
+            "skipped": stats.skipped_count,
+            "dropped": stats.dropped_samples,
+            "dead_lettered": stats.dead_lettered,
+            "restarts": stats.restarts,
+            "gave_up": stats.gave_up,
+            "consolidations": stats.background_count,
+            "deep_runs": stats.deep_count,
+            "tasks": stats.task_count,
+        },
+        "submit_errors": failures,
+        "checkpoints": {
+            "written": len(checkpoints),
+            "mean_bytes": float(np.mean(checkpoints)) if checkpoints else 0.0,
+        },
+        "durable_log": log_cost,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.minutes <= 0 or args.rate <= 0 or args.producers < 1:
+        print("sona bench soak: --minutes, --rate and --producers must be positive")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="sona-soak-") as tmp:
+        directory = None if args.no_log else Path(args.dir or Path(tmp) / "state")
+        report = anyio.run(_soak, args, directory)
+    if args.json:
+        dump_json(report)
+        return 0
+    c = report["config"]
+    title = (
+        f"sona bench soak: {c['rate']:.0f} samples/s offered by {c['producers']} producers, "
+        f"dim {c['dim']}, chaos {c['chaos']}, durable log {'on' if c['durable_log'] else 'off'}"
+    )
+    print_table(
+        title,
+        COLUMNS,
+        [
+            (
+                r["window"],
+                r["samples"],
+                r["samples_per_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["p999_ms"],
+                r["max_ms"],
+                r["rss_mb"],
+            )
+            for r in report["windows"]
+        ],
+    )
+    s = report["stats"]
+    print(
+        f"samples: {s['submitted']} submitted, {s['applied']} applied, {s['skipped']} skipped, "
+        f"{s['dropped']} dropped, {s['dead_lettered']} dead-lettered; {s['restarts']} loop "
+        f"restarts (gave up: {s['gave_up']}); {s['consolidations']} consolidations, "
+        f"{s['deep_runs']} deep runs"
+    )
+    if report["submit_errors"]:
+        print(f"submit errors: {report['submit_errors']}")
+    ck = report["checkpoints"]
+    print(f"checkpoints: {ck['written']} written, {ck['mean_bytes'] / 2**20:.1f} MB on average")
+    log = report["durable_log"]
+    if log is not None:
+        print(
+            f"durable log: {log['samples_per_transaction']:.1f} samples per transaction, "
+            f"{log['thread_us_per_sample']:.1f} µs of writer-thread time per sample "
+            f"({log['thread_us_per_transaction']:.0f} µs per committed transaction)"
+        )
+    growth = report["rss_growth_after_first_window"]
+    ratio = report["last_p99_over_second_p99"]
+    print(f"resident memory growth after the first window: {100 * growth:+.2f} % (target < 5 %)")
+    if ratio is not None:
+        print(f"last window's p99 / second window's p99: {ratio:.2f} (target <= 1.2)")
+    return 0
