@@ -81,6 +81,10 @@ STATE_FIELDS = (
     "consolidation_strategy",
 )
 
+# The Instant loop's own small counters and flags (a new task's fresh start): kept by name so
+# a checkpoint holds them whichever of them this version of the loop has.
+INSTANT_STATE = ("_fresh_start", "_restarts")
+
 Item = tuple[int, TrainingSample, TargetModule | None]
 
 
@@ -177,7 +181,7 @@ class _InstantMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     skip_reasons: dict[str, _Count]
     latency_sum_us: Annotated[float, msgspec.Meta(ge=0.0)]
     accumulated_quality: Annotated[float, msgspec.Meta(ge=0.0)]
-    fresh_a: bool
+    loop_state: dict[str, _Count]
     explored: _Count
 
 
@@ -241,9 +245,7 @@ def capture(
     centroids = bg.published.centroids
     if centroids is not None:
         arrays["published.centroids"] = centroids.copy()
-    fresh_a = getattr(inst, "_fresh_a", None)
-    if fresh_a is not None:
-        arrays["instant.fresh_a"] = np.array(fresh_a, dtype=np.float32, copy=True)
+    loop_state = {n: int(getattr(inst, n)) for n in INSTANT_STATE if hasattr(inst, n)}
     explored: dict[tuple[int, int], float] = getattr(live, "_explored", {})
     if explored:
         arrays["live.explored.keys"] = np.array(list(explored), dtype=np.uint64).reshape(-1, 2)
@@ -294,7 +296,7 @@ def capture(
             "skip_reasons": dict(inst.skip_reasons),
             "latency_sum_us": inst.latency_sum_us,
             "accumulated_quality": inst.accumulated_quality,
-            "fresh_a": fresh_a is not None,
+            "loop_state": loop_state,
             "explored": len(explored),
         },
         "background": {
@@ -345,7 +347,6 @@ class CheckpointState:
     base: MicroLoRA
     ensemble: dict[int, MicroLoRA]
     centroids: np.ndarray | None
-    fresh_a: np.ndarray | None
     explored: list[tuple[tuple[int, int], float]]
     pipeline: TrainingPipeline
     bank: PatternBank
@@ -440,13 +441,9 @@ def _decode_state(
             raise FormatError("more published centroids than pattern_clusters")
     elif centroids is not None:
         raise FormatError("published centroids present but not announced")
-    fresh_a = take("instant.fresh_a", dtype="f4", optional=not meta.instant.fresh_a)
-    if meta.instant.fresh_a:
-        assert fresh_a is not None
-        if fresh_a.shape != (micro.rank, micro.in_features):
-            raise FormatError(f"instant.fresh_a has shape {fresh_a.shape}")
-    elif fresh_a is not None:
-        raise FormatError("instant.fresh_a present but not announced")
+    unknown = set(meta.instant.loop_state) - set(INSTANT_STATE)
+    if unknown:
+        raise FormatError(f"unknown Instant loop state {sorted(unknown)}")
     explored = _explored(meta.instant.explored, take, len(micro.target_modules))
     pipeline = TrainingPipeline(config.training)
     pipe_arrays = {k[len("pipeline.") :]: v for k, v in arrays.items() if k.startswith("pipeline.")}
@@ -510,7 +507,6 @@ def _decode_state(
         base=base,
         ensemble=ensemble,
         centroids=None if centroids is None else centroids.copy(),
-        fresh_a=fresh_a,
         explored=explored,
         pipeline=pipeline,
         bank=bank,
@@ -606,8 +602,9 @@ def install(rt: SonaRuntime, state: CheckpointState) -> None:
     inst.skip_reasons = dict(im.skip_reasons)
     inst.latency_sum_us = im.latency_sum_us
     inst.accumulated_quality = im.accumulated_quality
-    if state.fresh_a is not None:
-        inst.refresh_directions(state.fresh_a.copy())
+    for name, value in im.loop_state.items():
+        if hasattr(inst, name):
+            setattr(inst, name, type(getattr(inst, name))(value))
     bm = state.background
     bg.published = Published(
         state.base, dict(state.ensemble), state.centroids, bm.published_version

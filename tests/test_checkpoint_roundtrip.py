@@ -50,14 +50,25 @@ class Script:
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
+        self.basis: np.ndarray | None = None
 
     def vec(self) -> np.ndarray:
         return self.rng.standard_normal(DIM).astype(np.float32)
 
+    def domain(self, seed: int) -> Script:
+        """From now on, inputs come from a 3-dimensional subspace of their own."""
+        self.basis = np.random.default_rng(seed).standard_normal((3, DIM)).astype(np.float32)
+        return self
+
+    def x(self) -> np.ndarray:
+        if self.basis is None:
+            return self.vec()
+        return (self.rng.standard_normal(3).astype(np.float32) @ self.basis).astype(np.float32)
+
     def steps(self, n: int, *, explore: bool = True) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
         for i in range(n):
-            x = self.vec()
+            x = self.x()
             q = float(self.rng.uniform(0.55, 1.0))
             kind = i % 5 if explore else i % 4
             if kind == 0:
@@ -124,16 +135,23 @@ def learning(stats: Any) -> dict[str, Any]:
     ],
 )
 async def test_restore_continues_exactly(tmp_path: Path, strategy: ConsolidationStrategy) -> None:
-    script = Script(1)
-    first, second, later = script.steps(60), script.steps(23), script.steps(40)
+    script = Script(1).domain(1)
+    first, second = script.steps(60), script.steps(23)
+    later = script.domain(2).steps(80)  # a new input domain: the shift is detected
     async with SonaRuntime(config(strategy), seed=5) as a:
         await play(a, first)
         assert await a.consolidate() is not None
         await a.deep_optimize()
         a.start_new_task()
+        await a.consolidate()
         await play(a, second)  # left pending: not consolidated yet
         await a.consolidate()  # holds some back for evaluation (carried into the next run)
         await play(a, script.steps(3))
+        # as after a detected boundary: the live adapter restarts at the next hand-over
+        a._instant.new_task()
+        await a.consolidate()
+        a._instant.new_task()
+        await play(a, script.steps(4))
         path = await a.checkpoint(tmp_path / "c.sona")
         before = a.stats()
         assert before.pending_samples > 0 and before.replay_size > 0
@@ -148,7 +166,11 @@ async def test_restore_continues_exactly(tmp_path: Path, strategy: Consolidation
                 await play(rt, later)
                 await rt.consolidate()
                 await rt.deep_optimize()
+                rt.start_new_task()
+                await rt.consolidate()  # queued behind the new task: it has begun
                 await play(rt, later[:10])
+                await rt.consolidate()
+                await play(rt, later[10:15])
             assert same_outputs(a, b)
             assert learning(a.stats()) == learning(b.stats())
             # exploration continues from the same position: the same noise on both
