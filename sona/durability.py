@@ -328,10 +328,10 @@ class Durability:
         if self.dir is None:
             return
         try:
+            # Samples still waiting for the (now stopped) log writer are accepted and unhandled:
+            # the checkpoint stores them as queued, so they are not lost either.
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(max(self.rt.config.supervision.shutdown_timeout_s, 1.0)):
-                    if self.writer is not None:
-                        await self.writer.flush()
                     await self.checkpoint()
         except Exception as exc:
             _log.warning("final_checkpoint_failed", error=repr(exc))

@@ -147,17 +147,28 @@ class SampleLog:
             out.append((sid, sample, module))
         return out
 
-    def truncate_through(self, sequence: int) -> int:
-        """Delete the rows with an id at or below ``sequence``; how many went."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute("DELETE FROM samples WHERE id <= ?", (int(sequence),))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise SampleLogError(f"{self.path}: truncating the log failed: {exc}") from None
-            return int(cur.rowcount)
+    def truncate_through(self, sequence: int, *, chunk: int = 4096) -> int:
+        """Delete the rows with an id at or below ``sequence``; how many went.
+
+        In transactions of at most ``chunk`` ids, releasing the log between them, so appends
+        (and the submitters waiting on them) never wait for a long delete.
+        """
+        removed = 0
+        while True:
+            with self._lock:
+                try:
+                    row = self._db.execute("SELECT MIN(id) FROM samples").fetchone()
+                    first = row[0] if row else None
+                    if first is None or first > sequence:
+                        return removed
+                    upto = min(int(sequence), int(first) + chunk - 1)
+                    self._db.execute("BEGIN IMMEDIATE")
+                    cur = self._db.execute("DELETE FROM samples WHERE id <= ?", (upto,))
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    raise SampleLogError(f"{self.path}: truncating the log failed: {exc}") from None
+                removed += int(cur.rowcount)
 
     def last_id(self) -> int:
         with self._lock:

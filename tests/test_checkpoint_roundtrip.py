@@ -360,3 +360,25 @@ async def test_crash_copy_replays_the_logged_samples(tmp_path: Path) -> None:
         async with kept:
             await kept.drain()
             assert same_outputs(a, kept)
+
+
+async def test_samples_accepted_when_the_host_fails_are_kept(tmp_path: Path) -> None:
+    """No drain when the host's block raises: what was accepted but not yet handled (or not
+    yet logged) goes into the final checkpoint and is replayed by restore."""
+    d = tmp_path / "d"
+    steps = Script(12).steps(40, explore=False)
+    with pytest.raises(RuntimeError, match="host failed"):
+        async with SonaRuntime(cfg_dir(), seed=1, checkpoint_dir=d) as rt:
+            for _, arg in steps:
+                sample = arg if isinstance(arg, TrainingSample) else None
+                if sample is not None:
+                    rt.submit_nowait(sample)
+            accepted = rt.stats().submitted_count
+            raise RuntimeError("host failed")
+    b = SonaRuntime.restore(d)
+    info = b.restored
+    assert info is not None
+    assert info.log_sequence + len(info.replayed) == accepted
+    async with b:
+        await b.drain()
+        assert b.stats().instant_count + b.stats().skipped_count == accepted
