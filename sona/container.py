@@ -1,7 +1,7 @@
 """A small, self-describing, checksummed binary container for arrays plus a JSON header.
 
-Adapters and checkpoints are both stored this way. Loading never runs code (no pickle): the
-header is JSON decoded by msgspec, arrays are raw little-endian bytes of a whitelisted dtype.
+Adapters and checkpoints are both stored this way. Loading never runs code: the header is
+JSON decoded by msgspec, arrays are raw little-endian bytes of a whitelisted dtype.
 Everything is validated before any large allocation: sizes are checked against the actual
 byte count and hard limits, and the BLAKE2b checksum over the whole body is verified first.
 
