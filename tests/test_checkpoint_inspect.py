@@ -1,0 +1,101 @@
+"""``sona inspect`` on checkpoint files and checkpoint directories."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from sona import inspect as sona_inspect
+from sona.checkpoint_store import list_checkpoints
+from sona.config import SonaLlmConfig
+from sona.lora_config import MicroLoraConfig
+from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
+
+DIM = 8
+
+
+def run(path: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = sona_inspect.run(str(path), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def fields(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines()[1:]:
+        if not line:
+            break  # the table of adapters follows
+        if line.startswith("  ") and "  " in line.strip():
+            key, _, value = line.strip().partition("  ")
+            found[key] = value.strip()
+    return found
+
+
+def make(directory: Path, file: Path) -> None:
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(DIM),
+        background_interval_ms=3_600_000,
+        background_min_samples=3,
+        deep_trigger_threshold=1e9,
+        checkpoint_interval_s=3600.0,
+        pattern_clusters=2,
+    )
+    rng = np.random.default_rng(0)
+
+    async def go() -> None:
+        async with SonaRuntime(cfg, seed=7, checkpoint_dir=directory) as rt:
+            for i in range(12):
+                await rt.submit(
+                    TrainingSample(rng.standard_normal(DIM), rng.standard_normal(DIM), 0.9)
+                )
+                if i == 7:
+                    await rt.consolidate()
+            await rt.checkpoint(file)
+            await rt.checkpoint()
+            for _ in range(3):  # logged after the newest checkpoint
+                await rt.submit(
+                    TrainingSample(rng.standard_normal(DIM), rng.standard_normal(DIM), 0.9)
+                )
+
+    anyio.run(go)
+
+
+def test_a_checkpoint_file_is_described(tmp_path: Path) -> None:
+    make(tmp_path / "d", tmp_path / "c.sona")
+    code, out, _ = run(tmp_path / "c.sona")
+    assert code == 0 and out.startswith(f"sona checkpoint: {tmp_path / 'c.sona'}")
+    info = fields(out)
+    assert info["seed"] == "7" and info["next sample id"] == "13"
+    assert info["log sequence"].startswith("12 ")
+    assert "submitted 12, applied 12" in info["samples"]
+    assert info["adapter"].startswith(f"in={DIM} out={DIM} rank=2")
+    assert "live" in out and "consolidated" in out
+
+
+def test_a_checkpoint_dir_is_described_with_its_log(tmp_path: Path) -> None:
+    make(tmp_path / "d", tmp_path / "c.sona")
+    code, out, _ = run(tmp_path / "d")
+    assert code == 0 and out.startswith("sona checkpoint_dir:")
+    info = fields(out)
+    newest = list_checkpoints(tmp_path / "d")[0][1]
+    assert info["newest readable"] == newest.name
+    assert "samples" in info["sample log"]
+
+
+def test_an_unreadable_newest_checkpoint_is_reported(tmp_path: Path) -> None:
+    make(tmp_path / "d", tmp_path / "c.sona")
+    newest = list_checkpoints(tmp_path / "d")[0][1]
+    data = bytearray(newest.read_bytes())
+    data[100] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    code, out, _ = run(tmp_path / "d")
+    assert code == 0 and "passed over" in out and newest.name in out
+    assert fields(out)["newest readable"] != newest.name
+    bad = tmp_path / "bad.sona"
+    bad.write_bytes(bytes(data))
+    code, out, err = run(bad)
+    assert code == 2 and out == "" and str(bad) in err and "checksum" in err
