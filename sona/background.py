@@ -49,7 +49,6 @@ class Consolidation:
     consumed: list[int]  # sample ids consolidated by this run
     boundaries: int = 0
     rejected: list[str] = field(default_factory=list)
-    fresh_a: np.ndarray | None = None  # input directions of a new task, for the live adapter
 
 
 class BackgroundLoop:
@@ -69,7 +68,6 @@ class BackgroundLoop:
         self.consolidated = 0
         self.published = Published(base)
         self._seed = seed
-        self._live_rank = config.micro_lora.rank
 
     # ------------------------------------------------------------------ reading
     @property
@@ -112,8 +110,7 @@ class BackgroundLoop:
             task_boundary=bool(fired),
             evaluated_on=len(eval_samples),
         )
-        fresh = _task_directions(train_samples[fired[-1] :], self._live_rank) if fired else None
-        return Consolidation(result, [sid for sid, _ in train], len(fired), rejected, fresh)
+        return Consolidation(result, [sid for sid, _ in train], len(fired), rejected)
 
     def _track(self, samples: Sequence[TrainingSample], notes: list[str]) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
@@ -305,26 +302,6 @@ def _strategy_weights(
         top = set(np.argsort(-q, kind="stable")[:k].tolist())
         return [1.0 if i in top else 0.0 for i in range(n)]
     return [1.0] * n
-
-
-def _task_directions(samples: Sequence[TrainingSample], rank: int) -> np.ndarray | None:
-    """Unit rows spanning random mixtures of a new task's first inputs.
-
-    After a task boundary the live adapter's A still points at the old task's input
-    directions, and with B restarting at zero every hand-over it can rotate only slowly: it
-    would keep learning the new task through the old one's inputs (and overwrite them). Restarting
-    A inside the new inputs' span lets it learn the new task at once.
-    """
-    if not samples:
-        return None
-    x = np.stack([s.input_embedding for s in samples]).astype(np.float64)
-    seed = int(np.frombuffer(x[0].astype(np.float32).tobytes()[:8], dtype="<u8")[0])
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((rank, x.shape[0])) @ x
-    if x.shape[0] < rank:  # too few inputs: fill the other rows with random directions
-        mix[x.shape[0] :] = rng.standard_normal((rank - x.shape[0], x.shape[1]))
-    q, _ = np.linalg.qr(mix.T)
-    return np.ascontiguousarray(q.T, dtype=np.float32)
 
 
 def _zero_like(template: MicroLoRA, label: int) -> MicroLoRA:

@@ -52,8 +52,10 @@ class SonaLlm:
         self.embedder = self._factory.embedder
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
         self.clock = clock
-        self.instant = InstantLoop(self.config, seed=self.seed)
         self.background = BackgroundLoop(self.config, seed=self.seed + 1)
+        self.instant = InstantLoop(
+            self.config, seed=self.seed, consolidated=lambda: self.background.published
+        )
         self._ids = itertools.count(1)
         self._last_background = clock()
         self.submitted = 0
@@ -141,8 +143,8 @@ class SonaLlm:
         self._last_background = self.clock()
         hand = self.instant.hand_over()
         outcome = self.background.consolidate(hand)
-        if outcome.fresh_a is not None:
-            self.instant.refresh_directions(outcome.fresh_a)
+        if outcome.boundaries:
+            self.instant.new_task()
         return outcome.result
 
     # ------------------------------------------------------------------ deep loop

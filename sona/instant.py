@@ -74,7 +74,8 @@ class InstantLoop:
         self._lr = config.instant_lr
         self._max_norm = config.training.max_grad_norm
         self._threshold = config.training.quality_threshold
-        self._fresh_a: np.ndarray | None = None
+        self._fresh_start = False
+        self._restarts = 0
 
     def process(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
@@ -88,10 +89,10 @@ class InstantLoop:
                 f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
                 f"quality_threshold {self._threshold:.3f}"
             ))  # fmt: skip
-        offsets = None
-        if self._consolidated is not None and fb.kind in _REGRESSION:
-            offsets = self._consolidated_outputs(sample.input_embedding, module)
         try:
+            offsets = None
+            if self._consolidated is not None and fb.kind in _REGRESSION:
+                offsets = self._consolidated_outputs(sample.input_embedding, module)
             stepped = live.step(
                 sample.input_embedding,
                 fb,
@@ -100,7 +101,7 @@ class InstantLoop:
                 module=module,
                 offsets=offsets,
             )
-        except InvalidInputError as exc:  # finite values whose gradient overflows float32
+        except InvalidInputError as exc:  # finite values whose outputs or gradient overflow
             self.rejected += 1
             return self._skip(t0, "update_rejected", f"rejected: {exc}", rejected=True)
         if not stepped:
@@ -136,24 +137,26 @@ class InstantLoop:
     def hand_over(self) -> HandOver:
         """Snapshot the live adapter with its pending samples, then start afresh (B = 0).
 
-        If a new task began, A restarts along its input directions (see
-        :meth:`refresh_directions`); with B = 0 that leaves the effective delta unchanged.
+        After a new task began (:meth:`new_task`), A is drawn afresh too: its rows still point
+        at the old task's input directions, and with B restarting at zero at every hand-over
+        they would rotate only slowly, so the new task would be learned through the old one's
+        inputs (and overwrite them). With B = 0 the effective delta is unchanged either way.
         """
         snapshot = self.live.clone()
         samples = list(self.pending)
         self.pending.clear()
         self.live.reset_b()
-        if self._fresh_a is not None:
-            for module, _, _ in self.live.iter_factors():
-                self.live.set_factors(
-                    module, self._fresh_a, np.zeros_like(snapshot.factors(module)[1])
-                )
-            self._fresh_a = None
+        if self._fresh_start:
+            self._fresh_start = False
+            self._restarts += 1
+            fresh = MicroLoRA(self.config.micro_lora, seed=self.live.seed + self._restarts)
+            for module, a, bt in fresh.iter_factors():
+                self.live.set_factors(module, a, bt)
         return HandOver(snapshot, samples)
 
-    def refresh_directions(self, a: np.ndarray) -> None:
-        """Use ``a`` as the live adapter's A from the next hand-over on (a new task began)."""
-        self._fresh_a = a
+    def new_task(self) -> None:
+        """A new task began: the live adapter restarts from fresh A at the next hand-over."""
+        self._fresh_start = True
 
     def evict_oldest(self) -> int | None:
         """Drop the oldest sample waiting for consolidation (it stays applied); its id."""

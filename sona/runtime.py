@@ -164,8 +164,10 @@ class SonaRuntime:
         self.restored: RestoreInfo | None = None  # set by restore()
         self._chaos = chaos
         self._chaos_rng = random.Random(chaos.seed if chaos is not None else None)
-        self._instant = InstantLoop(self.config, seed=self.seed)
         self._background = BackgroundLoop(self.config, seed=self.seed + 1)
+        self._instant = InstantLoop(
+            self.config, seed=self.seed, consolidated=lambda: self._background.published
+        )
         sup = self.config.supervision
         self.events = EventBus()
         self._supervisor = Supervisor(
@@ -523,8 +525,8 @@ class SonaRuntime:
             self._unfinished = hand
         outcome = await anyio.to_thread.run_sync(bg.consolidate, self._unfinished)
         self._unfinished = None
-        if outcome.fresh_a is not None:  # a slot the Instant loop reads at its next hand-over
-            self._instant.refresh_directions(outcome.fresh_a)
+        if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
+            self._instant.new_task()
         self._last_background = time.monotonic()
         self._pending -= len(outcome.consumed)
         self._signal()
