@@ -81,8 +81,10 @@ class DomainWorld:
         return (lo + hi) / 2
 
     # ---------------------------------------------------------------- sampling and rating
-    def inputs(self, domain: int, n: int) -> np.ndarray:
-        return self._draw(self.domains[domain], n, self.rng)
+    def inputs(self, domain: int, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """``n`` unit inputs from ``domain``; from ``rng`` when given (a reproducible stream
+        that leaves the world's own generator untouched), else from the world's generator."""
+        return self._draw(self.domains[domain], n, rng if rng is not None else self.rng)
 
     def target_delta(self, domain: int, x: np.ndarray) -> np.ndarray:
         """What the adapter should add to the base output for ``x`` in ``domain``."""

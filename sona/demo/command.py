@@ -1,0 +1,127 @@
+"""The demo from start to finish: settings, the runs, the report, the plots, the summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from sona.demo import plots, report
+from sona.demo.live import LiveDisplay, LogProgress
+from sona.demo.simulation import DemoSettings, Observer, RunRecord, simulate
+from sona.demo.summary import log_summary, print_summary
+from sona.demo.world import DemoWorld, Phase, schedule
+from sona.training_config import TrainingConfig
+
+MAX_DOMAINS = 8
+MIN_DIM = 16
+MAX_CHAOS = 0.5
+
+
+class UsageError(ValueError):
+    """An option value the demo cannot run with."""
+
+
+def settings_from(args: argparse.Namespace) -> DemoSettings:
+    settings = DemoSettings(
+        steps=int(args.steps),
+        dim=int(args.dim),
+        domains=int(args.domains),
+        seed=int(args.seed),
+        chaos=float(args.chaos),
+    )
+    if not 1 <= settings.domains <= MAX_DOMAINS:
+        raise UsageError(f"--domains must be between 1 and {MAX_DOMAINS}, got {settings.domains}")
+    if settings.dim < MIN_DIM:
+        raise UsageError(f"--dim must be >= {MIN_DIM}, got {settings.dim}")
+    if not 0.0 <= settings.chaos <= MAX_CHAOS:
+        raise UsageError(f"--chaos must be between 0 and {MAX_CHAOS}, got {settings.chaos}")
+    phases = 2 * settings.domains - 1
+    if settings.steps < phases * settings.batch:
+        raise UsageError(
+            f"--steps must be >= {phases * settings.batch} for {settings.domains} domains "
+            f"({phases} phases of at least {settings.batch} requests), got {settings.steps}"
+        )
+    return settings
+
+
+def command_line(settings: DemoSettings, no_ewc: bool) -> str:
+    s = settings
+    line = f"sona demo --steps {s.steps} --dim {s.dim} --domains {s.domains} --seed {s.seed}"
+    if s.chaos:
+        line += f" --chaos {s.chaos:g}"
+    return line + (" --no-ewc" if no_ewc else "")
+
+
+def run_plan(no_ewc: bool) -> list[tuple[str, str, bool]]:
+    """(label, title, ewc) per run: sona, then the same run without EWC++ as the comparison."""
+    without = ("no-ewc", "no EWC (λ = 0)", False)
+    if no_ewc:
+        return [without]
+    lam = TrainingConfig().ewc_lambda
+    return [("sona", f"sona (EWC++, λ = {lam:g})", True), without]
+
+
+async def run_all(
+    world: DemoWorld,
+    phases: list[Phase],
+    settings: DemoSettings,
+    plan: list[tuple[str, str, bool]],
+    observer: Observer,
+) -> list[RunRecord]:
+    """The runs one after another, on the same requests and the same users."""
+    traffic = world.traffic(phases, seed=settings.seed + 2)
+    records = []
+    for label, title, ewc in plan:
+        record = await simulate(
+            world, phases, traffic, settings, label=label, title=title, ewc=ewc, observer=observer
+        )
+        records.append(record)
+    return records
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        settings = settings_from(args)
+    except UsageError as exc:
+        print(f"sona demo: {exc}", file=sys.stderr)
+        return 2
+    quiet = bool(args.quiet)
+    console = Console(highlight=False)
+    plan = run_plan(bool(args.no_ewc))
+    observer: Observer
+    if quiet:
+        logger = logging.getLogger("sona.demo")
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # --quiet means "logs only", so the logs must show
+        observer = LogProgress()
+    else:
+        observer = LiveDisplay(console, runs=len(plan))
+        console.print(
+            f"[bold]sona demo[/]: {settings.domains} domains at width {settings.dim}, "
+            f"{settings.steps} requests per run"
+            + (f", crash probability {settings.chaos:g}" if settings.chaos else "")
+        )
+    world = DemoWorld(settings.dim, settings.domains, seed=settings.seed)
+    phases = schedule(settings.domains, settings.steps)
+    records = asyncio.run(run_all(world, phases, settings, plan, observer))
+    doc = report.build(
+        settings, world, phases, records, command=command_line(settings, bool(args.no_ewc))
+    )
+    out = Path(args.out)
+    written = plots.save_all(doc, out)
+    doc["files"] = ["report.json", *[p.name for p in written]]
+    doc["seconds_total"] = round(time.perf_counter() - t0, 2)
+    path = report.write(doc, out)
+    if quiet:
+        log_summary(doc, path)
+    else:
+        print_summary(console, doc, out)
+    holds = all(r["accounting"]["holds"] for r in doc["runs"].values())
+    return 0 if holds else 1

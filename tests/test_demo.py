@@ -1,0 +1,281 @@
+"""``sona demo``: the world, the users, the command line, report.json and the plots."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sona.demo
+from sona.demo import plots
+from sona.demo.users import SimulatedUsers, UserModel
+from sona.demo.world import DemoWorld, schedule
+from sona.feedback import FeedbackKind
+
+SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
+SMALL = ["--dim", "48", "--domains", "2", "--steps", "1500"]
+
+
+def _args(out: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sona.demo.add_arguments(parser)
+    return parser.parse_args([*SMALL, "--out", str(out), "--quiet", *extra])
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SONA, "demo", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+# ---------------------------------------------------------------------------- the world
+def test_schedule_visits_every_domain_then_returns_to_the_earlier_ones() -> None:
+    phases = schedule(3, 1000)
+    assert [p.domain for p in phases] == [0, 1, 2, 0, 1]
+    assert [p.returning for p in phases] == [False, False, False, True, True]
+    assert phases[0].start == 0 and phases[-1].stop == 1000
+    assert all(a.stop == b.start for a, b in itertools.pairwise(phases))
+    assert [p.domain for p in schedule(1, 10)] == [0]
+
+
+def test_schedule_refuses_fewer_steps_than_phases() -> None:
+    with pytest.raises(ValueError, match="steps"):
+        schedule(3, 4)
+
+
+def test_domains_conflict_what_one_teaches_is_wrong_for_another() -> None:
+    world = DemoWorld(64, 2, seed=0)
+    x0, x1 = world.held_out(0), world.held_out(1)
+    # each domain's own correction makes the base ideal on it ...
+    assert world.held_out_quality(0, lambda x: world.correction(0, x)) > 0.99
+    # ... and, applied to the other domain's inputs, makes that domain worse than the base
+    learned_0 = world.held_out_quality(1, lambda x: world.correction(0, x))
+    assert learned_0 < world.base_quality[1] - 0.01
+    assert x0.shape == x1.shape == (256, 64)
+
+
+def test_vectorised_rating_matches_the_simulator() -> None:
+    world = DemoWorld(32, 2, seed=3)
+    phases = schedule(2, 30)
+    traffic = world.traffic(phases, seed=0)
+    rng = np.random.default_rng(0)
+    rows = slice(phases[1].start, phases[1].start + 5)  # domain 1's requests
+    cands = rng.standard_normal((5, 3, 32)).astype(np.float32) * 0.3
+    fast = world.rate(traffic.base_out[rows], traffic.ideal_out[rows], cands)
+    for k in range(3):
+        slow = world.sim.rate(1, traffic.x[rows], cands[:, k])
+        np.testing.assert_allclose(fast[:, k], slow, atol=1e-5)
+    np.testing.assert_allclose(
+        traffic.correction(rows), world.correction(1, traffic.x[rows]), atol=1e-5
+    )
+
+
+def test_held_out_quality_matches_the_simulator() -> None:
+    world = DemoWorld(32, 2, seed=1)
+    predict = lambda x: 0.5 * world.correction(0, x)  # noqa: E731
+    assert world.held_out_quality(0, predict) == pytest.approx(world.sim.evaluate(0, predict))
+    assert world.held_out_quality(1, np.zeros_like) == pytest.approx(world.base_quality[1])
+
+
+def test_traffic_follows_the_schedule_and_is_reproducible() -> None:
+    world = DemoWorld(32, 3, seed=0)
+    phases = schedule(3, 500)
+    a, b = world.traffic(phases, seed=7), world.traffic(phases, seed=7)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert a.x.shape == a.base_out.shape == a.ideal_out.shape == (500, 32)
+    for p in phases:  # requests of a phase lie in its domain's input subspace
+        basis = world.sim.domains[p.domain].basis
+        x = a.x[p.start : p.stop]
+        inside = np.linalg.norm(x @ basis.T, axis=1) / np.linalg.norm(x, axis=1)
+        assert inside.mean() > 0.95
+
+
+# ---------------------------------------------------------------------------- the users
+def test_users_give_noisy_delayed_and_missing_feedback_in_two_forms() -> None:
+    world = DemoWorld(32, 2, seed=0)
+    n = 4000
+    traffic = world.traffic(schedule(1, n), seed=1)
+    model = UserModel()
+    users = SimulatedUsers(model, seed=0)
+    for step in range(0, n, 20):
+        users.serve(step, traffic, 20, np.zeros((20, 32), np.float32))
+    arrived = []
+    for step in range(n):
+        items = users.due(step)
+        assert all(item.due <= step and item.served <= item.due for item in items)
+        arrived += items
+    arrived += users.flush()
+    c = users.counts
+    assert c.requests == n
+    assert c.missing + c.groups + c.corrections == n
+    assert c.delivered == len(arrived) == c.groups + c.corrections
+    assert abs(c.missing / n - model.missing) < 0.04
+    assert abs(c.corrections / n - model.corrections) < 0.03
+    delays = [item.due - item.served for item in arrived]
+    assert 0.7 * model.mean_delay < np.mean(delays) < 1.3 * model.mean_delay
+    assert min(delays) == 0 and max(delays) > 2 * model.mean_delay
+    kinds = {item.form: item.feedback.kind for item in arrived}
+    assert kinds == {"group": FeedbackKind.GROUP, "correction": FeedbackKind.TARGET}
+    group = next(item.feedback for item in arrived if item.form == "group")
+    assert group.group_qualities is not None and group.group_qualities.shape == (4,)
+    # a correction is the wanted delta up to the users' small error
+    fix = next(item for item in arrived if item.form == "correction")
+    want = traffic.correction(np.array([fix.served]))[0]
+    assert fix.feedback.vector is not None
+    err = np.linalg.norm(fix.feedback.vector - want) / np.linalg.norm(want)
+    assert 0 < err < 3 * model.correction_noise
+
+
+def test_ratings_prefer_candidates_closer_to_the_ideal_output() -> None:
+    world = DemoWorld(32, 1, seed=0)
+    traffic = world.traffic(schedule(1, 50), seed=0)
+    ideal = traffic.correction(slice(0, 50))
+    cands = np.stack([np.zeros_like(ideal), 0.5 * ideal, ideal], axis=1).astype(np.float32)
+    q = world.rate(traffic.base_out, traffic.ideal_out, cands)
+    assert np.all(q[:, 1] > q[:, 0]) and np.all(q[:, 2] >= q[:, 1] - 1e-6)
+    np.testing.assert_allclose(q[:, 2], 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the command
+def test_without_the_demo_extra_it_says_how_to_install_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "rich", None)  # makes `import rich` fail
+    assert sona.demo.run(_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'sona[demo]'" in err and "rich" in err
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--domains", "0"), ("--dim", "4"), ("--chaos", "2"), ("--steps", "3")]
+)
+def test_bad_options_exit_2_with_a_message(
+    option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _args(tmp_path, option, value)
+    assert sona.demo.run(args) == 2
+    assert option in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = _run_cli(*SMALL, "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout + proc.stderr
+
+
+def _report(out: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return data
+
+
+def test_quiet_run_logs_progress_and_results_only(quiet_run: tuple[Path, str]) -> None:
+    _out, text = quiet_run
+    assert "run_started" in text and "phase_started" in text and "run_finished" in text
+    assert "accounting" in text and "holds" in text
+    assert "━" not in text  # no live display
+
+
+def test_report_holds_both_runs_and_every_figure_shown(quiet_run: tuple[Path, str]) -> None:
+    out, _ = quiet_run
+    rep = _report(out)
+    assert set(rep["runs"]) == {"sona", "no-ewc"}
+    assert rep["settings"]["dim"] == 48 and rep["settings"]["domains"] == 2
+    assert [p["domain"] for p in rep["phases"]] == [0, 1, 0]
+    assert sorted(rep["files"]) == ["latency.png", "quality.png", "report.json"]
+    for f in rep["files"]:
+        assert (out / f).stat().st_size > 0
+    for run in rep["runs"].values():
+        t = run["timeline"]
+        assert len(t["step"]) == len(t["quality"]) == len(t["seconds"]) > 10
+        assert t["step"] == sorted(t["step"]) and t["step"][-1] == 1500
+        assert all(len(q) == 2 for q in t["quality"])
+        assert run["final_quality"] == t["quality"][-1]
+        assert run["final_above_base"] == [
+            q > b for q, b in zip(run["final_quality"], rep["base_quality"], strict=True)
+        ]
+        acc = run["accounting"]
+        assert acc["holds"] and acc["in_flight"] == 0
+        assert acc["submitted"] == run["feedback"]["delivered"]
+        assert acc["submitted"] == (
+            acc["applied"] + acc["skipped"] + acc["dropped"] + acc["dead_lettered"]
+        )
+        lat = run["instant_latency"]
+        assert lat["count"] == acc["applied"] and 0 < lat["p50_us"] <= lat["p99_us"]
+        assert sum(lat["histogram"]["counts"]) == lat["count"]
+        ret = run["returns"]
+        assert [(r["phase"], r["domain"]) for r in ret] == [(2, 0)]
+    assert rep["runs"]["sona"]["ewc_lambda"] > 0 and rep["runs"]["no-ewc"]["ewc_lambda"] == 0
+    comp = rep["comparison"]
+    row = comp["returns"][0]
+    sona_at = rep["runs"]["sona"]["returns"][0]["quality_at_return"]
+    plain_at = rep["runs"]["no-ewc"]["returns"][0]["quality_at_return"]
+    assert row["sona_higher_at_return"] == (sona_at > plain_at)
+    kept = rep["runs"]["sona"]["returns"][0]["kept_fraction_of_gain"]
+    plain_kept = rep["runs"]["no-ewc"]["returns"][0]["kept_fraction_of_gain"]
+    if kept is not None and plain_kept is not None:
+        assert row["sona_forgets_less"] == (kept > plain_kept)
+
+
+def test_no_ewc_runs_only_the_comparison(tmp_path: Path) -> None:
+    assert sona.demo.run(_args(tmp_path, "--no-ewc")) == 0
+    rep = _report(tmp_path)
+    assert list(rep["runs"]) == ["no-ewc"]
+    assert "returns" not in rep["comparison"]
+
+
+def test_chaos_run_restarts_loops_and_keeps_the_accounting(tmp_path: Path) -> None:
+    proc = _run_cli(*SMALL, "--out", str(tmp_path), "--chaos", "0.02")
+    assert proc.returncode == 0, proc.stderr
+    assert "restarts" in proc.stdout
+    assert proc.stdout.count("accounting: submitted") == 2
+    assert "holds" in proc.stdout and "DOES NOT HOLD" not in proc.stdout
+    rep = _report(tmp_path)
+    assert "supervision.png" in rep["files"]
+    for run in rep["runs"].values():
+        assert run["stopped_early"] is None
+        assert run["stats"]["restarts"] > 0
+        assert len(run["markers"]["restarts"]) == run["events"]["LoopRestarted"]
+        assert run["accounting"]["holds"]
+
+
+# ---------------------------------------------------------------------------- the plots
+def test_every_figure_has_a_title_axis_labels_and_a_legend(
+    quiet_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    out, _ = quiet_run
+    rep = _report(out)
+    rep["settings"]["chaos"] = 0.02  # draw the supervision figure too
+    figs = plots.figures(rep)
+    assert set(figs) == {"quality.png", "latency.png", "supervision.png"}
+    for name, fig in figs.items():
+        axes = fig.get_axes()
+        titled = fig.get_suptitle() or all(ax.get_title(loc="left") or ax.get_title()
+                                           for ax in axes)  # fmt: skip
+        assert titled, name
+        assert all(ax.get_ylabel() for ax in axes), name
+        assert any(ax.get_xlabel() for ax in axes), name
+        assert fig.legends or all(ax.get_legend() is not None for ax in axes), name
+    for path in plots.save_all(rep, tmp_path):
+        with Image.open(path) as img:
+            dpi = img.info.get("dpi", (0, 0))
+            assert min(dpi) >= 100, (path.name, dpi)
+            assert img.size[0] >= 800
+
+
+def test_saved_plots_are_at_least_100_dpi(quiet_run: tuple[Path, str]) -> None:
+    out, _ = quiet_run
+    for name in ("quality.png", "latency.png"):
+        with Image.open(out / name) as img:
+            assert min(img.info["dpi"]) >= 100
