@@ -91,8 +91,9 @@ class BackgroundLoop:
         self.carry = held
         old = self.published
         train_samples = [s for _, s in train]
-        fired = self._track(train_samples, notes)
-        published, rejected = self._fold(old, hand.live, train_samples, notes)
+        xs = np.stack([s.input_embedding for s in train_samples]) if train_samples else None
+        fired = self._track(xs, notes)
+        published, rejected = self._fold(old, hand.live, train_samples, xs, notes)
         eval_samples = [s for _, s in held]
         quality_delta = self._delta(eval_samples, old.predict, published.predict, notes)
         self.replay.extend(train_samples)
@@ -112,12 +113,11 @@ class BackgroundLoop:
         )
         return Consolidation(result, [sid for sid, _ in train], len(fired), rejected)
 
-    def _track(self, samples: Sequence[TrainingSample], notes: list[str]) -> list[int]:
+    def _track(self, xs: np.ndarray | None, notes: list[str]) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
         consolidated state as it was before this batch's learning is folded in."""
-        if not samples:
+        if xs is None:
             return []
-        xs = np.stack([s.input_embedding for s in samples])
         fired = self.pipeline.track_many(self.published.base, xs)
         for i in fired:
             notes.append(f"task boundary detected at sample {i} of the batch")
@@ -128,12 +128,12 @@ class BackgroundLoop:
         old: Published,
         live: MicroLoRA,
         samples: Sequence[TrainingSample],
+        xs: np.ndarray | None,
         notes: list[str],
     ) -> tuple[Published, list[str]]:
         cfg = self.config
         rejected: list[str] = []
-        x = np.stack([s.input_embedding for s in samples]) if samples else None
-        labels = self.bank.update(x) if x is not None else np.empty(0, np.intp)
+        labels = self.bank.update(xs) if xs is not None else np.empty(0, np.intp)
         centroids = self.bank.centroids[: len(self.bank)].copy()
         strategy = self.strategy
         if strategy is ConsolidationStrategy.EWC_MERGE:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sona.errors import FormatError
+from sona.linalg import principal_directions
 
 _F32 = np.float32
 
@@ -162,9 +163,7 @@ class ShiftDetector:
         return False
 
     def _learn_basis(self) -> None:
-        rows = self._reference.astype(np.float64)
-        _, sv, vt = np.linalg.svd(rows, full_matrices=False)
-        ev = sv**2
+        ev, vt = principal_directions(self._reference)
         total = float(ev.sum())
         if total <= 0.0 or not np.isfinite(total):
             self._filled = 0  # all-zero inputs: keep waiting for informative ones

@@ -22,6 +22,7 @@ import numpy as np
 from sona.errors import FormatError
 from sona.kernels import ewc as k_ewc
 from sona.kernels.warmup import fast, warm_up
+from sona.linalg import principal_directions
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
 
@@ -87,7 +88,7 @@ def covariance_sketch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``rank`` eigen-directions (k, dim) and eigenvalues of Σ wᵢ·rowᵢ·rowᵢᵀ, max 1.
 
-    Computed through an SVD of the weighted rows (n × dim), never a dim × dim matrix. Fewer than
+    Computed from the weighted rows (n × dim), never a dim × dim matrix. Fewer than
     ``rank`` directions are returned padded with zero rows and zero weights.
     """
     dim = rows.shape[1]
@@ -98,8 +99,7 @@ def covariance_sketch(
     z = rows.astype(np.float64)
     if weights is not None:
         z = z * np.sqrt(np.maximum(weights, 0.0))[:, None]
-    _, sv, vt = np.linalg.svd(z, full_matrices=False)
-    ev = sv**2
+    ev, vt = principal_directions(z)
     if ev.size == 0 or not np.isfinite(ev).all() or ev[0] <= 0.0:
         return ut, c
     keep = int(min(rank, int(np.sum(ev > ev[0] * _RELATIVE_FLOOR))))

@@ -1,8 +1,8 @@
 """``sona bench runtime``: the async runtime against bare asyncio in the same run.
 
 Part one measures the generic actor runtime (``sona.actors``), see
-:mod:`sona.bench.runtime_actors`. Part two, the SonaRuntime's own numbers (submit -> applied
-through the supervised loops), is added in :func:`_sona_part` once that runtime exists.
+:mod:`sona.bench.runtime_actors`; part two SonaRuntime's own numbers (instant latency alone and
+during a Deep run, sustained throughput, consolidation time), see :mod:`sona.bench.runtime_sona`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paced", type=int, default=20_000, help="messages per paced run")
     parser.add_argument("--saturated", type=int, default=500_000, help="messages per saturated run")
     parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
+    parser.add_argument("--dim", type=int, default=4096, help="hidden size for SonaRuntime")
+    parser.add_argument("--latency-samples", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=60.0, help="sustained-load duration")
+    parser.add_argument("--part", choices=("all", "actors", "sona"), default="all")
 
 
 def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -27,17 +31,27 @@ def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _sona_part(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """SonaRuntime rows (submit latency, throughput); empty until the runtime is built."""
-    return []
+    from sona.bench.runtime_sona import bench_sona
+
+    return bench_sona(dim=args.dim, latency_samples=args.latency_samples, seconds=args.seconds)
 
 
 def run(args: argparse.Namespace) -> int:
-    actors = _actor_part(args)
-    sona_rows = _sona_part(args)
+    actors = _actor_part(args) if args.part in ("all", "actors") else []
+    sona_rows = _sona_part(args) if args.part in ("all", "sona") else []
     if args.json:
         dump_json({"actors": actors, "sona": sona_rows})
         return 0
     nan = float("nan")
+    if actors:
+        _print_actors(actors, nan)
+    if sona_rows:
+        columns = tuple(sona_rows[0])
+        print_table("SonaRuntime", columns, [tuple(r.values()) for r in sona_rows])
+    return 0
+
+
+def _print_actors(actors: list[dict[str, Any]], nan: float) -> None:
     print_table(
         "sona.actors: one hop and a 3-actor pipeline vs asyncio.Queue (best of rounds)",
         ACTOR_COLUMNS,
@@ -53,7 +67,3 @@ def run(args: argparse.Namespace) -> int:
             for r in actors
         ],
     )
-    if sona_rows:
-        columns = tuple(sona_rows[0])
-        print_table("SonaRuntime", columns, [tuple(r.values()) for r in sona_rows])
-    return 0

@@ -1,0 +1,167 @@
+"""SonaRuntime's own numbers: instant latency through the actors (alone and while a Deep run
+replays in a worker thread), sustained accepted throughput under backpressure, and the cost of
+one Background consolidation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+
+from sona.background import BackgroundLoop
+from sona.bench.timing import summarize_ns
+from sona.config import SonaLlmConfig
+from sona.instant import InstantLoop
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
+
+Q, V = TargetModule.Q_PROJ, TargetModule.V_PROJ
+
+
+def _config(dim: int, modules: tuple[TargetModule, ...], **kw: Any) -> SonaLlmConfig:
+    micro = MicroLoraConfig.for_hidden_dim(dim, rank=2, target_modules=modules)
+    return SonaLlmConfig(micro_lora=micro, **kw)
+
+
+def _samples(dim: int, n: int, seed: int = 0) -> list[TrainingSample]:
+    """Rated samples with distinct unit inputs, built before timing starts."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = (0.1 * rng.standard_normal((n, dim))).astype(np.float32)
+    q = rng.uniform(0.3, 1.0, n)
+    return [TrainingSample(x[i], y[i], float(q[i])) for i in range(n)]
+
+
+async def _latency(dim: int, n: int, with_deep: bool) -> dict[str, Any]:
+    cfg = _config(dim, (Q,), deep_trigger_threshold=1e12)
+    samples = _samples(dim, n + 2000)
+    async with SonaRuntime(cfg, seed=0) as rt:
+        for s in samples[:2000]:  # fill the replay buffer, warm every path
+            await rt.submit(s)
+        await rt.consolidate()
+        deep_runs = 0
+        lat = np.empty(n, np.int64)
+        async with anyio.create_task_group() as tg:
+            if with_deep:
+
+                async def deep_forever() -> None:
+                    nonlocal deep_runs
+                    while True:
+                        await rt.deep_optimize()
+                        deep_runs += 1
+
+                tg.start_soon(deep_forever)
+                await anyio.sleep(0.05)  # let the first Deep run get going
+            clock = time.perf_counter_ns
+            for i, s in enumerate(samples[2000:]):
+                t0 = clock()
+                await rt.instant_adapt(s.input_embedding, s.output_embedding, s.quality)
+                lat[i] = clock() - t0
+            tg.cancel_scope.cancel()
+        st = rt.stats()
+    t = summarize_ns(lat)
+    case = "instant_adapt, deep running" if with_deep else "instant_adapt"
+    return {
+        "case": case,
+        "dim": dim,
+        "modules": 1,
+        "p50_us": t.median_us,
+        "p99_us": t.p99_us,
+        "samples_per_s": float("nan"),
+        "handler_avg_us": st.instant_avg_latency_us,
+        "deep_runs": deep_runs,
+        "max_pending": float("nan"),
+    }
+
+
+async def _throughput(
+    dim: int, modules: tuple[TargetModule, ...], seconds: float
+) -> dict[str, Any]:
+    """Producers submit as fast as BLOCK backpressure lets them for ``seconds``."""
+    bound = 1000
+    cfg = _config(dim, modules, max_pending_samples=bound, deep_trigger_threshold=1e12)
+    pool = _samples(dim, 4096, seed=1)
+    accepted = 0
+    max_pending = 0
+    async with SonaRuntime(cfg, seed=1) as rt:
+        stop = time.perf_counter() + seconds
+
+        async def producer(offset: int) -> None:
+            nonlocal accepted
+            i = offset
+            while time.perf_counter() < stop:
+                await rt.submit(pool[i % len(pool)])
+                accepted += 1
+                i += 7
+
+        async def watch() -> None:
+            nonlocal max_pending
+            while time.perf_counter() < stop:
+                max_pending = max(max_pending, rt.stats().pending_samples)
+                await anyio.sleep(0.01)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for k in range(8):
+                tg.start_soon(producer, k)
+            tg.start_soon(watch)
+        elapsed = time.perf_counter() - t0
+        st = rt.stats()
+    return {
+        "case": f"sustained submit ({seconds:.0f} s, bound {bound})",
+        "dim": dim,
+        "modules": len(modules),
+        "p50_us": float("nan"),
+        "p99_us": float("nan"),
+        "samples_per_s": accepted / elapsed,
+        "handler_avg_us": st.instant_avg_latency_us,
+        "deep_runs": st.deep_count,
+        "max_pending": max_pending,
+    }
+
+
+def _consolidation(dim: int, n: int, repeats: int = 5) -> dict[str, Any]:
+    """One Background run over ``n`` handed-over samples (the loop logic, no actors)."""
+    cfg = _config(dim, (Q,))
+    times = []
+    for r in range(repeats):
+        bg = BackgroundLoop(cfg, seed=r)
+        inst = InstantLoop(cfg, seed=r, consolidated=lambda bg=bg: bg.published)  # type: ignore[misc]
+        for i, s in enumerate(_samples(dim, n, seed=10 + r)):
+            inst.process(i, s)
+        hand = inst.hand_over()
+        t0 = time.perf_counter_ns()
+        bg.consolidate(hand)
+        times.append(time.perf_counter_ns() - t0)
+    t = summarize_ns(times)
+    return {
+        "case": f"background consolidation of {n} samples",
+        "dim": dim,
+        "modules": 1,
+        "p50_us": t.median_us,
+        "p99_us": t.p99_us,
+        "samples_per_s": float("nan"),
+        "handler_avg_us": float("nan"),
+        "deep_runs": 0,
+        "max_pending": float("nan"),
+    }
+
+
+def bench_sona(
+    *, dim: int = 4096, latency_samples: int = 20_000, seconds: float = 60.0
+) -> list[dict[str, Any]]:
+    async def main() -> list[dict[str, Any]]:
+        rows = [await _latency(dim, latency_samples, False)]
+        rows.append(await _latency(dim, latency_samples, True))
+        rows.append(await _throughput(dim, (Q,), seconds))
+        rows.append(await _throughput(dim, (Q, V), seconds))
+        return rows
+
+    rows: list[dict[str, Any]] = anyio.run(main)
+    rows.append(_consolidation(dim, 1000))
+    return rows
