@@ -206,7 +206,8 @@ def test_report_holds_both_runs_and_every_figure_shown(quiet_run: tuple[Path, st
             q > b for q, b in zip(run["final_quality"], rep["base_quality"], strict=True)
         ]
         acc = run["accounting"]
-        assert acc["holds"] and acc["in_flight"] == 0
+        assert acc["holds"] and acc["in_flight"] == 0 and acc["consolidation_holds"]
+        assert acc["applied"] == acc["consolidated"] + acc["evicted"] + acc["pending"]
         assert acc["submitted"] == run["feedback"]["delivered"]
         assert acc["submitted"] == (
             acc["applied"] + acc["skipped"] + acc["dropped"] + acc["dead_lettered"]
@@ -215,7 +216,7 @@ def test_report_holds_both_runs_and_every_figure_shown(quiet_run: tuple[Path, st
         assert lat["count"] == acc["applied"] and 0 < lat["p50_us"] <= lat["p99_us"]
         assert sum(lat["histogram"]["counts"]) == lat["count"]
         ret = run["returns"]
-        assert [(r["phase"], r["domain"]) for r in ret] == [(2, 0)]
+        assert [(r["phase_index"], r["domain"]) for r in ret] == [(2, 0)]
     assert rep["runs"]["sona"]["ewc_lambda"] > 0 and rep["runs"]["no-ewc"]["ewc_lambda"] == 0
     comp = rep["comparison"]
     row = comp["returns"][0]
@@ -240,6 +241,7 @@ def test_chaos_run_restarts_loops_and_keeps_the_accounting(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "restarts" in proc.stdout
     assert proc.stdout.count("accounting: submitted") == 2
+    assert proc.stdout.count("consolidation: applied") == 2
     assert "holds" in proc.stdout and "DOES NOT HOLD" not in proc.stdout
     rep = _report(tmp_path)
     assert "supervision.png" in rep["files"]
@@ -247,7 +249,7 @@ def test_chaos_run_restarts_loops_and_keeps_the_accounting(tmp_path: Path) -> No
         assert run["stopped_early"] is None
         assert run["stats"]["restarts"] > 0
         assert len(run["markers"]["restarts"]) == run["events"]["LoopRestarted"]
-        assert run["accounting"]["holds"]
+        assert run["accounting"]["holds"] and run["accounting"]["consolidation_holds"]
 
 
 # ---------------------------------------------------------------------------- the plots

@@ -110,7 +110,11 @@ def main(args: argparse.Namespace) -> int:
         )
     world = DemoWorld(settings.dim, settings.domains, seed=settings.seed)
     phases = schedule(settings.domains, settings.steps)
-    records = asyncio.run(run_all(world, phases, settings, plan, observer))
+    try:
+        records = asyncio.run(run_all(world, phases, settings, plan, observer))
+    finally:
+        if isinstance(observer, LiveDisplay):
+            observer.stop()
     doc = report.build(
         settings, world, phases, records, command=command_line(settings, bool(args.no_ewc))
     )
@@ -123,5 +127,8 @@ def main(args: argparse.Namespace) -> int:
         log_summary(doc, path)
     else:
         print_summary(console, doc, out)
-    holds = all(r["accounting"]["holds"] for r in doc["runs"].values())
+    holds = all(
+        r["accounting"]["holds"] and r["accounting"]["consolidation_holds"]
+        for r in doc["runs"].values()
+    )
     return 0 if holds else 1

@@ -50,11 +50,17 @@ class LiveDisplay:
     def update(self, snapshot: Snapshot) -> None:
         self._snap = snapshot
 
-    def finished(self, record: RunRecord) -> None:
+    def stop(self) -> None:
+        """Leave the terminal tidy, also when a run ends with an exception (or Ctrl-C)."""
         if self._live is not None:
             self._live.refresh()
             self._live.stop()
             self._live = None
+            if not self.console.is_terminal:  # the last frame ends without a line break
+                self.console.line()
+
+    def finished(self, record: RunRecord) -> None:
+        self.stop()
         self.console.print(
             f"run {self.index}/{self.runs} ({record.title}) finished in {record.seconds:.1f} s"
         )
@@ -67,7 +73,14 @@ class LiveDisplay:
         )
         s = self._snap
         if s is None:
-            return Group(head, Text("starting the runtime …", style="dim"))
+            return Group(
+                head,
+                Text(
+                    "starting the runtime … (the first run on a machine also compiles sona's "
+                    "Numba kernels; later runs load them from the cache)",
+                    style="dim",
+                ),
+            )
         phase = s.phase
         where = Text.assemble(
             f"phase {phase.index + 1}/{s.phases}: traffic from ",

@@ -22,7 +22,11 @@ LATENCY_EDGES_US = 10.0 ** np.arange(0.0, 6.05, 0.1)
 
 
 def accounting(stats: Any) -> dict[str, Any]:
-    """The accounting identity of one run (API.md), with its terms."""
+    """Both accounting identities of one run (API.md), with their terms.
+
+    ``holds``: submitted == applied + skipped + dropped + dead-lettered + in flight.
+    ``consolidation_holds``: applied == consolidated + evicted + pending.
+    """
     s = stats
     total = s.instant_count + s.skipped_count + s.dropped_samples + s.dead_lettered + s.in_flight
     return {
@@ -33,12 +37,24 @@ def accounting(stats: Any) -> dict[str, Any]:
         "dead_lettered": s.dead_lettered,
         "in_flight": s.in_flight,
         "holds": s.submitted_count == total,
+        "consolidated": s.consolidated_count,
+        "evicted": s.evicted_samples,
+        "pending": s.pending_samples,
+        "consolidation_holds": s.instant_count
+        == s.consolidated_count + s.evicted_samples + s.pending_samples,
     }
 
 
 def accounting_line(stats: Any) -> str:
     """The identity with its numbers and verdict, as the demo prints it."""
     return accounting_line_from(accounting(stats))
+
+
+def consolidation_line_from(a: dict[str, Any]) -> str:
+    return (
+        f"applied {a['applied']} == consolidated {a['consolidated']} + evicted {a['evicted']}"
+        f" + pending {a['pending']}: " + ("holds" if a["consolidation_holds"] else "DOES NOT HOLD")
+    )
 
 
 def accounting_line_from(a: dict[str, Any]) -> str:
@@ -84,7 +100,7 @@ def returns(record: RunRecord, phases: list[Phase], base: list[float]) -> list[d
         gain = learned - base[d]
         out.append(
             {
-                "phase": phase.index,
+                "phase_index": phase.index,
                 "domain": d,
                 "left_at_step": last.stop,
                 "returned_at_step": phase.start,
@@ -149,7 +165,7 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             fa, fb = a["kept_fraction_of_gain"], b["kept_fraction_of_gain"]
             rows.append(
                 {
-                    "phase": a["phase"],
+                    "phase_index": a["phase_index"],
                     "domain": a["domain"],
                     "sona_at_return": a["quality_at_return"],
                     "no_ewc_at_return": b["quality_at_return"],
@@ -160,8 +176,9 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 }
             )
         out["returns"] = rows
-        out["sona_higher_at_every_return"] = all(r["sona_higher_at_return"] for r in rows)
-        out["sona_forgets_less_on_every_return"] = all(r["sona_forgets_less"] for r in rows)
+        if rows:
+            out["sona_higher_at_every_return"] = all(r["sona_higher_at_return"] for r in rows)
+            out["sona_forgets_less_on_every_return"] = all(r["sona_forgets_less"] for r in rows)
     return out
 
 

@@ -58,7 +58,7 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
                 kept = r["kept_fraction_of_gain"]
                 share = "" if kept is None else f" ({100 * kept:.0f} %)"
                 texts.append(f"{r['quality_when_left']:.3f} → {r['quality_at_return']:.3f}{share}")
-            back.add_row(str(row["phase"] + 1), str(row["domain"]), *texts)
+            back.add_row(str(row["phase_index"] + 1), str(row["domain"]), *texts)
         console.print(back)
     comp = doc["comparison"]
     for label, ok in comp["every_domain_above_base"].items():
@@ -67,7 +67,7 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
         )
     for row in comp.get("returns", []):
         console.print(
-            f"back to domain {row['domain']} (phase {row['phase'] + 1}): "
+            f"back to domain {row['domain']} (phase {row['phase_index'] + 1}): "
             f"sona forgets less {_yes(row['sona_forgets_less'])}, "
             f"serves it better {_yes(row['sona_higher_at_return'])} "
             f"({row['sona_at_return']:.3f} vs {row['no_ewc_at_return']:.3f} without EWC)"
@@ -85,6 +85,8 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
         acc = run["accounting"]
         style = "green" if acc["holds"] else "bold red"
         console.print(f"  accounting: [{style}]{report.accounting_line_from(acc)}[/]")
+        style = "green" if acc["consolidation_holds"] else "bold red"
+        console.print(f"  consolidation: [{style}]{report.consolidation_line_from(acc)}[/]")
         if run["stopped_early"]:
             console.print(f"  [red]{run['stopped_early']}[/]")
     files = ", ".join(str(out / f) for f in doc["files"])
@@ -107,6 +109,7 @@ def log_summary(doc: dict[str, Any], path: Path) -> None:
             instant_p99_us=run["instant_latency"].get("p99_us"),
             restarts=run["stats"]["restarts"],
             accounting=report.accounting_line_from(run["accounting"]),
+            consolidation=report.consolidation_line_from(run["accounting"]),
         )
     _log.info("comparison", **doc["comparison"])
     _log.info("report_written", path=str(path), files=doc["files"], seconds=doc["seconds_total"])
