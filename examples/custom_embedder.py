@@ -21,10 +21,7 @@ import sys
 
 import numpy as np
 
-from sona.config import SonaLlmConfig
-from sona.embedding import Embedder
-from sona.engine import SonaLlm
-from sona.lora_config import MicroLoraConfig, TargetModule
+from sona import Embedder, MicroLoraConfig, SonaLlm, SonaLlmConfig, TargetModule
 
 DIM = 96
 MODULE = TargetModule.Q_PROJ

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from sona.config import SonaLlmConfig
-from sona.embedding import HashingEmbedder
-from sona.feedback import AdaptFeedback
-from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.runtime import SonaRuntime
-from sona.sample import TrainingSample
+from sona import (
+    AdaptFeedback,
+    HashingEmbedder,
+    MicroLoraConfig,
+    SonaLlmConfig,
+    SonaRuntime,
+    TargetModule,
+    TrainingSample,
+)
 
 DIM = 128
 MODULE = TargetModule.Q_PROJ

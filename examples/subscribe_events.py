@@ -17,7 +17,15 @@ import sys
 from collections import Counter
 from typing import Any
 
-from sona.config import Chaos, SonaLlmConfig, SupervisionConfig
+from sona import (
+    AdaptFeedback,
+    Chaos,
+    MicroLoraConfig,
+    SonaLlmConfig,
+    SonaRuntime,
+    SupervisionConfig,
+    TargetModule,
+)
 from sona.events import (
     BackgroundCompleted,
     DeadLettered,
@@ -30,9 +38,6 @@ from sona.events import (
     TaskBoundary,
     UpdateRejected,
 )
-from sona.feedback import AdaptFeedback
-from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.runtime import SonaRuntime
 from sona.simulator import DomainWorld
 
 DIM = 64
