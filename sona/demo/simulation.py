@@ -2,11 +2,13 @@
 
 Requests arrive in small batches; the application answers each with the frozen base plus the
 runtime's current delta (``rt.forward``), the simulated users turn some answers into feedback
-that arrives later, and every arrived piece goes to the runtime with ``await rt.adapt(...)``
-(as fast as the runtime accepts it: the Background loop runs on its own clock,
-``background_interval_ms``). Held-out quality per domain is measured with ``rt.forward`` on
-inputs the runtime never sees for training. An event subscription records crashes, restarts,
-drops, task boundaries and consolidations as they happen.
+that arrives later, and every arrived piece goes to the runtime with ``await rt.adapt(...)``.
+Requests arrive at a steady rate (``DemoSettings.rate``, or slower if the machine cannot keep
+up): the Background loop runs on its own wall clock (``background_interval_ms``), so a steady
+rate gives it about the same number of samples per consolidation on any machine. Held-out
+quality per domain is measured with ``rt.forward`` on inputs the runtime never trains on. An
+event subscription records crashes, restarts, drops, task boundaries and consolidations as
+they happen.
 """
 
 from __future__ import annotations
