@@ -65,6 +65,7 @@ __all__ = [
     "encode",
     "install",
     "read",
+    "write",
 ]
 
 MAGIC = b"SONACKPT"
@@ -318,13 +319,30 @@ def _adapter_bytes(adapter: MicroLoRA) -> np.ndarray:
     return np.frombuffer(adapter.export_weights(), dtype=np.uint8)
 
 
-def encode(captured: Captured) -> bytes:
-    """The checkpoint file's bytes (CPU-bound: call it from a worker thread)."""
+def _container_arrays(captured: Captured) -> dict[str, np.ndarray]:
     arrays = dict(captured.arrays)
     for name in SAMPLE_LISTS:
         for key, arr in pack_samples(captured.samples[name]).items():
             arrays[f"samples.{name}.{key}"] = arr
-    return container.encode(MAGIC, KIND, captured.meta, arrays)
+    return arrays
+
+
+def encode(captured: Captured) -> bytes:
+    """The checkpoint file's bytes (CPU-bound: call it from a worker thread)."""
+    return container.encode(MAGIC, KIND, captured.meta, _container_arrays(captured))
+
+
+def write(captured: Captured, path: Any) -> int:
+    """Check that ``captured`` decodes (header, adapters, training state, ids), then write it
+    atomically, streamed from its arrays; its size in bytes. Call it from a worker thread.
+
+    The check decodes from the arrays themselves, not from a copy of the file in memory, and
+    skips re-reading the sample records (they were just encoded from validated samples).
+    """
+    arrays = _container_arrays(captured)
+    raw_meta = msgspec.json.decode(msgspec.json.encode(captured.meta))  # as a reader sees it
+    _from_container(raw_meta, arrays, str(path), samples=False)
+    return container.write_encoded_atomic(path, MAGIC, KIND, captured.meta, arrays)
 
 
 # ---------------------------------------------------------------------- decode
@@ -370,6 +388,12 @@ def decode(data: Any, *, what: str = "checkpoint", samples: bool = True) -> Chec
     quick check of a checkpoint that was just encoded.
     """
     raw_meta, arrays = container.decode(data, MAGIC, KIND, what=what)
+    return _from_container(raw_meta, arrays, what, samples)
+
+
+def _from_container(
+    raw_meta: dict[str, Any], arrays: dict[str, np.ndarray], what: str, samples: bool
+) -> CheckpointState:
     try:
         meta = msgspec.convert(raw_meta, type=_Meta)
     except msgspec.ValidationError as exc:

@@ -125,12 +125,47 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
     Temporary file in the same directory, fsync, rename over the target, fsync the directory.
     """
+    return _write_parts_atomic(path, [data])
+
+
+def write_encoded_atomic(
+    path: str | os.PathLike[str],
+    magic: bytes,
+    kind: str,
+    meta: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+) -> int:
+    """``write_atomic(path, encode(...))`` without building the file in memory first; its size.
+
+    The arrays are written from their own buffers and the checksum is computed as they go, so a
+    large file (a checkpoint) costs no extra copies of its payload.
+    """
+    specs = []
+    parts: list[bytes | memoryview] = []
+    for name, arr in arrays.items():
+        code = _code_for(arr.dtype)
+        specs.append(ArraySpec(name=name, dtype=code, shape=list(arr.shape)))
+        flat = np.ascontiguousarray(arr, dtype=_DTYPES[code]).reshape(-1)
+        parts.append(memoryview(flat.view(np.uint8)))
+    header = msgspec.json.encode(Header(kind=kind, arrays=specs, meta=meta))
+    payload_len = sum(p.nbytes for p in parts if isinstance(p, memoryview))
+    parts[:0] = [_PREFIX.pack(magic, VERSION, 0, len(header), payload_len), header]
+    digest = hashlib.blake2b(digest_size=_DIGEST)
+    for part in parts:
+        digest.update(part)
+    parts.append(digest.digest())
+    _write_parts_atomic(path, parts)
+    return _PREFIX.size + len(header) + payload_len + _DIGEST
+
+
+def _write_parts_atomic(path: str | os.PathLike[str], parts: list[bytes | memoryview]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sona import checkpoint as ckpt
-from sona import container
 from sona.actors import SamplesDropped, SupervisorGaveUpEvent
 from sona.checkpoint_store import (
     KEEP,
@@ -356,11 +355,8 @@ class Durability:
 
 
 def _write_verified(captured: ckpt.Captured, target: Path) -> int:
-    """Encode, check that the bytes decode (structure, adapters, ids), then write atomically."""
-    data = ckpt.encode(captured)
-    ckpt.decode(data, what=str(target), samples=False)
-    container.write_atomic(target, data)
-    return len(data)
+    """Check that the checkpoint decodes (structure, adapters, ids), then write it atomically."""
+    return ckpt.write(captured, target)
 
 
 # ---------------------------------------------------------------------- restore

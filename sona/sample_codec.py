@@ -160,12 +160,21 @@ def _feedback(rec: _Record, out_features: int) -> AdaptFeedback:
 def pack_samples(
     items: Sequence[tuple[int, TrainingSample, TargetModule | None]],
 ) -> dict[str, np.ndarray]:
-    """Arrays holding ``(id, sample, module)`` items: ids, record lengths, records (bytes)."""
-    records = [encode_sample(s, m) for _, s, m in items]
+    """Arrays holding ``(id, sample, module)`` items: ids, record lengths, records (bytes).
+
+    The records are appended to one buffer as they are encoded, so packing a replay buffer of
+    many megabytes holds it in memory once, not twice.
+    """
+    blob = bytearray()
+    lengths = np.empty(len(items), np.int64)
+    for i, (_, sample, module) in enumerate(items):
+        record = encode_sample(sample, module)
+        lengths[i] = len(record)
+        blob += record
     return {
         "ids": np.fromiter((i for i, _, _ in items), dtype=np.int64, count=len(items)),
-        "lengths": np.fromiter((len(r) for r in records), dtype=np.int64, count=len(records)),
-        "records": np.frombuffer(b"".join(records), dtype=np.uint8),
+        "lengths": lengths,
+        "records": np.frombuffer(blob, dtype=np.uint8),
     }
 
 

@@ -222,3 +222,23 @@ def test_a_failed_write_leaves_every_checkpoint_readable(tmp_path: Path, monkeyp
     for _, path in list_checkpoints(d):
         ckpt.read(path)
     assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_streamed_file_is_the_encoded_bytes_and_bad_state_is_never_written(
+    tmp_path: Path,
+) -> None:
+    async def capture() -> Any:
+        async with SonaRuntime(small_config(), seed=4) as rt:
+            for s in samples(6):
+                await rt.submit(s)
+            return rt._durable.capture_now()
+
+    captured = anyio.run(capture)
+    size = ckpt.write(captured, tmp_path / "c.sona")
+    data = (tmp_path / "c.sona").read_bytes()
+    assert data == ckpt.encode(captured) and size == len(data)
+    captured.meta["log_sequence"] = captured.meta["next_sample_id"]  # a state that cannot be
+    with pytest.raises(FormatError, match="log_sequence"):
+        ckpt.write(captured, tmp_path / "bad.sona")
+    assert not (tmp_path / "bad.sona").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.sona"]  # no temporary file left either
