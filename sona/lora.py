@@ -233,7 +233,10 @@ class MicroLoRA:
                     f"x must have shape ({self._in},) and out ({self._out},), "
                     f"got {x.shape} and {out.shape}"
                 )
-            ok = k_lora.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
+            if x.flags.c_contiguous and out.flags.c_contiguous:
+                ok = fast.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
+            else:
+                ok = k_lora.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
         elif x.ndim == 2:
             n = x.shape[0]
             if x.shape[1] != self._in or out.shape != (n, self._out):
