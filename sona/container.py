@@ -31,7 +31,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sHHIQ")
 _DIGEST = 32
 MAX_HEADER_BYTES = 1 << 20
-_DTYPES = {
+_DTYPES: dict[str, np.dtype[Any]] = {
     "f4": np.dtype("<f4"),
     "f8": np.dtype("<f8"),
     "i8": np.dtype("<i8"),

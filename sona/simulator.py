@@ -68,7 +68,7 @@ class DomainWorld:
         x = rng.standard_normal((n, k)) @ dom.basis + self.noise * rng.standard_normal(
             (n, self.dim)
         ) * np.sqrt(k / self.dim)
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        return np.asarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
     def _scale_for(self, dom: Domain, shape: np.ndarray, target: float) -> float:
         lo, hi = 0.0, 1000.0
@@ -88,10 +88,10 @@ class DomainWorld:
 
     def target_delta(self, domain: int, x: np.ndarray) -> np.ndarray:
         """What the adapter should add to the base output for ``x`` in ``domain``."""
-        return (x @ self.domains[domain].correction.T).astype(np.float32)
+        return np.asarray(x @ self.domains[domain].correction.T, dtype=np.float32)
 
     def base_output(self, x: np.ndarray) -> np.ndarray:
-        return (x @ self.base.T).astype(np.float32)
+        return np.asarray(x @ self.base.T, dtype=np.float32)
 
     def rate(self, domain: int, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Per-row quality of base(x) + delta in ``domain``: cosine to ideal, mapped to [0, 1]."""
