@@ -33,14 +33,15 @@ from sona.training import TrainingConfig, TrainingPipeline
 
 MODULE = TargetModule.Q_PROJ
 FORMS = ("target", "gradient", "rated output", "group of 4", "quality only")
-# Per form, the best of the rates tried at d = 256 (0.02 to 2.0): rated output and quality only
-# lose quality at every one of them, least at the smallest.
+# Per form, the best of the rates tried at d = 256 (0.02 to 2.0). Rated output loses quality at
+# every one of them, least at the smallest. Quality only learns, slowly, with exploration noise
+# of twice the output's per-coordinate size (see --explore-std) and about 30,000 updates.
 DEFAULT_LR = {
     "target": 0.05,
     "gradient": 0.05,
     "rated output": 0.02,
     "group of 4": 0.5,
-    "quality only": 0.05,
+    "quality only": 0.03,
 }
 
 Feedback = Callable[[np.ndarray], AdaptFeedback | None]
@@ -110,6 +111,7 @@ def learning_curve(
     learning_rate: float,
     seeds: Sequence[int],
     dim: int = 256,
+    explore_std: float = 0.5,
 ) -> Curve:
     curve = Curve(form, learning_rate)
     checkpoints = list(range(0, updates + 1, every))
@@ -118,7 +120,13 @@ def learning_curve(
     t0 = time.perf_counter()
     for seed in seeds:
         task = LinearTask.make(d=dim, rank=2, base_quality=0.83, seed=seed)
-        cfg = MicroLoraConfig(in_features=dim, out_features=dim, rank=2, target_modules=(MODULE,))
+        cfg = MicroLoraConfig(
+            in_features=dim,
+            out_features=dim,
+            rank=2,
+            target_modules=(MODULE,),
+            explore_std=explore_std,
+        )
         lora = MicroLoRA(cfg, seed=seed)
         pipe = TrainingPipeline(TrainingConfig(learning_rate=learning_rate))
         make = _feedback_for(form, task, lora, np.random.default_rng(seed + 500))
@@ -167,6 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset")
+    parser.add_argument(
+        "--quality-updates", type=int, default=30_000, help="updates for the quality-only form"
+    )
+    parser.add_argument(
+        "--explore-std", type=float, default=2.0, help="exploration noise for quality only"
+    )
     for form, lr in DEFAULT_LR.items():
         flag = "--lr-" + form.split()[0]
         parser.add_argument(flag, type=float, default=lr, help=f"learning rate for {form}")
@@ -201,11 +215,12 @@ def run(args: argparse.Namespace) -> int:
     curves = [
         learning_curve(
             form,
-            updates=args.updates,
+            updates=args.quality_updates if form == "quality only" else args.updates,
             every=args.every,
             learning_rate=getattr(args, "lr_" + form.split()[0]),
             seeds=seeds,
             dim=args.dim,
+            explore_std=args.explore_std if form == "quality only" else 0.5,
         )
         for form in forms
     ]
@@ -241,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
         )
     rows.append(["ideal correction", "-", ideal, ideal, "-", "-", "-", "-"])
     print_table(
-        f"Learning: held-out quality, d={args.dim}, rank 2, {args.updates} updates, "
-        f"seeds {seeds} (mean ± sd)",
+        f"Learning: held-out quality, d={args.dim}, rank 2, {args.updates} updates "
+        f"({args.quality_updates} for quality only), seeds {seeds} (mean ± sd)",
         [
             "feedback",
             "lr",
