@@ -146,7 +146,7 @@ def write_encoded_atomic(
         code = _code_for(arr.dtype)
         specs.append(ArraySpec(name=name, dtype=code, shape=list(arr.shape)))
         flat = np.ascontiguousarray(arr, dtype=_DTYPES[code]).reshape(-1)
-        parts.append(memoryview(flat.view(np.uint8)))
+        parts.append(flat.view(np.uint8).data)
     header = msgspec.json.encode(Header(kind=kind, arrays=specs, meta=meta))
     payload_len = sum(p.nbytes for p in parts if isinstance(p, memoryview))
     parts[:0] = [_PREFIX.pack(magic, VERSION, 0, len(header), payload_len), header]
