@@ -145,7 +145,7 @@ class BackgroundLoop:
             return Published(base, dict(old.ensemble), None), rejected
         if strategy is ConsolidationStrategy.ENSEMBLE:
             ensemble = dict(old.ensemble)
-            trained = sorted(set(labels.tolist()) - {-1})  # -1: only zero inputs, empty bank
+            trained = [int(v) for v in np.unique(labels) if v >= 0]  # -1: zero inputs only
             for label in trained:
                 members = [s for s, lab in zip(samples, labels, strict=True) if lab == label]
                 adapter = ensemble.get(label)
@@ -299,8 +299,9 @@ def _strategy_weights(
         return [float(v / mean) if mean > 0 else 0.0 for v in q]
     if strategy is ConsolidationStrategy.BEST_ONLY:
         k = max(1, math.ceil(BEST_FRACTION * n))
-        top = set(np.argsort(-q, kind="stable")[:k].tolist())
-        return [1.0 if i in top else 0.0 for i in range(n)]
+        weights = np.zeros(n)
+        weights[np.argsort(-q, kind="stable")[:k]] = 1.0
+        return [float(w) for w in weights]
     return [1.0] * n
 
 

@@ -392,7 +392,8 @@ def _read_layer(
         hint = ""
         if (path.parent / _PICKLED_WEIGHTS).is_file():
             hint = (
-                f" ({_PICKLED_WEIGHTS} is a pickle, which sona never loads; re-save it with "
+                f" ({_PICKLED_WEIGHTS} is a torch.save file, which can run code when loaded, so "
+                "sona never reads it; re-save it with "
                 "save_pretrained(..., safe_serialization=True))"
             )
         raise FormatError(f"{path}: missing{hint}")

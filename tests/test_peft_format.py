@@ -240,7 +240,7 @@ def test_missing_directory_config_and_weights(tmp_path: Path, exported: Path) ->
     with pytest.raises(FormatError, match="not a directory"):
         MicroLoRA.from_peft(tmp_path / "nope")
     (exported / ADAPTER_WEIGHTS).rename(exported / "adapter_model.bin")
-    with pytest.raises(FormatError, match=r"adapter_model\.safetensors: missing.*pickle"):
+    with pytest.raises(FormatError, match=r"adapter_model\.safetensors: missing.*can run code"):
         MicroLoRA.from_peft(exported)
     (exported / ADAPTER_CONFIG).unlink()
     with pytest.raises(FormatError, match=r"adapter_config\.json: missing"):

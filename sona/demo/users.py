@@ -131,7 +131,7 @@ class SimulatedUsers:
             true_q = DemoWorld.rate(base_out[idx], traffic.ideal_out[step + idx], cands)
             rated = np.clip(true_q + m.rating_noise * rng.standard_normal(true_q.shape), 0.0, 1.0)
             for j, i in enumerate(idx):
-                fb = AdaptFeedback.from_group(cands[j], rated[j].tolist())
+                fb = AdaptFeedback.from_group(cands[j], rated[j])
                 self._push(step, int(i), int(delays[i]), x[i], fb, "group")
 
     def _push(
