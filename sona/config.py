@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -11,6 +10,7 @@ from sona.actors.mailbox import OverflowPolicy
 from sona.errors import ConfigError
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
+from sona.validation import config_int, config_number
 
 
 class ConsolidationStrategy(enum.Enum):
@@ -49,12 +49,12 @@ class SupervisionConfig:
     shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _int(self.max_restarts, "max_restarts", lo=0)
-        _float(self.within_s, "within_s", lo=0.0, lo_open=True)
-        _float(self.backoff_min_s, "backoff_min_s", lo=0.0)
-        _float(self.backoff_max_s, "backoff_max_s", lo=float(self.backoff_min_s))
-        _float(self.jitter, "jitter", lo=0.0, hi=1.0)
-        _float(self.shutdown_timeout_s, "shutdown_timeout_s", lo=0.0)
+        config_int(self.max_restarts, "max_restarts", lo=0)
+        config_number(self.within_s, "within_s", lo=0.0, lo_open=True)
+        config_number(self.backoff_min_s, "backoff_min_s", lo=0.0)
+        config_number(self.backoff_max_s, "backoff_max_s", lo=float(self.backoff_min_s))
+        config_number(self.jitter, "jitter", lo=0.0, hi=1.0)
+        config_number(self.shutdown_timeout_s, "shutdown_timeout_s", lo=0.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,7 +70,7 @@ class Chaos:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _float(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
+        config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
         loops = tuple(self.loops)
         unknown = set(loops) - {"instant", "background", "deep"}
         if unknown:
@@ -106,23 +106,23 @@ class SonaLlmConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
-        _float(self.instant_lr, "instant_lr", lo=0.0, lo_open=True)
-        _int(self.background_interval_ms, "background_interval_ms", lo=1)
-        _int(self.background_min_samples, "background_min_samples", lo=1)
-        _float(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
-        _int(self.max_pending_samples, "max_pending_samples", lo=1)
+        config_number(self.instant_lr, "instant_lr", lo=0.0, lo_open=True)
+        config_int(self.background_interval_ms, "background_interval_ms", lo=1)
+        config_int(self.background_min_samples, "background_min_samples", lo=1)
+        config_number(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
+        config_int(self.max_pending_samples, "max_pending_samples", lo=1)
         if self.background_min_samples > self.max_pending_samples:
             # the buffer could never fill enough for a run: consolidation would stall
             raise ConfigError(
                 f"background_min_samples ({self.background_min_samples}) must be <= "
                 f"max_pending_samples ({self.max_pending_samples})"
             )
-        _int(self.replay_capacity, "replay_capacity", lo=1)
-        _int(self.pattern_clusters, "pattern_clusters", lo=1)
-        _float(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)
-        _int(self.deep_epochs, "deep_epochs", lo=1)
+        config_int(self.replay_capacity, "replay_capacity", lo=1)
+        config_int(self.pattern_clusters, "pattern_clusters", lo=1)
+        config_number(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)
+        config_int(self.deep_epochs, "deep_epochs", lo=1)
         if self.consolidated_rank is not None:
-            _int(self.consolidated_rank, "consolidated_rank", lo=1)
+            config_int(self.consolidated_rank, "consolidated_rank", lo=1)
             limit = min(self.micro_lora.in_features, self.micro_lora.out_features)
             if self.consolidated_rank > limit:
                 raise ConfigError(
@@ -199,32 +199,3 @@ class SonaLlmConfig:
 def _typed(value: object, kind: type, name: str) -> None:
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-
-
-def _int(value: object, name: str, *, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value}")
-
-
-def _float(
-    value: object,
-    name: str,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    bad = not math.isfinite(v)
-    if lo is not None:
-        bad = bad or (v <= lo if lo_open else v < lo)
-    if hi is not None:
-        bad = bad or v > hi
-    if bad:
-        lo_s = "-inf" if lo is None else f"{lo}"
-        hi_s = "inf" if hi is None else f"{hi}"
-        raise ConfigError(f"{name} must be a finite number in [{lo_s}, {hi_s}], got {v!r}")

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from sona.errors import ConfigError
+from sona.validation import config_number
 
 
 class TargetModule(enum.Enum):
@@ -69,12 +70,12 @@ class MicroLoraConfig:
                 f"rank must be <= min(in_features, out_features) = "
                 f"{min(self.in_features, self.out_features)}, got {self.rank}"
             )
-        _require_float(self.alpha, "alpha", lo=0.0, lo_open=True)
-        _require_float(self.dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
-        _require_float(self.explore_std, "explore_std", lo=0.0, lo_open=True)
-        _require_float(self.advantage_temperature, "advantage_temperature", lo=0.0, lo_open=True)
-        _require_float(self.advantage_cap, "advantage_cap", lo=1.0)
-        _require_float(self.baseline_decay, "baseline_decay", lo=0.0, hi=1.0, hi_open=True)
+        config_number(self.alpha, "alpha", lo=0.0, lo_open=True)
+        config_number(self.dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
+        config_number(self.explore_std, "explore_std", lo=0.0, lo_open=True)
+        config_number(self.advantage_temperature, "advantage_temperature", lo=0.0, lo_open=True)
+        config_number(self.advantage_cap, "advantage_cap", lo=1.0)
+        config_number(self.baseline_decay, "baseline_decay", lo=0.0, hi=1.0, hi_open=True)
         modules = self.target_modules
         if isinstance(modules, (str, TargetModule)) or not isinstance(modules, (tuple, list)):
             raise TypeError("target_modules must be a tuple of TargetModule")
@@ -135,27 +136,3 @@ _FIELDS = (
     "advantage_cap",
     "baseline_decay",
 )
-
-
-def _require_float(
-    value: object,
-    name: str,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    bad = v != v or v in (float("inf"), float("-inf"))
-    if lo is not None:
-        bad = bad or (v <= lo if lo_open else v < lo)
-    if hi is not None:
-        bad = bad or (v >= hi if hi_open else v > hi)
-    if bad:
-        lo_s = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
-        hi_s = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
-        rng = f"{lo_s or '(-inf'}, {hi_s or 'inf)'}"
-        raise ConfigError(f"{name} must be in {rng}, got {v!r}")

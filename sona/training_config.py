@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from sona.errors import ConfigError
+from sona.validation import config_int, config_number
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,13 +38,13 @@ class TrainingConfig:
     boundary_detection: bool = True
 
     def __post_init__(self) -> None:
-        _number(self.learning_rate, "learning_rate", lo=0.0, lo_open=True)
-        _number(self.ewc_lambda, "ewc_lambda", lo=0.0)
-        _number(self.quality_threshold, "quality_threshold", lo=0.0, hi=1.0)
-        _number(self.online_ewc_gamma, "online_ewc_gamma", lo=0.0, hi=1.0)
-        _number(self.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True)
-        _integer(self.fisher_samples, "fisher_samples", lo=1)
-        _integer(self.ewc_rank, "ewc_rank", lo=1)
+        config_number(self.learning_rate, "learning_rate", lo=0.0, lo_open=True)
+        config_number(self.ewc_lambda, "ewc_lambda", lo=0.0)
+        config_number(self.quality_threshold, "quality_threshold", lo=0.0, hi=1.0)
+        config_number(self.online_ewc_gamma, "online_ewc_gamma", lo=0.0, hi=1.0)
+        config_number(self.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True)
+        config_int(self.fisher_samples, "fisher_samples", lo=1)
+        config_int(self.ewc_rank, "ewc_rank", lo=1)
         if not isinstance(self.boundary_detection, bool):
             raise TypeError(
                 f"boundary_detection must be a bool, got {type(self.boundary_detection).__name__}"
@@ -79,32 +79,3 @@ class TrainingConfig:
         if unknown:
             raise ConfigError(f"unknown TrainingConfig fields: {sorted(unknown)}")
         return cls(**data)
-
-
-def _number(
-    value: object,
-    name: str,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    bad = not math.isfinite(v)
-    if lo is not None:
-        bad = bad or (v <= lo if lo_open else v < lo)
-    if hi is not None:
-        bad = bad or v > hi
-    if bad:
-        lo_s = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
-        hi_s = "inf)" if hi is None else f"{hi}]"
-        raise ConfigError(f"{name} must be in {lo_s}, {hi_s}, got {v!r}")
-
-
-def _integer(value: object, name: str, *, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sona.errors import InvalidInputError
+from sona.errors import ConfigError, InvalidInputError
 from sona.kernels.update import all_finite
 
 F32 = np.float32
@@ -77,3 +77,37 @@ def frozen_copy(arr: np.ndarray) -> np.ndarray:
     out = np.array(arr, dtype=F32, copy=True, order="C")
     out.flags.writeable = False
     return out
+
+
+def config_number(
+    value: object,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """A finite real configuration value inside the given bounds, else ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        lo_s = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {lo_s}, {hi_s}, got {v!r}")
+    return v
+
+
+def config_int(value: object, name: str, *, lo: int) -> int:
+    """An int configuration value >= ``lo`` (bools are not ints here), else ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    return value
