@@ -251,6 +251,55 @@ def apply_rank_one(
             bt[k, j] -= hk * g[j]
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
+@kernel
+def step_one(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    sums: np.ndarray,
+) -> int:
+    """One sample's whole clipped step on one module, in one call (``MicroLoRA.step``).
+
+    ``prepare_grad``, the closed-form norms of ``step_sums``, the clip (``max_norm`` <= 0: none)
+    and ``apply_rank_one``; the weights are written only when the result is safe. Returns 0
+    when applied (sums[7] = the applied step's norm / lr), 1 when x or the gradient is not
+    finite, 2 when the gradient norm is not finite, 3 when the weights would not be finite,
+    4 when delta_weight would overflow.
+    """
+    if not prepare_grad(a, bt, scale, x, vec, weight, mode, np.uint64(0), h, u, g):
+        return 1
+    step_sums(a, bt, x, h, u, g, sums)
+    xx, gg, aa, bb, uu, hh, uh = sums[0], sums[1], sums[2], sums[3], sums[4], sums[5], sums[6]
+    norm = np.sqrt(uu * xx + hh * gg)
+    if not np.isfinite(norm):
+        return 2
+    c = lr
+    if max_norm > 0.0 and norm > max_norm:
+        c = lr * max_norm / norm
+    cross = 2.0 * c * uh / scale
+    na = aa - cross + c * c * uu * xx
+    nb = bb - cross + c * c * hh * gg
+    if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
+        return 3
+    if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
+        return 4
+    apply_rank_one(a, bt, x, h, u, g, c)
+    sums[7] = norm * c / lr
+    return 0
+
+
 @kernel
 def commit_grad(
     a: np.ndarray,

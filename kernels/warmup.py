@@ -24,6 +24,7 @@ class FastKernels:
     prepare_grad: Callable[..., Any]
     step_sums: Callable[..., Any]
     apply_rank_one: Callable[..., Any]
+    step_one: Callable[..., Any]
     commit_grad: Callable[..., Any]
     grad_sq_norm: Callable[..., Any]
     candidate_sq_norms: Callable[..., Any]
@@ -62,7 +63,10 @@ def warm_up(*, force: bool = False) -> float:
     fast.forward_add_vec = entry_point(lora.forward_add_vec, a, bt, s, x, h, out)
     fast.prepare_grad = entry_point(lora.prepare_grad, a, bt, s, x, g, 1.0, 0, key, h, u, g)
     fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
-    fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(7))
+    fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(8))
+    fast.step_one = entry_point(
+        lora.step_one, a.copy(), bt.copy(), s, x, g, 1.0, 0, 0.1, 1.0, h, u, g.copy(), np.zeros(8)
+    )
     fast.apply_rank_one = entry_point(lora.apply_rank_one, a.copy(), bt.copy(), x, h, u, g, 0.0)
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)

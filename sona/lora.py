@@ -54,6 +54,11 @@ _KIND = "micro_lora"
 _MAX_EXPLORED = 4096
 _NO_KEY = np.uint64(0)
 _F32_MAX_SQ = _F32_MAX * _F32_MAX
+_STEP_REJECTIONS = {
+    2: "rejected: the gradient is not finite",
+    3: "rejected: the update would make the weights non-finite",
+    4: "rejected: the update would make delta_weight overflow",
+}
 
 
 class _Module:
@@ -84,7 +89,7 @@ class _Module:
         self.h = np.zeros(rank, np.float32)
         self.u = np.zeros(rank, np.float32)
         self.g = np.zeros(n_out, np.float32)
-        self.sums = np.zeros(7, np.float64)
+        self.sums = np.zeros(8, np.float64)
         self.target = np.zeros(n_out, np.float32)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
@@ -338,9 +343,25 @@ class MicroLoRA:
                 return False
             return self.apply_updates(learning_rate, max_norm=max_norm)
         lr, max_norm = self._check_step_args(learning_rate, max_norm)
-        prepared = self._prepare(x, feedback, module, weight, offsets, with_sums=True)
-        assert prepared is not None
-        states, xu = prepared
+        checked = self._validate(x, feedback, module, weight, offsets)
+        assert checked is not None
+        states, xu, targets, w, mode = checked
+        if len(states) == 1:  # the common case: everything in one kernel call
+            st = states[0]
+            status = fast.step_one(
+                st.a, st.bt, self._scale, xu, targets[0], w, mode, lr,
+                -1.0 if max_norm is None else max_norm, st.h, st.u, st.g, st.sums,
+            )  # fmt: skip
+            if status == 1:
+                raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+            self._after(feedback)
+            if status:
+                return self._reject(_STEP_REJECTIONS[status])
+            self.version += 1
+            self.last_update_norm = float(st.sums[7])
+            self.last_note = None
+            return True
+        self._kernels(states, xu, targets, w, mode, with_sums=True)
         s = self._scale
         total = 0.0
         for st in states:
@@ -349,19 +370,19 @@ class MicroLoRA:
         norm = math.sqrt(total)
         if not math.isfinite(norm):
             self._after(feedback)
-            return self._reject("rejected: the gradient is not finite")
+            return self._reject(_STEP_REJECTIONS[2])
         c = lr * (1.0 if max_norm is None or norm <= max_norm else max_norm / norm)
         for st in states:
-            xx, gg, aa, bb, uu, hh, uh = st.sums
+            xx, gg, aa, bb, uu, hh, uh = st.sums[:7]
             cross = 2.0 * c * uh / s
             na = aa - cross + c * c * uu * xx
             nb = bb - cross + c * c * hh * gg
             if not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < _F32_MAX_SQ):
                 self._after(feedback)
-                return self._reject("rejected: the update would make the weights non-finite")
+                return self._reject(_STEP_REJECTIONS[3])
             if s * math.sqrt(max(na, 0.0)) * math.sqrt(max(nb, 0.0)) >= _F32_MAX:
                 self._after(feedback)
-                return self._reject("rejected: the update would make delta_weight overflow")
+                return self._reject(_STEP_REJECTIONS[4])
         for st in states:
             fast.apply_rank_one(st.a, st.bt, xu, st.h, st.u, st.g, c)
         self._after(feedback)
@@ -382,6 +403,23 @@ class MicroLoRA:
     ) -> tuple[list[_Module], np.ndarray] | None:
         """Validate, then fill every module's scratch (h, g, u); None for quality-only
         feedback, which takes its own path. Raises before any state changes."""
+        checked = self._validate(x, feedback, module, weight, offsets)
+        if checked is None:
+            return None
+        states, xu, targets, w, mode = checked
+        self._kernels(states, xu, targets, w, mode, with_sums=with_sums)
+        return states, xu
+
+    def _validate(
+        self,
+        x: Any,
+        feedback: AdaptFeedback,
+        module: TargetModule | None,
+        weight: float,
+        offsets: Mapping[TargetModule, np.ndarray] | None,
+    ) -> tuple[list[_Module], np.ndarray, list[np.ndarray], float, int] | None:
+        """Checked inputs for a gradient step: the modules, x (after dropout), each module's
+        regression target, the sample's weight and the kernel mode; None for quality-only."""
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
         if type(weight) is float and weight == 1.0:
@@ -427,6 +465,18 @@ class MicroLoRA:
         targets = [vec] * len(states)
         if offsets is not None and mode == k_lora.MODE_REGRESS:
             targets = [self._residual_target(st, vec, offsets) for st in states]
+        return states, xu, targets, w, mode
+
+    def _kernels(
+        self,
+        states: list[_Module],
+        xu: np.ndarray,
+        targets: list[np.ndarray],
+        w: float,
+        mode: int,
+        *,
+        with_sums: bool,
+    ) -> None:
         for st, target in zip(states, targets, strict=True):
             if not fast.prepare_grad(
                 st.a, st.bt, self._scale, xu, target, w, mode, _NO_KEY, st.h, st.u, st.g

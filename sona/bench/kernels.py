@@ -1,9 +1,10 @@
 """``sona bench kernels``: MicroLoRA forward and adapt against numpy (and torch) in one run.
 
-sona is measured through its public API (input validation included): ``forward`` and
-``adapt`` + ``apply_updates``. The numpy rows compute the same thing the obvious way
-(``B @ (A @ x)``, outer products for the gradients) and a tuned way (``np.dot`` into preallocated
-outputs with B transposed). torch CPU is included when it is importable.
+sona is measured through its public API (input validation included): ``forward``, and for one
+sample ``step`` (adapt and apply fused), for a batch ``adapt`` per sample + ``apply_updates``.
+The numpy rows compute the same thing the obvious way (``B @ (A @ x)``, outer products for the
+gradients) and a tuned way (``np.dot`` into preallocated outputs with B transposed). torch CPU
+is included when it is importable.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def _adapt_fns(
     a_np, bt_np = (arr.copy() for arr in lora.factors(Q))
 
     def sona_step() -> object:
+        if len(rows) == 1:  # one sample: the fused accumulate-and-apply the Instant loop uses
+            return lora.step(rows[0], feedbacks[0], LR, module=Q)
         for xi, fb in zip(rows, feedbacks, strict=True):
             lora.adapt(xi, fb, Q)
         return lora.apply_updates(LR)
