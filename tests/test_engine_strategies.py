@@ -265,7 +265,7 @@ def test_ensemble_keeps_training_the_adapter_of_the_cluster_that_gets_new_sample
 # ---------------------------------------------------------------------- EWC_MERGE
 def test_ewc_merge_folds_the_live_adapter_without_changing_the_effective_delta() -> None:
     x, y, q = _stream()
-    engine = SonaLlm(_config(CS.EWC_MERGE), seed=7, clock=lambda: 0.0)
+    engine = SonaLlm(_config(CS.EWC_MERGE, consolidated_rank=8), seed=7, clock=lambda: 0.0)
     rng = np.random.default_rng(5)
     for round_ in range(4):  # ranks allow: 4 folds of rank 2 into the rank-8 adapter
         perm = rng.permutation(N)
