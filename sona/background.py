@@ -49,6 +49,8 @@ class Consolidation:
     consumed: list[int]  # sample ids consolidated by this run
     boundaries: int = 0
     rejected: list[str] = field(default_factory=list)
+    published: Published | None = None  # what commit() installs
+    carry: list[tuple[int, TrainingSample]] = field(default_factory=list)
 
 
 class BackgroundLoop:
@@ -84,11 +86,29 @@ class BackgroundLoop:
 
     # ------------------------------------------------------------------ consolidation
     def consolidate(self, hand: HandOver) -> Consolidation:
+        """:meth:`prepare` then :meth:`commit`."""
+        outcome = self.prepare(hand)
+        self.commit(outcome)
+        return outcome
+
+    def commit(self, outcome: Consolidation) -> None:
+        """Make a prepared consolidation visible: the new published state, the held-back
+        samples and the counters change together, so readers on another thread see all of it
+        or none (the runtime prepares in a worker thread and commits on the event loop)."""
+        assert outcome.published is not None
+        self.version += 1
+        outcome.published.version = self.version
+        self.published = outcome.published
+        self.carry = outcome.carry
+        self.runs += 1
+        self.consolidated += len(outcome.consumed)
+
+    def prepare(self, hand: HandOver) -> Consolidation:
+        """Compute a consolidation of ``hand`` without publishing it (see :meth:`commit`)."""
         t0 = time.perf_counter()
         notes: list[str] = []
         samples = self.carry + hand.samples
         train, held = _split_eval(samples)
-        self.carry = held
         old = self.published
         train_samples = [s for _, s in train]
         xs = np.stack([s.input_embedding for s in train_samples]) if train_samples else None
@@ -97,11 +117,6 @@ class BackgroundLoop:
         eval_samples = [s for _, s in held]
         quality_delta = self._delta(eval_samples, old.predict, published.predict, notes)
         self.replay.extend(train_samples)
-        self.version += 1
-        published.version = self.version
-        self.published = published
-        self.runs += 1
-        self.consolidated += len(train)
         result = BackgroundResult(
             samples_used=len(train),
             strategy=self.strategy,
@@ -111,7 +126,8 @@ class BackgroundLoop:
             task_boundary=bool(fired),
             evaluated_on=len(eval_samples),
         )
-        return Consolidation(result, [sid for sid, _ in train], len(fired), rejected)
+        consumed = [sid for sid, _ in train]
+        return Consolidation(result, consumed, len(fired), rejected, published, held)
 
     def _track(self, xs: np.ndarray | None, notes: list[str]) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the

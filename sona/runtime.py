@@ -181,6 +181,9 @@ class SonaRuntime:
             seed=self.seed,
         )
         self._ids = SampleIds(1)
+        self._pressure = max(
+            self.config.background_min_samples, self.config.max_pending_samples // 2
+        )
         self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
         self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
         self._room: anyio.Event | None = None  # created only while a submitter waits
@@ -439,6 +442,8 @@ class SonaRuntime:
         out = self._instant.process(msg.sample_id, msg.sample, msg.module)
         self._queued.pop(msg.sample_id, None)
         if out.applied:
+            if len(self._instant.pending) >= self._pressure:
+                self._consolidate_early()
             self.events.publish(
                 InstantApplied(
                     sample_id=msg.sample_id, latency_us=out.latency_us, quality=msg.sample.quality
@@ -463,6 +468,14 @@ class SonaRuntime:
             and self._instant.accumulated_quality >= self.config.deep_trigger_threshold
         ):
             self._request_deep()
+
+    def _consolidate_early(self) -> None:
+        """Half the pending bound is reached: consolidate now rather than at the next tick, so
+        the bound throttles ingress only when Background really cannot keep up."""
+        ref = self._background_ref
+        if ref is not None and ref.idle and not self._supervisor.gave_up:
+            with contextlib.suppress(Exception):
+                ref.tell_nowait(Tick())
 
     def _on_skipped(self, sample_id: int, out: InstantOutcome) -> None:
         self.events.publish(InstantSkipped(sample_id=sample_id, reason=out.reason or "skipped"))
@@ -523,7 +536,8 @@ class SonaRuntime:
             hand = await ref.ask(HandOverRequest())
             assert isinstance(hand, HandOver)
             self._unfinished = hand
-        outcome = await anyio.to_thread.run_sync(bg.consolidate, self._unfinished)
+        outcome = await anyio.to_thread.run_sync(bg.prepare, self._unfinished)
+        bg.commit(outcome)  # on the event loop: stats and forward see it all at once
         self._unfinished = None
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
             self._instant.new_task()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 
 from sona.config import SonaLlmConfig, SupervisionConfig
@@ -52,3 +55,17 @@ def identity_holds(s: LearningStats) -> bool:
     )
     second = s.instant_count == s.consolidated_count + s.evicted_samples + s.pending_samples
     return first and second
+
+
+def stall_background(rt: Any) -> threading.Event:
+    """Make the runtime's Background loop hang in its worker thread until the event is set."""
+    gate = threading.Event()
+    bg = rt._background
+    real = bg.prepare
+
+    def stalled(hand: Any) -> Any:
+        gate.wait(30)
+        return real(hand)
+
+    bg.prepare = stalled
+    return gate

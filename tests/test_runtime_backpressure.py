@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from runtime_helpers import identity_holds, rated_samples, small_config
+from runtime_helpers import identity_holds, rated_samples, small_config, stall_background
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
 
 from sona.runtime import SonaRuntime
@@ -12,7 +12,7 @@ from sona.runtime import SonaRuntime
 pytestmark = pytest.mark.anyio
 
 LIMIT = 100
-STALLED = 3_600_000  # ms: the Background loop never runs on its own during a test
+STALLED = 3_600_000  # ms: no periodic tick; consolidation only under pressure, and it hangs
 
 
 def _config(policy: OverflowPolicy) -> object:
@@ -22,6 +22,7 @@ def _config(policy: OverflowPolicy) -> object:
 async def test_block_suspends_submitters_until_background_drains() -> None:
     samples = rated_samples(LIMIT + 20)
     async with SonaRuntime(_config(OverflowPolicy.BLOCK), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
         for s in samples[:LIMIT]:
             assert (await rt.submit(s)).applied
         assert rt.stats().pending_samples == LIMIT
@@ -37,7 +38,8 @@ async def test_block_suspends_submitters_until_background_drains() -> None:
             await anyio.sleep(0.2)
             assert finished == []  # really suspended: nothing got in
             assert rt.stats().submitted_count == LIMIT
-            await rt.consolidate()  # the Background loop makes room
+            gate.set()  # the Background loop catches up and makes room
+            await rt.consolidate()
         assert sorted(finished) == list(range(20))
         await rt.drain()
         st = rt.stats()
@@ -49,9 +51,11 @@ async def test_block_suspends_submitters_until_background_drains() -> None:
 async def test_drop_newest_drops_and_announces_each_incoming_sample() -> None:
     samples = rated_samples(LIMIT + 37)
     async with SonaRuntime(_config(OverflowPolicy.DROP_NEWEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
         async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
             results = [await rt.submit(s) for s in samples]
             await rt.drain()
+            gate.set()
             dropped_events = 0
             while sub.pending:  # type: ignore[attr-defined]
                 ev = sub.receive_nowait()  # type: ignore[attr-defined]
@@ -71,6 +75,7 @@ async def test_drop_newest_drops_and_announces_each_incoming_sample() -> None:
 async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
     samples = rated_samples(LIMIT + 30)
     async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
         async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
             # Without awaiting, the first samples are still waiting for the Instant loop: the
             # oldest of those are the ones dropped.
@@ -88,6 +93,7 @@ async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
                 if isinstance(ev, SamplesDropped):
                     stages[ev.stage] = stages.get(ev.stage, 0) + ev.count
         st = rt.stats()
+        gate.set()
         assert st.dropped_samples == 10
         assert st.evicted_samples == 20
         assert stages == {"ingress": 10, "consolidation": 20}
@@ -101,6 +107,7 @@ async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
 async def test_reject_raises_backpressure_and_counts_nothing() -> None:
     samples = rated_samples(LIMIT + 1)
     async with SonaRuntime(_config(OverflowPolicy.REJECT), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
         for s in samples[:LIMIT]:
             await rt.submit(s)
         with pytest.raises(Backpressure):
@@ -111,6 +118,7 @@ async def test_reject_raises_backpressure_and_counts_nothing() -> None:
         st = rt.stats()
         assert st.submitted_count == LIMIT == st.instant_count
         assert identity_holds(st)
+        gate.set()
         await rt.consolidate()
         assert (await rt.submit(samples[-1])).applied  # room again after consolidation
 
@@ -118,9 +126,11 @@ async def test_reject_raises_backpressure_and_counts_nothing() -> None:
 async def test_block_submit_nowait_raises_when_full() -> None:
     samples = rated_samples(LIMIT + 1)
     async with SonaRuntime(_config(OverflowPolicy.BLOCK), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
         for s in samples[:LIMIT]:
             rt.submit_nowait(s)
         with pytest.raises(Backpressure):
             rt.submit_nowait(samples[-1])
         await rt.drain()
         assert identity_holds(rt.stats())
+        gate.set()

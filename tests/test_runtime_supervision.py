@@ -111,7 +111,7 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
         for s in samples:
             await rt.submit(s)
         bg = rt._background
-        real = bg.consolidate
+        real = bg.prepare
         calls = 0
 
         def flaky(hand: object) -> object:
@@ -121,7 +121,7 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
                 raise RuntimeError("consolidation failed half-way")
             return real(hand)  # type: ignore[arg-type]
 
-        bg.consolidate = flaky  # type: ignore[method-assign]
+        bg.prepare = flaky  # type: ignore[method-assign]
         result = await rt.consolidate()  # crashes once; the retry after the restart succeeds
         st = rt.stats()
     assert result is not None and result.samples_used > 0
