@@ -30,14 +30,21 @@ def _hidden(a: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray) -> bool:
         h[0] = np.float32(acc0 * scale)
         h[1] = np.float32(acc1 * scale)
         return bool(np.isfinite(h[0]) and np.isfinite(h[1]))
+    return _scaled_matvec(a, scale, x, h)
+
+
+@inline
+def _scaled_matvec(m: np.ndarray, scale: float, v: np.ndarray, out: np.ndarray) -> bool:
+    """out = scale · m·v for a (rank, n) matrix; False when any entry is non-finite."""
+    rank, n = m.shape
     ok = True
     for k in range(rank):
         acc = np.float32(0.0)
-        for i in range(n_in):
-            acc += a[k, i] * x[i]
-        v = np.float32(acc * scale)
-        h[k] = v
-        ok = ok and np.isfinite(v)
+        for i in range(n):
+            acc += m[k, i] * v[i]
+        val = np.float32(acc * scale)
+        out[k] = val
+        ok = ok and np.isfinite(val)
     return ok
 
 
@@ -173,15 +180,7 @@ def prepare_grad(
     else:
         for j in range(n_out):
             g[j] = w * normal(key, np.uint64(j))
-    ok = True
-    for k in range(rank):
-        acc = np.float32(0.0)
-        for j in range(n_out):
-            acc += bt[k, j] * g[j]
-        v = np.float32(acc * scale)
-        u[k] = v
-        ok = ok and np.isfinite(v)
-    return ok
+    return _scaled_matvec(bt, scale, g, u)
 
 
 @kernel
