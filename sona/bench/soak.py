@@ -44,6 +44,7 @@ COLUMNS = (
     "RSS max MB",
 )
 POOL = 4096  # distinct samples, drawn from at random (no generation on the measured path)
+STUCK_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +139,8 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
                 if wait > 0:
                     await anyio.sleep(wait)
                 try:
-                    await rt.submit(pool[picks[k & 0xFFFF]])
+                    with anyio.fail_after(STUCK_S):  # a stuck submit is reported, not waited out
+                        await rt.submit(pool[picks[k & 0xFFFF]])
                 except Exception as exc:  # counted, never fatal to the soak
                     name = type(exc).__name__
                     failures[name] = failures.get(name, 0) + 1
