@@ -170,7 +170,8 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
                 for _ in range(args.producers):
                     producers.start_soon(producer)
             tg.cancel_scope.cancel()
-        await rt.drain()
+        with anyio.move_on_after(STUCK_S):
+            await rt.drain()
         stats = rt.stats()
         writer = rt._durable.writer
         log_cost = None
@@ -225,6 +226,7 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             "skipped": stats.skipped_count,
             "dropped": stats.dropped_samples,
             "dead_lettered": stats.dead_lettered,
+            "in_flight": stats.in_flight,
             "restarts": stats.restarts,
             "gave_up": stats.gave_up,
             "consolidations": stats.background_count,
@@ -277,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
     s = report["stats"]
     print(
         f"samples: {s['submitted']} submitted, {s['applied']} applied, {s['skipped']} skipped, "
-        f"{s['dropped']} dropped, {s['dead_lettered']} dead-lettered; {s['restarts']} loop "
+        f"{s['dropped']} dropped, {s['dead_lettered']} dead-lettered, {s['in_flight']} still in "
+        f"flight; {s['restarts']} loop "
         f"restarts (gave up: {s['gave_up']}); {s['consolidations']} consolidations, "
         f"{s['deep_runs']} deep runs"
     )
