@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -44,7 +44,7 @@ from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.sample import TrainingSample
-from sona.sample_codec import pack_samples, sample_ids, unpack_samples
+from sona.sample_codec import encode_sample, sample_ids, unpack_samples
 from sona.training import TrainingPipeline
 from sona.training_config import TrainingConfig
 
@@ -319,30 +319,68 @@ def _adapter_bytes(adapter: MicroLoRA) -> np.ndarray:
     return np.frombuffer(adapter.export_weights(), dtype=np.uint8)
 
 
-def _container_arrays(captured: Captured) -> dict[str, np.ndarray]:
+def _arrays(captured: Captured) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The container's arrays but the sample records, and the records' sizes (one pass of
+    encoding that keeps only the lengths)."""
     arrays = dict(captured.arrays)
+    sizes: dict[str, int] = {}
     for name in SAMPLE_LISTS:
-        for key, arr in pack_samples(captured.samples[name]).items():
-            arrays[f"samples.{name}.{key}"] = arr
-    return arrays
+        items = captured.samples[name]
+        lengths = np.empty(len(items), np.int64)
+        for i, (_, sample, module) in enumerate(items):
+            lengths[i] = len(encode_sample(sample, module))
+            if i % 512 == 511:
+                time.sleep(0)  # let the event loop have the GIL between slices
+        arrays[f"samples.{name}.ids"] = np.fromiter(
+            (sid for sid, _, _ in items), dtype=np.int64, count=len(items)
+        )
+        arrays[f"samples.{name}.lengths"] = lengths
+        sizes[f"samples.{name}.records"] = int(lengths.sum())
+    return arrays, sizes
+
+
+def _records(items: Sequence[Item], chunk: int = 256) -> Iterator[bytes]:
+    """The records of ``items``, encoded again and joined a few hundred at a time."""
+    for start in range(0, len(items), chunk):
+        yield b"".join(encode_sample(s, m) for _, s, m in items[start : start + chunk])
+        time.sleep(0)
 
 
 def encode(captured: Captured) -> bytes:
     """The checkpoint file's bytes (CPU-bound: call it from a worker thread)."""
-    return container.encode(MAGIC, KIND, captured.meta, _container_arrays(captured))
+    arrays, _ = _arrays(captured)
+    for name in SAMPLE_LISTS:
+        blob = b"".join(_records(captured.samples[name]))
+        arrays[f"samples.{name}.records"] = np.frombuffer(blob, dtype=np.uint8)
+    return container.encode(MAGIC, KIND, captured.meta, arrays)
 
 
 def write(captured: Captured, path: Any) -> int:
     """Check that ``captured`` decodes (header, adapters, training state, ids), then write it
-    atomically, streamed from its arrays; its size in bytes. Call it from a worker thread.
+    atomically, streamed from its arrays and records; its size in bytes. Call it from a worker
+    thread. The result is byte for byte :func:`encode`'s.
 
-    The check decodes from the arrays themselves, not from a copy of the file in memory, and
-    skips re-reading the sample records (they were just encoded from validated samples).
+    The records are encoded twice (once for their lengths, which the header needs first, once
+    to write them a few hundred at a time), so writing a checkpoint never holds its replay
+    buffer in memory a second time. The check decodes from the arrays themselves and does not
+    re-read the records (they were just encoded from validated samples).
     """
-    arrays = _container_arrays(captured)
+    arrays, sizes = _arrays(captured)
+    shadow: dict[str, np.ndarray] = dict(arrays)
+    for name, size in sizes.items():  # the records' sizes, without their bytes
+        shadow[name] = np.broadcast_to(np.uint8(0), (size,))
     raw_meta = msgspec.json.decode(msgspec.json.encode(captured.meta))  # as a reader sees it
-    _from_container(raw_meta, arrays, str(path), samples=False)
-    return container.write_encoded_atomic(path, MAGIC, KIND, captured.meta, arrays)
+    _from_container(raw_meta, shadow, str(path), samples=False)
+    lazy = {
+        f"samples.{name}.records": (
+            sizes[f"samples.{name}.records"],
+            _records(captured.samples[name]),
+        )
+        for name in SAMPLE_LISTS
+    }
+    return container.write_encoded_atomic(
+        path, MAGIC, KIND, captured.meta, arrays, byte_arrays=lazy
+    )
 
 
 # ---------------------------------------------------------------------- decode

@@ -19,6 +19,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,31 +135,56 @@ def write_encoded_atomic(
     kind: str,
     meta: dict[str, Any],
     arrays: dict[str, np.ndarray],
+    *,
+    byte_arrays: Mapping[str, tuple[int, Iterable[bytes]]] | None = None,
 ) -> int:
     """``write_atomic(path, encode(...))`` without building the file in memory first; its size.
 
     The arrays are written from their own buffers and the checksum is computed as they go, so a
-    large file (a checkpoint) costs no extra copies of its payload.
+    large file (a checkpoint) costs no extra copies of its payload. ``byte_arrays`` are uint8
+    arrays given as (size, pieces): written after ``arrays`` as if each were the concatenation
+    of its pieces, which may be produced lazily, so a payload made of many small records never
+    needs one large buffer (large temporary buffers leave the C allocator holding memory it does
+    not give back). Pieces that do not add up to their size raise ValueError and write nothing.
     """
     specs = []
-    parts: list[bytes | memoryview] = []
+    views: list[memoryview] = []
+    payload_len = 0
     for name, arr in arrays.items():
         code = _code_for(arr.dtype)
         specs.append(ArraySpec(name=name, dtype=code, shape=list(arr.shape)))
         flat = np.ascontiguousarray(arr, dtype=_DTYPES[code]).reshape(-1)
-        parts.append(flat.view(np.uint8).data)
+        view = flat.view(np.uint8).data
+        views.append(view)
+        payload_len += view.nbytes
+    lazy = byte_arrays or {}
+    for name, (size, _) in lazy.items():
+        specs.append(ArraySpec(name=name, dtype="u1", shape=[size]))
+        payload_len += size
     header = msgspec.json.encode(Header(kind=kind, arrays=specs, meta=meta))
-    payload_len = sum(p.nbytes for p in parts if isinstance(p, memoryview))
-    parts[:0] = [_PREFIX.pack(magic, VERSION, 0, len(header), payload_len), header]
-    digest = hashlib.blake2b(digest_size=_DIGEST)
-    for part in parts:
-        digest.update(part)
-    parts.append(digest.digest())
-    _write_parts_atomic(path, parts)
+    prefix = _PREFIX.pack(magic, VERSION, 0, len(header), payload_len)
+
+    def parts() -> Iterator[bytes | memoryview]:
+        digest = hashlib.blake2b(digest_size=_DIGEST)
+        head: list[bytes | memoryview] = [prefix, header, *views]
+        for part in head:
+            digest.update(part)
+            yield part
+        for name, (size, pieces) in lazy.items():
+            written = 0
+            for piece in pieces:
+                written += len(piece)
+                digest.update(piece)
+                yield piece
+            if written != size:
+                raise ValueError(f"{name}: pieces hold {written} bytes, declared {size}")
+        yield digest.digest()
+
+    _write_parts_atomic(path, parts())
     return _PREFIX.size + len(header) + payload_len + _DIGEST
 
 
-def _write_parts_atomic(path: str | os.PathLike[str], parts: list[bytes | memoryview]) -> Path:
+def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | memoryview]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

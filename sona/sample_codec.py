@@ -23,7 +23,14 @@ from sona.lora_config import TargetModule
 from sona.sample import TrainingSample
 from sona.validation import check_quality
 
-__all__ = ["decode_sample", "encode_sample", "pack_samples", "sample_ids", "unpack_samples"]
+__all__ = [
+    "decode_sample",
+    "encode_records",
+    "encode_sample",
+    "pack_samples",
+    "sample_ids",
+    "unpack_samples",
+]
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 64 << 20  # one sample: two vectors and its texts
@@ -157,25 +164,23 @@ def _feedback(rec: _Record, out_features: int) -> AdaptFeedback:
 
 
 # ---------------------------------------------------------------------- many samples
+def encode_records(
+    items: Sequence[tuple[int, TrainingSample, TargetModule | None]],
+) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """(ids, record lengths, records) of ``(id, sample, module)`` items."""
+    records = [encode_sample(sample, module) for _, sample, module in items]
+    ids = np.fromiter((i for i, _, _ in items), dtype=np.int64, count=len(items))
+    lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+    return ids, lengths, records
+
+
 def pack_samples(
     items: Sequence[tuple[int, TrainingSample, TargetModule | None]],
 ) -> dict[str, np.ndarray]:
-    """Arrays holding ``(id, sample, module)`` items: ids, record lengths, records (bytes).
-
-    The records are appended to one buffer as they are encoded, so packing a replay buffer of
-    many megabytes holds it in memory once, not twice.
-    """
-    blob = bytearray()
-    lengths = np.empty(len(items), np.int64)
-    for i, (_, sample, module) in enumerate(items):
-        record = encode_sample(sample, module)
-        lengths[i] = len(record)
-        blob += record
-    return {
-        "ids": np.fromiter((i for i, _, _ in items), dtype=np.int64, count=len(items)),
-        "lengths": lengths,
-        "records": np.frombuffer(blob, dtype=np.uint8),
-    }
+    """Arrays holding ``(id, sample, module)`` items: ids, record lengths, records (bytes)."""
+    ids, lengths, records = encode_records(items)
+    blob = np.frombuffer(b"".join(records), dtype=np.uint8)
+    return {"ids": ids, "lengths": lengths, "records": blob}
 
 
 def sample_ids(arrays: dict[str, np.ndarray], *, what: str) -> list[int]:

@@ -42,6 +42,8 @@ COLUMNS = (
     "max ms",
     "RSS MB",
     "RSS max MB",
+    "full GCs",
+    "GC max ms",
 )
 POOL = 4096  # distinct samples, drawn from at random (no generation on the measured path)
 STUCK_S = 60.0
@@ -116,6 +118,19 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
     counts = np.zeros(n_windows, np.int64)
     rss: list[list[int]] = [[] for _ in range(n_windows)]  # sampled every 0.5 s
     checkpoints: list[int] = []
+    gc_pauses: list[list[float]] = [[] for _ in range(n_windows)]  # full collections, s
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        now = time.perf_counter()
+        if phase == "start":
+            gc_started[0] = now
+        elif gc_started[0]:
+            w = min(int((now - start) / window), n_windows - 1) if now > start else 0
+            gc_pauses[w].append(now - gc_started[0])
+
     rt = SonaRuntime(cfg, seed=args.seed, checkpoint_dir=directory, chaos=chaos)
     failures: dict[str, int] = {}
     async with rt:
@@ -123,6 +138,7 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             gc.collect()
             gc.freeze()
         start = time.perf_counter()
+        gc.callbacks.append(on_gc)
         slots = itertools.count()
         rng = np.random.default_rng(args.seed + 1)
         picks = rng.integers(0, POOL, size=1 << 16)
@@ -163,13 +179,16 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
                 async for ev in events:
                     checkpoints.append(int(ev.bytes))
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sampler)
-            tg.start_soon(checkpoint_watch)
-            async with anyio.create_task_group() as producers:
-                for _ in range(args.producers):
-                    producers.start_soon(producer)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sampler)
+                tg.start_soon(checkpoint_watch)
+                async with anyio.create_task_group() as producers:
+                    for _ in range(args.producers):
+                        producers.start_soon(producer)
+                tg.cancel_scope.cancel()
+        finally:
+            gc.callbacks.remove(on_gc)
         with anyio.move_on_after(STUCK_S):
             await rt.drain()
         stats = rt.stats()
@@ -197,6 +216,8 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
                 "max_ms": float(arr.max()) if arr.size else float("nan"),
                 "rss_mb": float(np.median(rss[i])) / 2**20 if rss[i] else float("nan"),
                 "rss_max_mb": max(rss[i]) / 2**20 if rss[i] else float("nan"),
+                "full_gcs": len(gc_pauses[i]),
+                "full_gc_max_ms": 1e3 * max(gc_pauses[i], default=0.0),
             }
         )
     # retained memory: the median over each window, so a checkpoint being written at the
@@ -272,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
                 r["max_ms"],
                 r["rss_mb"],
                 r["rss_max_mb"],
+                r["full_gcs"],
+                r["full_gc_max_ms"],
             )
             for r in report["windows"]
         ],
