@@ -84,7 +84,7 @@ class SonaLlmConfig:
 
     ``deep_epochs`` is the number of passes over the replay buffer per Deep run, at a learning
     rate decaying as instant_lr · 0.95^epoch. ``consolidated_rank`` is the rank of the
-    consolidated adapter the live one is folded into (None: 2 × the micro rank, capped), so
+    consolidated adapter the live one is folded into (None: 4 × the micro rank, capped), so
     what a new domain teaches is not truncated away by what older ones left. Text is embedded
     at the adapter's in_features (queries) and out_features (responses).
     """
@@ -138,7 +138,7 @@ class SonaLlmConfig:
     def consolidated_lora(self) -> MicroLoraConfig:
         """Config of the consolidated adapter(s): the micro shape at the consolidated rank."""
         m = self.micro_lora
-        rank = self.consolidated_rank or min(2 * m.rank, m.in_features, m.out_features)
+        rank = self.consolidated_rank or min(4 * m.rank, m.in_features, m.out_features)
         return m.replace(rank=rank, alpha=float(rank))
 
     def replace(self, **changes: Any) -> SonaLlmConfig:
