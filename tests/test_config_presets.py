@@ -120,11 +120,11 @@ def test_backoff_max_below_min_is_refused() -> None:
         SupervisionConfig(backoff_min_s=0.5, backoff_max_s=0.1)
 
 
-def test_consolidated_rank_defaults_to_twice_the_micro_rank_capped() -> None:
-    small = SonaLlmConfig(micro_lora=MicroLoraConfig.for_hidden_dim(3, rank=2))
-    assert small.consolidated_lora.rank == 3  # 4 capped at the width
+def test_consolidated_rank_defaults_to_four_times_the_micro_rank_capped() -> None:
+    small = SonaLlmConfig(micro_lora=MicroLoraConfig.for_hidden_dim(6, rank=2))
+    assert small.consolidated_lora.rank == 6  # 8 capped at the width
     wide = SonaLlmConfig(micro_lora=MicroLoraConfig.for_hidden_dim(64, rank=2))
-    assert wide.consolidated_lora.rank == 4
+    assert wide.consolidated_lora.rank == 8
     fixed = wide.replace(consolidated_rank=3)
     assert fixed.consolidated_lora.rank == 3
     assert fixed.consolidated_lora.target_modules == wide.micro_lora.target_modules
