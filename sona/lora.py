@@ -484,7 +484,6 @@ class MicroLoRA:
                 raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
             if with_sums:
                 fast.step_sums(st.a, st.bt, xu, st.h, st.u, st.g, st.sums)
-        return states, xu
 
     def _residual_target(
         self, st: _Module, vec: np.ndarray, offsets: Mapping[TargetModule, np.ndarray]

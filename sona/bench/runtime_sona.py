@@ -132,7 +132,8 @@ def _consolidation(dim: int, n: int, repeats: int = 5) -> list[dict[str, Any]]:
     are the steady state. Both are reported.
     """
     cfg = _config(dim, (Q,))
-    first, steady = [], []
+    first: list[int] = []
+    steady: list[int] = []
     for r in range(repeats):
         bg = BackgroundLoop(cfg, seed=r)
         inst = InstantLoop(cfg, seed=r, consolidated=lambda bg=bg: bg.published)  # type: ignore[misc]
