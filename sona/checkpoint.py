@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, overload
 
 import msgspec
 import numpy as np
@@ -213,13 +213,35 @@ class _Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 # ---------------------------------------------------------------------- capture
+class _Unnumbered(Sequence[Item]):
+    """Samples without ids (the replay buffer) seen as items with id 0, built on access: a
+    capture on the event loop copies one list instead of creating an object per sample."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, samples: list[TrainingSample]) -> None:
+        self._samples = samples
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+    def __getitem__(self, index: int | slice) -> Item | list[Item]:
+        if isinstance(index, slice):
+            return [(0, s, None) for s in self._samples[index]]
+        return (0, self._samples[index], None)
+
+
 @dataclass(slots=True)
 class Captured:
     """A consistent copy of a runtime's state, cheap to take; encoded off the event loop."""
 
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray]
-    samples: dict[str, list[Item]]
+    samples: dict[str, Sequence[Item]]
 
     @property
     def log_sequence(self) -> int:
@@ -267,8 +289,8 @@ def capture(
         queued = sorted([*queued, *undelivered], key=lambda item: item[0])
     next_id = rt._ids.value
     log_sequence = min((sid for sid, _, _ in queued), default=next_id) - 1
-    samples: dict[str, list[Item]] = {
-        "replay": [(0, s, None) for s in bg.replay],
+    samples: dict[str, Sequence[Item]] = {
+        "replay": _Unnumbered(list(bg.replay)),
         "pending": [(sid, s, None) for sid, s in inst.pending],
         "carry": [(sid, s, None) for sid, s in bg.carry],
         "unfinished": [] if unfinished is None else [(i, s, None) for i, s in unfinished.samples],
