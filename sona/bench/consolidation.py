@@ -131,31 +131,43 @@ def _gaps(stop: threading.Event, threshold_s: float) -> float:
 
 
 def gil_held_ms(cases: list[Case], threshold_s: float = 50e-6) -> tuple[float, float]:
-    """(GIL-held ms per prepare, wall ms per prepare) with a Python loop spinning meanwhile."""
-    stop = threading.Event()
-    walls: list[float] = []
+    """(median main-thread stall ms, median wall ms) of ``prepare`` in a worker thread.
 
-    def worker() -> None:
-        for bg, hand in cases:
+    Each prepare runs in its own thread while this thread spins and sums the gaps in its
+    progress; the gaps of a spin alone for as long right after are subtracted (the OS and
+    other processes), so each case is paired with its own noise.
+    """
+    stalls: list[float] = []
+    walls: list[float] = []
+    for bg, hand in cases:
+        stop = threading.Event()
+        wall: list[float] = []
+
+        def worker(
+            bg: BackgroundLoop = bg,
+            hand: HandOver = hand,
+            wall: list[float] = wall,
+            stop: threading.Event = stop,
+        ) -> None:
             t0 = time.perf_counter()
             bg.prepare(hand)
-            walls.append(time.perf_counter() - t0)
-        stop.set()
+            wall.append(time.perf_counter() - t0)
+            stop.set()
 
-    t = threading.Thread(target=worker)
-    t0 = time.perf_counter()
-    t.start()
-    lost = _gaps(stop, threshold_s)
-    elapsed = time.perf_counter() - t0
-    t.join()
-    # the same spin alone for as long: gaps from the OS and other processes
-    alone = threading.Event()
-    timer = threading.Timer(elapsed, alone.set)
-    timer.start()
-    noise = _gaps(alone, threshold_s)
-    timer.join()
-    n = len(cases)
-    return max(lost - noise, 0.0) * 1e3 / n, sum(walls) * 1e3 / n
+        t = threading.Thread(target=worker)
+        t0 = time.perf_counter()
+        t.start()
+        lost = _gaps(stop, threshold_s)
+        elapsed = time.perf_counter() - t0
+        t.join()
+        alone = threading.Event()
+        timer = threading.Timer(elapsed, alone.set)
+        timer.start()
+        noise = _gaps(alone, threshold_s)
+        timer.join()
+        stalls.append(max(lost - noise, 0.0) * 1e3)
+        walls.append(wall[0] * 1e3)
+    return statistics.median(stalls), statistics.median(walls)
 
 
 def main(argv: list[str] | None = None) -> int:
