@@ -224,7 +224,12 @@ class SonaRuntime:
             self._background_ref = sup.spawn(
                 lambda: _BackgroundActor(self), name="background", mailbox_size=64
             )
-            self._deep_ref = sup.spawn(lambda: _DeepActor(self), name="deep", mailbox_size=16)
+            self._deep_ref = sup.spawn(
+                lambda: _DeepActor(self),
+                name="deep",
+                mailbox_size=16,
+                on_dead_letter=self._deep_dead_letter,
+            )
             await stack.enter_async_context(sup)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
@@ -498,6 +503,12 @@ class SonaRuntime:
                     )
                 )
                 self._signal()
+
+    def _deep_dead_letter(self, message: Any, error: BaseException) -> None:
+        """An automatic Deep run that failed twice is given up: the next threshold crossing
+        must be able to request another one."""
+        if isinstance(message, RunDeep) and not message.on_demand:
+            self._deep_requested = False
 
     def _request_deep(self) -> None:
         ref = self._deep_ref

@@ -6,7 +6,7 @@ import anyio
 import numpy as np
 import pytest
 from runtime_helpers import Q, identity_holds, small_config, target_samples
-from sona.actors import LoopCrashed, LoopRestarted, SupervisorGaveUp
+from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SupervisorGaveUp
 
 from sona.config import Chaos, SupervisionConfig
 from sona.runtime import SonaRuntime
@@ -154,3 +154,32 @@ async def test_background_chaos_never_loses_pending_samples() -> None:
         st = rt.stats()
     assert st.consolidated_count + st.pending_samples == 300
     assert identity_holds(st)
+
+
+async def test_dead_lettered_automatic_deep_run_does_not_stop_later_ones() -> None:
+    """A threshold-triggered Deep run that fails twice is dead-lettered; the next crossing of
+    the threshold must request a new run instead of waiting forever for the lost one."""
+    world = DomainWorld(dim=32, domains=1, seed=9)
+    samples = target_samples(world, 0, 400)
+    cfg = small_config(
+        deep_trigger_threshold=20.0,
+        supervision=SupervisionConfig(
+            max_restarts=1_000, within_s=10.0, backoff_min_s=0.0, backoff_max_s=0.0005
+        ),
+    )
+    chaos = Chaos(crash_probability=1.0, loops=("deep",), seed=0)
+    lost = 0
+    rt = SonaRuntime(cfg, seed=4, chaos=chaos)
+    async with rt, rt.subscribe(kinds=[DeadLettered], buffer=1_000) as sub:
+        for s in samples:
+            await rt.submit(s)
+            await anyio.sleep(0)  # let the Deep actor crash, retry and dead-letter
+        with anyio.fail_after(5):
+            while lost < 3:
+                ev = await sub.receive()
+                if isinstance(ev, DeadLettered) and ev.message_type == "RunDeep":
+                    lost += 1
+                    if lost < 3:  # more rated samples cross the threshold again
+                        for s in samples[:40]:
+                            await rt.submit(s)
+    assert lost >= 3
