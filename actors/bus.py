@@ -138,6 +138,8 @@ class EventBus:
 
     def __init__(self, *, clock: Any = time.time) -> None:
         self._subscribers: list[Subscription] = []
+        # event class -> whether any subscriber takes it; rebuilt lazily after (un)subscribing
+        self._wanted: dict[type[Any], bool] = {}
         self._seq = 0
         self._clock = clock
         self._closed = False
@@ -162,6 +164,14 @@ class EventBus:
         allowed and reaches nobody, so late events during shutdown never raise.
         """
         self._seq += 1
+        cls = type(event)
+        wanted = self._wanted.get(cls)
+        if wanted is None:
+            wanted = self._wanted[cls] = any(
+                s._kinds is None or issubclass(cls, s._kinds) for s in self._subscribers
+            )
+        if not wanted:  # nobody would see it: skip stamping a copy (the per-sample case)
+            return 0
         if getattr(event, "at", None) == 0.0:
             event = msgspec.structs.replace(event, seq=self._seq, at=self._clock())
         else:
@@ -195,6 +205,8 @@ class EventBus:
             sub._close()
         # Copy on write: a publish iterating the old list is never disturbed.
         self._subscribers = [*self._subscribers, sub]
+        self._wanted = {}
 
     def _remove(self, sub: Subscription) -> None:
         self._subscribers = [s for s in self._subscribers if s is not sub]
+        self._wanted = {}
