@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from sona.config import SonaLlmConfig
@@ -27,11 +28,12 @@ _GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
 _REGRESSION = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
 
 
-@dataclass(frozen=True, slots=True)
-class InstantOutcome:
+class InstantOutcome(msgspec.Struct, frozen=True):
+    """One sample's fate in the Instant loop (a Struct: built per request, cheaply)."""
+
     applied: bool
     latency_us: float
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)
     reason: str | None = None  # short key for skip statistics
     rejected: bool = False  # the adapter refused the update as non-finite
 

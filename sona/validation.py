@@ -73,10 +73,17 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
 
 
 def frozen_copy(arr: np.ndarray) -> np.ndarray:
-    """A private read-only copy, so later mutation by the caller cannot change stored data."""
-    out = np.array(arr, dtype=F32, copy=True, order="C")
-    out.flags.writeable = False
-    return out
+    """A private read-only copy, so later mutation by the caller cannot change stored data.
+
+    The copy lives in an immutable ``bytes`` object: one memcpy that keeps the GIL (numpy's copy
+    loop releases it for large arrays, which hands it to any busy worker thread for up to the
+    interpreter's switch interval), read-only without a flags call, and impossible to make
+    writeable again.
+    """
+    if arr.dtype != F32:
+        arr = arr.astype(F32)
+    out = np.frombuffer(arr.tobytes(), F32)
+    return out if arr.ndim == 1 else out.reshape(arr.shape)
 
 
 def config_number(
