@@ -75,6 +75,7 @@ from sona.messages import (
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
 from sona.validation import as_f32
+from sona.worker_threads import run_single_blas
 
 _log = get_logger("sona.runtime")
 
@@ -547,7 +548,7 @@ class SonaRuntime:
             hand = await ref.ask(HandOverRequest())
             assert isinstance(hand, HandOver)
             self._unfinished = hand
-        outcome = await anyio.to_thread.run_sync(bg.prepare, self._unfinished)
+        outcome = await anyio.to_thread.run_sync(run_single_blas, bg.prepare, self._unfinished)
         bg.commit(outcome)  # on the event loop: stats and forward see it all at once
         self._unfinished = None
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
@@ -578,7 +579,7 @@ class SonaRuntime:
         try:
             job = await bg_ref.ask(DeepSnapshot(msg.samples))
             self._instant.take_deep_quality()
-            outcome = await anyio.to_thread.run_sync(run_deep, cast(DeepJob, job))
+            outcome = await anyio.to_thread.run_sync(run_single_blas, run_deep, cast(DeepJob, job))
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:

@@ -1,0 +1,72 @@
+"""Heavy loop work in worker threads, without taking the event loop's core.
+
+The Background and Deep loops run in worker threads beside the event loop that serves the
+Instant loop. numpy's OpenBLAS starts its own threads for every level-2/3 call; on a machine
+whose cores are already busy (the event loop is one of them) those threads spin and yield
+against each other, so a QR of a 4096 × 24 matrix that takes a millisecond alone took 300 ms
+while holding the GIL. While a loop's work runs, BLAS is limited to one thread.
+
+The limit is process-wide (OpenBLAS has one setting), so it is counted: set when the first
+worker starts, restored when the last one finishes, whichever threads those are. threadpoolctl
+lets only the thread that first set an OpenBLAS limit change it again; the loops' work runs on
+whichever pool thread is free, so control is released around every change.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import threadpoolctl
+from threadpoolctl import ThreadpoolController
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_active = 0
+_controller: ThreadpoolController | None = None
+_limiter: Any = None
+
+
+def run_single_blas(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with BLAS limited to one thread for its duration."""
+    _enter()
+    try:
+        return fn(*args)
+    finally:
+        _exit()
+
+
+def _enter() -> None:
+    global _active, _controller, _limiter
+    with _lock:
+        _active += 1
+        if _active == 1:
+            if _controller is None:
+                _controller = ThreadpoolController()
+            _release_control()
+            _limiter = _controller.limit(limits=1, user_api="blas")
+            _release_control()
+
+
+def _exit() -> None:
+    global _active, _limiter
+    with _lock:
+        _active -= 1
+        if _active == 0 and _limiter is not None:
+            _release_control()
+            _limiter.restore_original_limits()
+            _release_control()
+            _limiter = None
+
+
+def _release_control() -> None:
+    openblas = getattr(threadpoolctl, "OpenBLASController", None)
+    if openblas is not None:
+        openblas.clear_controlling_thread(force=True)
+
+
+def blas_limited() -> bool:
+    """Whether a loop's work currently holds BLAS to one thread."""
+    return _active > 0

@@ -1,0 +1,65 @@
+"""Loop work in worker threads holds BLAS to one thread, and gives the setting back."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import ThreadpoolController
+
+from sona.worker_threads import blas_limited, run_single_blas
+
+
+def _blas_threads() -> int:
+    infos = ThreadpoolController().select(user_api="blas").info()
+    if not infos:
+        pytest.skip("numpy's BLAS exposes no thread pool here")
+    return int(infos[0]["num_threads"])
+
+
+def test_limit_holds_during_the_call_and_is_restored() -> None:
+    np.ones((4, 4)) @ np.ones((4, 4))  # make sure BLAS is loaded
+    before = _blas_threads()
+    seen = run_single_blas(_blas_threads)
+    assert seen == 1
+    assert _blas_threads() == before
+    assert not blas_limited()
+
+
+def test_restored_after_an_exception() -> None:
+    before = _blas_threads()
+
+    def boom() -> None:
+        raise ValueError("x")
+
+    with pytest.raises(ValueError):
+        run_single_blas(boom)
+    assert _blas_threads() == before
+    assert not blas_limited()
+
+
+def test_overlapping_workers_keep_the_limit_until_the_last_one_ends() -> None:
+    before = _blas_threads()
+    first_in = threading.Event()
+    release_first = threading.Event()
+    seen: dict[str, int] = {}
+
+    def first() -> None:
+        first_in.set()
+        release_first.wait(5)
+        seen["first_end"] = _blas_threads()
+
+    def second() -> None:
+        seen["second"] = _blas_threads()
+
+    t = threading.Thread(target=run_single_blas, args=(first,))
+    t.start()
+    assert first_in.wait(5)
+    run_single_blas(second)  # starts and ends while the first is still running
+    assert blas_limited()
+    release_first.set()
+    t.join(5)
+    assert seen == {"second": 1, "first_end": 1}
+    assert _blas_threads() == before
+    assert not blas_limited()
