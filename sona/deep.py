@@ -169,12 +169,10 @@ def _epoch(
     max_norm = cfg.training.max_grad_norm
     since = 0
     for s in samples:
-        try:
-            if not adapter.adapt(s.input_embedding, s.to_feedback()):
+        try:  # one sample's fused, clipped, finiteness-checked step (adapt + apply_updates)
+            if not adapter.step(s.input_embedding, s.to_feedback(), lr, max_norm=max_norm):
                 continue
         except InvalidInputError:  # finite values whose gradient overflows float32: no step
-            continue
-        if not adapter.apply_updates(lr, max_norm=max_norm):
             continue
         since += 1
         if since == EWC_EVERY:
