@@ -8,6 +8,7 @@ during a Deep run, sustained throughput, consolidation time), see :mod:`sona.ben
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from sona.bench.runtime_actors import bench_actors
@@ -24,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-samples", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=60.0, help="sustained-load duration")
     parser.add_argument("--part", choices=("all", "actors", "sona"), default="all")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="sys.setswitchinterval for the SonaRuntime part (default: the interpreter's, 0.005):"
+        " how long a busy Background or Deep worker thread may keep the GIL from the event loop",
+    )
 
 
 def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -33,21 +42,30 @@ def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _sona_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     from sona.bench.runtime_sona import bench_sona
 
-    return bench_sona(dim=args.dim, latency_samples=args.latency_samples, seconds=args.seconds)
+    previous = sys.getswitchinterval()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    try:
+        return bench_sona(dim=args.dim, latency_samples=args.latency_samples, seconds=args.seconds)
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def run(args: argparse.Namespace) -> int:
     actors = _actor_part(args) if args.part in ("all", "actors") else []
     sona_rows = _sona_part(args) if args.part in ("all", "sona") else []
     if args.json:
-        dump_json({"actors": actors, "sona": sona_rows})
+        interval = args.switch_interval or sys.getswitchinterval()
+        dump_json({"actors": actors, "sona": sona_rows, "switch_interval_s": interval})
         return 0
     nan = float("nan")
     if actors:
         _print_actors(actors, nan)
     if sona_rows:
         columns = tuple(sona_rows[0])
-        print_table("SonaRuntime", columns, [tuple(r.values()) for r in sona_rows])
+        interval = args.switch_interval or sys.getswitchinterval()
+        title = f"SonaRuntime (GIL switch interval {interval * 1e3:g} ms)"
+        print_table(title, columns, [tuple(r.values()) for r in sona_rows])
     return 0
 
 
