@@ -25,6 +25,7 @@ from sona.objective import mean_loss, measurable, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.sample import TrainingSample
+from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
 
 MEMBERS = 3
@@ -105,15 +106,12 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     ensemble: dict[int, MicroLoRA] = {}
     centroids = old.centroids
     if old.ensemble:
-        if usable:
-            labels = bank.assign_many(np.stack([s.input_embedding for s in usable]))
-        else:
-            labels = np.empty(0, np.intp)
+        labels = bank.assign_many(_inputs(usable, cfg)) if usable else np.empty(0, np.intp)
         for label, adapter in old.ensemble.items():
             members = [s for s, lab in zip(usable, labels, strict=True) if lab == label]
             ensemble[label] = _train_members(adapter, members, cfg, pipeline, rng)
     if train:
-        bank.refine(np.stack([s.input_embedding for s in train]))
+        bank.refine(_inputs(train, cfg))
         mapping = bank.merge_and_prune()
         ensemble = _remap(ensemble, mapping, bank)
         centroids = bank.centroids[: len(bank)].copy() if ensemble else None
@@ -182,6 +180,10 @@ def _epoch(
             time.sleep(0)  # hand the GIL to the event loop between short steps
     if since and lam > 0.0:
         pipeline.prox_step(adapter, 2.0 * lr * lam * since)
+
+
+def _inputs(samples: Sequence[TrainingSample], cfg: SonaLlmConfig) -> np.ndarray:
+    return stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
 
 
 def _remap(
