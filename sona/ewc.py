@@ -96,10 +96,7 @@ def covariance_sketch(
     c = np.zeros(rank, _F32)
     if rows.shape[0] == 0:
         return ut, c
-    z = rows.astype(np.float64)
-    if weights is not None:
-        z = z * np.sqrt(np.maximum(weights, 0.0))[:, None]
-    ev, vt = principal_directions(z)
+    ev, vt = principal_directions(rows, top=rank, weights=weights)
     if ev.size == 0 or not np.isfinite(ev).all() or ev[0] <= 0.0:
         return ut, c
     keep = int(min(rank, int(np.sum(ev > ev[0] * _RELATIVE_FLOOR))))

@@ -4,26 +4,53 @@ from __future__ import annotations
 
 import numpy as np
 
+from sona.kernels import linalg as k_linalg
 
-def principal_directions(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and unit eigenvectors (rows) of zᵀz, for z of shape (n, d).
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def principal_directions(
+    z: np.ndarray, *, top: int | None = None, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and unit eigenvectors (rows) of zᵀ·diag(weights)·z, z (n, d).
+
+    Directions with zero eigenvalue are dropped; ``top`` limits how many eigenvectors are
+    formed (every kept eigenvalue is still returned). Negative weights count as zero.
 
     Inputs are wide (a window of ~100 embeddings of width 4096): an SVD of z costs O(n·d²)
     memory traffic for vectors nobody uses, while the n × n Gram matrix gives the same top
-    directions in O(n²·d). Directions with zero eigenvalue are dropped.
+    directions in O(n²·d). The Gram matrix, its eigen-decomposition and the eigenvectors are
+    single-threaded Numba kernels that release the GIL (:mod:`sona.kernels.linalg` says why not
+    LAPACK).
     """
-    z = np.asarray(z, dtype=np.float64)
+    z = np.asarray(z)
+    if z.dtype not in _FLOATS:
+        z = z.astype(np.float64)
+    z = np.ascontiguousarray(z)
     n, d = z.shape
+    root = None if weights is None else np.sqrt(np.maximum(np.asarray(weights, np.float64), 0.0))
     if n == 0:
         return np.zeros(0), np.zeros((0, d))
     if n >= d:
-        _, sv, vt = np.linalg.svd(z, full_matrices=False)
-        return sv**2, vt
-    gram = z @ z.T
-    ev, u = np.linalg.eigh(gram)
-    order = np.argsort(ev)[::-1]
-    ev, u = ev[order], u[:, order]
-    keep = ev > max(float(ev[0]), 0.0) * 1e-12 if ev.size else ev > 0
-    ev, u = ev[keep], u[:, keep]
-    vt = (u.T @ z) / np.sqrt(ev)[:, None]
+        zw = z.astype(np.float64) if root is None else z * root[:, None]
+        _, sv, vt = np.linalg.svd(zw, full_matrices=False)
+        return sv**2, vt[:top]
+    gram = np.empty((n, n))
+    k_linalg.gram(z, gram)
+    if root is not None:
+        gram *= root[:, None]
+        gram *= root[None, :]
+    ev = np.empty(n)
+    vecs = np.empty((n, n))
+    if not k_linalg.sym_eig(gram, ev, vecs):
+        return np.full(n, np.nan), np.zeros((0, d))
+    ev, vecs = ev[::-1], vecs[::-1]
+    count = int(np.count_nonzero(ev > max(float(ev[0]), 0.0) * 1e-12))
+    ev = ev[:count].copy()
+    t = count if top is None else max(0, min(int(top), count))
+    coef = vecs[:t] / np.sqrt(ev[:t])[:, None]
+    if root is not None:
+        coef *= root[None, :]
+    vt = np.empty((t, d))
+    k_linalg.combine_rows(np.ascontiguousarray(coef), z, vt)
     return ev, vt

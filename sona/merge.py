@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sona.errors import InvalidInputError
+from sona.kernels import linalg as k_linalg
 
 if TYPE_CHECKING:
     from sona.lora import MicroLoRA
@@ -58,7 +59,7 @@ def merge_adapters(
         if exact_concat:
             a_new, bt_new = a_cat, bt_cat
         else:
-            a_new, bt_new = _low_rank(a_cat.astype(np.float64), bt_cat.astype(np.float64), new_rank)
+            a_new, bt_new = _low_rank(a_cat, bt_cat, new_rank)
         merged.set_factors(m, a_new.astype(np.float32), bt_new.astype(np.float32))
     return merged
 
@@ -67,8 +68,39 @@ def _low_rank(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.
     """(A, Bᵀ) of the best rank-``rank`` approximation of Btᵀ·A, balanced between the factors.
 
     Works on the factors (QR of each side, SVD of the small core), so it costs O(d·R²) for a
-    total rank R instead of an SVD of the full d × d matrix.
+    total rank R instead of an SVD of the full d × d matrix. The QRs and the core's SVD are
+    single-threaded GIL-free kernels (Householder, one-sided Jacobi): numpy's LAPACK would run
+    them on a multi-threaded BLAS whose helper threads wait for a busy core (see
+    :mod:`sona.kernels.linalg`). Tiny shapes where R exceeds a side keep numpy's reduced QR.
     """
+    total = a.shape[0]
+    if total > min(a.shape[1], bt.shape[1]):
+        return _low_rank_numpy(a, bt, rank)
+    qa = np.empty((total, a.shape[1]))
+    ra = np.empty((total, total))
+    k_linalg.householder_rows(np.array(a, np.float64), qa, ra)  # aᵀ = qaᵀ·ra
+    qb = np.empty((total, bt.shape[1]))
+    rb = np.empty((total, total))
+    k_linalg.householder_rows(np.array(bt, np.float64), qb, rb)
+    core = rb @ ra.T  # btᵀ·a = qbᵀ·core·qa
+    u = np.empty((total, total))
+    s = np.empty(total)
+    v = np.empty((total, total))
+    if not k_linalg.jacobi_svd(core, u, s, v):
+        return _low_rank_numpy(a, bt, rank)
+    k = min(rank, total)
+    root = np.sqrt(s[:k])
+    a_new = np.zeros((rank, a.shape[1]))
+    bt_new = np.zeros((rank, bt.shape[1]))
+    k_linalg.combine_rows(np.ascontiguousarray(root[:, None] * v[:, :k].T), qa, a_new[:k])
+    k_linalg.combine_rows(np.ascontiguousarray(root[:, None] * u[:, :k].T), qb, bt_new[:k])
+    return a_new, bt_new
+
+
+def _low_rank_numpy(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_low_rank` with numpy's QR and SVD (any shape)."""
+    a = np.asarray(a, np.float64)
+    bt = np.asarray(bt, np.float64)
     qb, rb = np.linalg.qr(bt.T)  # (out, R), (R, R)
     qa, ra = np.linalg.qr(a.T)  # (in, R), (R, R)
     u, s, vt = np.linalg.svd(rb @ ra.T)

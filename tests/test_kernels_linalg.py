@@ -1,0 +1,203 @@
+"""The Background loop's dense linear algebra kernels against numpy's LAPACK."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sona.kernels import linalg as k_linalg
+
+from sona.linalg import principal_directions
+from sona.merge import _low_rank, _low_rank_numpy
+
+F32 = np.float32
+
+
+def _rows(seed: int, n: int, d: int, rank: int | None = None, dtype: type = F32) -> np.ndarray:
+    """n rows of width d, of the given rank (full by default), some with large norms."""
+    rng = np.random.default_rng(seed)
+    r = min(n, d) if rank is None else rank
+    z = rng.standard_normal((n, r)) @ rng.standard_normal((r, d))
+    z *= np.exp(rng.uniform(-2, 2, n))[:, None]
+    return np.ascontiguousarray(z, dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 14), d=st.integers(1, 40))
+def test_gram_matches_numpy(seed: int, n: int, d: int) -> None:
+    for dtype in (F32, np.float64):
+        z = _rows(seed, n, d, dtype=dtype)
+        out = np.empty((n, n))
+        k_linalg.gram(z, out)
+        want = z.astype(np.float64) @ z.astype(np.float64).T
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        assert np.array_equal(out, out.T)
+
+
+def _check_eig(a: np.ndarray) -> None:
+    n = a.shape[0]
+    w = np.empty(n)
+    vt = np.empty((n, n))
+    assert k_linalg.sym_eig(a, w, vt)
+    want = np.linalg.eigvalsh(a)
+    scale = max(float(np.abs(want).max()), 1e-300)
+    np.testing.assert_allclose(w, want, atol=1e-11 * scale)
+    assert np.all(np.diff(w) >= 0)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(n), atol=1e-11)
+    np.testing.assert_allclose(vt.T @ np.diag(w) @ vt, a, atol=1e-10 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30), rank=st.integers(0, 30))
+def test_sym_eig_matches_numpy_on_gram_matrices_of_any_rank(seed: int, n: int, rank: int) -> None:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, min(rank, n))) if rank else np.zeros((n, 1))
+    _check_eig(z @ z.T)
+
+
+def test_sym_eig_on_repeated_and_indefinite_spectra() -> None:
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((9, 9)))
+    for w in ([1.0] * 9, [2.0, 2.0, 2.0, -1.0, -1.0, 0.0, 0.0, 5.0, 1e-9], list(range(-4, 5))):
+        _check_eig(q @ np.diag(w) @ q.T)
+    _check_eig(np.zeros((4, 4)))
+    _check_eig(np.array([[3.0]]))
+
+
+def test_sym_eig_reports_non_finite_input() -> None:
+    a = np.eye(5)
+    a[2, 1] = a[1, 2] = np.nan
+    assert not k_linalg.sym_eig(a, np.empty(5), np.empty((5, 5)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6), n=st.integers(1, 12), d=st.integers(1, 40))
+def test_combine_rows_is_a_matrix_product(seed: int, k: int, n: int, d: int) -> None:
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((k, n))
+    c[rng.random((k, n)) < 0.2] = 0.0
+    for dtype in (F32, np.float64):
+        z = _rows(seed, n, d, dtype=dtype)
+        out = np.empty((k, d))
+        k_linalg.combine_rows(c, z, out)
+        np.testing.assert_allclose(out, c @ z.astype(np.float64), rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    k=st.integers(1, 10),
+    extra=st.integers(0, 40),
+    rank=st.integers(0, 10),
+)
+def test_householder_qr_reconstructs_with_orthonormal_q(
+    seed: int, k: int, extra: int, rank: int
+) -> None:
+    d = k + extra
+    m = _rows(seed, k, d, rank=min(rank, k), dtype=np.float64) if rank else np.zeros((k, d))
+    q = np.empty((k, d))
+    r = np.empty((k, k))
+    k_linalg.householder_rows(m.copy(), q, r)
+    scale = max(float(np.abs(m).max()), 1.0)
+    np.testing.assert_allclose(q.T @ r, m.T, atol=1e-12 * scale)
+    np.testing.assert_allclose(q @ q.T, np.eye(k), atol=1e-12)
+    assert not np.tril(r, -1).any()
+    # the same R as LAPACK's up to the sign of each row
+    _, r_np = np.linalg.qr(m.T)
+    np.testing.assert_allclose(np.abs(r), np.abs(r_np), atol=1e-10 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 12), rank=st.integers(0, 12))
+def test_jacobi_svd_matches_numpy(seed: int, n: int, rank: int) -> None:
+    rng = np.random.default_rng(seed)
+    r = min(rank, n)
+    a = rng.standard_normal((n, r)) @ rng.standard_normal((r, n)) if r else np.zeros((n, n))
+    u = np.empty((n, n))
+    s = np.empty(n)
+    v = np.empty((n, n))
+    assert k_linalg.jacobi_svd(a, u, s, v)
+    want = np.linalg.svd(a, compute_uv=False)
+    scale = max(float(want[0]), 1.0)
+    np.testing.assert_allclose(s, want, atol=1e-12 * scale)
+    np.testing.assert_allclose(u @ np.diag(s) @ v.T, a, atol=1e-12 * scale)
+    np.testing.assert_allclose(v.T @ v, np.eye(n), atol=1e-12)
+    big = s > 1e-9 * scale
+    np.testing.assert_allclose(u[:, big].T @ u[:, big], np.eye(int(big.sum())), atol=1e-9)
+
+
+def _principal_reference(
+    z: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The former numpy implementation: eigh of the weighted Gram matrix."""
+    z = z.astype(np.float64)
+    if weights is not None:
+        z = z * np.sqrt(np.maximum(weights, 0.0))[:, None]
+    ev, u = np.linalg.eigh(z @ z.T)
+    order = np.argsort(ev)[::-1]
+    ev, u = ev[order], u[:, order]
+    keep = ev > max(float(ev[0]), 0.0) * 1e-12
+    ev, u = ev[keep], u[:, keep]
+    return ev, (u.T @ z) / np.sqrt(ev)[:, None]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 20),
+    d=st.integers(21, 60),
+    rank=st.integers(1, 20),
+    weighted=st.booleans(),
+    top=st.one_of(st.none(), st.integers(0, 8)),
+)
+def test_principal_directions_match_the_numpy_reference(
+    seed: int, n: int, d: int, rank: int, weighted: bool, top: int | None
+) -> None:
+    z = _rows(seed, n, d, rank=min(rank, n))
+    rng = np.random.default_rng(seed + 1)
+    weights = rng.uniform(-0.2, 2.0, n) if weighted else None
+    ev, vt = principal_directions(z, top=top, weights=weights)
+    want_ev, want_vt = _principal_reference(z, weights)
+    np.testing.assert_allclose(ev, want_ev, rtol=1e-9, atol=1e-9 * want_ev[0])
+    t = len(want_ev) if top is None else min(top, len(want_ev))
+    assert vt.shape == (t, d)
+    # the same unit directions up to sign, where the spectrum separates them
+    gaps = np.abs(np.diff(want_ev)) > 1e-6 * want_ev[0]
+    for i in range(t):
+        if (i == 0 or gaps[i - 1]) and (i == len(want_ev) - 1 or gaps[i]):
+            dot = abs(float(vt[i] @ want_vt[i]))
+            assert dot == pytest.approx(1.0, abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    parts=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    rank=st.integers(1, 6),
+    n_in=st.integers(16, 48),
+    n_out=st.integers(16, 48),
+    dependent=st.booleans(),
+)
+def test_low_rank_merge_is_as_good_as_the_numpy_one(
+    seed: int, parts: list[int], rank: int, n_in: int, n_out: int, dependent: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    total = sum(parts)
+    a = rng.standard_normal((total, n_in)).astype(F32)
+    bt = rng.standard_normal((total, n_out)).astype(F32)
+    if dependent and total > 1:  # a merged-away copy, as in re-applying a Deep run's change
+        a[-1] = a[0]
+        bt[-1] = -bt[0]
+    a_new, bt_new = _low_rank(a, bt, rank)
+    a_ref, bt_ref = _low_rank_numpy(a, bt, rank)
+    assert a_new.shape == a_ref.shape and bt_new.shape == bt_ref.shape
+    exact = bt.astype(np.float64).T @ a.astype(np.float64)
+    got = bt_new.T @ a_new
+    want = bt_ref.T @ a_ref
+    scale = float(np.abs(exact).max())
+    np.testing.assert_allclose(got, want, atol=1e-9 * scale)
+    # balanced factors: both carry the square roots of the same singular values
+    np.testing.assert_allclose(
+        np.linalg.norm(a_new, axis=1), np.linalg.norm(bt_new, axis=1), rtol=1e-9, atol=1e-9
+    )
