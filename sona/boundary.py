@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sona.errors import FormatError
+from sona.kernels import batch as k_batch
 from sona.linalg import principal_directions
 
 _F32 = np.float32
@@ -106,9 +107,12 @@ class ShiftDetector:
         """Feed rows in order; the index of the row that confirmed a shift, else -1.
 
         Equivalent to calling :meth:`update` on each row and stopping at the first True (the
-        rows after it are not consumed), but the residual fractions of a whole run of rows are
-        computed with one matrix product.
+        rows after it are not consumed), but past the reference phase the whole run of rows
+        goes through one GIL-free kernel (projection, residual fraction and CUSUM step per
+        row); its float32 projections and float64 energies may differ from :meth:`update`'s in
+        the last bits.
         """
+        xs = np.ascontiguousarray(xs, dtype=_F32)
         n = xs.shape[0]
         i = 0
         while i < n:
@@ -121,20 +125,33 @@ class ShiftDetector:
                 if self._filled == self.reference_samples:
                     self._learn_basis()
                 continue
-            rest = xs[i:]
-            energy = np.einsum("ij,ij->i", rest, rest, dtype=np.float64)
-            proj = rest @ self._basis.T
-            captured = np.einsum("ij,ij->i", proj, proj, dtype=np.float64)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                fractions = np.maximum(0.0, 1.0 - captured / energy)
-            for j in range(rest.shape[0]):
-                self.seen += 1
-                if energy[j] <= 0.0:
-                    continue
-                if self._step(float(fractions[j])):
-                    return i + j
-            return -1
+            hit = self._scan(xs[i:])
+            return i + hit if hit >= 0 else -1
         return -1
+
+    def _scan(self, rows: np.ndarray) -> int:
+        """:func:`sona.kernels.batch.residual_cusum` on this detector's state."""
+        sf = np.array(
+            [self._cal_mean, self._cal_m2, self.mean, self.spread, self.up, self.down], np.float64
+        )
+        phase = k_batch.CALIBRATING if self.phase == CALIBRATING else k_batch.WATCHING
+        si = np.array(
+            [phase, self._cal_n, self._up_start, self._down_start, self.seen, self.shift_age],
+            np.int64,
+        )
+        params = np.array(
+            [self.calibration_samples, self.drift, self.threshold, self.z_cap, self.min_spread],
+            np.float64,
+        )
+        hit = int(k_batch.residual_cusum(rows, self._basis, sf, si, params))
+        self._cal_mean, self._cal_m2, self.mean, self.spread, self.up, self.down = (
+            float(v) for v in sf
+        )
+        self.phase = CALIBRATING if si[k_batch.I_PHASE] == k_batch.CALIBRATING else WATCHING
+        self._cal_n, self._up_start, self._down_start, self.seen, self.shift_age = (
+            int(v) for v in si[1:]
+        )
+        return hit
 
     def _step(self, e: float) -> bool:
         """One residual fraction through calibration or the CUSUM."""
@@ -163,7 +180,7 @@ class ShiftDetector:
         return False
 
     def _learn_basis(self) -> None:
-        ev, vt = principal_directions(self._reference)
+        ev, vt = principal_directions(self._reference, top=self.max_directions)
         total = float(ev.sum())
         if total <= 0.0 or not np.isfinite(total):
             self._filled = 0  # all-zero inputs: keep waiting for informative ones

@@ -13,31 +13,77 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from sona.feedback import FeedbackKind
+from sona.kernels import batch as k_batch
 from sona.sample import TrainingSample
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, in) -> (n, out) effective delta
 
 
+_MEASURABLE = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def measurable(sample: TrainingSample) -> bool:
-    kind = sample.to_feedback().kind
-    return kind in (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
+    return sample.to_feedback().kind in _MEASURABLE
+
+
+class LossTerms:
+    """The measurable samples of a set, as arrays: inputs, targets and weights.
+
+    Built once and evaluated under several predictions (before and after a consolidation,
+    per module): the per-sample work happens here, the losses are one kernel pass each.
+    """
+
+    __slots__ = ("target", "weight", "x")
+
+    def __init__(self, x: np.ndarray, target: np.ndarray, weight: np.ndarray) -> None:
+        self.x = x  # (n, in) float32
+        self.target = target  # (n, out) float32
+        self.weight = weight  # (n,) float64
+
+    def __len__(self) -> int:
+        return int(self.weight.shape[0])
+
+    @classmethod
+    def of(cls, samples: Sequence[TrainingSample], x: np.ndarray | None = None) -> LossTerms | None:
+        """Terms of the measurable ``samples``; None when none is. ``x``, when given, holds
+        the input rows of ``samples`` (all of them) already stacked."""
+        rows: list[int] = []
+        targets: list[np.ndarray] = []
+        weights: list[float] = []
+        for i, s in enumerate(samples):
+            fb = s.to_feedback()
+            if fb.kind not in _MEASURABLE:
+                continue
+            assert fb.vector is not None
+            rows.append(i)
+            targets.append(fb.vector)
+            weights.append(1.0 if fb.kind is FeedbackKind.GROUP else fb.quality)
+        if not rows:
+            return None
+        if x is None or len(rows) != len(samples):
+            x = np.stack([samples[i].input_embedding for i in rows])
+        return cls(
+            np.ascontiguousarray(x, dtype=np.float32),
+            np.ascontiguousarray(np.stack(targets), dtype=np.float32),
+            np.asarray(weights, np.float64),
+        )
+
+    def mean_loss(self, pred: np.ndarray) -> float:
+        """Mean of ½·weight·‖pred − target‖² over the rows; ``pred`` is (n, out)."""
+        pred = np.ascontiguousarray(pred)
+        if pred.dtype not in _FLOATS:
+            pred = pred.astype(np.float64)
+        total = k_batch.weighted_sq_error(pred, self.target, self.weight)
+        return 0.5 * float(total) / len(self)
 
 
 def mean_loss(samples: Sequence[TrainingSample], predict: Predict) -> float | None:
     """Mean objective of ``samples`` under ``predict``; None when none is measurable."""
-    rows = [s for s in samples if measurable(s)]
-    if not rows:
+    terms = LossTerms.of(samples)
+    if terms is None:
         return None
-    x = np.stack([s.input_embedding for s in rows])
-    pred = predict(x).astype(np.float64)
-    total = 0.0
-    for i, s in enumerate(rows):
-        fb = s.to_feedback()
-        assert fb.vector is not None
-        err = pred[i] - fb.vector
-        weight = 1.0 if fb.kind is FeedbackKind.GROUP else fb.quality
-        total += 0.5 * weight * float(err @ err)
-    return total / len(rows)
+    return terms.mean_loss(predict(terms.x))
 
 
 def relative_improvement(before: float | None, after: float | None) -> float | None:

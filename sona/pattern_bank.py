@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sona.errors import FormatError, InvalidInputError
+from sona.kernels import batch as k_batch
 
 _MIN_STEP = 0.01
 
@@ -42,11 +43,26 @@ class PatternBank:
         return int(np.argmin(d))
 
     def assign_many(self, xs: np.ndarray) -> np.ndarray:
-        if self.size == 0:
-            return np.full(xs.shape[0], -1, np.intp)
-        c = self.centroids[: self.size]
-        d = np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (xs @ c.T)
-        return np.asarray(np.argmin(d, axis=1), dtype=np.intp)
+        """Nearest cluster of each row (one GIL-free kernel pass); -1 on an empty bank."""
+        xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        labels = np.empty(xs.shape[0], np.intp)
+        self._nearest(xs, labels, accumulate=False, skip_zero=False)
+        return labels
+
+    def _nearest(
+        self, xs: np.ndarray, labels: np.ndarray, *, accumulate: bool, skip_zero: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Labels of ``xs`` (C-contiguous float32) and, with ``accumulate``, the float32 sum
+        and number of the rows each cluster got (all-zero rows left out with ``skip_zero``)."""
+        size = self.size
+        sums = np.zeros((size, self.dim) if accumulate else (0, self.dim), np.float32)
+        members = np.zeros(size, np.int64)
+        if size == 0:
+            labels.fill(-1)
+            return sums, members
+        centroids = self.centroids[:size]
+        k_batch.nearest(xs, centroids, labels, sums, members, accumulate, skip_zero)
+        return sums, members
 
     def update(self, xs: np.ndarray) -> np.ndarray:
         """Fold a batch of inputs in; returns each input's cluster index after the update.
@@ -56,15 +72,17 @@ class PatternBank:
         member, which equals the sequential running mean while counts are small. A zero input
         (empty text) has no direction to cluster on: it gets its nearest cluster (-1 on an empty
         bank) and moves nothing, so no centroid is ever zero.
+
+        Once every slot is filled the whole batch is one GIL-free kernel pass (labels and
+        per-cluster sums) and one more for the moves.
         """
-        xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
-        real = np.asarray(xs.any(axis=1), dtype=bool)
         i = 0
         while self.size < self.k and i < xs.shape[0]:
             x = xs[i]
             j = self.assign(x)
-            if not real[i]:
+            if not x.any():
                 labels[i] = j
                 i += 1
                 continue
@@ -82,11 +100,10 @@ class PatternBank:
             i += 1
         rest = xs[i:]
         if rest.shape[0]:
-            lab = self.assign_many(rest)
-            labels[i:] = lab
-            moving = real[i:]
-            for j in np.unique(lab[moving]):
-                self._move(int(j), rest[(lab == j) & moving])
+            sums, members = self._nearest(rest, labels[i:], accumulate=True, skip_zero=True)
+            k_batch.move_toward_means(
+                self.centroids[: self.size], self.counts[: self.size], sums, members, _MIN_STEP
+            )
         return labels
 
     def _move(self, j: int, members: np.ndarray) -> None:
@@ -98,15 +115,14 @@ class PatternBank:
 
     def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
         """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid."""
-        xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         if self.size == 0 or xs.shape[0] == 0:
             return
+        labels = np.empty(xs.shape[0], np.intp)
         for _ in range(iterations):
-            labels = self.assign_many(xs)
-            for j in range(self.size):
-                members = xs[labels == j]
-                if members.shape[0]:
-                    self.centroids[j] = members.mean(axis=0)
+            sums, members = self._nearest(xs, labels, accumulate=True, skip_zero=False)
+            got = members > 0
+            self.centroids[: self.size][got] = sums[got] / members[got, None].astype(np.float32)
 
     def merge_and_prune(self, *, merge_cos: float = 0.98, min_share: float = 0.002) -> list[int]:
         """Merge near-duplicate centroids and drop clusters holding almost no inputs.
