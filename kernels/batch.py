@@ -259,6 +259,69 @@ def nearest(
 
 
 @kernel
+def seed_slots(
+    xs: np.ndarray,
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    size: int,
+    labels: np.ndarray,
+    min_step: float,
+) -> tuple[int, int]:
+    """The pattern bank's slot filling: rows in order while a slot is free.
+
+    A row equal (``allclose``, atol 1e-6) to its nearest centroid moves that centroid as a
+    one-member mini-batch; any other non-zero row takes the next free slot; a zero row only
+    gets its nearest cluster (-1 on an empty bank). Returns (rows consumed, slots in use).
+    """
+    n, d = xs.shape
+    k = centroids.shape[0]
+    i = 0
+    two = np.float32(2.0)
+    while size < k and i < n:
+        x = xs[i]
+        j = -1
+        best_d = np.float32(0.0)
+        for c in range(size):
+            cj = centroids[c]
+            cc = np.float32(0.0)
+            dot = np.float32(0.0)
+            for t in range(d):
+                cc += cj[t] * cj[t]
+                dot += cj[t] * x[t]
+            dist = cc - two * dot
+            if j < 0 or dist < best_d:
+                best_d = dist
+                j = c
+        real = False
+        for t in range(d):
+            if x[t] != 0.0:
+                real = True
+                break
+        if real:
+            close = j >= 0
+            if close:
+                cj = centroids[j]
+                for t in range(d):
+                    if not abs(cj[t] - x[t]) <= 1e-6 + 1e-5 * abs(x[t]):
+                        close = False
+                        break
+            if close:
+                counts[j] += 1
+                step = np.float32(max(1.0 / np.float64(counts[j]), min_step))
+                cj = centroids[j]
+                for t in range(d):
+                    cj[t] += step * (x[t] - cj[t])
+            else:
+                j = size
+                size += 1
+                centroids[j] = x
+                counts[j] = 1
+        labels[i] = j
+        i += 1
+    return i, size
+
+
+@kernel
 def move_toward_means(
     centroids: np.ndarray,
     counts: np.ndarray,

@@ -73,31 +73,17 @@ class PatternBank:
         (empty text) has no direction to cluster on: it gets its nearest cluster (-1 on an empty
         bank) and moves nothing, so no centroid is ever zero.
 
-        Once every slot is filled the whole batch is one GIL-free kernel pass (labels and
-        per-cluster sums) and one more for the moves.
+        Slot filling, the batch's labels and per-cluster sums, and the moves are three GIL-free
+        kernels (:mod:`sona.kernels.batch`).
         """
         xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
         i = 0
-        while self.size < self.k and i < xs.shape[0]:
-            x = xs[i]
-            j = self.assign(x)
-            if not x.any():
-                labels[i] = j
-                i += 1
-                continue
-            if j < 0 or not np.allclose(self.centroids[j], x, atol=1e-6):
-                j = self.size
-                self.centroids[j] = x
-                self.size += 1
-            else:
-                self._move(j, x[None, :])
-                labels[i] = j
-                i += 1
-                continue
-            self.counts[j] = 1
-            labels[i] = j
-            i += 1
+        if self.size < self.k and xs.shape[0]:
+            i, size = k_batch.seed_slots(
+                xs, self.centroids, self.counts, self.size, labels, _MIN_STEP
+            )
+            self.size = int(size)
         rest = xs[i:]
         if rest.shape[0]:
             sums, members = self._nearest(rest, labels[i:], accumulate=True, skip_zero=True)
@@ -105,13 +91,6 @@ class PatternBank:
                 self.centroids[: self.size], self.counts[: self.size], sums, members, _MIN_STEP
             )
         return labels
-
-    def _move(self, j: int, members: np.ndarray) -> None:
-        m = members.shape[0]
-        self.counts[j] += m
-        step = max(m / float(self.counts[j]), 1.0 - (1.0 - _MIN_STEP) ** m)
-        mean = members.mean(axis=0)
-        self.centroids[j] += np.float32(step) * (mean - self.centroids[j])
 
     def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
         """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid."""
