@@ -249,12 +249,15 @@ def nearest(
                 continue
             row = xs[r]
             s = sums[best]
-            mag = np.float32(0.0)
             for i in range(d):
-                v = row[i]
-                s[i] += v
-                mag += abs(v)
-            if mag > 0.0 or not skip_zero:
+                s[i] += row[i]
+            real = not skip_zero
+            for j in range(k):  # a row with a non-zero dot product is not all zero
+                real = real or dots[r - r0, j] != 0.0
+            if not real:
+                for i in range(d):
+                    real = real or row[i] != 0.0
+            if real:
                 members[best] += 1
 
 

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import statistics
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=9, help="consolidations per case")
     p.add_argument("--stages", action="store_true", help="per-stage breakdown")
     p.add_argument("--gil", action="store_true", help="main-thread stall per prepare in a thread")
+    p.add_argument(
+        "--switch-interval", type=float, default=None, help="sys.setswitchinterval for --gil"
+    )
     args = p.parse_args(argv)
 
     def cases() -> tuple[list[Case], list[Case]]:
@@ -259,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
             out, wall = outside_kernels_ms(cs)
             print(f"{label:16s} outside GIL-free kernels {out:6.2f} ms of {wall:.2f} ms")
         first, steady = cases()
-        for label, cs in (("first of a task", first), ("steady", steady)):
-            held, wall = gil_held_ms(cs)
+        previous = sys.getswitchinterval()
+        if args.switch_interval:
+            sys.setswitchinterval(args.switch_interval)
+        try:
+            stalls = [
+                (label, gil_held_ms(cs))
+                for label, cs in (("first of a task", first), ("steady", steady))
+            ]
+        finally:
+            sys.setswitchinterval(previous)
+        for label, (held, wall) in stalls:
             print(
                 f"{label:16s} main thread stalled {held:6.2f} ms per prepare (wall {wall:.2f} ms)"
             )
