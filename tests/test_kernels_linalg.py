@@ -139,7 +139,7 @@ def _principal_reference(
     ev, u = ev[order], u[:, order]
     keep = ev > max(float(ev[0]), 0.0) * 1e-12
     ev, u = ev[keep], u[:, keep]
-    return ev, (u.T @ z) / np.sqrt(ev)[:, None]
+    return ev, (u.T @ z) / np.sqrt(ev)[:, None]  # (0, d) when nothing is kept
 
 
 @settings(max_examples=40, deadline=None)
@@ -159,13 +159,19 @@ def test_principal_directions_match_the_numpy_reference(
     weights = rng.uniform(-0.2, 2.0, n) if weighted else None
     ev, vt = principal_directions(z, top=top, weights=weights)
     want_ev, want_vt = _principal_reference(z, weights)
+    if want_ev.size == 0:  # every weight <= 0: no direction
+        assert ev.size == 0 and vt.shape == (0, d)
+        return
     np.testing.assert_allclose(ev, want_ev, rtol=1e-9, atol=1e-9 * want_ev[0])
     t = len(want_ev) if top is None else min(top, len(want_ev))
     assert vt.shape == (t, d)
-    # the same unit directions up to sign, where the spectrum separates them
+    # the same unit directions up to sign, where the spectrum separates them from each other
+    # and from round-off (both sides form them from the Gram matrix: an eigenvalue near
+    # eps·ev[0] gives a direction neither computes accurately)
     gaps = np.abs(np.diff(want_ev)) > 1e-6 * want_ev[0]
     for i in range(t):
-        if (i == 0 or gaps[i - 1]) and (i == len(want_ev) - 1 or gaps[i]):
+        clear = (i == 0 or gaps[i - 1]) and (i == len(want_ev) - 1 or gaps[i])
+        if clear and want_ev[i] > 1e-8 * want_ev[0]:
             dot = abs(float(vt[i] @ want_vt[i]))
             assert dot == pytest.approx(1.0, abs=1e-6)
 
@@ -192,10 +198,10 @@ def test_low_rank_merge_is_as_good_as_the_numpy_one(
     a_new, bt_new = _low_rank(a, bt, rank)
     a_ref, bt_ref = _low_rank_numpy(a, bt, rank)
     assert a_new.shape == a_ref.shape and bt_new.shape == bt_ref.shape
-    exact = bt.astype(np.float64).T @ a.astype(np.float64)
     got = bt_new.T @ a_new
     want = bt_ref.T @ a_ref
-    scale = float(np.abs(exact).max())
+    # relative to the factors: with a cancelled pair the exact sum itself can be ~0
+    scale = float(np.linalg.norm(a) * np.linalg.norm(bt))
     np.testing.assert_allclose(got, want, atol=1e-9 * scale)
     # balanced factors: both carry the square roots of the same singular values
     np.testing.assert_allclose(
