@@ -367,3 +367,28 @@ def weighted_sq_error(pred: np.ndarray, target: np.ndarray, weight: np.ndarray) 
             acc += v * v
         total += weight[r] * acc
     return total
+
+
+_warmed = False
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel here for the types the loops pass."""
+    global _warmed
+    if _warmed:
+        return
+    f32 = np.float32
+    xs = np.ones((3, 4), f32)
+    c = np.ones((2, 4), f32)
+    labels = np.empty(3, np.intp)
+    counts = np.zeros(2, np.int64)
+    sums = np.zeros((2, 4), f32)
+    sf = np.zeros(6)
+    si = np.array([CALIBRATING, 0, 0, 0, 0, 0], np.int64)
+    params = np.array([64.0, 1.0, 48.0, 8.0, 0.02])
+    residual_cusum(xs, c, sf, si, params)
+    seed_slots(xs, c.copy(), counts.copy(), 0, labels, 0.01)
+    nearest(xs, c, labels, sums, counts, True, True)
+    move_toward_means(c.copy(), counts.copy(), sums, counts, 0.01)
+    weighted_sq_error(xs, xs, np.ones(3))
+    _warmed = True

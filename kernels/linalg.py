@@ -283,20 +283,29 @@ def sym_eig(a: np.ndarray, w: np.ndarray, vt: np.ndarray) -> bool:
 
 @kernel
 def combine_rows(c: np.ndarray, z: np.ndarray, out: np.ndarray) -> None:
-    """out = c·z: out[t] = Σ_i c[t, i]·z[i] for c (k, n) float64, z (n, d), out (k, d) float64."""
+    """out = c·z: out[t] = Σ_i c[t, i]·z[i] for c (k, n) float64, z (n, d), out (k, d) float64.
+
+    Over column chunks small enough that the k output chunks stay in L1 while every row of z
+    streams through once.
+    """
     k, n = c.shape
     d = z.shape[1]
-    for t in range(k):
-        o = out[t]
-        for p in range(d):
-            o[p] = 0.0
+    chunk = max(64, min(d, 4096 // max(k, 1)))
+    for p0 in range(0, d, chunk):
+        p1 = min(d, p0 + chunk)
+        for t in range(k):
+            o = out[t, p0:p1]
+            for p in range(o.shape[0]):
+                o[p] = 0.0
         for i in range(n):
-            ci = c[t, i]
-            if ci == 0.0:
-                continue
-            zi = z[i]
-            for p in range(d):
-                o[p] += ci * np.float64(zi[p])
+            zi = z[i, p0:p1]
+            for t in range(k):
+                ci = c[t, i]
+                if ci == 0.0:
+                    continue
+                o = out[t, p0:p1]
+                for p in range(o.shape[0]):
+                    o[p] += ci * np.float64(zi[p])
 
 
 @kernel
@@ -421,3 +430,22 @@ def jacobi_svd(a: np.ndarray, u: np.ndarray, s: np.ndarray, v: np.ndarray) -> bo
             v[i, jj] = vc[i, j]
             u[i, jj] = w[i, j] / sj if sj > 0.0 else 0.0
     return converged
+
+
+_warmed = False
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel here for the types the loops pass."""
+    global _warmed
+    if _warmed:
+        return
+    z = np.eye(2, 4, dtype=np.float32)
+    g = np.empty((2, 2))
+    gram(z, g)
+    sym_eig(g, np.empty(2), np.empty((2, 2)))
+    combine_rows(np.ones((1, 2)), z, np.empty((1, 4)))
+    combine_rows(np.ones((1, 2)), z.astype(np.float64), np.empty((1, 4)))
+    householder_rows(np.eye(2, 4), np.empty((2, 4)), np.empty((2, 2)))
+    jacobi_svd(np.eye(2), np.empty((2, 2)), np.empty(2), np.empty((2, 2)))
+    _warmed = True

@@ -17,6 +17,7 @@ import numpy as np
 
 from sona.errors import FormatError
 from sona.kernels import batch as k_batch
+from sona.kernels import linalg as k_linalg
 from sona.linalg import principal_directions
 
 _F32 = np.float32
@@ -53,6 +54,8 @@ class ShiftDetector:
         self.threshold = threshold
         self.z_cap = z_cap
         self.min_spread = min_spread
+        k_batch.warm_up()  # compiled now, not during the first consolidation
+        k_linalg.warm_up()
         self._reference = np.zeros((self.reference_samples, dim), _F32)
         self._basis = np.zeros((0, dim), _F32)
         self.restart()

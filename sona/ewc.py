@@ -21,6 +21,7 @@ import numpy as np
 
 from sona.errors import FormatError
 from sona.kernels import ewc as k_ewc
+from sona.kernels import linalg as k_linalg
 from sona.kernels.warmup import fast, warm_up
 from sona.linalg import principal_directions
 from sona.lora import MicroLoRA
@@ -137,6 +138,7 @@ class EwcImportance:
         gamma: float,
     ) -> None:
         warm_up()
+        k_linalg.warm_up()
         self.in_features = in_features
         self.out_features = out_features
         self.lora_rank = lora_rank

@@ -25,6 +25,7 @@ class PatternBank:
     def __init__(self, k: int, dim: int) -> None:
         if k < 1 or dim < 1:
             raise InvalidInputError(f"k and dim must be >= 1, got k={k}, dim={dim}")
+        k_batch.warm_up()  # compiled now, not at the first update
         self.k = k
         self.dim = dim
         self.centroids = np.zeros((k, dim), np.float32)

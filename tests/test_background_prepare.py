@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -59,3 +62,44 @@ def test_row_buffer_refuses_an_input_of_another_width() -> None:
     samples = [TrainingSample(np.ones(5), np.ones(2), 0.5), TrainingSample(np.ones(6), [1, 1], 0.5)]
     with pytest.raises(InvalidInputError, match=r"shape \(5,\)"):
         buf.gather(samples)
+
+
+def test_a_consolidation_compiles_no_kernel_after_the_loop_is_built() -> None:
+    """Run in a fresh process: kernels compiled by other tests cannot hide a gap."""
+    code = """
+import importlib, pkgutil
+import numpy as np
+import sona.kernels as pkg
+from sona.background import BackgroundLoop
+from sona.config import ConsolidationStrategy, SonaLlmConfig
+from sona.instant import InstantLoop
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.sample import TrainingSample
+
+def signatures():
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"sona.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            if hasattr(obj, "signatures"):
+                out[f"{info.name}.{name}"] = len(obj.signatures)
+    return out
+
+micro = MicroLoraConfig.for_hidden_dim(64, rank=2, target_modules=(TargetModule.Q_PROJ,))
+cfg = SonaLlmConfig(micro_lora=micro)
+bg = BackgroundLoop(cfg, seed=0)
+inst = InstantLoop(cfg, seed=0, consolidated=lambda: bg.published)
+before = signatures()
+rng = np.random.default_rng(0)
+for k in range(3):
+    for i in range(300):
+        x, y = rng.standard_normal(64), rng.standard_normal(64)
+        inst.process(300 * k + i, TrainingSample(x, y, 0.8))
+    bg.consolidate(inst.hand_over())
+    if k == 0:
+        bg.start_new_task()  # folds the importance: later runs take EWC++ steps
+after = signatures()
+print(sorted(name for name in after if after[name] != before.get(name, 0)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
