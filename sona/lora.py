@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,14 @@ _KIND = "micro_lora"
 _MAX_EXPLORED = 4096
 _NO_KEY = np.uint64(0)
 _F32_MAX_SQ = _F32_MAX * _F32_MAX
+_ND = np.ndarray  # cheaper to load than np.ndarray on the hot path
+_refcount = sys.getrefcount
+# What sys.getrefcount(out) reports in forward() when nobody but the module holds its output
+# buffer: the module's slot, forward's local and the call's argument. Up to 3.13 (with the GIL)
+# a higher count proves another holder; later versions may borrow references on the stack, so
+# there the buffer is never reused (-1 matches no count).
+_GIL = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
+_UNHELD = 3 if sys.version_info < (3, 14) and _GIL else -1
 _STEP_REJECTIONS = {
     2: "rejected: the gradient is not finite",
     3: "rejected: the update would make the weights non-finite",
@@ -67,20 +76,35 @@ class _Module:
     __slots__ = (
         "a",
         "bt",
+        "forward",
         "g",
         "grad_a",
         "grad_bt",
         "h",
         "index",
         "module",
+        "out",
+        "scale",
         "sums",
         "target",
         "u",
+        "w",
     )
 
-    def __init__(self, index: int, module: TargetModule, a: np.ndarray, bt: np.ndarray) -> None:
+    def __init__(
+        self, index: int, module: TargetModule, a: np.ndarray, bt: np.ndarray, scale: float
+    ) -> None:
         self.index = index
         self.module = module
+        self.scale = scale
+        # A square adapter keeps A and Bᵀ in one (2, rank, n) array, which forward passes as
+        # one argument (see kernels.lora.forward_packed); a and bt are views of it.
+        self.w: np.ndarray | None = None
+        self.forward = fast.forward_into
+        if a.shape == bt.shape:
+            self.w = np.stack([a, bt])
+            a, bt = self.w[0], self.w[1]
+            self.forward = fast.forward_packed
         self.a = a
         self.bt = bt
         self.grad_a = np.zeros_like(a)
@@ -91,6 +115,8 @@ class _Module:
         self.g = np.zeros(n_out, np.float32)
         self.sums = np.zeros(8, np.float64)
         self.target = np.zeros(n_out, np.float32)
+        # forward's result, reused while nobody else holds it
+        self.out: np.ndarray = np.zeros(n_out, np.float32)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return (
@@ -103,6 +129,7 @@ class _Module:
             self.g,
             self.sums,
             self.target,
+            self.out,
         )
 
 
@@ -120,13 +147,13 @@ class MicroLoRA:
         self._scale = float(config.scaling)
         self._in = config.in_features
         self._out = config.out_features
-        self._in_shape = (self._in,)
         rng = np.random.default_rng(self.seed)
         self._modules: dict[TargetModule, _Module] = {}
         for i, m in enumerate(config.target_modules):
             a = rng.standard_normal((config.rank, self._in)) / math.sqrt(self._in)
             bt = np.zeros((config.rank, self._out), np.float32)
-            self._modules[m] = _Module(i, m, np.ascontiguousarray(a, dtype=np.float32), bt)
+            a32 = np.ascontiguousarray(a, dtype=np.float32)
+            self._modules[m] = _Module(i, m, a32, bt, self._scale)
         # Identity-keyed view: Enum.__hash__ is a Python-level call, too slow for forward().
         self._by_id = {id(m): st for m, st in self._modules.items()}
         self._states = list(self._modules.values())
@@ -188,23 +215,40 @@ class MicroLoRA:
     def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
         """The delta μ(x) = s·B·A·x: shape (out,) for x of shape (in,), (n, out) for (n, in).
 
+        A vector's result is a buffer the adapter reuses for a later call once nothing holds the
+        result any more (a weak reference does not count): keep it, or a view of it, as long as
+        it is needed; it is never overwritten while referenced.
+
         ``explore=True`` adds Gaussian noise, σ = explore_std·‖x‖/√out, regenerable from
         (seed, module, hash of x), so a later ``adapt(x, AdaptFeedback.from_quality(q))`` can
         turn the rating into a REINFORCE step.
         """
         st = self._by_id.get(id(module))
-        if (
-            st is not None
-            and not explore
-            and type(x) is np.ndarray
-            and x.dtype is _F32
-            and x.shape == self._in_shape
-            and x.flags.c_contiguous
-        ):
-            out = np.empty(self._out, _F32)
-            if fast.forward_vec(st.a, st.bt, self._scale, x, st.h, out):
+        # The hot path: a float32 vector. The kernel checks its length and that it is
+        # contiguous; anything else takes the general path.
+        if st is not None and not explore and type(x) is _ND and x.dtype is _F32 and x.ndim == 1:
+            # The previous result is reused when only the module holds it: a caller that keeps
+            # it, a view of it or a memoryview raises the count. The other checks (and the
+            # kernel's) refuse a buffer whose former holder changed its dtype, shape or flags.
+            out = st.out
+            if (
+                _refcount(out) != _UNHELD
+                or out.dtype is not _F32
+                or out.ndim != 1
+                or not out.flags.writeable
+            ):
+                out = st.out = np.empty(self._out, _F32)
+            w = st.w
+            if w is not None:
+                status = st.forward(w, st.scale, x, out)
+            else:
+                status = st.forward(st.a, st.bt, st.scale, x, out)
+            if not status:
                 return out
-            raise InvalidInputError("x contains NaN or inf")
+            if status == k_lora.FORWARD_NOT_FINITE:
+                raise InvalidInputError("x contains NaN or inf")
+            if status == k_lora.FORWARD_BAD_OUT:
+                st.out = np.empty(self._out, _F32)
         return self._forward_general(x, module, explore)
 
     def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:
@@ -217,7 +261,7 @@ class MicroLoRA:
                 f"x must have shape ({self._in},) or (n, {self._in}), got {x.shape}"
             )
         out = np.empty(self._out, _F32)
-        if not fast.forward_vec(st.a, st.bt, self._scale, x, st.h, out):
+        if fast.forward_into(st.a, st.bt, self._scale, x, out):
             raise InvalidInputError("x contains NaN or inf")
         if explore:
             self._explore(st, x, out)

@@ -1,0 +1,189 @@
+"""The hot path of ``forward`` against the general code it shortcuts.
+
+``forward`` reuses its result buffer while nobody holds it; a caller that keeps the result, a
+view of it or a memoryview must never see it change, and a former holder's changes to the
+array (dtype, shape, flags, size) must not leak into later results.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from lora_reference import (
+    Q,
+    Snapshot,
+    V,
+    assert_f32_close,
+    config,
+    ref_forward,
+    ref_magnitude,
+    trained,
+    vec,
+)
+
+from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
+
+F32 = np.float32
+REUSES = sys.version_info < (3, 14)  # see sona.lora._UNHELD
+
+
+def expected(lora: MicroLoRA, x: np.ndarray, module: Any = Q) -> np.ndarray:
+    a, bt = lora.factors(module)
+    return ref_forward(a, bt, lora.scaling, x)
+
+
+def check(lora: MicroLoRA, y: np.ndarray, x: np.ndarray, module: Any = Q) -> None:
+    a, bt = lora.factors(module)
+    assert y.dtype == F32 and y.shape == (bt.shape[1],) and y.flags.writeable
+    assert_f32_close(y, expected(lora, x, module), ref_magnitude(a, bt, lora.scaling, x), 64)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (24, 16)])  # square factors are stored packed
+def test_a_kept_result_view_or_memoryview_is_never_overwritten(shape: tuple[int, int]) -> None:
+    lora = trained(config(n_in=shape[0], n_out=shape[1]), seed=1)
+    rng = np.random.default_rng(0)
+    x1, x2 = vec(rng, shape[0]), vec(rng, shape[0])
+    kept = lora.forward(x1, Q)
+    frozen = kept.copy()
+    view = lora.forward(x1, Q)[3:9]
+    view_copy = view.copy()
+    mem = memoryview(lora.forward(x1, Q))
+    mem_copy = np.asarray(mem).copy()
+    for _ in range(3):
+        check(lora, lora.forward(x2, Q), x2)
+    np.testing.assert_array_equal(kept, frozen)
+    np.testing.assert_array_equal(view, view_copy)
+    np.testing.assert_array_equal(np.asarray(mem), mem_copy)
+    check(lora, kept, x1)
+
+
+@pytest.mark.skipif(not REUSES, reason="the buffer is reused only where refcounts prove it free")
+def test_a_dropped_result_buffer_is_reused() -> None:
+    lora = trained(config(n_in=32, n_out=32), seed=2)
+    rng = np.random.default_rng(1)
+    x1, x2 = vec(rng, 32), vec(rng, 32)
+    first = id(lora.forward(x1, Q))
+    y = lora.forward(x2, Q)
+    assert id(y) == first
+    check(lora, y, x2)
+    assert lora.forward(x1, Q) is not y  # y is held now
+    check(lora, y, x2)
+
+
+def _set_dtype(y: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        y.dtype = np.dtype(np.int32)  # type: ignore[misc]
+
+
+def _set_shape(y: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        y.shape = (2, y.shape[0] // 2)
+
+
+def _freeze(y: np.ndarray) -> None:
+    y.flags.writeable = False
+
+
+def _grow(y: np.ndarray) -> None:
+    y.resize(2 * y.shape[0], refcheck=False)
+
+
+def _shrink(y: np.ndarray) -> None:
+    y.resize(y.shape[0] // 2, refcheck=False)
+
+
+@pytest.mark.parametrize("change", [_set_dtype, _set_shape, _freeze, _grow, _shrink])
+def test_a_former_holders_changes_to_the_result_do_not_leak(
+    change: Callable[[np.ndarray], None],
+) -> None:
+    lora = trained(config(n_in=32, n_out=32), seed=3)
+    rng = np.random.default_rng(2)
+    x1, x2 = vec(rng, 32), vec(rng, 32)
+    y = lora.forward(x1, Q)
+    change(y)
+    del y
+    for x in (x2, x1):
+        check(lora, lora.forward(x, Q), x)
+
+
+def test_threads_forwarding_one_module_see_only_their_own_results() -> None:
+    lora = trained(config(n_in=512, n_out=512, modules=(Q,)), seed=4)
+    rng = np.random.default_rng(3)
+    xs = [vec(rng, 512) for _ in range(2)]
+    want = [lora.forward(x, Q).copy() for x in xs]
+    bad: list[int] = []
+
+    def run(k: int) -> None:
+        for _ in range(3000):
+            y = lora.forward(xs[k], Q)
+            if not np.array_equal(y, want[k]):
+                bad.append(k)
+            del y
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_inputs_off_the_hot_path_behave_as_before() -> None:
+    lora = trained(config(n_in=16, n_out=16), seed=5)
+    rng = np.random.default_rng(4)
+    x = vec(rng, 16)
+    for other in (x.astype(np.float64), list(x), np.stack([x, x], axis=1)[:, 0], x.astype(">f4")):
+        np.testing.assert_array_equal(lora.forward(other, Q), lora.forward(x, Q))
+    batch = np.stack([x, 2 * x])
+    np.testing.assert_array_equal(lora.forward(batch, Q)[1], lora.forward(2 * x, Q))
+    with pytest.raises(InvalidInputError, match=r"x must have shape \(16,\)"):
+        lora.forward(vec(rng, 15), Q)
+    with pytest.raises(InvalidInputError, match=r"x must have shape \(16,\)"):
+        lora.forward(np.float32(1.0), Q)
+    with pytest.raises(TypeError):
+        lora.forward(x.astype(np.complex64), Q)
+    for bad in (np.nan, np.inf):
+        y = x.copy()
+        y[5] = bad
+        before = Snapshot.of(lora)
+        with pytest.raises(InvalidInputError, match="NaN or inf"):
+            lora.forward(y, Q)
+        assert Snapshot.of(lora) == before
+    check(lora, lora.forward(x, Q), x)
+
+
+def test_packed_factors_follow_every_way_of_changing_the_weights(tmp_path: Any) -> None:
+    cfg = config(n_in=20, n_out=20)
+    lora = trained(cfg, seed=6)
+    rng = np.random.default_rng(5)
+    x = vec(rng, 20)
+    a, bt = lora.factors(Q)
+    lora.set_factors(Q, 2 * a, -bt)
+    check(lora, lora.forward(x, Q), x)
+    np.testing.assert_allclose(lora.forward(x, Q), lora.delta_weight(Q) @ x, rtol=1e-4, atol=1e-5)
+    other = trained(cfg, seed=7)
+    lora.import_weights(other.export_weights())
+    np.testing.assert_array_equal(lora.forward(x, Q), other.forward(x, Q))
+    lora.save(tmp_path / "a.sona")
+    np.testing.assert_array_equal(
+        MicroLoRA.load(tmp_path / "a.sona").forward(x, V), other.forward(x, V)
+    )
+    np.testing.assert_array_equal(lora.clone().forward(x, Q), other.forward(x, Q))
+    fb = AdaptFeedback.from_quality(1.0).with_target(vec(rng, 20))
+    assert lora.step(x, fb, 0.5, module=Q)
+    check(lora, lora.forward(x, Q), x)
+    lora.reset_b()
+    assert not lora.forward(x, Q).any()
