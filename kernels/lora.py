@@ -309,17 +309,39 @@ def apply_rank_one(
     g: np.ndarray,
     c: float,
 ) -> None:
-    """A −= c·u⊗x and Bᵀ −= c·h⊗g: one sample's clipped gradient step, without accumulators."""
+    """A −= c·u⊗x and Bᵀ −= c·h⊗g: one sample's clipped gradient step, without accumulators.
+
+    The factors c·u and c·h are formed in float32, unless one of them overflows there (a tiny
+    g or x can make the update itself small): then the step is computed in float64. The caller
+    has checked that the updated weights are finite and that c·u and c·h are finite in float64.
+    """
     rank, n_in = a.shape
     n_out = bt.shape[1]
     cf = np.float32(c)
+    exact = False
     for k in range(rank):
+        exact = exact or not (np.isfinite(cf * u[k]) and np.isfinite(cf * h[k]))
+    for k in range(rank):
+        if exact:
+            uk64 = c * np.float64(u[k])
+            for i in range(n_in):
+                a[k, i] = np.float32(np.float64(a[k, i]) - uk64 * np.float64(x[i]))
+            hk64 = c * np.float64(h[k])
+            for j in range(n_out):
+                bt[k, j] = np.float32(np.float64(bt[k, j]) - hk64 * np.float64(g[j]))
+            continue
         uk = cf * u[k]
         for i in range(n_in):
             a[k, i] -= uk * x[i]
         hk = cf * h[k]
         for j in range(n_out):
             bt[k, j] -= hk * g[j]
+
+
+@inline
+def _factors_finite(c: float, uu: float, hh: float) -> bool:
+    """c·‖u‖ and c·‖h‖ are finite in float64, so ``apply_rank_one`` can form its factors."""
+    return bool(np.isfinite(c * np.sqrt(uu)) and np.isfinite(c * np.sqrt(hh)))
 
 
 _F32_MAX = 3.4028234663852886e38
@@ -363,6 +385,8 @@ def step_one(
     na = aa - cross + c * c * uu * xx
     nb = bb - cross + c * c * hh * gg
     if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
+        return 3
+    if not _factors_finite(c, uu, hh):
         return 3
     if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
         return 4

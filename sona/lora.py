@@ -421,7 +421,11 @@ class MicroLoRA:
             cross = 2.0 * c * uh / s
             na = aa - cross + c * c * uu * xx
             nb = bb - cross + c * c * hh * gg
-            if not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < _F32_MAX_SQ):
+            finite_factors = math.isfinite(c * math.sqrt(uu)) and math.isfinite(c * math.sqrt(hh))
+            if (
+                not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < _F32_MAX_SQ)
+                or not finite_factors
+            ):
                 self._after(feedback)
                 return self._reject(_STEP_REJECTIONS[3])
             if s * math.sqrt(max(na, 0.0)) * math.sqrt(max(nb, 0.0)) >= _F32_MAX:

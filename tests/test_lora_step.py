@@ -72,3 +72,19 @@ def test_step_rejects_an_overflowing_update_and_keeps_the_weights() -> None:
     after = [arr.tobytes() for _, a, bt in fused.iter_factors() for arr in (a, bt)]
     assert before == after
     assert fused.pending_updates == 0
+
+
+@pytest.mark.parametrize(("rank", "modules"), [(1, (Q,)), (2, (Q,)), (3, (Q,)), (2, (Q, V))])
+def test_a_step_whose_factors_overflow_float32_keeps_the_weights_finite(
+    rank: int, modules: tuple[TargetModule, ...]
+) -> None:
+    """‖x‖² overflows float32, so the normalised gradient is zero, while lr·h does too: the
+    update is zero and must not turn into inf·0 = NaN in B."""
+    fused, plain = _pair(16, 16, rank, modules, 9)
+    before = [arr.tobytes() for _, a, bt in fused.iter_factors() for arr in (a, bt)]
+    x = np.full(16, 1e20, np.float32)
+    fb = AdaptFeedback.from_quality(1.0).with_target(np.ones(16, np.float32))
+    assert fused.step(x, fb, 1e30, max_norm=None)
+    assert plain.adapt(x, fb) and plain.apply_updates(1e30, max_norm=None)
+    for lora in (fused, plain):
+        assert [arr.tobytes() for _, a, bt in lora.iter_factors() for arr in (a, bt)] == before
