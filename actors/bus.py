@@ -164,13 +164,7 @@ class EventBus:
         allowed and reaches nobody, so late events during shutdown never raise.
         """
         self._seq += 1
-        cls = type(event)
-        wanted = self._wanted.get(cls)
-        if wanted is None:
-            wanted = self._wanted[cls] = any(
-                s._kinds is None or issubclass(cls, s._kinds) for s in self._subscribers
-            )
-        if not wanted:  # nobody would see it: skip stamping a copy (the per-sample case)
+        if not self.wants(type(event)):  # nobody would see it: skip stamping a copy
             return 0
         if getattr(event, "at", None) == 0.0:
             event = msgspec.structs.replace(event, seq=self._seq, at=self._clock())
@@ -183,6 +177,16 @@ class EventBus:
                 sub._push(event)
                 delivered += 1
         return delivered
+
+    def wants(self, kind: type[Any]) -> bool:
+        """Whether any current subscriber takes events of ``kind``: a publisher on a hot path
+        can skip building an event nobody would receive."""
+        wanted = self._wanted.get(kind)
+        if wanted is None:
+            wanted = self._wanted[kind] = any(
+                s._kinds is None or issubclass(kind, s._kinds) for s in self._subscribers
+            )
+        return wanted
 
     def subscribe(
         self, *, buffer: int = 256, kinds: tuple[type[Any], ...] | None = None

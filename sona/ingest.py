@@ -15,8 +15,10 @@ from sona.embedding import Embedder, HashingEmbedder
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.lora_config import TargetModule
-from sona.sample import TrainingSample
+from sona.sample import TrainingSample, from_vectors
 from sona.validation import as_f32, check_quality
+
+_F32 = np.dtype(np.float32)
 
 
 class SampleFactory:
@@ -28,10 +30,23 @@ class SampleFactory:
         self.embedder: Embedder = embedder if embedder is not None else HashingEmbedder()
         self._in = config.micro_lora.in_features
         self._out = config.micro_lora.out_features
+        self._in_shape = (self._in,)
+        self._out_shape = (self._out,)
         self._modules = config.micro_lora.target_modules
 
     def rated(self, query: Any, response: Any, quality: float) -> TrainingSample:
         """A sample from a rated (query, response) pair: text or embeddings."""
+        if (  # embeddings already float32 and of the right shapes: check each thing once
+            type(query) is np.ndarray
+            and type(response) is np.ndarray
+            and query.dtype is _F32
+            and response.dtype is _F32
+            and query.shape == self._in_shape
+            and response.shape == self._out_shape
+            and type(quality) is float
+            and 0.0 <= quality <= 1.0
+        ):
+            return from_vectors(query, response, quality)
         q = check_quality(quality)
         x = self._embed(query, "query", self._in)
         y = self._embed(response, "response", self._out)

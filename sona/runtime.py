@@ -314,7 +314,7 @@ class SonaRuntime:
     # ------------------------------------------------------------------ ingress
     async def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:
         """Learn from a rated (query, response) pair: text or embeddings."""
-        return await self.submit(self._factory.rated(query, response, quality))
+        return await self._submit_valid(self._factory.rated(query, response, quality), None)
 
     async def adapt(
         self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None
@@ -328,6 +328,12 @@ class SonaRuntime:
         """Returns once the Instant loop has handled the sample (see the class docstring)."""
         self._check_running()
         self._factory.check(sample, module)
+        return await self._submit_valid(sample, module)
+
+    async def _submit_valid(
+        self, sample: TrainingSample, module: TargetModule | None
+    ) -> AdaptationResult:
+        self._check_running()
         policy = self.config.overflow
         while self._pending >= self.config.max_pending_samples:
             if policy is OverflowPolicy.BLOCK:
@@ -444,17 +450,21 @@ class SonaRuntime:
         ticket: Ticket = msg.ticket
         if ticket.done:  # dropped (DROP_OLDEST) or failed while it waited in the mailbox
             return
-        self._chaos_check("instant")
+        if self._chaos is not None:
+            self._chaos_check("instant")
         out = self._instant.process(msg.sample_id, msg.sample, msg.module)
         self._queued.pop(msg.sample_id, None)
         if out.applied:
             if len(self._instant.pending) >= self._pressure:
                 self._consolidate_early()
-            self.events.publish(
-                InstantApplied(
-                    sample_id=msg.sample_id, latency_us=out.latency_us, quality=msg.sample.quality
+            if self.events.wants(InstantApplied):  # one per sample: build it only if read
+                self.events.publish(
+                    InstantApplied(
+                        sample_id=msg.sample_id,
+                        latency_us=out.latency_us,
+                        quality=msg.sample.quality,
+                    )
                 )
-            )
         else:
             self._pending -= 1
             self._on_skipped(msg.sample_id, out)

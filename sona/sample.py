@@ -142,14 +142,28 @@ _SET_LATENCY, _SET_TOKENS, _SET_SESSION, _SET_FEEDBACK = (
 )
 
 
-def _vector(value: Any, name: str) -> np.ndarray:
-    arr = as_f32(value, name)
-    if arr.ndim != 1 or arr.shape[0] == 0:
-        raise InvalidInputError(f"{name} must be a non-empty vector, got shape {arr.shape}")
+def from_vectors(x: np.ndarray, y: np.ndarray, quality: float) -> TrainingSample:
+    """A rated sample from float32 vectors whose shapes and quality the caller has checked:
+    the per-request path of ``instant_adapt``, which would otherwise check everything twice.
+    The arrays are still copied and checked for finiteness."""
+    sample = object.__new__(TrainingSample)
+    _init(sample, _copy(x, "input_embedding"), _copy(y, "output_embedding"), quality,
+          None, None, 0.0, 0, "", None)  # fmt: skip
+    return sample
+
+
+def _copy(arr: np.ndarray, name: str) -> np.ndarray:
     out = frozen_copy(arr)  # always 1-D C-contiguous float32: the dispatch-free kernel fits
     if not getattr(fast, "all_finite_vec", all_finite)(out):
         raise InvalidInputError(f"{name} contains NaN or inf")
     return out
+
+
+def _vector(value: Any, name: str) -> np.ndarray:
+    arr = as_f32(value, name)
+    if arr.ndim != 1 or arr.shape[0] == 0:
+        raise InvalidInputError(f"{name} must be a non-empty vector, got shape {arr.shape}")
+    return _copy(arr, name)
 
 
 def _text(value: object, name: str) -> str:

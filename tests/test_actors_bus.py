@@ -139,6 +139,20 @@ async def test_kinds_filter_and_close_ends_iteration() -> None:
     assert got[0].seq == 2
 
 
+async def test_wants_follows_subscriptions_and_kinds() -> None:
+    bus = EventBus()
+    assert not bus.wants(Tick) and not bus.wants(LoopCrashed)
+    async with bus.subscribe(kinds=(LoopCrashed,)):
+        assert bus.wants(LoopCrashed) and not bus.wants(Tick)
+        assert bus.publish(Tick(n=1)) == 0  # nobody takes it, but it is still numbered
+        async with bus.subscribe():
+            assert bus.wants(Tick)
+            assert bus.publish(Tick(n=2)) == 1
+        assert not bus.wants(Tick)  # the catch-all subscriber left
+    assert not bus.wants(LoopCrashed)
+    assert bus.last_seq == 2
+
+
 def test_events_are_a_frozen_tagged_union() -> None:
     events = [
         LoopCrashed(actor="a", error_type="E", error="x", consecutive=1, seq=1, at=1.0),
