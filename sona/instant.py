@@ -61,9 +61,9 @@ class InstantLoop:
         # The live adapter learns what the consolidated state still gets wrong: regression
         # feedback is taken relative to the consolidated output (reused buffers, per module).
         self._consolidated = consolidated
+        self._modules = config.micro_lora.target_modules
         self._offsets = {
-            m: np.zeros(config.micro_lora.out_features, np.float32)
-            for m in config.micro_lora.target_modules
+            m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
         self.pending: deque[tuple[int, TrainingSample]] = deque()
         self.applied = 0
@@ -124,6 +124,9 @@ class InstantLoop:
     ) -> dict[TargetModule, np.ndarray]:
         assert self._consolidated is not None
         published = self._consolidated()
+        if not published.ensemble:  # one adapter: its forward writes the delta, no zeroing
+            base = published.base
+            return {m: base.forward(x, m) for m in self._modules if module is None or m is module}
         for m, buf in self._offsets.items():
             if module is None or m is module:
                 buf.fill(0.0)
