@@ -198,6 +198,7 @@ def forward_packed(w: np.ndarray, scale: float, x: np.ndarray, out: np.ndarray) 
 MODE_REGRESS = 0  # g = weight · (μ(x) − vec)
 MODE_GRADIENT = 1  # g = vec
 MODE_NOISE = 2  # g = weight · N(0, I) keyed on ``key`` (REINFORCE on explored noise)
+MODE_RESIDUAL = 3  # g = weight · (μ(x) − (vec − off)); step_fused only
 
 
 @kernel
@@ -393,6 +394,221 @@ def step_one(
     apply_rank_one(a, bt, x, h, u, g, c)
     sums[7] = norm * c / lr
     return 0
+
+
+# step_fused's rejections, returned negated (a non-negative result is the applied step's norm)
+STEP_NOT_FINITE = 1  # x or the gradient is not finite: the caller raises
+STEP_GRAD_NORM = 2  # the gradient norm is not finite
+STEP_WEIGHTS = 3  # the updated weights would not be finite
+STEP_OVERFLOW = 4  # delta_weight would overflow
+STEP_UNSUPPORTED = 5  # shapes that do not match, rank > 2 or another mode: the general path
+
+
+@inline
+def _grad_j(mode: int, w: np.float32, mu: np.float32, v: np.float32, o: np.float32) -> np.float32:
+    """One entry of the output-space gradient (see the ``MODE_*`` constants)."""
+    if mode == MODE_GRADIENT:
+        return w * v
+    if mode == MODE_RESIDUAL:
+        return w * (mu - (v - o))
+    return w * (mu - v)
+
+
+@inline
+def _sq_norm64(v: np.ndarray) -> float:
+    acc = 0.0
+    for i in range(v.shape[0]):
+        acc += np.float64(v[i]) * np.float64(v[i])
+    return acc
+
+
+@inline
+def _step_fused_exact(
+    a0: np.ndarray,
+    a1: np.ndarray,
+    b0: np.ndarray,
+    b1: np.ndarray,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    w: np.float32,
+    h0: np.float32,
+    h1: np.float32,
+    u0: np.float32,
+    u1: np.float32,
+    c: float,
+    rank: int,
+    mode: int,
+) -> None:
+    """``step_fused``'s pass 3 in float64, for when c·u or c·h overflows float32 (see
+    ``apply_rank_one``)."""
+    cu0 = c * np.float64(u0)
+    cu1 = c * np.float64(u1)
+    ch0 = c * np.float64(h0)
+    ch1 = c * np.float64(h1)
+    for i in range(x.shape[0]):
+        xi = np.float64(x[i])
+        a0[i] = np.float32(np.float64(a0[i]) - cu0 * xi)
+        if rank == 2:
+            a1[i] = np.float32(np.float64(a1[i]) - cu1 * xi)
+    for j in range(vec.shape[0]):
+        p = b0[j]
+        if rank == 2:
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            b1[j] = np.float32(np.float64(q) - ch1 * np.float64(gj))
+        else:
+            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
+        b0[j] = np.float32(np.float64(p) - ch0 * np.float64(gj))
+
+
+@kernel
+def step_fused(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+) -> float:
+    """``step_one`` for rank 1 and 2 in three passes and no scratch: the Instant loop's step.
+
+    ``mode`` is ``MODE_REGRESS``, ``MODE_GRADIENT`` or ``MODE_RESIDUAL`` (``off`` is read only
+    by the last; pass ``vec`` otherwise). The caller guarantees float32 vectors; lengths and
+    strides are checked here before any element is read.
+
+    Pass 1 reads A and x (h, ‖x‖², ‖A‖²), pass 2 reads Bᵀ and vec (u = s·Bᵀg, ‖g‖², ‖Bᵀ‖²;
+    g itself is not stored), then the clip and the guards of ``step_one`` decide from closed
+    forms, and only then pass 3 writes A and Bᵀ, recomputing g from the old Bᵀ. Norms
+    accumulate in float32 (float64 accumulators made passes 1 and 2 twice as slow) and a sum
+    that overflows is recomputed in float64, so huge but finite weights are judged as before.
+
+    Returns the applied step's norm / lr (>= 0), or a negated ``STEP_*`` code with every weight
+    untouched.
+    """
+    rank = a.shape[0]
+    if (
+        rank > 2
+        or mode not in (MODE_REGRESS, MODE_GRADIENT, MODE_RESIDUAL)
+        or x.shape[0] != a.shape[1]
+        or x.strides[0] != 4
+        or vec.shape[0] != bt.shape[1]
+        or vec.strides[0] != 4
+        or (mode == MODE_RESIDUAL and (off.shape[0] != vec.shape[0] or off.strides[0] != 4))
+    ):
+        return -STEP_UNSUPPORTED
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    zero = np.float32(0.0)
+    # pass 1 over x: h = s·A·x, ‖x‖² and ‖A‖² (float32; an overflow is redone in float64)
+    acc0 = zero
+    acc1 = zero
+    xx = zero
+    aa = zero
+    for i in range(n_in):
+        xi = x[i]
+        p = a0[i]
+        acc0 += p * xi
+        xx += xi * xi
+        if rank == 2:
+            q = a1[i]
+            acc1 += q * xi
+            aa += p * p + q * q
+        else:
+            aa += p * p
+    h0 = np.float32(acc0 * scale)
+    h1 = np.float32(acc1 * scale)
+    if not (np.isfinite(h0) and np.isfinite(h1)):
+        return -STEP_NOT_FINITE
+    w = np.float32(weight / max(float(xx), 1.0))
+    # pass 2 over the output: g (not stored), u = s·Bᵀg, ‖g‖² and ‖Bᵀ‖²
+    ua0 = zero
+    ua1 = zero
+    gg = zero
+    bb = zero
+    for j in range(n_out):
+        p = b0[j]
+        if rank == 2:
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            ua1 += q * gj
+            bb += p * p + q * q
+        else:
+            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
+            bb += p * p
+        ua0 += p * gj
+        gg += gj * gj
+    u0 = np.float32(ua0 * scale)
+    u1 = np.float32(ua1 * scale)
+    if not (np.isfinite(u0) and np.isfinite(u1)):
+        return -STEP_NOT_FINITE
+    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
+    aa64: float = np.float64(aa)
+    if not np.isfinite(aa):
+        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
+    bb64: float = np.float64(bb)
+    if not np.isfinite(bb):
+        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
+    gg64: float = np.float64(gg)
+    if not np.isfinite(gg):
+        gg64 = 0.0
+        for j in range(n_out):
+            if rank == 2:
+                gj = _grad_j(mode, w, h0 * b0[j] + h1 * b1[j], vec[j], off[j])
+            else:
+                gj = _grad_j(mode, w, h0 * b0[j], vec[j], off[j])
+            gg64 += np.float64(gj) * np.float64(gj)
+    uu = np.float64(u0) * np.float64(u0) + np.float64(u1) * np.float64(u1)
+    hh = np.float64(h0) * np.float64(h0) + np.float64(h1) * np.float64(h1)
+    uh = np.float64(u0) * np.float64(h0) + np.float64(u1) * np.float64(h1)
+    # the clip and the closed-form guards, exactly as in step_one
+    norm = np.sqrt(uu * xx64 + hh * gg64)
+    if not np.isfinite(norm):
+        return -STEP_GRAD_NORM
+    c = lr
+    if max_norm > 0.0 and norm > max_norm:
+        c = lr * max_norm / norm
+    cross = 2.0 * c * uh / scale
+    na = aa64 - cross + c * c * uu * xx64
+    nb = bb64 - cross + c * c * hh * gg64
+    if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
+        return -STEP_WEIGHTS
+    if not _factors_finite(c, uu, hh):
+        return -STEP_WEIGHTS
+    if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
+        return -STEP_OVERFLOW
+    # pass 3: A −= c·u⊗x, Bᵀ −= c·h⊗g, g recomputed from the old Bᵀ column
+    cf = np.float32(c)
+    cu0 = cf * u0
+    cu1 = cf * u1
+    ch0 = cf * h0
+    ch1 = cf * h1
+    if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
+        _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
+        return float(norm * c / lr)
+    for i in range(n_in):
+        xi = x[i]
+        a0[i] -= cu0 * xi
+        if rank == 2:
+            a1[i] -= cu1 * xi
+    for j in range(n_out):
+        p = b0[j]
+        if rank == 2:
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            b1[j] = q - ch1 * gj
+        else:
+            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
+        b0[j] = p - ch0 * gj
+    return float(norm * c / lr)
 
 
 @kernel

@@ -27,6 +27,7 @@ class FastKernels:
     step_sums: Callable[..., Any]
     apply_rank_one: Callable[..., Any]
     step_one: Callable[..., Any]
+    step_fused: Callable[..., Any]
     commit_grad: Callable[..., Any]
     grad_sq_norm: Callable[..., Any]
     candidate_sq_norms: Callable[..., Any]
@@ -70,6 +71,9 @@ def warm_up(*, force: bool = False) -> float:
     fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(8))
     fast.step_one = entry_point(
         lora.step_one, a.copy(), bt.copy(), s, x, g, 1.0, 0, 0.1, 1.0, h, u, g.copy(), np.zeros(8)
+    )
+    fast.step_fused = entry_point(
+        lora.step_fused, a.copy(), bt.copy(), s, x, g, g, 1.0, 0, 0.1, 1.0
     )
     fast.apply_rank_one = entry_point(lora.apply_rank_one, a.copy(), bt.copy(), x, h, u, g, 0.0)
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)

@@ -55,7 +55,16 @@ _KIND = "micro_lora"
 _MAX_EXPLORED = 4096
 _NO_KEY = np.uint64(0)
 _F32_MAX_SQ = _F32_MAX * _F32_MAX
-_ND = np.ndarray  # cheaper to load than np.ndarray on the hot path
+# Hot-path constants as module globals: cheaper to load than attributes of np or an Enum.
+_ND = np.ndarray
+_INF = math.inf
+_TARGET = FeedbackKind.TARGET
+_GRADIENT = FeedbackKind.GRADIENT
+_OUTPUT = FeedbackKind.OUTPUT
+_GROUP = FeedbackKind.GROUP
+_MODE_REGRESS = k_lora.MODE_REGRESS
+_MODE_GRADIENT = k_lora.MODE_GRADIENT
+_MODE_RESIDUAL = k_lora.MODE_RESIDUAL
 _refcount = sys.getrefcount
 # What sys.getrefcount(out) reports in forward() when nobody but the module holds its output
 # buffer: the module's slot, forward's local and the call's argument. Up to 3.13 (with the GIL)
@@ -157,6 +166,13 @@ class MicroLoRA:
         # Identity-keyed view: Enum.__hash__ is a Python-level call, too slow for forward().
         self._by_id = {id(m): st for m, st in self._modules.items()}
         self._states = list(self._modules.values())
+        # step()'s one-kernel path: rank 1-2 without dropout, per module (and for module=None
+        # when there is only one).
+        self._fused_by_id: dict[int, _Module] = {}
+        if config.rank <= 2 and config.dropout == 0.0:
+            self._fused_by_id.update(self._by_id)
+            if len(self._states) == 1:
+                self._fused_by_id[id(None)] = self._states[0]
         self._xd = np.zeros(self._in, np.float32)
         self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
         self._dropout_counter = 0
@@ -380,6 +396,76 @@ class MicroLoRA:
         written, so no accumulator is touched. With gradients already pending, or for
         quality-only feedback, it falls back to ``adapt`` + ``apply_updates``.
         """
+        st = self._fused_by_id.get(id(module))
+        if (
+            st is not None
+            and type(feedback) is AdaptFeedback
+            and type(x) is _ND
+            and x.dtype is _F32
+            and x.ndim == 1
+            and type(learning_rate) is float
+            and 0.0 < learning_rate < _INF
+            and (max_norm is None or (type(max_norm) is float and 0.0 < max_norm < _INF))
+            and type(weight) is float
+            and 0.0 <= weight < _INF
+            and not self._pending
+        ):
+            # The common case in one kernel call. Everything the general path would refuse is
+            # either excluded above or reported by the kernel, which then has changed nothing,
+            # and the general path below raises the same error it always did.
+            kind = feedback._kind
+            vec = feedback._vector
+            off = vec
+            if kind is _TARGET:
+                mode, w = _MODE_REGRESS, feedback._quality * weight
+            elif kind is _GRADIENT:
+                mode, w = _MODE_GRADIENT, weight
+            elif kind is _OUTPUT:
+                mode, w = _MODE_REGRESS, self._output_weight(feedback._quality) * weight
+            elif kind is _GROUP:
+                mode, w = _MODE_REGRESS, weight
+            else:
+                mode, w = -1, 0.0  # quality only
+            if offsets is not None and mode == _MODE_REGRESS:
+                try:
+                    o = offsets.get(st.module)
+                except Exception:  # not a mapping: the general path raises, in its own order
+                    o, mode = None, -1
+                if o is None:
+                    pass
+                elif type(o) is _ND and o.dtype is _F32 and o.ndim == 1:
+                    mode, off = _MODE_RESIDUAL, o
+                else:
+                    mode = -1  # converted and checked by the general path
+            if mode >= 0:
+                r = fast.step_fused(
+                    st.a, st.bt, self._scale, x, vec, off, w, mode, learning_rate,
+                    -1.0 if max_norm is None else max_norm,
+                )  # fmt: skip
+                if r >= 0.0:
+                    if kind is _OUTPUT:
+                        self._baseline.update(feedback._quality)
+                    self.version += 1
+                    self.last_update_norm = r
+                    self.last_note = None
+                    return True
+                status = int(-r)
+                if status in _STEP_REJECTIONS:
+                    if kind is _OUTPUT:
+                        self._baseline.update(feedback._quality)
+                    return self._reject(_STEP_REJECTIONS[status])
+        return self._step_general(x, feedback, learning_rate, max_norm, module, weight, offsets)
+
+    def _step_general(
+        self,
+        x: Any,
+        feedback: AdaptFeedback,
+        learning_rate: float,
+        max_norm: float | None,
+        module: TargetModule | None,
+        weight: float,
+        offsets: Mapping[TargetModule, np.ndarray] | None,
+    ) -> bool:
         if type(feedback) is not AdaptFeedback and not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
         if self._pending or feedback.kind is FeedbackKind.QUALITY:
@@ -500,13 +586,7 @@ class MicroLoRA:
         elif kind is FeedbackKind.TARGET:
             mode, w = k_lora.MODE_REGRESS, feedback.quality
         elif kind is FeedbackKind.OUTPUT:
-            adv = self._baseline.advantage(feedback.quality)
-            c = self.config
-            mode = k_lora.MODE_REGRESS
-            # min(exp(z), cap) without math.exp overflowing: right after the first ratings the
-            # spread is tiny and z-scores reach thousands.
-            z = adv / c.advantage_temperature
-            w = c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
+            mode, w = k_lora.MODE_REGRESS, self._output_weight(feedback.quality)
         else:  # GROUP: the pull target already carries the advantage weighting
             mode, w = k_lora.MODE_REGRESS, 1.0
         w *= sample_weight
@@ -514,6 +594,15 @@ class MicroLoRA:
         if offsets is not None and mode == k_lora.MODE_REGRESS:
             targets = [self._residual_target(st, vec, offsets) for st in states]
         return states, xu, targets, w, mode
+
+    def _output_weight(self, quality: float) -> float:
+        """Rated-output feedback's regression weight: exp(advantage / temperature), capped."""
+        adv = self._baseline.advantage(quality)
+        c = self.config
+        # min(exp(z), cap) without math.exp overflowing: right after the first ratings the
+        # spread is tiny and z-scores reach thousands.
+        z = adv / c.advantage_temperature
+        return c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
 
     def _kernels(
         self,

@@ -1,16 +1,19 @@
-"""The scratch-free hot-path kernels: ``forward_into`` and ``forward_packed``.
+"""The scratch-free hot-path kernels: ``forward_into`` / ``forward_packed`` and ``step_fused``.
 
-Each is compared with a float64 numpy reference and with the kernel it replaces on the hot path
-(``forward_vec``), including their status codes.
+Each is compared with a float64 numpy reference and with the multi-pass kernels it replaces on
+the hot path (``forward_vec``, ``step_one``), including their status codes, the untouched
+weights of a refused step and the float64 fallback for norms that overflow float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_reference import assert_f32_close, ref_forward, ref_magnitude
+from lora_reference import assert_f32_close, f64, ref_forward, ref_magnitude, step_weight
 from sona.kernels import lora as kl
 
 F32 = np.float32
@@ -81,3 +84,204 @@ def test_forward_into_reports_non_finite_input(rank: int, bad: float) -> None:
     overflow = np.full(7, 3e38, F32)  # finite, but A·x is not
     ones = np.ones((rank, 7), F32)
     assert kl.forward_into(ones, bt, 1.0, overflow, np.empty(5, F32)) == kl.FORWARD_NOT_FINITE
+
+
+# ---------------------------------------------------------------------------- step
+
+
+def ref_step(
+    a: np.ndarray,
+    bt: np.ndarray,
+    s: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(A', Bᵀ', norm·c/lr, c) of one clipped rank-one step, in float64."""
+    a64, bt64, x64 = f64(a), f64(bt), f64(x)
+    h = s * a64 @ x64
+    w = weight * step_weight(x)
+    mu = bt64.T @ h
+    if mode == kl.MODE_GRADIENT:
+        g = w * f64(vec)
+    elif mode == kl.MODE_RESIDUAL:
+        g = w * (mu - (f64(vec) - f64(off)))
+    else:
+        g = w * (mu - f64(vec))
+    u = s * bt64 @ g
+    da, dbt = np.outer(u, x64), np.outer(h, g)
+    norm = math.sqrt(float(np.sum(da * da) + np.sum(dbt * dbt)))
+    c = lr if max_norm <= 0 or norm <= max_norm else lr * max_norm / norm
+    return a64 - c * da, bt64 - c * dbt, norm * c / lr, c
+
+
+MODES = [kl.MODE_REGRESS, kl.MODE_GRADIENT, kl.MODE_RESIDUAL]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    n_in=st.integers(1, 70),
+    n_out=st.integers(1, 70),
+    mode=st.sampled_from(MODES),
+    weight=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+    x_scale=st.sampled_from([0.05, 1.0, 4.0]),
+    lr=st.sampled_from([1e-3, 0.1, 2.0]),
+    max_norm=st.sampled_from([-1.0, 0.01, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_fused_matches_the_reference_and_step_one(
+    rank: int,
+    n_in: int,
+    n_out: int,
+    mode: int,
+    weight: float,
+    x_scale: float,
+    lr: float,
+    max_norm: float,
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    a, bt = rand(rng, rank, n_in), rand(rng, rank, n_out, scale=0.5)
+    x, vec, off = rand(rng, n_in, scale=x_scale), rand(rng, n_out), rand(rng, n_out)
+    s = 2.0 / rank
+    ref_a, ref_bt, ref_norm, c = ref_step(a, bt, s, x, vec, off, weight, mode, lr, max_norm)
+    fa, fbt = a.copy(), bt.copy()
+    r = kl.step_fused(fa, fbt, s, x, vec, off, weight, mode, lr, max_norm)
+    assert r >= 0.0
+    assert r == pytest.approx(ref_norm, rel=1e-4, abs=1e-30)
+    # rounding of float32 sums is relative to the magnitudes that went into them
+    h_mag = s * np.abs(f64(a)) @ np.abs(f64(x))
+    g_mag = abs(weight * step_weight(x)) * (
+        np.abs(f64(bt)).T @ h_mag + np.abs(f64(vec)) + np.abs(f64(off))
+    )
+    u_mag = s * np.abs(f64(bt)) @ g_mag
+    terms = n_in + n_out + rank
+    assert_f32_close(fa, ref_a, np.abs(f64(a)) + c * np.outer(u_mag, np.abs(f64(x))), terms)
+    assert_f32_close(fbt, ref_bt, np.abs(f64(bt)) + c * np.outer(h_mag, g_mag), terms)
+    # the multi-pass kernel, on the residual target where it has no offset mode
+    oa, obt = a.copy(), bt.copy()
+    target = (vec - off) if mode == kl.MODE_RESIDUAL else vec
+    one_mode = kl.MODE_GRADIENT if mode == kl.MODE_GRADIENT else kl.MODE_REGRESS
+    h, u, g, sums = np.empty(rank, F32), np.empty(rank, F32), np.empty(n_out, F32), np.zeros(8)
+    status = kl.step_one(oa, obt, s, x, target, weight, one_mode, lr, max_norm, h, u, g, sums)
+    assert status == 0
+    assert r == pytest.approx(sums[7], rel=1e-4, abs=1e-30)
+    np.testing.assert_allclose(fa, oa, rtol=1e-5, atol=1e-6 * float(np.abs(oa).max()))
+    np.testing.assert_allclose(fbt, obt, rtol=1e-5, atol=1e-6 * float(np.abs(obt).max()) + 1e-30)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    mode=st.sampled_from(MODES),
+    a_scale=st.sampled_from([1e-3, 1.0, 1e15, 1e20]),
+    b_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e15]),
+    x_scale=st.sampled_from([1e-3, 1.0, 1e20]),
+    v_scale=st.sampled_from([1.0, 1e30]),
+    lr=st.sampled_from([1e-3, 1.0, 1e30]),
+    max_norm=st.sampled_from([-1.0, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_fused_decides_like_step_one_at_any_magnitude(
+    rank: int,
+    mode: int,
+    a_scale: float,
+    b_scale: float,
+    x_scale: float,
+    v_scale: float,
+    lr: float,
+    max_norm: float,
+    seed: int,
+) -> None:
+    """Huge but finite weights, inputs and gradients overflow the float32 norm sums, which are
+    then recomputed in float64: every decision (applied, or which rejection) is step_one's, and
+    a refused step leaves the weights bit-identical."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out = 40, 30
+    a, bt = rand(rng, rank, n_in, scale=a_scale), rand(rng, rank, n_out, scale=b_scale)
+    x, vec = rand(rng, n_in, scale=x_scale), rand(rng, n_out, scale=v_scale)
+    off = rand(rng, n_out, scale=v_scale)
+    s = 2.0 / rank
+    fa, fbt = a.copy(), bt.copy()
+    r = kl.step_fused(fa, fbt, s, x, vec, off, 1.0, mode, lr, max_norm)
+    oa, obt = a.copy(), bt.copy()
+    with np.errstate(over="ignore"):
+        target = (vec - off) if mode == kl.MODE_RESIDUAL else vec
+    one_mode = kl.MODE_GRADIENT if mode == kl.MODE_GRADIENT else kl.MODE_REGRESS
+    h, u, g, sums = np.empty(rank, F32), np.empty(rank, F32), np.empty(n_out, F32), np.zeros(8)
+    status = kl.step_one(oa, obt, s, x, target, 1.0, one_mode, lr, max_norm, h, u, g, sums)
+    if status:
+        assert r == -status
+        assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+        return
+    assert r >= 0.0 and r == pytest.approx(sums[7], rel=1e-4, abs=1e-300)
+    np.testing.assert_allclose(fa, oa, rtol=1e-5, atol=1e-6 * float(np.abs(oa).max()) + 1e-30)
+    np.testing.assert_allclose(fbt, obt, rtol=1e-5, atol=1e-6 * float(np.abs(obt).max()) + 1e-30)
+
+
+def test_float32_norm_overflow_is_recomputed_not_rejected() -> None:
+    """‖A‖² and ‖g‖² beyond float32 (A ~ 1e20) are fine for float64: the step is applied."""
+    rng = np.random.default_rng(5)
+    a = rand(rng, 2, 64, scale=1e20)
+    bt = rand(rng, 2, 64, scale=1e-3)
+    x = rand(rng, 64, scale=0.1)
+    vec = rand(rng, 64)
+    with np.errstate(over="ignore"):
+        assert not math.isfinite(float(np.sum(a * a)))  # overflows in float32
+    fa, fbt = a.copy(), bt.copy()
+    r = kl.step_fused(fa, fbt, 1.0, x, vec, vec, 1.0, kl.MODE_REGRESS, 1e-3, 1.0)
+    assert r >= 0.0
+    _, ref_bt, ref_norm, _ = ref_step(a, bt, 1.0, x, vec, vec, 1.0, kl.MODE_REGRESS, 1e-3, 1.0)
+    assert r == pytest.approx(ref_norm, rel=1e-4)
+    np.testing.assert_allclose(fbt, ref_bt, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("where", ["x", "vec", "off"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_step_fused_reports_non_finite_inputs_and_writes_nothing(
+    rank: int, where: str, bad: float
+) -> None:
+    rng = np.random.default_rng(rank)
+    a, bt = rand(rng, rank, 9), rand(rng, rank, 7)
+    bt[:, 2] = 0.0  # a zero column of B: inf·0 must still be caught
+    arrays = {"x": rand(rng, 9), "vec": rand(rng, 7), "off": rand(rng, 7)}
+    arrays[where][2] = bad
+    for weight in (0.0, 1.0):
+        fa, fbt = a.copy(), bt.copy()
+        r = kl.step_fused(
+            fa, fbt, 1.0, arrays["x"], arrays["vec"], arrays["off"], weight,
+            kl.MODE_RESIDUAL, 0.1, 1.0,
+        )  # fmt: skip
+        assert r == -kl.STEP_NOT_FINITE
+        assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+
+
+def test_step_fused_leaves_other_shapes_ranks_and_modes_to_the_general_path() -> None:
+    rng = np.random.default_rng(0)
+    a, bt = rand(rng, 2, 6), rand(rng, 2, 5)
+    x, v = rand(rng, 6), rand(rng, 5)
+
+    def run(a_: np.ndarray, bt_: np.ndarray, x_: np.ndarray, v_: np.ndarray, o_: np.ndarray,
+            mode: int) -> float:  # fmt: skip
+        fa, fbt = a_.copy(), bt_.copy()
+        r = float(kl.step_fused(fa, fbt, 1.0, x_, v_, o_, 1.0, mode, 0.1, 1.0))
+        if r < 0.0:
+            assert fa.tobytes() == a_.tobytes() and fbt.tobytes() == bt_.tobytes()
+        return r
+
+    unsupported = -kl.STEP_UNSUPPORTED
+    assert run(a, bt, rand(rng, 7), v, v, kl.MODE_REGRESS) == unsupported
+    assert run(a, bt, rand(rng, 6, 2)[:, 0], v, v, kl.MODE_REGRESS) == unsupported
+    assert run(a, bt, x, rand(rng, 4), v, kl.MODE_GRADIENT) == unsupported
+    assert run(a, bt, x, rand(rng, 5, 2)[:, 1], v, kl.MODE_GRADIENT) == unsupported
+    assert run(a, bt, x, v, rand(rng, 4), kl.MODE_RESIDUAL) == unsupported
+    assert run(a, bt, x, v, rand(rng, 5, 2)[:, 1], kl.MODE_RESIDUAL) == unsupported
+    assert run(a, bt, x, v, v, kl.MODE_NOISE) == unsupported
+    assert run(rand(rng, 3, 6), rand(rng, 3, 5), x, v, v, kl.MODE_REGRESS) == unsupported
+    assert run(a, bt, x, v, rand(rng, 4), kl.MODE_REGRESS) >= 0.0  # off is read only as residual

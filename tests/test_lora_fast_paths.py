@@ -1,12 +1,15 @@
-"""The hot path of ``forward`` against the general code it shortcuts.
+"""The hot paths of ``forward`` and ``step`` against the general code they shortcut.
 
 ``forward`` reuses its result buffer while nobody holds it; a caller that keeps the result, a
 view of it or a memoryview must never see it change, and a former holder's changes to the
-array (dtype, shape, flags, size) must not leak into later results.
+array (dtype, shape, flags, size) must not leak into later results. ``step`` runs one kernel
+for rank 1-2; every outcome (result, note, norm, weights, baseline, errors) must be the general
+path's.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import warnings
@@ -15,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lora_reference import (
     Q,
     Snapshot,
@@ -187,3 +192,130 @@ def test_packed_factors_follow_every_way_of_changing_the_weights(tmp_path: Any) 
     check(lora, lora.forward(x, Q), x)
     lora.reset_b()
     assert not lora.forward(x, Q).any()
+
+
+# ---------------------------------------------------------------------------- step
+
+
+def _general_twin(lora: MicroLoRA) -> MicroLoRA:
+    """A copy whose step always takes the general path."""
+    twin = lora.clone()
+    twin._fused_by_id.clear()
+    return twin
+
+
+def _feedback(kind: str, rng: np.random.Generator, n_out: int, q: float) -> AdaptFeedback:
+    base = AdaptFeedback.from_quality(q)
+    if kind == "target":
+        return base.with_target(vec(rng, n_out))
+    if kind == "gradient":
+        return base.with_gradient(vec(rng, n_out))
+    if kind == "output":
+        return base.with_output(vec(rng, n_out))
+    return AdaptFeedback.from_group(
+        np.stack([vec(rng, n_out) for _ in range(3)]), [q, q / 2, 1.0 - q / 3]
+    )
+
+
+def _assert_same(fast: MicroLoRA, general: MicroLoRA) -> None:
+    assert fast.last_note == general.last_note
+    assert fast.version == general.version
+    assert fast.pending_updates == general.pending_updates == 0
+    assert fast.baseline.state() == general.baseline.state()
+    if general.last_update_norm is None:
+        assert fast.last_update_norm is None
+    else:
+        assert fast.last_update_norm == pytest.approx(general.last_update_norm, rel=1e-4)
+    for (m, a, bt), (_, ga, gbt) in zip(fast.iter_factors(), general.iter_factors(), strict=True):
+        np.testing.assert_allclose(a, ga, rtol=1e-5, atol=1e-6, err_msg=m.value)
+        np.testing.assert_allclose(bt, gbt, rtol=1e-5, atol=1e-6, err_msg=m.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    single=st.booleans(),
+    kind=st.sampled_from(["target", "gradient", "output", "group"]),
+    offsets=st.sampled_from([None, "array", "list", "other module", "empty"]),
+    module=st.sampled_from([None, Q]),
+    weight=st.sampled_from([1.0, 0.5, 0.0]),
+    lr=st.sampled_from([1e-3, 0.3, 5.0]),
+    max_norm=st.sampled_from([None, 0.01, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_takes_the_general_paths_decisions(
+    rank: int,
+    single: bool,
+    kind: str,
+    offsets: str | None,
+    module: Any,
+    weight: float,
+    lr: float,
+    max_norm: float | None,
+    seed: int,
+) -> None:
+    fast = trained(config(n_in=12, n_out=10, rank=rank, modules=(Q,) if single else (Q, V)), seed)
+    general = _general_twin(fast)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):  # the rated-output baseline moves from sample to sample
+        x = vec(rng, 12, scale=2.0)
+        fb = _feedback(kind, rng, 10, float(rng.uniform(0.1, 1.0)))
+        off: dict[Any, Any] | None = None
+        if offsets == "array":
+            off = {Q: vec(rng, 10), V: vec(rng, 10)}
+        elif offsets == "list":
+            off = {Q: list(vec(rng, 10))}
+        elif offsets == "other module":
+            off = {V: vec(rng, 10)}
+        elif offsets == "empty":
+            off = {}
+        kw: dict[str, Any] = {"max_norm": max_norm, "module": module, "weight": weight}
+        assert fast.step(x, fb, lr, offsets=off, **kw) == general.step(x, fb, lr, offsets=off, **kw)
+        _assert_same(fast, general)
+
+
+def test_step_raises_the_general_paths_errors_and_changes_nothing() -> None:
+    lora = trained(config(n_in=12, n_out=10, modules=(Q,)), seed=8)
+    rng = np.random.default_rng(7)
+    x = vec(rng, 12)
+    fb = AdaptFeedback.from_quality(0.8).with_output(vec(rng, 10))
+    lora.step(x, fb, 0.1)  # a baseline to keep
+    bad_x = x.copy()
+    bad_x[4] = np.nan
+    bad_off = vec(rng, 10)
+    bad_off[2] = np.inf
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"x": bad_x}, InvalidInputError, "x contains NaN or inf"),
+        ({"x": vec(rng, 11)}, InvalidInputError, r"x must have shape \(12,\)"),
+        (
+            {"x": np.stack([x, x], axis=1)[:, 0], "offsets": {Q: bad_off}},
+            InvalidInputError,
+            r"offsets\[q_proj\] contains NaN or inf",
+        ),
+        ({"offsets": {Q: bad_off}}, InvalidInputError, r"offsets\[q_proj\] contains NaN or inf"),
+        ({"offsets": {Q: vec(rng, 9)}}, InvalidInputError, r"offsets\[q_proj\] must have shape"),
+        (
+            {"fb": AdaptFeedback.from_quality(0.5).with_target(vec(rng, 9))},
+            InvalidInputError,
+            r"feedback target must have shape \(10,\)",
+        ),
+        ({"lr": math.nan}, InvalidInputError, "learning_rate"),
+        ({"lr": 0.0}, InvalidInputError, "learning_rate"),
+        ({"max_norm": -1.0}, InvalidInputError, "max_norm"),
+        ({"weight": -1.0}, InvalidInputError, "weight"),
+        ({"weight": math.inf}, InvalidInputError, "weight"),
+        ({"fb": "good"}, TypeError, "feedback must be an AdaptFeedback"),
+    ]
+    for change, error, message in cases:
+        args: dict[str, Any] = {"x": x, "fb": fb, "lr": 0.1, "max_norm": 1.0, "weight": 1.0}
+        args["offsets"] = None
+        args.update(change)
+        before = Snapshot.of(lora)
+        baseline = lora.baseline.state()
+        with pytest.raises(error, match=message):
+            lora.step(
+                args["x"], args["fb"], args["lr"], max_norm=args["max_norm"],
+                weight=args["weight"], offsets=args["offsets"],
+            )  # fmt: skip
+        assert Snapshot.of(lora) == before
+        assert lora.baseline.state() == baseline
