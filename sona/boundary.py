@@ -112,8 +112,7 @@ class ShiftDetector:
         Equivalent to calling :meth:`update` on each row and stopping at the first True (the
         rows after it are not consumed), but past the reference phase the whole run of rows
         goes through one GIL-free kernel (projection, residual fraction and CUSUM step per
-        row); its float32 projections and float64 energies may differ from :meth:`update`'s in
-        the last bits.
+        row); its float32 sums may differ from :meth:`update`'s in the last bits.
         """
         xs = np.ascontiguousarray(xs, dtype=_F32)
         n = xs.shape[0]
