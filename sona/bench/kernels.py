@@ -2,6 +2,8 @@
 
 sona is measured through its public API (input validation included): ``forward``, and for one
 sample ``step`` (adapt and apply fused), for a batch ``adapt`` per sample + ``apply_updates``.
+Single calls are timed as ``functools.partial`` objects, so sona pays for one Python call per
+sample, like the peers, and not for a wrapper around it.
 The numpy rows compute the same thing the obvious way (``B @ (A @ x)``, outer products for the
 gradients) and a tuned way (``np.dot`` into preallocated outputs with B transposed). torch CPU
 is included when it is importable.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -130,7 +133,7 @@ def _forward_fns(
         return np.dot(h, bt, out=out)
 
     fns: dict[str, Callable[[], object] | None] = {
-        "sona": lambda: lora.forward(x, Q),
+        "sona": partial(lora.forward, x, Q),  # the call itself, no extra Python frame
         "numpy": numpy_plain,
         "numpy_tuned": numpy_tuned,
         "torch": None,
@@ -155,12 +158,14 @@ def _adapt_fns(
     s = float(lora.scaling)
     a_np, bt_np = (arr.copy() for arr in lora.factors(Q))
 
-    def sona_step() -> object:
-        if len(rows) == 1:  # one sample: the fused accumulate-and-apply the Instant loop uses
-            return lora.step(rows[0], feedbacks[0], LR, module=Q)
+    def sona_batch() -> object:
         for xi, fb in zip(rows, feedbacks, strict=True):
             lora.adapt(xi, fb, Q)
         return lora.apply_updates(LR)
+
+    # One sample: the fused accumulate-and-apply the Instant loop uses, timed as the call itself
+    # (the numpy and torch rows are one Python call each, too).
+    sona_step = partial(lora.step, rows[0], feedbacks[0], LR, module=Q) if len(rows) == 1 else None
 
     def numpy_step(a: np.ndarray = a_np, bt: np.ndarray = bt_np) -> object:
         n = x.shape[0]
@@ -176,7 +181,7 @@ def _adapt_fns(
         return a
 
     fns: dict[str, Callable[[], object] | None] = {
-        "sona": sona_step,
+        "sona": sona_batch if sona_step is None else sona_step,
         "numpy": numpy_step,
         "numpy_tuned": None,
         "torch": None,
