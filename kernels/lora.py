@@ -137,23 +137,28 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
         return FORWARD_BAD_X
     if out.shape[0] != n_out or out.strides[0] != 4:
         return FORWARD_BAD_OUT
-    if rank == 2:
+    # Rows of A two at a time: one pass over x and one over out per pair (rank 2: one each).
+    # A non-finite x already shows in the first h (NaN·0 is NaN), so a later failure is an
+    # overflow; out may then be partly written.
+    for k in range(0, rank - 1, 2):
         acc0 = np.float32(0.0)
         acc1 = np.float32(0.0)
         for i in range(n_in):
             xi = x[i]
-            acc0 += a[0, i] * xi
-            acc1 += a[1, i] * xi
+            acc0 += a[k, i] * xi
+            acc1 += a[k + 1, i] * xi
         h0 = np.float32(acc0 * scale)
         h1 = np.float32(acc1 * scale)
         if not (np.isfinite(h0) and np.isfinite(h1)):
             return FORWARD_NOT_FINITE
-        for j in range(n_out):
-            out[j] = h0 * bt[0, j] + h1 * bt[1, j]
-        return FORWARD_OK
-    # Any other rank: one pass over x per row of A, each folded into out at once. A non-finite
-    # x already shows in the first row's h (NaN·0 is NaN), so a later failure is an overflow.
-    for k in range(rank):
+        if k == 0:
+            for j in range(n_out):
+                out[j] = h0 * bt[0, j] + h1 * bt[1, j]
+        else:
+            for j in range(n_out):
+                out[j] += h0 * bt[k, j] + h1 * bt[k + 1, j]
+    if rank % 2:
+        k = rank - 1
         acc = np.float32(0.0)
         for i in range(n_in):
             acc += a[k, i] * x[i]
@@ -179,7 +184,7 @@ def forward_into(
     guarantees float32 vectors (one dimension); their lengths and strides are checked here,
     before any element is read, so a strided vector passed for a contiguous one is refused,
     not misread. On failure ``out`` holds nothing meaningful. For rank <= 2, one pass over x
-    and one over Bᵀ.
+    and one over Bᵀ; higher ranks take the rows of A and Bᵀ in pairs.
     """
     return _forward(a, bt, scale, x, out)
 
@@ -594,20 +599,25 @@ def step_fused(
     if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
         _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
         return float(norm * c / lr)
-    for i in range(n_in):
-        xi = x[i]
-        a0[i] -= cu0 * xi
-        if rank == 2:
+    # One loop per rank: for rank 1, a1 and b1 are a0 and b0 again, and stores through two
+    # views of one row would defeat the vectoriser's alias checks.
+    if rank == 2:
+        for i in range(n_in):
+            xi = x[i]
+            a0[i] -= cu0 * xi
             a1[i] -= cu1 * xi
-    for j in range(n_out):
-        p = b0[j]
-        if rank == 2:
+        for j in range(n_out):
+            p = b0[j]
             q = b1[j]
             gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            b0[j] = p - ch0 * gj
             b1[j] = q - ch1 * gj
-        else:
-            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
-        b0[j] = p - ch0 * gj
+    else:
+        for i in range(n_in):
+            a0[i] -= cu0 * x[i]
+        for j in range(n_out):
+            p = b0[j]
+            b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
     return float(norm * c / lr)
 
 
