@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sona.kernels import ewc, lora, random, update
+from sona.kernels import batch, ewc, linalg, lora, random, update
 from sona.kernels.jit import entry_point
 
 
@@ -81,6 +81,8 @@ def warm_up(*, force: bool = False) -> float:
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
     fast.all_finite_vec = entry_point(update.all_finite, x)
     _warm_ewc(a, bt, s)
+    batch.warm_up()  # the Background loop's detector, pattern bank and objective
+    linalg.warm_up()  # its eigen-decomposition, QR and small SVD
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
     lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)
     for accumulate in (False, True):
