@@ -10,7 +10,6 @@ path's.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -34,10 +33,10 @@ from lora_reference import (
 
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
-from sona.lora import MicroLoRA
+from sona.lora import _UNHELD, MicroLoRA
 
 F32 = np.float32
-REUSES = sys.version_info < (3, 14)  # see sona.lora._UNHELD
+REUSES = _UNHELD > 0  # CPython up to 3.13 with the GIL
 
 
 def expected(lora: MicroLoRA, x: np.ndarray, module: Any = Q) -> np.ndarray:
