@@ -11,8 +11,12 @@ from __future__ import annotations
 import msgspec
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Base of every bus event; ``seq`` is strictly increasing per bus, 0 until published."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
+    """Base of every bus event; ``seq`` is strictly increasing per bus, 0 until published.
+
+    Events hold plain values, never cycles: untracked by the cyclic garbage collector, so a
+    stream of them does not trigger its collections.
+    """
 
     at: float = 0.0
     seq: int = 0

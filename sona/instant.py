@@ -28,8 +28,9 @@ _GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
 _REGRESSION = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
 
 
-class InstantOutcome(msgspec.Struct, frozen=True):
-    """One sample's fate in the Instant loop (a Struct: built per request, cheaply)."""
+class InstantOutcome(msgspec.Struct, frozen=True, gc=False):
+    """One sample's fate in the Instant loop: built per request, cheaply, and untracked by
+    the cyclic garbage collector (it never holds a cycle)."""
 
     applied: bool
     latency_us: float

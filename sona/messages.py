@@ -10,8 +10,12 @@ from typing import Any
 import msgspec
 
 
-class Process(msgspec.Struct, frozen=True, tag=True):
-    """Instant: learn from one accepted sample and answer through ``ticket``."""
+class Process(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """Instant: learn from one accepted sample and answer through ``ticket``.
+
+    One per request and never part of a reference cycle: untracked by the cyclic garbage
+    collector, so requests do not trigger its collections.
+    """
 
     sample_id: int
     sample: Any  # TrainingSample

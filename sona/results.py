@@ -12,7 +12,7 @@ import msgspec
 from sona.config import ConsolidationStrategy
 
 
-class AdaptationResult(msgspec.Struct, frozen=True, kw_only=True):
+class AdaptationResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     applied: bool
     loop: str
     latency_us: float  # time inside the Instant loop's handler
