@@ -1,9 +1,10 @@
 """The one place that decides how kernels are compiled.
 
 ``cache=True`` keeps start-up at ~0.2 s once the on-disk cache is warm; ``nogil=True`` lets the
-Deep loop run kernels in a worker thread without stealing the event loop. ``fastmath`` is limited
-to reassociation-style flags so float32 reductions vectorise while NaN and inf still propagate
-(the finiteness checks depend on that).
+Deep loop run kernels in a worker thread without stealing the event loop. The few kernels that
+update a live adapter's weights in place hold the GIL instead (:func:`update_kernel`).
+``fastmath`` is limited to reassociation-style flags so float32 reductions vectorise while NaN
+and inf still propagate (the finiteness checks depend on that).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 def kernel(fn: F) -> F:
     """Compile ``fn`` as a cached, GIL-free, float32-friendly Numba kernel."""
     return cast(F, numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))(fn))
+
+
+def update_kernel(fn: F) -> F:
+    """A kernel that writes a published adapter's weights in place: compiled like
+    :func:`kernel` but holding the GIL, so a reader in another thread sees the adapter either
+    before or after the update, never half-written (a few microseconds; no copy needed).
+    Holding it also keeps a worker thread from taking the GIL for its switch interval in the
+    middle of the Instant loop's update."""
+    return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH))(fn))
 
 
 def inline(fn: F) -> F:

@@ -12,7 +12,7 @@ than of x: NaN or inf anywhere in x reaches h through the dot products.
 from __future__ import annotations
 
 import numpy as np
-from sona.kernels.jit import inline, kernel
+from sona.kernels.jit import inline, kernel, update_kernel
 from sona.kernels.random import normal, uniform01
 
 
@@ -305,7 +305,7 @@ def step_sums(
     sums[6] = uh
 
 
-@kernel
+@update_kernel
 def apply_rank_one(
     a: np.ndarray,
     bt: np.ndarray,
@@ -353,7 +353,7 @@ def _factors_finite(c: float, uu: float, hh: float) -> bool:
 _F32_MAX = 3.4028234663852886e38
 
 
-@kernel
+@update_kernel
 def step_one(
     a: np.ndarray,
     bt: np.ndarray,
@@ -467,7 +467,7 @@ def _step_fused_exact(
         b0[j] = np.float32(np.float64(p) - ch0 * np.float64(gj))
 
 
-@kernel
+@update_kernel
 def step_fused(
     a: np.ndarray,
     bt: np.ndarray,

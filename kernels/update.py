@@ -8,7 +8,7 @@ rejected update leaves the weights bit-identical without keeping a copy.
 from __future__ import annotations
 
 import numpy as np
-from sona.kernels.jit import kernel
+from sona.kernels.jit import kernel, update_kernel
 
 
 @kernel
@@ -67,7 +67,7 @@ def candidate_sq_norms(
     return na, nb
 
 
-@kernel
+@update_kernel
 def apply_step(
     a: np.ndarray, grad_a: np.ndarray, bt: np.ndarray, grad_bt: np.ndarray, step: float
 ) -> None:

@@ -1,0 +1,66 @@
+"""In-place weight updates hold the GIL (a reader in another thread never sees half of one);
+read-only kernels release it (the Deep loop's worker thread leaves the event loop running)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from sona.kernels import lora
+from sona.kernels.warmup import warm_up
+
+N = 8_000_000  # one call takes long enough for the other thread to try many times
+
+
+def _progress_during(call: Callable[[], object]) -> int:
+    """How often another Python thread ran while ``call`` was computing.
+
+    The window is the call's own duration measured alone: after a GIL-holding call returns,
+    the waiting thread takes the GIL at once, so the time until the caller can read the clock
+    again is not part of the call.
+    """
+    alone = []
+    for _ in range(3):
+        t = time.perf_counter()
+        call()
+        alone.append(time.perf_counter() - t)
+    duration = sorted(alone)[1]
+    stop = threading.Event()
+    stamps: list[float] = []
+
+    def spin() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.01)
+    t0 = time.perf_counter()
+    call()
+    stop.set()
+    t.join()
+    margin = 0.1 * duration
+    return sum(1 for s in stamps if t0 + margin < s < t0 + duration - margin)
+
+
+def test_update_kernels_hold_the_gil_and_forward_releases_it() -> None:
+    warm_up()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, N), dtype=np.float32)
+    bt = rng.standard_normal((2, N), dtype=np.float32)
+    x = rng.standard_normal(N, dtype=np.float32)
+    g = rng.standard_normal(N, dtype=np.float32)
+    h = np.ones(2, np.float32)
+    u = np.ones(2, np.float32)
+    out = np.empty(N, np.float32)
+
+    def update() -> None:  # one call: the GIL may change hands between calls
+        lora.apply_rank_one(a, bt, x, h, u, g, 1e-6)
+
+    def forward() -> None:
+        lora.forward_into(a, bt, 0.5, x, out)
+
+    assert _progress_during(update) == 0
+    assert _progress_during(forward) > 0
