@@ -353,7 +353,8 @@ def _factors_finite(c: float, uu: float, hh: float) -> bool:
 _F32_MAX = 3.4028234663852886e38
 
 
-@update_kernel
+# Releases the GIL: the Deep loop steps its private copies (rank 8) with it in a worker thread.
+@kernel
 def step_one(
     a: np.ndarray,
     bt: np.ndarray,
