@@ -52,10 +52,11 @@ class AdaptFeedback:
         vector: np.ndarray | None,
         group_qualities: np.ndarray | None,
     ) -> None:
-        object.__setattr__(self, "_kind", kind)
-        object.__setattr__(self, "_quality", quality)
-        object.__setattr__(self, "_vector", vector)
-        object.__setattr__(self, "_group_qualities", group_qualities)
+        # The slots' own descriptors bypass the immutability guard (built per request).
+        _SET_KIND(self, kind)
+        _SET_QUALITY(self, quality)
+        _SET_VECTOR(self, vector)
+        _SET_GROUP(self, group_qualities)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("AdaptFeedback is immutable; use the with_* methods")
@@ -171,6 +172,11 @@ class AdaptFeedback:
         # __setattr__ refuses the default slot-state protocol; without this, samples holding
         # feedback could not be copied or sent to a worker process.
         return (_rebuild, (self._kind.value, self._quality, self._vector, self._group_qualities))
+
+
+_SET_KIND, _SET_QUALITY, _SET_VECTOR, _SET_GROUP = (
+    AdaptFeedback.__dict__[n].__set__ for n in ("_kind", "_quality", "_vector", "_group_qualities")
+)
 
 
 def _rebuild(

@@ -24,6 +24,7 @@ from sona.lora_config import TargetModule
 from sona.published import Published
 from sona.sample import TrainingSample
 
+_clock = time.perf_counter_ns
 _GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
 _REGRESSION = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
 
@@ -84,17 +85,18 @@ class InstantLoop:
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
     ) -> InstantOutcome:
         """One update; a sample that changes nothing is counted as skipped with its reason."""
-        t0 = time.perf_counter_ns()
+        t0 = _clock()
         fb = sample.to_feedback()
+        kind = fb.kind
         live = self.live
-        if fb.kind in _GATED and fb.quality < self._threshold:
+        if kind in _GATED and fb.quality < self._threshold:
             return self._skip(t0, "below_quality_threshold", (
                 f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
                 f"quality_threshold {self._threshold:.3f}"
             ))  # fmt: skip
         try:
             offsets = None
-            if self._consolidated is not None and fb.kind in _REGRESSION:
+            if self._consolidated is not None and kind in _REGRESSION:
                 offsets = self._consolidated_outputs(sample.input_embedding, module)
             stepped = live.step(
                 sample.input_embedding,
@@ -116,7 +118,7 @@ class InstantLoop:
         self.pending.append((sample_id, sample))
         self.applied += 1
         self.accumulated_quality += sample.quality
-        dt = (time.perf_counter_ns() - t0) / 1e3
+        dt = (_clock() - t0) / 1e3
         self.latency_sum_us += dt
         return InstantOutcome(True, dt)
 
@@ -137,7 +139,7 @@ class InstantLoop:
     def _skip(self, t0: int, reason: str, note: str, *, rejected: bool = False) -> InstantOutcome:
         self.skipped += 1
         self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
-        dt = (time.perf_counter_ns() - t0) / 1e3
+        dt = (_clock() - t0) / 1e3
         return InstantOutcome(False, dt, [note], reason, rejected)
 
     def hand_over(self) -> HandOver:
