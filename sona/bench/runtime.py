@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sys.setswitchinterval for the SonaRuntime part (default: the interpreter's, 0.005):"
         " how long a busy Background or Deep worker thread may keep the GIL from the event loop",
     )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop for the SonaRuntime part (uvloop: pip install uvloop)",
+    )
 
 
 def _actor_part(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -46,7 +52,12 @@ def _sona_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     try:
-        return bench_sona(dim=args.dim, latency_samples=args.latency_samples, seconds=args.seconds)
+        return bench_sona(
+            dim=args.dim,
+            latency_samples=args.latency_samples,
+            seconds=args.seconds,
+            uvloop=args.loop == "uvloop",
+        )
     finally:
         sys.setswitchinterval(previous)
 
@@ -56,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     sona_rows = _sona_part(args) if args.part in ("all", "sona") else []
     if args.json:
         interval = args.switch_interval or sys.getswitchinterval()
-        dump_json({"actors": actors, "sona": sona_rows, "switch_interval_s": interval})
+        dump_json(
+            {"actors": actors, "sona": sona_rows, "switch_interval_s": interval, "loop": args.loop}
+        )
         return 0
     nan = float("nan")
     if actors:
@@ -64,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if sona_rows:
         columns = tuple(sona_rows[0])
         interval = args.switch_interval or sys.getswitchinterval()
-        title = f"SonaRuntime (GIL switch interval {interval * 1e3:g} ms)"
+        title = f"SonaRuntime ({args.loop}, GIL switch interval {interval * 1e3:g} ms)"
         print_table(title, columns, [tuple(r.values()) for r in sona_rows])
     return 0
 
