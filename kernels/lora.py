@@ -622,6 +622,215 @@ def step_fused(
     return float(norm * c / lr)
 
 
+# step_fused_grad's scratch row, per module (float64): what the decision and the update need
+FG_H0, FG_H1, FG_U0, FG_U1, FG_W, FG_XX, FG_AA, FG_BB, FG_GG, FG_C = range(10)
+FUSED_SCRATCH = 10
+
+
+@kernel
+def step_fused_grad(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    out: np.ndarray,
+) -> int:
+    """``step_fused``'s passes 1 and 2 for one module of a multi-module step; writes no weight.
+
+    Fills ``out`` (float64, ``FUSED_SCRATCH`` long) with h, u, the gradient weight w and the
+    squared norms ‖x‖², ‖A‖², ‖Bᵀ‖², ‖g‖² (float32 sums, recomputed in float64 when they
+    overflow, as in ``step_fused``). Returns 0, ``STEP_NOT_FINITE`` or ``STEP_UNSUPPORTED``
+    (same checks as ``step_fused``). ``step_fused_decide`` then clips on the joint norm of
+    every module and guards each, and only then ``step_fused_apply`` writes the weights.
+    """
+    rank = a.shape[0]
+    if (
+        rank > 2
+        or mode not in (MODE_REGRESS, MODE_GRADIENT, MODE_RESIDUAL)
+        or x.shape[0] != a.shape[1]
+        or x.strides[0] != 4
+        or vec.shape[0] != bt.shape[1]
+        or vec.strides[0] != 4
+        or (mode == MODE_RESIDUAL and (off.shape[0] != vec.shape[0] or off.strides[0] != 4))
+        or out.shape[0] < FUSED_SCRATCH
+    ):
+        return STEP_UNSUPPORTED
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    zero = np.float32(0.0)
+    acc0 = zero
+    acc1 = zero
+    xx = zero
+    aa = zero
+    for i in range(n_in):
+        xi = x[i]
+        p = a0[i]
+        acc0 += p * xi
+        xx += xi * xi
+        if rank == 2:
+            q = a1[i]
+            acc1 += q * xi
+            aa += p * p + q * q
+        else:
+            aa += p * p
+    h0 = np.float32(acc0 * scale)
+    h1 = np.float32(acc1 * scale)
+    if not (np.isfinite(h0) and np.isfinite(h1)):
+        return STEP_NOT_FINITE
+    w = np.float32(weight / max(float(xx), 1.0))
+    ua0 = zero
+    ua1 = zero
+    gg = zero
+    bb = zero
+    for j in range(n_out):
+        p = b0[j]
+        if rank == 2:
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            ua1 += q * gj
+            bb += p * p + q * q
+        else:
+            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
+            bb += p * p
+        ua0 += p * gj
+        gg += gj * gj
+    u0 = np.float32(ua0 * scale)
+    u1 = np.float32(ua1 * scale)
+    if not (np.isfinite(u0) and np.isfinite(u1)):
+        return STEP_NOT_FINITE
+    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
+    aa64: float = np.float64(aa)
+    if not np.isfinite(aa):
+        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
+    bb64: float = np.float64(bb)
+    if not np.isfinite(bb):
+        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
+    gg64: float = np.float64(gg)
+    if not np.isfinite(gg):
+        gg64 = 0.0
+        for j in range(n_out):
+            if rank == 2:
+                gj = _grad_j(mode, w, h0 * b0[j] + h1 * b1[j], vec[j], off[j])
+            else:
+                gj = _grad_j(mode, w, h0 * b0[j], vec[j], off[j])
+            gg64 += np.float64(gj) * np.float64(gj)
+    out[FG_H0] = h0
+    out[FG_H1] = h1
+    out[FG_U0] = u0
+    out[FG_U1] = u1
+    out[FG_W] = w
+    out[FG_XX] = xx64
+    out[FG_AA] = aa64
+    out[FG_BB] = bb64
+    out[FG_GG] = gg64
+    return 0
+
+
+@kernel
+def step_fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) -> float:
+    """The clip and the guards of a multi-module step, from every module's ``step_fused_grad``
+    row of ``sums`` (modules, ``FUSED_SCRATCH``).
+
+    The norm is the joint norm of all modules' rank-one gradients; each module's updated
+    weights are then checked in module order (``step_one``'s guards). Returns the step's
+    norm / lr (>= 0) with the step factor c in every row's ``FG_C``, or a negated ``STEP_*``
+    code: then ``step_fused_apply`` must not run.
+    """
+    n = sums.shape[0]
+    total = 0.0
+    for m in range(n):
+        r = sums[m]
+        uu = r[FG_U0] * r[FG_U0] + r[FG_U1] * r[FG_U1]
+        hh = r[FG_H0] * r[FG_H0] + r[FG_H1] * r[FG_H1]
+        total += uu * r[FG_XX] + hh * r[FG_GG]
+    norm = np.sqrt(total)
+    if not np.isfinite(norm):
+        return -STEP_GRAD_NORM
+    c = lr
+    if max_norm > 0.0 and norm > max_norm:
+        c = lr * max_norm / norm
+    for m in range(n):
+        r = sums[m]
+        uu = r[FG_U0] * r[FG_U0] + r[FG_U1] * r[FG_U1]
+        hh = r[FG_H0] * r[FG_H0] + r[FG_H1] * r[FG_H1]
+        uh = r[FG_U0] * r[FG_H0] + r[FG_U1] * r[FG_H1]
+        xx = r[FG_XX]
+        gg = r[FG_GG]
+        cross = 2.0 * c * uh / scale
+        na = r[FG_AA] - cross + c * c * uu * xx
+        nb = r[FG_BB] - cross + c * c * hh * gg
+        if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
+            return -STEP_WEIGHTS
+        if not _factors_finite(c, uu, hh):
+            return -STEP_WEIGHTS
+        if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
+            return -STEP_OVERFLOW
+    for m in range(n):
+        sums[m, FG_C] = c
+    return float(norm * c / lr)
+
+
+@update_kernel
+def step_fused_apply(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    row: np.ndarray,
+) -> None:
+    """``step_fused``'s pass 3 for one module, from its ``step_fused_grad`` row once
+    ``step_fused_decide`` has accepted the step: A −= c·u⊗x, Bᵀ −= c·h⊗g, g recomputed from
+    the old Bᵀ (the arguments must be those ``step_fused_grad`` saw)."""
+    rank = a.shape[0]
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    h0 = np.float32(row[FG_H0])
+    h1 = np.float32(row[FG_H1])
+    u0 = np.float32(row[FG_U0])
+    u1 = np.float32(row[FG_U1])
+    w = np.float32(row[FG_W])
+    c = row[FG_C]
+    cf = np.float32(c)
+    cu0 = cf * u0
+    cu1 = cf * u1
+    ch0 = cf * h0
+    ch1 = cf * h1
+    if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
+        _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
+        return
+    if rank == 2:
+        for i in range(n_in):
+            xi = x[i]
+            a0[i] -= cu0 * xi
+            a1[i] -= cu1 * xi
+        for j in range(n_out):
+            p = b0[j]
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            b0[j] = p - ch0 * gj
+            b1[j] = q - ch1 * gj
+    else:
+        for i in range(n_in):
+            a0[i] -= cu0 * x[i]
+        for j in range(n_out):
+            p = b0[j]
+            b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
+
+
 @kernel
 def commit_grad(
     a: np.ndarray,

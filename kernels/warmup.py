@@ -28,6 +28,9 @@ class FastKernels:
     apply_rank_one: Callable[..., Any]
     step_one: Callable[..., Any]
     step_fused: Callable[..., Any]
+    step_fused_grad: Callable[..., Any]
+    step_fused_decide: Callable[..., Any]
+    step_fused_apply: Callable[..., Any]
     commit_grad: Callable[..., Any]
     grad_sq_norm: Callable[..., Any]
     candidate_sq_norms: Callable[..., Any]
@@ -74,6 +77,12 @@ def warm_up(*, force: bool = False) -> float:
     )
     fast.step_fused = entry_point(
         lora.step_fused, a.copy(), bt.copy(), s, x, g, g, 1.0, 0, 0.1, 1.0
+    )
+    rows = np.zeros((2, lora.FUSED_SCRATCH))
+    fast.step_fused_grad = entry_point(lora.step_fused_grad, a, bt, s, x, g, g, 1.0, 0, rows[0])
+    fast.step_fused_decide = entry_point(lora.step_fused_decide, rows, s, 0.1, 1.0)
+    fast.step_fused_apply = entry_point(
+        lora.step_fused_apply, a.copy(), bt.copy(), x, g, g, 0, rows[0]
     )
     fast.apply_rank_one = entry_point(lora.apply_rank_one, a.copy(), bt.copy(), x, h, u, g, 0.0)
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
