@@ -86,6 +86,7 @@ class _Module:
         "a",
         "bt",
         "forward",
+        "fused",
         "g",
         "grad_a",
         "grad_bt",
@@ -123,6 +124,8 @@ class _Module:
         self.u = np.zeros(rank, np.float32)
         self.g = np.zeros(n_out, np.float32)
         self.sums = np.zeros(8, np.float64)
+        # this module's row of MicroLoRA._fused (step_fused_grad's scratch), set by the adapter
+        self.fused: np.ndarray = np.zeros(k_lora.FUSED_SCRATCH, np.float64)
         self.target = np.zeros(n_out, np.float32)
         # forward's result, reused while nobody else holds it
         self.out: np.ndarray = np.zeros(n_out, np.float32)
@@ -169,10 +172,19 @@ class MicroLoRA:
         # step()'s one-kernel path: rank 1-2 without dropout, per module (and for module=None
         # when there is only one).
         self._fused_by_id: dict[int, _Module] = {}
+        # With several modules, module=None takes _step_modules: one step_fused_grad per
+        # module, one step_fused_decide on the joint norm, then one step_fused_apply per
+        # module; each module's scratch is a row of _fused.
+        self._fused_all: list[_Module] | None = None
+        self._fused = np.zeros((len(self._states), k_lora.FUSED_SCRATCH), np.float64)
+        for st in self._states:
+            st.fused = self._fused[st.index]
         if config.rank <= 2 and config.dropout == 0.0:
             self._fused_by_id.update(self._by_id)
             if len(self._states) == 1:
                 self._fused_by_id[id(None)] = self._states[0]
+            else:
+                self._fused_all = self._states
         self._xd = np.zeros(self._in, np.float32)
         self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
         self._dropout_counter = 0
@@ -206,7 +218,7 @@ class MicroLoRA:
     def memory_bytes(self) -> int:
         """Bytes held in arrays: weights, gradient accumulators and scratch."""
         own = sum(arr.nbytes for st in self._modules.values() for arr in st.arrays())
-        return own + self._xd.nbytes
+        return own + self._xd.nbytes + self._fused.nbytes
 
     @property
     def baseline(self) -> RunningBaseline:
@@ -398,7 +410,7 @@ class MicroLoRA:
         """
         st = self._fused_by_id.get(id(module))
         if (
-            st is not None
+            (st is not None or (module is None and self._fused_all is not None))
             and type(feedback) is AdaptFeedback
             and type(x) is _ND
             and x.dtype is _F32
@@ -426,6 +438,18 @@ class MicroLoRA:
                 mode, w = _MODE_REGRESS, weight
             else:
                 mode, w = -1, 0.0  # quality only
+            if st is None:  # every module, with the clip on their joint norm
+                if mode >= 0:
+                    assert self._fused_all is not None
+                    done = self._step_modules(
+                        self._fused_all, x, feedback, vec, w, mode, learning_rate, max_norm,
+                        offsets,
+                    )  # fmt: skip
+                    if done is not None:
+                        return done
+                return self._step_general(
+                    x, feedback, learning_rate, max_norm, module, weight, offsets
+                )
             if offsets is not None and mode == _MODE_REGRESS:
                 try:
                     o = offsets.get(st.module)
@@ -455,6 +479,57 @@ class MicroLoRA:
                         self._baseline.update(feedback._quality)
                     return self._reject(_STEP_REJECTIONS[status])
         return self._step_general(x, feedback, learning_rate, max_norm, module, weight, offsets)
+
+    def _step_modules(
+        self,
+        states: list[_Module],
+        x: np.ndarray,
+        feedback: AdaptFeedback,
+        vec: np.ndarray | None,
+        w: float,
+        mode: int,
+        learning_rate: float,
+        max_norm: float | None,
+        offsets: Mapping[TargetModule, np.ndarray] | None,
+    ) -> bool | None:
+        """``step``'s fast path over several modules: its result, or None (nothing changed)
+        when the general path must decide or raise. The clip uses the joint norm of every
+        module's gradient, and every module's guards pass before any weight is written."""
+        offs = [vec] * len(states)
+        modes = [mode] * len(states)
+        if offsets is not None and mode == _MODE_REGRESS:
+            for i, st in enumerate(states):
+                try:
+                    o = offsets.get(st.module)
+                except Exception:  # not a mapping: the general path raises, in its own order
+                    return None
+                if o is None:
+                    continue
+                if type(o) is not _ND or o.dtype is not _F32 or o.ndim != 1:
+                    return None  # converted and checked by the general path
+                offs[i] = o
+                modes[i] = _MODE_RESIDUAL
+        grad = fast.step_fused_grad
+        s = self._scale
+        for st, off, md in zip(states, offs, modes, strict=True):
+            if grad(st.a, st.bt, s, x, vec, off, w, md, st.fused):
+                return None
+        r = fast.step_fused_decide(
+            self._fused, s, learning_rate, -1.0 if max_norm is None else max_norm
+        )
+        if r < 0.0:
+            if feedback._kind is _OUTPUT:
+                self._baseline.update(feedback._quality)
+            return self._reject(_STEP_REJECTIONS[int(-r)])
+        apply = fast.step_fused_apply
+        for st, off, md in zip(states, offs, modes, strict=True):
+            apply(st.a, st.bt, x, vec, off, md, st.fused)
+        if feedback._kind is _OUTPUT:
+            self._baseline.update(feedback._quality)
+        self.version += 1
+        self.last_update_norm = r
+        self.last_note = None
+        return True
 
     def _step_general(
         self,

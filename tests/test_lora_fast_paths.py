@@ -200,6 +200,7 @@ def _general_twin(lora: MicroLoRA) -> MicroLoRA:
     """A copy whose step always takes the general path."""
     twin = lora.clone()
     twin._fused_by_id.clear()
+    twin._fused_all = None
     return twin
 
 
