@@ -627,8 +627,8 @@ FG_H0, FG_H1, FG_U0, FG_U1, FG_W, FG_XX, FG_AA, FG_BB, FG_GG, FG_C = range(10)
 FUSED_SCRATCH = 10
 
 
-@kernel
-def step_fused_grad(
+@inline
+def _fused_grad(
     a: np.ndarray,
     bt: np.ndarray,
     scale: float,
@@ -734,8 +734,8 @@ def step_fused_grad(
     return 0
 
 
-@kernel
-def step_fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) -> float:
+@inline
+def _fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) -> float:
     """The clip and the guards of a multi-module step, from every module's ``step_fused_grad``
     row of ``sums`` (modules, ``FUSED_SCRATCH``).
 
@@ -778,8 +778,8 @@ def step_fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float
     return float(norm * c / lr)
 
 
-@update_kernel
-def step_fused_apply(
+@inline
+def _fused_apply(
     a: np.ndarray,
     bt: np.ndarray,
     x: np.ndarray,
@@ -829,6 +829,80 @@ def step_fused_apply(
         for j in range(n_out):
             p = b0[j]
             b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
+
+
+@kernel
+def step_fused_grad(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    out: np.ndarray,
+) -> int:
+    """Phase one of a multi-module step, for one module (see ``_fused_grad``)."""
+    return _fused_grad(a, bt, scale, x, vec, off, weight, mode, out)
+
+
+@kernel
+def step_fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) -> float:
+    """Phase two of a multi-module step, for all modules (see ``_fused_decide``)."""
+    return _fused_decide(sums, scale, lr, max_norm)
+
+
+@update_kernel
+def step_fused_apply(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    row: np.ndarray,
+) -> None:
+    """Phase three of a multi-module step, for one module (see ``_fused_apply``)."""
+    _fused_apply(a, bt, x, vec, off, mode, row)
+
+
+@update_kernel
+def step_fused_pair(
+    a0: np.ndarray,
+    bt0: np.ndarray,
+    off0: np.ndarray,
+    mode0: int,
+    a1: np.ndarray,
+    bt1: np.ndarray,
+    off1: np.ndarray,
+    mode1: int,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    lr: float,
+    max_norm: float,
+    sums: np.ndarray,
+) -> float:
+    """The three phases of a two-module step in one call (two target modules is the default
+    configuration): ``step_fused``'s result and ``STEP_*`` codes, with the clip on the joint
+    norm and both modules guarded before either is written. ``sums`` is (2, FUSED_SCRATCH).
+    """
+    if sums.shape[0] != 2:
+        return -STEP_UNSUPPORTED
+    status = _fused_grad(a0, bt0, scale, x, vec, off0, weight, mode0, sums[0])
+    if status:
+        return -status
+    status = _fused_grad(a1, bt1, scale, x, vec, off1, weight, mode1, sums[1])
+    if status:
+        return -status
+    r = _fused_decide(sums, scale, lr, max_norm)
+    if r < 0.0:
+        return r
+    _fused_apply(a0, bt0, x, vec, off0, mode0, sums[0])
+    _fused_apply(a1, bt1, x, vec, off1, mode1, sums[1])
+    return r
 
 
 @kernel

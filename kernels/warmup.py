@@ -31,6 +31,7 @@ class FastKernels:
     step_fused_grad: Callable[..., Any]
     step_fused_decide: Callable[..., Any]
     step_fused_apply: Callable[..., Any]
+    step_fused_pair: Callable[..., Any]
     commit_grad: Callable[..., Any]
     grad_sq_norm: Callable[..., Any]
     candidate_sq_norms: Callable[..., Any]
@@ -84,6 +85,10 @@ def warm_up(*, force: bool = False) -> float:
     fast.step_fused_apply = entry_point(
         lora.step_fused_apply, a.copy(), bt.copy(), x, g, g, 0, rows[0]
     )
+    fast.step_fused_pair = entry_point(
+        lora.step_fused_pair, a.copy(), bt.copy(), g, 0, a.copy(), bt.copy(), g, 0,
+        s, x, g, 1.0, 0.1, 1.0, rows,
+    )  # fmt: skip
     fast.apply_rank_one = entry_point(lora.apply_rank_one, a.copy(), bt.copy(), x, h, u, g, 0.0)
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)

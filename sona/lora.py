@@ -509,21 +509,33 @@ class MicroLoRA:
                     return None  # converted and checked by the general path
                 offs[i] = o
                 modes[i] = _MODE_RESIDUAL
-        grad = fast.step_fused_grad
         s = self._scale
-        for st, off, md in zip(states, offs, modes, strict=True):
-            if grad(st.a, st.bt, s, x, vec, off, w, md, st.fused):
-                return None
-        r = fast.step_fused_decide(
-            self._fused, s, learning_rate, -1.0 if max_norm is None else max_norm
-        )
+        mn = -1.0 if max_norm is None else max_norm
+        if len(states) == 2:  # the default configuration: all three phases in one call
+            q, v = states
+            r = fast.step_fused_pair(
+                q.a, q.bt, offs[0], modes[0], v.a, v.bt, offs[1], modes[1],
+                s, x, vec, w, learning_rate, mn, self._fused,
+            )  # fmt: skip
+        else:
+            grad = fast.step_fused_grad
+            for st, off, md in zip(states, offs, modes, strict=True):
+                r = -grad(st.a, st.bt, s, x, vec, off, w, md, st.fused)
+                if r:
+                    break
+            else:
+                r = fast.step_fused_decide(self._fused, s, learning_rate, mn)
+                if r >= 0.0:
+                    apply = fast.step_fused_apply
+                    for st, off, md in zip(states, offs, modes, strict=True):
+                        apply(st.a, st.bt, x, vec, off, md, st.fused)
         if r < 0.0:
+            status = int(-r)
+            if status not in _STEP_REJECTIONS:
+                return None  # x or the gradient not finite, or unsupported: nothing written
             if feedback._kind is _OUTPUT:
                 self._baseline.update(feedback._quality)
-            return self._reject(_STEP_REJECTIONS[int(-r)])
-        apply = fast.step_fused_apply
-        for st, off, md in zip(states, offs, modes, strict=True):
-            apply(st.a, st.bt, x, vec, off, md, st.fused)
+            return self._reject(_STEP_REJECTIONS[status])
         if feedback._kind is _OUTPUT:
             self._baseline.update(feedback._quality)
         self.version += 1
