@@ -628,6 +628,29 @@ FUSED_SCRATCH = 10
 
 
 @inline
+def _fused_unsupported(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    out: np.ndarray,
+) -> bool:
+    """Shapes, strides, rank or mode that ``step_fused``'s passes do not take."""
+    return bool(
+        a.shape[0] > 2
+        or mode not in (MODE_REGRESS, MODE_GRADIENT, MODE_RESIDUAL)
+        or x.shape[0] != a.shape[1]
+        or x.strides[0] != 4
+        or vec.shape[0] != bt.shape[1]
+        or vec.strides[0] != 4
+        or (mode == MODE_RESIDUAL and (off.shape[0] != vec.shape[0] or off.strides[0] != 4))
+        or out.shape[0] < FUSED_SCRATCH
+    )
+
+
+@inline
 def _fused_grad(
     a: np.ndarray,
     bt: np.ndarray,
@@ -648,16 +671,7 @@ def _fused_grad(
     every module and guards each, and only then ``step_fused_apply`` writes the weights.
     """
     rank = a.shape[0]
-    if (
-        rank > 2
-        or mode not in (MODE_REGRESS, MODE_GRADIENT, MODE_RESIDUAL)
-        or x.shape[0] != a.shape[1]
-        or x.strides[0] != 4
-        or vec.shape[0] != bt.shape[1]
-        or vec.strides[0] != 4
-        or (mode == MODE_RESIDUAL and (off.shape[0] != vec.shape[0] or off.strides[0] != 4))
-        or out.shape[0] < FUSED_SCRATCH
-    ):
+    if _fused_unsupported(a, bt, x, vec, off, mode, out):
         return STEP_UNSUPPORTED
     n_in = x.shape[0]
     n_out = vec.shape[0]
@@ -702,6 +716,37 @@ def _fused_grad(
             bb += p * p
         ua0 += p * gj
         gg += gj * gj
+    return _fused_row(a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg, out)
+
+
+@inline
+def _fused_row(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    w: np.float32,
+    h0: np.float32,
+    h1: np.float32,
+    ua0: np.float32,
+    ua1: np.float32,
+    xx: np.float32,
+    aa: np.float32,
+    bb: np.float32,
+    gg: np.float32,
+    out: np.ndarray,
+) -> int:
+    """The end of ``_fused_grad`` from its float32 sums: u = s·ua checked, a sum that
+    overflowed redone in float64, the row written. Returns 0 or ``STEP_NOT_FINITE``."""
+    rank = a.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
     u0 = np.float32(ua0 * scale)
     u1 = np.float32(ua1 * scale)
     if not (np.isfinite(u0) and np.isfinite(u1)):
@@ -867,6 +912,150 @@ def step_fused_apply(
     _fused_apply(a, bt, x, vec, off, mode, row)
 
 
+@inline
+def _fused_pair_rank2(
+    a0: np.ndarray,
+    bt0: np.ndarray,
+    off0: np.ndarray,
+    mode0: int,
+    a1: np.ndarray,
+    bt1: np.ndarray,
+    off1: np.ndarray,
+    mode1: int,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    lr: float,
+    max_norm: float,
+    sums: np.ndarray,
+) -> float:
+    """``step_fused_pair`` for two rank-2 modules: each pass runs over x (or the output) once
+    for both modules, which reads x and vec once instead of twice (~10% at d = 4096). The
+    same sums, guards and float64 fallbacks as the per-module phases."""
+    r0 = sums[0]
+    r1 = sums[1]
+    if _fused_unsupported(a0, bt0, x, vec, off0, mode0, r0) or _fused_unsupported(
+        a1, bt1, x, vec, off1, mode1, r1
+    ):
+        return -STEP_UNSUPPORTED
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    p0 = a0[0]
+    p1 = a0[1]
+    q0 = a1[0]
+    q1 = a1[1]
+    zero = np.float32(0.0)
+    # pass 1 over x, both modules: h, ‖x‖², ‖A‖²
+    acc00 = zero
+    acc01 = zero
+    acc10 = zero
+    acc11 = zero
+    xx = zero
+    aa0 = zero
+    aa1 = zero
+    for i in range(n_in):
+        xi = x[i]
+        e00 = p0[i]
+        e01 = p1[i]
+        e10 = q0[i]
+        e11 = q1[i]
+        acc00 += e00 * xi
+        acc01 += e01 * xi
+        acc10 += e10 * xi
+        acc11 += e11 * xi
+        xx += xi * xi
+        aa0 += e00 * e00 + e01 * e01
+        aa1 += e10 * e10 + e11 * e11
+    h00 = np.float32(acc00 * scale)
+    h01 = np.float32(acc01 * scale)
+    h10 = np.float32(acc10 * scale)
+    h11 = np.float32(acc11 * scale)
+    if not (np.isfinite(h00) and np.isfinite(h01) and np.isfinite(h10) and np.isfinite(h11)):
+        return -STEP_NOT_FINITE
+    w = np.float32(weight / max(float(xx), 1.0))
+    # pass 2 over the output, both modules: u = s·Bᵀg, ‖g‖², ‖Bᵀ‖² (g not stored)
+    b00 = bt0[0]
+    b01 = bt0[1]
+    b10 = bt1[0]
+    b11 = bt1[1]
+    ua00 = zero
+    ua01 = zero
+    ua10 = zero
+    ua11 = zero
+    gg0 = zero
+    gg1 = zero
+    bb0 = zero
+    bb1 = zero
+    for j in range(n_out):
+        c00 = b00[j]
+        c01 = b01[j]
+        c10 = b10[j]
+        c11 = b11[j]
+        v = vec[j]
+        g0 = _grad_j(mode0, w, h00 * c00 + h01 * c01, v, off0[j])
+        g1 = _grad_j(mode1, w, h10 * c10 + h11 * c11, v, off1[j])
+        ua00 += c00 * g0
+        ua01 += c01 * g0
+        ua10 += c10 * g1
+        ua11 += c11 * g1
+        gg0 += g0 * g0
+        gg1 += g1 * g1
+        bb0 += c00 * c00 + c01 * c01
+        bb1 += c10 * c10 + c11 * c11
+    if _fused_row(a0, bt0, scale, x, vec, off0, mode0, w, h00, h01, ua00, ua01, xx, aa0, bb0,
+                  gg0, r0):  # fmt: skip
+        return -STEP_NOT_FINITE
+    if _fused_row(a1, bt1, scale, x, vec, off1, mode1, w, h10, h11, ua10, ua11, xx, aa1, bb1,
+                  gg1, r1):  # fmt: skip
+        return -STEP_NOT_FINITE
+    r = _fused_decide(sums, scale, lr, max_norm)
+    if r < 0.0:
+        return r
+    # pass 3, both modules: A −= c·u⊗x, Bᵀ −= c·h⊗g with g recomputed from the old Bᵀ
+    cf = np.float32(r0[FG_C])
+    cu00 = cf * np.float32(r0[FG_U0])
+    cu01 = cf * np.float32(r0[FG_U1])
+    cu10 = cf * np.float32(r1[FG_U0])
+    cu11 = cf * np.float32(r1[FG_U1])
+    ch00 = cf * h00
+    ch01 = cf * h01
+    ch10 = cf * h10
+    ch11 = cf * h11
+    if not (
+        np.isfinite(cu00)
+        and np.isfinite(cu01)
+        and np.isfinite(cu10)
+        and np.isfinite(cu11)
+        and np.isfinite(ch00)
+        and np.isfinite(ch01)
+        and np.isfinite(ch10)
+        and np.isfinite(ch11)
+    ):
+        _fused_apply(a0, bt0, x, vec, off0, mode0, r0)  # each takes its float64 way if needed
+        _fused_apply(a1, bt1, x, vec, off1, mode1, r1)
+        return r
+    for i in range(n_in):
+        xi = x[i]
+        p0[i] -= cu00 * xi
+        p1[i] -= cu01 * xi
+        q0[i] -= cu10 * xi
+        q1[i] -= cu11 * xi
+    for j in range(n_out):
+        c00 = b00[j]
+        c01 = b01[j]
+        c10 = b10[j]
+        c11 = b11[j]
+        v = vec[j]
+        g0 = _grad_j(mode0, w, h00 * c00 + h01 * c01, v, off0[j])
+        g1 = _grad_j(mode1, w, h10 * c10 + h11 * c11, v, off1[j])
+        b00[j] = c00 - ch00 * g0
+        b01[j] = c01 - ch01 * g0
+        b10[j] = c10 - ch10 * g1
+        b11[j] = c11 - ch11 * g1
+    return r
+
+
 @update_kernel
 def step_fused_pair(
     a0: np.ndarray,
@@ -891,6 +1080,10 @@ def step_fused_pair(
     """
     if sums.shape[0] != 2:
         return -STEP_UNSUPPORTED
+    if a0.shape[0] == 2 and a1.shape[0] == 2:
+        return _fused_pair_rank2(
+            a0, bt0, off0, mode0, a1, bt1, off1, mode1, scale, x, vec, weight, lr, max_norm, sums
+        )
     status = _fused_grad(a0, bt0, scale, x, vec, off0, weight, mode0, sums[0])
     if status:
         return -status

@@ -328,3 +328,27 @@ def test_one_module_through_the_split_kernels_is_step_fused(rank: int) -> None:
         kl.step_fused_apply(sa, sbt, x, v, o, mode, rows[0])
         np.testing.assert_allclose(sa, fa, rtol=1e-5, atol=1e-6 * float(np.abs(fa).max()))
         np.testing.assert_allclose(sbt, fbt, rtol=1e-5, atol=1e-6 * float(np.abs(fbt).max()))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("modules", [(Q, V), (Q, K, V)])
+def test_factors_beyond_float32_take_the_float64_update(
+    rank: int, modules: tuple[Any, ...]
+) -> None:
+    """lr·h overflows float32 while the update itself is small (a tiny gradient): the step is
+    computed in float64, as on the general path, and the weights stay finite."""
+    cfg = config(n_in=16, n_out=16, rank=rank, modules=modules)
+    lora = trained(cfg, seed=6)
+    before = weights_bytes(lora)
+    general = general_twin(lora)
+    rng = np.random.default_rng(6)
+    x = vec(rng, 16, scale=10.0)
+    fb = AdaptFeedback.from_quality(1.0).with_gradient(np.full(16, 1e-37, F32))
+    with np.errstate(over="ignore"):
+        h = lora.scaling * lora.factors(Q)[0] @ x
+        assert float(np.max(np.abs(F32(1e38) * h))) == np.inf
+    assert lora.step(x, fb, 1e38, max_norm=None)
+    assert general.step(x, fb, 1e38, max_norm=None)
+    assert all(np.isfinite(arr).all() for _, a, bt in lora.iter_factors() for arr in (a, bt))
+    assert weights_bytes(lora) != before
+    assert_same(lora, general)
