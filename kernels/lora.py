@@ -492,6 +492,122 @@ def _step_fused_exact(
         b0[j] = np.float32(np.float64(p) - ch0 * np.float64(gj))
 
 
+@inline
+def _fused_sums(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+) -> tuple[bool, np.float32, np.float32, np.float32, np.float32, np.float32,
+           np.float32, np.float32, np.float32, np.float32]:  # fmt: skip
+    """Passes 1 and 2 of a fused step (rank 1-2, shapes already checked), in float32.
+
+    Pass 1 over x: h = s·A·x, ‖x‖², ‖A‖²; pass 2 over the output: g (not stored), s⁻¹u = Bᵀg,
+    ‖g‖², ‖Bᵀ‖². Returns (h finite, h0, h1, ua0, ua1, w, xx, aa, bb, gg); a sum that overflowed
+    is redone in float64 by :func:`_exact_sums`.
+    """
+    rank = a.shape[0]
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    zero = np.float32(0.0)
+    acc0 = zero
+    acc1 = zero
+    xx = zero
+    aa = zero
+    for i in range(n_in):
+        xi = x[i]
+        p = a0[i]
+        acc0 += p * xi
+        xx += xi * xi
+        if rank == 2:
+            q = a1[i]
+            acc1 += q * xi
+            aa += p * p + q * q
+        else:
+            aa += p * p
+    h0 = np.float32(acc0 * scale)
+    h1 = np.float32(acc1 * scale)
+    if not (np.isfinite(h0) and np.isfinite(h1)):
+        return False, h0, h1, zero, zero, zero, xx, aa, zero, zero
+    w = np.float32(weight / max(float(xx), 1.0))
+    ua0 = zero
+    ua1 = zero
+    gg = zero
+    bb = zero
+    for j in range(n_out):
+        p = b0[j]
+        if rank == 2:
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            ua1 += q * gj
+            bb += p * p + q * q
+        else:
+            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
+            bb += p * p
+        ua0 += p * gj
+        gg += gj * gj
+    return True, h0, h1, ua0, ua1, w, xx, aa, bb, gg
+
+
+@inline
+def _exact_sums(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    w: np.float32,
+    h0: np.float32,
+    h1: np.float32,
+    ua0: np.float32,
+    ua1: np.float32,
+    xx: np.float32,
+    aa: np.float32,
+    bb: np.float32,
+    gg: np.float32,
+) -> tuple[bool, np.float32, np.float32, float, float, float, float]:
+    """u = s·ua (checked) and the squared norms in float64: a float32 sum that overflowed is
+    recomputed in float64, so huge but finite weights are judged as ``step_one`` judges them.
+    Returns (u finite, u0, u1, ‖x‖², ‖A‖², ‖Bᵀ‖², ‖g‖²)."""
+    rank = a.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    u0 = np.float32(ua0 * scale)
+    u1 = np.float32(ua1 * scale)
+    if not (np.isfinite(u0) and np.isfinite(u1)):
+        return False, u0, u1, 0.0, 0.0, 0.0, 0.0
+    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
+    aa64: float = np.float64(aa)
+    if not np.isfinite(aa):
+        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
+    bb64: float = np.float64(bb)
+    if not np.isfinite(bb):
+        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
+    gg64: float = np.float64(gg)
+    if not np.isfinite(gg):
+        gg64 = 0.0
+        for j in range(n_out):
+            if rank == 2:
+                gj = _grad_j(mode, w, h0 * b0[j] + h1 * b1[j], vec[j], off[j])
+            else:
+                gj = _grad_j(mode, w, h0 * b0[j], vec[j], off[j])
+            gg64 += np.float64(gj) * np.float64(gj)
+    return True, u0, u1, xx64, aa64, bb64, gg64
+
+
 @update_kernel
 def step_fused(
     a: np.ndarray,
@@ -537,65 +653,14 @@ def step_fused(
     a1 = a[rank - 1]
     b0 = bt[0]
     b1 = bt[rank - 1]
-    zero = np.float32(0.0)
-    # pass 1 over x: h = s·A·x, ‖x‖² and ‖A‖² (float32; an overflow is redone in float64)
-    acc0 = zero
-    acc1 = zero
-    xx = zero
-    aa = zero
-    for i in range(n_in):
-        xi = x[i]
-        p = a0[i]
-        acc0 += p * xi
-        xx += xi * xi
-        if rank == 2:
-            q = a1[i]
-            acc1 += q * xi
-            aa += p * p + q * q
-        else:
-            aa += p * p
-    h0 = np.float32(acc0 * scale)
-    h1 = np.float32(acc1 * scale)
-    if not (np.isfinite(h0) and np.isfinite(h1)):
+    ok, h0, h1, ua0, ua1, w, xx, aa, bb, gg = _fused_sums(a, bt, scale, x, vec, off, weight, mode)
+    if not ok:
         return -STEP_NOT_FINITE
-    w = np.float32(weight / max(float(xx), 1.0))
-    # pass 2 over the output: g (not stored), u = s·Bᵀg, ‖g‖² and ‖Bᵀ‖²
-    ua0 = zero
-    ua1 = zero
-    gg = zero
-    bb = zero
-    for j in range(n_out):
-        p = b0[j]
-        if rank == 2:
-            q = b1[j]
-            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
-            ua1 += q * gj
-            bb += p * p + q * q
-        else:
-            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
-            bb += p * p
-        ua0 += p * gj
-        gg += gj * gj
-    u0 = np.float32(ua0 * scale)
-    u1 = np.float32(ua1 * scale)
-    if not (np.isfinite(u0) and np.isfinite(u1)):
+    ok, u0, u1, xx64, aa64, bb64, gg64 = _exact_sums(
+        a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg
+    )
+    if not ok:
         return -STEP_NOT_FINITE
-    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
-    aa64: float = np.float64(aa)
-    if not np.isfinite(aa):
-        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
-    bb64: float = np.float64(bb)
-    if not np.isfinite(bb):
-        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
-    gg64: float = np.float64(gg)
-    if not np.isfinite(gg):
-        gg64 = 0.0
-        for j in range(n_out):
-            if rank == 2:
-                gj = _grad_j(mode, w, h0 * b0[j] + h1 * b1[j], vec[j], off[j])
-            else:
-                gj = _grad_j(mode, w, h0 * b0[j], vec[j], off[j])
-            gg64 += np.float64(gj) * np.float64(gj)
     uu = np.float64(u0) * np.float64(u0) + np.float64(u1) * np.float64(u1)
     hh = np.float64(h0) * np.float64(h0) + np.float64(h1) * np.float64(h1)
     uh = np.float64(u0) * np.float64(h0) + np.float64(u1) * np.float64(h1)
@@ -694,52 +759,11 @@ def _fused_grad(
     (same checks as ``step_fused``). ``step_fused_decide`` then clips on the joint norm of
     every module and guards each, and only then ``step_fused_apply`` writes the weights.
     """
-    rank = a.shape[0]
     if _fused_unsupported(a, bt, x, vec, off, mode, out):
         return STEP_UNSUPPORTED
-    n_in = x.shape[0]
-    n_out = vec.shape[0]
-    a0 = a[0]
-    a1 = a[rank - 1]
-    b0 = bt[0]
-    b1 = bt[rank - 1]
-    zero = np.float32(0.0)
-    acc0 = zero
-    acc1 = zero
-    xx = zero
-    aa = zero
-    for i in range(n_in):
-        xi = x[i]
-        p = a0[i]
-        acc0 += p * xi
-        xx += xi * xi
-        if rank == 2:
-            q = a1[i]
-            acc1 += q * xi
-            aa += p * p + q * q
-        else:
-            aa += p * p
-    h0 = np.float32(acc0 * scale)
-    h1 = np.float32(acc1 * scale)
-    if not (np.isfinite(h0) and np.isfinite(h1)):
+    ok, h0, h1, ua0, ua1, w, xx, aa, bb, gg = _fused_sums(a, bt, scale, x, vec, off, weight, mode)
+    if not ok:
         return STEP_NOT_FINITE
-    w = np.float32(weight / max(float(xx), 1.0))
-    ua0 = zero
-    ua1 = zero
-    gg = zero
-    bb = zero
-    for j in range(n_out):
-        p = b0[j]
-        if rank == 2:
-            q = b1[j]
-            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
-            ua1 += q * gj
-            bb += p * p + q * q
-        else:
-            gj = _grad_j(mode, w, h0 * p, vec[j], off[j])
-            bb += p * p
-        ua0 += p * gj
-        gg += gj * gj
     return _fused_row(a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg, out)
 
 
@@ -765,32 +789,11 @@ def _fused_row(
 ) -> int:
     """The end of ``_fused_grad`` from its float32 sums: u = s·ua checked, a sum that
     overflowed redone in float64, the row written. Returns 0 or ``STEP_NOT_FINITE``."""
-    rank = a.shape[0]
-    n_out = vec.shape[0]
-    a0 = a[0]
-    a1 = a[rank - 1]
-    b0 = bt[0]
-    b1 = bt[rank - 1]
-    u0 = np.float32(ua0 * scale)
-    u1 = np.float32(ua1 * scale)
-    if not (np.isfinite(u0) and np.isfinite(u1)):
+    ok, u0, u1, xx64, aa64, bb64, gg64 = _exact_sums(
+        a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg
+    )
+    if not ok:
         return STEP_NOT_FINITE
-    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
-    aa64: float = np.float64(aa)
-    if not np.isfinite(aa):
-        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
-    bb64: float = np.float64(bb)
-    if not np.isfinite(bb):
-        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
-    gg64: float = np.float64(gg)
-    if not np.isfinite(gg):
-        gg64 = 0.0
-        for j in range(n_out):
-            if rank == 2:
-                gj = _grad_j(mode, w, h0 * b0[j] + h1 * b1[j], vec[j], off[j])
-            else:
-                gj = _grad_j(mode, w, h0 * b0[j], vec[j], off[j])
-            gg64 += np.float64(gj) * np.float64(gj)
     out[FG_H0] = h0
     out[FG_H1] = h1
     out[FG_U0] = u0
