@@ -493,6 +493,85 @@ def _step_fused_exact(
 
 
 @inline
+def _guards(
+    scale: float,
+    c: float,
+    uu: float,
+    hh: float,
+    uh: float,
+    xx: float,
+    gg: float,
+    aa: float,
+    bb: float,
+) -> int:
+    """``step_one``'s closed-form guards for one module stepped by c: 0, ``STEP_WEIGHTS`` (the
+    factors would not be finite) or ``STEP_OVERFLOW`` (delta_weight would overflow)."""
+    cross = 2.0 * c * uh / scale
+    na = aa - cross + c * c * uu * xx
+    nb = bb - cross + c * c * hh * gg
+    if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
+        return STEP_WEIGHTS
+    if not _factors_finite(c, uu, hh):
+        return STEP_WEIGHTS
+    if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
+        return STEP_OVERFLOW
+    return 0
+
+
+@inline
+def _apply_pass(
+    a: np.ndarray,
+    bt: np.ndarray,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    mode: int,
+    w: np.float32,
+    h0: np.float32,
+    h1: np.float32,
+    u0: np.float32,
+    u1: np.float32,
+    c: float,
+) -> None:
+    """Pass 3 of a fused step (rank 1-2), once the guards passed: A −= c·u⊗x, Bᵀ −= c·h⊗g,
+    g recomputed from the old Bᵀ column; in float64 when c·u or c·h overflows float32."""
+    rank = a.shape[0]
+    n_in = x.shape[0]
+    n_out = vec.shape[0]
+    a0 = a[0]
+    a1 = a[rank - 1]
+    b0 = bt[0]
+    b1 = bt[rank - 1]
+    cf = np.float32(c)
+    cu0 = cf * u0
+    cu1 = cf * u1
+    ch0 = cf * h0
+    ch1 = cf * h1
+    if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
+        _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
+        return
+    # One loop per rank: for rank 1, a1 and b1 are a0 and b0 again, and stores through two
+    # views of one row would defeat the vectoriser's alias checks.
+    if rank == 2:
+        for i in range(n_in):
+            xi = x[i]
+            a0[i] -= cu0 * xi
+            a1[i] -= cu1 * xi
+        for j in range(n_out):
+            p = b0[j]
+            q = b1[j]
+            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
+            b0[j] = p - ch0 * gj
+            b1[j] = q - ch1 * gj
+    else:
+        for i in range(n_in):
+            a0[i] -= cu0 * x[i]
+        for j in range(n_out):
+            p = b0[j]
+            b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
+
+
+@inline
 def _fused_sums(
     a: np.ndarray,
     bt: np.ndarray,
@@ -647,12 +726,6 @@ def step_fused(
         or (mode == MODE_RESIDUAL and (off.shape[0] != vec.shape[0] or off.strides[0] != 4))
     ):
         return -STEP_UNSUPPORTED
-    n_in = x.shape[0]
-    n_out = vec.shape[0]
-    a0 = a[0]
-    a1 = a[rank - 1]
-    b0 = bt[0]
-    b1 = bt[rank - 1]
     ok, h0, h1, ua0, ua1, w, xx, aa, bb, gg = _fused_sums(a, bt, scale, x, vec, off, weight, mode)
     if not ok:
         return -STEP_NOT_FINITE
@@ -671,43 +744,10 @@ def step_fused(
     c = lr
     if max_norm > 0.0 and norm > max_norm:
         c = lr * max_norm / norm
-    cross = 2.0 * c * uh / scale
-    na = aa64 - cross + c * c * uu * xx64
-    nb = bb64 - cross + c * c * hh * gg64
-    if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
-        return -STEP_WEIGHTS
-    if not _factors_finite(c, uu, hh):
-        return -STEP_WEIGHTS
-    if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
-        return -STEP_OVERFLOW
-    # pass 3: A −= c·u⊗x, Bᵀ −= c·h⊗g, g recomputed from the old Bᵀ column
-    cf = np.float32(c)
-    cu0 = cf * u0
-    cu1 = cf * u1
-    ch0 = cf * h0
-    ch1 = cf * h1
-    if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
-        _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
-        return float(norm * c / lr)
-    # One loop per rank: for rank 1, a1 and b1 are a0 and b0 again, and stores through two
-    # views of one row would defeat the vectoriser's alias checks.
-    if rank == 2:
-        for i in range(n_in):
-            xi = x[i]
-            a0[i] -= cu0 * xi
-            a1[i] -= cu1 * xi
-        for j in range(n_out):
-            p = b0[j]
-            q = b1[j]
-            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
-            b0[j] = p - ch0 * gj
-            b1[j] = q - ch1 * gj
-    else:
-        for i in range(n_in):
-            a0[i] -= cu0 * x[i]
-        for j in range(n_out):
-            p = b0[j]
-            b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
+    status = _guards(scale, c, uu, hh, uh, xx64, gg64, aa64, bb64)
+    if status:
+        return -status
+    _apply_pass(a, bt, x, vec, off, mode, w, h0, h1, u0, u1, c)
     return float(norm * c / lr)
 
 
@@ -834,17 +874,9 @@ def _fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) ->
         uu = r[FG_U0] * r[FG_U0] + r[FG_U1] * r[FG_U1]
         hh = r[FG_H0] * r[FG_H0] + r[FG_H1] * r[FG_H1]
         uh = r[FG_U0] * r[FG_H0] + r[FG_U1] * r[FG_H1]
-        xx = r[FG_XX]
-        gg = r[FG_GG]
-        cross = 2.0 * c * uh / scale
-        na = r[FG_AA] - cross + c * c * uu * xx
-        nb = r[FG_BB] - cross + c * c * hh * gg
-        if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
-            return -STEP_WEIGHTS
-        if not _factors_finite(c, uu, hh):
-            return -STEP_WEIGHTS
-        if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
-            return -STEP_OVERFLOW
+        status = _guards(scale, c, uu, hh, uh, r[FG_XX], r[FG_GG], r[FG_AA], r[FG_BB])
+        if status:
+            return -status
     for m in range(n):
         sums[m, FG_C] = c
     return float(norm * c / lr)
@@ -863,44 +895,12 @@ def _fused_apply(
     """``step_fused``'s pass 3 for one module, from its ``step_fused_grad`` row once
     ``step_fused_decide`` has accepted the step: A −= c·u⊗x, Bᵀ −= c·h⊗g, g recomputed from
     the old Bᵀ (the arguments must be those ``step_fused_grad`` saw)."""
-    rank = a.shape[0]
-    n_in = x.shape[0]
-    n_out = vec.shape[0]
-    a0 = a[0]
-    a1 = a[rank - 1]
-    b0 = bt[0]
-    b1 = bt[rank - 1]
+    w = np.float32(row[FG_W])
     h0 = np.float32(row[FG_H0])
     h1 = np.float32(row[FG_H1])
     u0 = np.float32(row[FG_U0])
     u1 = np.float32(row[FG_U1])
-    w = np.float32(row[FG_W])
-    c = row[FG_C]
-    cf = np.float32(c)
-    cu0 = cf * u0
-    cu1 = cf * u1
-    ch0 = cf * h0
-    ch1 = cf * h1
-    if not (np.isfinite(cu0) and np.isfinite(cu1) and np.isfinite(ch0) and np.isfinite(ch1)):
-        _step_fused_exact(a0, a1, b0, b1, x, vec, off, w, h0, h1, u0, u1, c, rank, mode)
-        return
-    if rank == 2:
-        for i in range(n_in):
-            xi = x[i]
-            a0[i] -= cu0 * xi
-            a1[i] -= cu1 * xi
-        for j in range(n_out):
-            p = b0[j]
-            q = b1[j]
-            gj = _grad_j(mode, w, h0 * p + h1 * q, vec[j], off[j])
-            b0[j] = p - ch0 * gj
-            b1[j] = q - ch1 * gj
-    else:
-        for i in range(n_in):
-            a0[i] -= cu0 * x[i]
-        for j in range(n_out):
-            p = b0[j]
-            b0[j] = p - ch0 * _grad_j(mode, w, h0 * p, vec[j], off[j])
+    _apply_pass(a, bt, x, vec, off, mode, w, h0, h1, u0, u1, row[FG_C])
 
 
 @kernel
