@@ -17,7 +17,8 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import DIM, EXPECTED, fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sona import checkpoint as ckpt
@@ -32,20 +33,6 @@ from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.sample_codec import _Record, decode_sample, encode_sample
 from sona.sample_log import SampleLog
-
-DIM = 6
-EXPECTED = (ValueError, TypeError)
-
-
-def fuzz(n: int) -> Any:
-    return settings(
-        max_examples=n,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
 
 json_values = st.recursive(
     st.none()

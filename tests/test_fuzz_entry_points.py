@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from hypothesis import HealthCheck, given, settings
+from fuzzing import DIM, EXPECTED, fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -28,20 +29,6 @@ from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
-
-DIM = 6
-EXPECTED = (ValueError, TypeError)
-
-
-def fuzz(n: int) -> Any:
-    return settings(
-        max_examples=n,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
 
 special = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3.4e38, -3.4e38, 1e300])
 any_array = hnp.arrays(
