@@ -24,6 +24,18 @@ class Actor:
         """
         return None
 
+    def handle_inline(self, message: Any) -> bool:
+        """Optionally handle a told message synchronously, in the sender's task.
+
+        :meth:`ActorRef.tell_inline` calls this only while the actor is idle (nothing queued,
+        nothing to retry, no message in flight), so the message is handled in order and alone,
+        exactly as if it had gone through the mailbox, minus the two task switches of the hop.
+        Return False to decline: the message is then queued as usual. Raising counts as a crash
+        on this message (replayed in the actor's own task, then retried and dead-lettered as
+        for :meth:`handle`). It must not await: only handlers that never wait belong here.
+        """
+        return False
+
     async def on_stop(self) -> None:
         """Called once on a graceful stop (after the drain), never after a crash."""
 

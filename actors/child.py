@@ -60,6 +60,7 @@ class Child:
         self.finished = False  # stopped for good: nothing will handle this mailbox again
         self.stop_requested = False
         self.idle = False  # the loop is waiting on an empty mailbox
+        self.inline_failure: Exception | None = None  # raised by the loop when it wakes
         self.scope: anyio.CancelScope | None = None
         self.done: anyio.Event | None = None
         self.gate: anyio.Event | None = None  # on_stop waits for it: orders stops in reverse
@@ -67,6 +68,7 @@ class Child:
         self.leftovers: list[Any] = []
         # counters
         self.processed = 0
+        self.inline = 0  # of those, handled in the sender's task (handle_inline)
         self.crashes = 0
         self.restarts = 0
         self.dead_letters = 0
@@ -120,6 +122,10 @@ class Child:
                         await mailbox.wait_nonempty()
                     finally:
                         self.idle = False
+                    failure = self.inline_failure
+                    if failure is not None:  # see handle_inline; retry holds the message
+                        self.inline_failure = None
+                        raise failure
             return None
         except Exception as exc:
             if item is not NOTHING:
@@ -134,6 +140,41 @@ class Child:
                 self.interrupted += 1
                 mailbox.push_front(item)
             raise
+
+    def handle_inline(self, message: Any) -> bool:
+        """Hand a told message to the idle actor's ``handle_inline`` in the caller's task.
+
+        False when the actor is not idle or declines; the caller then queues it. A message
+        whose inline handling raised goes to the retry slot and the exception is raised in the
+        actor's own loop, so the crash takes the usual path: ``on_failure``, restart with
+        backoff, one retry, dead letter.
+        """
+        actor = self.actor
+        if (
+            actor is None
+            or not self.idle
+            or self.mailbox._items
+            or self.mailbox._state
+            or self.retry is not NOTHING
+            or self.stop_requested
+            or self.inline_failure is not None
+        ):
+            return False
+        self.idle = False  # a message the handler sends to this actor is queued, not nested
+        try:
+            handled = actor.handle_inline(message)
+        except Exception as exc:
+            self.retry = message
+            self.inline_failure = exc
+            self.mailbox.wake_receivers()
+            return True
+        finally:
+            self.idle = True  # the loop is still parked; it clears this when it wakes
+        if not handled:
+            return False
+        self.processed += 1
+        self.inline += 1
+        return True
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -211,6 +252,7 @@ class Child:
             "restarts": self.restarts,
             "crashes": self.crashes,
             "processed": self.processed,
+            "inline": self.inline,
             "dead_letters": self.dead_letters,
             "queued": self.queued(),
             "dropped": self.mailbox.dropped,

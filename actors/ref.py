@@ -42,6 +42,19 @@ class ActorRef:
         """Send without waiting: as :meth:`tell`, but BLOCK raises Backpressure when full."""
         return self._mailbox.put_nowait(message)
 
+    def tell_inline(self, message: Any) -> bool:
+        """Send ``message``, handling it right here when the actor is idle.
+
+        When nothing is queued or in flight and the actor's :meth:`Actor.handle_inline`
+        accepts the message, it runs in the caller's task and this returns True; otherwise the
+        message is sent as by :meth:`tell_nowait` and this returns False. Either way it is
+        handled once, in order, with the usual crash semantics.
+        """
+        if self._child.handle_inline(message):
+            return True
+        self._mailbox.put_nowait(message)
+        return False
+
     async def ask(self, message: Any, *, timeout: float | None = None) -> object:
         """Send ``message`` and wait for what ``handle`` returns for it.
 

@@ -1,6 +1,8 @@
 """``SonaRuntime``: the three loops as supervised async actors inside the host's event loop.
 
 - **instant** owns the live adapter: it learns from each accepted sample and answers the caller.
+  While it is idle, a sample is handled in the submitting task itself (``tell_inline``): same
+  order, same crash semantics, without the two task switches of a mailbox hop.
 - **background** owns the consolidated state: every ``background_interval_ms`` it takes the live
   adapter and the samples behind it (a hand-over), consolidates in a worker thread and
   publishes the result by swapping one reference.
@@ -29,6 +31,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 
 from sona.actors import (
@@ -78,6 +81,11 @@ from sona.validation import as_f32
 from sona.worker_threads import run_single_blas
 
 _log = get_logger("sona.runtime")
+
+# Samples handled inline in a row before submit() yields once to the event loop anyway, like
+# tokio's cooperative budget: a producer that never waits would otherwise starve every other
+# task, the Background loop's ticks included.
+_INLINE_BUDGET = 128
 
 
 class InjectedCrash(RuntimeError):
@@ -187,6 +195,7 @@ class SonaRuntime:
         )
         self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
         self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
+        self._inline_budget = _INLINE_BUDGET
         self._room: anyio.Event | None = None  # created only while a submitter waits
         self._idle: anyio.Event | None = None  # created only while drain() waits
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -344,7 +353,13 @@ class SonaRuntime:
             if dropped is not None:
                 return dropped
             break
-        return await self._accept(sample, module).wait()
+        ticket = self._accept(sample, module)
+        if ticket.done:  # handled inline: no task switch happened
+            self._inline_budget -= 1
+            if not self._inline_budget:  # a caller that never waits must not starve the others
+                self._inline_budget = _INLINE_BUDGET
+                await anyio.lowlevel.checkpoint()
+        return await ticket.wait()
 
     def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
         """Accept without waiting for the Instant loop; raises Backpressure under BLOCK and
@@ -402,16 +417,29 @@ class SonaRuntime:
         return None
 
     def _accept(self, sample: TrainingSample, module: TargetModule | None) -> Ticket:
+        """Count the sample in and deliver it: handled right here when the Instant loop is idle
+        (``tell_inline``), queued otherwise, or, with a sample log, delivered once committed."""
         sid = next(self._ids)
         ticket = Ticket(sid, self._loop, sample, module)
-        if not self._durable.log_step(ticket):  # with a sample log: delivered once committed
-            ref = self._instant_ref
-            assert ref is not None
-            ref.tell_nowait(Process(sid, sample, module, ticket))
+        if self._durable.log_step(ticket):
+            self._count_in(sid, ticket)
+            return ticket
+        ref = self._instant_ref
+        assert ref is not None
+        self._count_in(sid, ticket)  # before the hand-off: an inline handler settles it at once
+        try:
+            ref.tell_inline(Process(sid, sample, module, ticket))
+        except BaseException:
+            self.submitted -= 1
+            self._pending -= 1
+            del self._queued[sid]
+            raise
+        return ticket
+
+    def _count_in(self, sid: int, ticket: Ticket) -> None:
         self.submitted += 1
         self._pending += 1
         self._queued[sid] = ticket
-        return ticket
 
     async def _wait_for_room(self) -> None:
         if self._room is None:
@@ -745,6 +773,12 @@ class SonaRuntime:
 class _InstantActor(Actor):
     def __init__(self, rt: SonaRuntime) -> None:
         self.rt = rt
+
+    def handle_inline(self, message: Any) -> bool:
+        if type(message) is Process:
+            self.rt._handle_process(message)
+            return True
+        return False
 
     async def handle(self, message: Any) -> object | None:
         if type(message) is Process:

@@ -69,3 +69,19 @@ def stall_background(rt: Any) -> threading.Event:
 
     bg.prepare = stalled
     return gate
+
+
+def crash_instant_once(rt: Any) -> None:
+    """Make the Instant loop raise on the next sample it handles (the retry then succeeds)."""
+    inst = rt._instant
+    real = inst.process
+    crashed = False
+
+    def process(*args: Any, **kwargs: Any) -> Any:
+        nonlocal crashed
+        if not crashed:
+            crashed = True
+            raise RuntimeError("instant loop crashed on purpose")
+        return real(*args, **kwargs)
+
+    inst.process = process

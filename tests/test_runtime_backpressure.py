@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from runtime_helpers import identity_holds, rated_samples, small_config, stall_background
+from runtime_helpers import (
+    crash_instant_once,
+    identity_holds,
+    rated_samples,
+    small_config,
+    stall_background,
+)
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
 
 from sona.runtime import SonaRuntime
@@ -77,8 +83,10 @@ async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
     async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
         gate = stall_background(rt)
         async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
-            # Without awaiting, the first samples are still waiting for the Instant loop: the
-            # oldest of those are the ones dropped.
+            # An idle Instant loop handles each sample in the submitting task. After a crash
+            # it is not idle: until it has restarted, samples wait in its mailbox, and the
+            # oldest of those are the ones dropped (the first, being retried, among them).
+            crash_instant_once(rt)
             for s in samples[: LIMIT + 10]:
                 rt.submit_nowait(s)
             assert rt.stats().dropped_samples == 10

@@ -1,0 +1,78 @@
+"""The Instant loop handles a sample in the submitting task while it is idle, without starving
+the other tasks of the event loop, and with its crash semantics unchanged."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from runtime_helpers import crash_instant_once, identity_holds, rated_samples, small_config
+
+from sona.events import InstantApplied, LoopCrashed, LoopRestarted
+from sona.runtime import _INLINE_BUDGET, SonaRuntime
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_idle_instant_loop_handles_samples_inline() -> None:
+    samples = rated_samples(50)
+    async with SonaRuntime(small_config(), seed=0) as rt:
+        async with rt.subscribe(kinds=[InstantApplied], buffer=100) as sub:
+            for s in samples:
+                result = await rt.submit(s)
+                assert result.applied
+            seqs = []
+            while sub.pending:  # type: ignore[attr-defined]
+                seqs.append(sub.receive_nowait().sample_id)  # type: ignore[attr-defined]
+        inst = rt.supervisor_stats()["instant"]
+        assert inst["inline"] == 50 and inst["processed"] == 50
+        assert seqs == sorted(seqs) and len(seqs) == 50
+        st = rt.stats()
+        assert st.instant_count == 50 and identity_holds(st)
+
+
+async def test_a_producer_that_never_waits_still_lets_other_tasks_run() -> None:
+    samples = rated_samples(40)
+    n = 10 * _INLINE_BUDGET
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async with SonaRuntime(
+        small_config(background_interval_ms=3_600_000, max_pending_samples=10_000), seed=0
+    ) as rt:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0)
+            start = ticks
+            for i in range(n):
+                await rt.submit(samples[i % len(samples)])
+            during = ticks - start
+            done = True
+        assert rt.supervisor_stats()["instant"]["inline"] == n
+    # one yield per budget: the ticker ran about n / budget times, not zero and not n times
+    assert n // _INLINE_BUDGET - 2 <= during <= n // _INLINE_BUDGET + 2
+
+
+async def test_a_crash_while_handling_inline_is_retried_by_the_restarted_loop() -> None:
+    samples = rated_samples(5)
+    async with SonaRuntime(small_config(), seed=0) as rt:
+        async with rt.subscribe(kinds=[LoopCrashed, LoopRestarted], buffer=10) as sub:
+            crash_instant_once(rt)
+            first = await rt.submit(samples[0])  # raised inline; answered after the retry
+            assert first.applied
+            rest = [await rt.submit(s) for s in samples[1:]]
+            assert all(r.applied for r in rest)
+            kinds = []
+            while sub.pending:  # type: ignore[attr-defined]
+                kinds.append(type(sub.receive_nowait()))  # type: ignore[attr-defined]
+        await rt.drain()
+        st = rt.stats()
+        assert kinds == [LoopCrashed, LoopRestarted]
+        assert st.restarts == 1 and st.instant_count == 5 and st.dead_lettered == 0
+        assert identity_holds(st)
+        assert rt.supervisor_stats()["instant"]["inline"] == 4
