@@ -1,8 +1,9 @@
 """The one place that decides how kernels are compiled.
 
 ``cache=True`` keeps start-up at ~0.2 s once the on-disk cache is warm; ``nogil=True`` lets the
-Deep loop run kernels in a worker thread without stealing the event loop. The few kernels that
-update a live adapter's weights in place hold the GIL instead (:func:`update_kernel`).
+Deep loop run kernels in a worker thread without stealing the event loop. Two kinds hold the GIL
+instead (:func:`gil_kernel`): those that update a live adapter's weights in place, and the
+vector-sized ones of the request path.
 ``fastmath`` is limited to reassociation-style flags so float32 reductions vectorise while NaN
 and inf still propagate (the finiteness checks depend on that).
 """
@@ -24,12 +25,15 @@ def kernel(fn: F) -> F:
     return cast(F, numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))(fn))
 
 
-def update_kernel(fn: F) -> F:
-    """A kernel that writes a published adapter's weights in place: compiled like
-    :func:`kernel` but holding the GIL, so a reader in another thread sees the adapter either
-    before or after the update, never half-written (a few microseconds; no copy needed).
-    Holding it also keeps a worker thread from taking the GIL for its switch interval in the
-    middle of the Instant loop's update."""
+def gil_kernel(fn: F) -> F:
+    """Compiled like :func:`kernel` but holding the GIL, for two kinds of kernel.
+
+    One writes a published adapter's weights in place: a reader in another thread then sees
+    the adapter either before or after the update, never half-written (a few microseconds; no
+    copy needed). The other is vector-sized and called on the request path (forward of one
+    vector, its finiteness check): giving the GIL up for a microsecond buys no parallelism,
+    and a busy worker thread that takes it may keep it for a whole switch interval (5 ms)
+    before the event loop gets it back."""
     return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH))(fn))
 
 

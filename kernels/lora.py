@@ -12,7 +12,7 @@ than of x: NaN or inf anywhere in x reaches h through the dot products.
 from __future__ import annotations
 
 import numpy as np
-from sona.kernels.jit import inline, kernel, update_kernel
+from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.random import normal, uniform01
 
 
@@ -48,7 +48,7 @@ def _scaled_matvec(m: np.ndarray, scale: float, v: np.ndarray, out: np.ndarray) 
     return ok
 
 
-@kernel
+@gil_kernel
 def forward_vec(
     a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray, out: np.ndarray
 ) -> bool:
@@ -71,7 +71,7 @@ def forward_vec(
     return True
 
 
-@kernel
+@gil_kernel
 def forward_add_vec(
     a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray, out: np.ndarray
 ) -> bool:
@@ -198,7 +198,7 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
     return FORWARD_OK
 
 
-@kernel
+@gil_kernel
 def forward_into(
     a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np.ndarray
 ) -> int:
@@ -213,7 +213,7 @@ def forward_into(
     return _forward(a, bt, scale, x, out)
 
 
-@kernel
+@gil_kernel
 def forward_packed(w: np.ndarray, scale: float, x: np.ndarray, out: np.ndarray) -> int:
     """``forward_into`` for factors stored together, w = [A, Bᵀ] of shape (2, rank, n).
 
@@ -329,7 +329,7 @@ def step_sums(
     sums[6] = uh
 
 
-@update_kernel
+@gil_kernel
 def apply_rank_one(
     a: np.ndarray,
     bt: np.ndarray,
@@ -687,7 +687,7 @@ def _exact_sums(
     return True, u0, u1, xx64, aa64, bb64, gg64
 
 
-@update_kernel
+@gil_kernel
 def step_fused(
     a: np.ndarray,
     bt: np.ndarray,
@@ -925,7 +925,7 @@ def step_fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float
     return _fused_decide(sums, scale, lr, max_norm)
 
 
-@update_kernel
+@gil_kernel
 def step_fused_apply(
     a: np.ndarray,
     bt: np.ndarray,
@@ -1083,7 +1083,7 @@ def _fused_pair_rank2(
     return r
 
 
-@update_kernel
+@gil_kernel
 def step_fused_pair(
     a0: np.ndarray,
     bt0: np.ndarray,

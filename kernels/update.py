@@ -8,7 +8,7 @@ rejected update leaves the weights bit-identical without keeping a copy.
 from __future__ import annotations
 
 import numpy as np
-from sona.kernels.jit import kernel, update_kernel
+from sona.kernels.jit import gil_kernel, inline, kernel
 
 
 @kernel
@@ -21,13 +21,25 @@ def sq_norm(x: np.ndarray) -> float:
     return acc
 
 
-@kernel
-def all_finite(x: np.ndarray) -> bool:
-    """True when no entry is NaN or inf; vectorises because the sum is reassociable."""
+@inline
+def _all_finite(x: np.ndarray) -> bool:
     acc = np.float32(0.0)
     for v in x.flat:
         acc += v * np.float32(0.0)
     return bool(acc == 0.0)
+
+
+@kernel
+def all_finite(x: np.ndarray) -> bool:
+    """True when no entry is NaN or inf; vectorises because the sum is reassociable."""
+    return _all_finite(x)
+
+
+@gil_kernel
+def vec_all_finite(x: np.ndarray) -> bool:
+    """``all_finite`` for one embedding on the request path, holding the GIL (see
+    ``jit.gil_kernel``)."""
+    return _all_finite(x)
 
 
 @kernel
@@ -67,7 +79,7 @@ def candidate_sq_norms(
     return na, nb
 
 
-@update_kernel
+@gil_kernel
 def apply_step(
     a: np.ndarray, grad_a: np.ndarray, bt: np.ndarray, grad_bt: np.ndarray, step: float
 ) -> None:

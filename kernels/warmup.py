@@ -93,7 +93,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.grad_sq_norm = entry_point(update.grad_sq_norm, ga, gbt)
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
-    fast.all_finite_vec = entry_point(update.all_finite, x)
+    fast.all_finite_vec = entry_point(update.vec_all_finite, x)
     _warm_ewc(a, bt, s)
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
     linalg.warm_up()  # its eigen-decomposition, QR and small SVD

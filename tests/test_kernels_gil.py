@@ -1,5 +1,7 @@
-"""In-place weight updates hold the GIL (a reader in another thread never sees half of one);
-read-only kernels release it (the Deep loop's worker thread leaves the event loop running)."""
+"""In-place weight updates hold the GIL (a reader in another thread never sees half of one), and
+so do the vector kernels of the request path (a worker thread must not take the GIL from the
+event loop for a switch interval); the others release it (the Deep loop's worker thread leaves
+the event loop running)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from sona.kernels import lora
+from sona.kernels import lora, update
 from sona.kernels.warmup import warm_up
 
 N = 8_000_000  # one call takes long enough for the other thread to try many times
@@ -45,7 +47,7 @@ def _progress_during(call: Callable[[], object]) -> int:
     return sum(1 for s in stamps if t0 + margin < s < t0 + duration - margin)
 
 
-def test_update_kernels_hold_the_gil_and_forward_releases_it() -> None:
+def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it() -> None:
     warm_up()
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2, N), dtype=np.float32)
@@ -56,11 +58,19 @@ def test_update_kernels_hold_the_gil_and_forward_releases_it() -> None:
     u = np.ones(2, np.float32)
     out = np.empty(N, np.float32)
 
-    def update() -> None:  # one call: the GIL may change hands between calls
+    def apply() -> None:  # one call: the GIL may change hands between calls
         lora.apply_rank_one(a, bt, x, h, u, g, 1e-6)
 
     def forward() -> None:
         lora.forward_into(a, bt, 0.5, x, out)
 
-    assert _progress_during(update) == 0
-    assert _progress_during(forward) > 0
+    def vector_check() -> None:
+        update.vec_all_finite(x)
+
+    def check() -> None:
+        update.all_finite(a)
+
+    assert _progress_during(apply) == 0
+    assert _progress_during(forward) == 0
+    assert _progress_during(vector_check) == 0
+    assert _progress_during(check) > 0
