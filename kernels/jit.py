@@ -33,8 +33,14 @@ def gil_kernel(fn: F) -> F:
     copy needed). The other is vector-sized and called on the request path (forward of one
     vector, its finiteness check): giving the GIL up for a microsecond buys no parallelism,
     and a busy worker thread that takes it may keep it for a whole switch interval (5 ms)
-    before the event loop gets it back."""
-    return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH))(fn))
+    before the event loop gets it back.
+
+    Both kinds are compiled without Numba's runtime (``_nrt=False``): they cannot allocate (an
+    allocation is a compile error, which keeps the request path allocation-free), and each
+    array argument is passed without creating a reference-counting record, ~0.06 µs less per
+    forward call."""
+    options: dict[str, Any] = {"_nrt": False}  # not in Numba's typed signature
+    return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH), **options)(fn))
 
 
 def inline(fn: F) -> F:

@@ -9,8 +9,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import numba
 import numpy as np
+import pytest
 from sona.kernels import lora, update
+from sona.kernels.jit import gil_kernel
 from sona.kernels.warmup import warm_up
 
 N = 8_000_000  # one call takes long enough for the other thread to try many times
@@ -74,3 +77,13 @@ def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it(
     assert _progress_during(forward) == 0
     assert _progress_during(vector_check) == 0
     assert _progress_during(check) > 0
+
+
+def test_gil_kernels_cannot_allocate() -> None:
+    """Compiled without Numba's runtime: an allocation on the request path is a compile error."""
+
+    def allocates(n: int) -> float:
+        return float(np.zeros(n).sum())
+
+    with pytest.raises(numba.core.errors.TypingError, match="zeros"):
+        gil_kernel(allocates)(3)
