@@ -82,9 +82,10 @@ from sona.worker_threads import run_single_blas
 
 _log = get_logger("sona.runtime")
 
-# Samples handled inline in a row before submit() yields once to the event loop anyway, like
-# tokio's cooperative budget: a producer that never waits would otherwise starve every other
-# task, the Background loop's ticks included.
+# Samples handled inline per turn of the event loop before submit() yields anyway, like tokio's
+# cooperative budget: producers that never wait would otherwise starve every other task, the
+# Background loop's included. The budget is shared by all submitters, so a turn stays short
+# however many there are; sending the Background loop work spends it at once.
 _INLINE_BUDGET = 128
 
 
@@ -196,6 +197,7 @@ class SonaRuntime:
         self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
         self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
         self._inline_budget = _INLINE_BUDGET
+        self._inline_turn = 0
         self._room: anyio.Event | None = None  # created only while a submitter waits
         self._idle: anyio.Event | None = None  # created only while drain() waits
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -355,10 +357,14 @@ class SonaRuntime:
             break
         ticket = self._accept(sample, module)
         if ticket.done:  # handled inline: no task switch happened
-            self._inline_budget -= 1
-            if not self._inline_budget:  # a caller that never waits must not starve the others
-                self._inline_budget = _INLINE_BUDGET
+            if self._inline_budget:
+                self._inline_budget -= 1
+            else:  # spent: every inline submitter yields; the first back, a turn later, refills
+                turn = self._inline_turn
                 await anyio.lowlevel.checkpoint()
+                if self._inline_turn == turn:
+                    self._inline_turn = turn + 1
+                    self._inline_budget = _INLINE_BUDGET
         return await ticket.wait()
 
     def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
@@ -520,6 +526,7 @@ class SonaRuntime:
         if ref is not None and ref.idle and not self._supervisor.gave_up:
             with contextlib.suppress(Exception):
                 ref.tell_nowait(Tick())
+                self._inline_budget = 0  # let the Background loop start at the next turn
 
     def _on_skipped(self, sample_id: int, out: InstantOutcome) -> None:
         self.events.publish(InstantSkipped(sample_id=sample_id, reason=out.reason or "skipped"))

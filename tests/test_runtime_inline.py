@@ -7,7 +7,7 @@ import anyio
 import pytest
 from runtime_helpers import crash_instant_once, identity_holds, rated_samples, small_config
 
-from sona.events import InstantApplied, LoopCrashed, LoopRestarted
+from sona.events import BackgroundCompleted, InstantApplied, LoopCrashed, LoopRestarted
 from sona.runtime import _INLINE_BUDGET, SonaRuntime
 
 pytestmark = pytest.mark.anyio
@@ -56,6 +56,57 @@ async def test_a_producer_that_never_waits_still_lets_other_tasks_run() -> None:
         assert rt.supervisor_stats()["instant"]["inline"] == n
     # one yield per budget: the ticker ran about n / budget times, not zero and not n times
     assert n // _INLINE_BUDGET - 2 <= during <= n // _INLINE_BUDGET + 2
+
+
+async def test_the_budget_is_shared_by_all_submitters() -> None:
+    """With four producers, a turn of the event loop still handles about one budget's worth of
+    samples inline, not four: the other tasks run as often as with one producer."""
+    samples = rated_samples(40)
+    n = 20 * _INLINE_BUDGET
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async def producer(k: int) -> None:
+        for i in range(k, n, 4):
+            await rt.submit(samples[i % len(samples)])
+
+    cfg = small_config(background_interval_ms=3_600_000, max_pending_samples=10_000)
+    async with SonaRuntime(cfg, seed=0) as rt:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0)
+            start = ticks
+            async with anyio.create_task_group() as producers:
+                for k in range(4):
+                    producers.start_soon(producer, k)
+            during = ticks - start
+            done = True
+        assert rt.supervisor_stats()["instant"]["inline"] == n
+    assert during >= n // (_INLINE_BUDGET + 4) - 2
+
+
+async def test_reaching_the_pressure_mark_lets_the_background_loop_start_at_once() -> None:
+    """A producer that never waits still hands over at the pressure mark (half the bound),
+    not a budget's worth of samples later."""
+    samples = rated_samples(40)
+    bound = 400
+    cfg = small_config(background_interval_ms=3_600_000, max_pending_samples=bound)
+    rt = SonaRuntime(cfg, seed=0)
+    async with rt, rt.subscribe(kinds=[BackgroundCompleted], buffer=1000) as sub:
+        for i in range(3000):
+            await rt.submit(samples[i % len(samples)])
+        await rt.drain()
+        used = []
+        while sub.pending:  # type: ignore[attr-defined]
+            used.append(sub.receive_nowait().samples_used)  # type: ignore[attr-defined]
+    assert len(used) >= 10
+    assert max(used) <= bound // 2
 
 
 async def test_a_crash_while_handling_inline_is_retried_by_the_restarted_loop() -> None:
