@@ -15,6 +15,7 @@ import numpy as np
 from sona.feedback import FeedbackKind
 from sona.kernels import batch as k_batch
 from sona.sample import TrainingSample
+from sona.stacking import stack_rows
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, in) -> (n, out) effective delta
 
@@ -62,10 +63,11 @@ class LossTerms:
         if not rows:
             return None
         if x is None or len(rows) != len(samples):
-            x = np.stack([samples[i].input_embedding for i in rows])
+            inputs = [samples[i].input_embedding for i in rows]
+            x = stack_rows(inputs, inputs[0].shape[0])
         return cls(
             np.ascontiguousarray(x, dtype=np.float32),
-            np.ascontiguousarray(np.stack(targets), dtype=np.float32),
+            stack_rows(targets, targets[0].shape[0]),
             np.asarray(weights, np.float64),
         )
 
