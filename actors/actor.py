@@ -10,7 +10,8 @@ class Actor:
 
     The supervisor builds a fresh instance from its factory at start and after every crash,
     so state that must survive a crash belongs outside the instance (the mailbox always
-    survives). Hooks run in the actor's own task, one at a time, never concurrently.
+    survives). Hooks run one at a time, never concurrently, in the actor's own task
+    (``handle_inline`` in the sender's, while the actor is idle).
     """
 
     async def on_start(self) -> None:

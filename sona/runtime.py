@@ -97,10 +97,22 @@ class Ticket:
     """One accepted sample's way back to its caller.
 
     On asyncio it waits on a bare future (a fraction of the cost of an ``anyio.Event``, which
-    matters on a path budgeted in microseconds); on other backends on an ``anyio.Event``.
+    matters on a path budgeted in microseconds); on other backends on an ``anyio.Event``. Either
+    is made only when a caller has to wait: a sample handled inline is settled before anyone
+    asks. Tickets are settled on the event loop's thread.
     """
 
-    __slots__ = ("done", "error", "event", "future", "module", "result", "sample", "sample_id")
+    __slots__ = (
+        "done",
+        "error",
+        "event",
+        "future",
+        "loop",
+        "module",
+        "result",
+        "sample",
+        "sample_id",
+    )
 
     def __init__(
         self,
@@ -112,22 +124,23 @@ class Ticket:
         self.sample_id = sample_id
         self.sample = sample  # kept until handled: checkpoints store accepted, unhandled samples
         self.module = module
+        self.loop = loop
         self.future: asyncio.Future[None] | None = None
         self.event: anyio.Event | None = None
-        if loop is not None:
-            self.future = loop.create_future()
-        else:
-            self.event = anyio.Event()
         self.result: AdaptationResult | None = None
         self.error: BaseException | None = None
         self.done = False
 
     async def wait(self) -> AdaptationResult:
-        if self.future is not None:
-            if not self.done:
+        if not self.done:
+            if self.loop is not None:
+                if self.future is None:
+                    self.future = self.loop.create_future()
                 await self.future
-        elif self.event is not None:
-            await self.event.wait()
+            else:
+                if self.event is None:
+                    self.event = anyio.Event()
+                await self.event.wait()
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -135,9 +148,10 @@ class Ticket:
 
     def _wake(self) -> None:
         self.done = True
-        if self.future is not None:
-            if not self.future.done():
-                self.future.set_result(None)
+        future = self.future
+        if future is not None:
+            if not future.done():
+                future.set_result(None)
         elif self.event is not None:
             self.event.set()
 
@@ -436,9 +450,9 @@ class SonaRuntime:
         try:
             ref.tell_inline(Process(sid, sample, module, ticket))
         except BaseException:
-            self.submitted -= 1
-            self._pending -= 1
-            del self._queued[sid]
+            if self._queued.pop(sid, None) is not None:  # refused (full or stopped): not in
+                self.submitted -= 1
+                self._pending -= 1
             raise
         return ticket
 
