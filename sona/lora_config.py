@@ -20,6 +20,10 @@ class TargetModule(enum.Enum):
     UP_PROJ = "up_proj"
     DOWN_PROJ = "down_proj"
 
+    # Members are singletons compared by identity; Enum's own __hash__ is a Python-level call
+    # (~0.06 µs more per lookup in the per-request dicts keyed by module).
+    __hash__ = object.__hash__
+
     @classmethod
     def parse(cls, value: object) -> TargetModule:
         """Accept a member or its PEFT name; anything else is a ``TypeError``/``ValueError``."""
