@@ -166,7 +166,8 @@ class MicroLoRA:
             bt = np.zeros((config.rank, self._out), np.float32)
             a32 = np.ascontiguousarray(a, dtype=np.float32)
             self._modules[m] = _Module(i, m, a32, bt, self._scale)
-        # Identity-keyed view: Enum.__hash__ is a Python-level call, too slow for forward().
+        # Identity-keyed view: any argument can be looked up without hashing it (an unhashable
+        # or unknown one finds nothing, and the general path says why).
         self._by_id = {id(m): st for m, st in self._modules.items()}
         self._states = list(self._modules.values())
         # forward() checks the first module by identity before the dict (~0.04 µs less).
