@@ -350,7 +350,9 @@ class SonaRuntime:
     async def submit(
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
-        """Returns once the Instant loop has handled the sample (see the class docstring)."""
+        """Returns once the Instant loop has handled the sample: an idle loop handles it in
+        this task, without a task switch (submitters yield once per ``_INLINE_BUDGET`` such
+        samples); a busy one takes it from its mailbox. Ingress applies ``overflow`` first."""
         self._check_running()
         self._factory.check(sample, module)
         return await self._submit_valid(sample, module)
@@ -382,8 +384,8 @@ class SonaRuntime:
         return await ticket.wait()
 
     def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
-        """Accept without waiting for the Instant loop; raises Backpressure under BLOCK and
-        REJECT when full, never under the DROP_* policies."""
+        """Accept without waiting for the Instant loop (an idle one handles the sample right
+        here); raises Backpressure under BLOCK and REJECT when full, never under DROP_*."""
         self._check_running()
         self._factory.check(sample, module)
         policy = self.config.overflow
