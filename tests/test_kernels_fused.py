@@ -224,6 +224,43 @@ def test_step_fused_decides_like_step_one_at_any_magnitude(
     np.testing.assert_allclose(fbt, obt, rtol=1e-5, atol=1e-6 * float(np.abs(obt).max()) + 1e-30)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    rank=st.integers(1, 8),
+    mode=st.sampled_from([kl.MODE_REGRESS, kl.MODE_GRADIENT]),
+    a_scale=st.sampled_from([0.1, 1.0, 1e19]),
+    lr=st.sampled_from([1e-3, 0.5]),
+    max_norm=st.sampled_from([-1.0, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_one_matches_the_float64_reference(
+    rank: int, mode: int, a_scale: float, lr: float, max_norm: float, seed: int
+) -> None:
+    """Any rank, including weights whose ‖A‖² overflows float32 (A ~ 1e19): the norm sums
+    are then redone in float64 and the step is decided, and applied, as in float64."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out = 40, 30
+    a, bt = rand(rng, rank, n_in, scale=a_scale), rand(rng, rank, n_out, scale=1e-3)
+    x, vec = rand(rng, n_in, scale=0.1), rand(rng, n_out)
+    s = 2.0 / rank
+    h, u, g, sums = np.empty(rank, F32), np.empty(rank, F32), np.empty(n_out, F32), np.zeros(8)
+    oa, obt = a.copy(), bt.copy()
+    status = kl.step_one(oa, obt, s, x, vec, 0.7, mode, lr, max_norm, h, u, g, sums)
+    ref_a, ref_bt, ref_norm, _ = ref_step(a, bt, s, x, vec, vec, 0.7, mode, lr, max_norm)
+    na, nb = float(np.sum(ref_a * ref_a)), float(np.sum(ref_bt * ref_bt))
+    if max(na, nb) >= 3.4028234663852886e38**2:
+        assert status == 3
+    elif s * math.sqrt(na) * math.sqrt(nb) >= 3.4028234663852886e38:
+        assert status == 4
+    else:
+        assert status == 0
+        assert sums[7] == pytest.approx(ref_norm, rel=1e-4)
+        np.testing.assert_allclose(oa, ref_a, rtol=1e-4, atol=1e-5 * float(np.abs(ref_a).max()))
+        np.testing.assert_allclose(obt, ref_bt, rtol=1e-4, atol=1e-5 * float(np.abs(ref_bt).max()))
+        return
+    assert oa.tobytes() == a.tobytes() and obt.tobytes() == bt.tobytes()
+
+
 def test_float32_norm_overflow_is_recomputed_not_rejected() -> None:
     """‖A‖² and ‖g‖² beyond float32 (A ~ 1e20) are fine for float64: the step is applied."""
     rng = np.random.default_rng(5)
