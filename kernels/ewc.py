@@ -21,15 +21,61 @@ from sona.kernels.jit import inline, kernel
 
 @inline
 def _project(a: np.ndarray, ut: np.ndarray, q: np.ndarray) -> None:
-    """q[r, j] = A[r]·U[j] for every rank row r and direction j."""
+    """q[r, j] = A[r]·U[j] for every rank row r and direction j, four directions per pass
+    over A's row (each loaded element of it used four times)."""
     rank, n_in = a.shape
     k = ut.shape[0]
+    k4 = k - k % 4
     for r in range(rank):
-        for j in range(k):
+        for j in range(0, k4, 4):
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            acc2 = np.float32(0.0)
+            acc3 = np.float32(0.0)
+            for i in range(n_in):
+                ai = a[r, i]
+                acc0 += ai * ut[j, i]
+                acc1 += ai * ut[j + 1, i]
+                acc2 += ai * ut[j + 2, i]
+                acc3 += ai * ut[j + 3, i]
+            q[r, j] = acc0
+            q[r, j + 1] = acc1
+            q[r, j + 2] = acc2
+            q[r, j + 3] = acc3
+        for j in range(k4, k):
             acc = np.float32(0.0)
             for i in range(n_in):
                 acc += a[r, i] * ut[j, i]
             q[r, j] = acc
+
+
+@inline
+def _dots64(m: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[r, j] = m[r]·rows[j] summed in float64, four rows of ``rows`` per pass over m[r]."""
+    n_m, n = m.shape
+    k = rows.shape[0]
+    k4 = k - k % 4
+    for r in range(n_m):
+        for j in range(0, k4, 4):
+            acc0 = 0.0
+            acc1 = 0.0
+            acc2 = 0.0
+            acc3 = 0.0
+            for i in range(n):
+                mi = float(m[r, i])
+                acc0 += mi * float(rows[j, i])
+                acc1 += mi * float(rows[j + 1, i])
+                acc2 += mi * float(rows[j + 2, i])
+                acc3 += mi * float(rows[j + 3, i])
+            out[r, j] = acc0
+            out[r, j + 1] = acc1
+            out[r, j + 2] = acc2
+            out[r, j + 3] = acc3
+        for j in range(k4, k):
+            acc = 0.0
+            for i in range(n):
+                acc += float(m[r, i]) * float(rows[j, i])
+            out[r, j] = acc
 
 
 @inline
@@ -89,9 +135,10 @@ def _solve_rows(lower: np.ndarray, rows: np.ndarray) -> None:
 
 @inline
 def _residual_sq(
-    bt: np.ndarray, scale: float, c: np.ndarray, mt: np.ndarray, q: np.ndarray
+    bt: np.ndarray, scale: float, c: np.ndarray, mt: np.ndarray, q: np.ndarray, row: np.ndarray
 ) -> float:
-    """Σ_j c_j·‖s·Σ_r q[r, j]·Bᵀ[r] − mt[j]‖² in float64."""
+    """Σ_j c_j·‖s·Σ_r q[r, j]·Bᵀ[r] − mt[j]‖² in float64; ``row`` is (out,) float32 scratch,
+    so the sum over r runs along whole rows (vectorised) rather than innermost."""
     rank, n_out = bt.shape
     k = mt.shape[0]
     s = np.float32(scale)
@@ -100,12 +147,15 @@ def _residual_sq(
         cj = c[j]
         if cj == 0.0:
             continue
+        for t in range(n_out):
+            row[t] = -mt[j, t]
+        for r in range(rank):
+            f = s * q[r, j]
+            for t in range(n_out):
+                row[t] += f * bt[r, t]
         acc = 0.0
         for t in range(n_out):
-            v = -mt[j, t]
-            for r in range(rank):
-                v += s * q[r, j] * bt[r, t]
-            acc += float(v) * float(v)
+            acc += float(row[t]) * float(row[t])
         total += float(cj) * acc
     return total
 
@@ -122,7 +172,7 @@ def penalty(
 ) -> float:
     """‖(ΔW − ΔW*)·C^½‖² (without λ); ``q`` is (rank, k) scratch."""
     _project(a, ut, q)
-    return _residual_sq(bt, scale, c, mt, q)
+    return _residual_sq(bt, scale, c, mt, q, np.empty(bt.shape[1], np.float32))
 
 
 @kernel
@@ -178,17 +228,8 @@ def prox_step(
     _project(a, ut, q)
     # A-part, per direction j: (I/τ + s²·c_j·Bᵀ·B)·Δq_j = −s·c_j·Bᵀ·d_j with the residual
     # d_j = s·Bᵀᵀ·q_j − m_j, and Bᵀ·d_j = s·(Bᵀ·B)·q_j − Bᵀ·m_j.
-    for r1 in range(rank):
-        for r2 in range(rank):
-            acc = 0.0
-            for o in range(n_out):
-                acc += float(bt[r1, o]) * float(bt[r2, o])
-            gram[r1, r2] = acc
-        for j in range(k):
-            acc = 0.0
-            for o in range(n_out):
-                acc += float(bt[r1, o]) * float(mt[j, o])
-            w[r1, j] = acc
+    _dots64(bt, bt, gram)
+    _dots64(bt, mt, w)
     for j in range(k):
         cj = float(c[j])
         if cj == 0.0:
@@ -240,12 +281,19 @@ def prox_step(
             ok += bt_new[r, o] * np.float32(0.0)
     if ok != 0.0:
         return -1.0
+    k4 = k - k % 4
     for r in range(rank):
-        for j in range(k):
+        for j in range(0, k4, 4):  # four directions per pass over A's row
+            d0 = dq[r, j]
+            d1 = dq[r, j + 1]
+            d2 = dq[r, j + 2]
+            d3 = dq[r, j + 3]
+            for i in range(n_in):
+                a[r, i] += d0 * ut[j, i] + d1 * ut[j + 1, i] + d2 * ut[j + 2, i] + d3 * ut[j + 3, i]
+        for j in range(k4, k):
             d = dq[r, j]
-            if d != 0.0:
-                for i in range(n_in):
-                    a[r, i] += d * ut[j, i]
+            for i in range(n_in):
+                a[r, i] += d * ut[j, i]
         for o in range(n_out):
             bt[r, o] += bt_new[r, o]
-    return _residual_sq(bt, scale, c, mt, q)
+    return _residual_sq(bt, scale, c, mt, q, bt_new[0])
