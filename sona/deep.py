@@ -3,8 +3,8 @@ pattern-bank maintenance.
 
 It works only on copies taken from the Background loop (a :class:`DeepJob`) and returns a
 replacement; Background installs it if its own state has not moved meanwhile, else re-applies
-the change on top. It calls only numpy and GIL-releasing Numba kernels in short steps, so it can
-run in a worker thread without stealing the event loop.
+the change on top. Each step is one GIL-releasing Numba kernel call with a little Python
+around it, so it can run in a worker thread without stealing the event loop.
 """
 
 from __future__ import annotations
@@ -177,7 +177,6 @@ def _epoch(
             if lam > 0.0:
                 pipeline.prox_step(adapter, 2.0 * lr * lam * since)
             since = 0
-            time.sleep(0)  # hand the GIL to the event loop between short steps
     if since and lam > 0.0:
         pipeline.prox_step(adapter, 2.0 * lr * lam * since)
 
