@@ -250,8 +250,12 @@ class BackgroundLoop:
             return None
         deltas = []
         for module in self.config.micro_lora.target_modules:
-            b = terms.mean_loss(before(terms.x, module))
-            a = terms.mean_loss(after(terms.x, module))
+            try:
+                b = terms.mean_loss(before(terms.x, module))
+                a = terms.mean_loss(after(terms.x, module))
+            except InvalidInputError:  # finite inputs whose predictions overflow float32
+                notes.append("quality_delta: predictions on the held-back samples overflow float32")
+                return None
             d = relative_improvement(b, a)
             if d is not None:
                 deltas.append(d)

@@ -89,7 +89,11 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     t0 = time.perf_counter()
     cfg = job.config
     notes: list[str] = []
-    train, held = _split(job.samples)
+    samples = [s for s in job.samples if _within_float32(s)]
+    if len(samples) < len(job.samples):
+        skipped = len(job.samples) - len(samples)
+        notes.append(f"{skipped} samples too large for float32 arithmetic skipped")
+    train, held = _split(samples)
     pipeline = TrainingPipeline(cfg.training)
     pipeline.load_state_dict(*job.pipeline_state)
     bank = PatternBank(cfg.pattern_clusters, cfg.micro_lora.in_features)
@@ -181,6 +185,15 @@ def _epoch(
         pipeline.prox_step(adapter, 2.0 * lr * lam * since)
 
 
+def _within_float32(sample: TrainingSample) -> bool:
+    """Both embeddings have a squared norm that float32 can hold. Larger ones (finite, but
+    ~1e19 and up) overflow every step and every distance the pattern bank computes; the
+    Instant loop never applies them, but they can reach Deep through ``deep_optimize``."""
+    x, y = sample.input_embedding, sample.output_embedding
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.dot(x, x)) and np.isfinite(np.dot(y, y)))
+
+
 def _inputs(samples: Sequence[TrainingSample], cfg: SonaLlmConfig) -> np.ndarray:
     return stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
 
@@ -229,8 +242,12 @@ def _delta(
         return None
     deltas = []
     for m in modules:
-        b = mean_loss(held, functools.partial(_predict, before, m))
-        a = mean_loss(held, functools.partial(_predict, after, m))
+        try:
+            b = mean_loss(held, functools.partial(_predict, before, m))
+            a = mean_loss(held, functools.partial(_predict, after, m))
+        except InvalidInputError:  # finite inputs whose predictions overflow float32
+            notes.append("quality_delta: predictions on the held-out samples overflow float32")
+            return None
         d = relative_improvement(b, a)
         if d is not None:
             deltas.append(d)

@@ -189,6 +189,26 @@ def test_gradient_only_replay_has_no_measurable_quality_delta() -> None:
     assert any("measurable" in n for n in result.notes)
 
 
+def test_samples_too_large_for_float32_are_skipped_with_a_note() -> None:
+    """Finite but huge samples (1e20 and up) would overflow every step, prediction and
+    pattern-bank distance: the run skips them, says so, and keeps everything finite."""
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    stream = Stream(3)
+    stream.feed(engine, 20)
+    engine.run_background()
+    huge = np.full(D, 3e38, np.float32)
+    x = np.ones(D, np.float32) / math.sqrt(D)
+    fb = AdaptFeedback.from_quality(0.9).with_target(stream.w @ x)
+    normal = TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb)
+    samples = [TrainingSample(huge, huge, 0.9), normal, TrainingSample(1e20 * x, -huge, 0.8)]
+    result = engine.deep_optimize(samples * 2)
+    assert any("4 samples too large" in n for n in result.notes), result.notes
+    assert result.samples_used + result.evaluated_on == 2
+    assert np.isfinite(_published(engine)).all()
+    bank = engine.background.bank
+    assert np.isfinite(bank.centroids[: len(bank)]).all()
+
+
 def test_deep_is_deterministic_given_the_seed() -> None:
     outs = []
     for _ in range(2):
