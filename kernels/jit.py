@@ -3,7 +3,7 @@
 ``cache=True`` keeps start-up at ~0.2 s once the on-disk cache is warm; ``nogil=True`` lets the
 Deep loop run kernels in a worker thread without stealing the event loop. Two kinds hold the GIL
 instead (:func:`gil_kernel`): those that update a live adapter's weights in place, and the
-vector-sized ones of the request path.
+vector-sized ones that handle one embedding.
 ``fastmath`` is limited to reassociation-style flags so float32 reductions vectorise while NaN
 and inf still propagate (the finiteness checks depend on that).
 """
@@ -30,10 +30,10 @@ def gil_kernel(fn: F) -> F:
 
     One writes a published adapter's weights in place: a reader in another thread then sees
     the adapter either before or after the update, never half-written (a few microseconds; no
-    copy needed). The other is vector-sized and called on the request path (forward of one
-    vector, its finiteness check): giving the GIL up for a microsecond buys no parallelism,
-    and a busy worker thread that takes it may keep it for a whole switch interval (5 ms)
-    before the event loop gets it back.
+    copy needed). The other is vector-sized, one embedding at a time (forward of one vector
+    and its checks): giving the GIL up for a microsecond buys no parallelism. On the event
+    loop's thread a busy worker that takes it may keep it for a whole switch interval (5 ms);
+    in a worker thread, taking it back from a busy event loop can wait as long.
 
     Both kinds are compiled without Numba's runtime (``_nrt=False``): they cannot allocate (an
     allocation is a compile error, which keeps the request path allocation-free), and each

@@ -42,6 +42,16 @@ def vec_all_finite(x: np.ndarray) -> bool:
     return _all_finite(x)
 
 
+@gil_kernel
+def vec_sq_norm_finite(x: np.ndarray) -> bool:
+    """True when ‖x‖² of one embedding is finite in float32: numpy's dot would hand the GIL
+    over per vector from a worker thread (see ``jit.gil_kernel``)."""
+    acc = np.float32(0.0)
+    for v in x.flat:
+        acc += v * v
+    return bool(np.isfinite(acc))
+
+
 @kernel
 def grad_sq_norm(grad_a: np.ndarray, grad_bt: np.ndarray) -> float:
     """‖dA‖² + ‖dBᵀ‖² in float64 (float32 would overflow for gradients we must reject)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from sona.config import SonaLlmConfig
 from sona.errors import InvalidInputError
+from sona.kernels.update import vec_sq_norm_finite
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
 from sona.objective import mean_loss, measurable, relative_improvement
@@ -189,9 +190,9 @@ def _within_float32(sample: TrainingSample) -> bool:
     """Both embeddings have a squared norm that float32 can hold. Larger ones (finite, but
     ~1e19 and up) overflow every step and every distance the pattern bank computes; the
     Instant loop never applies them, but they can reach Deep through ``deep_optimize``."""
-    x, y = sample.input_embedding, sample.output_embedding
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(np.dot(x, x)) and np.isfinite(np.dot(y, y)))
+    return vec_sq_norm_finite(sample.input_embedding) and vec_sq_norm_finite(
+        sample.output_embedding
+    )
 
 
 def _inputs(samples: Sequence[TrainingSample], cfg: SonaLlmConfig) -> np.ndarray:
