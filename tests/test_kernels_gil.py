@@ -31,7 +31,7 @@ def _progress_during(call: Callable[[], object]) -> int:
         t = time.perf_counter()
         call()
         alone.append(time.perf_counter() - t)
-    duration = sorted(alone)[1]
+    duration = min(alone)
     stop = threading.Event()
     stamps: list[float] = []
 
@@ -46,8 +46,9 @@ def _progress_during(call: Callable[[], object]) -> int:
     call()
     stop.set()
     t.join()
-    margin = 0.1 * duration
-    return sum(1 for s in stamps if t0 + margin < s < t0 + duration - margin)
+    # The middle of the fastest call's duration: even a measured call 40 % faster than that
+    # still covers the window, so no stamp taken after it returned can fall inside.
+    return sum(1 for s in stamps if t0 + 0.2 * duration < s < t0 + 0.6 * duration)
 
 
 def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it() -> None:
@@ -59,7 +60,7 @@ def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it(
     g = rng.standard_normal(N, dtype=np.float32)
     h = np.ones(2, np.float32)
     u = np.ones(2, np.float32)
-    out = np.empty(N, np.float32)
+    out = np.full(N, 1.0, np.float32)  # touched now: no page faults in a timed call
 
     def apply() -> None:  # one call: the GIL may change hands between calls
         lora.apply_rank_one(a, bt, x, h, u, g, 1e-6)
