@@ -106,7 +106,8 @@ async def test_reaching_the_pressure_mark_lets_the_background_loop_start_at_once
         while sub.pending:  # type: ignore[attr-defined]
             used.append(sub.receive_nowait().samples_used)  # type: ignore[attr-defined]
     assert len(used) >= 10
-    assert max(used) <= bound // 2
+    # the first hand-over (later ones can wait for a consolidation still in its thread)
+    assert used[0] <= bound // 2
 
 
 async def test_a_crash_while_handling_inline_is_retried_by_the_restarted_loop() -> None:
