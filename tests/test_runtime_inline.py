@@ -30,39 +30,10 @@ async def test_an_idle_instant_loop_handles_samples_inline() -> None:
         assert st.instant_count == 50 and identity_holds(st)
 
 
-async def test_a_producer_that_never_waits_still_lets_other_tasks_run() -> None:
+async def _turns_while_submitting(n: int, producers: int) -> tuple[int, int]:
+    """(event-loop turns a ticker task saw, samples handled inline) while ``producers`` tasks
+    that never wait submit ``n`` samples between them; no Background tick or pressure meanwhile."""
     samples = rated_samples(40)
-    n = 10 * _INLINE_BUDGET
-    ticks = 0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await anyio.sleep(0)
-
-    async with SonaRuntime(
-        small_config(background_interval_ms=3_600_000, max_pending_samples=10_000), seed=0
-    ) as rt:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
-            await anyio.sleep(0)
-            start = ticks
-            for i in range(n):
-                await rt.submit(samples[i % len(samples)])
-            during = ticks - start
-            done = True
-        assert rt.supervisor_stats()["instant"]["inline"] == n
-    # one yield per budget: the ticker ran about n / budget times, not zero and not n times
-    assert n // _INLINE_BUDGET - 2 <= during <= n // _INLINE_BUDGET + 2
-
-
-async def test_the_budget_is_shared_by_all_submitters() -> None:
-    """With four producers, a turn of the event loop still handles about one budget's worth of
-    samples inline, not four: the other tasks run as often as with one producer."""
-    samples = rated_samples(40)
-    n = 20 * _INLINE_BUDGET
     ticks = 0
     done = False
 
@@ -73,7 +44,7 @@ async def test_the_budget_is_shared_by_all_submitters() -> None:
             await anyio.sleep(0)
 
     async def producer(k: int) -> None:
-        for i in range(k, n, 4):
+        for i in range(k, n, producers):
             await rt.submit(samples[i % len(samples)])
 
     cfg = small_config(background_interval_ms=3_600_000, max_pending_samples=10_000)
@@ -82,12 +53,28 @@ async def test_the_budget_is_shared_by_all_submitters() -> None:
             tg.start_soon(ticker)
             await anyio.sleep(0)
             start = ticks
-            async with anyio.create_task_group() as producers:
-                for k in range(4):
-                    producers.start_soon(producer, k)
+            async with anyio.create_task_group() as submitters:
+                for k in range(producers):
+                    submitters.start_soon(producer, k)
             during = ticks - start
             done = True
-        assert rt.supervisor_stats()["instant"]["inline"] == n
+        return during, rt.supervisor_stats()["instant"]["inline"]
+
+
+async def test_a_producer_that_never_waits_still_lets_other_tasks_run() -> None:
+    n = 10 * _INLINE_BUDGET
+    during, inline = await _turns_while_submitting(n, producers=1)
+    assert inline == n
+    # one yield per budget: the ticker ran about n / budget times, not zero and not n times
+    assert n // _INLINE_BUDGET - 2 <= during <= n // _INLINE_BUDGET + 2
+
+
+async def test_the_budget_is_shared_by_all_submitters() -> None:
+    """With four producers, a turn of the event loop still handles about one budget's worth of
+    samples inline, not four: the other tasks run as often as with one producer."""
+    n = 20 * _INLINE_BUDGET
+    during, inline = await _turns_while_submitting(n, producers=4)
+    assert inline == n
     assert during >= n // (_INLINE_BUDGET + 4) - 2
 
 
