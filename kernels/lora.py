@@ -327,6 +327,27 @@ def prepare_grad(
     return _scaled_matvec(bt, scale, g, u)
 
 
+@inline
+def _sq_norm64(v: np.ndarray) -> float:
+    acc = 0.0
+    for i in range(v.shape[0]):
+        acc += np.float64(v[i]) * np.float64(v[i])
+    return acc
+
+
+@inline
+def _rank_sums(u: np.ndarray, h: np.ndarray) -> tuple[float, float, float]:
+    """(‖u‖², ‖h‖², u·h) of the rank-sized scratch vectors, in float64."""
+    uu = 0.0
+    hh = 0.0
+    uh = 0.0
+    for k in range(h.shape[0]):
+        uu += np.float64(u[k]) * np.float64(u[k])
+        hh += np.float64(h[k]) * np.float64(h[k])
+        uh += np.float64(u[k]) * np.float64(h[k])
+    return uu, hh, uh
+
+
 @kernel
 def step_sums(
     a: np.ndarray,
@@ -343,27 +364,15 @@ def step_sums(
     rank-one gradients (u⊗x, h⊗g) and of the updated factors are known exactly before any
     weight is written: ‖A − c·u⊗x‖² = ‖A‖² − 2c·(u·h)/s + c²‖u‖²‖x‖², and likewise for Bᵀ.
     """
-    xx = 0.0
-    for i in range(x.shape[0]):
-        xx += np.float64(x[i]) * np.float64(x[i])
-    gg = 0.0
-    for j in range(g.shape[0]):
-        gg += np.float64(g[j]) * np.float64(g[j])
     aa = 0.0
     for v in a.flat:
         aa += np.float64(v) * np.float64(v)
     bb = 0.0
     for v in bt.flat:
         bb += np.float64(v) * np.float64(v)
-    uu = 0.0
-    hh = 0.0
-    uh = 0.0
-    for k in range(h.shape[0]):
-        uu += np.float64(u[k]) * np.float64(u[k])
-        hh += np.float64(h[k]) * np.float64(h[k])
-        uh += np.float64(u[k]) * np.float64(h[k])
-    sums[0] = xx
-    sums[1] = gg
+    uu, hh, uh = _rank_sums(u, h)
+    sums[0] = _sq_norm64(x)
+    sums[1] = _sq_norm64(g)
     sums[2] = aa
     sums[3] = bb
     sums[4] = uu
@@ -455,13 +464,7 @@ def step_one(
         return 1
     xx = _sq_norm64(x)
     gg = _sq_norm64(g)
-    uu = 0.0
-    hh = 0.0
-    uh = 0.0
-    for k in range(h.shape[0]):
-        uu += np.float64(u[k]) * np.float64(u[k])
-        hh += np.float64(h[k]) * np.float64(h[k])
-        uh += np.float64(u[k]) * np.float64(h[k])
+    uu, hh, uh = _rank_sums(u, h)
     norm = np.sqrt(uu * xx + hh * gg)
     if not np.isfinite(norm):
         return 2
@@ -498,14 +501,6 @@ def _grad_j(mode: int, w: np.float32, mu: np.float32, v: np.float32, o: np.float
     if mode == MODE_RESIDUAL:
         return w * (mu - (v - o))
     return w * (mu - v)
-
-
-@inline
-def _sq_norm64(v: np.ndarray) -> float:
-    acc = 0.0
-    for i in range(v.shape[0]):
-        acc += np.float64(v[i]) * np.float64(v[i])
-    return acc
 
 
 @inline
