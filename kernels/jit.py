@@ -43,6 +43,17 @@ def gil_kernel(fn: F) -> F:
     return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH), **options)(fn))
 
 
+def strict_kernel(fn: F) -> F:
+    """Compiled like :func:`kernel` but without fast-math flags, for scalar bookkeeping that
+    must round exactly like the Python floats it mirrors. Kernels it calls keep their flags."""
+    return cast(F, numba.njit(cache=True, nogil=True)(fn))
+
+
+def strict_inline(fn: F) -> F:
+    """A helper of a :func:`strict_kernel`, inlined into it."""
+    return cast(F, numba.njit(cache=True, nogil=True, inline="always")(fn))
+
+
 def inline(fn: F) -> F:
     """A helper that other kernels call; compiled the same way and inlined by LLVM."""
     compiled = numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH), inline="always")(fn)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sona.kernels import batch, ewc, linalg, lora, random, update
+from sona.kernels import batch, ewc, linalg, lora, random, replay, update
 from sona.kernels.jit import entry_point
 
 
@@ -95,6 +95,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
     fast.all_finite_vec = entry_point(update.vec_all_finite, x)
     _warm_ewc(a, bt, s)
+    _warm_replay(a, bt, s)
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
     linalg.warm_up()  # its eigen-decomposition, QR and small SVD
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
@@ -134,3 +135,20 @@ def _warm_ewc(a: np.ndarray, bt: np.ndarray, s: float) -> None:
     fast.ewc_prox_step = entry_point(
         ewc.prox_step, a2, bt2, s, ut, c, mt, 1.0, q, dq, w, *small, vec, bt_new
     )
+
+
+def _warm_replay(a: np.ndarray, bt: np.ndarray, s: float) -> None:
+    """Deep's epoch kernel, on two modules (one module takes the same types)."""
+    f32 = np.float32
+    a3 = np.stack([a, a])
+    bt3 = np.stack([bt, bt])
+    m, rank, n_out = bt3.shape
+    xs = np.ones((2, a.shape[1]), f32)
+    vecs = np.ones((2, n_out), f32)
+    ints = np.zeros(2, np.int64)
+    floats = np.array([np.nan, 1.0])
+    replay.replay_epoch(
+        a3, bt3, s, xs, vecs, ints, ints, floats, floats.copy(), np.zeros(3), 0.9, 1.0, 20.0,
+        0.1, 1.0, np.zeros((m, rank), f32), np.zeros((m, rank), f32), np.zeros((m, n_out), f32),
+        np.zeros((m, 8)), 16, 0.0, *replay.no_ewc(m, rank, n_out), np.zeros(3),
+    )  # fmt: skip

@@ -29,7 +29,7 @@ from sona.errors import InvalidInputError
 from sona.instant import HandOver
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
-from sona.objective import LossTerms, measurable, relative_improvement
+from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.results import BackgroundResult
@@ -313,19 +313,7 @@ def _split_eval(
     if len(samples) < 2:
         return samples, []
     want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
-    held_idx: list[int] = []
-    for i in range(len(samples) - 1, 0, -1):
-        if len(held_idx) == want:
-            break
-        if measurable(samples[i][1]):
-            held_idx.append(i)
-    if held_idx and held_idx[-1] == len(samples) - len(held_idx):  # the newest, all measurable
-        cut = held_idx[-1]
-        return samples[:cut], samples[cut:]
-    held_set = set(held_idx)
-    train = [p for i, p in enumerate(samples) if i not in held_set]
-    held = [samples[i] for i in sorted(held_idx)]
-    return train, held
+    return hold_out_newest(samples, want, _second)
 
 
 class _RowBuffer:

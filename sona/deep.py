@@ -3,15 +3,15 @@ pattern-bank maintenance.
 
 It works only on copies taken from the Background loop (a :class:`DeepJob`) and returns a
 replacement; Background installs it if its own state has not moved meanwhile, else re-applies
-the change on top. Each step is one GIL-releasing Numba kernel call with a little Python
-around it, so it can run in a worker thread without stealing the event loop.
+the change on top. Each epoch is one GIL-releasing kernel call (``MicroLoRA.replay``), so it
+runs in a worker thread beside a busy event loop without waiting for the GIL once per sample.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +22,10 @@ from sona.errors import InvalidInputError
 from sona.kernels.update import vec_sq_norm_finite
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
-from sona.objective import mean_loss, measurable, relative_improvement
+from sona.objective import hold_out_newest, mean_loss, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
+from sona.replay import ReplayBatch
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
@@ -39,15 +40,21 @@ EWC_EVERY = 16
 
 @dataclass(slots=True)
 class DeepJob:
-    """Everything a Deep run needs, copied so the caller's state can move on meanwhile."""
+    """Everything a Deep run needs, copied so the caller's state can move on meanwhile.
+
+    Only the samples the run will use are referenced (at most ``MAX_REPLAY`` to train on and
+    ``MAX_EVAL`` held out): the job keeps them alive until it ends, and a whole replay buffer
+    kept alive would stop the memory of every sample evicted meanwhile from being reused.
+    """
 
     config: SonaLlmConfig
     published: Published  # adapters are clones
-    samples: list[TrainingSample]
+    train: list[TrainingSample]
+    held: list[TrainingSample]
     pipeline_state: tuple[dict[str, Any], dict[str, np.ndarray]]
     bank_state: tuple[dict[str, Any], dict[str, np.ndarray]]
     version: int
-    seed: int
+    rng_state: Mapping[str, Any]  # the run's random stream, after drawing ``train``
 
 
 @dataclass(slots=True)
@@ -74,13 +81,23 @@ def snapshot(
     version: int,
     seed: int,
 ) -> DeepJob:
+    """The job for a Deep run over ``samples`` (oldest first): the newest measurable ones held
+    out, at most ``MAX_REPLAY`` of the others drawn at random to train on."""
     copy = Published(
         published.base.clone(),
         {k: v.clone() for k, v in published.ensemble.items()},
         None if published.centroids is None else published.centroids.copy(),
         published.version,
     )
-    return DeepJob(config, copy, list(samples), pipeline.state_dict(), bank.state(), version, seed)
+    rng = np.random.default_rng(seed)
+    train, held = _split(list(samples))
+    if len(train) > MAX_REPLAY:
+        keep = np.sort(rng.choice(len(train), MAX_REPLAY, replace=False)).tolist()
+        train = [train[i] for i in keep]
+    return DeepJob(
+        config, copy, train, held, pipeline.state_dict(), bank.state(), version,
+        rng.bit_generator.state,
+    )  # fmt: skip
 
 
 def run_deep(job: DeepJob) -> DeepOutcome:
@@ -90,33 +107,33 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     t0 = time.perf_counter()
     cfg = job.config
     notes: list[str] = []
-    samples = [s for s in job.samples if _within_float32(s)]
-    if len(samples) < len(job.samples):
-        skipped = len(job.samples) - len(samples)
+    train = [s for s in job.train if _within_float32(s)]
+    held = [s for s in job.held if _within_float32(s)]
+    skipped = len(job.train) + len(job.held) - len(train) - len(held)
+    if skipped:
         notes.append(f"{skipped} samples too large for float32 arithmetic skipped")
-    train, held = _split(samples)
     pipeline = TrainingPipeline(cfg.training)
     pipeline.load_state_dict(*job.pipeline_state)
     bank = PatternBank(cfg.pattern_clusters, cfg.micro_lora.in_features)
     bank.load(*job.bank_state)
-    rng = np.random.default_rng(job.seed)
-    if len(train) > MAX_REPLAY:
-        keep = np.sort(rng.choice(len(train), MAX_REPLAY, replace=False))
-        train = [train[i] for i in keep]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = job.rng_state
     old = job.published
-    usable = [s for s in train if s.quality >= cfg.training.quality_threshold]
+    pool = _Pool(train, cfg)
+    threshold = cfg.training.quality_threshold
+    usable = np.array([i for i, s in enumerate(train) if s.quality >= threshold], np.int64)
     if len(usable) < len(train):
         notes.append(f"{len(train) - len(usable)} kept samples below quality_threshold skipped")
-    base = _train_members(old.base, usable, cfg, pipeline, rng)
+    base = _train_members(old.base, pool, usable, cfg, pipeline, rng)
     ensemble: dict[int, MicroLoRA] = {}
     centroids = old.centroids
     if old.ensemble:
-        labels = bank.assign_many(_inputs(usable, cfg)) if usable else np.empty(0, np.intp)
+        labels = bank.assign_many(pool.xs[usable]) if len(usable) else np.empty(0, np.intp)
         for label, adapter in old.ensemble.items():
-            members = [s for s, lab in zip(usable, labels, strict=True) if lab == label]
-            ensemble[label] = _train_members(adapter, members, cfg, pipeline, rng)
+            rows = usable[labels == label]
+            ensemble[label] = _train_members(adapter, pool, rows, cfg, pipeline, rng)
     if train:
-        bank.refine(_inputs(train, cfg))
+        bank.refine(pool.xs)
         mapping = bank.merge_and_prune()
         ensemble = _remap(ensemble, mapping, bank)
         centroids = bank.centroids[: len(bank)].copy() if ensemble else None
@@ -140,22 +157,35 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     )
 
 
+class _Pool:
+    """The samples a run trains on, their input rows stacked once, and, when every one of them
+    can be replayed by the kernel, their :class:`ReplayBatch`."""
+
+    def __init__(self, samples: list[TrainingSample], cfg: SonaLlmConfig) -> None:
+        self.samples = samples
+        self.xs = stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
+        self.batch = ReplayBatch.of(samples, self.xs) if samples else None
+
+
 def _train_members(
     start: MicroLoRA,
-    samples: Sequence[TrainingSample],
+    pool: _Pool,
+    rows: np.ndarray,
     cfg: SonaLlmConfig,
     pipeline: TrainingPipeline,
     rng: np.random.Generator,
 ) -> MicroLoRA:
-    if not samples:
+    """``MEMBERS`` copies of ``start`` trained on the pool's ``rows`` in their own shuffled
+    orders, merged exactly."""
+    if not len(rows):
         return start.clone()
     members = []
     for _ in range(MEMBERS):
         member = start.clone()
         for epoch in range(cfg.deep_epochs):
             lr = cfg.instant_lr * LR_DECAY**epoch
-            order = rng.permutation(len(samples))
-            _epoch(member, [samples[i] for i in order], lr, cfg, pipeline)
+            order = rng.permutation(len(rows))
+            _epoch(member, pool, rows[order], lr, cfg, pipeline)
         members.append(member)
     weight = 1.0 / len(members)
     return MicroLoRA.merge_adapters([(m, weight) for m in members], rank=start.config.rank)
@@ -163,15 +193,25 @@ def _train_members(
 
 def _epoch(
     adapter: MicroLoRA,
-    samples: Sequence[TrainingSample],
+    pool: _Pool,
+    rows: np.ndarray,
     lr: float,
     cfg: SonaLlmConfig,
     pipeline: TrainingPipeline,
 ) -> None:
+    """One pass over the pool's ``rows`` in that order: one kernel call when the adapter and
+    the samples allow it, else sample by sample (the same steps)."""
     lam = cfg.training.ewc_lambda
     max_norm = cfg.training.max_grad_norm
+    if pool.batch is not None:
+        ewc = pipeline.replay_ewc(adapter) if lam > 0.0 else None
+        if adapter.replay(
+            pool.batch, rows, lr, max_norm=max_norm, ewc=ewc, ewc_every=EWC_EVERY, ewc_lambda=lam
+        ):
+            return
     since = 0
-    for s in samples:
+    for i in rows.tolist():
+        s = pool.samples[i]
         try:  # one sample's fused, clipped, finiteness-checked step (adapt + apply_updates)
             if not adapter.step(s.input_embedding, s.to_feedback(), lr, max_norm=max_norm):
                 continue
@@ -193,10 +233,6 @@ def _within_float32(sample: TrainingSample) -> bool:
     return vec_sq_norm_finite(sample.input_embedding) and vec_sq_norm_finite(
         sample.output_embedding
     )
-
-
-def _inputs(samples: Sequence[TrainingSample], cfg: SonaLlmConfig) -> np.ndarray:
-    return stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
 
 
 def _remap(
@@ -225,10 +261,11 @@ def _split(samples: list[TrainingSample]) -> tuple[list[TrainingSample], list[Tr
     if len(samples) < 2:
         return samples, []
     want = min(MAX_EVAL, max(1, int(EVAL_FRACTION * len(samples))))
-    held_idx = [i for i in range(len(samples) - 1, 0, -1) if measurable(samples[i])][:want]
-    held_set = set(held_idx)
-    train = [s for i, s in enumerate(samples) if i not in held_set]
-    return train, [samples[i] for i in sorted(held_idx)]
+    return hold_out_newest(samples, want, _same)
+
+
+def _same(sample: TrainingSample) -> TrainingSample:
+    return sample
 
 
 def _delta(

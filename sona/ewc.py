@@ -22,6 +22,7 @@ import numpy as np
 from sona.errors import FormatError
 from sona.kernels import ewc as k_ewc
 from sona.kernels import linalg as k_linalg
+from sona.kernels.replay import EwcArrays
 from sona.kernels.warmup import fast, warm_up
 from sona.linalg import principal_directions
 from sona.lora import MicroLoRA
@@ -243,6 +244,17 @@ class EwcImportance:
                 return -1.0
             total += p
         return total
+
+    def replay_arrays(self, modules: tuple[TargetModule, ...]) -> EwcArrays:
+        """What ``kernels.replay.replay_epoch`` takes for :meth:`step` on ``modules``: the
+        importance, every module's anchor stacked in that order, and one module's scratch
+        (the kernel steps the modules one after another)."""
+        first = self.anchors[modules[0]]
+        mt = np.stack([self.anchors[m].mt for m in modules])
+        return (
+            self.ut, self.c, mt, first.q, first.dq, first.w, first.gram, first.kmat, first.lower,
+            first.vec, first.bt_new,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -30,6 +30,7 @@ from sona.errors import ConfigMismatchError, FormatError, InvalidInputError, Unk
 from sona.feedback import AdaptFeedback, FeedbackKind
 from sona.kernels import lora as k_lora
 from sona.kernels import random as k_random
+from sona.kernels import replay as k_replay
 from sona.kernels import update as k_update
 from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
@@ -38,6 +39,7 @@ from sona.validation import as_f32, check_positive
 
 if TYPE_CHECKING:
     from sona.peft_format import PeftNaming
+    from sona.replay import ReplayBatch
 
 __all__ = [
     "AdaptFeedback",
@@ -829,6 +831,67 @@ class MicroLoRA:
         self.version += 1
         self.last_update_norm = norm * clip
         self.last_note = None
+        return True
+
+    def replay(
+        self,
+        batch: ReplayBatch,
+        rows: np.ndarray,
+        learning_rate: float,
+        *,
+        max_norm: float | None,
+        ewc: k_replay.EwcArrays | None = None,
+        ewc_every: int = 1,
+        ewc_lambda: float = 0.0,
+    ) -> bool:
+        """``step`` on each of ``batch``'s samples ``rows`` in turn, in one GIL-free call.
+
+        Samples whose step ``step`` would refuse as non-finite are skipped, as the Deep loop
+        skips them. With ``ewc`` (from ``TrainingPipeline.replay_ewc``) and ``ewc_lambda`` > 0,
+        an EWC++ proximal step of strength 2·lr·λ·k follows every ``ewc_every`` applied steps
+        (k = steps since the last one) and the last applied step. The weights, the rating
+        baseline, ``version``, ``last_update_norm`` and ``last_note`` end as the per-sample loop
+        leaves them. Returns False, changing nothing, when this adapter's steps take a path the
+        replay kernel does not cover: rank 1-2 without dropout (the fused kernels), dropout, or
+        gradients already accumulated.
+        """
+        cfg = self.config
+        if self._fused_by_id or cfg.dropout > 0.0 or self._pending:
+            return False
+        lr, max_norm = self._check_step_args(learning_rate, max_norm)
+        if batch.vecs.shape[1] != self._out or batch.xs.shape[1] != self._in:
+            raise InvalidInputError(
+                f"replay batch has widths ({batch.xs.shape[1]}, {batch.vecs.shape[1]}), this "
+                f"adapter ({self._in}, {self._out})"
+            )
+        states = self._states
+        a = np.stack([st.a for st in states])
+        bt = np.stack([st.bt for st in states])
+        m, rank, n_out = bt.shape
+        base = self._baseline
+        baseline = np.array([base.count, base.mean, base.var], np.float64)
+        out = np.zeros(3)
+        lam = ewc_lambda if ewc is not None else 0.0
+        k_replay.replay_epoch(
+            a, bt, self._scale, batch.xs, batch.vecs, np.ascontiguousarray(rows, np.int64),
+            batch.modes, batch.weights, batch.qualities, baseline,
+            cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
+            lr, -1.0 if max_norm is None else max_norm,
+            np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
+            np.zeros((m, n_out), np.float32), np.zeros((m, 8)),
+            ewc_every, lam, *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), out,
+        )  # fmt: skip
+        for st, ai, bi in zip(states, a, bt, strict=True):
+            st.a[...] = ai
+            st.bt[...] = bi
+        base.count, base.mean, base.var = int(baseline[0]), float(baseline[1]), float(baseline[2])
+        applied = int(out[k_replay.OUT_APPLIED])
+        if applied:
+            self.version += applied
+            self.last_update_norm = float(out[k_replay.OUT_NORM])
+        last = int(out[k_replay.OUT_LAST])
+        if last >= 0:
+            self.last_note = _STEP_REJECTIONS.get(last)
         return True
 
     @staticmethod

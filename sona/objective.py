@@ -9,6 +9,7 @@ feedback define no loss value to compare (only a direction), so they are left ou
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, in) -> (n, out) effective delta
+T = TypeVar("T")
 
 
 _MEASURABLE = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
@@ -26,6 +28,31 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def measurable(sample: TrainingSample) -> bool:
     return sample.to_feedback().kind in _MEASURABLE
+
+
+def hold_out_newest(
+    items: list[T], want: int, sample_of: Callable[[T], TrainingSample]
+) -> tuple[list[T], list[T]]:
+    """The items to train on (in order) and the newest ``want`` measurable ones held out for
+    evaluation (oldest first); the oldest item is never held out.
+
+    The scan starts at the newest and stops once it has enough, so splitting a full replay
+    buffer checks a few hundred samples rather than all of them.
+    """
+    held_idx: list[int] = []
+    for i in range(len(items) - 1, 0, -1):
+        if len(held_idx) == want:
+            break
+        if measurable(sample_of(items[i])):
+            held_idx.append(i)
+    if not held_idx:
+        return items, []
+    cut = held_idx[-1]
+    if cut == len(items) - len(held_idx):  # the newest, all measurable
+        return items[:cut], items[cut:]
+    held_set = set(held_idx)
+    train = [p for i, p in enumerate(items) if i not in held_set]
+    return train, [items[i] for i in reversed(held_idx)]
 
 
 class LossTerms:

@@ -24,6 +24,7 @@ from sona.errors import ConfigMismatchError, FormatError, InvalidInputError
 from sona.ewc import EwcImportance, InputWindow
 from sona.feedback import AdaptFeedback, FeedbackKind
 from sona.kernels import update as k_update
+from sona.kernels.replay import EwcArrays
 from sona.log import get_logger
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
@@ -329,6 +330,14 @@ class TrainingPipeline:
         if not ewc.active or tau <= 0.0:
             return 0.0
         return ewc.step(lora, float(tau), lora.modules)
+
+    def replay_ewc(self, lora: MicroLoRA) -> EwcArrays | None:
+        """The EWC++ state ``MicroLoRA.replay`` takes for the proximal steps :meth:`prox_step`
+        would take on ``lora``; None while no task is protected (they would change nothing)."""
+        ewc = self._ready(lora)
+        if not ewc.active:
+            return None
+        return ewc.replay_arrays(lora.modules)
 
     def observe(self, x: Any) -> None:
         """Count an input toward the current task's importance without a training step.

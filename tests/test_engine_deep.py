@@ -341,3 +341,34 @@ def test_an_outcome_is_installed_at_most_once() -> None:
     with pytest.raises(ValueError, match="already installed"):
         engine.install_deep(stale)
     assert engine.stats().deep_count == 2
+
+
+def test_a_job_keeps_only_the_samples_its_run_uses_and_reruns_identically() -> None:
+    from sona import deep
+
+    engine = SonaLlm(_config(replay_capacity=6000), seed=4, clock=lambda: 0.0)
+    stream = Stream(12)
+    stream.feed(engine, 40)
+    engine.run_background()
+    rng = np.random.default_rng(5)
+    samples = []
+    for i in range(5000):
+        x = rng.standard_normal(D).astype(np.float32)
+        fb = AdaptFeedback.from_quality(0.9)
+        if i % 3:  # quality-only feedback is not measurable: never held out
+            fb = fb.with_target(stream.w @ x)
+        samples.append(TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb))
+    job = engine.deep_job(samples)
+    assert len(job.train) == deep.MAX_REPLAY and len(job.held) == deep.MAX_EVAL
+    held = [s for s in samples[1:] if measurable(s)][-deep.MAX_EVAL :]
+    assert all(a is b for a, b in zip(job.held, held, strict=True))
+    position = {id(s): i for i, s in enumerate(samples)}
+    train_at = [position[id(s)] for s in job.train]
+    assert train_at == sorted(set(train_at))  # distinct, oldest first
+    assert not {id(s) for s in job.train} & {id(s) for s in held}
+    first, second = run_deep(job), run_deep(job)
+    for m in (Q, V):
+        np.testing.assert_array_equal(
+            first.published.base.delta_weight(m), second.published.base.delta_weight(m)
+        )
+    assert first.quality_delta == second.quality_delta

@@ -1,0 +1,256 @@
+"""One Deep-loop epoch of replay in one GIL-free call.
+
+Stepping an adapter sample by sample from Python hands the GIL back and forth twice per sample:
+a worker thread replaying ~13,000 steps per Deep run then needs the GIL ~13,000 times, and
+while the event loop is busy each of those waits (the run took ~2 s instead of 0.5 s under a
+latency benchmark's load). This kernel runs a whole epoch: per sample exactly the step
+``MicroLoRA.step`` takes on its general path (``step_one`` for one module; for several,
+``prepare_grad`` and ``step_sums`` per module, the clip on their joint norm, the closed-form
+guards, then ``apply_rank_one``), the rating baseline of rated outputs, and every ``every``
+applied steps an EWC++ proximal step on each module.
+
+It is compiled without fast-math flags: the scalar bookkeeping (the baseline, the joint norm,
+the clip factor, the guards) must round exactly like the Python floats of the per-sample path,
+so both give the same weights. The kernels it calls keep their own flags.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sona.kernels.ewc import prox_step
+from sona.kernels.jit import strict_inline, strict_kernel
+from sona.kernels.lora import apply_rank_one, prepare_grad, step_one, step_sums
+
+F32_MAX = 3.4028234663852886e38
+MIN_STD = 1e-4  # RunningBaseline.MIN_STD
+
+# replay_epoch's EWC++ arguments: ut, c, mt (one anchor per module), then one module's scratch
+# q, dq, w, gram, kmat, lower, vec, bt_new (see kernels.ewc.prox_step)
+EwcArrays = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+]  # fmt: skip
+
+# replay_epoch's outcome slots
+OUT_APPLIED = 0  # steps applied
+OUT_NORM = 1  # the last applied step's norm / lr (MicroLoRA.last_update_norm)
+OUT_LAST = 2  # status of the last sample that was not refused as non-finite (-1: none)
+
+
+@strict_inline
+def _output_weight(baseline: np.ndarray, quality: float, temperature: float, cap: float) -> float:
+    """``MicroLoRA._output_weight``: exp(advantage / temperature), capped."""
+    adv = 0.0
+    if baseline[0] > 0.0:  # count
+        adv = (quality - baseline[1]) / max(math.sqrt(baseline[2]), MIN_STD)
+    z = adv / temperature
+    if z >= math.log(cap):
+        return cap
+    return math.exp(z)
+
+
+@strict_inline
+def _update_baseline(baseline: np.ndarray, quality: float, decay: float) -> None:
+    """``RunningBaseline.update`` on [count, mean, var]."""
+    count = baseline[0] + 1.0
+    baseline[0] = count
+    if count == 1.0:
+        baseline[1] = quality
+        baseline[2] = 0.0
+        return
+    d = min(decay, 1.0 - 1.0 / count)
+    delta = quality - baseline[1]
+    baseline[1] += (1.0 - d) * delta
+    baseline[2] = d * (baseline[2] + (1.0 - d) * delta * delta)
+
+
+@strict_inline
+def _joint_step(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    sums: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """One sample's step on every module with the clip on their joint norm (the several-module
+    branch of ``MicroLoRA._step_general``); statuses as ``step_one``'s."""
+    m = a.shape[0]
+    for i in range(m):
+        key = np.uint64(0)
+        if not prepare_grad(a[i], bt[i], scale, x, vec, weight, mode, key, h[i], u[i], g[i]):
+            return 1
+        step_sums(a[i], bt[i], x, h[i], u[i], g[i], sums[i])
+    total = 0.0
+    for i in range(m):
+        total += sums[i, 4] * sums[i, 0] + sums[i, 5] * sums[i, 1]
+    norm = math.sqrt(total)
+    if not math.isfinite(norm):
+        return 2
+    c = lr
+    if max_norm > 0.0 and norm > max_norm:
+        c = lr * (max_norm / norm)
+    for i in range(m):
+        xx = sums[i, 0]
+        gg = sums[i, 1]
+        aa = sums[i, 2]
+        bb = sums[i, 3]
+        uu = sums[i, 4]
+        hh = sums[i, 5]
+        uh = sums[i, 6]
+        cross = 2.0 * c * uh / scale
+        na = aa - cross + c * c * uu * xx
+        nb = bb - cross + c * c * hh * gg
+        factors = math.isfinite(c * math.sqrt(uu)) and math.isfinite(c * math.sqrt(hh))
+        if not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < F32_MAX * F32_MAX):
+            return 3
+        if not factors:
+            return 3
+        if scale * math.sqrt(max(na, 0.0)) * math.sqrt(max(nb, 0.0)) >= F32_MAX:
+            return 4
+    for i in range(m):
+        apply_rank_one(a[i], bt[i], x, h[i], u[i], g[i], c)
+    out[OUT_NORM] = norm * (c / lr)
+    return 0
+
+
+@strict_inline
+def _prox_all(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    tau: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    q: np.ndarray,
+    dq: np.ndarray,
+    w: np.ndarray,
+    gram: np.ndarray,
+    kmat: np.ndarray,
+    lower: np.ndarray,
+    vec: np.ndarray,
+    bt_new: np.ndarray,
+) -> None:
+    """``EwcImportance.step``: each module in turn, stopping at the first that is skipped."""
+    for i in range(a.shape[0]):
+        p = prox_step(
+            a[i], bt[i], scale, ut, c, mt[i], tau, q, dq, w, gram, kmat, lower, vec, bt_new
+        )
+        if p < 0.0:
+            return
+
+
+@strict_kernel
+def replay_epoch(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    xs: np.ndarray,
+    vecs: np.ndarray,
+    rows: np.ndarray,
+    modes: np.ndarray,
+    weights: np.ndarray,
+    qualities: np.ndarray,
+    baseline: np.ndarray,
+    decay: float,
+    temperature: float,
+    cap: float,
+    lr: float,
+    max_norm: float,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    sums: np.ndarray,
+    every: int,
+    lam: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    q: np.ndarray,
+    dq: np.ndarray,
+    w: np.ndarray,
+    gram: np.ndarray,
+    kmat: np.ndarray,
+    lower: np.ndarray,
+    vec: np.ndarray,
+    bt_new: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Step the adapter (a, bt: (modules, rank, in) and (modules, rank, out), written in place)
+    on the samples ``rows`` of ``xs`` / ``vecs``, in that order, at ``lr`` (``max_norm`` <= 0:
+    no clip).
+
+    Per sample: ``modes`` (``MODE_REGRESS`` / ``MODE_GRADIENT``) and ``weights``; a NaN weight
+    marks a rated output, whose weight comes from ``baseline`` ([count, mean, var], updated
+    after its step unless the step was refused as non-finite) and ``qualities``. ``lam`` > 0
+    takes an EWC++ proximal step of 2·lr·lam·(steps since the last one) after every ``every``
+    applied steps and after the last. ``out`` receives the counts (``OUT_*``).
+    """
+    m = a.shape[0]
+    out[OUT_APPLIED] = 0.0
+    out[OUT_LAST] = -1.0
+    since = 0
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        x = xs[k]
+        target = vecs[k]
+        rated = math.isnan(weights[k])
+        wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
+        if m == 1:
+            status = step_one(
+                a[0], bt[0], scale, x, target, wk, modes[k], lr, max_norm, h[0], u[0], g[0], sums[0]
+            )
+            if status == 0:
+                out[OUT_NORM] = sums[0, 7]
+        else:
+            status = _joint_step(
+                a, bt, scale, x, target, wk, modes[k], lr, max_norm, h, u, g, sums, out
+            )
+        if status == 1:  # x or the gradient not finite: no step, the baseline does not move
+            continue
+        if rated:
+            _update_baseline(baseline, qualities[k], decay)
+        out[OUT_LAST] = status
+        if status != 0:
+            continue
+        out[OUT_APPLIED] += 1.0
+        since += 1
+        if since == every:
+            if lam > 0.0:
+                tau = 2.0 * lr * lam * since
+                _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
+            since = 0
+    if since and lam > 0.0:
+        tau = 2.0 * lr * lam * since
+        _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
+
+
+def no_ewc(modules: int, rank: int, n_out: int) -> EwcArrays:
+    """Placeholders for ``replay_epoch``'s EWC++ arguments when it takes no proximal step."""
+    f32 = np.float32
+    f64 = np.float64
+    small = np.zeros((rank, 1), f64)
+    return (
+        np.zeros((1, 1), f32),
+        np.zeros(1, f32),
+        np.zeros((modules, 1, n_out), f32),
+        np.zeros((rank, 1), f32),
+        np.zeros((rank, 1), f32),
+        small,
+        np.zeros((rank, rank), f64),
+        np.zeros((rank, rank), f64),
+        np.zeros((rank, rank), f64),
+        np.zeros(rank, f64),
+        np.zeros((rank, n_out), f32),
+    )

@@ -1,0 +1,67 @@
+"""Samples stacked once per Deep run, so each epoch over them is one GIL-free kernel call.
+
+A Deep run replays the same samples for several epochs and ensemble members. Turning each
+sample into its feedback, mode and weight once, and its rows into two arrays, lets
+:meth:`sona.lora.MicroLoRA.replay` step through a whole epoch in ``kernels.replay`` without
+coming back to Python (see there for why that matters in a worker thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sona.feedback import FeedbackKind
+from sona.kernels import lora as k_lora
+from sona.sample import TrainingSample
+from sona.stacking import stack_rows
+
+RATED = np.nan  # a weight that marks a rated output: its weight comes from the rating baseline
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayBatch:
+    """The inputs, feedback vectors, kernel modes, weights and qualities of some samples."""
+
+    xs: np.ndarray  # (n, in) float32
+    vecs: np.ndarray  # (n, out) float32
+    modes: np.ndarray  # (n,) int64
+    weights: np.ndarray  # (n,) float64; RATED for rated outputs
+    qualities: np.ndarray  # (n,) float64
+
+    def __len__(self) -> int:
+        return int(self.modes.shape[0])
+
+    @classmethod
+    def of(cls, samples: Sequence[TrainingSample], xs: np.ndarray) -> ReplayBatch | None:
+        """The batch of ``samples``, whose input rows are ``xs``; None when one of them has
+        quality-only feedback (its step is a REINFORCE step on explored noise, which only the
+        per-sample path takes) or feedback vectors of different lengths."""
+        n = len(samples)
+        modes = np.empty(n, np.int64)
+        weights = np.empty(n, np.float64)
+        qualities = np.empty(n, np.float64)
+        vectors = []
+        for i, s in enumerate(samples):
+            fb = s.to_feedback()
+            kind = fb.kind
+            if kind is FeedbackKind.QUALITY or fb.vector is None:
+                return None
+            vectors.append(fb.vector)
+            qualities[i] = fb.quality
+            modes[i] = k_lora.MODE_REGRESS
+            if kind is FeedbackKind.GRADIENT:
+                modes[i], weights[i] = k_lora.MODE_GRADIENT, 1.0
+            elif kind is FeedbackKind.TARGET:
+                weights[i] = fb.quality
+            elif kind is FeedbackKind.OUTPUT:
+                weights[i] = RATED
+            else:  # GROUP: the pull target already carries the advantage weighting
+                weights[i] = 1.0
+        width = vectors[0].shape[0] if vectors else 0
+        if any(v.shape != (width,) for v in vectors):
+            return None
+        vecs = stack_rows(vectors, width) if vectors else np.empty((0, width), np.float32)
+        return cls(xs, vecs, modes, weights, qualities)

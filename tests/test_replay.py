@@ -1,0 +1,227 @@
+"""``MicroLoRA.replay``: a whole epoch in one kernel call, against the per-sample loop it
+replaces (``step`` per sample, an EWC++ proximal step every k applied steps), and the Deep
+loop taking it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sona import deep
+from sona.config import SonaLlmConfig
+from sona.engine import SonaLlm
+from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
+from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.replay import ReplayBatch
+from sona.sample import TrainingSample
+from sona.stacking import stack_rows
+from sona.training import TrainingPipeline
+from sona.training_config import TrainingConfig
+
+MODULES = (TargetModule.Q_PROJ, TargetModule.V_PROJ, TargetModule.K_PROJ)
+EVERY = 4
+
+
+def _adapter(dim: int, rank: int, modules: int, seed: int, **kw: object) -> MicroLoRA:
+    cfg = MicroLoraConfig.for_hidden_dim(dim, rank=rank, target_modules=MODULES[:modules], **kw)
+    lora = MicroLoRA(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    for m, a, bt in lora.iter_factors():  # B = 0 would make every first step alike
+        lora.set_factors(m, a, (0.1 * rng.standard_normal(bt.shape)).astype(np.float32))
+    return lora
+
+
+def _samples(dim: int, n: int, seed: int, kinds: str = "otgp") -> list[TrainingSample]:
+    """Every feedback form replay covers: rated output, target, gradient, group pull target;
+    with ``x`` in kinds also finite inputs so large that their steps are refused."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.standard_normal(dim).astype(np.float32)
+        y = rng.standard_normal(dim).astype(np.float32)
+        q = float(rng.uniform(0.1, 1.0))
+        kind = kinds[i % len(kinds)]
+        fb = AdaptFeedback.from_quality(q)
+        if kind == "t":
+            fb = fb.with_target(y)
+        elif kind == "g":
+            fb = fb.with_gradient(0.1 * y)
+        elif kind == "p":
+            fb = AdaptFeedback.from_group([y, -y], [q, 1.0 - q])
+        elif kind == "x":
+            x = x * np.float32(1e19)
+        sample = TrainingSample(x, y, q)
+        out.append(sample if kind in "ox" else sample.with_feedback(fb))
+    return out
+
+
+def _loop(
+    lora: MicroLoRA,
+    samples: list[TrainingSample],
+    rows: np.ndarray,
+    lr: float,
+    max_norm: float | None,
+    pipe: TrainingPipeline | None,
+    lam: float,
+) -> None:
+    """What the Deep loop did before replay existed, sample by sample."""
+    since = 0
+    for i in rows.tolist():
+        s = samples[i]
+        try:
+            if not lora.step(s.input_embedding, s.to_feedback(), lr, max_norm=max_norm):
+                continue
+        except InvalidInputError:
+            continue
+        since += 1
+        if since == EVERY:
+            if pipe is not None and lam > 0.0:
+                pipe.prox_step(lora, 2.0 * lr * lam * since)
+            since = 0
+    if since and pipe is not None and lam > 0.0:
+        pipe.prox_step(lora, 2.0 * lr * lam * since)
+
+
+def _assert_same(a: MicroLoRA, b: MicroLoRA) -> None:
+    for m in a.modules:
+        for got, want in zip(b.factors(m), a.factors(m), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert (b.version, b.last_update_norm, b.last_note) == (
+        a.version,
+        a.last_update_norm,
+        a.last_note,
+    )
+    assert b.export_weights() == a.export_weights()  # includes the rating baseline
+
+
+def _protected(lora: MicroLoRA, dim: int, seed: int, lam: float) -> TrainingPipeline:
+    """A pipeline whose EWC++ importance protects a first task's inputs."""
+    pipe = TrainingPipeline(TrainingConfig(ewc_lambda=lam))
+    pipe.init_for_lora(lora)
+    rng = np.random.default_rng(seed)
+    for x in rng.standard_normal((64, dim)).astype(np.float32):
+        pipe.observe(x)
+    pipe.start_new_task(lora)
+    return pipe
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dim=st.integers(4, 40),
+    rank=st.integers(3, 6),
+    modules=st.integers(1, 3),
+    n=st.integers(1, 60),
+    max_norm=st.sampled_from([None, 0.05, 10.0]),
+    kinds=st.sampled_from(["otgp", "o", "tx", "otgpx"]),
+    lam=st.sampled_from([0.0, 0.5, 50.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_replay_takes_exactly_the_per_sample_steps(
+    dim: int,
+    rank: int,
+    modules: int,
+    n: int,
+    max_norm: float | None,
+    kinds: str,
+    lam: float,
+    seed: int,
+) -> None:
+    rank = min(rank, dim)
+    lora = _adapter(dim, rank, modules, seed)
+    samples = _samples(dim, n, seed + 1, kinds)
+    rows = np.random.default_rng(seed + 2).integers(0, n, 2 * n)  # repeats allowed
+    ref, fast = lora.clone(), lora.clone()
+    pipe_ref = _protected(ref, dim, seed + 3, lam) if lam else None
+    pipe_fast = _protected(fast, dim, seed + 3, lam) if lam else None
+    _loop(ref, samples, rows, 0.05, max_norm, pipe_ref, lam)
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    assert batch is not None
+    ewc = pipe_fast.replay_ewc(fast) if pipe_fast is not None else None
+    assert (ewc is not None) == (lam > 0.0)
+    kw = {"ewc": ewc, "ewc_every": EVERY, "ewc_lambda": lam}
+    assert fast.replay(batch, rows, 0.05, max_norm=max_norm, **kw)
+    _assert_same(ref, fast)
+
+
+def test_the_baseline_of_rated_outputs_carries_over_between_epochs() -> None:
+    lora = _adapter(16, 4, 2, 0)
+    samples = _samples(16, 30, 1, "o")
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 16))
+    assert batch is not None
+    ref, fast = lora.clone(), lora.clone()
+    for epoch in range(3):
+        rows = np.random.default_rng(epoch).permutation(30)
+        _loop(ref, samples, rows, 0.1 * 0.95**epoch, 1.0, None, 0.0)
+        assert fast.replay(batch, rows, 0.1 * 0.95**epoch, max_norm=1.0)
+    assert ref.export_weights() != lora.export_weights()
+    _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize(
+    ("rank", "extra", "pending"),
+    [(2, {}, False), (1, {}, False), (4, {"dropout": 0.1}, False), (4, {}, True)],
+    ids=["fused rank 2", "fused rank 1", "dropout", "pending gradients"],
+)
+def test_replay_declines_what_only_the_per_sample_path_does(
+    rank: int, extra: dict[str, float], pending: bool
+) -> None:
+    lora = _adapter(16, rank, 1, 0, **extra)
+    samples = _samples(16, 8, 1)
+    if pending:
+        lora.adapt(samples[1].input_embedding, samples[1].to_feedback())
+    before = lora.export_weights()
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 16))
+    assert batch is not None
+    assert not lora.replay(batch, np.arange(8), 0.1, max_norm=1.0)
+    assert lora.export_weights() == before
+
+
+def test_quality_only_feedback_keeps_a_batch_from_being_built() -> None:
+    samples = _samples(8, 4, 0)
+    samples.append(samples[0].with_feedback(AdaptFeedback.from_quality(0.7)))
+    assert ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 8)) is None
+
+
+def test_a_batch_of_another_width_is_refused() -> None:
+    lora = _adapter(16, 4, 1, 0)
+    samples = _samples(8, 4, 0)
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 8))
+    assert batch is not None
+    with pytest.raises(InvalidInputError, match="widths"):
+        lora.replay(batch, np.arange(4), 0.1, max_norm=1.0)
+
+
+def _steps_during_deep(
+    monkeypatch: pytest.MonkeyPatch, samples: list[TrainingSample]
+) -> tuple[int, int]:
+    """``step`` calls during a Deep run over ``samples``, and the samples it trained on."""
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(16, rank=2), deep_epochs=2, instant_lr=0.05
+    )
+    engine = SonaLlm(cfg, seed=0, clock=lambda: 0.0)
+    calls = 0
+    step = MicroLoRA.step
+
+    def counted(self: MicroLoRA, *args: object, **kw: object) -> bool:
+        nonlocal calls
+        calls += 1
+        return step(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MicroLoRA, "step", counted)
+    result = engine.deep_optimize(samples)
+    assert result.samples_used > 0
+    return calls, result.samples_used
+
+
+def test_deep_replays_each_epoch_in_one_call_unless_a_sample_needs_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    samples = _samples(16, 40, 3, "otg")
+    assert _steps_during_deep(monkeypatch, samples)[0] == 0
+    quality_only = samples[0].with_feedback(AdaptFeedback.from_quality(0.9))
+    steps, used = _steps_during_deep(monkeypatch, [quality_only, *samples])
+    assert steps == deep.MEMBERS * 2 * used  # every step of every member's two epochs
