@@ -155,18 +155,32 @@ class MicroLoRA:
             raise TypeError(f"config must be a MicroLoraConfig, got {type(config).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self._setup(config, int(seed) if seed is not None else secrets.randbits(63), draw=True)
+
+    @classmethod
+    def _blank(cls, config: MicroLoraConfig, seed: int) -> MicroLoRA:
+        """An adapter whose factors the caller overwrites at once (a clone, a merge): A starts
+        at zero instead of drawn, which at rank 8 and width 4096 saves ~0.3 ms per adapter."""
+        lora = cls.__new__(cls)
+        lora._setup(config, seed, draw=False)
+        return lora
+
+    def _setup(self, config: MicroLoraConfig, seed: int, *, draw: bool) -> None:
         warm_up()
         self.config = config
-        self.seed = int(seed) if seed is not None else secrets.randbits(63)
+        self.seed = seed
         self._scale = float(config.scaling)
         self._in = config.in_features
         self._out = config.out_features
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.seed) if draw else None
         self._modules: dict[TargetModule, _Module] = {}
         for i, m in enumerate(config.target_modules):
-            a = rng.standard_normal((config.rank, self._in)) / math.sqrt(self._in)
+            if rng is not None:
+                a = rng.standard_normal((config.rank, self._in)) / math.sqrt(self._in)
+                a32 = np.ascontiguousarray(a, dtype=np.float32)
+            else:
+                a32 = np.zeros((config.rank, self._in), np.float32)
             bt = np.zeros((config.rank, self._out), np.float32)
-            a32 = np.ascontiguousarray(a, dtype=np.float32)
             self._modules[m] = _Module(i, m, a32, bt, self._scale)
         # Identity-keyed view: any argument can be looked up without hashing it (an unhashable
         # or unknown one finds nothing, and the general path says why).
@@ -922,7 +936,7 @@ class MicroLoRA:
     # ------------------------------------------------------------------ copies and state
     def clone(self) -> MicroLoRA:
         """An independent copy: weights, baseline and RNG position (not pending gradients)."""
-        twin = MicroLoRA(self.config, seed=self.seed)
+        twin = MicroLoRA._blank(self.config, self.seed)
         twin._copy_state_from(self)
         return twin
 

@@ -52,7 +52,7 @@ def merge_adapters(
     new_rank = total if exact_concat else (rank if rank is not None else max_rank)
     # alpha = rank gives scaling 1, so every source's weight·scale is folded into B.
     config = first.replace(rank=new_rank, alpha=float(new_rank))
-    merged = MicroLoRA(config, seed=items[0][0].seed)
+    merged = MicroLoRA._blank(config, items[0][0].seed)
     for m in modules:
         a_cat = np.concatenate([a.factors(m)[0] for a, _ in items], axis=0)
         bt_cat = np.concatenate([w * a.scaling * a.factors(m)[1] for a, w in items], axis=0)
