@@ -164,7 +164,9 @@ class _Pool:
     def __init__(self, samples: list[TrainingSample], cfg: SonaLlmConfig) -> None:
         self.samples = samples
         self.xs = stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
-        self.batch = ReplayBatch.of(samples, self.xs) if samples else None
+        batch = ReplayBatch.of(samples, self.xs) if samples else None
+        width = cfg.micro_lora.out_features
+        self.batch = batch if batch is not None and batch.vecs.shape[1] == width else None
 
 
 def _train_members(
