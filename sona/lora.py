@@ -878,6 +878,12 @@ class MicroLoRA:
                 f"replay batch has widths ({batch.xs.shape[1]}, {batch.vecs.shape[1]}), this "
                 f"adapter ({self._in}, {self._out})"
             )
+        rows = np.ascontiguousarray(rows)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            got = f"{rows.dtype} of shape {rows.shape}"
+            raise InvalidInputError(f"rows must be a 1-d integer array, got {got}")
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= len(batch)):
+            raise InvalidInputError(f"rows must index the batch's {len(batch)} samples")
         states = self._states
         a = np.stack([st.a for st in states])
         bt = np.stack([st.bt for st in states])
@@ -887,7 +893,7 @@ class MicroLoRA:
         out = np.zeros(3)
         lam = ewc_lambda if ewc is not None else 0.0
         k_replay.replay_epoch(
-            a, bt, self._scale, batch.xs, batch.vecs, np.ascontiguousarray(rows, np.int64),
+            a, bt, self._scale, batch.xs, batch.vecs, rows.astype(np.int64, copy=False),
             batch.modes, batch.weights, batch.qualities, baseline,
             cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
             lr, -1.0 if max_norm is None else max_norm,

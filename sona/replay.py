@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
 from sona.kernels import lora as k_lora
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 
 RATED = np.nan  # a weight that marks a rated output: its weight comes from the rating baseline
+_MODES = np.array([k_lora.MODE_REGRESS, k_lora.MODE_GRADIENT], np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,30 @@ class ReplayBatch:
     modes: np.ndarray  # (n,) int64
     weights: np.ndarray  # (n,) float64; RATED for rated outputs
     qualities: np.ndarray  # (n,) float64
+
+    def __post_init__(self) -> None:
+        """Refuse arrays the kernel would misread: it indexes them without bounds checks."""
+        n = self.xs.shape[0] if self.xs.ndim == 2 else -1
+        for name, arr, dtype, ndim in (
+            ("xs", self.xs, np.float32, 2),
+            ("vecs", self.vecs, np.float32, 2),
+            ("modes", self.modes, np.int64, 1),
+            ("weights", self.weights, np.float64, 1),
+            ("qualities", self.qualities, np.float64, 1),
+        ):
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != ndim:
+                kind = f"{ndim}-d {np.dtype(dtype).name}"
+                raise InvalidInputError(f"ReplayBatch.{name} must be a {kind} array")
+            if arr.shape[0] != n or not arr.flags.c_contiguous:
+                raise InvalidInputError(f"ReplayBatch.{name} must be C-contiguous with {n} rows")
+        if not np.isin(self.modes, _MODES).all():
+            raise InvalidInputError("ReplayBatch.modes holds a mode other than regress or gradient")
+        w = self.weights
+        if not ((np.isnan(w) | ((w >= 0.0) & (w < np.inf))).all()):
+            raise InvalidInputError("ReplayBatch.weights must be finite and >= 0 (NaN: rated)")
+        q = self.qualities
+        if not ((q >= 0.0) & (q <= 1.0)).all():
+            raise InvalidInputError("ReplayBatch.qualities must lie in [0, 1]")
 
     def __len__(self) -> int:
         return int(self.modes.shape[0])

@@ -225,3 +225,45 @@ def test_deep_replays_each_epoch_in_one_call_unless_a_sample_needs_the_loop(
     quality_only = samples[0].with_feedback(AdaptFeedback.from_quality(0.9))
     steps, used = _steps_during_deep(monkeypatch, [quality_only, *samples])
     assert steps == deep.MEMBERS * 2 * used  # every step of every member's two epochs
+
+
+def _batch(n: int = 4, dim: int = 16) -> ReplayBatch:
+    samples = _samples(dim, n, 0, "ot")
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    assert batch is not None
+    return batch
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [np.array([0, 4]), np.array([-1]), np.array([[0, 1]]), np.array([0.0, 1.0])],
+    ids=["past the end", "negative", "2-d", "floats"],
+)
+def test_rows_outside_the_batch_are_refused_before_any_step(rows: np.ndarray) -> None:
+    lora = _adapter(16, 4, 2, 0)
+    before = lora.export_weights()
+    with pytest.raises(InvalidInputError, match="rows"):
+        lora.replay(_batch(), rows, 0.1, max_norm=1.0)
+    assert lora.export_weights() == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("xs", np.zeros((3, 16), np.float32), "rows"),
+        ("xs", np.zeros((4, 16), np.float64), "float32"),
+        ("vecs", np.zeros((4, 32), np.float32)[:, ::2], "C-contiguous"),
+        ("modes", np.full(4, 2, np.int64), "mode"),
+        ("weights", np.array([1.0, -1.0, 1.0, 1.0]), "weights"),
+        ("weights", np.array([1.0, np.inf, 1.0, 1.0]), "weights"),
+        ("qualities", np.array([0.5, 1.5, 0.5, 0.5]), r"\[0, 1\]"),
+    ],
+)
+def test_a_batch_the_kernel_would_misread_cannot_be_built(
+    field: str, value: np.ndarray, match: str
+) -> None:
+    good = _batch()
+    parts = {f: getattr(good, f) for f in ("xs", "vecs", "modes", "weights", "qualities")}
+    parts[field] = value
+    with pytest.raises(InvalidInputError, match=match):
+        ReplayBatch(**parts)
