@@ -868,6 +868,10 @@ class MicroLoRA:
         leaves them. Returns False, changing nothing, when this adapter's steps take a path the
         replay kernel does not cover: rank 1-2 without dropout (the fused kernels), dropout, or
         gradients already accumulated.
+
+        The kernel steps copies of the factors and they are written back module by module, so
+        this is for adapters no other thread reads meanwhile (the Deep loop's private copies);
+        ``step`` updates in place under the GIL instead.
         """
         cfg = self.config
         if self._fused_by_id or cfg.dropout > 0.0 or self._pending:
