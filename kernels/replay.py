@@ -1,4 +1,4 @@
-"""One Deep-loop epoch of replay in one GIL-free call.
+"""Replaying stored samples into an adapter in one GIL-free call.
 
 Stepping an adapter sample by sample from Python hands the GIL back and forth twice per sample:
 a worker thread replaying ~13,000 steps per Deep run then needs the GIL ~13,000 times, and
@@ -12,6 +12,9 @@ applied steps an EWC++ proximal step on each module.
 It is compiled without fast-math flags: the scalar bookkeeping (the baseline, the joint norm,
 the clip factor, the guards) must round exactly like the Python floats of the per-sample path,
 so both give the same weights. The kernels it calls keep their own flags.
+
+``relearn`` does the same for the Background loop's mini-batch strategies: per sample what
+``MicroLoRA.adapt`` accumulates, and per mini-batch ``apply_updates`` followed by the EWC++ step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import math
 import numpy as np
 from sona.kernels.ewc import prox_step
 from sona.kernels.jit import strict_inline, strict_kernel
-from sona.kernels.lora import apply_rank_one, prepare_grad, step_one, step_sums
+from sona.kernels.lora import apply_rank_one, commit_grad, prepare_grad, step_one, step_sums
+from sona.kernels.update import apply_step, candidate_sq_norms, grad_sq_norm
 
 F32_MAX = 3.4028234663852886e38
 MIN_STD = 1e-4  # RunningBaseline.MIN_STD
@@ -234,6 +238,147 @@ def replay_epoch(
     if since and lam > 0.0:
         tau = 2.0 * lr * lam * since
         _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
+
+
+# relearn's outcome slots and its per-batch codes (0 applied, else the rejection)
+RE_APPLIED = 0  # mini-batches applied
+RE_NORM = 1  # the last applied batch's clipped norm (MicroLoRA.last_update_norm)
+RE_LAST = 2  # code of the last batch (-1: none)
+BATCH_NOT_FINITE = 1  # the accumulated gradient is not finite
+BATCH_WEIGHTS = 2  # the update would make the weights non-finite
+BATCH_OVERFLOW = 3  # the update would make delta_weight overflow
+
+
+@strict_inline
+def _apply_batch(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    ga: np.ndarray,
+    gbt: np.ndarray,
+    n: int,
+    lr: float,
+    max_norm: float,
+    out: np.ndarray,
+) -> int:
+    """``MicroLoRA.apply_updates`` on n accumulated samples: 0, or the rejection's code (the
+    accumulators are then cleared and the weights untouched)."""
+    m = a.shape[0]
+    sq = 0.0
+    for i in range(m):
+        sq += grad_sq_norm(ga[i], gbt[i])
+    norm = math.sqrt(sq) / n
+    code = 0
+    clip = 1.0
+    step = 0.0
+    if not math.isfinite(norm):
+        code = BATCH_NOT_FINITE
+    else:
+        clip = 1.0 if norm <= max_norm else max_norm / norm
+        step = lr * clip / n
+        for i in range(m):
+            na, nb = candidate_sq_norms(a[i], ga[i], bt[i], gbt[i], step)
+            if not (math.isfinite(na) and math.isfinite(nb)):
+                code = BATCH_WEIGHTS
+                break
+            if scale * math.sqrt(na) * math.sqrt(nb) >= F32_MAX:
+                code = BATCH_OVERFLOW
+                break
+    if code:
+        ga[:] = 0.0
+        gbt[:] = 0.0
+        return code
+    for i in range(m):
+        apply_step(a[i], ga[i], bt[i], gbt[i], step)
+    out[RE_NORM] = norm * clip
+    return 0
+
+
+@strict_kernel
+def relearn(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    xs: np.ndarray,
+    vecs: np.ndarray,
+    rows: np.ndarray,
+    modes: np.ndarray,
+    weights: np.ndarray,
+    qualities: np.ndarray,
+    sample_weights: np.ndarray,
+    baseline: np.ndarray,
+    decay: float,
+    temperature: float,
+    cap: float,
+    lr: float,
+    max_norm: float,
+    mini_batch: int,
+    recompute: bool,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    ga: np.ndarray,
+    gbt: np.ndarray,
+    lam: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    q: np.ndarray,
+    dq: np.ndarray,
+    w: np.ndarray,
+    gram: np.ndarray,
+    kmat: np.ndarray,
+    lower: np.ndarray,
+    vec: np.ndarray,
+    bt_new: np.ndarray,
+    codes: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """Accumulate the samples ``rows`` (the r-th weighted by ``sample_weights[r]``) into
+    ``ga`` / ``gbt`` (zero on entry, zero on return) and apply them every ``mini_batch``
+    samples and after the last: each mini-batch of k samples at lr·k with the clip at
+    max_norm·k, then, when applied and ``lam`` > 0, an EWC++ step of 2·lr·k·lam.
+
+    ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
+    (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
+    finite, where it stops (the per-sample path raises there).
+    """
+    m = a.shape[0]
+    out[RE_APPLIED] = 0.0
+    out[RE_LAST] = -1.0
+    batch = 0
+    done = 0
+    key = np.uint64(0)
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        x = xs[k]
+        target = vecs[k]
+        rated = math.isnan(weights[k])
+        wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
+        wk = wk * sample_weights[r]
+        mode = modes[k]
+        for i in range(m):
+            if not prepare_grad(a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]):
+                return r
+        for i in range(m):
+            commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
+        if rated:
+            _update_baseline(baseline, qualities[k], decay)
+        batch += 1
+        if batch == mini_batch or r == rows.shape[0] - 1:
+            code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm * batch, out)
+            codes[done] = code
+            done += 1
+            out[RE_LAST] = code
+            if code == 0:
+                out[RE_APPLIED] += 1.0
+                if lam > 0.0:
+                    tau = 2.0 * (lr * batch) * lam
+                    _prox_all(
+                        a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new
+                    )
+            batch = 0
+    return -1
 
 
 def no_ewc(modules: int, rank: int, n_out: int) -> EwcArrays:

@@ -32,6 +32,7 @@ from sona.lora_config import TargetModule
 from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
+from sona.replay import ReplayBatch
 from sona.results import BackgroundResult
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
@@ -173,14 +174,15 @@ class BackgroundLoop:
             base.baseline.load(live.baseline.state())
             self._prox(base, cfg.instant_lr * max(len(samples), 1), notes)
             return Published(base, dict(old.ensemble), None), rejected
+        pool = _Pool(samples, xs, cfg)
         if strategy is ConsolidationStrategy.ENSEMBLE:
             ensemble = dict(old.ensemble)
             trained = [int(v) for v in np.unique(labels) if v >= 0]  # -1: zero inputs only
             for label in trained:
-                members = [s for s, lab in zip(samples, labels, strict=True) if lab == label]
+                members = np.flatnonzero(labels == label)
                 adapter = ensemble.get(label)
                 adapter = adapter.clone() if adapter is not None else _zero_like(old.base, label)
-                self._relearn(adapter, members, [1.0] * len(members), rejected)
+                self._relearn(adapter, pool, members, np.ones(len(members)), rejected)
                 ensemble[int(label)] = adapter
             notes.append(f"trained {len(trained)} cluster adapters")
             return Published(old.base, ensemble, centroids), rejected
@@ -189,22 +191,38 @@ class BackgroundLoop:
         used = sum(1 for w in weights if w > 0)
         if strategy is ConsolidationStrategy.BEST_ONLY:
             notes.append(f"best_only: learned from the top {used} of {len(samples)} samples")
-        self._relearn(base, samples, weights, rejected)
+        self._relearn(base, pool, np.arange(len(samples)), np.array(weights), rejected)
         return Published(base, dict(old.ensemble), None), rejected
 
     def _relearn(
         self,
         adapter: MicroLoRA,
-        samples: Sequence[TrainingSample],
-        weights: Sequence[float],
+        pool: _Pool,
+        idx: np.ndarray,
+        weights: np.ndarray,
         rejected: list[str],
     ) -> None:
-        """Mini-batch steps at instant_lr per sample: the weighted mean gradient of each batch,
-        applied once per sample it holds, then an EWC++ proximal step of the same strength."""
+        """Mini-batch steps at instant_lr per sample on the pool's samples ``idx``: the weighted
+        mean gradient of each batch, applied once per sample it holds, then an EWC++ proximal
+        step of the same strength. One kernel call when the pool allows it
+        (``MicroLoRA.relearn``), else sample by sample (the same steps)."""
         cfg = self.config
         threshold = cfg.training.quality_threshold
+        batch_of = pool.batch
+        if batch_of is not None:
+            keep = (weights > 0.0) & ~(batch_of.gated[idx] & (batch_of.qualities[idx] < threshold))
+            lam = cfg.training.ewc_lambda
+            notes = adapter.relearn(
+                batch_of, idx[keep], weights[keep], cfg.instant_lr,
+                max_norm=cfg.training.max_grad_norm, mini_batch=MINI_BATCH,
+                ewc=self.pipeline.replay_ewc(adapter) if lam > 0.0 else None, ewc_lambda=lam,
+            )  # fmt: skip
+            if notes is not None:
+                rejected.extend(notes)
+                return
         batch = 0
-        for s, w in zip(samples, weights, strict=True):
+        for i, w in zip(idx.tolist(), weights.tolist(), strict=True):
+            s = pool.samples[i]
             if w <= 0.0:
                 continue
             fb = s.to_feedback()
@@ -314,6 +332,19 @@ def _split_eval(
         return samples, []
     want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
     return hold_out_newest(samples, want, _second)
+
+
+class _Pool:
+    """The samples a mini-batch strategy learns from, with their input rows and, when every
+    one can be replayed by the kernel, their :class:`ReplayBatch` (built once per run)."""
+
+    def __init__(
+        self, samples: Sequence[TrainingSample], xs: np.ndarray | None, cfg: SonaLlmConfig
+    ) -> None:
+        self.samples = samples
+        batch = ReplayBatch.of(samples, xs) if xs is not None and samples else None
+        width = cfg.micro_lora.out_features
+        self.batch = batch if batch is not None and batch.vecs.shape[1] == width else None
 
 
 class _RowBuffer:

@@ -74,6 +74,11 @@ _refcount = sys.getrefcount
 # there the buffer is never reused (-1 matches no count).
 _GIL = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
 _UNHELD = 3 if sys.version_info < (3, 14) and _GIL else -1
+_BATCH_REJECTIONS = {
+    k_replay.BATCH_NOT_FINITE: "rejected: the accumulated gradient is not finite",
+    k_replay.BATCH_WEIGHTS: "rejected: the update would make the weights non-finite",
+    k_replay.BATCH_OVERFLOW: "rejected: the update would make delta_weight overflow",
+}
 _STEP_REJECTIONS = {
     2: "rejected: the gradient is not finite",
     3: "rejected: the update would make the weights non-finite",
@@ -830,15 +835,15 @@ class MicroLoRA:
             sq += fast.grad_sq_norm(st.grad_a, st.grad_bt)
         norm = math.sqrt(sq) / n
         if not math.isfinite(norm):
-            return self._reject("rejected: the accumulated gradient is not finite")
+            return self._reject(_BATCH_REJECTIONS[k_replay.BATCH_NOT_FINITE])
         clip = 1.0 if max_norm is None or norm <= max_norm else max_norm / norm
         step = lr * clip / n
         for st in states:
             na, nb = fast.candidate_sq_norms(st.a, st.grad_a, st.bt, st.grad_bt, step)
             if not (math.isfinite(na) and math.isfinite(nb)):
-                return self._reject("rejected: the update would make the weights non-finite")
+                return self._reject(_BATCH_REJECTIONS[k_replay.BATCH_WEIGHTS])
             if self._scale * math.sqrt(na) * math.sqrt(nb) >= _F32_MAX:
-                return self._reject("rejected: the update would make delta_weight overflow")
+                return self._reject(_BATCH_REJECTIONS[k_replay.BATCH_OVERFLOW])
         for st in states:
             fast.apply_step(st.a, st.grad_a, st.bt, st.grad_bt, step)
         self._pending = 0
@@ -877,6 +882,92 @@ class MicroLoRA:
         if self._fused_by_id or cfg.dropout > 0.0 or self._pending:
             return False
         lr, max_norm = self._check_step_args(learning_rate, max_norm)
+        rows = self._replay_rows(batch, rows)
+        a, bt, baseline = self._replay_state()
+        m, rank, n_out = bt.shape
+        out = np.zeros(3)
+        lam = ewc_lambda if ewc is not None else 0.0
+        k_replay.replay_epoch(
+            a, bt, self._scale, batch.xs, batch.vecs, rows,
+            batch.modes, batch.weights, batch.qualities, baseline,
+            cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
+            lr, -1.0 if max_norm is None else max_norm,
+            np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
+            np.zeros((m, n_out), np.float32), np.zeros((m, 8)),
+            ewc_every, lam, *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), out,
+        )  # fmt: skip
+        self._set_replay_state(a, bt, baseline)
+        applied = int(out[k_replay.OUT_APPLIED])
+        if applied:
+            self.version += applied
+            self.last_update_norm = float(out[k_replay.OUT_NORM])
+        last = int(out[k_replay.OUT_LAST])
+        if last >= 0:
+            self.last_note = _STEP_REJECTIONS.get(last)
+        return True
+
+    def relearn(
+        self,
+        batch: ReplayBatch,
+        rows: np.ndarray,
+        sample_weights: np.ndarray,
+        learning_rate: float,
+        *,
+        max_norm: float,
+        mini_batch: int,
+        ewc: k_replay.EwcArrays | None = None,
+        ewc_lambda: float = 0.0,
+    ) -> list[str] | None:
+        """``adapt`` on each of ``batch``'s samples ``rows`` (weighted by ``sample_weights``) and
+        ``apply_updates`` after every ``mini_batch`` of them and after the last, in one
+        GIL-free call: a mini-batch of k samples at ``learning_rate``·k with the clip at
+        ``max_norm``·k, each applied one followed by an EWC++ step of 2·lr·k·λ when ``ewc`` is
+        given. Returns the rejection notes (one per rejected mini-batch), or None, changing
+        nothing, for adapters with dropout or gradients already accumulated.
+
+        Raises ``InvalidInputError`` where ``adapt`` would (a gradient that is not finite), with
+        the mini-batches before it applied and the unfinished one discarded. Like
+        :meth:`replay`, it is for adapters no other thread reads meanwhile.
+        """
+        cfg = self.config
+        if cfg.dropout > 0.0 or self._pending:
+            return None
+        lr, clip_at = self._check_step_args(learning_rate, max_norm)
+        if clip_at is None or type(mini_batch) is not int or mini_batch < 1:
+            raise InvalidInputError("relearn needs a max_norm and a mini_batch >= 1")
+        rows = self._replay_rows(batch, rows)
+        weights = np.ascontiguousarray(sample_weights, np.float64)
+        if weights.shape != rows.shape or not ((weights >= 0.0) & (weights < np.inf)).all():
+            raise InvalidInputError("sample_weights must be finite, >= 0, one per row")
+        a, bt, baseline = self._replay_state()
+        m, rank, n_out = bt.shape
+        codes = np.full(rows.shape[0] // mini_batch + 1, -1, np.int64)
+        out = np.zeros(3)
+        failed = k_replay.relearn(
+            a, bt, self._scale, batch.xs, batch.vecs, rows, batch.modes, batch.weights,
+            batch.qualities, weights, baseline,
+            cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
+            lr, clip_at, mini_batch, cfg.gradient_checkpointing,
+            np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
+            np.zeros((m, n_out), np.float32), np.zeros_like(a), np.zeros_like(bt),
+            ewc_lambda if ewc is not None else 0.0,
+            *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), codes, out,
+        )  # fmt: skip
+        self._set_replay_state(a, bt, baseline)
+        applied = int(out[k_replay.RE_APPLIED])
+        if applied:
+            self.version += applied
+            self.last_update_norm = float(out[k_replay.RE_NORM])
+        last = int(out[k_replay.RE_LAST])
+        notes = [_BATCH_REJECTIONS[int(c)] for c in codes if c > 0]
+        if last >= 0:
+            self.last_note = _BATCH_REJECTIONS.get(last)
+        if failed >= 0:
+            raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+        return notes
+
+    def _replay_rows(self, batch: ReplayBatch, rows: np.ndarray) -> np.ndarray:
+        """``rows`` checked against ``batch`` and this adapter, as int64."""
         if batch.vecs.shape[1] != self._out or batch.xs.shape[1] != self._in:
             raise InvalidInputError(
                 f"replay batch has widths ({batch.xs.shape[1]}, {batch.vecs.shape[1]}), this "
@@ -888,35 +979,21 @@ class MicroLoRA:
             raise InvalidInputError(f"rows must be a 1-d integer array, got {got}")
         if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= len(batch)):
             raise InvalidInputError(f"rows must index the batch's {len(batch)} samples")
-        states = self._states
-        a = np.stack([st.a for st in states])
-        bt = np.stack([st.bt for st in states])
-        m, rank, n_out = bt.shape
+        return rows.astype(np.int64, copy=False)
+
+    def _replay_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of every module's factors, stacked, and the rating baseline as an array."""
+        a = np.stack([st.a for st in self._states])
+        bt = np.stack([st.bt for st in self._states])
         base = self._baseline
-        baseline = np.array([base.count, base.mean, base.var], np.float64)
-        out = np.zeros(3)
-        lam = ewc_lambda if ewc is not None else 0.0
-        k_replay.replay_epoch(
-            a, bt, self._scale, batch.xs, batch.vecs, rows.astype(np.int64, copy=False),
-            batch.modes, batch.weights, batch.qualities, baseline,
-            cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
-            lr, -1.0 if max_norm is None else max_norm,
-            np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
-            np.zeros((m, n_out), np.float32), np.zeros((m, 8)),
-            ewc_every, lam, *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), out,
-        )  # fmt: skip
-        for st, ai, bi in zip(states, a, bt, strict=True):
+        return a, bt, np.array([base.count, base.mean, base.var], np.float64)
+
+    def _set_replay_state(self, a: np.ndarray, bt: np.ndarray, baseline: np.ndarray) -> None:
+        for st, ai, bi in zip(self._states, a, bt, strict=True):
             st.a[...] = ai
             st.bt[...] = bi
+        base = self._baseline
         base.count, base.mean, base.var = int(baseline[0]), float(baseline[1]), float(baseline[2])
-        applied = int(out[k_replay.OUT_APPLIED])
-        if applied:
-            self.version += applied
-            self.last_update_norm = float(out[k_replay.OUT_NORM])
-        last = int(out[k_replay.OUT_LAST])
-        if last >= 0:
-            self.last_note = _STEP_REJECTIONS.get(last)
-        return True
 
     @staticmethod
     def _check_step_args(

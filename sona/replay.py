@@ -32,6 +32,7 @@ class ReplayBatch:
     modes: np.ndarray  # (n,) int64
     weights: np.ndarray  # (n,) float64; RATED for rated outputs
     qualities: np.ndarray  # (n,) float64
+    gated: np.ndarray  # (n,) bool: target or gradient feedback, which quality_threshold gates
 
     def __post_init__(self) -> None:
         """Refuse arrays the kernel would misread: it indexes them without bounds checks."""
@@ -42,6 +43,7 @@ class ReplayBatch:
             ("modes", self.modes, np.int64, 1),
             ("weights", self.weights, np.float64, 1),
             ("qualities", self.qualities, np.float64, 1),
+            ("gated", self.gated, np.bool_, 1),
         ):
             if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != ndim:
                 kind = f"{ndim}-d {np.dtype(dtype).name}"
@@ -69,6 +71,7 @@ class ReplayBatch:
         modes = np.empty(n, np.int64)
         weights = np.empty(n, np.float64)
         qualities = np.empty(n, np.float64)
+        gated = np.zeros(n, np.bool_)
         vectors = []
         for i, s in enumerate(samples):
             fb = s.to_feedback()
@@ -79,9 +82,9 @@ class ReplayBatch:
             qualities[i] = fb.quality
             modes[i] = k_lora.MODE_REGRESS
             if kind is FeedbackKind.GRADIENT:
-                modes[i], weights[i] = k_lora.MODE_GRADIENT, 1.0
+                modes[i], weights[i], gated[i] = k_lora.MODE_GRADIENT, 1.0, True
             elif kind is FeedbackKind.TARGET:
-                weights[i] = fb.quality
+                weights[i], gated[i] = fb.quality, True
             elif kind is FeedbackKind.OUTPUT:
                 weights[i] = RATED
             else:  # GROUP: the pull target already carries the advantage weighting
@@ -90,4 +93,4 @@ class ReplayBatch:
         if any(v.shape != (width,) for v in vectors):
             return None
         vecs = stack_rows(vectors, width) if vectors else np.empty((0, width), np.float32)
-        return cls(xs, vecs, modes, weights, qualities)
+        return cls(xs, vecs, modes, weights, qualities, gated)

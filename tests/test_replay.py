@@ -263,7 +263,162 @@ def test_a_batch_the_kernel_would_misread_cannot_be_built(
     field: str, value: np.ndarray, match: str
 ) -> None:
     good = _batch()
-    parts = {f: getattr(good, f) for f in ("xs", "vecs", "modes", "weights", "qualities")}
+    parts = {f: getattr(good, f) for f in ("xs", "vecs", "modes", "weights", "qualities", "gated")}
     parts[field] = value
     with pytest.raises(InvalidInputError, match=match):
         ReplayBatch(**parts)
+
+
+# ---------------------------------------------------------------------- relearn (mini-batches)
+def _relearn_loop(
+    lora: MicroLoRA,
+    samples: list[TrainingSample],
+    rows: np.ndarray,
+    weights: np.ndarray,
+    lr: float,
+    max_norm: float,
+    mini: int,
+    pipe: TrainingPipeline | None,
+    lam: float,
+) -> list[str]:
+    """The Background loop's mini-batch strategies, sample by sample."""
+    notes: list[str] = []
+
+    def apply(k: int) -> None:
+        if not lora.apply_updates(lr * k, max_norm=max_norm * k):
+            notes.append(lora.last_note or "")
+        elif pipe is not None and lam > 0.0:
+            pipe.prox_step(lora, 2.0 * (lr * k) * lam)
+
+    batch = 0
+    for i, w in zip(rows.tolist(), weights.tolist(), strict=True):
+        s = samples[i]
+        lora.adapt(s.input_embedding, s.to_feedback(), weight=w)
+        batch += 1
+        if batch == mini:
+            apply(batch)
+            batch = 0
+    if batch:
+        apply(batch)
+    return notes
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dim=st.integers(4, 40),
+    rank=st.integers(1, 6),
+    modules=st.integers(1, 3),
+    n=st.integers(1, 60),
+    mini=st.sampled_from([1, 4, 16]),
+    lr=st.sampled_from([0.05, 1e30]),  # 1e30: mini-batches rejected as non-finite
+    kinds=st.sampled_from(["otgp", "o", "tg"]),
+    lam=st.sampled_from([0.0, 0.5]),
+    checkpointing=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_relearn_takes_exactly_the_per_sample_steps(
+    dim: int,
+    rank: int,
+    modules: int,
+    n: int,
+    mini: int,
+    lr: float,
+    kinds: str,
+    lam: float,
+    checkpointing: bool,
+    seed: int,
+) -> None:
+    rank = min(rank, dim)
+    lora = _adapter(dim, rank, modules, seed, gradient_checkpointing=checkpointing)
+    samples = _samples(dim, n, seed + 1, kinds)
+    rng = np.random.default_rng(seed + 2)
+    rows = rng.integers(0, n, 2 * n)
+    weights = rng.choice([0.0, 0.5, 1.0, 2.5], 2 * n)
+    ref, fast = lora.clone(), lora.clone()
+    pipe_ref = _protected(ref, dim, seed + 3, lam) if lam else None
+    pipe_fast = _protected(fast, dim, seed + 3, lam) if lam else None
+    want = _relearn_loop(ref, samples, rows, weights, lr, 1.0, mini, pipe_ref, lam)
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    assert batch is not None
+    ewc = pipe_fast.replay_ewc(fast) if pipe_fast is not None else None
+    got = fast.relearn(
+        batch, rows, weights, lr, max_norm=1.0, mini_batch=mini, ewc=ewc, ewc_lambda=lam
+    )
+    assert got == want
+    if lr > 1.0 and n > 1:
+        assert got  # the huge rate is refused, and said so
+    _assert_same(ref, fast)
+
+
+def test_relearn_raises_where_adapt_would_with_the_batches_before_applied() -> None:
+    dim = 16
+    lora = _adapter(dim, 4, 2, 0)
+    samples = _samples(dim, 40, 1, "t")
+    x = np.full(dim, 3e38, np.float32)  # finite, but A·x overflows
+    samples[30] = TrainingSample(x, x, 0.9).with_feedback(
+        AdaptFeedback.from_quality(0.9).with_target(x)
+    )
+    rows = np.arange(40)
+    ref, fast = lora.clone(), lora.clone()
+    with pytest.raises(InvalidInputError):
+        _relearn_loop(ref, samples, rows, np.ones(40), 0.05, 1.0, 16, None, 0.0)
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    assert batch is not None
+    with pytest.raises(InvalidInputError, match="gradient overflows"):
+        fast.relearn(batch, rows, np.ones(40), 0.05, max_norm=1.0, mini_batch=16)
+    for m in lora.modules:  # the first mini-batch of 16 was applied, nothing after it
+        for got, want in zip(fast.factors(m), ref.factors(m), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def _consolidate(
+    strategy: str, monkeypatch: pytest.MonkeyPatch, *, kernel: bool
+) -> tuple[list[bytes], list[str], int]:
+    """Two consolidations (the second with EWC++ active) under ``strategy``: the published
+    adapters' weights, the rejection notes, and how many times ``adapt`` ran."""
+    from sona.background import BackgroundLoop
+    from sona.config import ConsolidationStrategy
+    from sona.instant import InstantLoop
+
+    micro = MicroLoraConfig.for_hidden_dim(24, rank=2, target_modules=MODULES[:2])
+    cfg = SonaLlmConfig(
+        micro_lora=micro,
+        consolidation_strategy=ConsolidationStrategy[strategy],
+        pattern_clusters=3,
+        instant_lr=0.05,
+    )
+    if not kernel:
+        monkeypatch.setattr(MicroLoRA, "relearn", lambda *a, **k: None)
+    calls = 0
+    adapt = MicroLoRA.adapt
+
+    def counted(self: MicroLoRA, *args: object, **kw: object) -> bool:
+        nonlocal calls
+        calls += 1
+        return adapt(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MicroLoRA, "adapt", counted)
+    bg = BackgroundLoop(cfg, seed=3)
+    inst = InstantLoop(cfg, seed=3, consolidated=lambda: bg.published)
+    samples = _samples(24, 200, 4, "otgp")
+    notes: list[str] = []
+    for k in range(2):
+        for i, s in enumerate(samples[100 * k : 100 * (k + 1)]):
+            inst.process(100 * k + i, s)
+        notes += bg.consolidate(inst.hand_over()).rejected
+        if k == 0:
+            bg.start_new_task()
+    pub = bg.published
+    weights = [pub.base.export_weights(), *(a.export_weights() for a in pub.ensemble.values())]
+    monkeypatch.undo()
+    return weights, notes, calls
+
+
+@pytest.mark.parametrize("strategy", ["AVERAGE", "QUALITY_WEIGHTED", "BEST_ONLY", "ENSEMBLE"])
+def test_mini_batch_strategies_consolidate_exactly_as_sample_by_sample(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, fast_notes, fast_calls = _consolidate(strategy, monkeypatch, kernel=True)
+    slow, slow_notes, slow_calls = _consolidate(strategy, monkeypatch, kernel=False)
+    assert fast == slow and fast_notes == slow_notes
+    assert fast_calls == 0 and slow_calls > 0  # one kernel call per adapter instead
