@@ -292,12 +292,24 @@ class BackgroundLoop:
         If consolidation moved on meanwhile, the Deep run's change to the shared adapter
         (result − its starting point) is re-applied on top of the current one, exactly in ΔW
         space, and its cluster-adapter and pattern-bank changes are discarded (both moved too).
+
+        A result that made the objective worse on the samples it held out (a negative
+        ``quality_delta``) changes nothing: replaying a mix of tasks whose corrections conflict
+        gives their average, and installing it undid what consolidation had kept of each.
         """
         if outcome.installed:
             raise InvalidInputError(
                 "this Deep outcome was already installed; installing it again would apply its "
                 "change twice"
             )
+        delta = outcome.quality_delta
+        if delta is not None and delta < 0.0:
+            outcome.installed = True  # consumed: it is never applied later either
+            notes.append(
+                f"deep result discarded: it made the objective on its held-out samples worse "
+                f"(quality_delta {delta:.4f})"
+            )
+            return False
         current = self.published
         if outcome.version == self.version:
             self.bank = outcome.bank

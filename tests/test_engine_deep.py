@@ -372,3 +372,20 @@ def test_a_job_keeps_only_the_samples_its_run_uses_and_reruns_identically() -> N
             first.published.base.delta_weight(m), second.published.base.delta_weight(m)
         )
     assert first.quality_delta == second.quality_delta
+
+
+def test_a_result_that_made_the_held_out_objective_worse_changes_nothing() -> None:
+    engine = SonaLlm(_config(), seed=2, clock=lambda: 0.0)
+    Stream(13).feed(engine, 30)
+    engine.run_background()
+    outcome = run_deep(engine.deep_job())
+    outcome.quality_delta = -0.25  # as measured for a replayed mix of conflicting tasks
+    before = engine.background.published
+    version, bank = engine.background.version, engine.background.bank
+    result = engine.install_deep(outcome)
+    assert result.installed is False
+    assert any("discarded" in n and "-0.2500" in n for n in result.notes), result.notes
+    assert engine.background.published is before and engine.background.version == version
+    assert engine.background.bank is bank
+    with pytest.raises(ValueError, match="already installed"):
+        engine.install_deep(outcome)
