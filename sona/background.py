@@ -32,7 +32,7 @@ from sona.lora_config import TargetModule
 from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
-from sona.replay import ReplayBatch
+from sona.replay import ReplayPool
 from sona.results import BackgroundResult
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
@@ -174,7 +174,7 @@ class BackgroundLoop:
             base.baseline.load(live.baseline.state())
             self._prox(base, cfg.instant_lr * max(len(samples), 1), notes)
             return Published(base, dict(old.ensemble), None), rejected
-        pool = _Pool(samples, xs, cfg)
+        pool = ReplayPool(samples, xs, cfg.micro_lora.out_features)
         if strategy is ConsolidationStrategy.ENSEMBLE:
             ensemble = dict(old.ensemble)
             trained = [int(v) for v in np.unique(labels) if v >= 0]  # -1: zero inputs only
@@ -197,7 +197,7 @@ class BackgroundLoop:
     def _relearn(
         self,
         adapter: MicroLoRA,
-        pool: _Pool,
+        pool: ReplayPool,
         idx: np.ndarray,
         weights: np.ndarray,
         rejected: list[str],
@@ -344,19 +344,6 @@ def _split_eval(
         return samples, []
     want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
     return hold_out_newest(samples, want, _second)
-
-
-class _Pool:
-    """The samples a mini-batch strategy learns from, with their input rows and, when every
-    one can be replayed by the kernel, their :class:`ReplayBatch` (built once per run)."""
-
-    def __init__(
-        self, samples: Sequence[TrainingSample], xs: np.ndarray | None, cfg: SonaLlmConfig
-    ) -> None:
-        self.samples = samples
-        batch = ReplayBatch.of(samples, xs) if xs is not None and samples else None
-        width = cfg.micro_lora.out_features
-        self.batch = batch if batch is not None and batch.vecs.shape[1] == width else None
 
 
 class _RowBuffer:

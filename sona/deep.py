@@ -25,7 +25,7 @@ from sona.lora_config import TargetModule
 from sona.objective import hold_out_newest, mean_loss, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
-from sona.replay import ReplayBatch
+from sona.replay import ReplayPool
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
@@ -119,7 +119,8 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     rng = np.random.default_rng()
     rng.bit_generator.state = job.rng_state
     old = job.published
-    pool = _Pool(train, cfg)
+    xs = stack_rows([s.input_embedding for s in train], cfg.micro_lora.in_features)
+    pool = ReplayPool(train, xs, cfg.micro_lora.out_features)
     threshold = cfg.training.quality_threshold
     usable = np.array([i for i, s in enumerate(train) if s.quality >= threshold], np.int64)
     if len(usable) < len(train):
@@ -128,12 +129,12 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     ensemble: dict[int, MicroLoRA] = {}
     centroids = old.centroids
     if old.ensemble:
-        labels = bank.assign_many(pool.xs[usable]) if len(usable) else np.empty(0, np.intp)
+        labels = bank.assign_many(xs[usable]) if len(usable) else np.empty(0, np.intp)
         for label, adapter in old.ensemble.items():
             rows = usable[labels == label]
             ensemble[label] = _train_members(adapter, pool, rows, cfg, pipeline, rng)
     if train:
-        bank.refine(pool.xs)
+        bank.refine(xs)
         mapping = bank.merge_and_prune()
         ensemble = _remap(ensemble, mapping, bank)
         centroids = bank.centroids[: len(bank)].copy() if ensemble else None
@@ -157,21 +158,9 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     )
 
 
-class _Pool:
-    """The samples a run trains on, their input rows stacked once, and, when every one of them
-    can be replayed by the kernel, their :class:`ReplayBatch`."""
-
-    def __init__(self, samples: list[TrainingSample], cfg: SonaLlmConfig) -> None:
-        self.samples = samples
-        self.xs = stack_rows([s.input_embedding for s in samples], cfg.micro_lora.in_features)
-        batch = ReplayBatch.of(samples, self.xs) if samples else None
-        width = cfg.micro_lora.out_features
-        self.batch = batch if batch is not None and batch.vecs.shape[1] == width else None
-
-
 def _train_members(
     start: MicroLoRA,
-    pool: _Pool,
+    pool: ReplayPool,
     rows: np.ndarray,
     cfg: SonaLlmConfig,
     pipeline: TrainingPipeline,
@@ -195,7 +184,7 @@ def _train_members(
 
 def _epoch(
     adapter: MicroLoRA,
-    pool: _Pool,
+    pool: ReplayPool,
     rows: np.ndarray,
     lr: float,
     cfg: SonaLlmConfig,

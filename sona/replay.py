@@ -94,3 +94,17 @@ class ReplayBatch:
             return None
         vecs = stack_rows(vectors, width) if vectors else np.empty((0, width), np.float32)
         return cls(xs, vecs, modes, weights, qualities, gated)
+
+
+class ReplayPool:
+    """Samples a loop learns from in several passes and, when every one of them can be stepped
+    by the replay kernels, their :class:`ReplayBatch`, built once for all the passes."""
+
+    def __init__(
+        self, samples: Sequence[TrainingSample], xs: np.ndarray | None, out_features: int
+    ) -> None:
+        """``xs``: the samples' input rows (None when there are no samples)."""
+        self.samples = samples
+        batch = ReplayBatch.of(samples, xs) if xs is not None and samples else None
+        ok = batch is not None and batch.vecs.shape[1] == out_features
+        self.batch = batch if ok else None
