@@ -112,6 +112,7 @@ class Durability:
         self._replay = _Replay()
         self._restored_here = False
         self._write_lock: anyio.Lock | None = None
+        self._thread = anyio.CapacityLimiter(1)  # not a slot of the host's default limiter
         self._loops_active = False  # between start() and close(): capture inside Background
         self._loops_stopped = False  # the supervisor gave up and every loop has stopped
 
@@ -120,13 +121,13 @@ class Durability:
         """Lock the directory, open the log, log what a restore brought along, queue it for
         delivery, and write a first checkpoint if the directory holds none of this run."""
         if self.dir is not None:
-            await anyio.to_thread.run_sync(self._open_sync)
+            await anyio.to_thread.run_sync(self._open_sync, limiter=self._thread)
         self._enqueue_replay()
         if self.dir is not None and not self.kept:
             try:
                 await self.checkpoint()
             except BaseException:
-                await anyio.to_thread.run_sync(self._close_sync)
+                await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
                 raise
 
     def _open_sync(self) -> None:
@@ -280,10 +281,12 @@ class Durability:
                 assert self.dir is not None
                 target = self.dir / checkpoint_name(seq)
                 self.seq = seq + 1
-            size = await anyio.to_thread.run_sync(_write_verified, captured, target)
+            size = await anyio.to_thread.run_sync(
+                _write_verified, captured, target, limiter=self._thread
+            )
             if into_dir:
                 self.kept.append(_Kept(seq, target, captured.log_sequence))
-                await anyio.to_thread.run_sync(self._prune)
+                await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
         self.rt.events.publish(
             CheckpointWritten(path=str(target), bytes=size, log_sequence=captured.log_sequence)
         )
@@ -337,12 +340,12 @@ class Durability:
             if raise_errors:
                 raise
         finally:
-            await anyio.to_thread.run_sync(self._close_sync)
+            await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
 
     async def abort(self) -> None:
         """Release the log and the lock after a failed start, without a checkpoint."""
         self._loops_active = False
-        await anyio.to_thread.run_sync(self._close_sync)
+        await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
 
     def _close_sync(self) -> None:
         if self.log is not None:

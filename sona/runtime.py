@@ -214,6 +214,9 @@ class SonaRuntime:
         self._inline_turn = 0
         self._room: anyio.Event | None = None  # created only while a submitter waits
         self._idle: anyio.Event | None = None  # created only while drain() waits
+        # threads of the loops' own, never slots of the host's default thread limiter
+        self._background_thread = anyio.CapacityLimiter(1)
+        self._deep_thread = anyio.CapacityLimiter(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.submitted = 0
         self.dropped = 0
@@ -609,7 +612,9 @@ class SonaRuntime:
             hand = await ref.ask(HandOverRequest())
             assert isinstance(hand, HandOver)
             self._unfinished = hand
-        outcome = await anyio.to_thread.run_sync(run_single_blas, bg.prepare, self._unfinished)
+        outcome = await anyio.to_thread.run_sync(
+            run_single_blas, bg.prepare, self._unfinished, limiter=self._background_thread
+        )
         bg.commit(outcome)  # on the event loop: stats and forward see it all at once
         self._unfinished = None
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
@@ -640,7 +645,9 @@ class SonaRuntime:
         try:
             job = await bg_ref.ask(DeepSnapshot(msg.samples))
             self._instant.take_deep_quality()
-            outcome = await anyio.to_thread.run_sync(run_single_blas, run_deep, cast(DeepJob, job))
+            outcome = await anyio.to_thread.run_sync(
+                run_single_blas, run_deep, cast(DeepJob, job), limiter=self._deep_thread
+            )
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:

@@ -259,6 +259,7 @@ class LogWriter(Generic[_T]):
         self.done_total = 0
         self.batches = 0
         self.write_ns = 0  # time spent encoding and committing, in worker threads
+        self._thread = anyio.CapacityLimiter(1)  # not a slot of the host's default limiter
 
     def put(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None, token: _T
@@ -284,7 +285,7 @@ class LogWriter(Generic[_T]):
             batch = [queue.popleft() for _ in range(n)]
             with anyio.CancelScope(shield=True):
                 try:
-                    await anyio.to_thread.run_sync(self._write, batch)
+                    await anyio.to_thread.run_sync(self._write, batch, limiter=self._thread)
                 except Exception as exc:
                     self._finish(n)
                     self._on_failed([item[3] for item in batch], exc)

@@ -10,6 +10,11 @@ The limit is process-wide (OpenBLAS has one setting), so it is counted: set when
 worker starts, restored when the last one finishes, whichever threads those are. threadpoolctl
 lets only the thread that first set an OpenBLAS limit change it again; the loops' work runs on
 whichever pool thread is free, so control is released around every change.
+
+Every loop, the checkpoint writer and the durable log run their thread work under a capacity
+limiter of their own (one thread each), never anyio's default one: that one (40 threads) is the
+host application's too, and a host keeping it busy with its own blocking calls would hold back
+consolidations, Deep runs and the log commits every durable ``submit`` waits for.
 """
 
 from __future__ import annotations

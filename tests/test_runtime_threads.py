@@ -1,0 +1,58 @@
+"""The loops' thread work never waits for a slot of the host's default thread limiter.
+
+anyio's default limiter is shared with everything else the host runs through
+``to_thread.run_sync``. These tests take all of its slots with a blocking call of the host's
+own and check that consolidation, Deep runs and durable-log commits still happen.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+from runtime_helpers import identity_holds, small_config, target_samples
+
+from sona.runtime import SonaRuntime
+from sona.simulator import DomainWorld
+
+pytestmark = pytest.mark.anyio
+
+
+async def _host_holds_every_default_slot(tg: anyio.abc.TaskGroup, release: threading.Event) -> None:
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = 1
+    tg.start_soon(anyio.to_thread.run_sync, release.wait)
+    with anyio.fail_after(5):
+        while limiter.borrowed_tokens < 1:
+            await anyio.sleep(0.001)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_loops_and_log_run_while_the_hosts_threads_are_all_busy(
+    durable: bool, tmp_path: Path
+) -> None:
+    world = DomainWorld(dim=32, domains=1, seed=11)
+    samples = target_samples(world, 0, 400)
+    cfg = small_config(max_pending_samples=100, deep_trigger_threshold=50.0)
+    release = threading.Event()
+    async with anyio.create_task_group() as tg:
+        await _host_holds_every_default_slot(tg, release)
+        try:
+            rt = SonaRuntime(cfg, seed=3, checkpoint_dir=tmp_path / "state" if durable else None)
+            with anyio.fail_after(30):
+                async with rt:
+                    for s in samples:  # BLOCK: waits on consolidations beyond 100 pending
+                        assert (await rt.submit(s)).applied
+                    await rt.deep_optimize()
+                    await rt.drain()
+                    st = rt.stats()
+            assert anyio.to_thread.current_default_thread_limiter().borrowed_tokens == 1
+        finally:
+            release.set()  # the host's call returns; the task group can end
+    assert st.background_count >= 3
+    assert st.deep_count >= 1
+    assert st.instant_count == len(samples)
+    assert identity_holds(st)
