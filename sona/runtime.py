@@ -223,7 +223,7 @@ class SonaRuntime:
         self.dead_lettered = 0
         self.deep_runs = 0
         self._deep_requested = False
-        self._unfinished: HandOver | None = None  # a hand-over whose consolidation crashed
+        self._unfinished: HandOver | None = None  # handed over, not yet consolidated
         self._last_background = time.monotonic()
         self._stack: contextlib.AsyncExitStack | None = None
         self._started = False
@@ -609,11 +609,11 @@ class SonaRuntime:
         if self._unfinished is None:
             ref = self._instant_ref
             assert ref is not None
-            hand = await ref.ask(HandOverRequest())
-            assert isinstance(hand, HandOver)
-            self._unfinished = hand
+            await ref.ask(HandOverRequest())  # the Instant loop records it (_take_hand_over)
+        hand = self._unfinished
+        assert hand is not None
         outcome = await anyio.to_thread.run_sync(
-            run_single_blas, bg.prepare, self._unfinished, limiter=self._background_thread
+            run_single_blas, bg.prepare, hand, limiter=self._background_thread
         )
         bg.commit(outcome)  # on the event loop: stats and forward see it all at once
         self._unfinished = None
@@ -793,6 +793,15 @@ class SonaRuntime:
             skip_reasons=dict(inst.skip_reasons),
         )
 
+    def _take_hand_over(self) -> HandOver:
+        """The Instant loop's hand-over, recorded as unfinished in the same step: from then
+        until its consolidation commits, ``stats()``, checkpoints and a restarted Background
+        loop all count it, whatever becomes of the task that asked for it. A request that finds
+        one unfinished (asked by a run that was interrupted) gets that one."""
+        if self._unfinished is None:
+            self._unfinished = self._instant.hand_over()
+        return self._unfinished
+
     def _unfinished_count(self) -> int:
         return len(self._unfinished.samples) if self._unfinished is not None else 0
 
@@ -816,7 +825,7 @@ class _InstantActor(Actor):
             return None
         if type(message) is HandOverRequest:
             self.rt._chaos_check("instant")
-            return self.rt._instant.hand_over()
+            return self.rt._take_hand_over()
         raise TypeError(f"instant loop got an unknown message {type(message).__name__}")
 
 
