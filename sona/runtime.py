@@ -50,7 +50,7 @@ from sona.actors import (
 from sona.background import BackgroundLoop
 from sona.checkpoint import CaptureState, SampleIds
 from sona.config import Chaos, SonaLlmConfig
-from sona.deep import DeepJob, run_deep, snapshot
+from sona.deep import DeepJob, DeepOutcome, run_deep, snapshot
 from sona.durability import Durability, RestoreInfo, restore_runtime
 from sona.embedding import Embedder
 from sona.events import (
@@ -78,7 +78,7 @@ from sona.messages import (
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
 from sona.validation import as_f32
-from sona.worker_threads import run_single_blas
+from sona.worker_threads import release_free_memory, run_single_blas
 
 _log = get_logger("sona.runtime")
 
@@ -646,7 +646,7 @@ class SonaRuntime:
             job = await bg_ref.ask(DeepSnapshot(msg.samples))
             self._instant.take_deep_quality()
             outcome = await anyio.to_thread.run_sync(
-                run_single_blas, run_deep, cast(DeepJob, job), limiter=self._deep_thread
+                _deep_in_thread, cast(DeepJob, job), limiter=self._deep_thread
             )
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
@@ -856,6 +856,14 @@ class _DeepActor(Actor):
         if isinstance(message, RunDeep):
             return await self.rt._handle_deep(message)
         raise TypeError(f"deep loop got an unknown message {type(message).__name__}")
+
+
+def _deep_in_thread(job: DeepJob) -> DeepOutcome:
+    """A Deep run in its worker thread, then its scratch memory handed back to the system."""
+    try:
+        return run_single_blas(run_deep, job)
+    finally:
+        release_free_memory()
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:

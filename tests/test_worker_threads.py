@@ -63,3 +63,24 @@ def test_overlapping_workers_keep_the_limit_until_the_last_one_ends() -> None:
     assert seen == {"second": 1, "first_end": 1}
     assert _blas_threads() == before
     assert not blas_limited()
+
+
+@pytest.mark.anyio
+async def test_free_memory_is_handed_back_after_each_deep_run() -> None:
+    from runtime_helpers import small_config, target_samples
+
+    from sona import worker_threads
+    from sona.runtime import SonaRuntime
+    from sona.simulator import DomainWorld
+
+    if worker_threads._malloc_trim is None:
+        pytest.skip("not glibc: nothing to hand back")
+    world = DomainWorld(dim=32, domains=1, seed=3)
+    before = worker_threads.trims
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        for s in target_samples(world, 0, 64):
+            await rt.submit(s)
+        await rt.deep_optimize()
+        await rt.deep_optimize()
+        assert rt.stats().deep_count == 2
+    assert worker_threads.trims - before == 2
