@@ -81,7 +81,7 @@ def blas_limited() -> bool:
 def _find_malloc_trim() -> Callable[[int], int] | None:
     try:
         fn = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
+    except (AttributeError, OSError, TypeError):  # not glibc (or no C library handle)
         return None
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
