@@ -471,15 +471,9 @@ def step_one(
     c = lr
     if max_norm > 0.0 and norm > max_norm:
         c = lr * max_norm / norm
-    cross = 2.0 * c * uh / scale
-    na = aa - cross + c * c * uu * xx
-    nb = bb - cross + c * c * hh * gg
-    if not (np.isfinite(na) and np.isfinite(nb)) or max(na, nb) >= _F32_MAX * _F32_MAX:
-        return 3
-    if not _factors_finite(c, uu, hh):
-        return 3
-    if scale * np.sqrt(max(na, 0.0)) * np.sqrt(max(nb, 0.0)) >= _F32_MAX:
-        return 4
+    status = step_guards(scale, c, uu, hh, uh, xx, gg, aa, bb)
+    if status:
+        return status
     apply_rank_one(a, bt, x, h, u, g, c)
     sums[7] = norm * c / lr
     return 0
@@ -544,7 +538,7 @@ def _step_fused_exact(
 
 
 @inline
-def _guards(
+def step_guards(
     scale: float,
     c: float,
     uu: float,
@@ -795,7 +789,7 @@ def step_fused(
     c = lr
     if max_norm > 0.0 and norm > max_norm:
         c = lr * max_norm / norm
-    status = _guards(scale, c, uu, hh, uh, xx64, gg64, aa64, bb64)
+    status = step_guards(scale, c, uu, hh, uh, xx64, gg64, aa64, bb64)
     if status:
         return -status
     _apply_pass(a, bt, x, vec, off, mode, w, h0, h1, u0, u1, c)
@@ -925,7 +919,7 @@ def _fused_decide(sums: np.ndarray, scale: float, lr: float, max_norm: float) ->
         uu = r[FG_U0] * r[FG_U0] + r[FG_U1] * r[FG_U1]
         hh = r[FG_H0] * r[FG_H0] + r[FG_H1] * r[FG_H1]
         uh = r[FG_U0] * r[FG_H0] + r[FG_U1] * r[FG_H1]
-        status = _guards(scale, c, uu, hh, uh, r[FG_XX], r[FG_GG], r[FG_AA], r[FG_BB])
+        status = step_guards(scale, c, uu, hh, uh, r[FG_XX], r[FG_GG], r[FG_AA], r[FG_BB])
         if status:
             return -status
     for m in range(n):

@@ -24,7 +24,14 @@ import math
 import numpy as np
 from sona.kernels.ewc import prox_step
 from sona.kernels.jit import strict_inline, strict_kernel
-from sona.kernels.lora import apply_rank_one, commit_grad, prepare_grad, step_one, step_sums
+from sona.kernels.lora import (
+    apply_rank_one,
+    commit_grad,
+    prepare_grad,
+    step_guards,
+    step_one,
+    step_sums,
+)
 from sona.kernels.update import apply_step, candidate_sq_norms, grad_sq_norm
 
 F32_MAX = 3.4028234663852886e38
@@ -105,23 +112,10 @@ def _joint_step(
     if max_norm > 0.0 and norm > max_norm:
         c = lr * (max_norm / norm)
     for i in range(m):
-        xx = sums[i, 0]
-        gg = sums[i, 1]
-        aa = sums[i, 2]
-        bb = sums[i, 3]
-        uu = sums[i, 4]
-        hh = sums[i, 5]
-        uh = sums[i, 6]
-        cross = 2.0 * c * uh / scale
-        na = aa - cross + c * c * uu * xx
-        nb = bb - cross + c * c * hh * gg
-        factors = math.isfinite(c * math.sqrt(uu)) and math.isfinite(c * math.sqrt(hh))
-        if not (math.isfinite(na) and math.isfinite(nb) and max(na, nb) < F32_MAX * F32_MAX):
-            return 3
-        if not factors:
-            return 3
-        if scale * math.sqrt(max(na, 0.0)) * math.sqrt(max(nb, 0.0)) >= F32_MAX:
-            return 4
+        s = sums[i]  # xx, gg, aa, bb, uu, hh, uh as step_sums leaves them
+        status = step_guards(scale, c, s[4], s[5], s[6], s[0], s[1], s[2], s[3])
+        if status:
+            return status
     for i in range(m):
         apply_rank_one(a[i], bt[i], x, h[i], u[i], g[i], c)
     out[OUT_NORM] = norm * (c / lr)
@@ -240,10 +234,11 @@ def replay_epoch(
         _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
 
 
-# relearn's outcome slots and its per-batch codes (0 applied, else the rejection)
-RE_APPLIED = 0  # mini-batches applied
-RE_NORM = 1  # the last applied batch's clipped norm (MicroLoRA.last_update_norm)
-RE_LAST = 2  # code of the last batch (-1: none)
+# relearn's outcome slots (replay_epoch's layout, counted per mini-batch) and its per-batch
+# codes (0 applied, else the rejection)
+RE_APPLIED = OUT_APPLIED  # mini-batches applied
+RE_NORM = OUT_NORM  # the last applied batch's clipped norm (MicroLoRA.last_update_norm)
+RE_LAST = OUT_LAST  # code of the last batch (-1: none)
 BATCH_NOT_FINITE = 1  # the accumulated gradient is not finite
 BATCH_WEIGHTS = 2  # the update would make the weights non-finite
 BATCH_OVERFLOW = 3  # the update would make delta_weight overflow

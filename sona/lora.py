@@ -896,14 +896,7 @@ class MicroLoRA:
             np.zeros((m, n_out), np.float32), np.zeros((m, 8)),
             ewc_every, lam, *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), out,
         )  # fmt: skip
-        self._set_replay_state(a, bt, baseline)
-        applied = int(out[k_replay.OUT_APPLIED])
-        if applied:
-            self.version += applied
-            self.last_update_norm = float(out[k_replay.OUT_NORM])
-        last = int(out[k_replay.OUT_LAST])
-        if last >= 0:
-            self.last_note = _STEP_REJECTIONS.get(last)
+        self._set_replay_state(a, bt, baseline, out, _STEP_REJECTIONS)
         return True
 
     def relearn(
@@ -953,15 +946,8 @@ class MicroLoRA:
             ewc_lambda if ewc is not None else 0.0,
             *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), codes, out,
         )  # fmt: skip
-        self._set_replay_state(a, bt, baseline)
-        applied = int(out[k_replay.RE_APPLIED])
-        if applied:
-            self.version += applied
-            self.last_update_norm = float(out[k_replay.RE_NORM])
-        last = int(out[k_replay.RE_LAST])
+        self._set_replay_state(a, bt, baseline, out, _BATCH_REJECTIONS)
         notes = [_BATCH_REJECTIONS[int(c)] for c in codes if c > 0]
-        if last >= 0:
-            self.last_note = _BATCH_REJECTIONS.get(last)
         if failed >= 0:
             raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
         return notes
@@ -988,12 +974,29 @@ class MicroLoRA:
         base = self._baseline
         return a, bt, np.array([base.count, base.mean, base.var], np.float64)
 
-    def _set_replay_state(self, a: np.ndarray, bt: np.ndarray, baseline: np.ndarray) -> None:
+    def _set_replay_state(
+        self,
+        a: np.ndarray,
+        bt: np.ndarray,
+        baseline: np.ndarray,
+        out: np.ndarray,
+        rejections: Mapping[int, str],
+    ) -> None:
+        """Write back what a replay kernel left: the weights, the baseline and, from ``out``
+        (``OUT_*`` layout, shared by both kernels), the version, the last norm and the note of
+        its last rejection (``rejections`` maps the kernel's codes to notes)."""
         for st, ai, bi in zip(self._states, a, bt, strict=True):
             st.a[...] = ai
             st.bt[...] = bi
         base = self._baseline
         base.count, base.mean, base.var = int(baseline[0]), float(baseline[1]), float(baseline[2])
+        applied = int(out[k_replay.OUT_APPLIED])
+        if applied:
+            self.version += applied
+            self.last_update_norm = float(out[k_replay.OUT_NORM])
+        last = int(out[k_replay.OUT_LAST])
+        if last >= 0:
+            self.last_note = rejections.get(last)
 
     @staticmethod
     def _check_step_args(
