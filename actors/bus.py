@@ -46,14 +46,14 @@ class Subscription:
         "total_missed",
     )
 
-    def __init__(
-        self, bus: EventBus, buffer: int, kinds: tuple[type[Any], ...] | None = None
-    ) -> None:
+    def __init__(self, bus: EventBus, buffer: int, kinds: Any = None) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int):
+            raise TypeError(f"subscribe(buffer=...) must be an int, got {type(buffer).__name__}")
         if buffer < 1:
             raise ValueError(f"subscribe(buffer=...) must be >= 1, got {buffer}")
         self._bus = bus
         self._capacity = buffer
-        self._kinds = kinds
+        self._kinds = _kinds_tuple(kinds)
         self._buffer: deque[Any] = deque()
         self._missed = 0
         self._last_missed_seq = 0
@@ -133,6 +133,25 @@ class Subscription:
         self._close()
 
 
+def _kinds_tuple(kinds: Any) -> tuple[type[Any], ...] | None:
+    if kinds is None:
+        return None
+    if isinstance(kinds, type):
+        return (kinds,)
+    if isinstance(kinds, (str, bytes)):
+        raise TypeError(f"kinds must be event classes, got the string {kinds!r}")
+    try:
+        items = tuple(kinds)
+    except TypeError:
+        raise TypeError(
+            f"kinds must be an event class or an iterable of them, got {type(kinds).__name__}"
+        ) from None
+    for kind in items:
+        if not isinstance(kind, type):
+            raise TypeError(f"kinds must be event classes, got {kind!r} ({type(kind).__name__})")
+    return items
+
+
 class EventBus:
     """Broadcast channel for msgspec Struct events that carry ``at`` and ``seq`` fields."""
 
@@ -188,13 +207,15 @@ class EventBus:
             )
         return wanted
 
-    def subscribe(
-        self, *, buffer: int = 256, kinds: tuple[type[Any], ...] | None = None
-    ) -> Subscription:
-        """A subscription (enter it with ``async with``) to events of ``kinds`` (all if None).
+    def subscribe(self, *, buffer: int = 256, kinds: Any = None) -> Subscription:
+        """A subscription (enter it with ``async with``) to events of ``kinds``: an event class
+        or an iterable of them (all events if None). Checked here, because a kind that is not a
+        class would otherwise fail only at the next ``publish``, inside the publisher.
 
         A subscriber sees only events published after it entered. ``Lagged`` is always
-        delivered, whatever ``kinds`` says.
+        delivered, whatever ``kinds`` says. ``seq`` numbers every event on the bus, so a
+        subscription to some kinds sees gaps where events of other kinds were published;
+        events it lost are reported by ``Lagged`` alone.
         """
         return Subscription(self, buffer, kinds)
 

@@ -757,9 +757,9 @@ class SonaRuntime:
     def subscribe(
         self, kinds: Any = None, *, buffer: int = 256
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
-        """An async context manager yielding an iterator of events (``kinds``: event classes)."""
-        kind_tuple = tuple(kinds) if kinds is not None else None
-        return self.events.subscribe(buffer=buffer, kinds=kind_tuple)
+        """An async context manager yielding an iterator of events (``kinds``: an event class
+        or an iterable of them; see ``EventBus.subscribe``)."""
+        return self.events.subscribe(buffer=buffer, kinds=kinds)
 
     @property
     def gave_up(self) -> bool:

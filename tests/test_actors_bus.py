@@ -139,6 +139,44 @@ async def test_kinds_filter_and_close_ends_iteration() -> None:
     assert got[0].seq == 2
 
 
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        ("LoopCrashed", "the string"),
+        (["LoopCrashed"], "event classes"),
+        ((LoopCrashed, None), "event classes"),
+        (3, "iterable"),
+    ],
+)
+async def test_kinds_that_are_not_classes_are_refused_at_subscribe(
+    kinds: object, message: str
+) -> None:
+    bus = EventBus()
+    with pytest.raises(TypeError, match=message):
+        bus.subscribe(kinds=kinds)
+    assert bus.subscriber_count == 0
+    assert bus.publish(LoopCrashed(actor="a", error_type="E", error="x", consecutive=1)) == 0
+
+
+@pytest.mark.parametrize("buffer", [0, -1, "8", 2.0, True])
+async def test_bad_buffer_is_refused_at_subscribe(buffer: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="buffer"):
+        EventBus().subscribe(buffer=buffer)  # type: ignore[arg-type]
+
+
+async def test_one_class_or_any_iterable_of_classes_is_a_filter() -> None:
+    bus = EventBus()
+    async with bus.subscribe(kinds=LoopCrashed) as one, bus.subscribe(kinds=[Tick]) as listed:
+        bus.publish(Tick(n=1))
+        bus.publish(LoopCrashed(actor="a", error_type="E", error="x", consecutive=1))
+        assert type(one.receive_nowait()) is LoopCrashed
+        assert listed.receive_nowait().n == 1
+        with pytest.raises(anyio.WouldBlock):
+            one.receive_nowait()
+        with pytest.raises(anyio.WouldBlock):
+            listed.receive_nowait()
+
+
 async def test_wants_follows_subscriptions_and_kinds() -> None:
     bus = EventBus()
     assert not bus.wants(Tick) and not bus.wants(LoopCrashed)

@@ -92,3 +92,21 @@ async def test_forward_reads_a_consistent_published_state() -> None:
                 assert np.isfinite(out).all()
                 await anyio.sleep(0.006)
     assert versions == sorted(versions) and versions[-1] > 0
+
+
+async def test_bad_kinds_raise_at_subscribe_and_the_runtime_goes_on() -> None:
+    """A kind that is not a class is refused at the call, not at the next event (where it
+    would fail inside the Instant loop and the supervisor)."""
+    world = DomainWorld(dim=32, domains=1, seed=3)
+    samples = target_samples(world, 0, 20)
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        with pytest.raises(TypeError, match="event classes"):
+            rt.subscribe(kinds=["InstantApplied"])
+        async with rt.subscribe(kinds=InstantApplied) as sub:
+            for s in samples:
+                assert (await rt.submit(s)).applied
+            got = [sub.receive_nowait() for _ in range(len(samples))]  # type: ignore[attr-defined]
+        assert all(type(e) is InstantApplied for e in got)
+        st = rt.stats()
+        assert st.restarts == 0 and not st.gave_up
+        assert identity_holds(st)
