@@ -10,7 +10,7 @@ from sona.actors.mailbox import OverflowPolicy
 from sona.errors import ConfigError
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
-from sona.validation import config_int, config_number
+from sona.validation import check_seed, config_int, config_number
 
 
 class ConsolidationStrategy(enum.Enum):
@@ -71,6 +71,7 @@ class Chaos:
 
     def __post_init__(self) -> None:
         config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
+        check_seed(self.seed)
         loops = tuple(self.loops)
         unknown = set(loops) - {"instant", "background", "deep"}
         if unknown:

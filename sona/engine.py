@@ -29,7 +29,7 @@ from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32
+from sona.validation import as_f32, check_seed
 
 _log = get_logger("sona.engine")
 
@@ -50,7 +50,8 @@ class SonaLlm:
             raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
         self._factory = SampleFactory(self.config, embedder)
         self.embedder = self._factory.embedder
-        self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        checked = check_seed(seed, bits=62)  # adapter seeds are derived as seed + small offsets
+        self.seed = checked if checked is not None else secrets.randbits(62)
         self.clock = clock
         self.background = BackgroundLoop(self.config, seed=self.seed + 1)
         self.instant = InstantLoop(

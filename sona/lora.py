@@ -35,7 +35,7 @@ from sona.kernels import update as k_update
 from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
 from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.validation import as_f32, check_positive
+from sona.validation import as_f32, check_positive, check_seed
 
 if TYPE_CHECKING:
     from sona.peft_format import PeftNaming
@@ -152,15 +152,22 @@ class _Module:
         )
 
 
+def _forward_error(x: np.ndarray) -> InvalidInputError:
+    """Why a forward failed: the kernels report NaN or inf in x and an overflow of s·A·x alike
+    (both leave a non-finite hidden value), and only the error path tells them apart."""
+    if not k_update.all_finite(x):
+        return InvalidInputError("x contains NaN or inf")
+    return InvalidInputError("x is finite but so large that s·A·x overflows float32")
+
+
 class MicroLoRA:
     """A rank-1..8 LoRA adapter over one or more target modules of the same shape."""
 
     def __init__(self, config: MicroLoraConfig, *, seed: int | None = None) -> None:
         if not isinstance(config, MicroLoraConfig):
             raise TypeError(f"config must be a MicroLoraConfig, got {type(config).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self._setup(config, int(seed) if seed is not None else secrets.randbits(63), draw=True)
+        checked = check_seed(seed)
+        self._setup(config, checked if checked is not None else secrets.randbits(63), draw=True)
 
     @classmethod
     def _blank(cls, config: MicroLoraConfig, seed: int) -> MicroLoRA:
@@ -299,7 +306,7 @@ class MicroLoRA:
             if not status:
                 return out
             if status == k_lora.FORWARD_NOT_FINITE:
-                raise InvalidInputError("x contains NaN or inf")
+                raise _forward_error(x)
             if status == k_lora.FORWARD_BAD_OUT:
                 st.out = np.empty(self._out, _F32)
         return self._forward_general(x, module, explore)
@@ -315,7 +322,7 @@ class MicroLoRA:
             )
         out = np.empty(self._out, _F32)
         if fast.forward_into(st.a, st.bt, self._scale, x, out):
-            raise InvalidInputError("x contains NaN or inf")
+            raise _forward_error(x)
         if explore:
             self._explore(st, x, out)
         return out
@@ -351,7 +358,7 @@ class MicroLoRA:
         else:
             raise InvalidInputError(f"x must be 1- or 2-dimensional, got shape {x.shape}")
         if not ok:
-            raise InvalidInputError("x contains NaN or inf")
+            raise _forward_error(x)
 
     def _forward_batch(self, st: _Module, x: np.ndarray, explore: bool) -> np.ndarray:
         if x.shape[1] != self._in:
@@ -360,16 +367,20 @@ class MicroLoRA:
         out = np.empty((n, self._out), _F32)
         h = np.empty((n, self.config.rank), _F32)
         if not k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, False):
-            raise InvalidInputError("x contains NaN or inf")
+            raise _forward_error(x)
         if explore:
             for i in range(n):
                 self._explore(st, x[i], out[i])
         return out
 
     def delta_weight(self, module: TargetModule) -> np.ndarray:
-        """The full (out, in) matrix s·B·A; for inspection and merging, not the hot path."""
+        """The full (out, in) matrix s·B·A; for inspection and merging, not the hot path.
+
+        Formed in float64: with s < 1, B·A alone may overflow float32 where s·B·A does not
+        (``apply_updates`` bounds s·‖A‖·‖B‖, which bounds every entry)."""
         st = self._state(module)
-        return np.asarray(self._scale * (st.bt.T @ st.a), dtype=np.float32)
+        product = st.bt.T.astype(np.float64) @ st.a.astype(np.float64)
+        return (self._scale * product).astype(np.float32)
 
     # ------------------------------------------------------------------ exploration
     def _explore_key(self, st: _Module, x: np.ndarray) -> int:

@@ -77,7 +77,7 @@ from sona.messages import (
 )
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32
+from sona.validation import as_f32, check_seed
 from sona.worker_threads import release_free_memory, run_single_blas
 
 _log = get_logger("sona.runtime")
@@ -181,7 +181,8 @@ class SonaRuntime:
             raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
         if chaos is not None and not isinstance(chaos, Chaos):
             raise TypeError(f"chaos must be a Chaos or None, got {type(chaos).__name__}")
-        self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        checked = check_seed(seed, bits=62)  # adapter seeds are derived as seed + small offsets
+        self.seed = checked if checked is not None else secrets.randbits(62)
         self._factory = SampleFactory(self.config, embedder)
         self.checkpoint_dir = checkpoint_dir
         self._durable = Durability(self, checkpoint_dir)  # checkpoints, sample log, replay

@@ -7,6 +7,7 @@ Arrays of other real dtypes are converted to float32; anything that is not a rea
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,22 @@ def config_number(
         hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
         raise ConfigError(f"{name} must be a finite number in {lo_s}, {hi_s}, got {v!r}")
     return v
+
+
+def check_seed(seed: object, *, bits: int = 63) -> int | None:
+    """A seed as an int in [0, 2**bits), or None: numpy's generators refuse negative seeds with
+    a message that does not say which argument was wrong, and a float would be truncated."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int or None, got bool")
+    try:
+        value = operator.index(seed)  # type: ignore[arg-type]  # int and numpy integers only
+    except TypeError:
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}") from None
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"seed must be in [0, 2**{bits}), got {value}")
+    return value
 
 
 def config_int(value: object, name: str, *, lo: int) -> int:

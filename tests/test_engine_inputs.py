@@ -224,6 +224,33 @@ def test_constructor_refuses_a_config_of_the_wrong_type() -> None:
         SonaLlm(SonaLlmConfig(), embedder="not an embedder")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("seed", "error"),
+    [
+        (-5, ValueError),
+        (1 << 62, ValueError),
+        ("abc", TypeError),
+        (1.7, TypeError),
+        (True, TypeError),
+    ],
+)
+def test_seeds_are_checked_for_every_engine(seed: object, error: type[Exception]) -> None:
+    from sona.config import Chaos
+    from sona.runtime import SonaRuntime
+
+    cfg = _config(ConsolidationStrategy.EWC_MERGE)
+    builds = [
+        lambda: SonaLlm(cfg, seed=seed),  # type: ignore[arg-type]
+        lambda: SonaRuntime(cfg, seed=seed),  # type: ignore[arg-type]
+    ]
+    if seed != 1 << 62:  # the engines derive adapter seeds from theirs; Chaos does not
+        builds.append(lambda: Chaos(crash_probability=0.1, seed=seed))  # type: ignore[arg-type]
+    for build in builds:
+        with pytest.raises(error, match="seed"):
+            build()
+    assert SonaLlm(cfg, seed=np.int32(3)).seed == 3
+
+
 def test_text_and_list_inputs_of_the_right_width_are_accepted() -> None:
     """The refusals above are not a blanket refusal: the documented conversions still work."""
     engine = SonaLlm(_config(ConsolidationStrategy.EWC_MERGE), seed=0)

@@ -60,6 +60,30 @@ def test_seed_and_config_types_are_checked(seed: Any) -> None:
         MicroLoRA({"rank": 2})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("seed", [-1, 1 << 63])
+def test_seeds_outside_the_range_are_refused_naming_the_seed(seed: int) -> None:
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        MicroLoRA(config(), seed=seed)
+
+
+def test_numpy_integer_seeds_are_seeds() -> None:
+    a = MicroLoRA(config(), seed=np.int64(7)).factors(Q)[0]
+    assert np.array_equal(a, MicroLoRA(config(), seed=7).factors(Q)[0])
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_finite_x_whose_hidden_value_overflows_is_named_as_such(batch: bool) -> None:
+    lora = trained(config())
+    a = lora.factors(Q)[0]
+    x = (np.sign(a[0]) * np.float32(3e38)).astype(np.float32)  # finite; s·A·x is not
+    before = Snapshot.of(lora)
+    with pytest.raises(InvalidInputError, match="finite but so large"):
+        lora.forward(np.stack([x, x]) if batch else x, Q)
+    with pytest.raises(InvalidInputError, match="NaN or inf"):
+        lora.forward(np.full_like(x, np.nan), Q)
+    assert Snapshot.of(lora) == before
+
+
 def test_sizes_are_counted_from_the_arrays() -> None:
     cfg = config(n_in=30, n_out=20, rank=3, modules=(Q, V, K))
     lora = MicroLoRA(cfg, seed=0)

@@ -12,7 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lora_reference import Q, Snapshot, V, config, f64, trained, vec, weights_bytes
+from lora_reference import (
+    Q,
+    Snapshot,
+    V,
+    config,
+    f64,
+    trained,
+    vec,
+    weights_bytes,
+)
 
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
@@ -187,6 +196,28 @@ def test_an_update_that_would_overflow_delta_weight_is_rejected() -> None:
     assert lora.apply_updates(1.0, max_norm=None) is True
     dw = lora.delta_weight(Q)
     assert np.isfinite(dw).all() and dw.any()
+
+
+def test_delta_weight_stays_finite_when_only_the_scale_brings_it_into_range() -> None:
+    """With s < 1, an accepted update can leave B·A beyond float32 while s·B·A fits."""
+    cfg = config(n_in=1, n_out=1, rank=1, modules=(Q,), alpha=0.25)
+    lora = next(
+        lo
+        for lo in (MicroLoRA(cfg, seed=k) for k in range(100))
+        if abs(lo.factors(Q)[0][0, 0]) > 1.5
+    )
+    a = f64(lora.factors(Q)[0])
+    fb = AdaptFeedback.from_quality(1.0).with_gradient(np.array([1e30], np.float32))
+    assert lora.adapt(np.ones(1, np.float32), fb, Q)
+    # one unclipped step sets Bᵀ to 0.9 of float32's maximum: |a·Bᵀ| > max > |s·a·Bᵀ|
+    lr = 0.9 * float(np.finfo(np.float32).max) / abs(float(lora.gradients(Q)[1][0, 0]))
+    assert lora.apply_updates(lr, max_norm=None), lora.last_note
+    bt = f64(lora.factors(Q)[1])
+    assert abs(bt[0, 0] * a[0, 0]) > np.finfo(np.float32).max
+    dw = lora.delta_weight(Q)
+    assert np.isfinite(dw).all()
+    np.testing.assert_allclose(dw, cfg.scaling * bt.T @ a, rtol=1e-6)
+    assert np.isfinite(lora.forward(np.ones(1, np.float32), Q)).all()
 
 
 def test_after_a_rejection_the_adapter_learns_normally() -> None:
