@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -85,13 +86,17 @@ class AdaptFeedback:
         if outs.ndim != 2 or outs.shape[0] < 2:
             raise InvalidInputError(f"outputs must have shape (k >= 2, out), got {outs.shape}")
         check_finite(outs, "outputs")
-        qs = np.asarray(qualities, dtype=np.float64) if not np.isscalar(qualities) else None
-        if qs is None or qs.ndim != 1 or qs.shape[0] != outs.shape[0]:
-            raise InvalidInputError(
-                f"qualities must be a sequence of {outs.shape[0]} numbers, one per output"
-            )
-        for i, q in enumerate(qs):
-            check_quality(float(q), f"qualities[{i}]")
+        k = outs.shape[0]
+        if isinstance(qualities, np.ndarray) and qualities.ndim == 1:
+            items: list[Any] | None = list(qualities)
+        elif isinstance(qualities, Sequence) and not isinstance(qualities, (str, bytes)):
+            items = list(qualities)
+        else:
+            items = None
+        if items is None or len(items) != k:
+            raise InvalidInputError(f"qualities must be a sequence of {k} numbers, one per output")
+        # each checked as a rating on its own: no bools, strings or ints beyond float range
+        qs = np.array([check_quality(q, f"qualities[{i}]") for i, q in enumerate(items)])
         mean = float(qs.mean())
         spread = float(qs.std())
         adv = (qs - mean) / (spread + 1e-8) if spread > 0 else np.zeros_like(qs)

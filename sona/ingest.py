@@ -16,7 +16,7 @@ from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.lora_config import TargetModule
 from sona.sample import TrainingSample, from_vectors
-from sona.validation import as_f32, check_quality
+from sona.validation import as_f32, check_quality, check_text
 
 _F32 = np.dtype(np.float32)
 
@@ -86,7 +86,7 @@ class SampleFactory:
 
     def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
         if isinstance(value, str):
-            vec = self.embedder.embed(value, dim)
+            vec = self.embedder.embed(check_text(value, name), dim)
             arr = as_f32(vec, f"embedding of {name}")
         else:
             arr = as_f32(value, name)

@@ -15,6 +15,7 @@ import numpy as np
 
 from sona.errors import InvalidInputError
 from sona.kernels import linalg as k_linalg
+from sona.validation import real_number
 
 if TYPE_CHECKING:
     from sona.lora import MicroLoRA
@@ -31,9 +32,10 @@ def merge_adapters(
     for i, item in enumerate(items):
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], MicroLoRA)):
             raise TypeError(f"adapters[{i}] must be a (MicroLoRA, weight) pair")
-        w = item[1]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        w = real_number(item[1], f"adapters[{i}] weight", "a finite number")
+        if not math.isfinite(w):
             raise InvalidInputError(f"adapters[{i}] weight must be a finite number, got {w!r}")
+        items[i] = (item[0], w)
     first = items[0][0].config
     shape = (first.in_features, first.out_features)
     modules = first.target_modules

@@ -6,7 +6,6 @@ without copies or races; the ``with_*`` builders return new instances.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.kernels.update import all_finite
 from sona.kernels.warmup import fast
-from sona.validation import as_f32, check_quality, frozen_copy
+from sona.validation import as_f32, check_positive, check_quality, check_text, frozen_copy
 
 _FIELDS = (
     "input_embedding",
@@ -67,27 +66,23 @@ class TrainingSample:
         return twin
 
     def with_query(self, query: str) -> TrainingSample:
-        return self._replace(query=_text(query, "query"))
+        return self._replace(query=check_text(query, "query"))
 
     def with_response(self, response: str) -> TrainingSample:
-        return self._replace(response=_text(response, "response"))
+        return self._replace(response=check_text(response, "response"))
 
     def with_latency(self, ms: float) -> TrainingSample:
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-            raise TypeError(f"ms must be a number, got {type(ms).__name__}")
-        if not math.isfinite(ms) or ms < 0:
-            raise InvalidInputError(f"ms must be finite and >= 0, got {ms!r}")
-        return self._replace(latency_ms=float(ms))
+        return self._replace(latency_ms=check_positive(ms, "ms", allow_zero=True))
 
     def with_tokens(self, n: int) -> TrainingSample:
-        if isinstance(n, bool) or not isinstance(n, int):
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"n must be an int, got {type(n).__name__}")
-        if n < 0:
-            raise InvalidInputError(f"n must be >= 0, got {n}")
+        if not 0 <= n < 1 << 63:  # the durable log and checkpoints store a 64-bit integer
+            raise InvalidInputError(f"n must be in [0, 2**63), got {n}")
         return self._replace(token_count=int(n))
 
     def with_session(self, session_id: str) -> TrainingSample:
-        text = _text(session_id, "session_id")
+        text = check_text(session_id, "session_id")
         return self._replace(session_id=text)
 
     def with_feedback(self, feedback: AdaptFeedback) -> TrainingSample:
@@ -164,9 +159,3 @@ def _vector(value: Any, name: str) -> np.ndarray:
     if arr.ndim != 1 or arr.shape[0] == 0:
         raise InvalidInputError(f"{name} must be a non-empty vector, got shape {arr.shape}")
     return _copy(arr, name)
-
-
-def _text(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    return value

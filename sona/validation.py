@@ -22,12 +22,16 @@ def as_f32(value: Any, name: str) -> np.ndarray:
     """``value`` as a C-contiguous float32 array (a no-op for one already)."""
     if type(value) is np.ndarray and value.dtype == F32 and value.flags.c_contiguous:
         return value
+    if isinstance(value, np.ma.MaskedArray):  # asarray would keep the masked-out values
+        raise TypeError(f"{name} must be a plain array, got a masked array (fill it first)")
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nested sequences and the like
         raise TypeError(f"{name} must be a real-valued array: {exc}") from None
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    if arr.ndim == 0:  # ascontiguousarray would make it a vector of length 1
+        raise InvalidInputError(f"{name} must be an array, got the scalar {value!r}")
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(arr, dtype=F32)
 
@@ -54,19 +58,44 @@ def check_finite(arr: np.ndarray, name: str) -> None:
     raise InvalidInputError(f"{name} contains NaN or inf")
 
 
+def real_number(value: Any, name: str, expected: str = "a real number") -> float:
+    """``value`` as a float: Python and numpy ints and floats, not bools (a rating of True is
+    a bug, not 1.0) and not ints beyond float range (OverflowError is not a ValueError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidInputError(
+            f"{name} must be {expected}, got an int beyond float range"
+        ) from None
+
+
 def check_quality(quality: Any, name: str = "quality") -> float:
-    if isinstance(quality, bool) or not isinstance(quality, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {type(quality).__name__}")
-    q = float(quality)
+    q = real_number(quality, name, "a real number in [0, 1]")
     if not (0.0 <= q <= 1.0):  # also rejects NaN
         raise InvalidInputError(f"{name} must be in [0, 1], got {q!r}")
     return q
 
 
+def check_text(value: object, name: str) -> str:
+    """A str that UTF-8 can encode: a lone surrogate (from a bad decode upstream) would
+    otherwise be found only when the durable log or a checkpoint writes the sample."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{name} is not valid Unicode text: {exc.reason} at index {exc.start}"
+        ) from None
+    return value
+
+
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    v = real_number(value, name)
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidInputError(f"{name} must be finite and {bound}, got {v!r}")

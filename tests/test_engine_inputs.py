@@ -108,6 +108,10 @@ BAD_CALLS: dict[str, Callable[[SonaLlm], object]] = {
     "instant_adapt query list of str": lambda e: e.instant_adapt(["a", "b"], Y, 0.5),
     "instant_adapt complex query": lambda e: e.instant_adapt(X.astype(np.complex64), Y, 0.5),
     "make_sample quality 2": lambda e: e.make_sample("hi", "there", 2.0),
+    "instant_adapt lone surrogate in query": lambda e: e.instant_adapt("caf\udce9", Y, 0.9),
+    "instant_adapt lone surrogate in response": lambda e: e.instant_adapt(X, "ok \ud800", 0.9),
+    "instant_adapt scalar query": lambda e: e.instant_adapt(np.float64(1.0), Y, 0.9),
+    "instant_adapt quality beyond float": lambda e: e.instant_adapt(X, Y, 2**2000),
     # adapt
     "adapt x wrong shape": lambda e: e.adapt(np.zeros(D + 2), FB),
     "adapt x NaN": lambda e: e.adapt(_nan(X), FB),

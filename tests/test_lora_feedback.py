@@ -192,6 +192,31 @@ def test_group_rejects_invalid_arguments(
         AdaptFeedback.from_group(outputs, qualities, **kw)
 
 
+@pytest.mark.parametrize(
+    ("qualities", "error"),
+    [
+        ([True, False], TypeError),
+        (np.array([True, False]), TypeError),
+        (["0.2", "0.9"], TypeError),
+        ([1j, 0.0], TypeError),
+        ({0.2, 0.9}, InvalidInputError),
+        (iter([0.2, 0.9]), InvalidInputError),
+        ({0: 0.2, 1: 0.9}, InvalidInputError),
+        ([2**2000, 0.0], InvalidInputError),
+    ],
+)
+def test_group_qualities_are_each_checked_as_a_rating(qualities: Any, error: type) -> None:
+    with pytest.raises(error, match="qualities"):
+        AdaptFeedback.from_group(np.eye(2, 8), qualities)
+
+
+def test_group_qualities_may_be_any_real_sequence_or_vector() -> None:
+    outs = np.eye(2, 8)
+    expected = AdaptFeedback.from_group(outs, [0.25, 1.0])
+    for qs in ((0.25, 1), np.array([0.25, 1.0], np.float32), [np.float64(0.25), np.int8(1)]):
+        assert AdaptFeedback.from_group(outs, qs) == expected
+
+
 def test_group_cannot_take_another_vector() -> None:
     fb = AdaptFeedback.from_group([[1.0], [2.0]], [0.1, 0.2])
     with pytest.raises(InvalidInputError, match="group"):

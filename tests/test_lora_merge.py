@@ -115,8 +115,9 @@ def test_merged_adapters_can_keep_learning() -> None:
         ([(object(), 1.0)], {}, TypeError),
         ([(trained(config()), float("nan"))], {}, InvalidInputError),
         ([(trained(config()), float("inf"))], {}, InvalidInputError),
-        ([(trained(config()), "1")], {}, InvalidInputError),
-        ([(trained(config()), True)], {}, InvalidInputError),
+        ([(trained(config()), "1")], {}, TypeError),
+        ([(trained(config()), True)], {}, TypeError),
+        ([(trained(config()), 10**400)], {}, InvalidInputError),
         ([(trained(config()), 1.0), (trained(config(n_in=13)), 1.0)], {}, InvalidInputError),
         ([(trained(config()), 1.0), (trained(config(modules=(Q, K))), 1.0)], {}, InvalidInputError),
         ([(trained(config()), 1.0)], {"rank": 0}, InvalidInputError),
@@ -127,6 +128,14 @@ def test_merged_adapters_can_keep_learning() -> None:
 def test_merge_rejects_bad_arguments(pairs: Any, kw: dict[str, Any], error: type) -> None:
     with pytest.raises(error):
         MicroLoRA.merge_adapters(pairs, **kw)
+
+
+def test_numpy_weights_are_weights() -> None:
+    src = trained(config())
+    merged = MicroLoRA.merge_adapters([(src, np.float32(0.5)), (src, np.int64(1))])
+    plain = MicroLoRA.merge_adapters([(src, 0.5), (src, 1)])
+    for m in (Q, V):
+        assert np.array_equal(merged.delta_weight(m), plain.delta_weight(m))
 
 
 # ---------------------------------------------------------------------------- composition

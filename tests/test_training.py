@@ -119,6 +119,16 @@ def test_sample_copies_arrays_read_only_and_builders_return_new_instances() -> N
         s.quality = 0.1  # type: ignore[misc]
 
 
+def _sample() -> TrainingSample:
+    return TrainingSample(np.ones(3), np.ones(3), 0.5)
+
+
+def test_numpy_scalars_are_numbers_for_the_builders() -> None:
+    s = _sample().with_latency(np.float32(2.5)).with_tokens(np.int64(7))
+    assert (s.latency_ms, s.token_count) == (2.5, 7)
+    assert type(s.token_count) is int
+
+
 @pytest.mark.parametrize(
     ("build", "error", "name"),
     [
@@ -130,9 +140,20 @@ def test_sample_copies_arrays_read_only_and_builders_return_new_instances() -> N
         (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_tokens(True), TypeError, "n"),
         (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_query(3), TypeError, "query"),
         (lambda: TrainingSample(np.ones(3), np.ones(3), 0.5).with_feedback(1), TypeError, "feed"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), 2**2000), InvalidInputError, "quality"),
+        (lambda: TrainingSample(np.ones(3), np.ones(3), np.bool_(True)), TypeError, "quality"),
+        (lambda: TrainingSample(np.float64(2.0), np.ones(3), 0.5), InvalidInputError, "input"),
+        (lambda: TrainingSample(np.ma.ones(3), np.ones(3), 0.5), TypeError, "masked"),
+        (lambda: _sample().with_latency(10**400), InvalidInputError, "ms"),
+        (lambda: _sample().with_tokens(2**64), InvalidInputError, "n"),
+        (lambda: _sample().with_query("caf\udce9"), InvalidInputError, "query.*Unicode"),
+        (lambda: _sample().with_response("\ud800"), InvalidInputError, "response"),
+        (lambda: _sample().with_session("a\udfffb"), InvalidInputError, "session_id"),
     ],
 )
 def test_sample_rejects_bad_input(build: object, error: type[Exception], name: str) -> None:
+    """Checked when the sample is built: text UTF-8 cannot encode would otherwise fail only when
+    the durable log or a checkpoint writes the sample, taking its batch with it."""
     assert callable(build)
     with pytest.raises(error, match=name):
         build()
