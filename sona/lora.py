@@ -281,7 +281,10 @@ class MicroLoRA:
 
         ``explore=True`` adds Gaussian noise, σ = explore_std·‖x‖/√out, regenerable from
         (seed, module, hash of x), so a later ``adapt(x, AdaptFeedback.from_quality(q))`` can
-        turn the rating into a REINFORCE step.
+        turn the rating into a REINFORCE step. Its advantage is measured against a running
+        baseline of earlier ratings; the adapter's very first rating has none to be measured
+        against, so it only starts the baseline (``adapt`` returns False and says so). Each
+        exploration is rated once.
         """
         st = self._first if module is self._first_module else self._by_id.get(id(module))
         # The hot path: a float32 vector. The kernel checks its length and that it is
@@ -369,8 +372,7 @@ class MicroLoRA:
         if not k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, False):
             raise _forward_error(x)
         if explore:
-            for i in range(n):
-                self._explore(st, x[i], out[i])
+            self._explore(st, x, out)
         return out
 
     def delta_weight(self, module: TargetModule) -> np.ndarray:
@@ -387,15 +389,27 @@ class MicroLoRA:
         salt = self._key ^ np.uint64((st.index + 1) * 0x9E3779B1)
         return int(k_random.hash_vector(np.ascontiguousarray(x), salt))
 
-    def _explore(self, st: _Module, x: np.ndarray, out: np.ndarray) -> None:
-        sigma = self.config.explore_std * float(np.sqrt(np.dot(x, x))) / math.sqrt(self._out)
-        key = self._explore_key(st, x)
-        k_random.add_normal(np.uint64(key), sigma, out)
+    def _explore(self, st: _Module, xs: np.ndarray, outs: np.ndarray) -> None:
+        """Adds the noise to each row of ``outs`` (one vector or a batch) and records it only
+        once every row has finite noise: an input so large that σ·z overflows float32 is
+        refused with nothing recorded. ‖x‖ is taken in float64 for the same reason."""
+        rows = [(xs, outs)] if xs.ndim == 1 else list(zip(xs, outs, strict=True))
+        records = []
+        for x, out in rows:
+            sigma = self.config.explore_std * math.sqrt(k_update.sq_norm(x) / self._out)
+            key = self._explore_key(st, x)
+            k_random.add_normal(np.uint64(key), sigma, out)
+            if not (math.isfinite(sigma) and k_update.all_finite(out)):
+                raise InvalidInputError(
+                    "x is finite but so large that its exploration noise overflows float32"
+                )
+            records.append(((st.index, key), sigma))
         explored = self._explored
-        explored[(st.index, key)] = sigma
-        explored.move_to_end((st.index, key))
-        if len(explored) > _MAX_EXPLORED:
-            explored.popitem(last=False)
+        for slot, sigma in records:
+            explored[slot] = sigma
+            explored.move_to_end(slot)
+            if len(explored) > _MAX_EXPLORED:
+                explored.popitem(last=False)
 
     # ------------------------------------------------------------------ learning
     def adapt(

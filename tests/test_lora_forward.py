@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -308,6 +309,31 @@ def test_exploration_noise_is_regenerable_and_scaled_to_the_input() -> None:
     assert abs(float(np.corrcoef(noise, other_input)[0, 1])) < 0.1
     # the plain forward is unaffected by exploring
     np.testing.assert_array_equal(lora.forward(x, Q), plain)
+
+
+def test_exploring_a_huge_finite_input_stays_finite_or_is_refused_recording_nothing() -> None:
+    """σ takes ‖x‖ in float64 (a float32 dot overflows from |x| ~ 2e19); noise σ·z that
+    overflows float32 is refused before anything is recorded, batch rows included."""
+    cfg = MicroLoraConfig(in_features=8, out_features=8, rank=2, target_modules=(Q,))
+    lora = MicroLoRA(cfg, seed=0)
+    x = np.full(8, 2e19, np.float32)
+    noisy = lora.forward(x, Q, explore=True)
+    assert np.isfinite(noisy).all() and noisy.any()
+    assert lora.adapt(x, _quality(0.5), Q) is False  # the first rating sets the baseline
+    loud = MicroLoRA(dataclasses.replace(cfg, explore_std=1e6), seed=0)
+    a = loud.factors(Q)[0]
+    huge = (np.sign(a[0]) * np.float32(1e36)).astype(np.float32)
+    huge[np.abs(a[0]) > np.abs(a[0]).min()] = 0.0  # only the smallest |A| entry: s·A·x fits
+    assert np.isfinite(loud.forward(huge, Q)).all()
+    small = vec(np.random.default_rng(1), 8)
+    before = Snapshot.of(loud)
+    for call in (lambda: loud.forward(huge, Q, explore=True),
+                 lambda: loud.forward(np.stack([small, huge]), Q, explore=True)):  # fmt: skip
+        with pytest.raises(InvalidInputError, match="exploration noise overflows"):
+            call()
+    assert Snapshot.of(loud) == before
+    assert loud.adapt(small, _quality(0.9), Q) is False  # the batch's first row: not recorded
+    assert "explored on this input" in (loud.last_note or "")
 
 
 def test_explored_batch_rows_equal_explored_vectors() -> None:
