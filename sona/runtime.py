@@ -23,6 +23,7 @@ import contextlib
 import os
 import random
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -80,6 +81,7 @@ from sona.sample import TrainingSample
 from sona.validation import as_f32, check_seed
 from sona.worker_threads import release_free_memory, run_single_blas
 
+_thread_id = threading.get_ident
 _log = get_logger("sona.runtime")
 
 # Samples handled inline per turn of the event loop before submit() yields anyway, like tokio's
@@ -219,6 +221,7 @@ class SonaRuntime:
         self._background_thread = anyio.CapacityLimiter(1)
         self._deep_thread = anyio.CapacityLimiter(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the event loop's thread, the only one that may change the state
         self.submitted = 0
         self.dropped = 0
         self.dead_lettered = 0
@@ -239,6 +242,7 @@ class SonaRuntime:
             raise RuntimeError("a SonaRuntime can only be started once")
         self._started = True
         self._loop = _asyncio_loop()
+        self._thread = _thread_id()
         await self._durable.open()  # checkpoint_dir: lock, sample log, first checkpoint
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
@@ -339,6 +343,12 @@ class SonaRuntime:
             raise self._gave_up_error()
         if not self._started or self._stack is None or self._stopped:
             raise RuntimeError("SonaRuntime is not running: use `async with SonaRuntime(...)`")
+        if _thread_id() != self._thread:  # its state is the event loop's, unlocked
+            raise RuntimeError(
+                "SonaRuntime was called from another thread than its event loop's: from a "
+                "worker thread use anyio.from_thread.run(rt.submit, sample) or "
+                "asyncio.run_coroutine_threadsafe(rt.submit(sample), loop)"
+            )
 
     # ------------------------------------------------------------------ ingress
     async def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:

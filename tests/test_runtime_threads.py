@@ -1,4 +1,5 @@
-"""The loops' thread work never waits for a slot of the host's default thread limiter.
+"""Threads: the loops' thread work never waits for a slot of the host's default thread
+limiter, and the host's threads cannot change the runtime's state behind the event loop.
 
 anyio's default limiter is shared with everything else the host runs through
 ``to_thread.run_sync``. These tests take all of its slots with a blocking call of the host's
@@ -7,10 +8,12 @@ own and check that consolidation, Deep runs and durable-log commits still happen
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import pytest
 from runtime_helpers import identity_holds, small_config, target_samples
@@ -56,3 +59,37 @@ async def test_loops_and_log_run_while_the_hosts_threads_are_all_busy(
     assert st.deep_count >= 1
     assert st.instant_count == len(samples)
     assert identity_holds(st)
+
+
+async def test_calls_from_another_thread_are_refused_and_the_bridges_work() -> None:
+    """The runtime's state belongs to its event loop and has no locks: a worker thread that
+    submitted directly raced the loop (the accounting identity broke); it gets a clear error
+    instead, and anyio's bridge back to the loop works."""
+    world = DomainWorld(dim=32, domains=1, seed=5)
+    samples = target_samples(world, 0, 30)
+    async with SonaRuntime(small_config(), seed=1) as rt:
+
+        def from_worker() -> list[str]:
+            errors = []
+            for call in (
+                lambda: rt.submit_nowait(samples[0]),
+                lambda: rt.start_new_task(),
+                lambda: asyncio.run(rt.submit(samples[0])),
+                lambda: asyncio.run(
+                    rt.instant_adapt(samples[0].input_embedding, samples[0].output_embedding, 0.9)
+                ),
+            ):
+                with pytest.raises(RuntimeError, match="another thread") as info:
+                    call()
+                errors.append(str(info.value))
+            for s in samples[1:]:
+                assert anyio.from_thread.run(rt.submit, s).applied
+            return errors
+
+        tasks = rt.stats().task_count
+        errors = await anyio.to_thread.run_sync(from_worker)
+        assert len(errors) == 4
+        await rt.drain()
+        st = rt.stats()
+        assert st.submitted_count == len(samples) - 1 and identity_holds(st)
+        assert st.task_count == tasks  # the refused start_new_task changed nothing
