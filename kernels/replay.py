@@ -158,6 +158,7 @@ def replay_epoch(
     vecs: np.ndarray,
     rows: np.ndarray,
     modes: np.ndarray,
+    targets: np.ndarray,
     weights: np.ndarray,
     qualities: np.ndarray,
     baseline: np.ndarray,
@@ -189,7 +190,8 @@ def replay_epoch(
     on the samples ``rows`` of ``xs`` / ``vecs``, in that order, at ``lr`` (``max_norm`` <= 0:
     no clip).
 
-    Per sample: ``modes`` (``MODE_REGRESS`` / ``MODE_GRADIENT``) and ``weights``; a NaN weight
+    Per sample: ``modes`` (``MODE_REGRESS`` / ``MODE_GRADIENT``), ``targets`` (the one module
+    index it steps, or -1 for all of them, clipped jointly) and ``weights``; a NaN weight
     marks a rated output, whose weight comes from ``baseline`` ([count, mean, var], updated
     after its step unless the step was refused as non-finite) and ``qualities``. ``lam`` > 0
     takes an EWC++ proximal step of 2·lr·lam·(steps since the last one) after every ``every``
@@ -205,12 +207,14 @@ def replay_epoch(
         target = vecs[k]
         rated = math.isnan(weights[k])
         wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
-        if m == 1:
+        t = targets[k]
+        if m == 1 or t >= 0:
+            i = max(t, 0)
             status = step_one(
-                a[0], bt[0], scale, x, target, wk, modes[k], lr, max_norm, h[0], u[0], g[0], sums[0]
+                a[i], bt[i], scale, x, target, wk, modes[k], lr, max_norm, h[i], u[i], g[i], sums[i]
             )
             if status == 0:
-                out[OUT_NORM] = sums[0, 7]
+                out[OUT_NORM] = sums[i, 7]
         else:
             status = _joint_step(
                 a, bt, scale, x, target, wk, modes[k], lr, max_norm, h, u, g, sums, out
@@ -298,6 +302,7 @@ def relearn(
     vecs: np.ndarray,
     rows: np.ndarray,
     modes: np.ndarray,
+    targets: np.ndarray,
     weights: np.ndarray,
     qualities: np.ndarray,
     sample_weights: np.ndarray,
@@ -329,7 +334,8 @@ def relearn(
     codes: np.ndarray,
     out: np.ndarray,
 ) -> int:
-    """Accumulate the samples ``rows`` (the r-th weighted by ``sample_weights[r]``) into
+    """Accumulate the samples ``rows`` (the r-th weighted by ``sample_weights[r]``, each into
+    the module ``targets`` names, or every module for -1) into
     ``ga`` / ``gbt`` (zero on entry, zero on return) and apply them every ``mini_batch``
     samples and after the last: each mini-batch of k samples at lr·k with the clip at
     max_norm·k, then, when applied and ``lam`` > 0, an EWC++ step of 2·lr·k·lam.
@@ -352,11 +358,16 @@ def relearn(
         wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
         wk = wk * sample_weights[r]
         mode = modes[k]
+        t = targets[k]  # the one module the sample is for, or -1: all
         for i in range(m):
-            if not prepare_grad(a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]):
+            skip = t >= 0 and i != t
+            if not skip and not prepare_grad(
+                a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]
+            ):
                 return r
         for i in range(m):
-            commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
+            if t < 0 or i == t:
+                commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
         if rated:
             _update_baseline(baseline, qualities[k], decay)
         batch += 1

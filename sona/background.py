@@ -174,7 +174,7 @@ class BackgroundLoop:
             base.baseline.load(live.baseline.state())
             self._prox(base, cfg.instant_lr * max(len(samples), 1), notes)
             return Published(base, dict(old.ensemble), None), rejected
-        pool = ReplayPool(samples, xs, cfg.micro_lora.out_features)
+        pool = ReplayPool(samples, xs, cfg.micro_lora.out_features, cfg.micro_lora.target_modules)
         if strategy is ConsolidationStrategy.ENSEMBLE:
             ensemble = dict(old.ensemble)
             trained = [int(v) for v in np.unique(labels) if v >= 0]  # -1: zero inputs only
@@ -228,7 +228,7 @@ class BackgroundLoop:
             fb = s.to_feedback()
             if fb.kind.value in ("target", "gradient") and fb.quality < threshold:
                 continue
-            if adapter.adapt(s.input_embedding, fb, weight=w):
+            if adapter.adapt(s.input_embedding, fb, s.module, weight=w):
                 batch += 1
             if batch == MINI_BATCH:
                 self._apply(adapter, batch, rejected)
@@ -266,8 +266,14 @@ class BackgroundLoop:
         if terms is None:
             notes.append("quality_delta: no held-back sample with a measurable objective")
             return None
+        per_module = any(s.module is not None for s in eval_samples)
         deltas = []
         for module in self.config.micro_lora.target_modules:
+            if per_module:  # each module judged on the samples about it
+                own = LossTerms.of(eval_samples, eval_rows, module)
+                if own is None:
+                    continue
+                terms = own
             try:
                 b = terms.mean_loss(before(terms.x, module))
                 a = terms.mean_loss(after(terms.x, module))

@@ -644,12 +644,10 @@ def _check_counts(
     if meta.counters.submitted < len(ids["queued"]):
         raise FormatError("fewer samples submitted than are queued")
     modules = set(config.micro_lora.target_modules)
-    for name in ("pending", "carry", "unfinished"):
-        if any(module is not None for _, _, module in samples[name]):
-            raise FormatError(f"{name} samples name a module")
-    for _, _, module in samples["queued"]:
-        if module is not None and module not in modules:
-            raise FormatError(f"a queued sample names module {module.value}, not targeted")
+    for name, items in samples.items():
+        for _, _, module in items:
+            if module is not None and module not in modules:
+                raise FormatError(f"a {name} sample names module {module.value}, not targeted")
 
 
 # ---------------------------------------------------------------------- install

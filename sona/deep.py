@@ -120,7 +120,7 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     rng.bit_generator.state = job.rng_state
     old = job.published
     xs = stack_rows([s.input_embedding for s in train], cfg.micro_lora.in_features)
-    pool = ReplayPool(train, xs, cfg.micro_lora.out_features)
+    pool = ReplayPool(train, xs, cfg.micro_lora.out_features, cfg.micro_lora.target_modules)
     threshold = cfg.training.quality_threshold
     usable = np.array([i for i, s in enumerate(train) if s.quality >= threshold], np.int64)
     if len(usable) < len(train):
@@ -204,7 +204,8 @@ def _epoch(
     for i in rows.tolist():
         s = pool.samples[i]
         try:  # one sample's fused, clipped, finiteness-checked step (adapt + apply_updates)
-            if not adapter.step(s.input_embedding, s.to_feedback(), lr, max_norm=max_norm):
+            fb = s.to_feedback()
+            if not adapter.step(s.input_embedding, fb, lr, max_norm=max_norm, module=s.module):
                 continue
         except InvalidInputError:  # finite values whose gradient overflows float32: no step
             continue
@@ -272,8 +273,8 @@ def _delta(
     deltas = []
     for m in modules:
         try:
-            b = mean_loss(held, functools.partial(_predict, before, m))
-            a = mean_loss(held, functools.partial(_predict, after, m))
+            b = mean_loss(held, functools.partial(_predict, before, m), m)
+            a = mean_loss(held, functools.partial(_predict, after, m), m)
         except InvalidInputError:  # finite inputs whose predictions overflow float32
             notes.append("quality_delta: predictions on the held-out samples overflow float32")
             return None

@@ -87,7 +87,8 @@ class SonaLlm:
     def submit(
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
-        self._factory.check(sample, module)
+        sample = self._factory.check(sample, module)
+        module = sample.module
         sid = next(self._ids)
         self.submitted += 1
         if self.pending_samples() >= self.config.max_pending_samples and not self._make_room():
@@ -159,9 +160,7 @@ class SonaLlm:
 
     def deep_job(self, samples: list[TrainingSample] | None = None):  # type: ignore[no-untyped-def]
         bg = self.background
-        kept = list(bg.replay) if samples is None else list(samples)
-        for s in kept:
-            self._factory.check(s)
+        kept = list(bg.replay) if samples is None else [self._factory.check(s) for s in samples]
         self.instant.take_deep_quality()
         return snapshot(
             self.config, bg.published, kept, bg.pipeline, bg.bank, bg.version,

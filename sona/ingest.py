@@ -12,7 +12,7 @@ import numpy as np
 
 from sona.config import SonaLlmConfig
 from sona.embedding import Embedder, HashingEmbedder
-from sona.errors import InvalidInputError
+from sona.errors import InvalidInputError, UnknownModuleError
 from sona.feedback import AdaptFeedback
 from sona.lora_config import TargetModule
 from sona.sample import TrainingSample, from_vectors
@@ -78,11 +78,18 @@ class SampleFactory:
         if fb is not None and fb.vector is not None and fb.vector.shape != (self._out,):
             # otherwise the adapter refuses it only after the sample was counted as submitted
             raise _shape(f"sample.feedback {fb.kind.value}", self._out, fb.vector.shape)
-        if module is not None and TargetModule.parse(module) not in self._modules:
-            from sona.errors import UnknownModuleError
-
-            raise UnknownModuleError(f"module {module!r} is not targeted by this configuration")
-        return sample
+        own = sample.module
+        if module is not None:
+            wanted = TargetModule.parse(module)
+            if own is not None and own is not wanted:
+                raise InvalidInputError(
+                    f"module {wanted.value!r} differs from the sample's module {own.value!r}"
+                )
+            own = wanted
+        if own is not None and own not in self._modules:
+            raise UnknownModuleError(f"module {own.value!r} is not targeted by this configuration")
+        # the sample names its module from here on, so every loop steps only that module
+        return sample if own is sample.module else sample.with_module(own)
 
     def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
         if isinstance(value, str):

@@ -914,7 +914,7 @@ class MicroLoRA:
         lam = ewc_lambda if ewc is not None else 0.0
         k_replay.replay_epoch(
             a, bt, self._scale, batch.xs, batch.vecs, rows,
-            batch.modes, batch.weights, batch.qualities, baseline,
+            batch.modes, batch.targets, batch.weights, batch.qualities, baseline,
             cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
             lr, -1.0 if max_norm is None else max_norm,
             np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
@@ -962,8 +962,8 @@ class MicroLoRA:
         codes = np.full(rows.shape[0] // mini_batch + 1, -1, np.int64)
         out = np.zeros(3)
         failed = k_replay.relearn(
-            a, bt, self._scale, batch.xs, batch.vecs, rows, batch.modes, batch.weights,
-            batch.qualities, weights, baseline,
+            a, bt, self._scale, batch.xs, batch.vecs, rows, batch.modes, batch.targets,
+            batch.weights, batch.qualities, weights, baseline,
             cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
             lr, clip_at, mini_batch, cfg.gradient_checkpointing,
             np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
@@ -990,6 +990,10 @@ class MicroLoRA:
             raise InvalidInputError(f"rows must be a 1-d integer array, got {got}")
         if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= len(batch)):
             raise InvalidInputError(f"rows must index the batch's {len(batch)} samples")
+        if (batch.targets >= 0).any() and batch.modules != self.config.target_modules:
+            raise InvalidInputError(
+                "the replay batch names modules in another order than this adapter's"
+            )
         return rows.astype(np.int64, copy=False)
 
     def _replay_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

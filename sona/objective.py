@@ -15,6 +15,7 @@ import numpy as np
 
 from sona.feedback import FeedbackKind
 from sona.kernels import batch as k_batch
+from sona.lora_config import TargetModule
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 
@@ -73,13 +74,22 @@ class LossTerms:
         return int(self.weight.shape[0])
 
     @classmethod
-    def of(cls, samples: Sequence[TrainingSample], x: np.ndarray | None = None) -> LossTerms | None:
+    def of(
+        cls,
+        samples: Sequence[TrainingSample],
+        x: np.ndarray | None = None,
+        module: TargetModule | None = None,
+    ) -> LossTerms | None:
         """Terms of the measurable ``samples``; None when none is. ``x``, when given, holds
-        the input rows of ``samples`` (all of them) already stacked."""
+        the input rows of ``samples`` (all of them) already stacked. With ``module``, only the
+        samples that are about it (their ``module`` is it or None): a target in one module's
+        output space says nothing about another's."""
         rows: list[int] = []
         targets: list[np.ndarray] = []
         weights: list[float] = []
         for i, s in enumerate(samples):
+            if module is not None and s.module is not None and s.module is not module:
+                continue
             fb = s.to_feedback()
             if fb.kind not in _MEASURABLE:
                 continue
@@ -107,9 +117,12 @@ class LossTerms:
         return 0.5 * float(total) / len(self)
 
 
-def mean_loss(samples: Sequence[TrainingSample], predict: Predict) -> float | None:
-    """Mean objective of ``samples`` under ``predict``; None when none is measurable."""
-    terms = LossTerms.of(samples)
+def mean_loss(
+    samples: Sequence[TrainingSample], predict: Predict, module: TargetModule | None = None
+) -> float | None:
+    """Mean objective of ``samples`` (those about ``module``, when given) under ``predict``;
+    None when none is measurable."""
+    terms = LossTerms.of(samples, module=module)
     if terms is None:
         return None
     return terms.mean_loss(predict(terms.x))

@@ -16,6 +16,7 @@ import numpy as np
 from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
 from sona.kernels import lora as k_lora
+from sona.lora_config import TargetModule
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 
@@ -30,9 +31,11 @@ class ReplayBatch:
     xs: np.ndarray  # (n, in) float32
     vecs: np.ndarray  # (n, out) float32
     modes: np.ndarray  # (n,) int64
+    targets: np.ndarray  # (n,) int64: the index of the one module a sample is for, -1: all
     weights: np.ndarray  # (n,) float64; RATED for rated outputs
     qualities: np.ndarray  # (n,) float64
     gated: np.ndarray  # (n,) bool: target or gradient feedback, which quality_threshold gates
+    modules: tuple[TargetModule, ...] = ()  # what ``targets`` indexes
 
     def __post_init__(self) -> None:
         """Refuse arrays the kernel would misread: it indexes them without bounds checks."""
@@ -41,6 +44,7 @@ class ReplayBatch:
             ("xs", self.xs, np.float32, 2),
             ("vecs", self.vecs, np.float32, 2),
             ("modes", self.modes, np.int64, 1),
+            ("targets", self.targets, np.int64, 1),
             ("weights", self.weights, np.float64, 1),
             ("qualities", self.qualities, np.float64, 1),
             ("gated", self.gated, np.bool_, 1),
@@ -58,22 +62,37 @@ class ReplayBatch:
         q = self.qualities
         if not ((q >= 0.0) & (q <= 1.0)).all():
             raise InvalidInputError("ReplayBatch.qualities must lie in [0, 1]")
+        t = self.targets
+        if not ((t >= -1) & (t < len(self.modules))).all():
+            raise InvalidInputError("ReplayBatch.targets must be -1 or index ReplayBatch.modules")
 
     def __len__(self) -> int:
         return int(self.modes.shape[0])
 
     @classmethod
-    def of(cls, samples: Sequence[TrainingSample], xs: np.ndarray) -> ReplayBatch | None:
-        """The batch of ``samples``, whose input rows are ``xs``; None when one of them has
-        quality-only feedback (its step is a REINFORCE step on explored noise, which only the
-        per-sample path takes) or feedback vectors of different lengths."""
+    def of(
+        cls,
+        samples: Sequence[TrainingSample],
+        xs: np.ndarray,
+        modules: Sequence[TargetModule] = (),
+    ) -> ReplayBatch | None:
+        """The batch of ``samples``, whose input rows are ``xs``, for an adapter over
+        ``modules`` (in its order); None when one of them has quality-only feedback (its step
+        is a REINFORCE step on explored noise, which only the per-sample path takes), feedback
+        vectors of different lengths, or a module outside ``modules``."""
         n = len(samples)
+        modules = tuple(modules)
+        targets = np.full(n, -1, np.int64)
         modes = np.empty(n, np.int64)
         weights = np.empty(n, np.float64)
         qualities = np.empty(n, np.float64)
         gated = np.zeros(n, np.bool_)
         vectors = []
         for i, s in enumerate(samples):
+            if s.module is not None:
+                if s.module not in modules:
+                    return None
+                targets[i] = modules.index(s.module)
             fb = s.to_feedback()
             kind = fb.kind
             if kind is FeedbackKind.QUALITY or fb.vector is None:
@@ -93,7 +112,7 @@ class ReplayBatch:
         if any(v.shape != (width,) for v in vectors):
             return None
         vecs = stack_rows(vectors, width) if vectors else np.empty((0, width), np.float32)
-        return cls(xs, vecs, modes, weights, qualities, gated)
+        return cls(xs, vecs, modes, targets, weights, qualities, gated, modules)
 
 
 class ReplayPool:
@@ -101,10 +120,15 @@ class ReplayPool:
     by the replay kernels, their :class:`ReplayBatch`, built once for all the passes."""
 
     def __init__(
-        self, samples: Sequence[TrainingSample], xs: np.ndarray | None, out_features: int
+        self,
+        samples: Sequence[TrainingSample],
+        xs: np.ndarray | None,
+        out_features: int,
+        modules: Sequence[TargetModule],
     ) -> None:
-        """``xs``: the samples' input rows (None when there are no samples)."""
+        """``xs``: the samples' input rows (None when there are no samples); ``modules``: the
+        adapters' target modules, in their order."""
         self.samples = samples
-        batch = ReplayBatch.of(samples, xs) if xs is not None and samples else None
+        batch = ReplayBatch.of(samples, xs, modules) if xs is not None and samples else None
         ok = batch is not None and batch.vecs.shape[1] == out_features
         self.batch = batch if ok else None

@@ -368,8 +368,8 @@ class SonaRuntime:
         this task, without a task switch (submitters yield once per ``_INLINE_BUDGET`` such
         samples); a busy one takes it from its mailbox. Ingress applies ``overflow`` first."""
         self._check_running()
-        self._factory.check(sample, module)
-        return await self._submit_valid(sample, module)
+        sample = self._factory.check(sample, module)
+        return await self._submit_valid(sample, sample.module)
 
     async def _submit_valid(
         self, sample: TrainingSample, module: TargetModule | None
@@ -401,7 +401,8 @@ class SonaRuntime:
         """Accept without waiting for the Instant loop (an idle one handles the sample right
         here); raises Backpressure under BLOCK and REJECT when full, never under DROP_*."""
         self._check_running()
-        self._factory.check(sample, module)
+        sample = self._factory.check(sample, module)
+        module = sample.module
         policy = self.config.overflow
         if self._pending >= self.config.max_pending_samples:
             if policy in (OverflowPolicy.BLOCK, OverflowPolicy.REJECT):

@@ -14,6 +14,7 @@ from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.kernels.update import all_finite
 from sona.kernels.warmup import fast
+from sona.lora_config import TargetModule
 from sona.validation import as_f32, check_positive, check_quality, check_text, frozen_copy
 
 _FIELDS = (
@@ -26,6 +27,7 @@ _FIELDS = (
     "token_count",
     "session_id",
     "feedback",
+    "module",
 )
 
 
@@ -48,12 +50,13 @@ class TrainingSample:
     token_count: int
     session_id: str
     feedback: AdaptFeedback | None
+    module: TargetModule | None
 
     def __init__(self, input_embedding: Any, output_embedding: Any, quality: float) -> None:
         x = _vector(input_embedding, "input_embedding")
         y = _vector(output_embedding, "output_embedding")
         q = check_quality(quality)
-        _init(self, x, y, q, None, None, 0.0, 0, "", None)
+        _init(self, x, y, q, None, None, 0.0, 0, "", None, None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("TrainingSample is immutable; use the with_* methods")
@@ -85,6 +88,12 @@ class TrainingSample:
         text = check_text(session_id, "session_id")
         return self._replace(session_id=text)
 
+    def with_module(self, module: TargetModule | str | None) -> TrainingSample:
+        """The module this sample's feedback is about (None: every target module). A gradient
+        or target in one module's output space must not train the others: the Instant,
+        Background and Deep loops all step only this module."""
+        return self._replace(module=None if module is None else TargetModule.parse(module))
+
     def with_feedback(self, feedback: AdaptFeedback) -> TrainingSample:
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
@@ -100,7 +109,9 @@ class TrainingSample:
         fb = "rated output" if self.feedback is None else self.feedback.kind.value
         return (
             f"TrainingSample(in={self.input_embedding.shape[0]}, "
-            f"out={self.output_embedding.shape[0]}, quality={self.quality:.3f}, feedback={fb})"
+            f"out={self.output_embedding.shape[0]}, quality={self.quality:.3f}, feedback={fb}"
+            + ("" if self.module is None else f", module={self.module.value}")
+            + ")"
         )
 
 
@@ -115,6 +126,7 @@ def _init(
     token_count: int,
     session_id: str,
     feedback: AdaptFeedback | None,
+    module: TargetModule | None,
 ) -> None:
     # The slots' own descriptors: they bypass the immutability guard in __setattr__ at a
     # fraction of the cost of object.__setattr__ (a sample is built per request).
@@ -127,12 +139,13 @@ def _init(
     _SET_TOKENS(sample, token_count)
     _SET_SESSION(sample, session_id)
     _SET_FEEDBACK(sample, feedback)
+    _SET_MODULE(sample, module)
 
 
 _SET_X, _SET_Y, _SET_QUALITY, _SET_QUERY, _SET_RESPONSE = (
     TrainingSample.__dict__[n].__set__ for n in _FIELDS[:5]
 )
-_SET_LATENCY, _SET_TOKENS, _SET_SESSION, _SET_FEEDBACK = (
+_SET_LATENCY, _SET_TOKENS, _SET_SESSION, _SET_FEEDBACK, _SET_MODULE = (
     TrainingSample.__dict__[n].__set__ for n in _FIELDS[5:]
 )
 
@@ -143,7 +156,7 @@ def from_vectors(x: np.ndarray, y: np.ndarray, quality: float) -> TrainingSample
     The arrays are still copied and checked for finiteness."""
     sample = object.__new__(TrainingSample)
     _init(sample, _copy(x, "input_embedding"), _copy(y, "output_embedding"), quality,
-          None, None, 0.0, 0, "", None)  # fmt: skip
+          None, None, 0.0, 0, "", None, None)  # fmt: skip
     return sample
 
 

@@ -60,7 +60,10 @@ _decoder = msgspec.msgpack.Decoder(_Record)
 
 
 def encode_sample(sample: TrainingSample, module: TargetModule | str | None = None) -> bytes:
-    """The record of one sample (and the module it was submitted for, by enum or name)."""
+    """The record of one sample and the module it is for (by enum or name; default: the
+    sample's own)."""
+    if module is None:
+        module = sample.module
     fb = sample.feedback
     vec = None if fb is None else fb.vector
     gq = None if fb is None else fb.group_qualities
@@ -130,6 +133,8 @@ def _build(
     if rec.session_id:
         sample = sample.with_session(rec.session_id)
     module = None if rec.module is None else TargetModule.parse(rec.module)
+    if module is not None:
+        sample = sample.with_module(module)
     return sample, module
 
 

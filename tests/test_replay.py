@@ -73,7 +73,8 @@ def _loop(
     for i in rows.tolist():
         s = samples[i]
         try:
-            if not lora.step(s.input_embedding, s.to_feedback(), lr, max_norm=max_norm):
+            fb = s.to_feedback()
+            if not lora.step(s.input_embedding, fb, lr, max_norm=max_norm, module=s.module):
                 continue
         except InvalidInputError:
             continue
@@ -84,6 +85,13 @@ def _loop(
             since = 0
     if since and pipe is not None and lam > 0.0:
         pipe.prox_step(lora, 2.0 * lr * lam * since)
+
+
+def _for_modules(samples: list[TrainingSample], lora: MicroLoRA, seed: int) -> list[TrainingSample]:
+    """Some samples for one of the adapter's modules, the others (None) for all of them."""
+    rng = np.random.default_rng(seed)
+    choices = [None, *lora.modules]
+    return [s.with_module(choices[int(rng.integers(len(choices)))]) for s in samples]
 
 
 def _assert_same(a: MicroLoRA, b: MicroLoRA) -> None:
@@ -118,6 +126,7 @@ def _protected(lora: MicroLoRA, dim: int, seed: int, lam: float) -> TrainingPipe
     max_norm=st.sampled_from([None, 0.05, 10.0]),
     kinds=st.sampled_from(["otgp", "o", "tx", "otgpx"]),
     lam=st.sampled_from([0.0, 0.5, 50.0]),
+    targeted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_replay_takes_exactly_the_per_sample_steps(
@@ -128,17 +137,21 @@ def test_replay_takes_exactly_the_per_sample_steps(
     max_norm: float | None,
     kinds: str,
     lam: float,
+    targeted: bool,
     seed: int,
 ) -> None:
     rank = min(rank, dim)
     lora = _adapter(dim, rank, modules, seed)
     samples = _samples(dim, n, seed + 1, kinds)
+    if targeted:
+        samples = _for_modules(samples, lora, seed + 4)
     rows = np.random.default_rng(seed + 2).integers(0, n, 2 * n)  # repeats allowed
     ref, fast = lora.clone(), lora.clone()
     pipe_ref = _protected(ref, dim, seed + 3, lam) if lam else None
     pipe_fast = _protected(fast, dim, seed + 3, lam) if lam else None
     _loop(ref, samples, rows, 0.05, max_norm, pipe_ref, lam)
-    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    xs = stack_rows([s.input_embedding for s in samples], dim)
+    batch = ReplayBatch.of(samples, xs, lora.modules)
     assert batch is not None
     ewc = pipe_fast.replay_ewc(fast) if pipe_fast is not None else None
     assert (ewc is not None) == (lam > 0.0)
@@ -257,13 +270,17 @@ def test_rows_outside_the_batch_are_refused_before_any_step(rows: np.ndarray) ->
         ("weights", np.array([1.0, -1.0, 1.0, 1.0]), "weights"),
         ("weights", np.array([1.0, np.inf, 1.0, 1.0]), "weights"),
         ("qualities", np.array([0.5, 1.5, 0.5, 0.5]), r"\[0, 1\]"),
+        ("targets", np.array([0, -1, -1, -1]), "targets"),  # names no module
+        ("targets", np.array([-2, -1, -1, -1]), "targets"),
+        ("targets", np.zeros(4, np.int32), "int64"),
     ],
 )
 def test_a_batch_the_kernel_would_misread_cannot_be_built(
     field: str, value: np.ndarray, match: str
 ) -> None:
     good = _batch()
-    parts = {f: getattr(good, f) for f in ("xs", "vecs", "modes", "weights", "qualities", "gated")}
+    fields = ("xs", "vecs", "modes", "targets", "weights", "qualities", "gated")
+    parts = {f: getattr(good, f) for f in fields}
     parts[field] = value
     with pytest.raises(InvalidInputError, match=match):
         ReplayBatch(**parts)
@@ -293,7 +310,7 @@ def _relearn_loop(
     batch = 0
     for i, w in zip(rows.tolist(), weights.tolist(), strict=True):
         s = samples[i]
-        lora.adapt(s.input_embedding, s.to_feedback(), weight=w)
+        lora.adapt(s.input_embedding, s.to_feedback(), s.module, weight=w)
         batch += 1
         if batch == mini:
             apply(batch)
@@ -314,6 +331,7 @@ def _relearn_loop(
     kinds=st.sampled_from(["otgp", "o", "tg"]),
     lam=st.sampled_from([0.0, 0.5]),
     checkpointing=st.booleans(),
+    targeted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_relearn_takes_exactly_the_per_sample_steps(
@@ -326,11 +344,14 @@ def test_relearn_takes_exactly_the_per_sample_steps(
     kinds: str,
     lam: float,
     checkpointing: bool,
+    targeted: bool,
     seed: int,
 ) -> None:
     rank = min(rank, dim)
     lora = _adapter(dim, rank, modules, seed, gradient_checkpointing=checkpointing)
     samples = _samples(dim, n, seed + 1, kinds)
+    if targeted:
+        samples = _for_modules(samples, lora, seed + 4)
     rng = np.random.default_rng(seed + 2)
     rows = rng.integers(0, n, 2 * n)
     weights = rng.choice([0.0, 0.5, 1.0, 2.5], 2 * n)
@@ -338,7 +359,8 @@ def test_relearn_takes_exactly_the_per_sample_steps(
     pipe_ref = _protected(ref, dim, seed + 3, lam) if lam else None
     pipe_fast = _protected(fast, dim, seed + 3, lam) if lam else None
     want = _relearn_loop(ref, samples, rows, weights, lr, 1.0, mini, pipe_ref, lam)
-    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], dim))
+    xs = stack_rows([s.input_embedding for s in samples], dim)
+    batch = ReplayBatch.of(samples, xs, lora.modules)
     assert batch is not None
     ewc = pipe_fast.replay_ewc(fast) if pipe_fast is not None else None
     got = fast.relearn(
@@ -422,3 +444,16 @@ def test_mini_batch_strategies_consolidate_exactly_as_sample_by_sample(
     slow, slow_notes, slow_calls = _consolidate(strategy, monkeypatch, kernel=False)
     assert fast == slow and fast_notes == slow_notes
     assert fast_calls == 0 and slow_calls > 0  # one kernel call per adapter instead
+
+
+def test_a_batch_naming_modules_in_another_order_is_refused() -> None:
+    lora = _adapter(16, 4, 2, 0)
+    samples = [s.with_module(MODULES[0]) for s in _samples(16, 4, 1, "t")]
+    xs = stack_rows([s.input_embedding for s in samples], 16)
+    batch = ReplayBatch.of(samples, xs, (MODULES[1], MODULES[0]))
+    assert batch is not None
+    before = lora.export_weights()
+    with pytest.raises(InvalidInputError, match="order"):
+        lora.replay(batch, np.arange(4), 0.1, max_norm=1.0)
+    assert lora.export_weights() == before
+    assert ReplayBatch.of(samples, xs, (MODULES[1],)) is None  # a module it does not cover
