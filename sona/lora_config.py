@@ -88,8 +88,12 @@ class MicroLoraConfig:
             raise ConfigError("target_modules must not be empty")
         if len(set(parsed)) != len(parsed):
             raise ConfigError(f"target_modules has duplicates: {[m.value for m in parsed]}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(
+                "gradient_checkpointing must be a bool, "
+                f"got {type(self.gradient_checkpointing).__name__}"
+            )
         object.__setattr__(self, "target_modules", parsed)
-        object.__setattr__(self, "gradient_checkpointing", bool(self.gradient_checkpointing))
         object.__setattr__(self, "_scaling", float(self.alpha) / self.rank)
 
     @classmethod

@@ -235,6 +235,10 @@ def test_config_round_trip() -> None:
         config_from_dict({**config_to_dict(config()), "future": 1})
     with pytest.raises(FormatError, match="instant_lr"):
         config_from_dict({"instant_lr": -1.0})
+    micro = config_to_dict(config())["micro_lora"]
+    assert isinstance(micro, dict)
+    with pytest.raises(FormatError, match="gradient_checkpointing"):
+        config_from_dict({"micro_lora": {**micro, "gradient_checkpointing": 0.0}})
 
 
 async def test_bad_arguments_change_nothing(tmp_path: Path) -> None:

@@ -111,6 +111,10 @@ def test_config_is_frozen() -> None:
         ("target_modules", "q_proj", TypeError),
         ("target_modules", TargetModule.Q_PROJ, TypeError),
         ("target_modules", (1,), TypeError),
+        ("gradient_checkpointing", "no", TypeError),
+        ("gradient_checkpointing", 0, TypeError),
+        ("gradient_checkpointing", 1.0, TypeError),
+        ("gradient_checkpointing", None, TypeError),
     ],
 )
 def test_invalid_fields_raise_naming_the_field(field: str, value: Any, error: type) -> None:
@@ -180,6 +184,8 @@ def test_from_dict_rejects_unknown_and_invalid_fields() -> None:
         MicroLoraConfig.from_dict({**d, "rank": 0})
     with pytest.raises(ConfigError, match="target_modules"):
         MicroLoraConfig.from_dict({**d, "target_modules": "q_proj"})
+    with pytest.raises(TypeError, match="gradient_checkpointing"):
+        MicroLoraConfig.from_dict({**d, "gradient_checkpointing": 0.0})
 
 
 def test_replace_validates_and_leaves_the_original() -> None:

@@ -238,6 +238,32 @@ def test_crafted_payloads_behind_a_valid_checksum_are_refused(edit: Any) -> None
     assert Snapshot.of(dst) == before
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("config.gradient_checkpointing", 0.0),
+        ("config.gradient_checkpointing", "yes"),
+    ],
+)
+def test_crafted_metadata_is_refused_naming_the_field(
+    tmp_path: Path, path: str, value: Any
+) -> None:
+    """Values a lenient reader would coerce (a float to an int or a bool) are refused instead,
+    as invalid rather than as another adapter's config."""
+    src = busy_adapter()
+    data = rebuild(src.export_weights(), _set(path, value))
+    field = path.rsplit(".", 1)[-1]
+    dst = trained(src.config, seed=8)
+    before = Snapshot.of(dst)
+    with pytest.raises(FormatError, match=field) as info:
+        dst.import_weights(data)
+    assert type(info.value) is FormatError
+    assert Snapshot.of(dst) == before
+    (tmp_path / "a.sona").write_bytes(data)
+    with pytest.raises(FormatError, match=field):
+        MicroLoRA.load(tmp_path / "a.sona")
+
+
 def test_unchanged_rebuild_is_accepted() -> None:
     """Guards the test above: rebuilding without an edit must import fine."""
     src = busy_adapter()
