@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+
+_FIELDS = frozenset({"count", "mean", "var"})
+_MAX_COUNT = 2**53
 
 
 class RunningBaseline:
@@ -43,14 +47,35 @@ class RunningBaseline:
     def state(self) -> dict[str, float]:
         return {"count": float(self.count), "mean": self.mean, "var": self.var}
 
-    def load(self, state: dict[str, float]) -> None:
-        count = state.get("count", 0.0)
-        mean = state.get("mean", 0.0)
-        var = state.get("var", 0.0)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (count, mean, var)):
-            raise ValueError("baseline state must hold finite numbers")
-        if count < 0 or var < 0:
-            raise ValueError("baseline state has a negative count or variance")
+    def load(self, state: Mapping[str, object]) -> None:
+        """Restore a :meth:`state`; anything it could not have produced raises ValueError naming
+        the field, and changes nothing.
+
+        The count is stored as a float, so it must be a whole number no larger than 2**53, the
+        last one a float (and the replay kernels, which count in float64) still counts exactly;
+        a bool is not a number here.
+        """
+        if set(state) != _FIELDS:
+            raise ValueError(f"baseline must hold exactly {sorted(_FIELDS)}, got {sorted(state)}")
+        values: dict[str, int | float] = {}
+        for name in sorted(_FIELDS):
+            v = state[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+                raise ValueError(f"baseline.{name} must be a finite number, got {v!r}")
+            values[name] = v
+        count, var = values["count"], values["var"]
+        if not (0 <= count <= _MAX_COUNT and float(count).is_integer()):
+            raise ValueError(f"baseline.count must be a whole number in [0, 2**53], got {count!r}")
+        if var < 0:
+            raise ValueError(f"baseline.var must be >= 0, got {var!r}")
         self.count = int(count)
-        self.mean = float(mean)
+        self.mean = float(values["mean"])
         self.var = float(var)
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite float; an int too large for one (JSON allows it) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

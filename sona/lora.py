@@ -1274,20 +1274,32 @@ class _Decoded:
     baseline: dict[str, float]
 
 
+def _meta_int(meta: Mapping[str, Any], name: str) -> int:
+    """An int field of the metadata in [0, 2**63), the range the adapter itself produces (seeds
+    are drawn below 2**63, counters count up from 0). Exact ints only: JSON floats, strings and
+    bools would otherwise be truncated or coerced into some other value without a word."""
+    value = meta[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return value
+
+
 def _decode(data: bytes, what: str) -> _Decoded:
     meta, arrays = container.decode(data, _MAGIC, _KIND, what=what)
     try:
         config = MicroLoraConfig.from_dict(meta["config"])
-        seed = int(meta["seed"])
-        version = int(meta["version"])
-        dropout_counter = int(meta["dropout_counter"])
-        baseline = dict(meta["baseline"])
+        seed = _meta_int(meta, "seed")
+        version = _meta_int(meta, "version")
+        dropout_counter = _meta_int(meta, "dropout_counter")
+        baseline = meta["baseline"]
+        if not isinstance(baseline, dict):
+            raise ValueError(f"baseline must be an object, got {type(baseline).__name__}")
         probe = RunningBaseline(config.baseline_decay)
         probe.load(baseline)
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise FormatError(f"{what}: invalid adapter metadata: missing field {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise FormatError(f"{what}: invalid adapter metadata: {exc}") from None
-    if seed < 0 or version < 0 or dropout_counter < 0:
-        raise FormatError(f"{what}: invalid adapter metadata: negative counter")
     expected = {}
     for m in config.target_modules:
         expected[f"{m.value}.A"] = (config.rank, config.in_features)
@@ -1296,7 +1308,9 @@ def _decode(data: bytes, what: str) -> _Decoded:
         raise FormatError(f"{what}: tensors {sorted(arrays)} do not match the config's modules")
     for name, shape in expected.items():
         arr = arrays[name]
-        if arr.shape != shape or arr.dtype != np.float32:
+        if arr.dtype != _F32:
+            raise FormatError(f"{what}: tensor {name} has dtype {arr.dtype}, expected float32")
+        if arr.shape != shape:
             raise FormatError(f"{what}: tensor {name} has shape {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
             raise FormatError(f"{what}: tensor {name} holds NaN or inf")

@@ -238,21 +238,52 @@ def test_crafted_payloads_behind_a_valid_checksum_are_refused(edit: Any) -> None
     assert Snapshot.of(dst) == before
 
 
+def test_unchanged_rebuild_is_accepted() -> None:
+    """Guards the tests of crafted payloads: rebuilding without an edit must import fine."""
+    src = busy_adapter()
+    dst = trained(src.config, seed=8)
+    dst.import_weights(rebuild(src.export_weights(), lambda m, a: None))
+    assert weights_bytes(dst) == weights_bytes(src)
+    # the count is written as a float; an int of the same value is the same count
+    assert src.baseline.count > 0
+    dst = trained(src.config, seed=8)
+    dst.import_weights(rebuild(src.export_weights(), _set("baseline.count", src.baseline.count)))
+    assert dst.baseline.state() == src.baseline.state()
+
+
 @pytest.mark.parametrize(
-    ("path", "value"),
+    ("path", "value", "field"),
     [
-        ("config.gradient_checkpointing", 0.0),
-        ("config.gradient_checkpointing", "yes"),
+        ("config.gradient_checkpointing", 0.0, "gradient_checkpointing"),
+        ("config.gradient_checkpointing", "yes", "gradient_checkpointing"),
+        ("seed", 1.7, "seed"),
+        ("seed", "12", "seed"),
+        ("seed", -0.5, "seed"),
+        ("seed", True, "seed"),
+        ("seed", 2**63, "seed"),
+        ("version", 1.5, "version"),
+        ("version", 2.0, "version"),
+        ("dropout_counter", True, "dropout_counter"),
+        ("dropout_counter", 2**70, "dropout_counter"),
+        ("baseline.count", True, "baseline.count"),
+        ("baseline.count", 1e300, "baseline.count"),
+        ("baseline.count", 2**53 + 1, "baseline.count"),
+        pytest.param("baseline.count", 10**400, "baseline.count", id="count-beyond-float"),
+        ("baseline.count", 2.5, "baseline.count"),
+        ("baseline.mean", False, "baseline.mean"),
+        pytest.param("baseline.var", 10**400, "baseline.var", id="var-beyond-float"),
+        ("baseline", [["count", 3.0], ["mean", 0.5], ["var", 0.0]], "baseline"),
+        ("baseline", {"count": 3.0, "mean": 0.5}, "baseline"),
+        ("baseline", {"count": 3.0, "mean": 0.5, "var": 0.0, "sum": 1.5}, "baseline"),
     ],
 )
 def test_crafted_metadata_is_refused_naming_the_field(
-    tmp_path: Path, path: str, value: Any
+    tmp_path: Path, path: str, value: Any, field: str
 ) -> None:
     """Values a lenient reader would coerce (a float to an int or a bool) are refused instead,
     as invalid rather than as another adapter's config."""
     src = busy_adapter()
     data = rebuild(src.export_weights(), _set(path, value))
-    field = path.rsplit(".", 1)[-1]
     dst = trained(src.config, seed=8)
     before = Snapshot.of(dst)
     with pytest.raises(FormatError, match=field) as info:
@@ -264,12 +295,11 @@ def test_crafted_metadata_is_refused_naming_the_field(
         MicroLoRA.load(tmp_path / "a.sona")
 
 
-def test_unchanged_rebuild_is_accepted() -> None:
-    """Guards the test above: rebuilding without an edit must import fine."""
+def test_a_tensor_of_another_dtype_is_named_as_such() -> None:
     src = busy_adapter()
-    dst = trained(src.config, seed=8)
-    dst.import_weights(rebuild(src.export_weights(), lambda m, a: None))
-    assert weights_bytes(dst) == weights_bytes(src)
+    data = rebuild(src.export_weights(), _array("q_proj.Bt", lambda a: a.astype(np.float64)))
+    with pytest.raises(FormatError, match=r"tensor q_proj\.Bt has dtype float64, expected float32"):
+        trained(src.config, seed=8).import_weights(data)
 
 
 def test_extra_tensors_are_refused() -> None:
