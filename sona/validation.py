@@ -125,10 +125,17 @@ def config_number(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> float:
-    """A finite real configuration value inside the given bounds, else ``ConfigError``."""
+    """A finite real configuration value inside the given bounds, else ``ConfigError``.
+
+    An int too large for a float (JSON in a file allows one) counts as infinite, so it is a
+    ``ConfigError`` naming the field like any other out-of-range value.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf if value > 0 else -math.inf
     bad = not math.isfinite(v)
     if lo is not None:
         bad = bad or (v <= lo if lo_open else v < lo)

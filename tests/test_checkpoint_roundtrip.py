@@ -235,6 +235,8 @@ def test_config_round_trip() -> None:
         config_from_dict({**config_to_dict(config()), "future": 1})
     with pytest.raises(FormatError, match="instant_lr"):
         config_from_dict({"instant_lr": -1.0})
+    with pytest.raises(FormatError, match="instant_lr"):
+        config_from_dict({"instant_lr": 10**400})
     micro = config_to_dict(config())["micro_lora"]
     assert isinstance(micro, dict)
     with pytest.raises(FormatError, match="gradient_checkpointing"):

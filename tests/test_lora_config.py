@@ -96,6 +96,7 @@ def test_config_is_frozen() -> None:
         ("alpha", float("nan"), ConfigError),
         ("alpha", float("inf"), ConfigError),
         ("alpha", "4", TypeError),
+        pytest.param("alpha", 10**400, ConfigError, id="alpha-beyond-float"),
         ("dropout", -0.1, ConfigError),
         ("dropout", 1.0, ConfigError),
         ("dropout", float("nan"), ConfigError),

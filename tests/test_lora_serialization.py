@@ -256,6 +256,7 @@ def test_unchanged_rebuild_is_accepted() -> None:
     [
         ("config.gradient_checkpointing", 0.0, "gradient_checkpointing"),
         ("config.gradient_checkpointing", "yes", "gradient_checkpointing"),
+        pytest.param("config.alpha", 10**400, "alpha", id="alpha-beyond-float"),
         ("seed", 1.7, "seed"),
         ("seed", "12", "seed"),
         ("seed", -0.5, "seed"),
