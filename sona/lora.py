@@ -152,6 +152,25 @@ class _Module:
         )
 
 
+def check_delta_fits(scale: float, a: np.ndarray, bt: np.ndarray, what: str) -> None:
+    """Refuse factors read from a file unless s·‖A‖·‖Bᵀ‖ (Frobenius norms) stays below float32's
+    max, with a :class:`FormatError` that starts with ``what`` (the factors' names).
+
+    s·‖A‖·‖Bᵀ‖ bounds every entry of s·B·A, and ``apply_updates`` and ``step`` refuse any
+    update that would bring it to float32's max, so delta_weight never overflows. Factors whose
+    entries are all finite (1e30, say) can still exceed it, and forward and delta_weight would
+    then return inf.
+    """
+    na = float(np.sum(np.square(a, dtype=np.float64)))
+    nb = float(np.sum(np.square(bt, dtype=np.float64)))
+    bound = scale * math.sqrt(na) * math.sqrt(nb)
+    if not bound < _F32_MAX:
+        raise FormatError(
+            f"{what} give s·‖A‖·‖B‖ = {bound:.4g}, not below float32's max {_F32_MAX:.4g}: "
+            "delta_weight would overflow"
+        )
+
+
 def _forward_error(x: np.ndarray) -> InvalidInputError:
     """Why a forward failed: the kernels report NaN or inf in x and an overflow of s·A·x alike
     (both leave a non-finite hidden value), and only the error path tells them apart."""
@@ -1314,6 +1333,9 @@ def _decode(data: bytes, what: str) -> _Decoded:
             raise FormatError(f"{what}: tensor {name} has shape {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
             raise FormatError(f"{what}: tensor {name} holds NaN or inf")
+    for m in config.target_modules:
+        a, bt = arrays[f"{m.value}.A"], arrays[f"{m.value}.Bt"]
+        check_delta_fits(config.scaling, a, bt, f"{what}: tensors {m.value}.A and {m.value}.Bt")
     return _Decoded(
         config=config,
         arrays=arrays,

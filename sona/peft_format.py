@@ -245,7 +245,8 @@ def from_peft(
     """Read layer ``layer`` of a PEFT LoRA adapter directory into a new MicroLoRA (or ``cls``).
 
     Everything is checked before the adapter is built: the config's options, the presence of
-    both factors of every module, their shapes, dtypes and finiteness.
+    both factors of every module, their shapes, dtypes and finiteness, and that their delta
+    fits float32 (the bound a MicroLoRA's own updates keep).
     """
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")
@@ -315,9 +316,12 @@ def from_peft(
         )
     except (ConfigError, TypeError) as exc:
         raise FormatError(f"{root}: the adapter does not fit a MicroLoRA: {exc}") from None
-    if cls is None:
-        from sona.lora import MicroLoRA
+    from sona.lora import MicroLoRA, check_delta_fits
 
+    for m, (a, b) in factors.items():
+        names = f"{naming.tensor_name(layer, m, 'A')} and {naming.tensor_name(layer, m, 'B')}"
+        check_delta_fits(micro.scaling, a, b, f"{weights_path}: {names} (scale {micro.scaling:g})")
+    if cls is None:
         cls = MicroLoRA
     lora = cls(micro, seed=seed)
     for m, (a, b) in factors.items():

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lora_reference import Q, Snapshot, V, config, trained, vec, weights_bytes
 
@@ -301,6 +301,60 @@ def test_a_tensor_of_another_dtype_is_named_as_such() -> None:
     data = rebuild(src.export_weights(), _array("q_proj.Bt", lambda a: a.astype(np.float64)))
     with pytest.raises(FormatError, match=r"tensor q_proj\.Bt has dtype float64, expected float32"):
         trained(src.config, seed=8).import_weights(data)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fill(value: float) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            arrays[name] = np.full_like(arr, value)
+
+    return edit
+
+
+def test_finite_factors_whose_delta_overflows_float32_are_refused(tmp_path: Path) -> None:
+    src = busy_adapter()
+    data = rebuild(src.export_weights(), _fill(1e30))
+    dst = trained(src.config, seed=8)
+    before = Snapshot.of(dst)
+    with pytest.raises(FormatError, match=r"q_proj\.A and q_proj\.Bt .*overflow"):
+        dst.import_weights(data)
+    assert Snapshot.of(dst) == before
+    (tmp_path / "a.sona").write_bytes(data)
+    with pytest.raises(FormatError, match="overflow"):
+        MicroLoRA.load(tmp_path / "a.sona")
+
+
+@settings(max_examples=40, deadline=None)
+@given(exponent=st.floats(15.0, 22.0))
+@example(exponent=18.0)  # fits
+@example(exponent=19.0)  # overflows
+def test_imported_factors_keep_the_bound_the_updates_keep(exponent: float) -> None:
+    """Accepted exactly when s·‖A‖·‖B‖ < float32's max (what apply_updates enforces), and then
+    forward and delta_weight stay finite."""
+    src = busy_adapter()
+    cfg = src.config
+    data = rebuild(src.export_weights(), _fill(10.0**exponent))
+    value = float(np.float32(10.0**exponent))
+    bound = (
+        cfg.scaling * value**2 * np.sqrt(cfg.rank * cfg.in_features * cfg.rank * cfg.out_features)
+    )
+    dst = trained(cfg, seed=8)
+    before = Snapshot.of(dst)
+    try:
+        dst.import_weights(data)
+    except FormatError as exc:
+        assert "overflow" in str(exc)
+        assert bound >= F32_MAX * (1 - 1e-9)
+        assert Snapshot.of(dst) == before
+        return
+    assert bound < F32_MAX * (1 + 1e-9)
+    x = np.full(cfg.in_features, 1.0 / np.sqrt(cfg.in_features), np.float32)
+    for m in (Q, V):
+        assert np.isfinite(dst.delta_weight(m)).all()
+        assert np.isfinite(dst.forward(x, m)).all()
 
 
 def test_extra_tensors_are_refused() -> None:

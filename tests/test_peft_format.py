@@ -297,6 +297,24 @@ def test_non_finite_tensor_is_refused(exported: Path) -> None:
         MicroLoRA.from_peft(exported)
 
 
+def test_finite_factors_whose_delta_overflows_float32_are_refused(exported: Path) -> None:
+    rewrite_tensors(exported, {k: np.full_like(v, 1e30) for k, v in read_tensors(exported).items()})
+    key = f"{PREFIX}.0.self_attn.q_proj"
+    with pytest.raises(
+        FormatError, match=rf"{key}\.lora_A\.weight and {key}\.lora_B\.weight .*overflow"
+    ):
+        MicroLoRA.from_peft(exported)
+
+
+def test_the_scale_counts_towards_the_overflow_bound(exported: Path) -> None:
+    rewrite_config(exported, lora_alpha=1e39)
+    with pytest.raises(FormatError, match=r"scale 5e\+38.*overflow"):
+        MicroLoRA.from_peft(exported)
+    rewrite_config(exported, lora_alpha=1e30)
+    lora = MicroLoRA.from_peft(exported)
+    assert np.isfinite(lora.delta_weight(Q)).all()
+
+
 def test_integer_tensor_is_refused(exported: Path) -> None:
     tensors = read_tensors(exported)
     key = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
