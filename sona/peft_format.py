@@ -6,9 +6,11 @@ is. The two factorisations agree: PEFT's ``lora_A.weight`` is sona's A (rank × 
 ``lora_B.weight`` is B (out × rank), sona's Bᵀ transposed, and both scale by lora_alpha / r.
 
 A MicroLoRA holds one (A, B) per target module, all of one shape and rank. Export replicates
-it into every requested decoder layer; import reads one layer. A PEFT adapter sona cannot
-represent exactly (DoRA, biases, per-module ranks or scales, extra trained modules, modules of
-different shapes) is refused with the reason, never approximated.
+it into every requested decoder layer; import reads one layer, the caller's choice among the
+decoder layers the file holds. A PEFT adapter sona cannot represent exactly (DoRA, biases,
+per-module ranks or scales, modules of different shapes, extra trained modules in the layer or
+outside the decoder layers, such as an lm_head or the embeddings) is refused with the reason,
+never approximated.
 
 Only the tensor dtype float32 is written; float16 and float64 are read (converted to float32);
 bfloat16 cannot be read without torch and is refused.
@@ -55,6 +57,7 @@ _ATTENTION = frozenset(
 )
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _READABLE_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+_LISTED = 10  # tensor names an error lists before it counts the rest
 
 # Config fields that never change what a loaded adapter computes (bookkeeping, initialisation
 # recipes, which modules get wrapped) or that are handled explicitly below.
@@ -439,6 +442,17 @@ def _layer_keys(
         raise FormatError(
             f"{path}: no tensor name starts with {naming.layers_prefix!r} (first tensor: "
             f"{example}); pass a PeftNaming that matches the model family"
+        )
+    # Other decoder layers are the choice ``layer`` makes; anything outside the decoder layers
+    # (an lm_head or embedding adapter, a stray tensor) is trained state no layer represents.
+    layer_key = re.compile(re.escape(naming.layers_prefix) + r"\.(0|[1-9][0-9]*)\.")
+    outside = sorted(k for k in keys if not layer_key.match(k))
+    if outside:
+        listed = ", ".join(outside[:_LISTED])
+        more = f" and {len(outside) - _LISTED} more" if len(outside) > _LISTED else ""
+        raise FormatError(
+            f"{path}: tensors outside the decoder layers ({naming.layers_prefix}.N), which a "
+            f"MicroLoRA cannot represent: {listed}{more}"
         )
     wanted: dict[TargetModule, tuple[str, str]] = {}
     for module in TargetModule:

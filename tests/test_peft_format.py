@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -393,6 +394,36 @@ def test_unknown_module_in_the_layer_is_refused(exported: Path) -> None:
     with pytest.raises(FormatError, match="c_attn"):
         MicroLoRA.from_peft(exported)
     assert MicroLoRA.from_peft(exported, layer=1).config.target_modules == (Q, V)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "base_model.model.lm_head.lora_A.weight",
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+        "foo",
+        f"{PREFIX}.self_attn.q_proj.lora_A.weight",
+        f"{PREFIX}.01.self_attn.q_proj.lora_A.weight",
+        f"{PREFIX}_extra.0.self_attn.q_proj.lora_A.weight",
+    ],
+)
+def test_tensors_outside_the_decoder_layers_are_refused_by_name(exported: Path, name: str) -> None:
+    """No layer's MicroLoRA represents them, so no choice of layer reads the file."""
+    tensors = read_tensors(exported)
+    tensors[name] = np.zeros((2, 16), np.float32)
+    rewrite_tensors(exported, tensors)
+    for layer in (0, 1):
+        with pytest.raises(FormatError, match=rf"outside the decoder layers.*{re.escape(name)}"):
+            MicroLoRA.from_peft(exported, layer=layer)
+
+
+def test_a_long_list_of_foreign_tensors_is_cut_short(exported: Path) -> None:
+    tensors = read_tensors(exported)
+    for i in range(25):
+        tensors[f"extra.{i:02d}"] = np.zeros(1, np.float32)
+    rewrite_tensors(exported, tensors)
+    with pytest.raises(FormatError, match=r"extra\.09 and 15 more$"):
+        MicroLoRA.from_peft(exported)
 
 
 def test_bad_layer_argument(exported: Path) -> None:

@@ -215,6 +215,28 @@ def test_peft_options_sona_cannot_represent_are_refused(
         MicroLoRA.from_peft(tmp_path / "p")
 
 
+@pytest.mark.parametrize(
+    ("extra", "tensor"),
+    [
+        ("lm_head", "base_model.model.lm_head.lora_A.weight"),
+        ("embed_tokens", "base_model.model.model.embed_tokens.lora_embedding_A"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`")
+def test_a_peft_adapter_that_trains_modules_outside_the_layers_is_refused(
+    tmp_path: Path, extra: str, tensor: str
+) -> None:
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", extra], task_type="CAUSAL_LM"
+    )
+    model = peft.get_peft_model(tiny_llama(layers=2), config)
+    model.save_pretrained(str(tmp_path / "p"))
+    assert tensor in safetensors.numpy.load_file(str(tmp_path / "p" / ADAPTER_WEIGHTS))
+    for layer in (0, 1):
+        with pytest.raises(FormatError, match=rf"outside the decoder layers.*{tensor}"):
+            MicroLoRA.from_peft(tmp_path / "p", layer=layer)
+
+
 def test_gqa_adapter_is_refused(tmp_path: Path) -> None:
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     peft.get_peft_model(tiny_llama(kv_heads=2, layers=1), config).save_pretrained(
