@@ -374,12 +374,31 @@ def _check_options(config: Mapping[str, Any], where: Path) -> None:
 
 
 def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Path) -> None:
-    """Tensors for a module the config does not target would be ignored by PEFT: a mismatch.
+    """Every listed module must be a projection a MicroLoRA adapts, and every module with
+    tensors must be listed.
+
+    PEFT wraps and trains a listed ``lm_head`` or ``embed_tokens`` too, so an adapter listing
+    one holds something sona cannot represent, even where those tensors were not kept. Tensors
+    for a module the config does not list would be ignored by PEFT: a mismatch.
 
     PEFT matches each listed name against the end of a module's path at a dot boundary.
     """
+    if targets is None or isinstance(targets, str):
+        return  # PEFT's defaults, a regex or "all-linear": PEFT resolves them against the model
     if not isinstance(targets, list):
-        return  # a regex or "all-linear": PEFT resolves it against the model
+        raise FormatError(
+            f"{where}: target_modules must be a list of module names, a string or null, "
+            f"got {targets!r}"
+        )
+    projections = {m.value for m in TargetModule}
+    foreign = [
+        t for t in targets if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in projections
+    ]
+    if foreign:
+        raise FormatError(
+            f"{where}: target_modules lists {foreign}, which a MicroLoRA cannot represent "
+            f"(it adapts only {', '.join(m.value for m in TargetModule)})"
+        )
     names = [str(t) for t in targets]
     stray = [
         m.value

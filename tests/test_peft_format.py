@@ -345,6 +345,10 @@ def test_integer_tensor_is_refused(exported: Path) -> None:
         ({"lora_dropout": 1.5}, "does not fit a MicroLoRA"),
         ({"layers_to_transform": [1]}, "covers layers"),
         ({"target_modules": ["q_proj"]}, "does not list"),
+        ({"target_modules": ["q_proj", "v_proj", "lm_head"]}, r"lists \['lm_head'\]"),
+        ({"target_modules": ["q_proj", "v_proj", "model.embed_tokens"]}, "embed_tokens"),
+        ({"target_modules": ["q_proj", "v_proj", 3]}, "cannot represent"),
+        ({"target_modules": {"q_proj": 1}}, "target_modules must be a list"),
     ],
 )
 def test_unsupported_or_inconsistent_config_is_refused(
