@@ -33,6 +33,11 @@ __all__ = ["LOG_FILE", "LogWriter", "SampleLog", "SampleLogError", "log_summary"
 
 LOG_FILE = "samples.sqlite3"
 _FORMAT = "sona.sample_log/1"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)",
+)
+_TABLES = frozenset({"meta", "samples"})
 _T = TypeVar("_T")
 
 
@@ -65,28 +70,21 @@ class SampleLog:
             raise
 
     def _setup(self) -> None:
+        """Check the schema before changing anything: a file that is not a sona sample log, or
+        one that lost a table, is refused as it is, never repaired into an empty log (which
+        would make a restore replay nothing)."""
         try:
+            tables = self._tables()
+            if tables and not tables >= _TABLES:
+                missing = " and ".join(sorted(_TABLES - tables))
+                raise FormatError(
+                    f"{self.path}: not a sona sample log, or a damaged one: no {missing} table"
+                )
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)"
-            )
+            if not tables or self._blank():
+                self._initialise()
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            if not meta:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [
-                        ("format", _FORMAT),
-                        ("in_features", str(self.in_features)),
-                        ("out_features", str(self.out_features)),
-                    ],
-                )
-                self._db.execute("COMMIT")
-                meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             raise FormatError(f"{self.path}: not a usable sona sample log: {exc}") from None
         if str(mode).lower() != "wal":
@@ -99,6 +97,38 @@ class SampleLog:
                 f"{self.path}: the log holds samples of widths {widths}, this runtime uses "
                 f"({self.in_features}, {self.out_features})"
             )
+
+    def _tables(self) -> set[str]:
+        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {str(name) for (name,) in rows}
+
+    def _blank(self) -> bool:
+        """Both tables and nothing in them: older versions created the tables before writing
+        the metadata, so a kill in between left this. It holds nothing: claim it as new."""
+        row = self._db.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM meta) AND NOT EXISTS (SELECT 1 FROM samples)"
+        ).fetchone()
+        return bool(row[0])
+
+    def _initialise(self) -> None:
+        """Tables and metadata in one transaction, so a killed process leaves either an empty
+        file or a complete log, never tables without their metadata."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+            self._db.executemany(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("format", _FORMAT),
+                    ("in_features", str(self.in_features)),
+                    ("out_features", str(self.out_features)),
+                ],
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     # ------------------------------------------------------------------ metadata
     def get_meta(self, key: str) -> str | None:

@@ -10,6 +10,7 @@ import anyio
 import numpy as np
 import pytest
 
+from sona.checkpoint_store import list_checkpoints
 from sona.config import SonaLlmConfig
 from sona.errors import FormatError
 from sona.feedback import AdaptFeedback
@@ -221,3 +222,66 @@ async def test_a_failing_log_refuses_the_sample_and_changes_nothing(
         )
         monkeypatch.undo()
         assert (await rt.submit(second)).applied
+
+
+def restorable(directory: Path) -> list[int]:
+    """A checkpoint_dir whose newest checkpoint is gone, as after losing it to a crash: restore
+    falls back to the one before and replays the samples logged after it. Their ids."""
+
+    async def run() -> list[int]:
+        async with SonaRuntime(config(), seed=1, checkpoint_dir=directory) as rt:
+            for s in samples(4):
+                await rt.submit(s)
+            await rt.checkpoint()
+            return [(await rt.submit(s)).sample_id for s in samples(3)]
+
+    ids = anyio.run(run)
+    list_checkpoints(directory)[0][1].unlink()
+    info = SonaRuntime.restore(directory).restored
+    assert info is not None and info.replayed == tuple(ids)
+    return ids
+
+
+def tables(path: Path) -> tuple[list[str], str]:
+    """The tables of a SQLite file and its journal mode."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        names = [name for (name,) in rows]
+        return names, db.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_log_that_lost_a_table_is_refused_as_it_is(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    restorable(d)
+    db = sqlite3.connect(d / LOG_FILE)
+    db.execute("DROP TABLE samples")
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match=rf"{LOG_FILE}: .*no samples table"):
+        SonaRuntime.restore(d)
+    with pytest.raises(FormatError, match="no samples table"):
+        SampleLog(d / LOG_FILE, in_features=DIM_IN, out_features=DIM_OUT)
+    assert tables(d / LOG_FILE) == (["meta"], "wal")  # not recreated empty
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match="no meta and samples table"):
+        SampleLog(other, in_features=DIM_IN, out_features=DIM_OUT)
+    assert tables(other) == (["notes"], "delete")  # not even switched to WAL
+    # an empty file, and the empty tables an interrupted creation left, are new logs
+    (tmp_path / "empty").write_bytes(b"")
+    blank = tmp_path / "blank"
+    db = sqlite3.connect(blank)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)")
+    db.commit()
+    db.close()
+    for path in (tmp_path / "empty", blank):
+        log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+        assert log.get_meta("format") == "sona.sample_log/1" and log.count() == 0
+        log.close()
