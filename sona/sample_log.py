@@ -133,8 +133,8 @@ class SampleLog:
     # ------------------------------------------------------------------ metadata
     def get_meta(self, key: str) -> str | None:
         with self._lock:
-            row = self._query("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+            rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
@@ -157,12 +157,27 @@ class SampleLog:
         self.append([(sid, encode_sample(s, m)) for sid, s, m in items])
 
     def records_after(self, sequence: int) -> list[tuple[int, bytes]]:
-        """Raw rows with an id above ``sequence``, in id order."""
+        """Raw rows with an id above ``sequence``, in id order.
+
+        A record SQLite does not hold as a BLOB is refused with a FormatError naming the file
+        and row: text or a number is not the bytes that were logged, and would otherwise reach
+        the decoder as something else (or not at all, for text that is not UTF-8).
+        """
         with self._lock:
-            cur = self._query(
-                "SELECT id, record FROM samples WHERE id > ? ORDER BY id", (int(sequence),)
+            rows = self._rows(
+                "SELECT id, typeof(record), CAST(record AS BLOB) FROM samples "
+                "WHERE id > ? ORDER BY id",
+                (int(sequence),),
             )
-            return [(int(i), bytes(r)) for i, r in cur.fetchall()]
+        out = []
+        for sid, kind, record in rows:
+            if kind != "blob":
+                raise FormatError(
+                    f"{self.path} (sample {sid}): the record is stored as SQLite {kind}, "
+                    "expected a blob"
+                )
+            out.append((int(sid), bytes(record)))
+        return out
 
     def samples_after(self, sequence: int) -> list[tuple[int, TrainingSample, TargetModule | None]]:
         """Decoded rows above ``sequence``; a FormatError naming the file and row if any is bad."""
@@ -207,22 +222,24 @@ class SampleLog:
 
     def last_id(self) -> int:
         with self._lock:
-            row = self._query("SELECT MAX(id) FROM samples", ()).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+            (last,) = self._rows("SELECT MAX(id) FROM samples", ())[0]
+        return 0 if last is None else int(last)
 
     def count(self) -> int:
         with self._lock:
-            row = self._query("SELECT COUNT(*) FROM samples", ()).fetchone()
-        return int(row[0])
+            (count,) = self._rows("SELECT COUNT(*) FROM samples", ())[0]
+        return int(count)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # ------------------------------------------------------------------ helpers
-    def _query(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
+    def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Every row of a query, fetched inside the error mapping: SQLite reports a damaged page
+        only when a fetch reaches it."""
         try:
-            return self._db.execute(sql, args)
+            return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise FormatError(f"{self.path}: reading the sample log failed: {exc}") from None
 

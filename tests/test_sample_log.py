@@ -285,3 +285,15 @@ def test_a_log_that_lost_a_table_is_refused_as_it_is(tmp_path: Path) -> None:
         log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
         assert log.get_meta("format") == "sona.sample_log/1" and log.count() == 0
         log.close()
+
+
+@pytest.mark.parametrize("value", ["'a record'", "CAST(x'ff93' AS TEXT)", "12", "1.5"])
+def test_a_record_not_stored_as_a_blob_is_named_on_restore(tmp_path: Path, value: str) -> None:
+    d = tmp_path / "d"
+    ids = restorable(d)
+    db = sqlite3.connect(d / LOG_FILE)
+    db.execute(f"UPDATE samples SET record = {value} WHERE id = ?", (ids[1],))
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {ids[1]}\): .* stored as SQLite"):
+        SonaRuntime.restore(d)
