@@ -159,18 +159,25 @@ class SampleLog:
     def records_after(self, sequence: int) -> list[tuple[int, bytes]]:
         """Raw rows with an id above ``sequence``, in id order.
 
-        A record SQLite does not hold as a BLOB is refused with a FormatError naming the file
-        and row: text or a number is not the bytes that were logged, and would otherwise reach
-        the decoder as something else (or not at all, for text that is not UTF-8).
+        Rows no runtime writes are refused with a FormatError naming the file and row, whatever
+        ``sequence`` is: an id below 1 (sample ids start at 1, so the row was never a sample
+        anyone was told is logged; passing over it, as an id at or below ``sequence`` is, would
+        hide that the log was altered), and a record SQLite does not hold as a BLOB (text or a
+        number is not the bytes that were logged, and would reach the decoder as something
+        else, or not at all for text that is not UTF-8).
         """
         with self._lock:
             rows = self._rows(
                 "SELECT id, typeof(record), CAST(record AS BLOB) FROM samples "
-                "WHERE id > ? ORDER BY id",
+                "WHERE id > ? OR id < 1 ORDER BY id",
                 (int(sequence),),
             )
         out = []
         for sid, kind, record in rows:
+            if sid < 1:
+                raise FormatError(
+                    f"{self.path} (sample {sid}): not a sample id (sample ids start at 1)"
+                )
             if kind != "blob":
                 raise FormatError(
                     f"{self.path} (sample {sid}): the record is stored as SQLite {kind}, "

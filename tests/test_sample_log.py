@@ -297,3 +297,20 @@ def test_a_record_not_stored_as_a_blob_is_named_on_restore(tmp_path: Path, value
     db.close()
     with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {ids[1]}\): .* stored as SQLite"):
         SonaRuntime.restore(d)
+
+
+@pytest.mark.parametrize("sid", [0, -3])
+def test_a_row_id_below_1_is_refused_on_restore(tmp_path: Path, sid: int) -> None:
+    """Sample ids start at 1: such a row was never acknowledged, so the log was altered."""
+    d = tmp_path / "d"
+    ids = restorable(d)
+    db = sqlite3.connect(d / LOG_FILE)
+    db.execute("INSERT INTO samples SELECT ?, record FROM samples WHERE id = ?", (sid, ids[0]))
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {sid}\): not a sample id"):
+        SonaRuntime.restore(d)
+    log = SampleLog(d / LOG_FILE, in_features=DIM_IN, out_features=DIM_OUT)
+    with pytest.raises(FormatError, match="not a sample id"):
+        log.records_after(ids[-1])
+    log.close()
