@@ -395,7 +395,7 @@ def restore_runtime(
                     raise CheckpointDirError(
                         f"{log_path}: the sample log belongs to another run than {state.path}"
                     )
-                log_items = log.samples_after(state.log_sequence)
+                log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
             finally:
                 log.close()
         if checkpoint_dir is _SAME:

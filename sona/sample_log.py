@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -186,16 +186,23 @@ class SampleLog:
             out.append((int(sid), bytes(record)))
         return out
 
-    def samples_after(self, sequence: int) -> list[tuple[int, TrainingSample, TargetModule | None]]:
-        """Decoded rows above ``sequence``; a FormatError naming the file and row if any is bad."""
+    def samples_after(
+        self, sequence: int, *, modules: Collection[TargetModule]
+    ) -> list[tuple[int, TrainingSample, TargetModule | None]]:
+        """Decoded rows above ``sequence``; a FormatError naming the file and row if any is bad.
+
+        A sample naming a module outside ``modules`` (the adapter's target modules) is bad too,
+        as it is in a checkpoint: the runtime refuses such a module at the call, so no sample
+        naming one was ever logged.
+        """
         out = []
         for sid, record in self.records_after(sequence):
+            what = f"{self.path} (sample {sid})"
             sample, module = decode_sample(
-                record,
-                in_features=self.in_features,
-                out_features=self.out_features,
-                what=f"{self.path} (sample {sid})",
+                record, in_features=self.in_features, out_features=self.out_features, what=what
             )
+            if module is not None and module not in modules:
+                raise FormatError(f"{what}: names module {module.value}, not targeted")
             out.append((sid, sample, module))
         return out
 

@@ -116,7 +116,7 @@ def test_log_rows_survive_reopening_and_truncation_is_exact(tmp_path: Path) -> N
     again = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
-    got = again.samples_after(12)
+    got = again.samples_after(12, modules=(TargetModule.Q_PROJ, TargetModule.V_PROJ))
     assert [i for i, _, _ in got] == [13, 14, 15, 16]
     assert all(same_sample(a[1], b[1]) for a, b in zip(items[3:], got, strict=True))
     assert again.truncate_through(13) == 4
@@ -146,7 +146,7 @@ def test_a_bad_row_is_named_on_restore(tmp_path: Path) -> None:
     log = SampleLog(tmp_path / LOG_FILE, in_features=DIM_IN, out_features=DIM_OUT)
     log.append([(5, b"\x00garbage")])
     with pytest.raises(FormatError, match=r"sample 5"):
-        log.samples_after(0)
+        log.samples_after(0, modules=(TargetModule.Q_PROJ,))
     log.close()
 
 
@@ -314,3 +314,21 @@ def test_a_row_id_below_1_is_refused_on_restore(tmp_path: Path, sid: int) -> Non
     with pytest.raises(FormatError, match="not a sample id"):
         log.records_after(ids[-1])
     log.close()
+
+
+def test_a_logged_sample_for_a_module_not_targeted_is_refused_on_restore(tmp_path: Path) -> None:
+    """As in a checkpoint's queued samples: the runtime refuses such a module at the call."""
+    d = tmp_path / "d"
+    ids = restorable(d)
+    sample, _ = every_kind()[0]
+    db = sqlite3.connect(d / LOG_FILE)
+    db.execute(
+        "UPDATE samples SET record = ? WHERE id = ?",
+        (encode_sample(sample, TargetModule.K_PROJ), ids[2]),
+    )
+    db.commit()
+    db.close()
+    with pytest.raises(
+        FormatError, match=rf"{LOG_FILE} \(sample {ids[2]}\): names module k_proj, not targeted"
+    ):
+        SonaRuntime.restore(d)
