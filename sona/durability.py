@@ -102,7 +102,7 @@ class Durability:
                 f"checkpoint_dir must be a path or None, got {type(checkpoint_dir).__name__}"
             )
         self.rt = rt
-        self.dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.dir = None if checkpoint_dir is None else _directory(checkpoint_dir)
         self.run_id = secrets.token_hex(8)
         self.seq = 1
         self.kept: list[_Kept] = []
@@ -133,7 +133,10 @@ class Durability:
     def _open_sync(self) -> None:
         directory = self.dir
         assert directory is not None
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise _not_a_directory(directory) from None
         lock = DirectoryLock(directory)
         lock.acquire()
         try:
@@ -357,6 +360,23 @@ class Durability:
             self._lock = None
 
 
+def _directory(checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """``checkpoint_dir`` as a path, refused at the call when it can never be one: an empty
+    string (``Path("")`` is the current directory, which the caller did not name) or a file."""
+    if os.fspath(checkpoint_dir) == "":
+        raise InvalidInputError("checkpoint_dir must name a directory, got an empty path")
+    directory = Path(checkpoint_dir)
+    if directory.exists() and not directory.is_dir():
+        raise _not_a_directory(directory)
+    return directory
+
+
+def _not_a_directory(directory: Path) -> CheckpointDirError:
+    return CheckpointDirError(
+        f"checkpoint_dir {directory} is not a directory (a file is in the way)"
+    )
+
+
 def _write_verified(captured: ckpt.Captured, target: Path) -> int:
     """Check that the checkpoint decodes (structure, adapters, ids), then write it atomically."""
     return ckpt.write(captured, target)
@@ -378,6 +398,8 @@ def restore_runtime(
     """See :meth:`SonaRuntime.restore`."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a path, got {type(path).__name__}")
+    if os.fspath(path) == "":
+        raise InvalidInputError("path must name a checkpoint file or directory, got an empty path")
     source = Path(path)
     skipped: list[str] = []
     log_items: list[tuple[int, TrainingSample, TargetModule | None]] = []

@@ -327,6 +327,30 @@ async def test_a_directory_holding_another_run_is_refused(tmp_path: Path) -> Non
         assert again.stats().submitted_count == 3
 
 
+async def test_a_checkpoint_dir_that_is_empty_or_a_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where "" would have put the checkpoints and the log
+    with pytest.raises(InvalidInputError, match="checkpoint_dir must name a directory"):
+        SonaRuntime(cfg_dir(), checkpoint_dir="")
+    with pytest.raises(InvalidInputError, match="path must name a checkpoint"):
+        SonaRuntime.restore("")
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    with pytest.raises(CheckpointDirError, match=f"checkpoint_dir {file} is not a directory"):
+        SonaRuntime(cfg_dir(), checkpoint_dir=file)
+    later = tmp_path / "later"
+    for directory in (file / "sub", later):  # found only at start
+        rt = SonaRuntime(cfg_dir(), checkpoint_dir=directory)
+        if directory == later:
+            later.write_text("became a file")
+        with pytest.raises(CheckpointDirError, match=f"checkpoint_dir {directory} is not a"):
+            async with rt:
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "later"]
+    assert file.read_text() == "not a directory"
+
+
 async def test_restore_from_a_file_into_a_new_directory(tmp_path: Path) -> None:
     async with SonaRuntime(config(), seed=4) as rt:
         await play(rt, Script(2).steps(12))
