@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from sona.errors import FormatError
+from sona.errors import FormatError, InvalidInputError
 
 VERSION = 1
 _PREFIX = struct.Struct("<8sHHIQ")
@@ -119,6 +119,20 @@ def decode(
     if offset != end:
         raise FormatError(f"{what}: {end - offset} unexplained payload bytes")
     return header.meta, arrays
+
+
+def file_target(path: Any) -> Path:
+    """``path`` as the file an atomic write replaces, refused before anything is captured or
+    written when it cannot be one: an empty path (``Path("")`` is the current directory) or a
+    directory (the rename onto it would fail naming only the temporary file)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a path, got {type(path).__name__}")
+    if os.fspath(path) == "":
+        raise InvalidInputError("path must name a file, got an empty path")
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidInputError(f"path {target} is a directory; pass a file name")
+    return target
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:

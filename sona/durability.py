@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sona import checkpoint as ckpt
+from sona import container
 from sona.actors import SamplesDropped, SupervisorGaveUpEvent
 from sona.checkpoint_store import (
     KEEP,
@@ -271,9 +272,7 @@ class Durability:
             raise InvalidInputError(
                 "checkpoint() needs a path when the runtime has no checkpoint_dir"
             )
-        target = None if path is None else Path(path)
-        if target is not None and target.is_dir():
-            raise InvalidInputError(f"path {target} is a directory; pass a file name")
+        target = None if path is None else container.file_target(path)
         if self._write_lock is None:
             self._write_lock = anyio.Lock()
         async with self._write_lock:

@@ -1140,8 +1140,11 @@ class MicroLoRA:
         self._install(state)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the adapter atomically: the file holds the old or the new adapter, never a mix."""
-        container.write_atomic(path, self.export_weights())
+        """Write the adapter atomically: the file holds the old or the new adapter, never a mix.
+
+        An empty path or a directory is refused with an InvalidInputError naming ``path``.
+        """
+        container.write_atomic(container.file_target(path), self.export_weights())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MicroLoRA:

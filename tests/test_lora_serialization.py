@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lora_reference import Q, Snapshot, V, config, trained, vec, weights_bytes
 
 from sona import container
-from sona.errors import ConfigMismatchError, FormatError
+from sona.errors import ConfigMismatchError, FormatError, InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.lora import MicroLoRA
 
@@ -110,6 +110,23 @@ def test_a_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.undo()
     assert path.read_bytes() == old.export_weights()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sona"]
+
+
+def test_save_refuses_an_empty_path_or_a_directory_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SonaRuntime.checkpoint does (a directory used to fail naming the temporary file)."""
+    monkeypatch.chdir(tmp_path)  # where "" would have put its temporary file
+    lora = busy_adapter()
+    directory = tmp_path / "d"
+    directory.mkdir()
+    with pytest.raises(InvalidInputError, match=f"path {directory} is a directory"):
+        lora.save(directory)
+    with pytest.raises(InvalidInputError, match="path must name a file"):
+        lora.save("")
+    with pytest.raises(TypeError, match="path must be a path"):
+        lora.save(3)  # type: ignore[arg-type]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and not any(directory.iterdir())
 
 
 def test_import_refuses_another_config_and_changes_nothing() -> None:
