@@ -17,11 +17,12 @@ import contextlib
 import hashlib
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 import numpy as np
@@ -32,6 +33,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sHHIQ")
 _DIGEST = 32
 MAX_HEADER_BYTES = 1 << 20
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 _DTYPES: dict[str, np.dtype[Any]] = {
     "f4": np.dtype("<f4"),
     "f8": np.dtype("<f8"),
@@ -221,15 +223,39 @@ def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | me
     return target
 
 
-def read_file(path: str | os.PathLike[str], *, limit: int = 1 << 34) -> bytes:
+def open_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` open for reading if it is a regular file; a FormatError naming it if not.
+
+    Opened without blocking and checked on the open descriptor, so the check holds for what is
+    read: opening a FIFO would otherwise wait for a writer forever, and reading a device such
+    as /dev/zero would never end.
+    """
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > limit:
-            raise FormatError(f"{p}: {size} bytes exceeds the {limit}-byte limit")
-        return p.read_bytes()
+        fd = os.open(p, _READ_FLAGS)
     except IsADirectoryError:
         raise FormatError(f"{p}: is a directory, expected a file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FormatError(f"{p}: is a directory, expected a file")
+        if not stat.S_ISREG(mode):
+            raise FormatError(
+                f"{p}: not a regular file (a FIFO, socket or device), expected a file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path: str | os.PathLike[str], *, limit: int = 1 << 34) -> bytes:
+    p = Path(path)
+    with open_file(p) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise FormatError(f"{p}: {size} bytes exceeds the {limit}-byte limit")
+        return fh.read()
 
 
 def _code_for(dtype: np.dtype[Any]) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from sona import container
 from sona.errors import FormatError
 from sona.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, pattern_value, read_config
 
@@ -106,6 +107,8 @@ def describe(path: str | Path) -> Report:
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")
+    if not (p.is_file() or p.is_dir()):  # reading a FIFO would wait for a writer forever
+        raise FormatError(f"{p}: not a regular file or directory (a FIFO, socket or device)")
     for inspector in _REGISTRY:
         if inspector.recognises(p):
             return inspector.describe(p)
@@ -344,9 +347,9 @@ def _num(value: float) -> str:
 
 def _starts_with(path: Path, magic: bytes) -> bool:
     try:
-        with path.open("rb") as fh:
+        with container.open_file(path) as fh:
             return fh.read(len(magic)) == magic
-    except OSError:
+    except (OSError, FormatError):
         return False
 
 

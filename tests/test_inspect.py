@@ -150,6 +150,12 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path: Path, case: str) -> None:
     assert err.startswith("sona inspect: error:") and str(path) in err
 
 
+def test_what_is_not_a_regular_file_or_directory_exits_2(fifo: Path) -> None:
+    code, out, err = run(fifo)
+    assert code == 2 and out == ""
+    assert err.startswith(f"sona inspect: error: {fifo}: not a regular file or directory")
+
+
 def test_corrupt_peft_directory_exits_2(tmp_path: Path) -> None:
     adapter().export_peft(tmp_path / "p")
     (tmp_path / "p" / ADAPTER_WEIGHTS).write_bytes(b"garbage")

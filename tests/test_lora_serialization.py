@@ -401,3 +401,12 @@ def test_other_files_are_refused(tmp_path: Path) -> None:
         MicroLoRA.load(tmp_path)
     with pytest.raises(FileNotFoundError):
         MicroLoRA.load(tmp_path / "missing")
+
+
+def test_load_refuses_what_is_not_a_regular_file(fifo: Path) -> None:
+    """A FIFO would be waited on forever, a device read as if it were the file."""
+    with pytest.raises(FormatError, match=f"{fifo}: not a regular file"):
+        MicroLoRA.load(fifo)
+    if Path("/dev/null").exists():
+        with pytest.raises(FormatError, match="/dev/null: not a regular file"):
+            MicroLoRA.load("/dev/null")
