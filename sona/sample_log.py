@@ -275,11 +275,30 @@ class SampleLog:
 
 
 def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
-    """(rows, first id, last id, rows above ``after``) of a sample log, read without writing
-    anything to it."""
+    """(rows, first id, last id, rows above ``after``) of a sample log, read without creating,
+    changing or removing any file.
+
+    Even a read-only connection to a WAL database creates the ``-wal`` and ``-shm`` files when
+    they are missing, and cannot remove them when it closes. With both present (a runtime has
+    the log open, or was killed) they are read as they are. Without a ``-wal`` file, or with an
+    empty one, the main file holds every committed row (the last connection to close
+    checkpoints the log into it), so it is read as immutable, which needs neither. A ``-wal``
+    holding frames without its ``-shm`` cannot be read without creating one, and is refused
+    with a FormatError saying so.
+    """
     p = Path(path)
+    wal, shm = Path(f"{p}-wal"), Path(f"{p}-shm")
+    if wal.exists() and shm.exists():
+        query = "mode=ro"
+    elif _size(wal) == 0:
+        query = "mode=ro&immutable=1"
+    else:
+        raise FormatError(
+            f"{p}: reading {wal.name} needs {shm.name}, which is missing, and inspecting must "
+            "not create it (restoring the runtime reads the log)"
+        )
     try:
-        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?{query}", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
         raise FormatError(f"{p}: cannot open the sample log: {exc}") from None
     try:
@@ -290,6 +309,14 @@ def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
     finally:
         db.close()
     return int(row[0]), int(row[1] or 0), int(row[2] or 0), int(above[0])
+
+
+def _size(path: Path) -> int:
+    """Bytes in ``path``; 0 when there is no such file."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class LogWriter(Generic[_T]):

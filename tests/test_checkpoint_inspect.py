@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import anyio
@@ -14,6 +15,8 @@ from sona.config import SonaLlmConfig
 from sona.lora_config import MicroLoraConfig
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
+from sona.sample_codec import encode_sample
+from sona.sample_log import LOG_FILE, SampleLog
 
 DIM = 8
 
@@ -99,3 +102,36 @@ def test_an_unreadable_newest_checkpoint_is_reported(tmp_path: Path) -> None:
     bad.write_bytes(bytes(data))
     code, out, err = run(bad)
     assert code == 2 and out == "" and str(bad) in err and "checksum" in err
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_inspecting_a_checkpoint_dir_creates_no_file(tmp_path: Path) -> None:
+    """Not even the -wal and -shm files a read-only SQLite connection would leave behind."""
+    d = tmp_path / "d"
+    make(d, tmp_path / "c.sona")
+    listing = names(d)
+    assert f"{LOG_FILE}-wal" not in listing  # the runtime stopped: all in the main file
+    code, out, _ = run(d)
+    assert code == 0 and "samples, ids" in fields(out)["sample log"]
+    assert names(d) == listing
+    # a runtime holding the log open: rows only in the write-ahead log are counted too
+    log = SampleLog(d / LOG_FILE, in_features=DIM, out_features=DIM)
+    sample = TrainingSample(np.ones(DIM), np.ones(DIM), 0.5)
+    log.append([(1000, encode_sample(sample))])
+    listing = names(d)
+    assert {f"{LOG_FILE}-wal", f"{LOG_FILE}-shm"} <= set(listing)
+    code, out, _ = run(d)
+    assert code == 0 and "..1000;" in fields(out)["sample log"]
+    assert names(d) == listing
+    # a copy holding the write-ahead log without its index: reading it would create one
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy, ignore=shutil.ignore_patterns("*-shm"))
+    log.close()
+    listing = names(copy)
+    code, out, _ = run(copy)
+    assert code == 0 and fields(out)["sample log"].startswith("unreadable:")
+    assert f"{LOG_FILE}-shm, which is missing" in out
+    assert names(copy) == listing
