@@ -61,5 +61,7 @@ async def test_cancelled_submits_lose_no_accepted_sample(durable: bool, tmp_path
     assert st.dropped_samples == st.skipped_count == st.dead_lettered == 0
     # accepted = returned + cancelled after acceptance; cancelled while waiting for room: none
     assert outcomes["returned"] <= st.submitted_count < len(samples)
-    assert st.submitted_count > outcomes["returned"]  # some were cancelled after acceptance
+    if durable:  # each submit waits for its log commit: many are cancelled after acceptance
+        assert st.submitted_count > outcomes["returned"]
+    # without the log only the few that found the Instant loop busy can be (0-3 of 1,500)
     assert outcomes["returned"] > 100
