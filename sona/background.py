@@ -308,6 +308,10 @@ class BackgroundLoop:
                 "this Deep outcome was already installed; installing it again would apply its "
                 "change twice"
             )
+        if outcome.epochs == 0:  # nothing was replayed: the result is the state it started from
+            outcome.installed = True
+            notes.append("nothing installed: the deep run replayed no sample")
+            return False
         delta = outcome.quality_delta
         if delta is not None and delta < 0.0:
             outcome.installed = True  # consumed: it is never applied later either

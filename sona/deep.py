@@ -143,12 +143,15 @@ def run_deep(job: DeepJob) -> DeepOutcome:
         if merged or pruned:
             notes.append(f"pattern bank: merged {merged}, pruned {pruned} clusters")
     result = Published(base, ensemble, centroids)
-    delta = _delta(held, old, result, cfg.micro_lora.target_modules, notes)
+    replayed = len(usable) > 0  # cluster adapters train on subsets of these rows
+    if not replayed:
+        notes.append("nothing to replay: no kept sample at or above quality_threshold")
+    delta = _delta(held, old, result, cfg.micro_lora.target_modules, notes) if replayed else None
     return DeepOutcome(
         result,
         bank,
         samples_used=len(usable),
-        epochs=cfg.deep_epochs,
+        epochs=cfg.deep_epochs if replayed else 0,
         quality_delta=delta,
         latency_ms=(time.perf_counter() - t0) * 1e3,
         version=job.version,

@@ -151,7 +151,13 @@ class SonaLlm:
 
     # ------------------------------------------------------------------ deep loop
     def should_trigger_deep(self) -> bool:
-        return self.instant.accumulated_quality >= self.config.deep_trigger_threshold
+        """Accumulated quality passed ``deep_trigger_threshold`` and there is something to
+        replay: samples reach the replay buffer when they are consolidated, so until the first
+        consolidation the quality keeps accumulating."""
+        return (
+            self.instant.accumulated_quality >= self.config.deep_trigger_threshold
+            and len(self.background.replay) > 0
+        )
 
     def deep_optimize(self, samples: list[TrainingSample] | None = None) -> DeepResult:
         """Replay kept samples (or ``samples``) under EWC++ and install the result."""
@@ -172,7 +178,8 @@ class SonaLlm:
             raise TypeError(f"outcome must be a DeepOutcome, got {type(outcome).__name__}")
         notes = list(outcome.notes)
         installed = self.background.install(outcome, notes)
-        self.deep_runs += 1
+        if outcome.epochs:  # a run that replayed nothing is reported, not counted
+            self.deep_runs += 1
         return DeepResult(
             samples_used=outcome.samples_used, epochs=outcome.epochs,
             quality_delta=outcome.quality_delta, latency_ms=outcome.latency_ms,

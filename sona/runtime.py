@@ -588,8 +588,10 @@ class SonaRuntime:
             self._deep_requested = False
 
     def _request_deep(self) -> None:
+        """An automatic Deep run, once something is kept to replay: samples reach the replay
+        buffer when they are consolidated, and the first consolidation asks again."""
         ref = self._deep_ref
-        if ref is None or self._supervisor.gave_up:
+        if ref is None or self._supervisor.gave_up or not self._background.replay:
             return
         with contextlib.suppress(Exception):
             if ref.tell_nowait(RunDeep()):
@@ -634,6 +636,11 @@ class SonaRuntime:
         self._last_background = time.monotonic()
         self._pending -= len(outcome.consumed)
         self._signal()
+        if (
+            not self._deep_requested
+            and self._instant.accumulated_quality >= self.config.deep_trigger_threshold
+        ):
+            self._request_deep()
         res = outcome.result
         self.events.publish(
             BackgroundCompleted(
@@ -665,7 +672,8 @@ class SonaRuntime:
         finally:
             if not msg.on_demand:
                 self._deep_requested = False
-        self.deep_runs += 1
+        if outcome.epochs:  # a run that replayed nothing is reported, not counted
+            self.deep_runs += 1
         self.events.publish(
             DeepCompleted(
                 samples_used=outcome.samples_used,

@@ -65,8 +65,8 @@ def test_fires_when_accumulated_quality_passes_the_threshold_and_resets_after_a_
     assert engine.stats().skipped_count == 2
     assert not engine.should_trigger_deep()
     stream.feed(engine, 1, q=0.9)  # 3.6
-    assert engine.should_trigger_deep()
     assert engine.stats().accumulated_quality == pytest.approx(3.6)
+    assert not engine.should_trigger_deep()  # nothing consolidated yet: nothing to replay
     engine.run_background()  # consolidation does not reset the Deep trigger
     assert engine.should_trigger_deep()
     engine.deep_optimize()
@@ -166,13 +166,16 @@ def test_samples_below_the_quality_threshold_are_not_replayed() -> None:
     assert any("below quality_threshold" in n for n in result.notes), result.notes
 
 
-def test_nothing_kept_means_nothing_to_measure() -> None:
+def test_nothing_kept_means_nothing_replayed_measured_installed_or_counted() -> None:
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
     before = _published(engine)
+    version = engine.background.version
     result = engine.deep_optimize()
-    assert result.samples_used == 0
+    assert (result.samples_used, result.epochs, result.installed) == (0, 0, False)
     assert result.quality_delta is None
-    assert any("quality_delta" in n for n in result.notes)
+    assert any("nothing to replay" in n for n in result.notes), result.notes
+    assert engine.stats().deep_count == 0
+    assert engine.background.version == version
     np.testing.assert_array_equal(_published(engine), before)
 
 

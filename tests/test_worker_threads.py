@@ -80,6 +80,7 @@ async def test_free_memory_is_handed_back_after_each_deep_run() -> None:
     async with SonaRuntime(small_config(), seed=1) as rt:
         for s in target_samples(world, 0, 64):
             await rt.submit(s)
+        await rt.consolidate()  # the replay buffer fills at consolidation
         await rt.deep_optimize()
         await rt.deep_optimize()
         assert rt.stats().deep_count == 2
