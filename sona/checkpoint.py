@@ -283,7 +283,7 @@ def capture(
     queued: list[Item] = [
         (sid, t.sample, t.module)
         for sid, t in rt._queued.items()
-        if not t.done and t.sample is not None
+        if t.sample is not None  # answered at stop but unhandled ones stay queued
     ]
     if undelivered:
         queued = sorted([*queued, *undelivered], key=lambda item: item[0])

@@ -166,6 +166,12 @@ class Ticket:
         self._wake()
 
 
+def _unhandled(sample_id: int, note: str) -> AdaptationResult:
+    return AdaptationResult(
+        applied=False, loop="instant", latency_us=0.0, notes=[note], sample_id=sample_id
+    )
+
+
 class SonaRuntime:
     """The SONA engine as supervised actors; use as ``async with SonaRuntime(cfg) as rt``."""
 
@@ -222,6 +228,7 @@ class SonaRuntime:
         self._deep_thread = anyio.CapacityLimiter(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0  # the event loop's thread, the only one that may change the state
+        self._new_task_queued = False
         self.submitted = 0
         self.dropped = 0
         self.dead_lettered = 0
@@ -287,22 +294,72 @@ class SonaRuntime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Graceful stop: drain accepted samples, let the supervisor drain and stop the loops."""
+        """Graceful stop: drain accepted samples, let the supervisor drain and stop the loops.
+
+        A host that cancels meanwhile (its own shutdown timeout, say) cuts the drain short, but
+        the loops are still stopped in this task, the final checkpoint is still written and the
+        directory released, and the cancellation then goes on."""
         stack = self._stack
         if stack is None:
             return
         self._stack = None
-        if exc_type is None and not self._supervisor.gave_up:
-            with anyio.move_on_after(self.config.supervision.shutdown_timeout_s):
-                await self.drain()
+        try:
+            if exc_type is None and not self._supervisor.gave_up:
+                with anyio.move_on_after(self.config.supervision.shutdown_timeout_s):
+                    await self.drain()
+        except BaseException as error:
+            await self._stop(stack, type(error), error, error.__traceback__)
+            raise
+        await self._stop(stack, exc_type, exc, tb)
+
+    async def _stop(
+        self,
+        stack: contextlib.AsyncExitStack,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._stopped = True
         try:
-            await stack.__aexit__(exc_type, exc, tb)
-        except BaseException:
-            await self._durable.close(raise_errors=False)
-            raise
-        await self._durable.close(raise_errors=exc_type is None)  # the final checkpoint
+            try:
+                await stack.__aexit__(exc_type, exc, tb)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._durable.close(raise_errors=False)
+                raise
+            with anyio.CancelScope(shield=True):
+                await self._durable.close(raise_errors=exc_type is None)  # the final checkpoint
+        finally:
+            self._settle_at_stop()
+            self.events.close()  # every subscription ends once it has read what is buffered
         _log.info("runtime_stopped", gave_up=self._supervisor.gave_up)
+
+    def _settle_at_stop(self) -> None:
+        """Answer every caller still waiting once the loops have stopped (the drain timed out,
+        the host cancelled, the body raised): nobody waits forever on a stopped runtime.
+
+        Samples accepted and not handled are, without a checkpoint_dir, dropped (counted and
+        announced); with one, the final checkpoint stores them as queued, so they stay in
+        flight here and a restored runtime handles them. Submitters waiting for room get the
+        not-running error."""
+        tickets = [t for t in self._queued.values() if not t.done]
+        if tickets and self._durable.dir is None:
+            self._queued.clear()
+            for t in tickets:
+                self.dropped += 1
+                self._pending -= 1
+                t.resolve(
+                    _unhandled(t.sample_id, "dropped: the runtime stopped before handling it")
+                )
+            self.events.publish(SamplesDropped(count=len(tickets), stage="shutdown", policy=""))
+        else:
+            note = (
+                "not handled before the runtime stopped: the final checkpoint keeps it as queued, "
+                "and a runtime restored from checkpoint_dir handles it"
+            )
+            for t in tickets:
+                t.resolve(_unhandled(t.sample_id, note))
+        self._signal()
 
     async def _ticker(self) -> None:
         interval = self.config.background_interval_ms / 1e3
@@ -495,8 +552,9 @@ class SonaRuntime:
             self._idle = None
 
     async def drain(self) -> None:
-        """Wait until every accepted sample has been handled by the Instant loop."""
-        while self._queued and not self._supervisor.gave_up:
+        """Wait until every accepted sample has been handled by the Instant loop (returns at
+        once on a stopped runtime, whose loops handle nothing more)."""
+        while self._queued and not self._supervisor.gave_up and not self._stopped:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
@@ -600,9 +658,11 @@ class SonaRuntime:
     # ------------------------------------------------------------------ background (actor side)
     async def _handle_tick(self, msg: Tick | NewTask) -> BackgroundResult | None:
         """Consolidate when due (or forced), then, for NewTask, start the new task."""
+        new_task = isinstance(msg, NewTask)
+        if new_task:
+            self._new_task_queued = False  # a call from here on marks a later shift
         self._chaos_check("background")
         bg = self._background
-        new_task = isinstance(msg, NewTask)
         res: BackgroundResult | None = None
         live_pending = len(self._instant.pending)
         forced = new_task or (isinstance(msg, Tick) and msg.force)
@@ -727,11 +787,17 @@ class SonaRuntime:
         return result
 
     def start_new_task(self) -> None:
-        """Fold what is pending into the current task, then start a new one (EWC++)."""
+        """Fold what is pending into the current task, then start a new one (EWC++).
+
+        The Background loop does it at its next turn; calls made before it has begun on an
+        earlier one mark the same shift (a burst of calls cannot fill its mailbox)."""
         self._check_running()
+        if self._new_task_queued:
+            return
         ref = self._background_ref
         assert ref is not None
         ref.tell_nowait(NewTask())
+        self._new_task_queued = True
 
     # ------------------------------------------------------------------ checkpoints
     async def checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:

@@ -1,0 +1,175 @@
+"""Stopping never leaves the host waiting: however the stop comes (a drain that times out, the
+host cancelling meanwhile), the loops stop in the host's task, the directory is released,
+every caller gets an answer and every subscription ends."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from runtime_helpers import identity_holds, small_config, target_samples
+from sona.actors import OverflowPolicy
+
+from sona.config import Chaos, SupervisionConfig
+from sona.events import SamplesDropped
+from sona.runtime import SonaRuntime
+from sona.simulator import DomainWorld
+
+pytestmark = pytest.mark.anyio
+
+
+def _samples(n: int) -> list[Any]:
+    return target_samples(DomainWorld(dim=32, domains=1, seed=2), 0, n)
+
+
+def _slow_instant(**changes: object) -> tuple[Any, Chaos]:
+    """An Instant loop that crashes on every message and restarts after 0.2 s: within a 0.3 s
+    shutdown timeout it handles almost nothing, so accepted samples are left over at stop."""
+    supervision = SupervisionConfig(
+        max_restarts=10_000, backoff_min_s=0.2, backoff_max_s=0.2, jitter=0.0,
+        shutdown_timeout_s=0.3,
+    )  # fmt: skip
+    cfg = small_config(supervision=supervision, **changes)
+    return cfg, Chaos(crash_probability=1.0, loops=("instant",), seed=3)
+
+
+def _other_tasks() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_a_host_cancelling_during_the_drain_stops_everything_cleanly(
+    durable: bool, tmp_path: Path
+) -> None:
+    """The host's shutdown cancels while ``__aexit__`` drains 3,000 queued samples: the
+    cancellation comes out as a plain cancellation, no task of the runtime outlives it, and
+    with a checkpoint_dir the directory is free and every accepted sample comes back."""
+    samples = _samples(3000)
+    state = tmp_path / "state"
+    before = _other_tasks()
+    body_done = anyio.Event()
+    cfg = small_config(max_pending_samples=5000)
+
+    async def service() -> None:
+        async with SonaRuntime(cfg, seed=1, checkpoint_dir=state if durable else None) as rt:
+            for s in samples:
+                rt.submit_nowait(s)
+            body_done.set()
+
+    async with anyio.create_task_group() as tg:  # raises if a cancel scope was left open
+        tg.start_soon(service)
+        await body_done.wait()
+        await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    await anyio.sleep(0.05)
+    assert _other_tasks() <= before
+    if durable:
+        with anyio.fail_after(30):
+            async with SonaRuntime.restore(state) as rt2:  # the lock was released
+                await rt2.drain()
+                st = rt2.stats()
+        assert st.submitted_count == len(samples) and st.instant_count == len(samples)
+
+
+async def test_callers_left_waiting_at_stop_are_answered_and_counted() -> None:
+    cfg, chaos = _slow_instant()
+    rt = SonaRuntime(cfg, seed=1, chaos=chaos)
+    answers: list[Any] = []
+    dropped: list[SamplesDropped] = []
+
+    async def caller(s: Any) -> None:
+        answers.append(await rt.submit(s))
+
+    async def watch(ready: anyio.Event) -> None:
+        async with rt.subscribe(kinds=SamplesDropped) as sub:
+            ready.set()
+            async for ev in sub:  # type: ignore[attr-defined]  # ends when the runtime stops
+                dropped.append(ev)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer, rt:
+            ready = anyio.Event()
+            outer.start_soon(watch, ready)
+            await ready.wait()
+            for s in _samples(40):
+                outer.start_soon(caller, s)
+            await anyio.sleep(0.05)
+    st = rt.stats()
+    assert len(answers) == 40
+    left = [a for a in answers if a.notes and "stopped before handling" in a.notes[0]]
+    assert left and all(not a.applied for a in left)
+    assert st.in_flight == 0 and identity_holds(st)
+    assert st.dropped_samples == len(left) == sum(e.count for e in dropped)
+    assert {e.stage for e in dropped} == {"shutdown"}
+    with anyio.fail_after(1):
+        await rt.drain()  # returns at once on a stopped runtime
+
+
+async def test_with_a_checkpoint_dir_leftovers_stay_in_flight_and_are_handled_after_restore(
+    tmp_path: Path,
+) -> None:
+    cfg, chaos = _slow_instant()
+    state = tmp_path / "state"
+    rt = SonaRuntime(cfg, seed=1, chaos=chaos, checkpoint_dir=state)
+    answers: list[Any] = []
+
+    async def caller(s: Any) -> None:
+        answers.append(await rt.submit(s))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer, rt:
+            for s in _samples(30):
+                outer.start_soon(caller, s)
+            await anyio.sleep(0.05)
+    st = rt.stats()
+    left = [a for a in answers if a.notes and "final checkpoint keeps it" in a.notes[0]]
+    assert len(answers) == 30 and left
+    assert st.in_flight == len(left) and st.dropped_samples == 0 and identity_holds(st)
+    with anyio.fail_after(30):
+        async with SonaRuntime.restore(state) as rt2:
+            await rt2.drain()
+            st2 = rt2.stats()
+    assert st2.in_flight == 0 and identity_holds(st2)
+    assert st2.instant_count + st2.dead_lettered >= st.instant_count + len(left)
+
+
+async def test_submitters_waiting_for_room_get_the_not_running_error() -> None:
+    cfg = small_config(
+        max_pending_samples=8, background_min_samples=4, overflow=OverflowPolicy.BLOCK
+    )
+    errors: list[str] = []
+    rt = SonaRuntime(cfg, seed=1)
+
+    async def producer(s: Any) -> None:
+        try:
+            await rt.submit(s)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer, rt:
+            rt._background.prepare = lambda hand: (_ for _ in ()).throw(RuntimeError("x"))
+            for s in _samples(30):
+                outer.start_soon(producer, s)
+            await anyio.sleep(0.05)
+    assert errors and all("not running" in e for e in errors)
+    assert identity_holds(rt.stats())
+
+
+async def test_a_burst_of_new_task_calls_marks_one_shift() -> None:
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        before = rt.stats().task_count
+        for _ in range(200):
+            rt.start_new_task()  # used to fill the Background mailbox and raise Backpressure
+        with anyio.fail_after(5):
+            while rt.stats().task_count == before:
+                await anyio.sleep(0.005)
+        await anyio.sleep(0.05)
+        assert rt.stats().task_count == before + 1
+        rt.start_new_task()  # once that shift began, a call marks the next one
+        with anyio.fail_after(5):
+            while rt.stats().task_count == before + 1:
+                await anyio.sleep(0.005)
