@@ -61,7 +61,9 @@ class DeadLettered(Event, frozen=True, kw_only=True):
 
 
 class SamplesDropped(Event, frozen=True, kw_only=True):
-    """A full mailbox's policy dropped ``count`` messages (``stage`` names the mailbox)."""
+    """``count`` messages or samples were dropped; ``stage`` says where: a full mailbox (its
+    name), or, in sona's runtime, ingress and consolidation (the overflow ``policy``), log (the
+    durable log failed), gave_up and shutdown (accepted samples nothing will handle)."""
 
     count: int
     stage: str

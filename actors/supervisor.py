@@ -168,8 +168,9 @@ class Supervisor:
         return self._refs[name]
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per child name: restarts, crashes, processed, dead_letters, queued, dropped,
-        rejected, interrupted, left_at_shutdown, running (0/1)."""
+        """Per child name: restarts, crashes, processed (of which inline: handled in the
+        sender's task), dead_letters, queued, dropped, rejected, interrupted,
+        left_at_shutdown, running (0/1)."""
         return {c.name: c.stats() for c in self._children}
 
     async def join(self) -> None:

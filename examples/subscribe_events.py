@@ -57,10 +57,13 @@ KINDS = (
 )
 
 
-def describe(event: Any) -> str | None:
-    """One line for the events worth a line; None for the frequent ones (only counted)."""
+def describe(event: Any) -> str:
+    """One line for an event."""
     if isinstance(event, BackgroundCompleted):
-        return None
+        delta = "n/a" if event.quality_delta is None else f"{event.quality_delta:+.3f}"
+        return (
+            f"consolidated {event.samples_used} samples in {event.latency_ms:.1f} ms, delta {delta}"
+        )
     if isinstance(event, DeepCompleted):
         delta = "n/a" if event.quality_delta is None else f"{event.quality_delta:+.3f}"
         return f"deep run: {event.samples_used} samples, {event.epochs} epochs, delta {delta}"
@@ -83,10 +86,9 @@ async def watch(rt: SonaRuntime, counts: Counter[str], ready: asyncio.Event) -> 
         async for event in events:
             kind = type(event).__name__
             counts[kind] += 1
-            line = describe(event)
-            if line is not None and counts[kind] <= SHOW_PER_KIND:
-                print(f"  [{event.seq:5d}] {line}")
-            elif line is not None and counts[kind] == SHOW_PER_KIND + 1:
+            if counts[kind] <= SHOW_PER_KIND:
+                print(f"  [{event.seq:5d}] {describe(event)}")
+            elif counts[kind] == SHOW_PER_KIND + 1:
                 print(f"  (more {kind} events are counted, not printed)")
 
 
@@ -113,9 +115,8 @@ async def main() -> int:
                 if i % 100 == 99:
                     await asyncio.sleep(0.005)  # a pause in traffic: let the background loop run
         await rt.drain()
-        await asyncio.sleep(0.05)  # let the subscriber print the last events
-        watcher.cancel()
-        stats = rt.stats()
+    await watcher  # the subscription ends once the runtime has stopped and it read the rest
+    stats = rt.stats()
     print("events seen:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"restarts {stats.restarts}, dead-lettered {stats.dead_lettered}, "
           f"task boundaries {stats.task_count}")  # fmt: skip

@@ -83,6 +83,11 @@ class Chaos:
 class SonaLlmConfig:
     """Everything the three loops need; every field changes behaviour.
 
+    The loops step at ``instant_lr`` (Deep at a decaying multiple of it) and take the rest of
+    ``training`` as it is; ``training.learning_rate``, the step size of a stand-alone
+    :class:`sona.training.TrainingPipeline`, has no role here, so a value other than its
+    default is refused rather than ignored.
+
     ``deep_epochs`` is the number of passes over the replay buffer per Deep run, at a learning
     rate decaying as instant_lr · 0.95^epoch. ``consolidated_rank`` is the rank of the
     consolidated adapter the live one is folded into (None: 4 × the micro rank, capped), so
@@ -134,6 +139,11 @@ class SonaLlmConfig:
         _typed(self.micro_lora, MicroLoraConfig, "micro_lora")
         _typed(self.training, TrainingConfig, "training")
         _typed(self.supervision, SupervisionConfig, "supervision")
+        if self.training.learning_rate != TrainingConfig().learning_rate:
+            raise ConfigError(
+                f"training.learning_rate ({self.training.learning_rate}) is TrainingPipeline's "
+                "step size and no loop of SonaLlm or SonaRuntime uses it: set instant_lr instead"
+            )
 
     @property
     def consolidated_lora(self) -> MicroLoraConfig:

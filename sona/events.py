@@ -39,17 +39,27 @@ SupervisorGaveUp = SupervisorGaveUpEvent
 
 
 class InstantApplied(Event, frozen=True, kw_only=True):
+    """The Instant loop updated the live adapter from sample ``sample_id`` (its rating
+    ``quality``) in ``latency_us`` inside its handler."""
+
     sample_id: int
     latency_us: float
     quality: float
 
 
 class InstantSkipped(Event, frozen=True, kw_only=True):
+    """The Instant loop handled sample ``sample_id`` and changed nothing; ``reason`` is one of
+    ``LearningStats.skip_reasons``' keys (below_quality_threshold, no_direction,
+    update_rejected)."""
+
     sample_id: int
     reason: str
 
 
 class BackgroundCompleted(Event, frozen=True, kw_only=True):
+    """A consolidation committed: ``samples_used`` samples folded in by ``strategy``;
+    ``quality_delta`` is measured on held-back samples (None when it cannot be)."""
+
     samples_used: int
     strategy: str
     quality_delta: float | None
@@ -57,6 +67,9 @@ class BackgroundCompleted(Event, frozen=True, kw_only=True):
 
 
 class DeepCompleted(Event, frozen=True, kw_only=True):
+    """A Deep run ended: ``epochs`` over ``samples_used`` kept samples (0 and 0 when there was
+    nothing to replay); ``installed`` tells whether its result replaced the state."""
+
     samples_used: int
     epochs: int
     quality_delta: float | None
@@ -65,16 +78,25 @@ class DeepCompleted(Event, frozen=True, kw_only=True):
 
 
 class TaskBoundary(Event, frozen=True, kw_only=True):
+    """A new task began (EWC++ anchors what was learned): detected from the inputs or
+    requested with ``start_new_task``."""
+
     task_count: int
     reason: str  # "detected" or "requested"
 
 
 class UpdateRejected(Event, frozen=True, kw_only=True):
+    """An update of ``loop`` was refused before it was applied (it would have made weights
+    non-finite or the delta overflow); ``reason`` says which."""
+
     loop: str
     reason: str
 
 
 class CheckpointWritten(Event, frozen=True, kw_only=True):
+    """A checkpoint of ``bytes`` bytes was written atomically to ``path``; the sample log
+    was truncated through ``log_sequence`` (0 without a log)."""
+
     path: str
     bytes: int
     log_sequence: int = 0

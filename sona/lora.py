@@ -180,7 +180,8 @@ def _forward_error(x: np.ndarray) -> InvalidInputError:
 
 
 class MicroLoRA:
-    """A rank-1..8 LoRA adapter over one or more target modules of the same shape."""
+    """A low-rank (1 <= rank <= min(in, out)) LoRA adapter over one or more target modules of the
+    same shape; the request path is tuned for ranks 1-2."""
 
     def __init__(self, config: MicroLoraConfig, *, seed: int | None = None) -> None:
         if not isinstance(config, MicroLoraConfig):

@@ -13,6 +13,9 @@ from sona.config import ConsolidationStrategy
 
 
 class AdaptationResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What became of one submitted sample: ``applied`` by the Instant loop, or not, with
+    ``notes`` saying why (skipped, declined, dropped, not handled before stop)."""
+
     applied: bool
     loop: str
     latency_us: float  # time inside the Instant loop's handler
@@ -21,6 +24,9 @@ class AdaptationResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class BackgroundResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One consolidation: ``quality_delta`` is the relative improvement of the objective on
+    ``evaluated_on`` held-back samples it did not train on, or None with a note."""
+
     samples_used: int
     strategy: ConsolidationStrategy
     quality_delta: float | None
@@ -31,6 +37,10 @@ class BackgroundResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DeepResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One Deep run: ``epochs`` over ``samples_used`` kept samples, measured like
+    :class:`BackgroundResult` on held-out ones; ``installed`` tells whether it replaced the
+    consolidated state (the notes say when it was re-applied on top or discarded)."""
+
     samples_used: int
     epochs: int
     quality_delta: float | None

@@ -403,8 +403,8 @@ class SonaRuntime:
         if _thread_id() != self._thread:  # its state is the event loop's, unlocked
             raise RuntimeError(
                 "SonaRuntime was called from another thread than its event loop's: from a "
-                "worker thread use anyio.from_thread.run(rt.submit, sample) or "
-                "asyncio.run_coroutine_threadsafe(rt.submit(sample), loop)"
+                "worker thread use asyncio.run_coroutine_threadsafe(rt.submit(sample), loop) "
+                "(or anyio.from_thread.run(rt.submit, sample) in a thread anyio started)"
             )
 
     # ------------------------------------------------------------------ ingress
@@ -422,7 +422,7 @@ class SonaRuntime:
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
         """Returns once the Instant loop has handled the sample: an idle loop handles it in
-        this task, without a task switch (submitters yield once per ``_INLINE_BUDGET`` such
+        this task, without a task switch (submitters yield once per 128 such
         samples); a busy one takes it from its mailbox. Ingress applies ``overflow`` first."""
         self._check_running()
         sample = self._factory.check(sample, module)

@@ -13,7 +13,8 @@ from sona.validation import config_int, config_number
 class TrainingConfig:
     """Every field changes what :class:`sona.training.TrainingPipeline` does.
 
-    - ``learning_rate``: the step size of every update and of the EWC++ proximal step.
+    - ``learning_rate``: the step size of every update and of the EWC++ proximal step (the
+      pipeline's own; the loops of :class:`sona.SonaLlm` step at ``instant_lr`` instead).
     - ``ewc_lambda``: strength of the penalty on changing ΔW along old tasks' inputs; 0 is plain
       SGD, bit for bit.
     - ``quality_threshold``: target and gradient feedback (and replayed samples of any form)

@@ -82,6 +82,15 @@ def test_bad_values_raise_a_clear_error_naming_the_field(
     assert issubclass(error, (ValueError, TypeError))
 
 
+def test_a_training_learning_rate_no_loop_uses_is_refused_not_ignored() -> None:
+    from sona.training_config import TrainingConfig
+
+    with pytest.raises(ConfigError, match="instant_lr"):
+        SonaLlmConfig(training=TrainingConfig(learning_rate=0.5))
+    kept = SonaLlmConfig(training=TrainingConfig(ewc_lambda=2.0))  # the rest of it is used
+    assert kept.training.ewc_lambda == 2.0
+
+
 def test_a_min_batch_larger_than_the_pending_bound_is_refused() -> None:
     """The pending buffer could never hold enough samples for maybe_background to run: under
     the DROP and REJECT policies consolidation would stall with the buffer full forever."""
