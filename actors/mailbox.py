@@ -262,6 +262,10 @@ class Mailbox(Generic[T]):
             while waiters:
                 waiters.popleft().set()
 
+    def queued(self) -> list[T]:
+        """Every queued item, oldest first, left in place."""
+        return list(self._items)
+
     def take_all(self) -> list[T]:
         """Remove and return every queued item, oldest first."""
         items = list(self._items)

@@ -524,6 +524,12 @@ class Supervisor:
         self._phase = _STOPPING
         for c in self._children:
             c.mailbox.close(gave_up.copy)
+            # Nothing queued is handled any more: answer each asker now, not after the others
+            # stopped. A child waiting on another's answer (a loop asking a sibling) would
+            # otherwise hold the stop up for the whole grace period.
+            for item in c.mailbox.queued():
+                if type(item) is Ask:
+                    item.fail(gave_up.copy())
         await self._stop_children(self._children, grace_s=None)
         for c in self._children:
             self._finish(c, gave_up.copy)

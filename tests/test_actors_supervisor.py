@@ -130,6 +130,40 @@ async def test_give_up_without_raising_into_the_host() -> None:
     assert sup.cause is not None and isinstance(sup.cause.cause, Boom)
 
 
+async def test_a_give_up_answers_queued_asks_at_once() -> None:
+    """A child waiting on a sibling's answer must not hold the give-up up for the whole grace
+    period: the sibling, busy when the supervisor gives up, will never handle the ask."""
+    seen: list[str] = []
+
+    class Busy(Actor):
+        async def handle(self, message: Any) -> str:
+            await anyio.sleep(0.2)
+            return "answer"
+
+    class Asker(Actor):
+        async def handle(self, message: Any) -> None:
+            try:
+                await busy.ask("question")
+            except SupervisorGaveUp:
+                seen.append("gave up")
+                raise
+
+    sup = Supervisor(max_restarts=0, within_s=60.0, backoff=NO_WAIT, shutdown_timeout_s=5.0)
+    busy = sup.spawn(Busy, name="busy")
+    asker = sup.spawn(Asker, name="asker")
+    bad = sup.spawn(AlwaysFails, name="bad")
+    with anyio.fail_after(2):  # the grace period is 5 s
+        with pytest.raises(SupervisorGaveUp):
+            async with sup:
+                await busy.tell("keep busy")
+                await anyio.sleep(0.01)
+                await asker.tell("go")
+                await anyio.sleep(0.01)  # the ask is queued behind the busy message
+                await bad.tell(1)
+                await anyio.sleep_forever()
+    assert seen == ["gave up"]
+
+
 class Once(Actor):
     """Raises the first time it sees a message in ``fail_once``, always on ``fail_always``."""
 
