@@ -422,8 +422,8 @@ class SonaRuntime:
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
         """Returns once the Instant loop has handled the sample: an idle loop handles it in
-        this task, without a task switch (submitters yield once per 128 such
-        samples); a busy one takes it from its mailbox. Ingress applies ``overflow`` first."""
+        this task, without a task switch (submitters yield once per 128 such samples); a busy
+        one takes it from its mailbox. Ingress applies ``overflow`` first."""
         self._check_running()
         sample = self._factory.check(sample, module)
         return await self._submit_valid(sample, sample.module)
