@@ -128,7 +128,7 @@ class Durability:
             try:
                 await self.checkpoint()
             except BaseException:
-                await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
+                await self._release()
                 raise
 
     def _open_sync(self) -> None:
@@ -342,12 +342,20 @@ class Durability:
             if raise_errors:
                 raise
         finally:
-            await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
+            await self._release()
 
     async def abort(self) -> None:
         """Release the log and the lock after a failed start, without a checkpoint."""
         self._loops_active = False
-        await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Close the log and release the lock, shielded: a stop or failed start inside a
+        cancelled scope (a host's timeout) must still release them, or the directory stays
+        locked and the log open for the rest of the process. ``anyio.to_thread.run_sync``
+        checkpoints before it starts the thread, so unshielded it would never run there."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_sync, limiter=self._thread)
 
     def _close_sync(self) -> None:
         if self.log is not None:

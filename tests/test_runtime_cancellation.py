@@ -65,3 +65,53 @@ async def test_cancelled_submits_lose_no_accepted_sample(durable: bool, tmp_path
         assert st.submitted_count > outcomes["returned"]
     # without the log only the few that found the Instant loop busy can be (0-3 of 1,500)
     assert outcomes["returned"] > 100
+
+
+async def test_host_cancellation_releases_the_checkpoint_dir(tmp_path: Path) -> None:
+    """A host's timeout around a durable runtime stops it: the directory lock and the log
+    are released, so the same process can restore the directory and go on."""
+    from sona.checkpoint_store import DirectoryLock
+
+    directory = tmp_path / "state"
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=2), 0, 10)
+    rt = SonaRuntime(small_config(), seed=5, checkpoint_dir=directory)
+    with anyio.CancelScope() as scope:
+        async with rt:
+            for sample in samples:
+                await rt.submit(sample)
+            scope.deadline = anyio.current_time() + 0.05  # the host's timeout expires
+            await anyio.sleep(10)
+    assert scope.cancelled_caught
+    assert rt._durable.log is None and rt._durable._lock is None
+    lock = DirectoryLock(directory)
+    lock.acquire()
+    lock.release()
+    async with SonaRuntime.restore(directory) as again:
+        await again.drain()
+        assert again.stats().instant_count == len(samples)
+
+
+async def test_cancellation_during_the_first_checkpoint_releases_the_checkpoint_dir(
+    tmp_path: Path,
+) -> None:
+    from sona.checkpoint_store import DirectoryLock
+
+    directory = tmp_path / "state"
+    rt = SonaRuntime(small_config(), seed=5, checkpoint_dir=directory)
+    durable = rt._durable
+    real_capture = durable._capture
+    scope = anyio.CancelScope()
+
+    async def capture(seq: int) -> object:
+        scope.cancel()  # the host gives up while start writes its first checkpoint
+        return await real_capture(seq)
+
+    durable._capture = capture  # type: ignore[method-assign]
+    with scope:
+        async with rt:
+            pytest.fail("the runtime started inside a cancelled scope")
+    assert scope.cancelled_caught
+    assert durable.log is None and durable._lock is None
+    lock = DirectoryLock(directory)
+    lock.acquire()
+    lock.release()
