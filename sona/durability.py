@@ -111,7 +111,7 @@ class Durability:
         self.writer: LogWriter[Ticket] | None = None
         self._lock: DirectoryLock | None = None
         self._replay = _Replay()
-        self._restored_here = False
+        self._passed_over: set[int] = set()  # newer checkpoints a restore could not read
         self._write_lock: anyio.Lock | None = None
         self._thread = anyio.CapacityLimiter(1)  # not a slot of the host's default limiter
         self._loops_active = False  # between start() and close(): capture inside Background
@@ -134,12 +134,7 @@ class Durability:
     def _open_sync(self) -> None:
         directory = self.dir
         assert directory is not None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise _not_a_directory(directory) from None
-        lock = DirectoryLock(directory)
-        lock.acquire()
+        lock = _lock_directory(directory)
         try:
             remove_temporaries(directory)
             micro = self.rt.config.micro_lora
@@ -162,18 +157,50 @@ class Durability:
 
     def _adopt(self, directory: Path, log: SampleLog) -> None:
         """Continue this run's directory, or claim a fresh one; never another run's."""
-        existing = list_checkpoints(directory)
-        if existing:
-            self.seq = existing[0][0] + 1
-        if self._restored_here:
+        self._claim(directory)
+        if self.kept:
             if log.get_meta("run_id") not in (None, self.run_id):
                 raise CheckpointDirError(f"{log.path}: the sample log belongs to another run")
-        elif existing or log.count() > 0:
-            raise CheckpointDirError(
-                f"{directory}: checkpoint_dir holds the state of an earlier run; continue it "
-                "with SonaRuntime.restore(checkpoint_dir) or choose an empty directory"
-            )
+        elif log.count() > 0:
+            raise _earlier_run(directory)
         log.set_meta("run_id", self.run_id)
+
+    def _claim(self, directory: Path) -> None:
+        """With the directory locked: check that this runtime may write the next checkpoint
+        into it, and number that checkpoint after every one the directory holds.
+
+        A runtime that has no checkpoint in the directory (it neither restored from it nor
+        wrote into it) may claim it only empty. One that has may continue it only if no other
+        runtime did meanwhile: a checkpoint newer than this runtime's newest (other than the
+        unreadable ones its restore passed over) was written by a runtime that restored the
+        directory after this one, and writing there would prune that runtime's checkpoints
+        and replace its state with an older one."""
+        existing = list_checkpoints(directory)
+        if not self.kept:
+            if existing:
+                raise _earlier_run(directory)
+            return
+        own = max(k.seq for k in self.kept)
+        newer = [n for n, _ in existing if n > own and n not in self._passed_over]
+        if newer:
+            raise CheckpointDirError(
+                f"{directory}: another runtime continued checkpoint_dir after this one (it "
+                f"wrote {checkpoint_name(max(newer))}); restore the directory to continue it"
+            )
+        if existing:
+            self.seq = max(self.seq, existing[0][0] + 1)
+
+    def _lock_for_write(self) -> DirectoryLock:
+        """Lock and claim the directory for one checkpoint written before start or after stop,
+        when this runtime does not hold it."""
+        assert self.dir is not None
+        lock = _lock_directory(self.dir)
+        try:
+            self._claim(self.dir)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def start(self, tg: Any) -> None:
         """Start the log writer and the periodic checkpoints in the runtime's task group."""
@@ -265,7 +292,12 @@ class Durability:
 
     async def checkpoint(self, path: Any = None) -> Path:
         """Capture, encode, verify and write a checkpoint; into the directory when ``path`` is
-        None (then older checkpoints are pruned and the log truncated)."""
+        None (then older checkpoints are pruned and the log truncated).
+
+        Writing into the directory needs its lock. A runtime holds it from start to stop;
+        before start or after stop it takes the lock for this one checkpoint, and raises
+        CheckpointDirError when another runtime holds it or has continued the directory since
+        (see :meth:`_claim`): pruning would delete that runtime's checkpoints."""
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a path or None, got {type(path).__name__}")
         if path is None and self.dir is None:
@@ -276,19 +308,28 @@ class Durability:
         if self._write_lock is None:
             self._write_lock = anyio.Lock()
         async with self._write_lock:
-            seq = self.seq
-            captured = await self._capture(seq)
             into_dir = target is None
-            if target is None:
-                assert self.dir is not None
-                target = self.dir / checkpoint_name(seq)
-                self.seq = seq + 1
-            size = await anyio.to_thread.run_sync(
-                _write_verified, captured, target, limiter=self._thread
-            )
-            if into_dir:
-                self.kept.append(_Kept(seq, target, captured.log_sequence))
-                await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
+            borrowed = None
+            if into_dir and self._lock is None:
+                borrowed = await anyio.to_thread.run_sync(
+                    self._lock_for_write, limiter=self._thread
+                )
+            try:
+                seq = self.seq
+                captured = await self._capture(seq)
+                if target is None:
+                    assert self.dir is not None
+                    target = self.dir / checkpoint_name(seq)
+                    self.seq = seq + 1
+                size = await anyio.to_thread.run_sync(
+                    _write_verified, captured, target, limiter=self._thread
+                )
+                if into_dir:
+                    self.kept.append(_Kept(seq, target, captured.log_sequence))
+                    await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
+            finally:
+                if borrowed is not None:
+                    borrowed.release()
         self.rt.events.publish(
             CheckpointWritten(path=str(target), bytes=size, log_sequence=captured.log_sequence)
         )
@@ -378,6 +419,25 @@ def _directory(checkpoint_dir: str | os.PathLike[str]) -> Path:
     return directory
 
 
+def _lock_directory(directory: Path) -> DirectoryLock:
+    """Create ``directory`` if needed and lock it; CheckpointDirError if another runtime holds
+    it or a file is in the way."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise _not_a_directory(directory) from None
+    lock = DirectoryLock(directory)
+    lock.acquire()
+    return lock
+
+
+def _earlier_run(directory: Path) -> CheckpointDirError:
+    return CheckpointDirError(
+        f"{directory}: checkpoint_dir holds the state of an earlier run; continue it "
+        "with SonaRuntime.restore(checkpoint_dir) or choose an empty directory"
+    )
+
+
 def _not_a_directory(directory: Path) -> CheckpointDirError:
     return CheckpointDirError(
         f"checkpoint_dir {directory} is not a directory (a file is in the way)"
@@ -449,9 +509,9 @@ def restore_runtime(
     d = rt._durable
     d.run_id = state.run_id
     same = checkpoint_dir is not None and source.is_dir() and _same_dir(source, checkpoint_dir)
-    d._restored_here = same
     if same:
         d.kept = [_Kept(state.checkpoint_seq, Path(state.path), state.log_sequence)]
+        d._passed_over = {n for n, _ in list_checkpoints(source) if n > state.checkpoint_seq}
     d._replay = _Replay(items, [it for it in items if not (same and it[0] in logged_ids)])
     rt.restored = RestoreInfo(
         checkpoint=Path(state.path),

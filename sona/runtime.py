@@ -805,7 +805,10 @@ class SonaRuntime:
 
         ``path`` None writes the next numbered checkpoint into ``checkpoint_dir``, prunes older
         ones and truncates the sample log; a path writes exactly there. Works before start,
-        while running (captured between two Background turns) and after stop.
+        while running (captured between two Background turns) and after stop. Before start
+        and after stop the runtime does not hold ``checkpoint_dir``: a checkpoint into it takes
+        the directory's lock for the write, and raises CheckpointDirError if another runtime
+        holds the directory or has continued it since (pruning would delete its checkpoints).
         """
         return await self._durable.checkpoint(path)
 

@@ -327,6 +327,71 @@ async def test_a_directory_holding_another_run_is_refused(tmp_path: Path) -> Non
         assert again.stats().submitted_count == 3
 
 
+async def test_checkpoint_into_a_directory_another_runtime_took_over_is_refused(
+    tmp_path: Path,
+) -> None:
+    """After stop a runtime no longer holds checkpoint_dir: checkpoint() into it refuses while
+    another runtime holds the directory, and once one has continued it (its pruning would
+    delete the newer runtime's checkpoints, and a restore would go back to the older state)."""
+    from sona.checkpoint_store import list_checkpoints
+
+    d = tmp_path / "d"
+    async with SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d) as a:
+        await play(a, Script(6).steps(10))
+    b = SonaRuntime.restore(d)
+    async with b:
+        await play(b, Script(7).steps(5))
+        await b.checkpoint()
+        files = list_checkpoints(d)
+        with pytest.raises(CheckpointDirError, match="in use"):
+            await a.checkpoint()
+        assert list_checkpoints(d) == files
+    files = list_checkpoints(d)
+    with pytest.raises(CheckpointDirError, match="another runtime continued"):
+        await a.checkpoint()
+    with pytest.raises(CheckpointDirError, match="earlier run"):
+        await SonaRuntime(cfg_dir(), seed=2, checkpoint_dir=d).checkpoint()
+    assert list_checkpoints(d) == files
+    assert SonaRuntime.restore(d).stats() == b.stats()
+    assert await a.checkpoint(tmp_path / "a.sona") == tmp_path / "a.sona"  # a file: allowed
+
+
+async def test_a_restore_the_directory_moved_on_from_is_refused_at_start(tmp_path: Path) -> None:
+    """A runtime restored from a directory that another runtime restored and continued
+    before this one started would go on from the older state and prune the newer one."""
+    d = tmp_path / "d"
+    async with SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d) as a:
+        await play(a, Script(6).steps(5))
+    stale = SonaRuntime.restore(d)
+    async with SonaRuntime.restore(d) as b:
+        await play(b, Script(7).steps(5))
+    with pytest.raises(CheckpointDirError, match="another runtime continued"):
+        async with stale:
+            pass
+    assert SonaRuntime.restore(d).stats() == b.stats()
+
+
+async def test_checkpoint_into_the_directory_before_start_and_after_stop(tmp_path: Path) -> None:
+    """Outside start..stop, checkpoint() into checkpoint_dir takes the directory's lock for
+    the write; the runtime then starts (or is restored) from the directory as usual."""
+    from sona.checkpoint_store import list_checkpoints
+
+    d = tmp_path / "d"
+    a = SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d)
+    assert (await a.checkpoint()).parent == d  # before start: claims the empty directory
+    async with a:
+        await play(a, Script(6).steps(10))
+    after = await a.checkpoint()  # after stop, nobody else used the directory
+    assert after == list_checkpoints(d)[0][1] and read(after).next_sample_id == 11
+    b = SonaRuntime.restore(d)
+    assert b.restored is not None and b.restored.checkpoint == after
+    assert b.stats() == a.stats() and same_outputs(a, b)
+    await b.checkpoint()  # restored, not started: continues the directory
+    async with b:
+        await play(b, Script(7).steps(5))
+    assert SonaRuntime.restore(d).stats() == b.stats()
+
+
 async def test_a_checkpoint_dir_that_is_empty_or_a_file_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
