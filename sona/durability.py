@@ -13,8 +13,16 @@ Guarantees, with ``checkpoint_dir`` set:
   handled: all samples at or below it are in the checkpoint's state, none above it are (those
   waiting are stored in the checkpoint too, and delivered again on restore).
 - ``restore(checkpoint_dir)`` takes the newest checkpoint that reads back intact and replays
-  every logged sample above its sequence number, with its original id, before the runtime
-  accepts new samples. Nothing acknowledged is lost, nothing consumed is applied twice.
+  the samples it holds as waiting and every sample logged after it was taken, with their
+  original ids, before the runtime accepts new samples. Nothing acknowledged is lost, nothing
+  consumed is applied twice.
+- A sample that was logged and then settled without being handled (dropped by
+  ``DROP_OLDEST``, dead-lettered, failed at a give-up) is not replayed: its caller was told so.
+  Its outcome is recorded in the log's next transaction (a group commit, milliseconds after the
+  caller hears), and restore counts it as dropped or dead-lettered. That is the one window: a
+  crash after the caller was told and before that commit replays the sample. At a give-up the
+  samples failed before the outcomes were recorded are covered by a checkpoint written at once
+  instead, so the window there lasts until that checkpoint is on disk.
 
 Without ``checkpoint_dir`` (or restoring from a checkpoint file alone) the loss window is
 everything accepted since the last checkpoint.
@@ -70,9 +78,12 @@ class RestoreInfo:
     """Where a restored runtime came from and what it replays when it starts.
 
     ``replayed`` holds the ids of the samples delivered to the Instant loop again at start, in
-    order: the ones the checkpoint held as accepted-but-unhandled, and the logged ones after
-    ``log_sequence``. Samples with an id at or below ``log_sequence`` are in the checkpoint's
-    state. ``skipped`` says why newer checkpoint files were passed over.
+    order: the ones the checkpoint held as accepted-but-unhandled, and the ones logged after it
+    was taken. Samples with an id at or below ``log_sequence`` are in the checkpoint's state;
+    any other sample accepted before it was taken and not held as unhandled had been dropped or
+    dead-lettered by then, as its counts say. Samples the log records as dropped or
+    dead-lettered are not replayed either, and count as such. ``skipped`` says why newer
+    checkpoint files were passed over.
     """
 
     checkpoint: Path
@@ -216,7 +227,26 @@ class Durability:
         async with self.rt.events.subscribe(buffer=4, kinds=(SupervisorGaveUpEvent,)) as sub:
             async for _ in sub:
                 self._loops_stopped = True
+                break
+            else:
                 return
+        await self._after_give_up()
+
+    async def _after_give_up(self) -> None:
+        """At a give-up every sample not yet handled is failed, however far it got: a restore
+        must replay none of them. Those still waiting are recorded as dropped, and a checkpoint
+        of the stopped state (which holds none of them once they are failed) covers those the
+        runtime failed before this ran."""
+        writer = self.writer
+        if writer is None:
+            return
+        for sid in self.rt._queued:
+            writer.record(sid, "dropped")
+        await writer.flush()
+        try:
+            await self.checkpoint()
+        except Exception as exc:  # the final checkpoint at stop tries again
+            _log.warning("checkpoint_failed", error=repr(exc))
 
     def _enqueue_replay(self) -> None:
         """Count what a restore brought back as accepted and not yet handled (so checkpoints
@@ -253,12 +283,21 @@ class Durability:
         ref = self.rt._instant_ref
         assert ref is not None
         for t in tickets:
-            if t.done:  # dropped (DROP_OLDEST) or failed while it was being logged
-                continue
-            try:
-                ref.tell_nowait(Process(t.sample_id, t.sample, t.module, t))
-            except Exception as exc:
-                self._drop([t], exc)
+            if not t.done:
+                try:
+                    ref.tell_nowait(Process(t.sample_id, t.sample, t.module, t))
+                    continue
+                except Exception as exc:
+                    self._drop([t], exc)
+            # dropped (DROP_OLDEST) or failed while it was being logged, or just now
+            self.settled(t.sample_id, "dropped")
+
+    def settled(self, sample_id: int, outcome: str) -> None:
+        """Record that an accepted sample ended without being handled (``"dropped"`` or
+        ``"dead_lettered"``, as its caller was told), so that a restore does not replay it
+        from the log; see the module docstring for the window until the record commits."""
+        if self.writer is not None:
+            self.writer.record(sample_id, outcome)
 
     def _on_failed(self, tickets: list[Ticket], error: BaseException) -> None:
         if not isinstance(error, SampleLogError):
@@ -470,6 +509,7 @@ def restore_runtime(
     source = Path(path)
     skipped: list[str] = []
     log_items: list[tuple[int, TrainingSample, TargetModule | None]] = []
+    outcomes: dict[int, str] = {}
     if source.is_dir():
         state, skipped = newest_valid(source)
         log_path = source / LOG_FILE
@@ -485,6 +525,7 @@ def restore_runtime(
                         f"{log_path}: the sample log belongs to another run than {state.path}"
                     )
                 log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
+                outcomes = log.outcomes_after(state.log_sequence)
             finally:
                 log.close()
         if checkpoint_dir is _SAME:
@@ -499,13 +540,28 @@ def restore_runtime(
     if skipped:
         _log.warning("checkpoints_skipped", directory=str(source), reasons=skipped)
     logged_ids = {sid for sid, _, _ in log_items}
+    queued_ids = {sid for sid, _, _ in state.queued}
+
+    def after_capture(sid: int) -> bool:
+        """Waiting when the checkpoint was taken, or accepted after: what the checkpoint's
+        state and counts do not hold. Every other sample accepted before it was settled."""
+        return sid in queued_ids or sid >= state.next_sample_id
+
     merged = {sid: (sid, s, m) for sid, s, m in state.queued}
-    merged.update({sid: (sid, s, m) for sid, s, m in log_items})
-    items = [merged[sid] for sid in sorted(merged)]
+    merged.update({sid: (sid, s, m) for sid, s, m in log_items if after_capture(sid)})
+    settled = {sid: outcome for sid, outcome in outcomes.items() if after_capture(sid)}
+    items = [merged[sid] for sid in sorted(merged) if sid not in settled]
     rt = cls(cfg, embedder=embedder, seed=state.seed, checkpoint_dir=checkpoint_dir, chaos=chaos)
     ckpt.install(rt, state)
-    if items:
-        rt._ids = ckpt.SampleIds(max(state.next_sample_id, items[-1][0] + 1))
+    last = max((*merged, *settled), default=0)
+    if last >= state.next_sample_id:
+        rt._ids = ckpt.SampleIds(last + 1)
+    for outcome in settled.values():  # accepted, and told dropped or dead-lettered
+        rt.submitted += 1
+        if outcome == "dead_lettered":
+            rt.dead_lettered += 1
+        else:
+            rt.dropped += 1
     d = rt._durable
     d.run_id = state.run_id
     same = checkpoint_dir is not None and source.is_dir() and _same_dir(source, checkpoint_dir)

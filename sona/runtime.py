@@ -503,6 +503,7 @@ class SonaRuntime:
                     sample_id=victim.sample_id,
                 )
             )
+            self._durable.settled(victim.sample_id, "dropped")
             self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
             self._check_idle()
         elif self._instant.evict_oldest() is not None:
@@ -637,6 +638,7 @@ class SonaRuntime:
                         sample_id=message.sample_id,
                     )
                 )
+                self._durable.settled(message.sample_id, "dead_lettered")
                 self._signal()
 
     def _deep_dead_letter(self, message: Any, error: BaseException) -> None:

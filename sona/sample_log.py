@@ -6,6 +6,11 @@ sample id, which is also the log sequence number: a checkpoint records the highe
 effect it holds, restore replays the rows after it, and rows are deleted only below a
 checkpoint that was verified on disk.
 
+A second table, ``outcomes``, records the samples that were logged but then settled without
+being handled (dropped, dead-lettered, failed at a give-up): their callers were told so, and a
+restore must not replay them. It is created with its first row, so a log in which nothing was
+dropped has the layout older versions wrote and read.
+
 Writes never run on the event loop. :class:`LogWriter` collects the samples submitted while the
 previous transaction was being written and commits them together in a worker thread (group
 commit), so one fsync is shared by every concurrent submitter; each sample is handed on to the
@@ -38,6 +43,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)",
 )
 _TABLES = frozenset({"meta", "samples"})
+_OUTCOMES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY, outcome TEXT NOT NULL)"
+)
+OUTCOMES = frozenset({"dropped", "dead_lettered"})
 _T = TypeVar("_T")
 
 
@@ -143,13 +152,24 @@ class SampleLog:
             )
 
     # ------------------------------------------------------------------ samples
-    def append(self, rows: Sequence[tuple[int, bytes]]) -> None:
-        """Commit ``(sample id, record)`` rows in one durable transaction; ids already present
-        keep their record (a replayed sample logged again)."""
-        if not rows:
+    def append(
+        self, rows: Sequence[tuple[int, bytes]], outcomes: Sequence[tuple[int, str]] = ()
+    ) -> None:
+        """Commit ``(sample id, record)`` rows and ``(sample id, outcome)`` records (see
+        :data:`OUTCOMES`) in one durable transaction; ids already present keep their record
+        (a replayed sample logged again) and their first outcome."""
+        if not rows and not outcomes:
             return
+        statements: list[tuple[str, Sequence[tuple[Any, ...]] | None]] = []
+        if rows:
+            statements.append(("INSERT OR IGNORE INTO samples (id, record) VALUES (?, ?)", rows))
+        if outcomes:
+            statements.append((_OUTCOMES_TABLE, None))
+            statements.append(
+                ("INSERT OR IGNORE INTO outcomes (id, outcome) VALUES (?, ?)", outcomes)
+            )
         with self._lock:
-            self._write_sql("INSERT OR IGNORE INTO samples (id, record) VALUES (?, ?)", rows)
+            self._write_many(statements)
 
     def append_samples(
         self, items: Sequence[tuple[int, TrainingSample, TargetModule | None]]
@@ -206,8 +226,30 @@ class SampleLog:
             out.append((sid, sample, module))
         return out
 
+    def outcomes_after(self, sequence: int) -> dict[int, str]:
+        """The recorded outcomes of samples with an id above ``sequence``; a FormatError naming
+        the file and row for an id below 1 or an outcome no runtime records."""
+        with self._lock:
+            if not self._rows("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'", ()):
+                return {}
+            rows = self._rows(
+                "SELECT id, outcome FROM outcomes WHERE id > ? OR id < 1 ORDER BY id",
+                (int(sequence),),
+            )
+        out = {}
+        for sid, outcome in rows:
+            if sid < 1:
+                raise FormatError(
+                    f"{self.path} (outcome of sample {sid}): not a sample id (they start at 1)"
+                )
+            if outcome not in OUTCOMES:
+                raise FormatError(f"{self.path} (sample {sid}): unknown outcome {outcome!r}")
+            out[sid] = str(outcome)
+        return out
+
     def truncate_through(self, sequence: int, *, chunk: int = 256) -> int:
-        """Delete the rows with an id at or below ``sequence``; how many went.
+        """Delete the rows (and recorded outcomes) with an id at or below ``sequence``; how
+        many rows went.
 
         In transactions of at most ``chunk`` ids (about 3 ms each for 2 KB rows, against ~70 ms
         for 4096), pausing between them, so appends (and the submitters waiting on them) never
@@ -221,13 +263,21 @@ class SampleLog:
             first_pass = False
             with self._lock:
                 try:
-                    row = self._db.execute("SELECT MIN(id) FROM samples").fetchone()
+                    outcomes = "outcomes" in self._tables()
+                    row = self._db.execute(
+                        "SELECT MIN(m) FROM (SELECT MIN(id) AS m FROM samples UNION ALL "
+                        "SELECT MIN(id) FROM outcomes)"
+                        if outcomes
+                        else "SELECT MIN(id) FROM samples"
+                    ).fetchone()
                     first = row[0] if row else None
                     if first is None or first > sequence:
                         return removed
                     upto = min(int(sequence), int(first) + chunk - 1)
                     self._db.execute("BEGIN IMMEDIATE")
                     cur = self._db.execute("DELETE FROM samples WHERE id <= ?", (upto,))
+                    if outcomes:
+                        self._db.execute("DELETE FROM outcomes WHERE id <= ?", (upto,))
                     self._db.execute("COMMIT")
                 except sqlite3.Error as exc:
                     self._rollback()
@@ -258,9 +308,19 @@ class SampleLog:
             raise FormatError(f"{self.path}: reading the sample log failed: {exc}") from None
 
     def _write_sql(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        self._write_many([(sql, rows)])
+
+    def _write_many(
+        self, statements: Sequence[tuple[str, Sequence[tuple[Any, ...]] | None]]
+    ) -> None:
+        """Statements (with their rows, or None for one without parameters) in one transaction."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(sql, rows)
+            for sql, rows in statements:
+                if rows is None:
+                    self._db.execute(sql)
+                else:
+                    self._db.executemany(sql, rows)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -275,8 +335,8 @@ class SampleLog:
 
 
 def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
-    """(rows, first id, last id, rows above ``after``) of a sample log, read without creating,
-    changing or removing any file.
+    """(rows, first id, last id, rows above ``after`` without a recorded outcome, which a
+    restore would replay) of a sample log, read without creating, changing or removing any file.
 
     Even a read-only connection to a WAL database creates the ``-wal`` and ``-shm`` files when
     they are missing, and cannot remove them when it closes. With both present (a runtime has
@@ -303,7 +363,10 @@ def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
         raise FormatError(f"{p}: cannot open the sample log: {exc}") from None
     try:
         row = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM samples").fetchone()
-        above = db.execute("SELECT COUNT(*) FROM samples WHERE id > ?", (int(after),)).fetchone()
+        sql = "SELECT COUNT(*) FROM samples WHERE id > ?"
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'").fetchone():
+            sql += " AND id NOT IN (SELECT id FROM outcomes)"
+        above = db.execute(sql, (int(after),)).fetchone()
     except sqlite3.Error as exc:
         raise FormatError(f"{p}: not a readable sona sample log: {exc}") from None
     finally:
@@ -326,6 +389,9 @@ class LogWriter(Generic[_T]):
     everything queued, encodes and commits it in a worker thread, then calls ``on_logged`` with
     the tokens in submission order, or ``on_failed`` with them and the error. A transaction in
     progress is finished even if the task is cancelled, so a sample is never half-handled.
+    :meth:`record` queues an outcome the same way; it goes into the next transaction. The
+    outcomes of a transaction that failed go again with the next one, which only new samples or
+    outcomes start (a log that keeps failing is not retried in a loop).
     """
 
     def __init__(
@@ -341,6 +407,10 @@ class LogWriter(Generic[_T]):
         self._on_failed = on_failed
         self._max_batch = max_batch
         self._queue: deque[tuple[int, TrainingSample, TargetModule | None, _T]] = deque()
+        self._outcomes: list[tuple[int, str]] = []
+        self._held: list[tuple[int, str]] = []  # from a failed transaction, for the next one
+        self.recorded_total = 0
+        self.recorded_done = 0
         self._wake: anyio.Event | None = None
         self._progress: anyio.Event | None = None
         self.queued_total = 0
@@ -357,6 +427,13 @@ class LogWriter(Generic[_T]):
         if self._wake is not None:
             self._wake.set()
 
+    def record(self, sample_id: int, outcome: str) -> None:
+        """Queue the outcome of a sample that was put here (see :data:`OUTCOMES`)."""
+        self._outcomes.append((sample_id, outcome))
+        self.recorded_total += 1
+        if self._wake is not None:
+            self._wake.set()
+
     @property
     def backlog(self) -> int:
         """Samples put but not yet committed (or failed)."""
@@ -365,41 +442,53 @@ class LogWriter(Generic[_T]):
     async def run(self) -> None:
         queue = self._queue
         while True:
-            while not queue:
+            while not queue and not self._outcomes:
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 self._wake = None
             n = min(len(queue), self._max_batch)
             batch = [queue.popleft() for _ in range(n)]
+            new = len(self._outcomes)
+            outcomes = self._held + self._outcomes
+            self._held, self._outcomes = [], []
             with anyio.CancelScope(shield=True):
                 try:
-                    await anyio.to_thread.run_sync(self._write, batch, limiter=self._thread)
+                    await anyio.to_thread.run_sync(
+                        self._write, batch, outcomes, limiter=self._thread
+                    )
                 except Exception as exc:
-                    self._finish(n)
+                    self._held = outcomes
+                    self._finish(n, new)
                     self._on_failed([item[3] for item in batch], exc)
                     continue
-                self._finish(n)
+                self._finish(n, new)
                 self._on_logged([item[3] for item in batch])
 
-    def _finish(self, n: int) -> None:
+    def _finish(self, n: int, recorded: int) -> None:
         self.done_total += n
+        self.recorded_done += recorded
         self.batches += 1
         if self._progress is not None:
             self._progress.set()
             self._progress = None
 
-    def _write(self, batch: list[tuple[int, TrainingSample, TargetModule | None, _T]]) -> None:
+    def _write(
+        self,
+        batch: list[tuple[int, TrainingSample, TargetModule | None, _T]],
+        outcomes: list[tuple[int, str]],
+    ) -> None:
         t0 = time.perf_counter_ns()
         try:
             rows = [(sid, encode_sample(s, m)) for sid, s, m, _ in batch]
-            self.log.append(rows)
+            self.log.append(rows, outcomes)
         finally:
             self.write_ns += time.perf_counter_ns() - t0
 
     async def flush(self) -> None:
-        """Wait until everything put so far is committed (or failed)."""
+        """Wait until everything put or recorded so far is committed (or failed)."""
         target = self.queued_total
-        while self.done_total < target:
+        recorded = self.recorded_total
+        while self.done_total < target or self.recorded_done < recorded:
             if self._progress is None:
                 self._progress = anyio.Event()
             await self._progress.wait()

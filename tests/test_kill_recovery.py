@@ -8,11 +8,16 @@ the newest checkpoint (at or below its log sequence) or replayed from the log by
 next child continues from the same directory. At the end the parent restores once more, runs
 the replay and checks that ids 1..N were each applied exactly once.
 
-Run as ``python tests/test_kill_recovery.py child DIR SEED`` to be the child.
+A second test kills a child whose callers were mostly told their samples were dropped
+(``DROP_OLDEST`` with a one-sample bound): restore must replay none of those.
+
+Run as ``python tests/test_kill_recovery.py child DIR SEED`` (or ``dropping DIR``) to be the
+child.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -74,6 +79,55 @@ def _child(directory: str, seed: int) -> None:
             async with anyio.create_task_group() as tg:
                 for k in range(WORKERS):
                     tg.start_soon(worker, k)
+
+    anyio.run(main)
+
+
+def _dropping_child(directory: str) -> None:
+    """Three producers against a one-sample bound under DROP_OLDEST; prints every answer, waits
+    until the log holds everything it was told, then dies by SIGKILL (no final checkpoint)."""
+    from sona.actors import OverflowPolicy
+
+    from sona.config import SonaLlmConfig
+    from sona.lora_config import MicroLoraConfig
+    from sona.runtime import SonaRuntime
+    from sona.sample import TrainingSample
+
+    config = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(DIM),
+        background_interval_ms=1000,
+        background_min_samples=1,
+        max_pending_samples=1,
+        overflow=OverflowPolicy.DROP_OLDEST,
+        checkpoint_interval_s=3600.0,
+        deep_trigger_threshold=1e9,
+    )
+
+    async def main() -> None:
+        rng = np.random.default_rng(5)
+        samples = [
+            TrainingSample(
+                rng.standard_normal(DIM).astype(np.float32),
+                rng.standard_normal(DIM).astype(np.float32),
+                0.9,
+            )
+            for _ in range(300)
+        ]
+        async with SonaRuntime(config, seed=1, checkpoint_dir=directory) as rt:
+
+            async def producer(k: int) -> None:
+                for sample in samples[k::3]:
+                    res = await rt.submit(sample)
+                    print("applied" if res.applied else "dropped", res.sample_id, flush=True)
+
+            async with anyio.create_task_group() as tg:
+                for k in range(3):
+                    tg.start_soon(producer, k)
+            await rt.drain()
+            writer = rt._durable.writer
+            assert writer is not None
+            await writer.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     anyio.run(main)
 
@@ -186,5 +240,43 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_sample(tmp_path: Path) 
     print(f"{KILLS} kills, {len(acked)} acknowledged, ids 1..{n} applied exactly once")
 
 
+def test_samples_told_dropped_are_not_replayed_after_sigkill(tmp_path: Path) -> None:
+    from sona.runtime import SonaRuntime
+
+    directory = tmp_path / "state"
+    proc = subprocess.run(
+        [sys.executable, __file__, "dropping", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    told = {"applied": set(), "dropped": set()}
+    for line in proc.stdout.splitlines():
+        word, sid = line.split()
+        told[word].add(int(sid))
+    applied, dropped = told["applied"], told["dropped"]
+    assert len(applied) + len(dropped) == 300 and len(dropped) > 100
+
+    rt = SonaRuntime.restore(directory)
+    info = rt.restored
+    assert info is not None
+    assert not set(info.replayed) & dropped
+    assert set(info.replayed) | set(range(1, info.log_sequence + 1)) >= applied
+
+    async def finish() -> object:
+        async with rt:
+            await rt.drain()
+            return rt.stats()
+
+    stats = anyio.run(finish)
+    # as the callers were told: each applied once, the dropped ones counted as dropped
+    assert stats.instant_count + stats.skipped_count == len(applied)  # type: ignore[attr-defined]
+    assert stats.dropped_samples == len(dropped)  # type: ignore[attr-defined]
+    assert stats.submitted_count == 300  # type: ignore[attr-defined]
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "child":
     _child(sys.argv[2], int(sys.argv[3]))
+elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "dropping":
+    _dropping_child(sys.argv[2])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from typing import Any
+
 import anyio
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from runtime_helpers import Q, identity_holds, small_config, target_samples
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SupervisorGaveUp
 
 from sona.config import Chaos, SupervisionConfig
+from sona.events import CheckpointWritten
 from sona.runtime import SonaRuntime
 from sona.simulator import DomainWorld
 
@@ -183,3 +188,68 @@ async def test_dead_lettered_automatic_deep_run_does_not_stop_later_ones() -> No
                         for s in samples[:40]:
                             await rt.submit(s)
     assert lost >= 3
+
+
+async def test_dead_lettered_samples_are_not_replayed_after_a_crash(tmp_path: Path) -> None:
+    """The caller of a dead-lettered sample was told it was not learned from: a restore after a
+    crash counts it as dead-lettered again instead of feeding it to the Instant loop."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=7), 0, 12)
+    state = tmp_path / "state"
+    async with SonaRuntime(small_config(), seed=1, checkpoint_dir=state) as rt:
+        inst = rt._instant
+        real = inst.process
+
+        def process(sample_id: int, *args: Any) -> Any:
+            if sample_id == 6:
+                raise RuntimeError("this sample crashes the Instant loop")
+            return real(sample_id, *args)
+
+        inst.process = process  # type: ignore[method-assign]
+        results = [await rt.submit(s) for s in samples]
+        assert [r.sample_id for r in results if not r.applied] == [6]
+        assert "dead-lettered" in results[5].notes[0]
+        writer = rt._durable.writer
+        assert writer is not None
+        await writer.flush()
+        shutil.copytree(state, tmp_path / "crash")  # what a crash now would leave
+        before = rt.stats()
+    again = SonaRuntime.restore(tmp_path / "crash")
+    assert again.restored is not None and 6 not in again.restored.replayed
+    async with again:
+        await again.drain()
+        st = again.stats()
+    assert (st.submitted_count, st.instant_count, st.dead_lettered) == (12, 11, 1)
+    assert st.instant_count == before.instant_count and identity_holds(st)
+
+
+async def test_samples_failed_at_a_give_up_are_not_replayed_after_a_crash(tmp_path: Path) -> None:
+    """Samples logged and then failed because the supervisor gave up were reported to their
+    callers as failed: a restore after a crash must not learn from them."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=8), 0, 12)
+    cfg = small_config(
+        supervision=SupervisionConfig(max_restarts=0, backoff_min_s=0.0, backoff_max_s=0.001)
+    )
+    state = tmp_path / "state"
+    rt = SonaRuntime(cfg, seed=1, checkpoint_dir=state, chaos=Chaos(crash_probability=0.0))
+    async with rt:
+        for s in samples[:5]:
+            assert (await rt.submit(s)).applied
+        async with rt.subscribe(CheckpointWritten) as written:
+            rt._chaos = Chaos(crash_probability=1.0, loops=("instant",), seed=0)
+            for s in samples[5:]:
+                rt.submit_nowait(s)
+            with anyio.fail_after(10):
+                while not rt.gave_up:
+                    await anyio.sleep(0.01)
+                async for _ in written:  # the stopped state, written at the give-up
+                    break
+        shutil.copytree(state, tmp_path / "crash")  # what a crash now would leave
+        before = rt.stats()
+    assert before.instant_count == 5
+    again = SonaRuntime.restore(tmp_path / "crash")
+    assert again.restored is not None and again.restored.replayed == ()
+    async with again:
+        await again.drain()
+        st = again.stats()
+    assert (st.submitted_count, st.instant_count) == (12, 5)
+    assert st.dropped_samples + st.dead_lettered == 7 and identity_holds(st)

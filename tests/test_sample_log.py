@@ -125,6 +125,22 @@ def test_log_rows_survive_reopening_and_truncation_is_exact(tmp_path: Path) -> N
     again.close()
 
 
+def test_outcomes_commit_with_the_rows_and_are_truncated_with_them(tmp_path: Path) -> None:
+    path = tmp_path / LOG_FILE
+    log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+    log.append_samples([(i, s, m) for i, (s, m) in enumerate(every_kind(), start=1)])
+    assert log.outcomes_after(0) == {}
+    assert tables(path)[0] == ["meta", "samples"]  # the table comes with its first outcome
+    log.append([], [(3, "dropped"), (9, "dead_lettered")])
+    log.append([], [(3, "dead_lettered")])  # the first outcome recorded stays
+    assert log.outcomes_after(0) == {3: "dropped", 9: "dead_lettered"}
+    assert log.outcomes_after(3) == {9: "dead_lettered"}
+    assert log_summary(path, 0) == (7, 1, 7, 6)  # ids 1..7, one of them not to replay
+    assert log.truncate_through(5) == 5
+    assert log.outcomes_after(0) == {9: "dead_lettered"}
+    log.close()
+
+
 def test_a_foreign_or_mismatched_log_is_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"this is not a database, not even close" * 100)
@@ -203,7 +219,7 @@ async def test_a_failing_log_refuses_the_sample_and_changes_nothing(
         before = rt.forward(probe, TargetModule.Q_PROJ)
         stats = rt.stats()
 
-        def disk_full(self: SampleLog, rows: Any) -> None:
+        def disk_full(self: SampleLog, *rows: Any) -> None:
             raise SampleLogError("database or disk is full")
 
         monkeypatch.setattr(SampleLog, "append", disk_full)
@@ -331,4 +347,16 @@ def test_a_logged_sample_for_a_module_not_targeted_is_refused_on_restore(tmp_pat
     with pytest.raises(
         FormatError, match=rf"{LOG_FILE} \(sample {ids[2]}\): names module k_proj, not targeted"
     ):
+        SonaRuntime.restore(d)
+
+
+def test_an_unknown_outcome_is_named_on_restore(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    ids = restorable(d)
+    db = sqlite3.connect(d / LOG_FILE)
+    db.execute("CREATE TABLE outcomes (id INTEGER PRIMARY KEY, outcome TEXT NOT NULL)")
+    db.execute("INSERT INTO outcomes VALUES (?, 'forgotten')", (ids[1],))
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {ids[1]}\): unknown outcome"):
         SonaRuntime.restore(d)
