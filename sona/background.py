@@ -32,7 +32,7 @@ from sona.lora_config import TargetModule
 from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
-from sona.replay import ReplayPool
+from sona.replay import ReplayPool, rating_only
 from sona.results import BackgroundResult
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
@@ -182,11 +182,17 @@ class BackgroundLoop:
                 members = np.flatnonzero(labels == label)
                 adapter = ensemble.get(label)
                 adapter = adapter.clone() if adapter is not None else _zero_like(old.base, label)
-                self._relearn(adapter, pool, members, np.ones(len(members)), rejected)
+                # without EWC++'s pull: its anchor is the shared adapter's, which ENSEMBLE leaves
+                # alone; routing keeps the clusters' adapters apart instead
+                self._relearn(
+                    adapter, pool, members, np.ones(len(members)), rejected, protect=False
+                )
                 ensemble[int(label)] = adapter
             notes.append(f"trained {len(trained)} cluster adapters")
+            _note_rating_only(samples, strategy, notes)
             return Published(old.base, ensemble, centroids), rejected
         weights = _strategy_weights(strategy, samples)
+        _note_rating_only(samples, strategy, notes)
         base = old.base.clone()
         used = sum(1 for w in weights if w > 0)
         if strategy is ConsolidationStrategy.BEST_ONLY:
@@ -201,6 +207,8 @@ class BackgroundLoop:
         idx: np.ndarray,
         weights: np.ndarray,
         rejected: list[str],
+        *,
+        protect: bool = True,
     ) -> None:
         """Mini-batch steps at instant_lr per sample on the pool's samples ``idx``: the weighted
         mean gradient of each batch, applied once per sample it holds, then an EWC++ proximal
@@ -211,7 +219,7 @@ class BackgroundLoop:
         batch_of = pool.batch
         if batch_of is not None:
             keep = (weights > 0.0) & ~(batch_of.gated[idx] & (batch_of.qualities[idx] < threshold))
-            lam = cfg.training.ewc_lambda
+            lam = cfg.training.ewc_lambda if protect else 0.0
             notes = adapter.relearn(
                 batch_of, idx[keep], weights[keep], cfg.instant_lr,
                 max_norm=cfg.training.max_grad_norm, mini_batch=MINI_BATCH,
@@ -231,19 +239,20 @@ class BackgroundLoop:
             if adapter.adapt(s.input_embedding, fb, s.module, weight=w):
                 batch += 1
             if batch == MINI_BATCH:
-                self._apply(adapter, batch, rejected)
+                self._apply(adapter, batch, rejected, protect)
                 batch = 0
         if batch:
-            self._apply(adapter, batch, rejected)
+            self._apply(adapter, batch, rejected, protect)
 
-    def _apply(self, adapter: MicroLoRA, batch: int, rejected: list[str]) -> None:
+    def _apply(self, adapter: MicroLoRA, batch: int, rejected: list[str], protect: bool) -> None:
         cfg = self.config
         if not adapter.apply_updates(
             cfg.instant_lr * batch, max_norm=cfg.training.max_grad_norm * batch
         ):
             rejected.append(adapter.last_note or "update rejected")
             return
-        self._prox(adapter, cfg.instant_lr * batch, [])
+        if protect:
+            self._prox(adapter, cfg.instant_lr * batch, [])
 
     def _prox(self, adapter: MicroLoRA, lr_total: float, notes: list[str]) -> None:
         lam = self.config.training.ewc_lambda
@@ -320,6 +329,8 @@ class BackgroundLoop:
                 f"(quality_delta {delta:.4f})"
             )
             return False
+        if delta is None:
+            notes.append("installed unchecked: no held-out sample had a measurable objective")
         current = self.published
         if outcome.version == self.version:
             self.bank = outcome.bank
@@ -395,9 +406,23 @@ def _strategy_weights(
     if strategy is ConsolidationStrategy.BEST_ONLY:
         k = max(1, math.ceil(BEST_FRACTION * n))
         weights = np.zeros(n)
-        weights[np.argsort(-q, kind="stable")[:k]] = 1.0
+        weights[np.lexsort((-np.arange(n), -q))[:k]] = 1.0  # equal ratings: the newest first
         return [float(w) for w in weights]
     return [1.0] * n
+
+
+def _note_rating_only(
+    samples: Sequence[TrainingSample], strategy: ConsolidationStrategy, notes: list[str]
+) -> None:
+    """Quality-only samples rate noise the live adapter explored; a strategy that re-learns
+    from the samples on another adapter cannot step on them, so what the Instant loop learned
+    from them is not carried into the consolidated state (EWC_MERGE folds it in)."""
+    n = sum(map(rating_only, samples))
+    if n:
+        notes.append(
+            f"{strategy.value}: {n} quality-only samples cannot be re-learned (their exploration "
+            "belonged to the live adapter); what the Instant loop learned from them is not kept"
+        )
 
 
 def _zero_like(template: MicroLoRA, label: int) -> MicroLoRA:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sona.config import SonaLlmConfig
+from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.errors import InvalidInputError
 from sona.kernels.update import vec_sq_norm_finite
 from sona.lora import MicroLoRA
@@ -25,7 +25,7 @@ from sona.lora_config import TargetModule
 from sona.objective import hold_out_newest, mean_loss, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
-from sona.replay import ReplayPool
+from sona.replay import ReplayPool, rating_only
 from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
@@ -122,17 +122,32 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     xs = stack_rows([s.input_embedding for s in train], cfg.micro_lora.in_features)
     pool = ReplayPool(train, xs, cfg.micro_lora.out_features, cfg.micro_lora.target_modules)
     threshold = cfg.training.quality_threshold
-    usable = np.array([i for i, s in enumerate(train) if s.quality >= threshold], np.int64)
-    if len(usable) < len(train):
-        notes.append(f"{len(train) - len(usable)} kept samples below quality_threshold skipped")
-    base = _train_members(old.base, pool, usable, cfg, pipeline, rng)
+    below = [i for i, s in enumerate(train) if s.quality < threshold]
+    if below:
+        notes.append(f"{len(below)} kept samples below quality_threshold skipped")
+    rated_only = [i for i, s in enumerate(train) if s.quality >= threshold and rating_only(s)]
+    if rated_only:
+        notes.append(
+            f"{len(rated_only)} quality-only samples cannot be replayed: the exploration they "
+            "rate belonged to the live adapter"
+        )
+    skip = set(below) | set(rated_only)
+    usable = np.array([i for i in range(len(train)) if i not in skip], np.int64)
     ensemble: dict[int, MicroLoRA] = {}
     centroids = old.centroids
-    if old.ensemble:
+    if cfg.consolidation_strategy is ConsolidationStrategy.ENSEMBLE:
+        # Inference adds the shared adapter and an input's cluster adapter; under ENSEMBLE the
+        # cluster adapters carry what was learned, so the shared one is left as it is (trained
+        # toward the same targets, the two would add up to twice the correction). EWC++'s
+        # anchor is the shared adapter's: cluster adapters, which routing keeps apart, are
+        # replayed without the proximal pull toward it.
+        base = old.base.clone()
         labels = bank.assign_many(xs[usable]) if len(usable) else np.empty(0, np.intp)
         for label, adapter in old.ensemble.items():
             rows = usable[labels == label]
-            ensemble[label] = _train_members(adapter, pool, rows, cfg, pipeline, rng)
+            ensemble[label] = _train_members(adapter, pool, rows, cfg, None, rng)
+    else:
+        base = _train_members(old.base, pool, usable, cfg, pipeline, rng)
     if train:
         bank.refine(xs)
         mapping = bank.merge_and_prune()
@@ -166,11 +181,11 @@ def _train_members(
     pool: ReplayPool,
     rows: np.ndarray,
     cfg: SonaLlmConfig,
-    pipeline: TrainingPipeline,
+    pipeline: TrainingPipeline | None,
     rng: np.random.Generator,
 ) -> MicroLoRA:
     """``MEMBERS`` copies of ``start`` trained on the pool's ``rows`` in their own shuffled
-    orders, merged exactly."""
+    orders (under EWC++ when ``pipeline`` is given), merged exactly."""
     if not len(rows):
         return start.clone()
     members = []
@@ -191,14 +206,14 @@ def _epoch(
     rows: np.ndarray,
     lr: float,
     cfg: SonaLlmConfig,
-    pipeline: TrainingPipeline,
+    pipeline: TrainingPipeline | None,
 ) -> None:
     """One pass over the pool's ``rows`` in that order: one kernel call when the adapter and
     the samples allow it, else sample by sample (the same steps)."""
-    lam = cfg.training.ewc_lambda
+    lam = cfg.training.ewc_lambda if pipeline is not None else 0.0
     max_norm = cfg.training.max_grad_norm
     if pool.batch is not None:
-        ewc = pipeline.replay_ewc(adapter) if lam > 0.0 else None
+        ewc = pipeline.replay_ewc(adapter) if pipeline is not None and lam > 0.0 else None
         if adapter.replay(
             pool.batch, rows, lr, max_norm=max_norm, ewc=ewc, ewc_every=EWC_EVERY, ewc_lambda=lam
         ):
@@ -214,10 +229,10 @@ def _epoch(
             continue
         since += 1
         if since == EWC_EVERY:
-            if lam > 0.0:
+            if pipeline is not None and lam > 0.0:
                 pipeline.prox_step(adapter, 2.0 * lr * lam * since)
             since = 0
-    if since and lam > 0.0:
+    if since and pipeline is not None and lam > 0.0:
         pipeline.prox_step(adapter, 2.0 * lr * lam * since)
 
 

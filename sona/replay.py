@@ -115,6 +115,13 @@ class ReplayBatch:
         return cls(xs, vecs, modes, targets, weights, qualities, gated, modules)
 
 
+def rating_only(sample: TrainingSample) -> bool:
+    """Quality-only feedback: a rating of noise the live adapter explored, which only that
+    adapter can turn into a step (another adapter never explored the input)."""
+    fb = sample.feedback
+    return fb is not None and fb.kind is FeedbackKind.QUALITY
+
+
 class ReplayPool:
     """Samples a loop learns from in several passes and, when every one of them can be stepped
     by the replay kernels, their :class:`ReplayBatch`, built once for all the passes."""
