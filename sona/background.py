@@ -96,9 +96,9 @@ class BackgroundLoop:
         return pending + len(self.carry) >= self.config.background_min_samples
 
     # ------------------------------------------------------------------ consolidation
-    def consolidate(self, hand: HandOver) -> Consolidation:
+    def consolidate(self, hand: HandOver, *, hold_back: bool = True) -> Consolidation:
         """:meth:`prepare` then :meth:`commit`."""
-        outcome = self.prepare(hand)
+        outcome = self.prepare(hand, hold_back=hold_back)
         self.commit(outcome)
         return outcome
 
@@ -114,12 +114,22 @@ class BackgroundLoop:
         self.runs += 1
         self.consolidated += len(outcome.consumed)
 
-    def prepare(self, hand: HandOver) -> Consolidation:
-        """Compute a consolidation of ``hand`` without publishing it (see :meth:`commit`)."""
+    def prepare(self, hand: HandOver, hold_back: bool = True) -> Consolidation:
+        """Compute a consolidation of ``hand`` without publishing it (see :meth:`commit`).
+
+        ``hold_back=False`` (the consolidation that closes a task) consumes every sample,
+        those held back earlier included: they belong to the task that ends, and held back
+        they would be tracked and consolidated as the next task's. Nothing is left to measure
+        on, so its ``quality_delta`` is None, with a note."""
         t0 = time.perf_counter()
         notes: list[str] = []
         samples = self.carry + hand.samples
-        train, held = _split_eval(samples)
+        train, held = _split_eval(samples) if hold_back else (samples, [])
+        if not hold_back:
+            notes.append(
+                "quality_delta: not measured: the consolidation that closes a task keeps no "
+                "sample back"
+            )
         old = self.published
         # C-level loops (map with operator getters): these run once per sample
         train_samples: list[TrainingSample] = list(map(_second, train))

@@ -141,10 +141,13 @@ class SonaLlm:
         return self.run_background()
 
     def run_background(self) -> BackgroundResult:
-        """Consolidate now, whatever the interval (used by BLOCK backpressure and new tasks)."""
+        """Consolidate now, whatever the interval (used by BLOCK backpressure)."""
+        return self._consolidate(hold_back=True)
+
+    def _consolidate(self, *, hold_back: bool) -> BackgroundResult:
         self._last_background = self.clock()
         hand = self.instant.hand_over()
-        outcome = self.background.consolidate(hand)
+        outcome = self.background.consolidate(hand, hold_back=hold_back)
         if outcome.boundaries:
             self.instant.new_task()
         return outcome.result
@@ -195,9 +198,10 @@ class SonaLlm:
         return out
 
     def start_new_task(self) -> None:
-        """Consolidate what is pending into the old task, then fold its importance (EWC++)."""
-        if self.instant.pending:
-            self.run_background()
+        """Consolidate what is pending into the old task, held-back samples included, then
+        fold its importance (EWC++)."""
+        if self.instant.pending or self.background.carry:
+            self._consolidate(hold_back=False)
         self.background.start_new_task()
 
     # ------------------------------------------------------------------ statistics

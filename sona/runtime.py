@@ -671,16 +671,16 @@ class SonaRuntime:
         if self._unfinished is not None or (
             live_pending + bg.held_back > 0 and (forced or bg.ready(live_pending))
         ):
-            res = await self._consolidate()
+            res = await self._consolidate(hold_back=not new_task)
         if new_task:
             bg.start_new_task()
             self.events.publish(TaskBoundary(task_count=bg.task_count, reason="requested"))
         return res
 
-    async def _consolidate(self) -> BackgroundResult:
+    async def _consolidate(self, *, hold_back: bool = True) -> BackgroundResult:
         """Hand-over, consolidation in a worker thread, publication. A hand-over whose
         consolidation crashed is kept and finished first by the restarted loop, so its samples
-        are never lost."""
+        are never lost. ``hold_back=False`` closes a task (see ``BackgroundLoop.prepare``)."""
         bg = self._background
         if self._unfinished is None:
             ref = self._instant_ref
@@ -689,7 +689,7 @@ class SonaRuntime:
         hand = self._unfinished
         assert hand is not None
         outcome = await anyio.to_thread.run_sync(
-            run_single_blas, bg.prepare, hand, limiter=self._background_thread
+            run_single_blas, bg.prepare, hand, hold_back, limiter=self._background_thread
         )
         bg.commit(outcome)  # on the event loop: stats and forward see it all at once
         self._unfinished = None

@@ -63,9 +63,9 @@ def stall_background(rt: Any) -> threading.Event:
     bg = rt._background
     real = bg.prepare
 
-    def stalled(hand: Any) -> Any:
+    def stalled(hand: Any, *rest: Any) -> Any:
         gate.wait(30)
-        return real(hand)
+        return real(hand, *rest)
 
     bg.prepare = stalled
     return gate

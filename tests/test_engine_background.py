@@ -49,10 +49,10 @@ class Spy:
         self._inner = engine.background.consolidate
         engine.background.consolidate = self  # type: ignore[method-assign]
 
-    def __call__(self, hand: HandOver) -> Consolidation:
+    def __call__(self, hand: HandOver, *, hold_back: bool = True) -> Consolidation:
         carried = [sid for sid, _ in self.engine.background.carry]
         self.offered.append(carried + [sid for sid, _ in hand.samples])
-        out = self._inner(hand)
+        out = self._inner(hand, hold_back=hold_back)
         self.consumed.append(list(out.consumed))
         self.held.append([sid for sid, _ in self.engine.background.carry])
         return out
@@ -311,3 +311,23 @@ def test_quality_delta_is_negative_when_consolidation_makes_the_held_back_sample
     result = engine.run_background()
     assert result.evaluated_on == 3
     assert result.quality_delta is not None and result.quality_delta < 0.0
+
+
+def test_the_consolidation_that_closes_a_task_keeps_nothing_back() -> None:
+    """Held-back samples belong to the task that ends: consolidated after the boundary they
+    would be tracked and counted as the next task's."""
+    engine = SonaLlm(_config(background_min_samples=5), seed=0, clock=lambda: 0.0)
+    spy = Spy(engine)
+    rng = np.random.default_rng(3)
+    for x in rng.standard_normal((50, D)).astype(np.float32):
+        engine.adapt(x, AdaptFeedback.from_quality(0.9).with_target(0.1 * x))
+    engine.run_background()
+    assert spy.held[-1]  # an ordinary run holds the newest back to measure on
+    engine.adapt(
+        rng.standard_normal(D).astype(np.float32),
+        AdaptFeedback.from_quality(0.9).with_target(np.ones(D, np.float32)),
+    )
+    engine.start_new_task()
+    assert spy.held[-1] == [] and engine.background.carry == []
+    assert engine.stats().consolidated_count == 51
+    assert engine.stats().pending_samples == 0

@@ -316,6 +316,8 @@ def test_ewc_lambda_zero_is_plain_replay() -> None:
         engine.run_background()
         if boundary:
             engine.start_new_task()
+        else:  # the same closing consolidation (held-back samples in), without the boundary
+            engine._consolidate(hold_back=False)
         engine.deep_optimize()
         outs.append(_published(engine))
     np.testing.assert_array_equal(outs[0], outs[1])

@@ -151,7 +151,7 @@ async def test_submitters_waiting_for_room_get_the_not_running_error() -> None:
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as outer, rt:
-            rt._background.prepare = lambda hand: (_ for _ in ()).throw(RuntimeError("x"))
+            rt._background.prepare = lambda *a: (_ for _ in ()).throw(RuntimeError("x"))
             for s in _samples(30):
                 outer.start_soon(producer, s)
             await anyio.sleep(0.05)

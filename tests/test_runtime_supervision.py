@@ -119,12 +119,12 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
         real = bg.prepare
         calls = 0
 
-        def flaky(hand: object) -> object:
+        def flaky(hand: object, *rest: object) -> object:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RuntimeError("consolidation failed half-way")
-            return real(hand)  # type: ignore[arg-type]
+            return real(hand, *rest)  # type: ignore[arg-type]
 
         bg.prepare = flaky  # type: ignore[method-assign]
         result = await rt.consolidate()  # crashes once; the retry after the restart succeeds
