@@ -143,11 +143,14 @@ def run_deep(job: DeepJob) -> DeepOutcome:
         # replayed without the proximal pull toward it.
         base = old.base.clone()
         labels = bank.assign_many(xs[usable]) if len(usable) else np.empty(0, np.intp)
+        replayed = 0
         for label, adapter in old.ensemble.items():
             rows = usable[labels == label]
             ensemble[label] = _train_members(adapter, pool, rows, cfg, None, rng)
+            replayed += len(rows)
     else:
         base = _train_members(old.base, pool, usable, cfg, pipeline, rng)
+        replayed = len(usable)
     if train:
         bank.refine(xs)
         mapping = bank.merge_and_prune()
@@ -158,14 +161,13 @@ def run_deep(job: DeepJob) -> DeepOutcome:
         if merged or pruned:
             notes.append(f"pattern bank: merged {merged}, pruned {pruned} clusters")
     result = Published(base, ensemble, centroids)
-    replayed = len(usable) > 0  # cluster adapters train on subsets of these rows
     if not replayed:
-        notes.append("nothing to replay: no kept sample at or above quality_threshold")
+        notes.append("nothing to replay: no kept sample an adapter here can step on")
     delta = _delta(held, old, result, cfg.micro_lora.target_modules, notes) if replayed else None
     return DeepOutcome(
         result,
         bank,
-        samples_used=len(usable),
+        samples_used=replayed,
         epochs=cfg.deep_epochs if replayed else 0,
         quality_delta=delta,
         latency_ms=(time.perf_counter() - t0) * 1e3,
