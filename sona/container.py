@@ -134,6 +134,11 @@ def file_target(path: Any) -> Path:
     target = Path(path)
     if target.is_dir():
         raise InvalidInputError(f"path {target} is a directory; pass a file name")
+    for ancestor in target.parents:  # the nearest one that exists must be a directory
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise InvalidInputError(f"path {target}: {ancestor} is a file, not a directory")
+            break
     return target
 
 

@@ -126,7 +126,14 @@ def test_save_refuses_an_empty_path_or_a_directory_and_writes_nothing(
         lora.save("")
     with pytest.raises(TypeError, match="path must be a path"):
         lora.save(3)  # type: ignore[arg-type]
-    assert [p.name for p in tmp_path.iterdir()] == ["d"] and not any(directory.iterdir())
+    a_file = directory / "f"
+    a_file.write_bytes(b"")
+    for under_a_file in (a_file / "x.sona", a_file / "sub" / "x.sona"):
+        with pytest.raises(InvalidInputError, match=f"{a_file} is a file, not a directory"):
+            lora.save(under_a_file)  # used to raise a raw FileExistsError or NotADirectoryError
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and [
+        p.name for p in directory.iterdir()
+    ] == ["f"]
 
 
 def test_import_refuses_another_config_and_changes_nothing() -> None:
