@@ -534,6 +534,8 @@ def restore_runtime(
         state = ckpt.read(source)
         if checkpoint_dir is _SAME:
             checkpoint_dir = None
+    elif source.exists():
+        raise InvalidInputError(f"{source} is neither a checkpoint file nor a directory")
     else:
         raise InvalidInputError(f"{source}: no such checkpoint file or directory")
     cfg = ckpt.check_config(state, config)

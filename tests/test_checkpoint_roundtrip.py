@@ -477,3 +477,8 @@ async def test_samples_accepted_when_the_host_fails_are_kept(tmp_path: Path) -> 
     async with b:
         await b.drain()
         assert b.stats().instant_count + b.stats().skipped_count == accepted
+
+
+def test_restoring_from_something_that_is_neither_file_nor_directory_says_so(fifo: Path) -> None:
+    with pytest.raises(InvalidInputError, match="neither a checkpoint file nor a directory"):
+        SonaRuntime.restore(fifo)
