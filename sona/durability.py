@@ -18,6 +18,7 @@ Guarantees, with ``checkpoint_dir`` set:
   consumed is applied twice.
 - A sample that was logged and then settled without being handled (dropped by
   ``DROP_OLDEST``, dead-lettered, failed at a give-up) is not replayed: its caller was told so.
+  A ``DROP_NEWEST`` drop is never logged, but its outcome is, so a restore counts it too.
   Its outcome is recorded in the log's next transaction (a group commit, milliseconds after the
   caller hears), and restore counts it as dropped or dead-lettered. That is the one window: a
   crash after the caller was told and before that commit replays the sample. At a give-up the

@@ -481,6 +481,8 @@ class SonaRuntime:
             sid = next(self._ids)
             self.submitted += 1
             self.dropped += 1
+            # with a sample log, recorded too: a restore counts it (and never reuses its id)
+            self._durable.settled(sid, "dropped")
             self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
             return AdaptationResult(
                 applied=False,

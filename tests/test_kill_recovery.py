@@ -83,9 +83,10 @@ def _child(directory: str, seed: int) -> None:
     anyio.run(main)
 
 
-def _dropping_child(directory: str) -> None:
-    """Three producers against a one-sample bound under DROP_OLDEST; prints every answer, waits
-    until the log holds everything it was told, then dies by SIGKILL (no final checkpoint)."""
+def _dropping_child(directory: str, policy: str) -> None:
+    """Three producers against a one-sample bound under ``policy`` (DROP_OLDEST or DROP_NEWEST);
+    prints every answer, waits until the log holds everything it was told, then dies by SIGKILL
+    (no final checkpoint)."""
     from sona.actors import OverflowPolicy
 
     from sona.config import SonaLlmConfig
@@ -98,7 +99,7 @@ def _dropping_child(directory: str) -> None:
         background_interval_ms=1000,
         background_min_samples=1,
         max_pending_samples=1,
-        overflow=OverflowPolicy.DROP_OLDEST,
+        overflow=OverflowPolicy[policy],
         checkpoint_interval_s=3600.0,
         deep_trigger_threshold=1e9,
     )
@@ -240,12 +241,15 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_sample(tmp_path: Path) 
     print(f"{KILLS} kills, {len(acked)} acknowledged, ids 1..{n} applied exactly once")
 
 
-def test_samples_told_dropped_are_not_replayed_after_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["DROP_OLDEST", "DROP_NEWEST"])
+def test_samples_told_dropped_are_not_replayed_after_sigkill(policy: str, tmp_path: Path) -> None:
+    """DROP_OLDEST drops accepted samples (already logged); DROP_NEWEST drops at ingress
+    (never logged), which a restore must still count."""
     from sona.runtime import SonaRuntime
 
     directory = tmp_path / "state"
     proc = subprocess.run(
-        [sys.executable, __file__, "dropping", str(directory)],
+        [sys.executable, __file__, "dropping", str(directory), policy],
         capture_output=True,
         text=True,
         timeout=120,
@@ -278,5 +282,5 @@ def test_samples_told_dropped_are_not_replayed_after_sigkill(tmp_path: Path) -> 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "child":
     _child(sys.argv[2], int(sys.argv[3]))
-elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "dropping":
-    _dropping_child(sys.argv[2])
+elif __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "dropping":
+    _dropping_child(sys.argv[2], sys.argv[3])
