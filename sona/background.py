@@ -41,6 +41,19 @@ from sona.training import TrainingPipeline
 Predictor = Callable[[np.ndarray, TargetModule], np.ndarray]
 
 MINI_BATCH = 16
+
+
+def mini_batch(instant_lr: float) -> int:
+    """Samples per re-learning step: ``MINI_BATCH``, fewer at a high rate.
+
+    A mini-batch of k samples is applied as k steps' worth, lr·k times the mean gradient, with
+    no feedback in between; per-sample steps are scaled to a curvature of at most 1 (x over
+    max(‖x‖², 1)), so lr·k must stay below 2 or correlated samples make it overshoot and
+    diverge (measured: AVERAGE held at lr 0.1 and diverged at 0.15 with k = 16). k <= 1/lr
+    keeps it at 1 or less; at the default rates k stays 16."""
+    return max(1, min(MINI_BATCH, int(1.0 / instant_lr)))
+
+
 BEST_FRACTION = 0.2
 EVAL_FRACTION = 0.1
 MAX_EVAL = 64
@@ -227,12 +240,13 @@ class BackgroundLoop:
         cfg = self.config
         threshold = cfg.training.quality_threshold
         batch_of = pool.batch
+        k = mini_batch(cfg.instant_lr)
         if batch_of is not None:
             keep = (weights > 0.0) & ~(batch_of.gated[idx] & (batch_of.qualities[idx] < threshold))
             lam = cfg.training.ewc_lambda if protect else 0.0
             notes = adapter.relearn(
                 batch_of, idx[keep], weights[keep], cfg.instant_lr,
-                max_norm=cfg.training.max_grad_norm, mini_batch=MINI_BATCH,
+                max_norm=cfg.training.max_grad_norm, mini_batch=k,
                 ewc=self.pipeline.replay_ewc(adapter) if lam > 0.0 else None, ewc_lambda=lam,
             )  # fmt: skip
             if notes is not None:
@@ -248,7 +262,7 @@ class BackgroundLoop:
                 continue
             if adapter.adapt(s.input_embedding, fb, s.module, weight=w):
                 batch += 1
-            if batch == MINI_BATCH:
+            if batch == k:
                 self._apply(adapter, batch, rejected, protect)
                 batch = 0
         if batch:
