@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -342,22 +343,16 @@ class SonaRuntime:
         announced); with one, the final checkpoint stores them as queued, so they stay in
         flight here and a restored runtime handles them. Submitters waiting for room get the
         not-running error."""
-        tickets = [t for t in self._queued.values() if not t.done]
-        if tickets and self._durable.dir is None:
-            self._queued.clear()
-            for t in tickets:
-                self.dropped += 1
-                self._pending -= 1
-                t.resolve(
-                    _unhandled(t.sample_id, "dropped: the runtime stopped before handling it")
-                )
-            self.events.publish(SamplesDropped(count=len(tickets), stage="shutdown", policy=""))
-        else:
-            note = (
-                "not handled before the runtime stopped: the final checkpoint keeps it as queued, "
-                "and a runtime restored from checkpoint_dir handles it"
-            )
-            for t in tickets:
+        if self._durable.dir is None:
+            note = "dropped: the runtime stopped before handling it"
+            self._drop_queued("shutdown", lambda t: t.resolve(_unhandled(t.sample_id, note)))
+            return
+        note = (
+            "not handled before the runtime stopped: the final checkpoint keeps it as queued, "
+            "and a runtime restored from checkpoint_dir handles it"
+        )
+        for t in self._queued.values():
+            if not t.done:
                 t.resolve(_unhandled(t.sample_id, note))
         self._signal()
 
@@ -374,7 +369,9 @@ class SonaRuntime:
     async def _watch_give_up(self, sub: Subscription) -> None:
         async for event in sub:
             if isinstance(event, SupervisorGaveUpEvent):
-                self._fail_queued(self._gave_up_error())
+                self._drop_queued(
+                    "gave_up", functools.partial(Ticket.fail, error=self._gave_up_error())
+                )
                 return
 
     def _gave_up_error(self) -> SupervisorGaveUp:
@@ -383,16 +380,17 @@ class SonaRuntime:
             return cause.copy()
         return SupervisorGaveUp("the supervisor gave up: the learning loops are stopped")
 
-    def _fail_queued(self, error: BaseException) -> None:
-        """After a give-up, samples nobody will handle are dropped (counted and announced)."""
+    def _drop_queued(self, stage: str, answer: Callable[[Ticket], None]) -> None:
+        """Samples accepted that nobody will handle any more (after a give-up, or at stop
+        without a checkpoint_dir): dropped, counted and announced, each caller answered."""
         tickets = list(self._queued.values())
         self._queued.clear()
         for t in tickets:
             self.dropped += 1
             self._pending -= 1
-            t.fail(error)
+            answer(t)
         if tickets:
-            self.events.publish(SamplesDropped(count=len(tickets), stage="gave_up", policy=""))
+            self.events.publish(SamplesDropped(count=len(tickets), stage=stage, policy=""))
         self._signal()
 
     def _check_running(self) -> None:
