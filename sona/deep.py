@@ -122,17 +122,15 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     xs = stack_rows([s.input_embedding for s in train], cfg.micro_lora.in_features)
     pool = ReplayPool(train, xs, cfg.micro_lora.out_features, cfg.micro_lora.target_modules)
     threshold = cfg.training.quality_threshold
-    below = [i for i, s in enumerate(train) if s.quality < threshold]
-    if below:
-        notes.append(f"{len(below)} kept samples below quality_threshold skipped")
-    rated_only = [i for i, s in enumerate(train) if s.quality >= threshold and rating_only(s)]
-    if rated_only:
+    good = [i for i, s in enumerate(train) if s.quality >= threshold]
+    if len(good) < len(train):
+        notes.append(f"{len(train) - len(good)} kept samples below quality_threshold skipped")
+    usable = np.array([i for i in good if not rating_only(train[i])], np.int64)
+    if len(usable) < len(good):
         notes.append(
-            f"{len(rated_only)} quality-only samples cannot be replayed: the exploration they "
-            "rate belonged to the live adapter"
+            f"{len(good) - len(usable)} quality-only samples cannot be replayed: the exploration "
+            "they rate belonged to the live adapter"
         )
-    skip = set(below) | set(rated_only)
-    usable = np.array([i for i in range(len(train)) if i not in skip], np.int64)
     ensemble: dict[int, MicroLoRA] = {}
     centroids = old.centroids
     if cfg.consolidation_strategy is ConsolidationStrategy.ENSEMBLE:
