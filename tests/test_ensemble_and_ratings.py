@@ -4,6 +4,8 @@ ratings tie, and mini-batches that stay stable at high learning rates."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -32,25 +34,34 @@ def _rel_loss(engine: SonaLlm, x: np.ndarray, w: np.ndarray) -> float:
     return float(np.sum(err * err) / np.sum((x @ w.T) ** 2))
 
 
-def test_deep_replay_under_ensemble_improves_and_is_installed() -> None:
-    """Inference adds the shared adapter and the cluster's: Deep trains only the cluster
-    adapters (it used to train both toward the same targets, doubling the correction, so its
-    result always made things worse and was discarded)."""
-    w, rng = _world(0)
+def _two_clusters(seed: int) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
+    """A linear correction ``w`` and unit inputs drawn around two separated centres."""
+    w, rng = _world(seed)
     centers = 3 * rng.standard_normal((2, D)).astype(np.float32)
 
     def draw(n: int) -> np.ndarray:
         c = centers[rng.integers(0, 2, n)]
         return _unit(c + 0.3 * rng.standard_normal((n, D)).astype(np.float32))
 
-    cfg = SonaLlmConfig(
+    return w, draw
+
+
+def _two_cluster_config(strategy: CS, instant_lr: float) -> SonaLlmConfig:
+    return SonaLlmConfig(
         micro_lora=MicroLoraConfig.for_hidden_dim(D, target_modules=(Q,)),
-        instant_lr=0.1,
-        consolidation_strategy=CS.ENSEMBLE,
+        instant_lr=instant_lr,
+        consolidation_strategy=strategy,
         pattern_clusters=2,
         training=TrainingConfig(ewc_lambda=0.0, boundary_detection=False),
     )
-    engine = SonaLlm(cfg, seed=0, clock=lambda: 0.0)
+
+
+def test_deep_replay_under_ensemble_improves_and_is_installed() -> None:
+    """Inference adds the shared adapter and the cluster's: Deep trains only the cluster
+    adapters (it used to train both toward the same targets, doubling the correction, so its
+    result always made things worse and was discarded)."""
+    w, draw = _two_clusters(0)
+    engine = SonaLlm(_two_cluster_config(CS.ENSEMBLE, 0.1), seed=0, clock=lambda: 0.0)
     held = draw(200)
     for _ in range(6):
         for x in draw(100):
@@ -141,21 +152,8 @@ def test_re_learning_stays_stable_at_a_high_instant_lr(strategy: CS) -> None:
     """A mini-batch of k samples is applied as k steps' worth without feedback in between; at
     instant_lr 0.3 with k = 16 correlated samples it overshot (relative loss ~2.5e4). The batch
     now shrinks so that lr·k <= 1."""
-    w, rng = _world(4)
-    centers = 3 * rng.standard_normal((2, D)).astype(np.float32)
-
-    def draw(n: int) -> np.ndarray:
-        c = centers[rng.integers(0, 2, n)]
-        return _unit(c + 0.3 * rng.standard_normal((n, D)).astype(np.float32))
-
-    cfg = SonaLlmConfig(
-        micro_lora=MicroLoraConfig.for_hidden_dim(D, target_modules=(Q,)),
-        instant_lr=0.3,
-        consolidation_strategy=strategy,
-        pattern_clusters=2,
-        training=TrainingConfig(ewc_lambda=0.0, boundary_detection=False),
-    )
-    engine = SonaLlm(cfg, seed=0, clock=lambda: 0.0)
+    w, draw = _two_clusters(4)
+    engine = SonaLlm(_two_cluster_config(strategy, 0.3), seed=0, clock=lambda: 0.0)
     held = draw(200)
     for _ in range(5):
         for x in draw(100):
