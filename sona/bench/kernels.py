@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sona.bench.timing import Timing, dump_json, print_table, time_call
+from sona.bench.timing import Timing, dump_json, print_table, time_calls
 from sona.feedback import AdaptFeedback
 from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
 
@@ -90,8 +90,8 @@ def _cell(op: str, rank: int, dim: int, batch: int, samples: int, torch: Any) ->
     else:
         fns = _adapt_fns(lora, x, target, torch)
         inner = 1
-    res = {name: (time_call(fn, samples=samples, inner=inner) if fn else None)
-           for name, fn in fns.items()}  # fmt: skip
+    timed = time_calls({name: fn for name, fn in fns.items() if fn}, samples=samples, inner=inner)
+    res = {name: timed.get(name) for name in fns}
     sona = res["sona"]
     assert sona is not None
     return {

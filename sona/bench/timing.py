@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,20 +23,32 @@ class Timing:
     samples: int
 
 
-def time_call(
-    fn: Callable[[], object], *, samples: int = 2000, inner: int = 10, warmup: int = 200
-) -> Timing:
-    """Median and p99 of ``fn()`` in microseconds, each sample averaging ``inner`` calls."""
-    for _ in range(warmup):
-        fn()
-    out = np.empty(samples, dtype=np.float64)
+def time_calls(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    samples: int = 2000,
+    inner: int = 10,
+    warmup: int = 200,
+) -> dict[str, Timing]:
+    """Median and p99 of each ``fn()`` in microseconds, each sample averaging ``inner`` calls.
+
+    The contenders take their samples in turn (one sample of each, then the next round), not
+    one after the other: a machine that slows down for a while (a shared VM does) then weighs
+    on every contender alike, so the ratios between them compare like with like."""
+    names = list(fns)
+    calls = [fns[name] for name in names]
+    for fn in calls:
+        for _ in range(warmup):
+            fn()
+    out = np.empty((len(calls), samples), dtype=np.float64)
     clock = time.perf_counter_ns
     for i in range(samples):
-        t0 = clock()
-        for _ in range(inner):
-            fn()
-        out[i] = (clock() - t0) / inner
-    return summarize_ns(out)
+        for j, fn in enumerate(calls):
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            out[j, i] = (clock() - t0) / inner
+    return {name: summarize_ns(out[j]) for j, name in enumerate(names)}
 
 
 def summarize_ns(values_ns: np.ndarray | Sequence[float]) -> Timing:
