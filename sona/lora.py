@@ -152,18 +152,24 @@ class _Module:
         )
 
 
-def check_delta_fits(scale: float, a: np.ndarray, bt: np.ndarray, what: str) -> None:
-    """Refuse factors read from a file unless s·‖A‖·‖Bᵀ‖ (Frobenius norms) stays below float32's
-    max, with a :class:`FormatError` that starts with ``what`` (the factors' names).
+def delta_bound(scale: float, a: np.ndarray, bt: np.ndarray) -> float:
+    """s·‖A‖·‖Bᵀ‖ (Frobenius norms, summed in float64 so large factors do not overflow it).
 
-    s·‖A‖·‖Bᵀ‖ bounds every entry of s·B·A, and ``apply_updates`` and ``step`` refuse any
-    update that would bring it to float32's max, so delta_weight never overflows. Factors whose
-    entries are all finite (1e30, say) can still exceed it, and forward and delta_weight would
-    then return inf.
+    It bounds every entry of s·B·A, and ``apply_updates`` and ``step`` refuse any update that
+    would bring it to float32's max, so delta_weight never overflows. Factors whose entries are
+    all finite (1e30, say) can still exceed it, and forward and delta_weight would then return
+    inf: every way of installing factors from outside (:meth:`MicroLoRA.set_factors`, the
+    import paths) compares it with float32's max too.
     """
     na = float(np.sum(np.square(a, dtype=np.float64)))
     nb = float(np.sum(np.square(bt, dtype=np.float64)))
-    bound = scale * math.sqrt(na) * math.sqrt(nb)
+    return scale * math.sqrt(na) * math.sqrt(nb)
+
+
+def check_delta_fits(scale: float, a: np.ndarray, bt: np.ndarray, what: str) -> None:
+    """Refuse factors read from a file unless :func:`delta_bound` stays below float32's max,
+    with a :class:`FormatError` that starts with ``what`` (the factors' names)."""
+    bound = delta_bound(scale, a, bt)
     if not bound < _F32_MAX:
         raise FormatError(
             f"{what} give s·‖A‖·‖B‖ = {bound:.4g}, not below float32's max {_F32_MAX:.4g}: "
@@ -1096,7 +1102,8 @@ class MicroLoRA:
         self.version += 1
 
     def set_factors(self, module: TargetModule, a: Any, bt: Any) -> None:
-        """Replace one module's (A, Bᵀ); shapes must match and values be finite."""
+        """Replace one module's (A, Bᵀ); shapes must match, values be finite and s·‖A‖·‖B‖ stay
+        below float32's max (:func:`delta_bound`), the invariant every update keeps."""
         st = self._state(module)
         a_arr = as_f32(a, "a")
         bt_arr = as_f32(bt, "bt")
@@ -1107,6 +1114,12 @@ class MicroLoRA:
             )
         if not (k_update.all_finite(a_arr) and k_update.all_finite(bt_arr)):
             raise InvalidInputError("factors contain NaN or inf")
+        bound = delta_bound(self._scale, a_arr, bt_arr)
+        if not bound < _F32_MAX:
+            raise InvalidInputError(
+                f"factors for {st.module.value} give s·‖A‖·‖B‖ = {bound:.4g}, not below "
+                f"float32's max {_F32_MAX:.4g}: delta_weight and forward would overflow"
+            )
         np.copyto(st.a, a_arr)
         np.copyto(st.bt, bt_arr)
         self.version += 1

@@ -238,13 +238,16 @@ def test_decisions_match_the_general_path_at_any_magnitude(
 
 def test_one_module_failing_its_guard_refuses_the_whole_step() -> None:
     """Q's update is fine, V's would make delta_weight overflow: neither is written."""
-    rng = np.random.default_rng(2)
     lora = MicroLoRA(config(n_in=8, n_out=8, rank=2, modules=(Q, V)), seed=2)
-    lora.set_factors(V, np.full((2, 8), 1e19, F32), np.full((2, 8), 1e19, F32))
+    # V sits just inside the bound (s·‖A‖·‖B‖ = s·16c² < float32's max), and the step below
+    # grows both of its factors: h = s·A·x > 0 and a gradient of -1 push B up, and B·g < 0
+    # pushes A up.
+    c = F32(math.sqrt(float(np.finfo(F32).max) / (lora.scaling * 16)) * (1 - 1e-6))
+    lora.set_factors(V, np.full((2, 8), c, F32), np.full((2, 8), c, F32))
     general = general_twin(lora)
     before = weights_bytes(lora)
-    x = vec(rng, 8)
-    fb = AdaptFeedback.from_quality(1.0).with_gradient(vec(rng, 8))
+    x = np.full(8, 0.3, F32)
+    fb = AdaptFeedback.from_quality(1.0).with_gradient(np.full(8, -1.0, F32))
     for who in (lora, general):
         assert not who.step(x, fb, 1e-3, max_norm=None)
     assert lora.last_note == general.last_note

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from lora_reference import (
     Q,
     Snapshot,
@@ -318,6 +320,77 @@ def test_set_factors_replaces_one_module_and_validates() -> None:
         with pytest.raises(error):
             lora.set_factors(Q, bad_a, bad_bt)
         assert Snapshot.of(lora) == before
+
+
+def test_set_factors_refuses_finite_factors_whose_delta_overflows() -> None:
+    """Entries of 1e30 are finite, but s·B·A would be inf: forward would return inf for any
+    ordinary input. Refused like the import paths refuse them, and nothing changes."""
+    lora = trained(config(rank=2))
+    accumulate(lora, 1)  # pending gradients must survive the refusal too
+    before = Snapshot.of(lora)
+    factors_before = [arr.tobytes() for _, a, bt in lora.iter_factors() for arr in (a, bt)]
+    huge_a, huge_bt = np.full((2, 12), 1e30, np.float32), np.full((2, 10), 1e30, np.float32)
+    for a, bt in ((huge_a, huge_bt), (huge_a, np.full((2, 10), 1e9, np.float32))):
+        with pytest.raises(InvalidInputError, match=r"v_proj .*overflow"):
+            lora.set_factors(V, a, bt)
+        assert Snapshot.of(lora) == before
+        assert lora.version == before.version
+        after = [arr.tobytes() for _, a, bt in lora.iter_factors() for arr in (a, bt)]
+        assert after == factors_before
+
+
+def test_set_factors_accepts_the_largest_delta_below_float32s_max() -> None:
+    """The bound is the one every update keeps, s·‖A‖·‖B‖ < float32's max: one rank-1 term with
+    s = 1 puts |a·b| exactly at the largest float32 below the max (accepted, forward finite),
+    at the max itself and at twice it (refused)."""
+    lora = MicroLoRA(config(n_in=1, n_out=1, rank=1, modules=(Q,), alpha=1.0), seed=0)
+    a = np.float32(2.0**64)
+    b_max = np.float32(F32_MAX / 2.0**64)  # exact: F32_MAX is a float32 times a power of two
+    assert float(a) * float(b_max) == F32_MAX
+    b_below = np.nextafter(b_max, np.float32(0.0))
+    lora.set_factors(Q, [[a]], [[b_below]])
+    version = lora.version
+    assert f64(lora.delta_weight(Q))[0, 0] == float(a) * float(b_below) < F32_MAX
+    assert np.isfinite(lora.forward(np.ones(1, np.float32), Q)).all()
+    before = Snapshot.of(lora)
+    for big_a, big_b in ((a, b_max), (2 * a, b_below), (-a, -b_max)):
+        with pytest.raises(InvalidInputError, match="q_proj"):
+            lora.set_factors(Q, [[big_a]], [[big_b]])
+        assert Snapshot.of(lora) == before and lora.version == version
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a_exp=st.floats(10.0, 25.0),
+    b_exp=st.floats(10.0, 25.0),
+    module=st.sampled_from([Q, V]),
+    seed=st.integers(0, 2**16),
+)
+@example(a_exp=18.0, b_exp=18.0, module=Q, seed=0)  # fits
+@example(a_exp=19.0, b_exp=19.0, module=V, seed=0)  # overflows
+def test_set_factors_keeps_the_bound_the_updates_keep(
+    a_exp: float, b_exp: float, module: Any, seed: int
+) -> None:
+    """Accepted exactly when s·‖A‖·‖B‖ < float32's max, and then delta_weight and forward on
+    unit inputs stay finite; refused otherwise with every bit and the version unchanged."""
+    rng = np.random.default_rng(seed)
+    lora = trained(config(rank=2), seed=seed)
+    a = (10.0**a_exp * rng.standard_normal((2, 12))).astype(np.float32)
+    bt = (10.0**b_exp * rng.standard_normal((2, 10))).astype(np.float32)
+    bound = lora.scaling * float(np.linalg.norm(f64(a))) * float(np.linalg.norm(f64(bt)))
+    before = Snapshot.of(lora)
+    try:
+        lora.set_factors(module, a, bt)
+    except InvalidInputError as exc:
+        assert module.value in str(exc) and "overflow" in str(exc)
+        assert bound >= F32_MAX * (1 - 1e-9)
+        assert Snapshot.of(lora) == before
+        return
+    assert bound < F32_MAX * (1 + 1e-9)
+    assert lora.version == before.version + 1
+    assert np.isfinite(lora.delta_weight(module)).all()
+    for x in np.eye(12, dtype=np.float32):
+        assert np.isfinite(lora.forward(x, module)).all()
 
 
 def test_clone_is_an_independent_copy_that_continues_identically() -> None:
