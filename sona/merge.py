@@ -3,6 +3,11 @@
 The merged delta must equal Σ wᵢ·ΔWᵢ with ΔWᵢ = sᵢ·Bᵢ·Aᵢ. Averaging A and B separately is
 wrong: (ΣBᵢ)(ΣAᵢ) adds cross terms Bᵢ·Aⱼ. Concatenating ranks is exact; when a smaller rank is
 wanted, the truncated SVD of the exact sum is the best approximation (Eckart–Young).
+
+The merged adapter keeps the bound every adapter keeps, s·‖A‖·‖B‖ below float32's max (see
+:func:`sona.lora.delta_bound`): individually valid adapters can sum to a delta beyond it (ten
+near the limit, or one with a weight of 10), and such a merge is refused with an
+:class:`InvalidInputError` instead of returning factors whose forward gives inf.
 """
 
 from __future__ import annotations
@@ -15,16 +20,30 @@ import numpy as np
 
 from sona.errors import InvalidInputError
 from sona.kernels import linalg as k_linalg
+from sona.lora_config import TargetModule
 from sona.validation import real_number
 
 if TYPE_CHECKING:
     from sona.lora import MicroLoRA
 
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_MAX_MANT, _F32_MAX_EXP = math.frexp(_F32_MAX)
+# A source's nonzero B entries are at least 2**-149 (float32's smallest), so an entry of the
+# scaled Bᵀ below this comes from a weight·scale more than 2**250 times smaller than the
+# largest one's: flushing it changes nothing float32 can show next to that source.
+_FLUSH = 2.0**-400
+
 
 def merge_adapters(
     adapters: Sequence[tuple[MicroLoRA, float]], *, rank: int | None = None
 ) -> MicroLoRA:
-    from sona.lora import MicroLoRA
+    """Σ wᵢ·ΔWᵢ as one adapter (see the module docstring); ``rank`` truncates it by SVD.
+
+    Refuses, with every source untouched, a sum whose smallest factors (√σ on each side) would
+    not keep s·‖A‖·‖B‖ below float32's max. Any finite weight is accepted as input: the
+    computation factors out a common power of two so no intermediate overflows first.
+    """
+    from sona.lora import MicroLoRA, delta_bound
 
     items = list(adapters)
     if not items:
@@ -56,14 +75,91 @@ def merge_adapters(
     config = first.replace(rank=new_rank, alpha=float(new_rank))
     merged = MicroLoRA._blank(config, items[0][0].seed)
     for m in modules:
-        a_cat = np.concatenate([a.factors(m)[0] for a, _ in items], axis=0)
-        bt_cat = np.concatenate([w * a.scaling * a.factors(m)[1] for a, w in items], axis=0)
-        if exact_concat:
-            a_new, bt_new = a_cat, bt_cat
-        else:
-            a_new, bt_new = _low_rank(a_cat, bt_cat, new_rank)
-        merged.set_factors(m, a_new.astype(np.float32), bt_new.astype(np.float32))
+        a_cat, bt_cat, e = _weighted_concat(items, m)
+        factors = _concatenated(a_cat, bt_cat, e) if exact_concat else None
+        if factors is None:
+            factors = _with_exponent(*_low_rank(a_cat, bt_cat, new_rank), e)
+        if factors is None or not delta_bound(merged.scaling, *factors) < _F32_MAX:
+            at_rank = f" at rank {new_rank}" if rank is not None else ""
+            raise InvalidInputError(
+                f"the weighted sum of the adapters' deltas for {m.value}{at_rank} is too large "
+                f"for float32: no factors of it keep s·‖A‖·‖B‖ below {_F32_MAX:.4g}, so "
+                "delta_weight and forward would overflow; use smaller weights"
+            )
+        merged.set_factors(m, *factors)
     return merged
+
+
+def _weighted_concat(
+    items: Sequence[tuple[MicroLoRA, float]], module: TargetModule
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(A, Bᵀ, e), ranks concatenated in float64, with Σ wᵢ·sᵢ·Bᵢ·Aᵢ = 2**e · Bᵀᵀ·A.
+
+    Each wᵢ·sᵢ is folded into its rows of Bᵀ with the largest power of two among them factored
+    out into e, so every row of Bᵀ is scaled by at most 1: no finite weight, however large,
+    overflows Bᵀ or the squares the low-rank path sums. Scaling by a power of two is exact, so
+    the result is the same as folding wᵢ·sᵢ in directly. Entries that end up below
+    :data:`_FLUSH` are set to zero: the QR's reflections divide by squared norms, which for
+    them (and for the rounding residue they leave) would fall out of float64's normal range
+    and turn into inf and NaN.
+    """
+    parts = []
+    for adapter, w in items:
+        mw, ew = math.frexp(w)
+        ms, es = math.frexp(adapter.scaling)
+        parts.append((mw * ms, ew + es))
+    e = max(x for _, x in parts)
+    a_cat = np.concatenate([a.factors(module)[0] for a, _ in items], axis=0).astype(np.float64)
+    bt_cat = np.concatenate(
+        [
+            math.ldexp(mant, x - e) * a.factors(module)[1].astype(np.float64)
+            for (a, _), (mant, x) in zip(items, parts, strict=True)
+        ],
+        axis=0,
+    )
+    bt_cat[np.abs(bt_cat) < _FLUSH] = 0.0
+    return a_cat, bt_cat, e
+
+
+def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The concatenated factors of 2**e · Bᵀᵀ·A as float32, the sources' rows of A unchanged
+    (a row whose B is zero still steers what the merged adapter learns next); None when the
+    scaled Bᵀ or s·‖A‖·‖B‖ would not fit float32.
+
+    The caller then takes the sum's SVD at the same rank instead: the same sum, exactly, with
+    √σ on each side, which is the factorization with the smallest ‖A‖·‖B‖ (the nuclear norm).
+    Cancelling sources (X and -X) or lopsided factors (A tiny, B huge) can exceed the bound
+    when concatenated and fit that way.
+    """
+    largest = float(np.max(np.abs(bt))) if bt.size else 0.0
+    if not (_fits(_norms_product(a, bt), e) and _fits(largest, e)):
+        return None
+    return a.astype(np.float32), np.ldexp(bt, e).astype(np.float32)
+
+
+def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """float32 factors of 2**e · Bᵀᵀ·A for :func:`_low_rank`'s balanced (A, Bᵀ) (√σ on each
+    side), the power of two split between the sides; None when 2**e·‖A‖·‖Bᵀ‖ reaches float32's
+    max. Below it, each side's norm is under √2 times the bound's square root, so the scaling
+    cannot overflow either."""
+    if not _fits(_norms_product(a, bt), e):
+        return None
+    half = e // 2
+    return np.ldexp(a, half).astype(np.float32), np.ldexp(bt, e - half).astype(np.float32)
+
+
+def _norms_product(a: np.ndarray, bt: np.ndarray) -> float:
+    return math.sqrt(float(np.sum(np.square(a)))) * math.sqrt(float(np.sum(np.square(bt))))
+
+
+def _fits(value: float, e: int) -> bool:
+    """value·2**e < float32's max, decided on the exponents so neither side overflows."""
+    if value == 0.0:
+        return True
+    if not math.isfinite(value):
+        return False
+    mant, exp = math.frexp(value)
+    return exp + e < _F32_MAX_EXP or (exp + e == _F32_MAX_EXP and mant < _F32_MAX_MANT)
 
 
 def _low_rank(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

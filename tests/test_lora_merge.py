@@ -3,15 +3,17 @@ or average the deltas."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lora_reference import K, Q, Snapshot, V, config, f64, trained, vec
 
 from sona.errors import InvalidInputError
+from sona.feedback import AdaptFeedback
 from sona.lora import ComposedAdapter, MicroLoRA
 
 
@@ -136,6 +138,163 @@ def test_numpy_weights_are_weights() -> None:
     plain = MicroLoRA.merge_adapters([(src, 0.5), (src, 1)])
     for m in (Q, V):
         assert np.array_equal(merged.delta_weight(m), plain.delta_weight(m))
+
+
+# ---------------------------------------------------------------------------- float32 range
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def bound(scale: float, a: Any, bt: Any) -> float:
+    """s·‖A‖·‖B‖ in float64: what every adapter keeps below float32's max."""
+    return scale * float(np.linalg.norm(f64(a))) * float(np.linalg.norm(f64(bt)))
+
+
+def near_limit(fraction: float = 0.9, seed: int = 0) -> MicroLoRA:
+    """An adapter with s·‖A‖·‖B‖ = ``fraction`` of float32's max: valid on its own."""
+    lora = MicroLoRA(config(n_in=8, n_out=8, rank=1), seed=seed)
+    rng = np.random.default_rng(seed)
+    for m, _, _ in list(lora.iter_factors()):
+        a, bt = rng.standard_normal((1, 8)), rng.standard_normal((1, 8))
+        c = math.sqrt(fraction * F32_MAX / (lora.scaling * np.linalg.norm(a) * np.linalg.norm(bt)))
+        lora.set_factors(m, c * a, c * bt)
+    for _, a, bt in lora.iter_factors():
+        assert bound(lora.scaling, a, bt) < F32_MAX
+    return lora
+
+
+def nuclear(matrix: np.ndarray, rank: int | None = None) -> float:
+    """Σσ over the ``rank`` largest singular values: the smallest ‖A‖·‖B‖ of any factors."""
+    return float(np.sum(np.linalg.svd(matrix, compute_uv=False)[:rank]))
+
+
+@pytest.mark.parametrize(
+    ("weights", "kw"),
+    [
+        ([1.0] * 10, {}),  # ten valid adapters whose deltas add up beyond float32
+        ([10.0], {}),
+        ([1e300], {}),  # once an overflow warning inside the merge
+        ([1e308, 1e308], {}),
+        ([10.0, 1.0], {"rank": 1}),
+        ([1e300, -1e300], {"rank": 1}),  # once numpy's "SVD did not converge"
+    ],
+)
+def test_a_merge_whose_sum_overflows_float32_is_refused(
+    weights: list[float], kw: dict[str, Any]
+) -> None:
+    """Individually valid adapters can sum to a delta beyond float32: the merge says so with
+    an InvalidInputError naming the module, instead of an adapter whose forward gives inf (or
+    a warning or a LinAlgError from inside), and the sources stay untouched."""
+    src = near_limit()
+    before = Snapshot.of(src)
+    with pytest.raises(InvalidInputError, match=r"q_proj .*too large for float32"):
+        MicroLoRA.merge_adapters([(src, w) for w in weights], **kw)
+    assert Snapshot.of(src) == before
+
+
+def test_a_sum_that_fits_is_merged_even_when_its_concatenated_factors_do_not() -> None:
+    """X - X is zero, yet concatenating X's factors with -X's gives s·‖A‖·‖B‖ = 2·0.9 of
+    float32's max; the lopsided pair (A ~ 1e25 with B ~ 1e-13, and the reverse) averages to a
+    small delta whose concatenated factors reach ~1e50. The exact merge then keeps the same
+    sum in its smallest factors (the SVD's), which fit, so the result keeps learning: factors
+    beyond the bound would make every later update be refused."""
+    big = near_limit()
+    lopsided = []
+    for seed, (sa, sb) in enumerate(((1e25, 1e-13), (1e-13, 1e25))):
+        lora = MicroLoRA(config(), seed=seed)
+        rng = np.random.default_rng(seed)
+        for m, a, bt in list(lora.iter_factors()):
+            lora.set_factors(
+                m, sa * rng.standard_normal(a.shape), sb * rng.standard_normal(bt.shape)
+            )
+        lopsided.append(lora)
+    for pairs in ([(big, 1.0), (big, -1.0)], [(lopsided[0], 0.5), (lopsided[1], 0.5)]):
+        merged = MicroLoRA.merge_adapters(pairs)
+        assert merged.config.rank == sum(a.config.rank for a, _ in pairs)
+        n_in = merged.config.in_features
+        x = vec(np.random.default_rng(3), n_in)
+        for m in (Q, V):
+            a, bt = merged.factors(m)
+            assert bound(merged.scaling, a, bt) < F32_MAX
+            expected = sum(w * delta64(src, m) for src, w in pairs)
+            scale = max(abs(w) * float(np.abs(delta64(src, m)).max()) for src, w in pairs)
+            np.testing.assert_allclose(merged.delta_weight(m), expected, atol=1e-6 * scale)
+            assert np.isfinite(merged.forward(x, m)).all()
+        target = vec(np.random.default_rng(4), merged.config.out_features)
+        fb = AdaptFeedback.from_quality(1.0).with_target(target)
+        assert merged.adapt(x, fb) and merged.apply_updates(0.1), merged.last_note
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+@pytest.mark.parametrize(
+    "weights", [(1.0, 1e-200), (1.0, 1e-158), (7e-141, 2e-313), (1e-300, -1e-300)]
+)
+def test_weights_of_any_magnitude_merge_without_warnings(
+    weights: tuple[float, float], rank: int | None
+) -> None:
+    """Weights far apart, or all tiny: the sum is what float32 can show of it (the dominant
+    term, or zero), with no overflow, underflow or NaN along the way (warnings are errors
+    here)."""
+    pairs = [(trained(config(), seed=s), w) for s, w in enumerate(weights)]
+    merged = MicroLoRA.merge_adapters(pairs, rank=rank)
+    for m in (Q, V):
+        expected = sum(w * delta64(a, m) for a, w in pairs)
+        got = merged.delta_weight(m)
+        assert np.isfinite(got).all()
+        if rank is None:
+            scale = float(np.abs(expected).max())
+            np.testing.assert_allclose(got, expected, atol=1e-5 * scale + 1e-44)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    exps=st.lists(st.floats(15.0, 20.0), min_size=4, max_size=4),
+    weights=st.lists(
+        st.just(0.0) | st.floats(1e-3, 1e3) | st.floats(-1e3, -1e-3), min_size=2, max_size=2
+    ),
+    rank=st.sampled_from([None, 1, 2]),
+    seed=st.integers(0, 2**16),
+)
+@example(exps=[18.0, 18.0, 18.0, 18.0], weights=[1.0, 1.0], rank=None, seed=0)
+@example(exps=[19.0, 19.0, 19.0, 19.0], weights=[1.0, -1.0], rank=None, seed=0)
+def test_merges_are_refused_exactly_when_the_sum_cannot_fit_float32(
+    exps: list[float], weights: list[float], rank: int | None, seed: int
+) -> None:
+    """Two valid adapters (factors up to 1e20, s·‖A‖·‖B‖ capped below the bound) and weights up
+    to 1e3, so that sums land on both sides of the bound: the merge is refused only when even
+    the smallest factors of its (truncated) sum reach float32's max, and otherwise its factors
+    keep the bound and its delta is the exact sum (or its best rank-r approximation)."""
+    rng = np.random.default_rng(seed)
+    sources = []
+    for i in range(2):
+        lora = MicroLoRA(config(n_in=6, n_out=5), seed=seed + i)
+        for m, a, bt in list(lora.iter_factors()):
+            fa = 10.0 ** exps[2 * i] * rng.standard_normal(a.shape)
+            fbt = 10.0 ** (exps[2 * i + 1] - 2.0) * rng.standard_normal(bt.shape)
+            if bound(lora.scaling, fa.astype(np.float32), fbt.astype(np.float32)) >= F32_MAX:
+                fbt *= 0.5 * F32_MAX / bound(lora.scaling, fa, fbt)
+            lora.set_factors(m, fa, fbt)
+        sources.append(lora)
+    pairs = list(zip(sources, weights, strict=True))
+    sums = {m: sum(w * delta64(a, m) for a, w in pairs) for m in (Q, V)}
+    try:
+        merged = MicroLoRA.merge_adapters(pairs, rank=rank)
+    except InvalidInputError:
+        assert max(nuclear(d, rank) for d in sums.values()) >= F32_MAX * (1 - 1e-5)
+        return
+    for m, expected in sums.items():
+        a, bt = merged.factors(m)
+        assert bound(merged.scaling, a, bt) < F32_MAX
+        assert nuclear(expected, rank) < F32_MAX * (1 + 1e-5)
+        got = f64(merged.delta_weight(m))
+        assert np.isfinite(got).all()
+        scale = sum(abs(w) * nuclear(delta64(src, m)) for src, w in pairs)
+        if rank is None:
+            np.testing.assert_allclose(got, expected, atol=1e-5 * scale)
+        else:
+            sv = np.linalg.svd(expected, compute_uv=False)
+            best = float(np.sqrt(np.sum(sv[rank:] ** 2)))
+            assert float(np.linalg.norm(got - expected)) <= best + 1e-5 * scale
 
 
 # ---------------------------------------------------------------------------- composition
