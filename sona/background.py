@@ -58,6 +58,10 @@ BEST_FRACTION = 0.2
 EVAL_FRACTION = 0.1
 MAX_EVAL = 64
 _PREALLOCATE = 64 << 20  # bytes of input rows kept ready at construction, at most
+_FOLD_OVERFLOW = (
+    "rejected: folding the live adapter into the consolidated one would make delta_weight "
+    "overflow; the consolidated adapter was kept"
+)
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
 _input_embedding = operator.attrgetter("input_embedding")
@@ -191,9 +195,17 @@ class BackgroundLoop:
         centroids = self.bank.centroids[: len(self.bank)].copy()
         strategy = self.strategy
         if strategy is ConsolidationStrategy.EWC_MERGE:
-            base = MicroLoRA.merge_adapters(
-                [(old.base, 1.0), (live, 1.0)], rank=old.base.config.rank
-            )
+            try:
+                base = MicroLoRA.merge_adapters(
+                    [(old.base, 1.0), (live, 1.0)], rank=old.base.config.rank
+                )
+            except InvalidInputError:
+                # Two valid adapters can sum beyond float32 (deltas near its max, learned from
+                # targets near it): refused like an update that would overflow, the
+                # consolidated adapter stays as it was.
+                rejected.append(_FOLD_OVERFLOW)
+                notes.append(_FOLD_OVERFLOW)
+                return Published(old.base, dict(old.ensemble), None), rejected
             base.baseline.load(live.baseline.state())
             self._prox(base, cfg.instant_lr * max(len(samples), 1), notes)
             return Published(base, dict(old.ensemble), None), rejected
@@ -364,9 +376,18 @@ class BackgroundLoop:
             outcome.installed = True
             return True
         rank = current.base.config.rank
-        base = MicroLoRA.merge_adapters(
-            [(current.base, 1.0), (outcome.published.base, 1.0), (outcome.start, -1.0)], rank=rank
-        )
+        try:
+            base = MicroLoRA.merge_adapters(
+                [(current.base, 1.0), (outcome.published.base, 1.0), (outcome.start, -1.0)],
+                rank=rank,
+            )
+        except InvalidInputError:
+            outcome.installed = True  # consumed, as a result that made things worse is
+            notes.append(
+                "deep result discarded: the consolidated state moved during the deep run, and "
+                "re-applying its change on top would make delta_weight overflow"
+            )
+            return False
         self.version += 1
         self.published = Published(base, current.ensemble, current.centroids, self.version)
         outcome.installed = True

@@ -13,6 +13,7 @@ from sona.config import SonaLlmConfig
 from sona.deep import DeepJob, run_deep
 from sona.engine import SonaLlm
 from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.objective import measurable
 from sona.sample import TrainingSample
@@ -21,6 +22,7 @@ from sona.training_config import TrainingConfig
 D = 32
 Q = TargetModule.Q_PROJ
 V = TargetModule.V_PROJ
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _config(**changes: object) -> SonaLlmConfig:
@@ -377,6 +379,42 @@ def test_a_job_keeps_only_the_samples_its_run_uses_and_reruns_identically() -> N
             first.published.base.delta_weight(m), second.published.base.delta_weight(m)
         )
     assert first.quality_delta == second.quality_delta
+
+
+def _near_float32_max(adapter: MicroLoRA, module: TargetModule, fraction: float) -> None:
+    """Give ``module`` the rank-1 delta ``fraction``·max·u·vᵀ (u, v fixed unit vectors): valid
+    on its own (s·‖A‖·‖B‖ = fraction of float32's max)."""
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal(D), rng.standard_normal(D)
+    c = math.sqrt(fraction * F32_MAX / adapter.scaling)
+    a, bt = np.zeros_like(adapter.factors(module)[0]), np.zeros_like(adapter.factors(module)[1])
+    a[0], bt[0] = c * u / np.linalg.norm(u), c * v / np.linalg.norm(v)
+    adapter.set_factors(module, a, bt)
+
+
+def test_a_re_application_that_would_overflow_float32_changes_nothing() -> None:
+    """Background moved during the run to a delta near float32's max, and the Deep run's
+    change points the same way: current + change is 1.8 times the max. The result is discarded
+    with a note (and consumed) instead of installing an adapter beyond float32."""
+    engine = SonaLlm(_config(), seed=2, clock=lambda: 0.0)
+    stream = Stream(14)
+    stream.feed(engine, 30)
+    engine.run_background()
+    outcome = run_deep(engine.deep_job())
+    stream.feed(engine, 20)
+    engine.run_background()
+    _near_float32_max(engine.background.published.base, Q, 0.9)
+    _near_float32_max(outcome.published.base, Q, 0.9)
+    before = engine.background.published
+    kept = before.base.export_weights()
+    version = engine.background.version
+    result = engine.install_deep(outcome)
+    assert result.installed is False
+    assert any("discarded" in n and "overflow" in n for n in result.notes), result.notes
+    assert engine.background.published is before and engine.background.version == version
+    assert before.base.export_weights() == kept
+    with pytest.raises(ValueError, match="already installed"):
+        engine.install_deep(outcome)
 
 
 def test_a_result_that_made_the_held_out_objective_worse_changes_nothing() -> None:
