@@ -7,6 +7,7 @@ timer's own cost (~50 ns) does not dominate sub-microsecond kernels.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -78,21 +79,39 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c, justify="right" if c not in (columns[0],) else "left")
     for r in cells:
         table.add_row(*r)
-    Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
+    # As wide as the widest cell of every column (plus rich's padding and borders): a console
+    # narrower than that makes rich truncate headers ("numpy/s…") and wrap cells.
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    Console(width=max(120, sum(w + 3 for w in widths) + 1)).print(table)
 
 
 def dump_json(payload: Any) -> None:
-    def default(o: Any) -> Any:
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.astype(float).round(6).tolist()
-        raise TypeError(type(o).__name__)
-
-    json.dump(payload, sys.stdout, indent=2, default=default)
+    """Print ``payload`` as strict JSON: a figure that could not be measured (NaN, an
+    infinity) is ``null``. Python's json would write the bare tokens ``NaN`` and ``Infinity``,
+    which are not JSON, so strict parsers (jq, JavaScript, most other languages) reject the
+    whole report."""
+    json.dump(_plain(payload), sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def _plain(o: Any) -> Any:
+    """``o`` as JSON-ready values, non-finite floats as None, recursively."""
+    if isinstance(o, float | np.floating):
+        v = float(o)
+        return v if math.isfinite(v) else None
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _plain(o.astype(float).round(6).tolist())
+    if isinstance(o, np.generic):
+        return o.item()
+    if hasattr(o, "__dataclass_fields__") and not isinstance(o, type):
+        return _plain(asdict(o))
+    if o is None or isinstance(o, str | int):
+        return o
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
 def _fmt(v: Any) -> str:
