@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sona.bench import options
 from sona.bench.timing import Timing, dump_json, print_table, time_calls
 from sona.feedback import AdaptFeedback
 from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
@@ -28,17 +29,35 @@ LR = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ranks", default="1,2,8", help="comma-separated adapter ranks")
-    parser.add_argument("--dims", default="768,4096", help="comma-separated hidden sizes")
-    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
-    parser.add_argument("--samples", type=int, default=2000, help="timed samples per cell")
+    options.remember_parser(parser)
+    parser.add_argument(
+        "--ranks", type=options.positive_ints, default="1,2,8", help="comma-separated adapter ranks"
+    )
+    parser.add_argument(
+        "--dims",
+        type=options.positive_ints,
+        default="768,4096",
+        help="comma-separated hidden sizes (each at least the largest rank)",
+    )
+    parser.add_argument(
+        "--batches", type=options.positive_ints, default="1,32", help="comma-separated batch sizes"
+    )
+    parser.add_argument(
+        "--samples", type=options.positive_int, default=2000, help="timed samples per cell"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip torch even if installed")
 
 
 def run(args: argparse.Namespace) -> int:
-    ranks = [int(v) for v in args.ranks.split(",")]
-    dims = [int(v) for v in args.dims.split(",")]
-    batches = [int(v) for v in args.batches.split(",")]
+    ranks: list[int] = args.ranks
+    dims: list[int] = args.dims
+    batches: list[int] = args.batches
+    if max(ranks) > min(dims):
+        options.refuse(
+            args,
+            f"argument --ranks: rank {max(ranks)} does not fit hidden size {min(dims)} of "
+            "--dims (an adapter's rank is at most its hidden size)",
+        )
     torch = _torch() if not args.no_torch else None
     rows: list[dict[str, Any]] = []
     for op in ("forward", "adapt"):
