@@ -11,23 +11,55 @@ import argparse
 import sys
 from typing import Any
 
+from sona.bench import options
 from sona.bench.runtime_actors import bench_actors
 from sona.bench.timing import dump_json, print_table
 
 ACTOR_COLUMNS = ("case", "p50 µs", "p99 µs", "msgs/s", "p50 vs Queue", "rate vs Queue")
+# the JSON rows also say how many handled samples handler_avg_us averages (handler_samples)
+SONA_COLUMNS = (
+    "case",
+    "dim",
+    "modules",
+    "p50_us",
+    "p99_us",
+    "samples_per_s",
+    "handler_avg_us",
+    "deep_runs",
+    "max_pending",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--paced", type=int, default=20_000, help="messages per paced run")
-    parser.add_argument("--saturated", type=int, default=500_000, help="messages per saturated run")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
-    parser.add_argument("--dim", type=int, default=4096, help="hidden size for SonaRuntime")
-    parser.add_argument("--latency-samples", type=int, default=20_000)
-    parser.add_argument("--seconds", type=float, default=60.0, help="sustained-load duration")
-    parser.add_argument("--part", choices=("all", "actors", "sona"), default="all")
+    options.remember_parser(parser)
+    count = options.positive_int
+    parser.add_argument("--paced", type=count, default=20_000, help="messages per paced run")
+    parser.add_argument(
+        "--saturated", type=count, default=500_000, help="messages per saturated run"
+    )
+    parser.add_argument("--rounds", type=count, default=3, help="best of this many rounds")
+    parser.add_argument(
+        "--dim", type=options.int_in(2), default=4096, help="hidden size for SonaRuntime (rank 2)"
+    )
+    parser.add_argument(
+        "--latency-samples",
+        type=count,
+        default=20_000,
+        help="timed instant_adapt requests per latency case (SonaRuntime part)",
+    )
+    parser.add_argument(
+        "--seconds", type=options.positive_float, default=60.0, help="sustained-load duration"
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "actors", "sona"),
+        default="all",
+        help="which part to run: the actor runtime against asyncio, SonaRuntime, or both",
+    )
     parser.add_argument(
         "--switch-interval",
-        type=float,
+        # CPython keeps the interval in whole microseconds: below one it would be 0
+        type=options.float_in(1e-6, 60.0, lo_open=False),
         default=None,
         metavar="SECONDS",
         help="sys.setswitchinterval for the SonaRuntime part (default: the interpreter's, 0.005):"
@@ -75,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if actors:
         _print_actors(actors, nan)
     if sona_rows:
-        columns = tuple(sona_rows[0])
         interval = args.switch_interval or sys.getswitchinterval()
         title = f"SonaRuntime ({args.loop}, GIL switch interval {interval * 1e3:g} ms)"
-        print_table(title, columns, [tuple(r.values()) for r in sona_rows])
+        print_table(title, SONA_COLUMNS, [[r[c] for c in SONA_COLUMNS] for r in sona_rows])
     return 0
 
 
