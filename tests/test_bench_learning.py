@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import pytest
 
@@ -48,9 +49,52 @@ def test_learning_bench_prints_tables(capsys: pytest.CaptureFixture[str]) -> Non
     assert "frozen base" in text and "ideal correction" in text and "target" in text
 
 
-def test_learning_bench_refuses_unknown_forms() -> None:
+def test_learning_bench_refuses_unknown_forms(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
     learning.add_arguments(parser)
-    with pytest.raises(SystemExit, match="unknown forms"):
-        learning.run(parser.parse_args(["--forms", "telepathy"]))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--forms", "telepathy"])
+    assert exc.value.code == 2
+    assert "argument --forms: unknown forms ['telepathy']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("every", "marks"), [(30, [0, 30, 60, 90, 100]), (250, [0, 100])])
+def test_the_curve_ends_after_the_last_update(
+    capsys: pytest.CaptureFixture[str], every: int, marks: list[int]
+) -> None:
+    """``--every`` need not divide ``--updates``: the final quality is still measured after
+    the last update, and the applied fraction counts all of them."""
+    out: dict[str, Any] = _run(
+        capsys,
+        *["--updates", "100", "--every", str(every), "--seeds", "1", "--dim", "32"],
+        *["--forms", "target"],
+    )
+    (curve,) = out["curves"]
+    (summary,) = out["forms"]
+    assert curve["updates"] == marks
+    assert summary["final_quality"] == pytest.approx(curve["quality_mean"][-1])
+    assert summary["final_quality"] > out["frozen_base_quality"]
+    assert summary["updates_to_peak"] == 100
+    assert summary["applied_fraction"] == 1.0
+
+
+def test_curves_of_different_lengths_share_one_table(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    learning.add_arguments(parser)
+    argv = ["--updates", "200", "--quality-updates", "100", "--every", "50", "--seeds", "1"]
+    argv += ["--dim", "32", "--forms", "quality only,target"]
+    assert learning.run(parser.parse_args(argv)) == 0
+    text = capsys.readouterr().out
+    curves = text[text.index("Learning curves") :]
+    header = next(line for line in curves.splitlines() if "feedback" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["feedback", "0", "100", "200"]
+    quality_only = next(line for line in curves.splitlines() if "quality only" in line)
+    assert quality_only.rstrip(" │").endswith("-")  # not run to 200 updates
+
+
+def test_curve_marks_take_every_curves_last_update() -> None:
+    a = learning.Curve("target", 0.05, updates=[0, 250, 500, 600])
+    b = learning.Curve("quality only", 0.03, updates=[0, 250, 300])
+    assert learning.curve_marks([a, b]) == [0, 250, 300, 500, 600]

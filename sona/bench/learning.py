@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sona.bench import options
 from sona.bench.tasks import LinearTask
 from sona.bench.timing import dump_json, print_table
 from sona.feedback import AdaptFeedback
@@ -114,7 +115,8 @@ def learning_curve(
     explore_std: float = 0.5,
 ) -> Curve:
     curve = Curve(form, learning_rate)
-    checkpoints = list(range(0, updates + 1, every))
+    checkpoints = checkpoints_for(updates, every)
+    at = {n: i for i, n in enumerate(checkpoints)}
     curve.updates = checkpoints
     curve.quality = [[] for _ in checkpoints]
     t0 = time.perf_counter()
@@ -137,11 +139,22 @@ def learning_curve(
             fb = make(xs[i])
             assert fb is not None
             applied += pipe.train_step(lora, xs[i], fb).applied
-            if (i + 1) % every == 0:
-                curve.quality[(i + 1) // every].append(task.adapter_quality(lora, MODULE))
+            k = at.get(i + 1)
+            if k is not None:
+                curve.quality[k].append(task.adapter_quality(lora, MODULE))
         curve.applied.append(applied)
     curve.seconds = time.perf_counter() - t0
     return curve
+
+
+def checkpoints_for(updates: int, every: int) -> list[int]:
+    """Where a curve is measured: before the first update, every ``every`` updates, and after
+    the last one whether or not ``every`` divides ``updates``, so that the final quality is
+    the quality after all of them."""
+    marks = list(range(0, updates + 1, every))
+    if marks[-1] != updates:
+        marks.append(updates)
+    return marks
 
 
 def summarize(curve: Curve, base: float) -> dict[str, Any]:
@@ -164,33 +177,70 @@ def summarize(curve: Curve, base: float) -> dict[str, Any]:
         "updates_to_peak": int(curve.updates[peak_i]),
         "updates_to_90pct_of_gain": first_reaching(base + 0.9 * gain) if gain > 0 else None,
         "updates_to_half_of_ideal_gap": first_reaching(base + 0.5 * (1.0 - base)),
+        # the curve ends after the last update (checkpoints_for), so this is the total
         "applied_fraction": float(np.mean(curve.applied)) / max(curve.updates[-1], 1),
         "seconds": round(curve.seconds, 2),
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--updates", type=int, default=10_000, help="updates per form")
-    parser.add_argument("--every", type=int, default=250, help="evaluate every N updates")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset")
+    options.remember_parser(parser)
+    count = options.positive_int
+    parser.add_argument("--updates", type=count, default=10_000, help="updates per form")
     parser.add_argument(
-        "--quality-updates", type=int, default=30_000, help="updates for the quality-only form"
+        "--every",
+        type=count,
+        default=250,
+        help="evaluate every N updates (and after the last one)",
     )
     parser.add_argument(
-        "--explore-std", type=float, default=2.0, help="exploration noise for quality only"
+        "--seeds",
+        type=count,
+        default=3,
+        help="number of seeds, each a task and an adapter of its own (3: seeds 0, 1 and 2)",
+    )
+    parser.add_argument(
+        "--dim",
+        type=options.int_in(2),
+        default=256,
+        help="hidden size of the task and of the rank-2 adapter",
+    )
+    parser.add_argument(
+        "--forms",
+        type=_forms,
+        default=",".join(FORMS),
+        help=f"comma-separated subset of: {', '.join(FORMS)}",
+    )
+    parser.add_argument(
+        "--quality-updates", type=count, default=30_000, help="updates for the quality-only form"
+    )
+    parser.add_argument(
+        "--explore-std",
+        type=options.positive_float,
+        default=2.0,
+        help="exploration noise for quality only",
     )
     for form, lr in DEFAULT_LR.items():
         flag = "--lr-" + form.split()[0]
-        parser.add_argument(flag, type=float, default=lr, help=f"learning rate for {form}")
+        parser.add_argument(
+            flag, type=options.positive_float, default=lr, help=f"learning rate for {form}"
+        )
+
+
+def _forms(text: str) -> list[str]:
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown or not forms:
+        raise argparse.ArgumentTypeError(
+            f"unknown forms {unknown}; choose from {', '.join(FORMS)}"
+            if unknown
+            else f"names no form; choose from {', '.join(FORMS)}"
+        )
+    return forms
 
 
 def run(args: argparse.Namespace) -> int:
-    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-    unknown = [f for f in forms if f not in FORMS]
-    if unknown:
-        raise SystemExit(f"unknown forms {unknown}; choose from {', '.join(FORMS)}")
+    forms: list[str] = args.forms
     seeds = list(range(args.seeds))
     base = float(
         np.mean(
@@ -270,22 +320,30 @@ def run(args: argparse.Namespace) -> int:
         ],
         rows,
     )
-    marks = _marks(curves[0].updates) if curves else []
+    marks = curve_marks(curves)
     print_table(
-        "Learning curves: mean held-out quality after N updates",
+        "Learning curves: mean held-out quality after N updates (- : not run that long)",
         ["feedback", *(str(m) for m in marks)],
-        [[c.form, *(float(c.mean()[c.updates.index(m)]) for m in marks)] for c in curves],
+        [[c.form, *_at_marks(c, marks)] for c in curves],
     )
     return 0
 
 
-def _marks(updates: list[int]) -> list[int]:
+def curve_marks(curves: Sequence[Curve]) -> list[int]:
+    """The columns of the curves table: round numbers of updates at which some curve was
+    measured, and each curve's last update. Curves may differ in length (quality only runs
+    longer) and so in where they were measured."""
     wanted = [0, 250, 500, 1000, 2000, 3000, 5000, 10_000, 20_000, 50_000]
-    have = set(updates)
-    marks = [m for m in wanted if m in have]
-    if updates[-1] not in marks:
-        marks.append(updates[-1])
-    return marks
+    have = {n for c in curves for n in c.updates}
+    marks = {m for m in wanted if m in have} | {c.updates[-1] for c in curves}
+    return sorted(marks)
+
+
+def _at_marks(curve: Curve, marks: Sequence[int]) -> list[float]:
+    """The curve's mean quality at each mark, NaN (shown as -) where it was not measured."""
+    mean = curve.mean()
+    at = {n: float(mean[i]) for i, n in enumerate(curve.updates)}
+    return [at.get(m, float("nan")) for m in marks]
 
 
 def _opt(v: int | None) -> str:
