@@ -13,6 +13,7 @@ is installed, an independent online-EWC peer computed as Avalanche's EWCPlugin d
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sona.bench import torch_ewc
+from sona.bench import options, torch_ewc
 from sona.bench.tasks import SubspaceSequence
 from sona.bench.timing import dump_json, print_table
 from sona.feedback import AdaptFeedback
@@ -203,10 +204,11 @@ def evaluate(
                 row.matrices.append(r)
                 row.boundaries.append(fired)
                 row.seconds += time.perf_counter() - t0
-                if progress:
+                if progress:  # on stderr: stdout carries only the report (--json parses)
                     print(
                         f"  rank {rank} seed {seed} {row.method} λ={row.ewc_lambda}: "
                         f"ACC {acc_of(r):.3f} BWT {bwt_of(r):+.3f}",
+                        file=sys.stderr,
                         flush=True,
                     )
         outcomes += rows
@@ -214,14 +216,46 @@ def evaluate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ranks", default="2,4", help="adapter ranks, comma-separated")
-    parser.add_argument("--lambdas", default="1,10,100", help="EWC++ strengths")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--steps-per-task", type=int, default=1500)
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
-    parser.add_argument("--dim", type=int, default=96)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--subspace-dim", type=int, default=6)
+    options.remember_parser(parser)
+    count = options.positive_int
+    lambdas = options.floats_in(0.0, lo_open=False)
+    parser.add_argument(
+        "--ranks",
+        type=options.positive_ints,
+        default="2,4",
+        help="adapter ranks, comma-separated (each at most --dim)",
+    )
+    parser.add_argument("--lambdas", type=lambdas, default="1,10,100", help="EWC++ strengths")
+    parser.add_argument(
+        "--seeds", type=count, default=3, help="number of seeds (3: seeds 0, 1 and 2)"
+    )
+    parser.add_argument(
+        "--steps-per-task",
+        type=count,
+        default=1500,
+        help="training samples per task, one update each",
+    )
+    parser.add_argument("--lr", type=options.positive_float, default=0.05, help="learning rate")
+    parser.add_argument(
+        "--dim",
+        type=count,
+        default=96,
+        help="hidden size; at least --tasks × --subspace-dim (the tasks' input subspaces are "
+        "mutually orthogonal)",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=options.int_in(2),
+        default=4,
+        help="tasks learned one after another (at least 2: BWT compares earlier tasks with the "
+        "last)",
+    )
+    parser.add_argument(
+        "--subspace-dim",
+        type=count,
+        default=6,
+        help="dimension of each task's own input subspace",
+    )
     parser.add_argument(
         "--boundaries",
         choices=("detected", "explicit"),
@@ -229,17 +263,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="EWC++ task boundaries: detected from the inputs, or start_new_task per task",
     )
     parser.add_argument(
-        "--torch-lambdas", default="0,1,10,100", help="peer strengths ('' to skip the peer)"
+        "--torch-lambdas",
+        type=options.floats_in(0.0, lo_open=False, allow_empty=True),
+        default="0,1,10,100",
+        help="peer strengths ('' to skip the peer)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
-    parser.add_argument("--progress", action="store_true", help="print each run as it ends")
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    parser.add_argument(
+        "--progress", action="store_true", help="print each run on stderr as it ends"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    ranks: list[int] = args.ranks
+    if args.tasks * args.subspace_dim > args.dim:
+        options.refuse(
+            args,
+            f"--tasks {args.tasks} × --subspace-dim {args.subspace_dim} = "
+            f"{args.tasks * args.subspace_dim} exceeds --dim {args.dim} (each task's inputs "
+            "need a subspace of their own)",
+        )
+    if max(ranks) > args.dim:
+        options.refuse(args, f"argument --ranks: rank {max(ranks)} exceeds --dim {args.dim}")
     setting = Setting(
         dim=args.dim,
         tasks=args.tasks,
@@ -248,13 +293,10 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         boundaries=args.boundaries,
     )
-    ranks = [int(v) for v in args.ranks.split(",") if v.strip()]
     torch_ok = not args.no_torch and torch_ewc.available()
-    torch_lambdas = _floats(args.torch_lambdas) if torch_ok else []
+    torch_lambdas: list[float] = args.torch_lambdas if torch_ok else []
     seeds = list(range(args.seeds))
-    outcomes = evaluate(
-        setting, ranks, _floats(args.lambdas), seeds, torch_lambdas, progress=args.progress
-    )
+    outcomes = evaluate(setting, ranks, args.lambdas, seeds, torch_lambdas, progress=args.progress)
     payload = {
         "setting": setting.__dict__,
         "seeds": seeds,
@@ -274,7 +316,7 @@ def _print(setting: Setting, outcomes: list[Outcome], seeds: list[int], torch_ok
     for o in outcomes:
         acc, bwt = o.acc(), o.bwt()
         lam = "-" if o.ewc_lambda is None else f"{o.ewc_lambda:g}"
-        fired = _describe_boundaries(o, switches) if o.method == "EWC++" else "-"
+        fired = describe_boundaries(o, switches, setting.boundaries) if o.method == "EWC++" else "-"
         if o.method.startswith("joint"):
             fired = f"{sum(len(b) for b in o.boundaries)} fired"
         rows.append(
@@ -315,21 +357,24 @@ def _print(setting: Setting, outcomes: list[Outcome], seeds: list[int], torch_ok
         )
 
 
-def _describe_boundaries(o: Outcome, switches: list[int]) -> str:
-    """Detection lag per switch over seeds, plus any boundary that matched no switch."""
+def describe_boundaries(o: Outcome, switches: list[int], mode: str) -> str:
+    """Detection lag per switch over seeds, plus the switches no boundary followed (missed)
+    and the boundaries that followed no switch (extra). With explicit boundaries nothing is
+    detected: each task starts with ``start_new_task``."""
+    if mode == "explicit":
+        return "explicit"
     lags: list[int] = []
     spurious = 0
     for fired in o.boundaries:
         for f in fired:
             near = [f - s for s in switches if 0 <= f - s < 200]
-            if near:
-                lags.append(near[0])
+            if near:  # the latest switch before it, when tasks are shorter than 200 samples
+                lags.append(min(near))
             else:
                 spurious += 1
     missed = len(switches) * len(o.boundaries) - len(lags)
-    if not o.boundaries or not any(o.boundaries):
-        return "explicit"
-    text = f"{min(lags)}–{max(lags)}" if lags else "none"
-    if missed or spurious:
-        text += f" (missed {missed}, extra {spurious})"
+    text = f"{min(lags)}–{max(lags)}" if lags else "none detected"
+    notes = [f"missed {missed}"] * bool(missed) + [f"extra {spurious}"] * bool(spurious)
+    if notes:
+        text += f" ({', '.join(notes)})"
     return text
