@@ -3,9 +3,11 @@
 Producers submit samples at a fixed aggregate rate (open loop: each submission has a scheduled
 time, so a stall shows up as latency instead of quietly lowering the load) to a SonaRuntime
 with a checkpoint directory (durable sample log and periodic checkpoints) and ``Chaos``
-crashing the loops at random. Per window (a minute by default) it reports throughput, submit
+crashing the loops at random. Per window (a minute by default, a fifth of a shorter run; the
+last one also covers what is left) it reports throughput over the window's own span, submit
 latency percentiles and resident memory; at the end, memory growth after the first window, the
-last window's p99 against the second's, and what the durable log cost per sample.
+last window's p99 against the second's, the checkpoints written and what the durable log cost
+per sample.
 
 What would show up here and nowhere else: memory that grows with the number of samples seen
 (a leak, an unbounded buffer, a log never truncated), latency that creeps up as state grows,
@@ -15,19 +17,24 @@ and supervision that does not recover under a steady trickle of crashes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
+import math
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 
+from sona.bench import options
 from sona.bench.timing import dump_json, print_table
 from sona.config import Chaos, SonaLlmConfig, SupervisionConfig
+from sona.errors import CheckpointDirError
 from sona.events import CheckpointWritten
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
@@ -50,15 +57,51 @@ STUCK_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=5.0, help="how long to run")
-    parser.add_argument("--rate", type=float, default=1000.0, help="samples per second offered")
-    parser.add_argument("--producers", type=int, default=16, help="concurrent submitters")
-    parser.add_argument("--dim", type=int, default=256, help="hidden size of the adapter")
-    parser.add_argument("--chaos", type=float, default=0.001, help="crash probability per message")
-    parser.add_argument("--window", type=float, default=60.0, help="seconds per report row")
-    parser.add_argument("--no-log", action="store_true", help="no checkpoint_dir (no durability)")
-    parser.add_argument("--dir", default=None, help="checkpoint_dir (default: a temporary one)")
-    parser.add_argument("--seed", type=int, default=0)
+    options.remember_parser(parser)
+    parser.add_argument(
+        "--minutes", type=options.positive_float, default=5.0, help="how long to run"
+    )
+    parser.add_argument(
+        "--rate", type=options.positive_float, default=1000.0, help="samples per second offered"
+    )
+    parser.add_argument(
+        "--producers", type=options.positive_int, default=16, help="concurrent submitters"
+    )
+    parser.add_argument(
+        "--dim", type=options.int_in(2), default=256, help="hidden size of the adapter (rank 2)"
+    )
+    parser.add_argument(
+        "--chaos",
+        type=options.float_in(0.0, 1.0, lo_open=False, hi_open=True),
+        default=0.001,
+        help="crash probability per message, in [0, 1) (0: no fault injection)",
+    )
+    parser.add_argument(
+        "--window",
+        type=options.positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds per report row (default: 60, or a fifth of a run shorter than 5 minutes);"
+        " the last row also covers what is left of the run, each row's rate is divided by its"
+        " own span, and a window longer than the run is refused",
+    )
+    parser.add_argument(
+        "--no-log",
+        action="store_true",
+        help="no checkpoint_dir (no durable log, no checkpoints); not with --dir",
+    )
+    parser.add_argument(
+        "--dir",
+        type=options.new_directory,
+        default=None,
+        help="checkpoint_dir, new or empty (default: a temporary one, removed at the end)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=options.seed,
+        default=0,
+        help="seed of the sample pool, the order samples are drawn in and the injected crashes",
+    )
     parser.add_argument(
         "--gc-freeze",
         action="store_true",
@@ -104,20 +147,75 @@ def _pool(dim: int, seed: int) -> list[TrainingSample]:
     return out
 
 
-async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, Any]:
+def windows_for(duration: float, window: float) -> list[tuple[float, float]]:
+    """The report rows' spans, [start, end) in seconds from the start of the load: whole
+    windows of ``window`` seconds, the last one also taking the rest of the run (less than a
+    window), so no row is a sliver of a few samples. Each row's rate divides by its own span."""
+    n = max(1, int(duration / window * (1 + 1e-9)))  # 3 windows of 1 s in 2.9999999 s
+    edges = [i * window for i in range(n)] + [duration]
+    return list(itertools.pairwise(edges))
+
+
+def default_window(duration: float) -> float:
+    """A minute, or a fifth of a run shorter than five minutes (so it still has five rows)."""
+    return min(60.0, duration / 5.0)
+
+
+def _seconds(value: float) -> str:
+    """Seconds for a row label: whole when they are, with up to three decimals otherwise."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+class _DirectoryRefused(Exception):
+    """The runtime could not start in the directory given with --dir."""
+
+
+async def _soak(
+    args: argparse.Namespace, directory: Path | None, window: float
+) -> dict[str, Any] | str:
+    """The report, or why the runtime could not start in ``--dir``."""
     cfg = soak_config(args.dim, args.chaos)
     chaos = Chaos(crash_probability=args.chaos, seed=args.seed) if args.chaos > 0 else None
+    rt = SonaRuntime(cfg, seed=args.seed, checkpoint_dir=directory, chaos=chaos)
+    checkpoints: list[int] = []
+
+    async def count_checkpoints(events: AsyncIterator[Any]) -> None:
+        async for ev in events:
+            if isinstance(ev, CheckpointWritten):
+                checkpoints.append(int(ev.bytes))
+
+    # Subscribed before the runtime starts and read until it closes its events at stop: the
+    # checkpoint written at start and the final one written at stop count with the periodic
+    # ones, so "written" matches what the run put in its directory.
+    async with rt.subscribe([CheckpointWritten]) as events, anyio.create_task_group() as tg:
+        tg.start_soon(count_checkpoints, events)
+        try:
+            report = await _load(args, rt, window, refusable=args.dir is not None)
+        except _DirectoryRefused as exc:
+            tg.cancel_scope.cancel()
+            return str(exc)
+    report["checkpoints"] = {
+        "written": len(checkpoints),
+        "mean_bytes": float(np.mean(checkpoints)) if checkpoints else None,
+    }
+    return report
+
+
+async def _load(
+    args: argparse.Namespace, rt: SonaRuntime, window: float, *, refusable: bool
+) -> dict[str, Any]:
     pool = _pool(args.dim, args.seed)
     duration = args.minutes * 60.0
-    window = args.window if duration >= 3 * args.window else max(duration / 5.0, 0.5)
-    n_windows = max(1, round(duration / window))
+    spans = windows_for(duration, window)
+    n_windows = len(spans)
     # schedule -> acknowledged, in seconds; allocated and touched up front so that recording
-    # the measurements does not itself show up as memory growth
-    cap = int(args.rate * window * 1.5) + 100
+    # the measurements does not itself show up as memory growth. A window holds the samples
+    # scheduled in its span: at most rate × span of them, plus one for rounding.
+    cap = int(args.rate * max(b - a for a, b in spans)) + 16
     lat = np.full((n_windows, cap), np.nan)
     counts = np.zeros(n_windows, np.int64)
-    rss: list[list[int]] = [[] for _ in range(n_windows)]  # sampled every 0.5 s
-    checkpoints: list[int] = []
+    rss: list[list[int]] = [[] for _ in range(n_windows)]
+    rss_every = min(0.5, window / 4)  # a few readings in every window, however short
     gc_pauses: list[list[float]] = [[] for _ in range(n_windows)]  # full collections, s
     gc_started = [0.0]
 
@@ -131,9 +229,14 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             w = min(int((now - start) / window), n_windows - 1) if now > start else 0
             gc_pauses[w].append(now - gc_started[0])
 
-    rt = SonaRuntime(cfg, seed=args.seed, checkpoint_dir=directory, chaos=chaos)
     failures: dict[str, int] = {}
-    async with rt:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(rt)
+        except (OSError, CheckpointDirError) as exc:
+            if not refusable:
+                raise
+            raise _DirectoryRefused(str(exc)) from exc
         if args.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -172,17 +275,11 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             while True:
                 w = min(int((time.perf_counter() - start) / window), n_windows - 1)
                 rss[w].append(rss_bytes())
-                await anyio.sleep(0.5)
-
-        async def checkpoint_watch() -> None:
-            async with rt.subscribe([CheckpointWritten]) as events:
-                async for ev in events:
-                    checkpoints.append(int(ev.bytes))
+                await anyio.sleep(rss_every)
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(sampler)
-                tg.start_soon(checkpoint_watch)
                 async with anyio.create_task_group() as producers:
                     for _ in range(args.producers):
                         producers.start_soon(producer)
@@ -202,14 +299,16 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
                 "thread_us_per_sample": writer.write_ns / writer.done_total / 1e3,
                 "thread_us_per_transaction": writer.write_ns / max(writer.batches, 1) / 1e3,
             }
-    rows = []
-    for i in range(n_windows):
+    rows: list[dict[str, Any]] = []
+    for i, (a, b) in enumerate(spans):
         arr = lat[i, : counts[i]] * 1e3
         rows.append(
             {
-                "window": f"{i * window:.0f}-{(i + 1) * window:.0f} s",
+                "window": f"{_seconds(a)}-{_seconds(b)} s",
+                "start_s": a,
+                "end_s": b,
                 "samples": int(arr.size),
-                "samples_per_s": arr.size / window,
+                "samples_per_s": arr.size / (b - a),
                 "p50_ms": float(np.percentile(arr, 50)) if arr.size else float("nan"),
                 "p99_ms": float(np.percentile(arr, 99)) if arr.size else float("nan"),
                 "p999_ms": float(np.percentile(arr, 99.9)) if arr.size else float("nan"),
@@ -223,9 +322,16 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
     # retained memory: the median over each window, so a checkpoint being written at the
     # moment of one reading does not count as growth
     first, last = rows[0]["rss_mb"], rows[-1]["rss_mb"]
-    growth = (last - first) / first if n_windows > 1 and first > 0 else float("nan")
+    growth = (
+        (last - first) / first
+        if n_windows > 1 and math.isfinite(last) and math.isfinite(first) and first > 0
+        else None
+    )
+    second_p99, last_p99 = (rows[1]["p99_ms"], rows[-1]["p99_ms"]) if n_windows > 2 else (0, 0)
     p99_ratio = (
-        rows[-1]["p99_ms"] / rows[1]["p99_ms"] if n_windows > 2 and rows[1]["p99_ms"] else None
+        last_p99 / second_p99
+        if math.isfinite(second_p99) and second_p99 > 0 and math.isfinite(last_p99)
+        else None
     )
     return {
         "config": {
@@ -234,7 +340,7 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             "producers": args.producers,
             "dim": args.dim,
             "chaos": args.chaos,
-            "durable_log": directory is not None,
+            "durable_log": rt.checkpoint_dir is not None,
             "window_s": window,
             "gc_freeze": bool(args.gc_freeze),
         },
@@ -255,21 +361,32 @@ async def _soak(args: argparse.Namespace, directory: Path | None) -> dict[str, A
             "tasks": stats.task_count,
         },
         "submit_errors": failures,
-        "checkpoints": {
-            "written": len(checkpoints),
-            "mean_bytes": float(np.mean(checkpoints)) if checkpoints else 0.0,
-        },
         "durable_log": log_cost,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.minutes <= 0 or args.rate <= 0 or args.producers < 1:
-        print("sona bench soak: --minutes, --rate and --producers must be positive")
-        return 2
+    if args.no_log and args.dir is not None:
+        options.refuse(args, "--no-log runs without a checkpoint_dir: it does not go with --dir")
+    duration = args.minutes * 60.0
+    window = default_window(duration) if args.window is None else args.window
+    if window > duration:
+        options.refuse(
+            args,
+            f"argument --window: {window:g} s is longer than the run (--minutes {args.minutes:g}"
+            f" = {duration:g} s)",
+        )
+    if args.rate * duration < 1:
+        options.refuse(
+            args,
+            f"--rate {args.rate:g} over --minutes {args.minutes:g} ({duration:g} s) offers not "
+            "one sample",
+        )
     with tempfile.TemporaryDirectory(prefix="sona-soak-") as tmp:
-        directory = None if args.no_log else Path(args.dir or Path(tmp) / "state")
-        report = anyio.run(_soak, args, directory)
+        directory = None if args.no_log else (args.dir or Path(tmp) / "state")
+        report = anyio.run(_soak, args, directory, window)
+    if isinstance(report, str):
+        options.refuse(args, f"argument --dir: {report}")
     if args.json:
         dump_json(report)
         return 0
@@ -310,7 +427,11 @@ def run(args: argparse.Namespace) -> int:
     if report["submit_errors"]:
         print(f"submit errors: {report['submit_errors']}")
     ck = report["checkpoints"]
-    print(f"checkpoints: {ck['written']} written, {ck['mean_bytes'] / 2**20:.1f} MB on average")
+    if not c["durable_log"]:
+        print("checkpoints: none (no checkpoint_dir)")
+    else:
+        size = "" if ck["mean_bytes"] is None else f", {ck['mean_bytes'] / 2**20:.1f} MB on average"
+        print(f"checkpoints: {ck['written']} written, the first and the final one included{size}")
     log = report["durable_log"]
     if log is not None:
         print(
@@ -320,10 +441,13 @@ def run(args: argparse.Namespace) -> int:
         )
     growth = report["rss_growth_after_first_window"]
     ratio = report["last_p99_over_second_p99"]
-    print(
-        f"resident memory growth after the first window (window medians): {100 * growth:+.2f} % "
-        "(target < 5 %)"
-    )
+    if growth is None:
+        print("resident memory growth: not measured (it needs two windows or more)")
+    else:
+        print(
+            "resident memory growth after the first window (window medians): "
+            f"{100 * growth:+.2f} % (target < 5 %)"
+        )
     if ratio is not None:
         print(f"last window's p99 / second window's p99: {ratio:.2f} (target <= 1.2)")
     return 0
