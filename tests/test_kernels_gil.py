@@ -51,6 +51,16 @@ def _progress_during(call: Callable[[], object]) -> int:
     return sum(1 for s in stamps if t0 + 0.2 * duration < s < t0 + 0.6 * duration)
 
 
+def _seen(call: Callable[[], object], *, holds_gil: bool, attempts: int = 3) -> bool:
+    """Whether ``call`` holds the GIL (the other thread never runs in the window) or releases
+    it (the other thread runs in at least one of ``attempts`` windows: on a loaded machine it
+    may get no core during one of them). A kernel that holds it never lets the other thread
+    in, so one window in which it ran proves a release."""
+    if holds_gil:
+        return _progress_during(call) == 0
+    return any(_progress_during(call) > 0 for _ in range(attempts))
+
+
 def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it() -> None:
     warm_up()
     rng = np.random.default_rng(0)
@@ -75,10 +85,10 @@ def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it(
     def check() -> None:
         update.all_finite(a)
 
-    assert _progress_during(apply) == 0
-    assert _progress_during(forward) == 0
-    assert _progress_during(vector_check) == 0
-    assert _progress_during(check) > 0
+    assert _seen(apply, holds_gil=True)
+    assert _seen(forward, holds_gil=True)
+    assert _seen(vector_check, holds_gil=True)
+    assert _seen(check, holds_gil=False)
 
 
 def test_gil_kernels_cannot_allocate() -> None:
