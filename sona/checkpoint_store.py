@@ -33,6 +33,7 @@ __all__ = [
     "KEEP",
     "DirectoryLock",
     "checkpoint_name",
+    "in_use",
     "list_checkpoints",
     "newest_valid",
     "remove_temporaries",
@@ -89,11 +90,39 @@ def remove_others(directory: Path, keep: set[int]) -> None:
                 path.unlink()
 
 
+LOCK_FILE = "LOCK"
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a runtime holds ``directory``'s lock (in this process or another), found
+    without creating or changing any file: a reader that must not write to the directory
+    cannot take the lock itself, but it can tell whether a runtime may be writing meanwhile.
+    False when there is no lock file (no runtime ever started there) or locks are not
+    supported; True when the lock file cannot be opened, which cannot rule a runtime out.
+    The probe holds a shared lock for the moment of the check: a runtime starting in that
+    moment is refused as if the directory were in use."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return False
+    try:
+        fh = open(directory / LOCK_FILE, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 class DirectoryLock:
     """An exclusive advisory lock on ``directory/LOCK``, released on close or process death."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / "LOCK"
+        self.path = directory / LOCK_FILE
         self._fh: IO[bytes] | None = None
 
     def acquire(self) -> None:

@@ -16,6 +16,10 @@ Guarantees, with ``checkpoint_dir`` set:
   the samples it holds as waiting and every sample logged after it was taken, with their
   original ids, before the runtime accepts new samples. Nothing acknowledged is lost, nothing
   consumed is applied twice.
+- Restoring writes nothing: the source's log is read without creating, changing or removing
+  a file (:meth:`SampleLog.reading`), so a directory restored into another one, or restored
+  and never started, stays as it was. The runtime writes into its ``checkpoint_dir`` only once
+  started.
 - A sample that was logged and then settled without being handled (dropped by
   ``DROP_OLDEST``, dead-lettered, failed at a give-up) is not replayed: its caller was told so.
   A ``DROP_NEWEST`` drop is never logged, but its outcome is, so a restore counts it too.
@@ -516,10 +520,9 @@ def restore_runtime(
         log_path = source / LOG_FILE
         if log_path.exists():
             micro = state.config.micro_lora
-            log = SampleLog(
+            with SampleLog.reading(
                 log_path, in_features=micro.in_features, out_features=micro.out_features
-            )
-            try:
+            ) as log:
                 owner = log.get_meta("run_id")
                 if owner is not None and owner != state.run_id:
                     raise CheckpointDirError(
@@ -527,8 +530,6 @@ def restore_runtime(
                     )
                 log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
                 outcomes = log.outcomes_after(state.log_sequence)
-            finally:
-                log.close()
         if checkpoint_dir is _SAME:
             checkpoint_dir = source
     elif source.is_file():

@@ -15,20 +15,28 @@ Writes never run on the event loop. :class:`LogWriter` collects the samples subm
 previous transaction was being written and commits them together in a worker thread (group
 commit), so one fsync is shared by every concurrent submitter; each sample is handed on to the
 Instant loop only once its transaction has committed.
+
+Readers that must not write (a restore, ``sona inspect``) open the log with
+:meth:`SampleLog.reading`, which leaves every file of it as it was, even the ``-shm`` index a
+plain read-only SQLite connection writes to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
 
+from sona.checkpoint_store import in_use
 from sona.errors import FormatError
 from sona.lora_config import TargetModule
 from sona.sample import TrainingSample
@@ -58,45 +66,75 @@ class SampleLog:
     """Samples keyed by sample id in one SQLite file; thread-safe (one connection, a lock).
 
     Opening an existing log checks its format and widths; a file that is not such a log is
-    refused with a :class:`FormatError` naming it.
+    refused with a :class:`FormatError` naming it. :meth:`reading` opens one only to read it.
     """
 
-    def __init__(self, path: str | Path, *, in_features: int, out_features: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        in_features: int,
+        out_features: int,
+        _connection: sqlite3.Connection | None = None,
+    ) -> None:
         self.path = Path(path)
         self.in_features = in_features
         self.out_features = out_features
+        self.read_only = _connection is not None
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-            )
-        except sqlite3.Error as exc:
-            raise FormatError(f"{self.path}: cannot open the sample log: {exc}") from None
+        if _connection is None:
+            try:
+                _connection = sqlite3.connect(
+                    str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+                )
+            except sqlite3.Error as exc:
+                raise FormatError(f"{self.path}: cannot open the sample log: {exc}") from None
+        self._db = _connection
         try:
             self._setup()
         except BaseException:
             self._db.close()
             raise
 
+    @classmethod
+    @contextlib.contextmanager
+    def reading(
+        cls, path: str | Path, *, in_features: int, out_features: int
+    ) -> Iterator[SampleLog]:
+        """The existing log at ``path``, opened only to read it: no file beside it is created,
+        changed or removed (see :func:`_read_only`), so a restore that reads a directory, or
+        a runtime restored but never started, leaves that directory as it found it. Errors
+        name ``path``. Its methods that write raise :class:`SampleLogError`."""
+        path = Path(path)
+        with _read_only(path) as db:
+            log = cls(path, in_features=in_features, out_features=out_features, _connection=db)
+            try:
+                yield log
+            finally:
+                log.close()
+
     def _setup(self) -> None:
         """Check the schema before changing anything: a file that is not a sona sample log, or
         one that lost a table, is refused as it is, never repaired into an empty log (which
-        would make a restore replay nothing)."""
+        would make a restore replay nothing). Read-only, a file without the tables (an empty
+        one) is refused too: there is no log to read in it."""
         try:
             tables = self._tables()
-            if tables and not tables >= _TABLES:
+            if (tables or self.read_only) and not tables >= _TABLES:
                 missing = " and ".join(sorted(_TABLES - tables))
                 raise FormatError(
                     f"{self.path}: not a sona sample log, or a damaged one: no {missing} table"
                 )
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            if not tables or self._blank():
-                self._initialise()
+            mode = None  # a reader leaves the journal mode as it is
+            if not self.read_only:
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                self._db.execute("PRAGMA synchronous=FULL")
+                if not tables or self._blank():
+                    self._initialise()
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             raise FormatError(f"{self.path}: not a usable sona sample log: {exc}") from None
-        if str(mode).lower() != "wal":
+        if mode is not None and str(mode).lower() != "wal":
             raise FormatError(f"{self.path}: could not switch the sample log to WAL mode")
         if meta.get("format") != _FORMAT:
             raise FormatError(f"{self.path}: not a sona sample log (format {meta.get('format')!r})")
@@ -336,42 +374,93 @@ class SampleLog:
 
 def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
     """(rows, first id, last id, rows above ``after`` without a recorded outcome, which a
-    restore would replay) of a sample log, read without creating, changing or removing any file.
-
-    Even a read-only connection to a WAL database creates the ``-wal`` and ``-shm`` files when
-    they are missing, and cannot remove them when it closes. With both present (a runtime has
-    the log open, or was killed) they are read as they are. Without a ``-wal`` file, or with an
-    empty one, the main file holds every committed row (the last connection to close
-    checkpoints the log into it), so it is read as immutable, which needs neither. A ``-wal``
-    holding frames without its ``-shm`` cannot be read without creating one, and is refused
-    with a FormatError saying so.
-    """
+    restore would replay) of a sample log, read without creating, changing or removing any file
+    (see :func:`_read_only`)."""
     p = Path(path)
-    wal, shm = Path(f"{p}-wal"), Path(f"{p}-shm")
-    if wal.exists() and shm.exists():
-        query = "mode=ro"
-    elif _size(wal) == 0:
-        query = "mode=ro&immutable=1"
-    else:
-        raise FormatError(
-            f"{p}: reading {wal.name} needs {shm.name}, which is missing, and inspecting must "
-            "not create it (restoring the runtime reads the log)"
-        )
     try:
-        db = sqlite3.connect(f"{p.resolve().as_uri()}?{query}", uri=True, timeout=5.0)
-    except sqlite3.Error as exc:
-        raise FormatError(f"{p}: cannot open the sample log: {exc}") from None
-    try:
-        row = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM samples").fetchone()
-        sql = "SELECT COUNT(*) FROM samples WHERE id > ?"
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'").fetchone():
-            sql += " AND id NOT IN (SELECT id FROM outcomes)"
-        above = db.execute(sql, (int(after),)).fetchone()
+        with _read_only(p) as db:
+            row = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM samples").fetchone()
+            sql = "SELECT COUNT(*) FROM samples WHERE id > ?"
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'").fetchone():
+                sql += " AND id NOT IN (SELECT id FROM outcomes)"
+            above = db.execute(sql, (int(after),)).fetchone()
     except sqlite3.Error as exc:
         raise FormatError(f"{p}: not a readable sona sample log: {exc}") from None
-    finally:
-        db.close()
     return int(row[0]), int(row[1] or 0), int(row[2] or 0), int(above[0])
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection reading the log at ``path`` that creates, changes and removes no file
+    beside it.
+
+    SQLite alone does not promise that: a ``mode=ro`` connection to a WAL database writes to
+    its ``-shm`` index (read marks, and the whole index after a crash), creates the ``-wal`` and
+    ``-shm`` files when they are missing and cannot remove them when it closes. So:
+
+    - while a runtime holds the directory (:func:`~sona.checkpoint_store.in_use`) it may be
+      writing, and the log is read through SQLite's index like any reader's (``mode=ro``):
+      that writes only to the ``-shm`` file the runtime keeps rewriting anyway;
+    - otherwise, without a ``-wal`` file or with an empty one, the main file holds every
+      committed row (the last connection to close checkpoints the log into it), and it is
+      read as immutable, which needs neither file;
+    - otherwise (a runtime was killed, or the files were copied) the rows the ``-wal`` holds
+      are read from a copy of the main file and the ``-wal`` in a temporary directory
+      (``TMPDIR``), which costs a copy of the log. If either file changed while it was copied,
+      or the copy cannot be made, the log is read through the index as above.
+    """
+    wal = Path(f"{path}-wal")
+    with contextlib.ExitStack() as stack:
+        busy = in_use(path.parent)
+        target, query = path, "mode=ro"
+        if not busy and _size(wal) == 0:
+            query = "mode=ro&immutable=1"
+        elif not busy:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sona-log-")))
+            target = _copy_quiescent(path, wal, tmp) or path
+        db = _connect(path, target, query)
+        stack.callback(db.close)
+        yield db
+
+
+def _connect(path: Path, target: Path, query: str) -> sqlite3.Connection:
+    """A read-only connection to ``target`` (``path`` or a copy of it); errors name ``path``."""
+    try:
+        return sqlite3.connect(
+            f"{target.resolve().as_uri()}?{query}",
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=30.0,
+        )
+    except sqlite3.Error as exc:
+        raise FormatError(f"{path}: cannot open the sample log: {exc}") from None
+
+
+def _copy_quiescent(path: Path, wal: Path, into: Path) -> Path | None:
+    """A copy of the log at ``path`` and its ``wal`` in ``into``, or None when either file
+    changed while it was copied (a writer is busy) or could not be copied. Unchanged files
+    copied one after the other are the state a crash at that moment would have left, which
+    SQLite recovers like any crash."""
+    before = (_identity(path), _identity(wal))
+    copy = into / path.name
+    try:
+        shutil.copyfile(path, copy)
+        shutil.copyfile(wal, f"{copy}-wal")
+    except OSError:
+        return None
+    if (_identity(path), _identity(wal)) != before or in_use(path.parent):
+        return None
+    return copy
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced: inode, size, modification time."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _size(path: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,3 +86,9 @@ def crash_instant_once(rt: Any) -> None:
         return real(*args, **kwargs)
 
     inst.process = process
+
+
+def directory_state(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file in ``directory`` with its bytes and modification time: equal before and
+    after an operation when it created, changed and removed nothing there."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}

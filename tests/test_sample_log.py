@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from runtime_helpers import directory_state
 
-from sona.checkpoint_store import list_checkpoints
+from sona.checkpoint_store import in_use, list_checkpoints
 from sona.config import SonaLlmConfig
 from sona.errors import FormatError
 from sona.feedback import AdaptFeedback
@@ -360,3 +362,88 @@ def test_an_unknown_outcome_is_named_on_restore(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {ids[1]}\): unknown outcome"):
         SonaRuntime.restore(d)
+
+
+# ---------------------------------------------------------------------- reading without writing
+def killed(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A checkpoint_dir as a runtime killed now would leave it (copied while the runtime runs,
+    between two of its writes): the samples logged after its checkpoint only in the log's
+    ``-wal``, with the ``-shm`` index beside it. The directory and those samples' ids."""
+    live, d = tmp_path / "live", tmp_path / "killed"
+
+    async def run() -> list[int]:
+        async with SonaRuntime(config(), seed=1, checkpoint_dir=live) as rt:
+            ids = [(await rt.submit(s)).sample_id for s in samples(5)]
+            shutil.copytree(live, d)
+        return ids
+
+    ids = anyio.run(run)
+    assert {f"{LOG_FILE}-wal", f"{LOG_FILE}-shm"} <= {p.name for p in d.iterdir()}
+    return d, ids
+
+
+async def handled(rt: SonaRuntime) -> int:
+    async with rt:
+        await rt.drain()
+        return rt.stats().instant_count
+
+
+def test_restoring_leaves_the_source_directory_byte_for_byte_as_it_was(tmp_path: Path) -> None:
+    """A restore only reads its source: not even SQLite's -wal and -shm files change. Only a
+    runtime started in that directory writes there (and then continues its log)."""
+    d, ids = killed(tmp_path)
+    before = directory_state(d)
+    elsewhere = SonaRuntime.restore(d, checkpoint_dir=tmp_path / "elsewhere")
+    assert elsewhere.restored is not None and elsewhere.restored.replayed == tuple(ids)
+    assert directory_state(d) == before
+    assert anyio.run(handled, elsewhere) == len(ids)
+    assert directory_state(d) == before
+    here = SonaRuntime.restore(d)  # continues d once started; until then it is only read
+    assert here.restored is not None and here.restored.replayed == tuple(ids)
+    assert directory_state(d) == before
+    assert anyio.run(handled, here) == len(ids)
+    again = SonaRuntime.restore(d)
+    assert again.restored is not None and again.restored.replayed == ()
+    assert again.stats().instant_count == len(ids)
+
+
+@pytest.mark.anyio
+async def test_a_directory_a_runtime_is_running_in_is_read_with_what_it_logged(
+    tmp_path: Path,
+) -> None:
+    """Read through SQLite's index, like any reader's, while a runtime may be writing."""
+    d = tmp_path / "d"
+    async with SonaRuntime(config(), seed=1, checkpoint_dir=d) as rt:
+        ids = [(await rt.submit(s)).sample_id for s in samples(4)]
+        assert in_use(d)
+        copy = SonaRuntime.restore(d, checkpoint_dir=tmp_path / "copy")
+        assert copy.restored is not None and copy.restored.replayed == tuple(ids)
+        assert log_summary(d / LOG_FILE)[:3] == (4, ids[0], ids[-1])
+    assert not in_use(d)
+
+
+def test_a_log_written_to_while_it_is_copied_is_read_as_it_is_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy of a log with a -wal is read only if neither file changed while it was made:
+    otherwise it may hold an older state, or a mix of two, and the log is read through
+    SQLite's index instead."""
+    path = tmp_path / LOG_FILE
+    log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)  # a writer no lock announces
+    record = encode_sample(samples(1)[0])
+    log.append([(1, record)])
+    real = shutil.copyfile
+    calls = 0
+
+    def copy_then_write(src: Any, dst: Any) -> Any:
+        nonlocal calls
+        out = real(src, dst)
+        calls += 1
+        if calls == 2:  # both files copied: the copy holds row 1 only
+            log.append([(2, record)])
+        return out
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_write)
+    assert log_summary(path) == (2, 1, 2, 2)
+    assert calls == 2
+    log.close()
