@@ -16,6 +16,11 @@ Guarantees, with ``checkpoint_dir`` set:
   the samples it holds as waiting and every sample logged after it was taken, with their
   original ids, before the runtime accepts new samples. Nothing acknowledged is lost, nothing
   consumed is applied twice.
+- Every checkpoint in a ``checkpoint_dir`` has the sample log beside it (a checkpoint written
+  before the runtime first starts creates it), so a directory without one lost it: the
+  samples acknowledged after the checkpoint were only there, and how many is not known.
+  Restoring or starting such a directory raises ``CheckpointDirError`` naming the file and
+  changes nothing; restoring the checkpoint file itself goes on without them, by choice.
 - Restoring writes nothing: the source's log is read without creating, changing or removing
   a file (:meth:`SampleLog.reading`), so a directory restored into another one, or restored
   and never started, stays as it was. The runtime writes into its ``checkpoint_dir`` only once
@@ -150,13 +155,13 @@ class Durability:
     def _open_sync(self) -> None:
         directory = self.dir
         assert directory is not None
+        if self.kept and not (directory / LOG_FILE).exists():
+            # checked before locking, which rewrites LOCK: a refused start changes nothing
+            raise _missing_log(directory, self.kept[-1].path)
         lock = _lock_directory(directory)
         try:
             remove_temporaries(directory)
-            micro = self.rt.config.micro_lora
-            log = SampleLog(
-                directory / LOG_FILE, in_features=micro.in_features, out_features=micro.out_features
-            )
+            log = self._open_log(directory)
             try:
                 self._adopt(directory, log)
                 log.append_samples(self._replay.unlogged)
@@ -170,6 +175,12 @@ class Durability:
         self._lock = lock
         self.log = log
         self.writer = LogWriter(log, self._on_logged, self._on_failed)
+
+    def _open_log(self, directory: Path) -> SampleLog:
+        micro = self.rt.config.micro_lora
+        return SampleLog(
+            directory / LOG_FILE, in_features=micro.in_features, out_features=micro.out_features
+        )
 
     def _adopt(self, directory: Path, log: SampleLog) -> None:
         """Continue this run's directory, or claim a fresh one; never another run's."""
@@ -208,11 +219,22 @@ class Durability:
 
     def _lock_for_write(self) -> DirectoryLock:
         """Lock and claim the directory for one checkpoint written before start or after stop,
-        when this runtime does not hold it."""
+        when this runtime does not hold it.
+
+        The first checkpoint in a directory (one written before the runtime ever started)
+        gets its sample log beside it, as a runtime's start creates it: every checkpoint in a
+        ``checkpoint_dir`` then has a log beside it, so a restore that finds none knows the
+        log was lost rather than never written, and refuses to go on without it."""
         assert self.dir is not None
         lock = _lock_directory(self.dir)
         try:
             self._claim(self.dir)
+            if not self.kept:
+                log = self._open_log(self.dir)
+                try:
+                    self._adopt(self.dir, log)
+                finally:
+                    log.close()
         except BaseException:
             lock.release()
             raise
@@ -482,6 +504,19 @@ def _earlier_run(directory: Path) -> CheckpointDirError:
     )
 
 
+def _missing_log(directory: Path, checkpoint: Path) -> CheckpointDirError:
+    """A checkpoint_dir whose sample log is gone: the samples acknowledged after its newest
+    checkpoint were only there, and how many there were is not known, so going on would lose
+    them without a count. Naming the way out keeps that a choice the caller makes."""
+    return CheckpointDirError(
+        f"{directory}: the sample log {LOG_FILE} is missing; it holds every sample "
+        f"acknowledged after {checkpoint.name}, and restoring without it would lose them "
+        f"uncounted. Put the file back, or, to go on from the checkpoint alone and give up "
+        f"those samples, restore the checkpoint file itself: "
+        f"SonaRuntime.restore({str(checkpoint)!r}, checkpoint_dir=<an empty directory>)"
+    )
+
+
 def _not_a_directory(directory: Path) -> CheckpointDirError:
     return CheckpointDirError(
         f"checkpoint_dir {directory} is not a directory (a file is in the way)"
@@ -518,18 +553,19 @@ def restore_runtime(
     if source.is_dir():
         state, skipped = newest_valid(source)
         log_path = source / LOG_FILE
-        if log_path.exists():
-            micro = state.config.micro_lora
-            with SampleLog.reading(
-                log_path, in_features=micro.in_features, out_features=micro.out_features
-            ) as log:
-                owner = log.get_meta("run_id")
-                if owner is not None and owner != state.run_id:
-                    raise CheckpointDirError(
-                        f"{log_path}: the sample log belongs to another run than {state.path}"
-                    )
-                log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
-                outcomes = log.outcomes_after(state.log_sequence)
+        if not log_path.exists():
+            raise _missing_log(source, Path(state.path))
+        micro = state.config.micro_lora
+        with SampleLog.reading(
+            log_path, in_features=micro.in_features, out_features=micro.out_features
+        ) as log:
+            owner = log.get_meta("run_id")
+            if owner is not None and owner != state.run_id:
+                raise CheckpointDirError(
+                    f"{log_path}: the sample log belongs to another run than {state.path}"
+                )
+            log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
+            outcomes = log.outcomes_after(state.log_sequence)
         if checkpoint_dir is _SAME:
             checkpoint_dir = source
     elif source.is_file():

@@ -28,5 +28,6 @@ class ConfigMismatchError(FormatError):
 
 
 class CheckpointDirError(ValueError):
-    """A ``checkpoint_dir`` that cannot be used: another runtime holds it, or it holds the
-    state of an earlier run (continue that with ``SonaRuntime.restore``)."""
+    """A ``checkpoint_dir`` that cannot be used: another runtime holds it, it holds the
+    state of an earlier run (continue that with ``SonaRuntime.restore``), or its checkpoints
+    lost the sample log that holds the samples acknowledged after them."""

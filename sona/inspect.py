@@ -452,8 +452,9 @@ def _log_status(directory: Path, log_sequence: int) -> str:
     from sona.sample_log import LOG_FILE, log_summary
 
     log = directory / LOG_FILE
-    if not log.is_file():
-        return "none"
+    if not log.exists():
+        # every checkpoint in a checkpoint_dir is written with its log beside it
+        return "missing (a restore refuses the directory without it)"
     try:
         rows, first, last, above = log_summary(log, log_sequence)
     except FormatError as exc:

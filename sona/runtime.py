@@ -832,9 +832,10 @@ class SonaRuntime:
         ``checkpoint_dir`` names another, empty one. From a file alone, samples accepted after
         it was written are not recovered. ``config`` may change everything except the fields
         that shape the stored state. ``restored`` describes what was loaded. A bad file raises
-        FormatError naming it and builds nothing. Restoring writes nothing: the runtime writes
-        into its ``checkpoint_dir`` once started, and a directory restored into another one is
-        left as it was.
+        FormatError naming it and builds nothing; a directory whose sample log is missing
+        raises CheckpointDirError naming it (the samples acknowledged after the checkpoint were
+        only there). Restoring writes nothing: the runtime writes into its ``checkpoint_dir``
+        once started, and a directory restored into another one is left as it was.
         """
         extra = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir}
         return restore_runtime(cls, path, config=config, embedder=embedder, chaos=chaos, **extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import struct
 import tracemalloc
 from pathlib import Path
@@ -13,15 +14,17 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
+from runtime_helpers import directory_state
 
 from sona import checkpoint as ckpt
 from sona import container
 from sona.checkpoint_store import list_checkpoints
 from sona.config import SonaLlmConfig
-from sona.errors import FormatError
+from sona.errors import CheckpointDirError, FormatError
 from sona.lora_config import MicroLoraConfig
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
+from sona.sample_log import LOG_FILE
 
 DIM = 6
 
@@ -199,6 +202,72 @@ def test_no_readable_checkpoint_is_an_error_naming_each_file(tmp_path: Path) -> 
         SonaRuntime.restore(d)
     assert "checkpoint-000000000001.sona" in str(info.value)
     assert "checkpoint-000000000002.sona" in str(info.value)
+
+
+def test_a_checkpoint_dir_that_lost_its_sample_log_is_refused_and_left_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """The samples acknowledged after the newest checkpoint were only in the log, and nothing
+    records how many: restoring without it would lose them uncounted. The restore is refused,
+    naming the file, before anything is written; the checkpoint file itself still restores,
+    when the caller chooses to give those samples up."""
+    d, crashed = tmp_path / "d", tmp_path / "crashed"
+
+    async def run() -> list[int]:
+        async with SonaRuntime(
+            small_config(checkpoint_interval_s=3600.0), seed=2, checkpoint_dir=d
+        ) as rt:
+            for s in samples(4):
+                await rt.submit(s)
+            await rt.checkpoint()
+            after = [(await rt.submit(s)).sample_id for s in samples(3, 1)]
+            shutil.copytree(d, crashed)  # what a kill now would leave
+        return after
+
+    after = anyio.run(run)
+    restored = SonaRuntime.restore(crashed)  # restored before the log goes
+    assert restored.restored is not None and restored.restored.replayed == tuple(after)
+    for suffix in ("", "-wal", "-shm"):
+        (crashed / f"{LOG_FILE}{suffix}").unlink()
+    newest = list_checkpoints(crashed)[0][1]
+    before = directory_state(crashed)
+    with pytest.raises(CheckpointDirError, match=f"{LOG_FILE} is missing") as info:
+        SonaRuntime.restore(crashed)
+    assert str(newest) in str(info.value)
+    assert directory_state(crashed) == before
+
+    async def start(rt: SonaRuntime) -> None:
+        async with rt:
+            pass
+
+    # started now, it would log its replay into a new, empty log: a kill would lose it
+    with pytest.raises(CheckpointDirError, match=f"{LOG_FILE} is missing"):
+        anyio.run(start, restored)
+    assert directory_state(crashed) == before
+    chosen = SonaRuntime.restore(newest, checkpoint_dir=tmp_path / "fresh")
+    assert chosen.restored is not None and chosen.restored.replayed == ()
+    assert chosen.stats().submitted_count == 4
+    anyio.run(start, chosen)
+    assert SonaRuntime.restore(tmp_path / "fresh").stats().submitted_count == 4
+
+
+def test_a_checkpoint_written_before_the_first_start_has_its_log_beside_it(
+    tmp_path: Path,
+) -> None:
+    """So that a restore can tell a log that was lost from one that was never written: such a
+    directory restores, and one whose log then goes missing is refused like any other."""
+    d = tmp_path / "d"
+
+    async def before_start() -> None:
+        await SonaRuntime(small_config(), seed=2, checkpoint_dir=d).checkpoint()
+
+    anyio.run(before_start)
+    assert (d / LOG_FILE).is_file()
+    restored = SonaRuntime.restore(d)
+    assert restored.restored is not None and restored.restored.replayed == ()
+    (d / LOG_FILE).unlink()
+    with pytest.raises(CheckpointDirError, match=f"{LOG_FILE} is missing"):
+        SonaRuntime.restore(d)
 
 
 def test_a_failed_write_leaves_every_checkpoint_readable(tmp_path: Path, monkeypatch: Any) -> None:

@@ -154,3 +154,13 @@ def test_inspecting_a_checkpoint_dir_a_killed_runtime_left_changes_no_byte(
     code, out, _ = run(killed)
     assert code == 0 and "..1000; 1 after the checkpoint" in fields(out)["sample log"]
     assert directory_state(killed) == before
+
+
+def test_a_checkpoint_dir_without_its_sample_log_is_described_as_missing_it(
+    tmp_path: Path,
+) -> None:
+    d = tmp_path / "d"
+    make(d, tmp_path / "c.sona")
+    (d / LOG_FILE).unlink()
+    code, out, _ = run(d)
+    assert code == 0 and fields(out)["sample log"].startswith("missing")
