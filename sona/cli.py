@@ -1,6 +1,7 @@
 """The ``sona`` command: demo, bench and inspect.
 
-The CLI is the only place that configures logging (the library never does).
+The CLI is the only place that configures logging (the library never does). It is also where
+a Ctrl-C ends: every command is interrupted the same way, with one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from collections.abc import Sequence
 import structlog
 
 from sona.bench import BENCHES
+
+INTERRUPTED_STATUS = 130
+"""128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
 
 
 def configure_logging(*, level: int = logging.INFO) -> None:
@@ -56,9 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    configure_logging(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         if getattr(args, "unavailable", False):
             print(f"sona bench {args.bench}: not available in this build", file=sys.stderr)
@@ -74,6 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return inspect_run(args.path)
     return 2  # pragma: no cover - argparse enforces the choices
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    configure_logging(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        # asyncio.run turns Ctrl-C into a cancellation of the running task and re-raises it
+        # here as KeyboardInterrupt once the task has unwound, so the commands' own clean-up
+        # (closing runtimes, removing what they had started to write) has already run.
+        name = f"bench {args.bench}" if args.command == "bench" else args.command
+        print(f"sona {name}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 if __name__ == "__main__":  # pragma: no cover

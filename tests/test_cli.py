@@ -1,0 +1,88 @@
+"""The ``sona`` command line: help, --log-level, Ctrl-C, and the demo's logs and exit status."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sona.demo.command
+import sona.inspect
+from sona.cli import main
+
+SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
+TINY = ["--dim", "16", "--domains", "3", "--steps", "80"]  # five phases of one batch each
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main`` configures the ``sona`` loggers for the process; put them back afterwards."""
+    root, demo = logging.getLogger("sona"), logging.getLogger("sona.demo")
+    handlers, level, propagate, demo_level = (
+        root.handlers[:],
+        root.level,
+        root.propagate,
+        demo.level,
+    )
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    root.propagate = propagate
+    demo.setLevel(demo_level)
+
+
+def _main_or_fail(argv: list[str]) -> int:
+    """``main(argv)``, failing the test (not aborting the session) if Ctrl-C escapes it."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped sona.cli.main")
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code = info.value.code
+    assert isinstance(code, int)
+    return code
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(path: str) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sona.inspect, "run", interrupted)
+    assert _main_or_fail(["inspect", "anything"]) == 130
+    assert capsys.readouterr().err == "sona inspect: interrupted\n"
+
+
+def test_sigint_stops_a_running_demo_without_a_traceback(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [SONA, "demo", "--quiet", "--dim", "64", "--steps", "200000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    try:
+        for line in proc.stderr:  # wait until the first run is under way
+            seen.append(line)
+            if "phase_started" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert err.splitlines()[-1] == "sona demo: interrupted"
+    assert not out.exists()
