@@ -16,6 +16,9 @@ import structlog
 
 from sona.bench import BENCHES
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "WARNING"
+
 INTERRUPTED_STATUS = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
 
@@ -32,9 +35,22 @@ def configure_logging(*, level: int = logging.INFO) -> None:
     root.propagate = False
 
 
+def _log_level(value: str) -> str:
+    """Level names are accepted in any case; argparse's ``choices`` then checks the name."""
+    return value.upper()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sona", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="level for sona's logs on stderr")
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        choices=LOG_LEVELS,
+        default=None,
+        metavar="LEVEL",
+        help=f"level of sona's logs on stderr: {', '.join(LOG_LEVELS)}, in any case "
+        f"(default {DEFAULT_LOG_LEVEL}; 'sona demo --quiet' shows INFO unless a level is given)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the simulator")
@@ -80,7 +96,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    configure_logging(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    level = args.log_level or DEFAULT_LOG_LEVEL
+    configure_logging(level=logging.getLevelNamesMapping()[level])
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -53,6 +53,31 @@ def _exit_code(argv: list[str]) -> int:
     return code
 
 
+# ---------------------------------------------------------------------------- --log-level
+@pytest.mark.parametrize("level", ["FOO", "basic_format", "notset"])
+def test_an_unknown_log_level_is_a_usage_error(
+    level: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _exit_code(["--log-level", level, "inspect", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "--log-level" in err and "invalid choice" in err and "Traceback" not in err
+
+
+def test_log_level_names_are_accepted_in_any_case(tmp_path: Path) -> None:
+    assert main(["--log-level", "debug", "inspect", str(tmp_path / "nothing")]) == 2
+    assert logging.getLogger("sona").level == logging.DEBUG
+
+
+def test_quiet_demo_respects_an_explicit_log_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--quiet", "--no-ewc", *TINY, "--out", str(tmp_path)]
+    assert main(["--log-level", "ERROR", *argv]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(argv) == 0  # without a level, --quiet shows the INFO lines
+    assert "run_started" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_is_one_line_and_status_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -93,13 +93,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"sona demo: {exc}", file=sys.stderr)
         return 2
     quiet = bool(args.quiet)
+    demo_logger = logging.getLogger("sona.demo")
+    level_before = demo_logger.level
+    # --quiet means "logs only", so the logs must show, unless a level was asked for
+    explicit_level = getattr(args, "log_level", None) is not None
+    if quiet and not explicit_level and demo_logger.getEffectiveLevel() > logging.INFO:
+        demo_logger.setLevel(logging.INFO)
+    try:
+        return _run(args, settings, quiet, t0)
+    finally:
+        demo_logger.setLevel(level_before)
+
+
+def _run(args: argparse.Namespace, settings: DemoSettings, quiet: bool, t0: float) -> int:
     console = Console(highlight=False)
     plan = run_plan(bool(args.no_ewc))
     observer: Observer
     if quiet:
-        logger = logging.getLogger("sona.demo")
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)  # --quiet means "logs only", so the logs must show
         observer = LogProgress()
     else:
         observer = LiveDisplay(console, runs=len(plan))
