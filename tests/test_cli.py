@@ -53,6 +53,22 @@ def _exit_code(argv: list[str]) -> int:
     return code
 
 
+# ---------------------------------------------------------------------------- help
+def test_demo_help_gives_every_limit_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (
+        "at least 16 per phase",
+        "at most 1,000,000",
+        "16 to 4096",
+        "1 to 8",
+        "0 to 0.5",
+        "restart budget",
+        ">= 0 (default 0)",
+    ):
+        assert needle in text, needle
+
+
 # ---------------------------------------------------------------------------- --log-level
 @pytest.mark.parametrize("level", ["FOO", "basic_format", "notset"])
 def test_an_unknown_log_level_is_a_usage_error(

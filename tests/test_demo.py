@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import sona.demo
+import sona.demo.command
 from sona.demo import plots
 from sona.demo.users import SimulatedUsers, UserModel
 from sona.demo.world import DemoWorld, schedule
@@ -156,15 +157,49 @@ def test_without_the_demo_extra_it_says_how_to_install_and_exits_2(
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.fixture
+def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the demo starts a run: bad input must be refused before that."""
+
+    async def run_all(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(sona.demo.command, "run_all", run_all)
+
+
 @pytest.mark.parametrize(
-    ("option", "value"), [("--domains", "0"), ("--dim", "4"), ("--chaos", "2"), ("--steps", "3")]
+    ("option", "value"),
+    [
+        ("--domains", "0"),
+        ("--domains", "9"),
+        ("--dim", "4"),
+        ("--dim", "4097"),
+        ("--chaos", "2"),
+        ("--steps", "3"),
+        ("--steps", "1000001"),
+        ("--seed", "-1"),
+    ],
 )
+@pytest.mark.usefixtures("nothing_runs")
 def test_bad_options_exit_2_with_a_message(
     option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = _args(tmp_path, option, value)
+    out = tmp_path / "out"
+    args = _args(out, option, value)
     assert sona.demo.run(args) == 2
-    assert option in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"sona demo: {option} ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("nothing_runs")
+def test_steps_times_dim_is_bounded_by_what_the_requests_take(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _args(tmp_path, "--dim", "4096", "--steps", "40000")  # 1.2 GiB per request array
+    assert sona.demo.run(args) == 2
+    err = capsys.readouterr().err
+    assert "--steps × --dim must be <=" in err and "--steps <= 32768" in err
 
 
 @pytest.fixture(scope="module")

@@ -22,38 +22,68 @@ INSTALL_HINT = "pip install 'sona[demo]'"
 DEFAULT_STEPS = 12000
 DEFAULT_DIM = 512
 DEFAULT_DOMAINS = 3
+DEFAULT_SEED = 0
 DEFAULT_OUT = "./sona-demo-out"
+
+BATCH = 16
+"""Requests answered together (one forward call); every phase holds at least one batch."""
+
+MIN_DIM = 16
+MAX_DIM = 4096
+"""The world holds a few dim × dim float32 matrices per domain (the base, each correction,
+each ideal map): at 4096 with 8 domains a short run peaked at 1.5 GB resident, and building the
+world already took minutes; the runtime itself never allocates anything dim × dim."""
+
+MAX_DOMAINS = 8
+MAX_CHAOS = 0.5
+
+MAX_STEPS = 1_000_000
+"""About seven minutes per run at the demo's 2,500 requests per second."""
+
+MAX_STEPS_TIMES_DIM = 2**27
+"""Every request of a run is drawn up front (inputs, base and ideal outputs: three float32
+arrays of steps × dim); at this size building them peaked at about 4 GB."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sona demo`` (the CLI calls this while building its parser)."""
     parser.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS,
-        help="requests served per run, over all phases (default %(default)s)",
+        help=f"requests served per run, over all phases (2 × domains − 1 phases): at least "
+        f"{BATCH} per phase, at most {MAX_STEPS:,}, and steps × dim at most "
+        f"{MAX_STEPS_TIMES_DIM:,}, since a run's requests are drawn up front "
+        "(default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--dim", type=int, default=DEFAULT_DIM, help="model width (default %(default)s)"
-    )
+        "--dim", type=int, default=DEFAULT_DIM,
+        help=f"model width, {MIN_DIM} to {MAX_DIM} (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--domains", type=int, default=DEFAULT_DOMAINS,
-        help="domains with conflicting corrections (default %(default)s)",
+        help=f"domains with conflicting corrections, 1 to {MAX_DOMAINS} (default %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and the users")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED,
+        help="seed of the world and the users, >= 0 (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--out", default=DEFAULT_OUT,
         help="directory for report.json and the plots (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--chaos", type=float, default=0.0, metavar="P",
-        help="probability that a loop crashes while handling a message (fault injection)",
+        help=f"probability, 0 to {MAX_CHAOS:g}, that a loop crashes while handling a message "
+        "(fault injection); the supervisor's restart budget is raised to match "
+        "(default %(default)s: no crashes)",
     )  # fmt: skip
     parser.add_argument(
         "--no-ewc", action="store_true",
         help="run only the comparison: the same run without EWC++ (ewc_lambda = 0)",
     )  # fmt: skip
     parser.add_argument(
-        "--quiet", action="store_true", help="no live display: log lines only (on stderr)"
-    )
+        "--quiet", action="store_true",
+        help="no live display: log lines only, on stderr (at INFO unless --log-level is given)",
+    )  # fmt: skip
 
 
 def missing_extras() -> list[str]:

@@ -11,16 +11,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sona.demo import plots, report
+from sona.demo import (
+    MAX_CHAOS,
+    MAX_DIM,
+    MAX_DOMAINS,
+    MAX_STEPS,
+    MAX_STEPS_TIMES_DIM,
+    MIN_DIM,
+    plots,
+    report,
+)
 from sona.demo.live import LiveDisplay, LogProgress
 from sona.demo.simulation import DemoSettings, Observer, RunRecord, simulate
 from sona.demo.summary import log_summary, print_summary
 from sona.demo.world import DemoWorld, Phase, schedule
 from sona.training_config import TrainingConfig
-
-MAX_DOMAINS = 8
-MIN_DIM = 16
-MAX_CHAOS = 0.5
 
 
 class UsageError(ValueError):
@@ -28,6 +33,8 @@ class UsageError(ValueError):
 
 
 def settings_from(args: argparse.Namespace) -> DemoSettings:
+    """The settings, or :class:`UsageError` naming the first option out of its range (the
+    limits are in :mod:`sona.demo`, with the reasons for them)."""
     settings = DemoSettings(
         steps=int(args.steps),
         dim=int(args.dim),
@@ -37,15 +44,25 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
     )
     if not 1 <= settings.domains <= MAX_DOMAINS:
         raise UsageError(f"--domains must be between 1 and {MAX_DOMAINS}, got {settings.domains}")
-    if settings.dim < MIN_DIM:
-        raise UsageError(f"--dim must be >= {MIN_DIM}, got {settings.dim}")
+    if not MIN_DIM <= settings.dim <= MAX_DIM:
+        raise UsageError(f"--dim must be between {MIN_DIM} and {MAX_DIM}, got {settings.dim}")
     if not 0.0 <= settings.chaos <= MAX_CHAOS:
         raise UsageError(f"--chaos must be between 0 and {MAX_CHAOS}, got {settings.chaos}")
+    if settings.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {settings.seed}")
     phases = 2 * settings.domains - 1
     if settings.steps < phases * settings.batch:
         raise UsageError(
             f"--steps must be >= {phases * settings.batch} for {settings.domains} domains "
             f"({phases} phases of at least {settings.batch} requests), got {settings.steps}"
+        )
+    if settings.steps > MAX_STEPS:
+        raise UsageError(f"--steps must be <= {MAX_STEPS}, got {settings.steps}")
+    if settings.steps * settings.dim > MAX_STEPS_TIMES_DIM:
+        raise UsageError(
+            f"--steps × --dim must be <= {MAX_STEPS_TIMES_DIM} (a run's requests are drawn up "
+            f"front), got {settings.steps} × {settings.dim}; at --dim {settings.dim}, --steps "
+            f"<= {MAX_STEPS_TIMES_DIM // settings.dim}"
         )
     return settings
 

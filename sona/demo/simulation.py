@@ -24,6 +24,7 @@ import numpy as np
 
 from sona.actors import SupervisorGaveUp
 from sona.config import Chaos, SonaLlmConfig, SupervisionConfig
+from sona.demo import BATCH
 from sona.demo.users import Feedback, FeedbackCounts, SimulatedUsers, UserModel
 from sona.demo.world import MODULE, DemoWorld, Phase, Traffic
 from sona.events import (
@@ -78,7 +79,7 @@ class DemoSettings:
     domains: int = 3
     seed: int = 0
     chaos: float = 0.0
-    batch: int = 16  # requests answered together (one forward call)
+    batch: int = BATCH  # requests answered together (one forward call)
     evaluations: int = 90  # held-out measurements per run, plus one at every phase boundary
     instant_lr: float = 0.05
     rate: float = 2500.0  # requests per second at most (0: as fast as the runtime accepts)
