@@ -16,8 +16,27 @@ import structlog
 
 from sona.bench import BENCHES
 
+DESCRIPTION = (
+    "sona: online adaptation of language models from user feedback. "
+    "Run the simulated application (demo), measure sona against its peers (bench), or "
+    "describe a saved adapter, checkpoint or PEFT adapter directory (inspect)."
+)
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LOG_LEVEL = "WARNING"
+
+BENCH_HELP = {
+    "kernels": "MicroLoRA forward and adapt against numpy and torch CPU: µs per call",
+    "runtime": "the actor runtime against bare asyncio, and SonaRuntime's latency, "
+    "throughput and consolidation time",
+    "learning": "held-out quality over updates for each feedback form",
+    "forgetting": "what is kept of four conflicting tasks learned in turn (ACC, BWT): plain "
+    "SGD, EWC++ at several λ, joint training, a torch online-EWC peer",
+    "soak": "sustained load with crashes and the durable log: throughput, latency and "
+    "memory per window",
+}
+"""One line per benchmark for ``sona bench --help`` (kept here so the help does not depend on
+which optional dependencies a benchmark module can import)."""
 
 INTERRUPTED_STATUS = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
@@ -41,7 +60,11 @@ def _log_level(value: str) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sona", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sona",
+        description=DESCRIPTION,
+        epilog="Run 'sona COMMAND --help' for the options of one command.",
+    )
     parser.add_argument(
         "--log-level",
         type=_log_level,
@@ -51,9 +74,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"level of sona's logs on stderr: {', '.join(LOG_LEVELS)}, in any case "
         f"(default {DEFAULT_LOG_LEVEL}; 'sona demo --quiet' shows INFO unless a level is given)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the simulator")
+    demo_help = "run the simulated application and write report.json and plots"
+    demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     try:
         demo_mod = importlib.import_module("sona.demo")
     except ImportError:
@@ -61,18 +85,26 @@ def _build_parser() -> argparse.ArgumentParser:
     if demo_mod is not None:
         demo_mod.add_arguments(demo)
 
-    bench = sub.add_parser("bench", help="measure sona against numpy, torch and asyncio")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_help = "measure sona against numpy, torch and asyncio"
+    bench = sub.add_parser("bench", help=bench_help, description=bench_help)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, module in BENCHES.items():
-        p = bench_sub.add_parser(name)
+        text = BENCH_HELP.get(name)
+        p = bench_sub.add_parser(name, help=text, description=text)
         p.add_argument("--json", action="store_true", help="print JSON instead of tables")
         try:
             importlib.import_module(module).add_arguments(p)
         except ImportError:
             p.set_defaults(unavailable=True)
 
-    inspect = sub.add_parser("inspect", help="describe an adapter, checkpoint or PEFT directory")
-    inspect.add_argument("path")
+    inspect_help = "describe an adapter, checkpoint or PEFT directory"
+    inspect = sub.add_parser("inspect", help=inspect_help, description=inspect_help)
+    inspect.add_argument(
+        "path",
+        metavar="PATH",
+        help="an adapter file (MicroLoRA.save), a checkpoint file, a checkpoint_dir or a PEFT "
+        "adapter directory; read only, nothing is written",
+    )
     return parser
 
 

@@ -14,7 +14,8 @@ import pytest
 
 import sona.demo.command
 import sona.inspect
-from sona.cli import main
+from sona.bench import BENCHES
+from sona.cli import BENCH_HELP, main
 
 SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
 TINY = ["--dim", "16", "--domains", "3", "--steps", "80"]  # five phases of one batch each
@@ -54,6 +55,27 @@ def _exit_code(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- help
+def test_top_level_help_is_a_description_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "configures logging" not in text
+    assert "demo" in text and "bench" in text and "inspect" in text
+    assert "DEBUG" in text and "WARNING" in text
+
+
+def test_bench_help_describes_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in BENCHES:
+        assert f"{name} {' '.join(BENCH_HELP[name].split())}" in text, name
+
+
+def test_inspect_help_says_what_path_may_be(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["inspect", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint_dir" in text and "PEFT" in text
+
+
 def test_demo_help_gives_every_limit_and_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert _exit_code(["demo", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
