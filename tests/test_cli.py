@@ -128,6 +128,19 @@ def test_ctrl_c_is_one_line_and_status_130(
     assert capsys.readouterr().err == "sona inspect: interrupted\n"
 
 
+def test_ctrl_c_during_a_demo_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sona.demo.command, "run_all", interrupted)
+    out = tmp_path / "new" / "out"
+    assert _main_or_fail(["demo", "--quiet", *TINY, "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "sona demo: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sigint_stops_a_running_demo_without_a_traceback(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [SONA, "demo", "--quiet", "--dim", "64", "--steps", "200000", "--out", str(out)]

@@ -17,6 +17,7 @@ from PIL import Image
 
 import sona.demo
 import sona.demo.command
+import sona.demo.output
 from sona.demo import plots
 from sona.demo.users import SimulatedUsers, UserModel
 from sona.demo.world import DemoWorld, schedule
@@ -200,6 +201,41 @@ def test_steps_times_dim_is_bounded_by_what_the_requests_take(
     assert sona.demo.run(args) == 2
     err = capsys.readouterr().err
     assert "--steps × --dim must be <=" in err and "--steps <= 32768" in err
+
+
+@pytest.mark.parametrize("where", ["a regular file", "under a regular file", "/proc"])
+@pytest.mark.usefixtures("nothing_runs")
+def test_an_unusable_out_is_refused_before_anything_runs(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = {
+        "a regular file": afile,
+        "under a regular file": afile / "sub",
+        "/proc": Path("/proc/sona-demo-out"),
+    }[where]
+    if where == "/proc" and not Path("/proc/self").exists():
+        pytest.skip("needs /proc")
+    assert sona.demo.run(_args(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sona demo: --out {out}: ") and err.count("\n") == 1, err
+    assert afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.usefixtures("nothing_runs")
+def test_an_out_that_cannot_take_files_is_refused_and_not_left_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sona.demo.output.tempfile, "TemporaryFile", denied)
+    out = tmp_path / "new" / "out"
+    assert sona.demo.run(_args(out)) == 2
+    assert "cannot write files there (Permission denied)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--out", default=DEFAULT_OUT,
-        help="directory for report.json and the plots (default %(default)s)",
+        help="directory for report.json and the plots, created if missing; checked before "
+        "anything runs (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--chaos", type=float, default=0.0, metavar="P",

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -22,6 +23,7 @@ from sona.demo import (
     report,
 )
 from sona.demo.live import LiveDisplay, LogProgress
+from sona.demo.output import Output, OutputError
 from sona.demo.simulation import DemoSettings, Observer, RunRecord, simulate
 from sona.demo.summary import log_summary, print_summary
 from sona.demo.world import DemoWorld, Phase, schedule
@@ -103,10 +105,17 @@ async def run_all(
 
 
 def main(args: argparse.Namespace) -> int:
+    """Check the options and ``--out``, run, write the report and plots, print the summary.
+
+    0 when every run's accounting holds, else 1 (the report written either way); 2 for an
+    option or ``--out`` the demo cannot use, before anything runs or is written.
+    """
     t0 = time.perf_counter()
     try:
         settings = settings_from(args)
-    except UsageError as exc:
+        output = Output(Path(args.out))
+        output.prepare()
+    except (UsageError, OutputError) as exc:
         print(f"sona demo: {exc}", file=sys.stderr)
         return 2
     quiet = bool(args.quiet)
@@ -117,12 +126,19 @@ def main(args: argparse.Namespace) -> int:
     if quiet and not explicit_level and demo_logger.getEffectiveLevel() > logging.INFO:
         demo_logger.setLevel(logging.INFO)
     try:
-        return _run(args, settings, quiet, t0)
+        doc = _run_and_write(args, settings, output, quiet, t0)
     finally:
         demo_logger.setLevel(level_before)
+    holds = all(
+        r["accounting"]["holds"] and r["accounting"]["consolidation_holds"]
+        for r in doc["runs"].values()
+    )
+    return 0 if holds else 1
 
 
-def _run(args: argparse.Namespace, settings: DemoSettings, quiet: bool, t0: float) -> int:
+def _run_and_write(
+    args: argparse.Namespace, settings: DemoSettings, output: Output, quiet: bool, t0: float
+) -> dict[str, Any]:
     console = Console(highlight=False)
     plan = run_plan(bool(args.no_ewc))
     observer: Observer
@@ -135,27 +151,31 @@ def _run(args: argparse.Namespace, settings: DemoSettings, quiet: bool, t0: floa
             f"{settings.steps} requests per run"
             + (f", crash probability {settings.chaos:g}" if settings.chaos else "")
         )
-    world = DemoWorld(settings.dim, settings.domains, seed=settings.seed)
-    phases = schedule(settings.domains, settings.steps)
+    staging: Path | None = None
     try:
-        records = asyncio.run(run_all(world, phases, settings, plan, observer))
-    finally:
-        if isinstance(observer, LiveDisplay):
-            observer.stop()
-    doc = report.build(
-        settings, world, phases, records, command=command_line(settings, bool(args.no_ewc))
-    )
-    out = Path(args.out)
-    written = plots.save_all(doc, out)
-    doc["files"] = ["report.json", *[p.name for p in written]]
-    doc["seconds_total"] = round(time.perf_counter() - t0, 2)
-    path = report.write(doc, out)
+        world = DemoWorld(settings.dim, settings.domains, seed=settings.seed)
+        phases = schedule(settings.domains, settings.steps)
+        try:
+            records = asyncio.run(run_all(world, phases, settings, plan, observer))
+        finally:
+            if isinstance(observer, LiveDisplay):
+                observer.stop()
+        doc = report.build(
+            settings, world, phases, records, command=command_line(settings, bool(args.no_ewc))
+        )
+        staging = output.staging()
+        written = plots.save_all(doc, staging)
+        doc["files"] = ["report.json", *[p.name for p in written]]
+        doc["seconds_total"] = round(time.perf_counter() - t0, 2)
+        report.write(doc, staging)
+        output.commit(staging)
+    except BaseException:
+        output.discard(staging)
+        raise
+    out = output.path
+    path = out / "report.json"
     if quiet:
         log_summary(doc, path)
     else:
         print_summary(console, doc, out)
-    holds = all(
-        r["accounting"]["holds"] and r["accounting"]["consolidation_holds"]
-        for r in doc["runs"].values()
-    )
-    return 0 if holds else 1
+    return doc
