@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import shutil
@@ -14,11 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
 import sona.demo
 import sona.demo.command
 import sona.demo.output
-from sona.demo import plots
+from sona.demo import plots, report
+from sona.demo.simulation import RunRecord
+from sona.demo.summary import print_summary
 from sona.demo.users import SimulatedUsers, UserModel
 from sona.demo.world import DemoWorld, schedule
 from sona.feedback import FeedbackKind
@@ -298,6 +302,77 @@ def test_report_holds_both_runs_and_every_figure_shown(quiet_run: tuple[Path, st
     plain_kept = rep["runs"]["no-ewc"]["returns"][0]["kept_fraction_of_gain"]
     if kept is not None and plain_kept is not None:
         assert row["sona_forgets_less"] == (kept > plain_kept)
+
+
+def _record(left: float, at_return: float) -> RunRecord:
+    """A run over schedule(2, 300) whose domain 0 measured ``left`` when traffic moved to
+    domain 1 (step 100) and ``at_return`` when it came back (step 200)."""
+    record = RunRecord("sona", "sona", 0.1)
+    record.eval_steps = [0, 100, 200, 300]
+    record.quality = [[0.8, 0.8], [left, 0.8], [at_return, 0.9], [at_return, 0.9]]
+    return record
+
+
+def test_a_share_of_the_gain_is_given_only_for_a_gain_worth_comparing() -> None:
+    phases = schedule(2, 300)
+    base = [0.8, 0.8]
+    # 0.0015 over the base then 0.0045 under it: the share would read -300 %
+    (tiny,) = report.returns(_record(0.8015, 0.7955), phases, base)
+    assert tiny["kept_fraction_of_gain"] is None and tiny["gain_over_base"] == 0.0015
+    (real,) = report.returns(_record(0.9, 0.85), phases, base)
+    assert real["kept_fraction_of_gain"] == pytest.approx(0.5)
+    # the threshold is a tenth of the room above the base
+    (edge,) = report.returns(_record(0.821, 0.8105), phases, base)
+    assert edge["kept_fraction_of_gain"] == pytest.approx(0.5)
+    (under,) = report.returns(_record(0.819, 0.8095), phases, base)
+    assert under["kept_fraction_of_gain"] is None
+
+
+def _runs(*kept: tuple[float | None, float | None]) -> dict[str, dict[str, Any]]:
+    """Run summaries whose returns kept the given shares (sona's, no-ewc's)."""
+
+    def run(i: int) -> dict[str, Any]:
+        rows = [
+            {"phase_index": 3 + k, "domain": k, "quality_at_return": 0.9,
+             "kept_fraction_of_gain": pair[i]}
+            for k, pair in enumerate(kept)
+        ]  # fmt: skip
+        return {"final_above_base": [True], "returns": rows}
+
+    return {"sona": run(0), "no-ewc": run(1)}
+
+
+@pytest.mark.parametrize(
+    ("kept", "verdict"),
+    [
+        (((0.9, 0.7), (0.95, 0.8)), True),
+        (((0.9, 0.7), (None, 0.8)), None),  # one return cannot be told: neither yes nor no
+        (((0.9, None), (0.95, 0.8)), None),
+        (((None, 0.7), (0.6, 0.8)), False),  # a known "no" settles it
+        (((0.5, 0.7), (0.95, 0.8)), False),
+    ],
+)
+def test_forgets_less_on_every_return_is_unknown_when_a_return_is_unknown(
+    kept: tuple[tuple[float | None, float | None], ...], verdict: bool | None
+) -> None:
+    comp = report.comparison(_runs(*kept))
+    assert comp["sona_forgets_less_on_every_return"] is verdict
+
+
+def test_summary_says_when_forgetting_could_not_be_told(quiet_run: tuple[Path, str]) -> None:
+    out, _ = quiet_run
+    doc = _report(out)
+    for run in doc["runs"].values():
+        for row in run["returns"]:
+            row["kept_fraction_of_gain"] = None
+    doc["comparison"] = report.comparison(doc["runs"])
+    assert doc["comparison"]["sona_forgets_less_on_every_return"] is None
+    buf = io.StringIO()
+    print_summary(Console(file=buf, width=300), doc, out)
+    text = buf.getvalue()
+    assert "gain too small to compare" in text
+    assert "could not be told whether sona forgets less on every return" in text
+    assert "sona forgets less can't tell" in text
 
 
 def test_no_ewc_runs_only_the_comparison(tmp_path: Path) -> None:

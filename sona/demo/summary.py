@@ -16,7 +16,7 @@ _log = get_logger("sona.demo")
 
 
 def _yes(ok: bool | None) -> str:
-    return "[dim]n/a[/]" if ok is None else ("[green]yes[/]" if ok else "[red]no[/]")
+    return "[dim]can't tell[/]" if ok is None else ("[green]yes[/]" if ok else "[red]no[/]")
 
 
 def _fmt(v: float | None) -> str:
@@ -56,7 +56,7 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
             for run in runs.values():
                 r = run["returns"][i]
                 kept = r["kept_fraction_of_gain"]
-                share = "" if kept is None else f" ({100 * kept:.0f} %)"
+                share = " (gain too small to compare)" if kept is None else f" ({100 * kept:.0f} %)"
                 texts.append(f"{r['quality_when_left']:.3f} → {r['quality_at_return']:.3f}{share}")
             back.add_row(str(row["phase_index"] + 1), str(row["domain"]), *texts)
         console.print(back)
@@ -72,6 +72,8 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
             f"serves it better {_yes(row['sona_higher_at_return'])} "
             f"({row['sona_at_return']:.3f} vs {row['no_ewc_at_return']:.3f} without EWC)"
         )
+    if "sona_forgets_less_on_every_return" in comp:
+        console.print(report.forgets_less_verdict(comp["sona_forgets_less_on_every_return"]))
     for run in runs.values():
         lat = run["instant_latency"]
         st = run["stats"]
@@ -111,5 +113,10 @@ def log_summary(doc: dict[str, Any], path: Path) -> None:
             accounting=report.accounting_line_from(run["accounting"]),
             consolidation=report.consolidation_line_from(run["accounting"]),
         )
-    _log.info("comparison", **doc["comparison"])
+    comp = doc["comparison"]
+    if "sona_forgets_less_on_every_return" in comp:
+        verdict = report.forgets_less_verdict(comp["sona_forgets_less_on_every_return"])
+        _log.info("comparison", verdict=verdict, **comp)
+    else:
+        _log.info("comparison", **comp)
     _log.info("report_written", path=str(path), files=doc["files"], seconds=doc["seconds_total"])
