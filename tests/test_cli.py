@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 import signal
@@ -16,6 +18,9 @@ import sona.demo.command
 import sona.inspect
 from sona.bench import BENCHES
 from sona.cli import BENCH_HELP, main
+from sona.config import SonaLlmConfig, SupervisionConfig
+from sona.demo import simulation
+from sona.demo.simulation import DemoSettings
 
 SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
 TINY = ["--dim", "16", "--domains", "3", "--steps", "80"]  # five phases of one batch each
@@ -162,3 +167,22 @@ def test_sigint_stops_a_running_demo_without_a_traceback(tmp_path: Path) -> None
     assert "Traceback" not in err and "CancelledError" not in err, err
     assert err.splitlines()[-1] == "sona demo: interrupted"
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- the demo
+def test_a_run_the_supervisor_gave_up_on_exits_1_and_keeps_its_report(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configured = simulation.runtime_config
+
+    def no_restarts(settings: DemoSettings, phases: int, *, ewc: bool) -> SonaLlmConfig:
+        config = configured(settings, phases, ewc=ewc)
+        return dataclasses.replace(config, supervision=SupervisionConfig(max_restarts=0))
+
+    monkeypatch.setattr(simulation, "runtime_config", no_restarts)
+    argv = ["demo", "--quiet", "--no-ewc", "--chaos", "0.2", "--out", str(tmp_path)]
+    assert main([*argv, "--dim", "48", "--domains", "2", "--steps", "1500"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("sona demo: run 'no-ewc' stopped early: the supervisor gave up")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["runs"]["no-ewc"]["stopped_early"].startswith("the supervisor gave up")

@@ -99,7 +99,8 @@ def missing_extras() -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; 0 on success, 1 if an accounting identity failed, 2 on a usage error."""
+    """Run the demo; 0 on success, 1 if a run stopped early or an accounting identity failed,
+    2 on a usage error (nothing run, nothing written)."""
     missing = missing_extras()
     if missing:
         print(

@@ -107,7 +107,8 @@ async def run_all(
 def main(args: argparse.Namespace) -> int:
     """Check the options and ``--out``, run, write the report and plots, print the summary.
 
-    0 when every run's accounting holds, else 1 (the report written either way); 2 for an
+    0 when every run finished and its accounting holds; 1 (with a line on stderr saying why)
+    when a run stopped early or an identity failed, the report written either way; 2 for an
     option or ``--out`` the demo cannot use, before anything runs or is written.
     """
     t0 = time.perf_counter()
@@ -126,19 +127,15 @@ def main(args: argparse.Namespace) -> int:
     if quiet and not explicit_level and demo_logger.getEffectiveLevel() > logging.INFO:
         demo_logger.setLevel(logging.INFO)
     try:
-        doc = _run_and_write(args, settings, output, quiet, t0)
+        doc, path = _run_and_write(args, settings, output, quiet, t0)
     finally:
         demo_logger.setLevel(level_before)
-    holds = all(
-        r["accounting"]["holds"] and r["accounting"]["consolidation_holds"]
-        for r in doc["runs"].values()
-    )
-    return 0 if holds else 1
+    return _exit_status(doc, path)
 
 
 def _run_and_write(
     args: argparse.Namespace, settings: DemoSettings, output: Output, quiet: bool, t0: float
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Path]:
     console = Console(highlight=False)
     plan = run_plan(bool(args.no_ewc))
     observer: Observer
@@ -178,4 +175,18 @@ def _run_and_write(
         log_summary(doc, path)
     else:
         print_summary(console, doc, out)
-    return doc
+    return doc, path
+
+
+def _exit_status(doc: dict[str, Any], path: Path) -> int:
+    """1 with one line on stderr per run that stopped early or broke an identity, else 0."""
+    problems = []
+    for label, run in doc["runs"].items():
+        if run["stopped_early"]:
+            problems.append(f"run {label!r} stopped early: {run['stopped_early']}")
+        acc = run["accounting"]
+        if not (acc["holds"] and acc["consolidation_holds"]):
+            problems.append(f"run {label!r}: an accounting identity does not hold")
+    for line in problems:
+        print(f"sona demo: {line} (report: {path})", file=sys.stderr)
+    return 1 if problems else 0
