@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,21 @@ def test_sigint_stops_a_running_demo_without_a_traceback(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------------- the demo
+def test_quiet_log_shows_every_phase_of_a_short_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--quiet", *TINY, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    for run in ("sona", "no-ewc"):
+        phases = [
+            int(m.group(1))
+            for line in err.splitlines()
+            if "phase_started" in line and f"run={run}" in line
+            if (m := re.search(r"phase=(\d+)", line))
+        ]
+        assert phases == [0, 1, 2, 3, 4], run
+
+
 def test_a_run_the_supervisor_gave_up_on_exits_1_and_keeps_its_report(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -190,6 +190,7 @@ class _Run:
         self.events: Counter[str] = Counter()
         self.best = [0.0] * world.domains
         self.last_update = 0.0
+        self.shown_phase: Phase | None = None
 
     async def watch(self, events: Any) -> None:
         rec = self.record
@@ -274,9 +275,12 @@ class _Run:
             await anyio.sleep(ahead)
 
     def maybe_update(self, rt: SonaRuntime, users: SimulatedUsers, *, force: bool = False) -> None:
+        """Hand the observer a snapshot at most every ``UPDATE_EVERY_S``, and at every phase
+        change: a short phase can pass between two updates, and the observer must see it."""
         now = time.perf_counter()
-        if force or now - self.last_update >= UPDATE_EVERY_S:
+        if force or self.phase is not self.shown_phase or now - self.last_update >= UPDATE_EVERY_S:
             self.last_update = now
+            self.shown_phase = self.phase
             self.observer.update(self.snapshot(rt, users))
 
 
