@@ -103,7 +103,7 @@ async def _paced_stream(n: int) -> list[int]:
             out.append(_clock() - message[0])
             message[1].set()
 
-    async with anyio.create_task_group() as tg, send, receive:
+    async with send, receive, anyio.create_task_group() as tg:
         tg.start_soon(sink)
         await anyio.sleep(0)
         await _paced(send.send, n)
@@ -176,7 +176,7 @@ async def _saturated_stream(n: int) -> float:
             if message is None:
                 done.set()
 
-    async with anyio.create_task_group() as tg, send, receive:
+    async with send, receive, anyio.create_task_group() as tg:
         tg.start_soon(sink)
         await anyio.sleep(0)
         t0 = _clock()
