@@ -30,25 +30,33 @@ def time_calls(
     samples: int = 2000,
     inner: int = 10,
     warmup: int = 200,
+    block: int = 50,
 ) -> dict[str, Timing]:
     """Median and p99 of each ``fn()`` in microseconds, each sample averaging ``inner`` calls.
 
-    The contenders take their samples in turn (one sample of each, then the next round), not
-    one after the other: a machine that slows down for a while (a shared VM does) then weighs
-    on every contender alike, so the ratios between them compare like with like."""
+    The contenders take turns, ``block`` samples each, rather than one after the other: a
+    machine that slows down for a while (a shared VM does) then weighs on every contender
+    alike, so the ratios between them compare like with like. Each turn starts with a few
+    untimed calls, so a contender is timed with its own data in the caches, as it would be
+    measured alone, not with the previous contender's."""
     names = list(fns)
     calls = [fns[name] for name in names]
     for fn in calls:
         for _ in range(warmup):
             fn()
+    rewarm = min(warmup, 2 * inner)
     out = np.empty((len(calls), samples), dtype=np.float64)
     clock = time.perf_counter_ns
-    for i in range(samples):
+    for start in range(0, samples, block):
+        stop = min(start + block, samples)
         for j, fn in enumerate(calls):
-            t0 = clock()
-            for _ in range(inner):
+            for _ in range(rewarm):
                 fn()
-            out[j, i] = (clock() - t0) / inner
+            for i in range(start, stop):
+                t0 = clock()
+                for _ in range(inner):
+                    fn()
+                out[j, i] = (clock() - t0) / inner
     return {name: summarize_ns(out[j]) for j, name in enumerate(names)}
 
 
