@@ -800,7 +800,8 @@ class MicroLoRA:
                 )
         if not fast.all_finite_vec(np.ascontiguousarray(off)):
             raise InvalidInputError(f"offsets[{st.module.value}] contains NaN or inf")
-        np.subtract(vec, off, out=st.target)
+        with np.errstate(over="ignore"):  # an inf residual is refused as a non-finite gradient
+            np.subtract(vec, off, out=st.target)
         return st.target
 
     def _after(self, feedback: AdaptFeedback) -> None:

@@ -9,6 +9,7 @@ result, note, norm, baseline, weights, errors, and bit-identical weights on any 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -355,3 +356,23 @@ def test_factors_beyond_float32_take_the_float64_update(
     assert all(np.isfinite(arr).all() for _, a, bt in lora.iter_factors() for arr in (a, bt))
     assert weights_bytes(lora) != before
     assert_same(lora, general)
+
+
+@pytest.mark.parametrize("call", ["step", "adapt"])
+def test_a_residual_target_that_overflows_is_refused_without_a_warning(call: str) -> None:
+    """target − offset beyond float32 (both finite) is refused like an overflowing gradient:
+    an error, the weights unchanged, and no RuntimeWarning escaping numpy (which a host that
+    turns warnings into errors would get instead)."""
+    lora = trained(config(16, 16, modules=(Q,)))
+    before = weights_bytes(lora)
+    x = np.full(16, 0.25, F32)
+    fb = AdaptFeedback.from_quality(1.0).with_target(np.full(16, 3e38, F32))
+    offsets = {Q: np.full(16, -3e38, F32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidInputError, match="overflows"):
+            if call == "step":
+                lora.step(x, fb, 0.01, offsets=offsets)
+            else:
+                lora.adapt(x, fb, offsets=offsets)
+    assert weights_bytes(lora) == before
