@@ -8,6 +8,7 @@ the two can fail.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,3 +113,15 @@ class Snapshot:
 
 def weights_bytes(lora: MicroLoRA) -> list[bytes]:
     return [a.tobytes() + bt.tobytes() for _, a, bt in lora.iter_factors()]
+
+
+def near_float32_max(adapter: MicroLoRA, module: TargetModule, fraction: float) -> None:
+    """Give ``module`` the rank-1 delta ``fraction``·max·u·vᵀ (u, v fixed unit vectors): a
+    valid adapter (s·‖A‖·‖B‖ = fraction of float32's max) that learning toward targets near
+    float32's max can reach."""
+    a, bt = np.zeros_like(adapter.factors(module)[0]), np.zeros_like(adapter.factors(module)[1])
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal(a.shape[1]), rng.standard_normal(bt.shape[1])
+    c = math.sqrt(fraction * float(np.finfo(np.float32).max) / adapter.scaling)
+    a[0], bt[0] = c * u / np.linalg.norm(u), c * v / np.linalg.norm(v)
+    adapter.set_factors(module, a, bt)

@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from lora_reference import near_float32_max
 
 from sona.config import ConsolidationStrategy as CS
 from sona.config import SonaLlmConfig
 from sona.deep import DeepJob, run_deep
 from sona.engine import SonaLlm
 from sona.feedback import AdaptFeedback
-from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.objective import measurable
 from sona.sample import TrainingSample
@@ -381,17 +381,6 @@ def test_a_job_keeps_only_the_samples_its_run_uses_and_reruns_identically() -> N
     assert first.quality_delta == second.quality_delta
 
 
-def _near_float32_max(adapter: MicroLoRA, module: TargetModule, fraction: float) -> None:
-    """Give ``module`` the rank-1 delta ``fraction``·max·u·vᵀ (u, v fixed unit vectors): valid
-    on its own (s·‖A‖·‖B‖ = fraction of float32's max)."""
-    rng = np.random.default_rng(0)
-    u, v = rng.standard_normal(D), rng.standard_normal(D)
-    c = math.sqrt(fraction * F32_MAX / adapter.scaling)
-    a, bt = np.zeros_like(adapter.factors(module)[0]), np.zeros_like(adapter.factors(module)[1])
-    a[0], bt[0] = c * u / np.linalg.norm(u), c * v / np.linalg.norm(v)
-    adapter.set_factors(module, a, bt)
-
-
 def test_a_re_application_that_would_overflow_float32_changes_nothing() -> None:
     """Background moved during the run to a delta near float32's max, and the Deep run's
     change points the same way: current + change is 1.8 times the max. The result is discarded
@@ -403,8 +392,8 @@ def test_a_re_application_that_would_overflow_float32_changes_nothing() -> None:
     outcome = run_deep(engine.deep_job())
     stream.feed(engine, 20)
     engine.run_background()
-    _near_float32_max(engine.background.published.base, Q, 0.9)
-    _near_float32_max(outcome.published.base, Q, 0.9)
+    near_float32_max(engine.background.published.base, Q, 0.9)
+    near_float32_max(outcome.published.base, Q, 0.9)
     before = engine.background.published
     kept = before.base.export_weights()
     version = engine.background.version

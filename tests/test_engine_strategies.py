@@ -12,12 +12,12 @@ import math
 
 import numpy as np
 import pytest
+from lora_reference import near_float32_max
 
 from sona.config import ConsolidationStrategy as CS
 from sona.config import SonaLlmConfig
 from sona.engine import SonaLlm
 from sona.feedback import AdaptFeedback
-from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
 
@@ -313,26 +313,14 @@ def test_ewc_merge_beyond_the_consolidated_rank_is_the_best_truncation() -> None
     assert checked >= 2  # the rank limit was actually hit
 
 
-def _near_float32_max(adapter: MicroLoRA, module: TargetModule, fraction: float) -> None:
-    """Give ``module`` the rank-1 delta ``fraction``·max·u·vᵀ (u, v fixed unit vectors): a
-    valid adapter (s·‖A‖·‖B‖ = fraction of float32's max) that learning toward targets near
-    float32's max can reach."""
-    rng = np.random.default_rng(0)
-    u, v = rng.standard_normal(D), rng.standard_normal(D)
-    c = math.sqrt(fraction * F32_MAX / adapter.scaling)
-    a, bt = np.zeros_like(adapter.factors(module)[0]), np.zeros_like(adapter.factors(module)[1])
-    a[0], bt[0] = c * u / np.linalg.norm(u), c * v / np.linalg.norm(v)
-    adapter.set_factors(module, a, bt)
-
-
 def test_ewc_merge_refuses_a_fold_that_would_overflow_float32_and_keeps_the_state() -> None:
     """The consolidated and the live adapter are each valid, but their sum is 1.8 times float32's
     max: the fold is refused with a note, the published adapter is kept as it was, and the next
     fold of ordinary learning goes through."""
     x, y, q = _stream()
     engine = SonaLlm(_config(CS.EWC_MERGE), seed=7, clock=lambda: 0.0)
-    _near_float32_max(engine.background.published.base, Q, 0.9)
-    _near_float32_max(engine.instant.live, Q, 0.9)
+    near_float32_max(engine.background.published.base, Q, 0.9)
+    near_float32_max(engine.instant.live, Q, 0.9)
     published = engine.background.published
     kept = published.base.export_weights()
     result = engine.run_background()
