@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -135,34 +134,24 @@ def test_ctrl_c_is_one_line_and_status_130(
     assert capsys.readouterr().err == "sona inspect: interrupted\n"
 
 
-def test_ctrl_c_is_one_line_also_when_stopping_raises_another_error(
+def test_ctrl_c_inside_a_task_group_is_one_line_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """asyncio.run cancels its task on Ctrl-C; a child that fails while being cancelled turns
-    that into an ExceptionGroup instead of KeyboardInterrupt."""
-
-    async def serve() -> None:
-        async def child() -> None:
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                raise RuntimeError("stopping failed") from None
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(child())
-            await asyncio.sleep(0)
-            signal.raise_signal(signal.SIGINT)
-            await asyncio.sleep(30)
-
     def interrupted(path: str) -> int:
-        asyncio.run(serve())
-        return 0
+        raise BaseExceptionGroup("unhandled errors in a TaskGroup", [KeyboardInterrupt()])
 
     monkeypatch.setattr(sona.inspect, "run", interrupted)
     assert _main_or_fail(["inspect", "anything"]) == 130
-    assert capsys.readouterr().err == (
-        "sona inspect: interrupted (stopping it raised RuntimeError)\n"
-    )
+    assert capsys.readouterr().err == "sona inspect: interrupted\n"
+
+
+def test_a_group_without_an_interrupt_still_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(path: str) -> int:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [RuntimeError("a bug")])
+
+    monkeypatch.setattr(sona.inspect, "run", broken)
+    with pytest.raises(ExceptionGroup):
+        main(["inspect", "anything"])
 
 
 def test_errors_without_an_interrupt_still_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
