@@ -8,6 +8,7 @@ the next crash instead of on every message.
 
 from __future__ import annotations
 
+import asyncio
 import reprlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,32 @@ _repr.maxstring = _repr.maxother = 120
 _repr.maxlevel = 2
 
 NOTHING: Any = object()
+
+
+def stray_cancellation(exc: BaseException) -> bool:
+    """True for a cancellation exception that no enclosing cancel scope asked for.
+
+    Awaiting an ``asyncio.Future`` that someone else cancelled, or a handler raising
+    ``CancelledError`` itself, raises the backend's cancellation class in a task nobody is
+    cancelling. Let through, it would end the actor's task without a crash report (no restart,
+    its mailbox never served again) and, on asyncio, cancel the supervisor's whole task group
+    and the host's ``async with`` body with it. Such an exception is a bug in the handler and
+    is treated as a crash. A real cancellation shows as an expired or cancelled enclosing
+    scope (``current_effective_deadline`` is then in the past, ``-inf`` once cancelled) or, on
+    asyncio, as a pending ``Task.cancel()`` request.
+    """
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    if anyio.current_effective_deadline() <= anyio.current_time():
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # not running on asyncio
+            task = None
+        if task is not None and task.cancelling():
+            return False
+    return True
 
 
 class Child:
@@ -79,7 +106,7 @@ class Child:
 
     # -- the message loop ----------------------------------------------------------------
 
-    async def serve(self, actor: Actor) -> Exception | None:
+    async def serve(self, actor: Actor) -> BaseException | None:
         """Handle messages until a stop is requested (returns None) or ``handle`` raises.
 
         On a crash the failing message goes to the retry slot, or is dead-lettered if it was
@@ -127,7 +154,12 @@ class Child:
                         self.inline_failure = None
                         raise failure
             return None
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not stray_cancellation(exc):
+                if item is not NOTHING and not from_retry:
+                    self.interrupted += 1
+                    mailbox.push_front(item)
+                raise
             if item is not NOTHING:
                 if from_retry:
                     self.retry = NOTHING
@@ -135,11 +167,6 @@ class Child:
                 else:
                     self.retry = item
             return exc
-        except BaseException:
-            if item is not NOTHING and not from_retry:
-                self.interrupted += 1
-                mailbox.push_front(item)
-            raise
 
     def handle_inline(self, message: Any) -> bool:
         """Hand a told message to the idle actor's ``handle_inline`` in the caller's task.

@@ -23,7 +23,7 @@ from sona.actors._log import get_logger
 from sona.actors.actor import Actor, Ask
 from sona.actors.backoff import Backoff
 from sona.actors.bus import EventBus
-from sona.actors.child import NOTHING, Child
+from sona.actors.child import NOTHING, Child, stray_cancellation
 from sona.actors.errors import ActorStopped, SupervisorGaveUp
 from sona.actors.events import LoopCrashed, LoopRestarted, SupervisorGaveUpEvent
 from sona.actors.mailbox import OverflowPolicy
@@ -337,7 +337,7 @@ class Supervisor:
         assert done is not None
         actor: Actor | None = None
         on_start_ok = False
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             with anyio.CancelScope() as scope:
                 child.scope = scope
@@ -348,7 +348,9 @@ class Supervisor:
                     actor = child.factory()
                     child.actor = actor
                     await actor.on_start()
-                except Exception as exc:
+                except BaseException as exc:
+                    if not isinstance(exc, Exception) and not stray_cancellation(exc):
+                        raise
                     error = exc
                 else:
                     on_start_ok = True
@@ -391,7 +393,9 @@ class Supervisor:
         with anyio.move_on_after(self.shutdown_timeout_s, shield=True) as scope:
             try:
                 await coro
-            except Exception:
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and not stray_cancellation(exc):
+                    raise
                 self._log.exception("hook_failed", actor=child.name, hook=hook)
         if scope.cancelled_caught:
             self._log.warning(
