@@ -19,6 +19,11 @@ class Backoff(msgspec.Struct, frozen=True):
     jitter: float = 0.2
 
     def __post_init__(self) -> None:
+        # msgspec checks field types only when decoding, not in the constructor.
+        for field in ("min_s", "max_s", "jitter"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Backoff.{field} must be a number, got {value!r}")
         if not (self.min_s >= 0.0 and self.max_s >= self.min_s):
             raise ValueError(
                 f"Backoff needs 0 <= min_s <= max_s, got min_s={self.min_s}, max_s={self.max_s}"

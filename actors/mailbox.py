@@ -70,7 +70,7 @@ class Mailbox(Generic[T]):
         name: str = "mailbox",
         on_drop: Callable[[T], None] | None = None,
     ) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"mailbox capacity must be an int >= 1, got {capacity!r}")
         if not isinstance(policy, OverflowPolicy):
             raise TypeError(f"policy must be an OverflowPolicy, got {policy!r}")

@@ -40,6 +40,11 @@ _CURRENT: contextvars.ContextVar[Supervisor | None] = contextvars.ContextVar(
 _NEW, _RUNNING, _DRAINING, _STOPPING, _STOPPED = range(5)
 
 
+def _is_number(value: object) -> bool:
+    """A real number, not a bool (``True`` as a timeout is a mistake, not one second)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class RestartStrategy(enum.Enum):
     """Which children restart when one crashes."""
 
@@ -81,14 +86,28 @@ class Supervisor:
     ) -> None:
         if not isinstance(strategy, RestartStrategy):
             raise TypeError(f"strategy must be a RestartStrategy, got {strategy!r}")
-        if not isinstance(max_restarts, int) or max_restarts < 0:
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
-        if not (within_s > 0 and math.isfinite(within_s)):
+        if not (_is_number(within_s) and within_s > 0 and math.isfinite(within_s)):
             raise ValueError(f"within_s must be a finite number > 0, got {within_s!r}")
-        if not (shutdown_timeout_s >= 0 and math.isfinite(shutdown_timeout_s)):
+        if not (
+            _is_number(shutdown_timeout_s)
+            and shutdown_timeout_s >= 0
+            and math.isfinite(shutdown_timeout_s)
+        ):
             raise ValueError(
-                f"shutdown_timeout_s must be finite and >= 0, got {shutdown_timeout_s!r}"
+                f"shutdown_timeout_s must be a finite number >= 0, got {shutdown_timeout_s!r}"
             )
+        # Checked here: a wrong backoff or bus would otherwise fail only at the first crash or
+        # event, inside the supervisor's control task, and take the host down with it.
+        if not isinstance(backoff, Backoff):
+            raise TypeError(f"backoff must be a Backoff, got {backoff!r}")
+        if events is not None and not isinstance(events, EventBus):
+            raise TypeError(f"events must be an EventBus or None, got {events!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name!r}")
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self.strategy = strategy
         self.max_restarts = max_restarts
         self.within_s = within_s
@@ -144,10 +163,17 @@ class Supervisor:
         """
         if self._phase >= _DRAINING:
             raise RuntimeError(f"supervisor {self.name!r} is stopping; cannot spawn {name!r}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
         if name in self._refs:
             raise ValueError(f"supervisor {self.name!r} already has a child named {name!r}")
         if not callable(factory):
             raise TypeError(f"factory must be a callable returning an Actor, got {factory!r}")
+        # The callbacks are called only when a message is dropped or dead-lettered, where a
+        # failure is logged and swallowed: a wrong one would silently lose that accounting.
+        for label, callback in (("on_drop", on_drop), ("on_dead_letter", on_dead_letter)):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{label} must be callable or None, got {callback!r}")
         child = Child(
             name=name,
             factory=factory,

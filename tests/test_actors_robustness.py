@@ -87,3 +87,58 @@ async def test_a_real_cancellation_still_stops_a_handler() -> None:
     stats = ref.stats()
     assert stats["crashes"] == 0 and stats["interrupted"] == 1
     assert ref.leftovers() == [1, 2]
+
+
+class Echo(Actor):
+    async def handle(self, message: Any) -> object:
+        return message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_restarts": True}, ValueError, "max_restarts"),
+        ({"within_s": "30"}, ValueError, "within_s"),
+        ({"within_s": None}, ValueError, "within_s"),
+        ({"shutdown_timeout_s": "5"}, ValueError, "shutdown_timeout_s"),
+        # A wrong backoff used to fail only at the first crash, out of the control task.
+        ({"backoff": None}, TypeError, "backoff must be a Backoff"),
+        ({"backoff": 0.5}, TypeError, "backoff must be a Backoff"),
+        ({"events": "bus"}, TypeError, "events must be an EventBus"),
+        ({"name": 3}, TypeError, "name must be a str"),
+        ({"clock": 0.0}, TypeError, "clock must be a callable"),
+    ],
+)
+def test_supervisor_refuses_bad_arguments_at_construction(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Supervisor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"name": 5}, TypeError, "name must be a non-empty str"),
+        ({"name": ""}, TypeError, "name must be a non-empty str"),
+        ({"mailbox_size": True}, ValueError, "capacity"),
+        ({"on_drop": 3}, TypeError, "on_drop must be callable"),
+        ({"on_dead_letter": "log"}, TypeError, "on_dead_letter must be callable"),
+    ],
+)
+def test_spawn_refuses_bad_arguments_and_registers_nothing(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    sup = Supervisor()
+    with pytest.raises(error, match=match):
+        sup.spawn(Echo, **{"name": "e", **kwargs})
+    assert sup.stats() == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"min_s": "0.1"}, "min_s must be a number"), ({"jitter": None}, "jitter must be a number")],
+)
+def test_backoff_refuses_non_numbers(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        Backoff(**kwargs)
