@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -63,7 +64,18 @@ class ActorRef:
         message is dropped by the overflow policy the asker gets MessageDropped; if it raises
         twice and is dead-lettered, MessageFailed (the handler's error as ``__cause__``); if the
         actor stops first, ActorStopped or SupervisorGaveUp.
+
+        ``timeout`` must be None or a number > 0 (``inf`` waits for ever): zero or a negative
+        number could never see an answer, yet would still send the message, so they are refused
+        before anything is sent.
         """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or math.isnan(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"ask timeout must be None or a number > 0, got {timeout!r}")
         envelope = Ask(message, anyio.Event())
         try:
             with anyio.fail_after(timeout):

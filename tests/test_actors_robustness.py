@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import anyio
@@ -142,3 +143,17 @@ def test_spawn_refuses_bad_arguments_and_registers_nothing(
 def test_backoff_refuses_non_numbers(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(TypeError, match=match):
         Backoff(**kwargs)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, -0.5, math.nan, "1", True])
+async def test_ask_refuses_a_timeout_that_could_never_be_met_and_sends_nothing(
+    timeout: Any,
+) -> None:
+    sup = Supervisor()
+    ref = sup.spawn(Echo, name="e")
+    async with sup:
+        with pytest.raises(ValueError, match="ask timeout must be None or a number > 0"):
+            await ref.ask("lost?", timeout=timeout)
+        await ref.join()
+        assert await ref.ask("ok", timeout=math.inf) == "ok"
+    assert ref.stats()["processed"] == 1
