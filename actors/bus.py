@@ -39,6 +39,7 @@ class Subscription:
         "_bus",
         "_capacity",
         "_closed",
+        "_entered",
         "_kinds",
         "_last_missed_seq",
         "_missed",
@@ -59,6 +60,7 @@ class Subscription:
         self._last_missed_seq = 0
         self._waiter: anyio.Event | None = None
         self._closed = False
+        self._entered = False
         self.total_missed = 0
 
     def _push(self, event: Any) -> None:
@@ -95,6 +97,11 @@ class Subscription:
             return self._buffer.popleft()
         if self._closed:
             raise anyio.EndOfStream
+        if not self._entered:
+            # Not registered on the bus, nothing will ever arrive: waiting would hang for good.
+            raise RuntimeError(
+                "this subscription was never entered: use `async with bus.subscribe() as sub:`"
+            )
         raise anyio.WouldBlock
 
     async def receive(self) -> Any:
@@ -120,6 +127,9 @@ class Subscription:
             raise StopAsyncIteration from None
 
     async def __aenter__(self) -> Subscription:
+        if self._entered or self._closed:
+            raise RuntimeError("a subscription can be entered only once; subscribe again instead")
+        self._entered = True
         self._bus._add(self)
         return self
 
@@ -180,9 +190,18 @@ class EventBus:
         """Number ``event`` and hand it to every matching subscriber; never waits.
 
         Returns the number of subscribers that received it. Publishing on a closed bus is
-        allowed and reaches nobody, so late events during shutdown never raise.
+        allowed and reaches nobody, so late events during shutdown never raise. ``event`` must
+        be a msgspec Struct with ``at`` and ``seq`` fields; anything else is refused before it
+        takes a number, whether or not anyone subscribes to it.
         """
+        if not isinstance(event, msgspec.Struct) or "seq" not in event.__struct_fields__:
+            raise TypeError(
+                f"publish() takes a msgspec Struct event with `at` and `seq` fields, "
+                f"got {type(event).__name__}"
+            )
         self._seq += 1
+        if self._closed:
+            return 0
         if not self.wants(type(event)):  # nobody would see it: skip stamping a copy
             return 0
         if getattr(event, "at", None) == 0.0:
@@ -227,7 +246,8 @@ class EventBus:
 
     def _add(self, sub: Subscription) -> None:
         if self._closed:
-            sub._close()
+            sub._close()  # ends at once; not registered, so it neither receives nor lingers
+            return
         # Copy on write: a publish iterating the old list is never disturbed.
         self._subscribers = [*self._subscribers, sub]
         self._wanted = {}

@@ -205,3 +205,50 @@ def test_events_are_a_frozen_tagged_union() -> None:
     assert b'"type":"SupervisorGaveUp"' in data
     with pytest.raises(AttributeError):
         events[0].seq = 5  # type: ignore[misc]
+
+
+async def test_publish_after_close_reaches_nobody_even_a_subscriber_still_inside() -> None:
+    bus = EventBus()
+    async with bus.subscribe() as sub:
+        bus.publish(Tick(n=1))
+        bus.close()
+        assert bus.publish(Tick(n=2)) == 0
+        assert [e.n async for e in sub] == [1]
+    async with bus.subscribe() as late:
+        assert bus.subscriber_count == 0
+        assert [e async for e in late] == []
+
+
+async def test_a_subscription_used_without_entering_it_raises_instead_of_hanging() -> None:
+    bus = EventBus()
+    sub = bus.subscribe()
+    bus.publish(Tick(n=1))
+    with anyio.fail_after(1), pytest.raises(RuntimeError, match="never entered"):
+        await sub.receive()
+    with anyio.fail_after(1), pytest.raises(RuntimeError, match="never entered"):
+        async for _ in sub:
+            pass
+
+
+async def test_a_subscription_is_entered_only_once() -> None:
+    bus = EventBus()
+    sub = bus.subscribe()
+    async with sub:
+        with pytest.raises(RuntimeError, match="only once"):
+            await sub.__aenter__()
+        bus.publish(Tick(n=1))
+        assert sub.pending == 1 and bus.subscriber_count == 1
+    with pytest.raises(RuntimeError, match="only once"):
+        await sub.__aenter__()
+    assert bus.subscriber_count == 0
+
+
+@pytest.mark.parametrize("event", [3, "crash", {"seq": 0}])
+async def test_publish_refuses_what_is_not_an_event_and_takes_no_number(event: object) -> None:
+    bus = EventBus()
+    with pytest.raises(TypeError, match="publish\\(\\) takes a msgspec Struct"):
+        bus.publish(event)  # type: ignore[type-var]  # nobody subscribed
+    async with bus.subscribe() as sub:
+        with pytest.raises(TypeError, match="publish\\(\\) takes a msgspec Struct"):
+            bus.publish(event)  # type: ignore[type-var]
+        assert bus.last_seq == 0 and sub.pending == 0
