@@ -217,7 +217,7 @@ def _feedback(kind: str, rng: np.random.Generator, n_out: int, q: float) -> Adap
     )
 
 
-def _assert_same(fast: MicroLoRA, general: MicroLoRA) -> None:
+def _assert_same(fast: MicroLoRA, general: MicroLoRA, rtol: float = 1e-5) -> None:
     assert fast.last_note == general.last_note
     assert fast.version == general.version
     assert fast.pending_updates == general.pending_updates == 0
@@ -229,7 +229,7 @@ def _assert_same(fast: MicroLoRA, general: MicroLoRA) -> None:
     for (m, a, bt), (_, ga, gbt) in zip(fast.iter_factors(), general.iter_factors(), strict=True):
         for mine, theirs in ((a, ga), (bt, gbt)):
             atol = 1e-6 * (1.0 + float(np.abs(theirs).max()))
-            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=atol, err_msg=m.value)
+            np.testing.assert_allclose(mine, theirs, rtol=rtol, atol=atol, err_msg=m.value)
 
 
 @settings(max_examples=100, deadline=None)
@@ -260,7 +260,10 @@ def test_step_takes_the_general_paths_decisions(
     rng = np.random.default_rng(seed)
     # Several steps (the rated-output baseline moves from sample to sample) only where the
     # dynamics are stable: a large step amplifies float32 rounding differences between paths.
+    # At 0.3, three unclipped steps can take weights of order 1 to several hundred, and the
+    # paths' different summation orders then differ by ~2e-5 relative.
     steps = 3 if lr <= 0.3 else 1
+    rtol = 1e-5 if lr < 0.3 else 1e-4
     for _ in range(steps):
         x = vec(rng, 12, scale=2.0)
         fb = _feedback(kind, rng, 10, float(rng.uniform(0.1, 1.0)))
@@ -275,7 +278,7 @@ def test_step_takes_the_general_paths_decisions(
             off = {}
         kw: dict[str, Any] = {"max_norm": max_norm, "module": module, "weight": weight}
         assert fast.step(x, fb, lr, offsets=off, **kw) == general.step(x, fb, lr, offsets=off, **kw)
-        _assert_same(fast, general)
+        _assert_same(fast, general, rtol)
 
 
 def test_step_raises_the_general_paths_errors_and_changes_nothing() -> None:
