@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sona.embedding import Embedder, HashingEmbedder
+from sona.errors import InvalidInputError
 
 TEXTS = [
     "How do I sort a list in Python?",
@@ -131,3 +136,111 @@ def test_width_of_the_wrong_type_raises_type_error(dim: object) -> None:
 
 def test_is_an_embedder() -> None:
     assert isinstance(HashingEmbedder(), Embedder)
+
+
+# ---------------------------------------------------------------- Unicode: the same text
+
+_ACCENTED = "Café naïve résumé Ångström Ελληνικά Tiếng Việt"
+
+
+def test_composed_and_decomposed_spellings_give_the_same_vector() -> None:
+    e = HashingEmbedder()
+    nfc, nfd = (unicodedata.normalize(f, _ACCENTED) for f in ("NFC", "NFD"))
+    assert nfc != nfd
+    np.testing.assert_array_equal(e.embed(nfc, 128), e.embed(nfd, 128))
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_canonically_equivalent_texts_give_the_same_vector(text: str) -> None:
+    e = HashingEmbedder()
+    forms = [unicodedata.normalize(f, text) for f in ("NFC", "NFD")]
+    np.testing.assert_array_equal(e.embed(forms[0], 32), e.embed(forms[1], 32))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("हिन्दी भाषा", ["हिन्दी", "भाषा"]),  # vowel signs and virama are marks
+        ("می\u200cخواهم", ["می\u200cخواهم"]),  # Persian writes a ZWNJ inside words
+        (unicodedata.normalize("NFD", "naïve café"), ["naïve", "café"]),
+        ("\u0301 a", ["a"]),  # a mark with nothing to combine with is not a word
+    ],
+)
+def test_combining_marks_stay_inside_their_word(text: str, words: list[str]) -> None:
+    assert HashingEmbedder().words(text) == words
+
+
+def test_case_folding_covers_more_than_lower() -> None:
+    e = HashingEmbedder()
+    np.testing.assert_array_equal(e.embed("straße", 64), e.embed("STRASSE", 64))
+    np.testing.assert_array_equal(e.embed("ΟΔΟΣ", 64), e.embed("οδος", 64))
+
+
+def test_what_separates_words_and_what_is_ignored() -> None:
+    e = HashingEmbedder()
+    ref = e.embed("hello world", 64)
+    for variant in ("hello\x00world", "hello\u00a0world", "hello\u200bworld", "hello 😀 world"):
+        np.testing.assert_array_equal(e.embed(variant, 64), ref)
+    assert not e.embed("ｈｅｌｌｏ ｗｏｒｌｄ", 64) @ ref > 0.5  # compatibility forms stay apart
+    for nothing in ("😀🎉", "\x00\x01\x7f", "\u200b\u200e", "\u0301"):
+        assert not e.embed(nothing, 64).any()
+
+
+def test_no_mark_lives_outside_the_planes_scanned_for_them() -> None:
+    outside = [
+        c
+        for c in (*range(0x20000, 0xE0000), *range(0xE1000, 0x110000))
+        if unicodedata.category(chr(c)).startswith("M")
+    ]
+    assert outside == []
+
+
+def test_a_str_subclass_embeds_as_its_text() -> None:
+    class Shouting(str):
+        def casefold(self) -> str:
+            return "something else"
+
+        def lower(self) -> str:
+            return "something else"
+
+    e = HashingEmbedder()
+    np.testing.assert_array_equal(e.embed(Shouting("Hello there"), 32), e.embed("Hello there", 32))
+    np.testing.assert_array_equal(e.embed(np.str_("Hello there"), 32), e.embed("Hello there", 32))
+
+
+# ---------------------------------------------------------------- long text
+
+
+def test_text_beyond_max_chars_is_refused_with_the_limit_named() -> None:
+    e = HashingEmbedder(max_chars=1000)
+    assert e.embed("a" * 1000, 16).any()
+    with pytest.raises(InvalidInputError, match="max_chars=1,000"):
+        e.embed("a" * 1001, 16)
+    with pytest.raises(InvalidInputError, match="max_chars"):
+        HashingEmbedder().embed("word " * 200_001, 16)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_bad_max_chars_is_refused(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="max_chars"):
+        HashingEmbedder(max_chars=bad)  # type: ignore[arg-type]
+
+
+def test_long_text_is_counted_in_chunks_with_the_same_result() -> None:
+    """Words beyond one chunk (8192) still pair with their neighbours across the boundary."""
+    e = HashingEmbedder()
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in rng.integers(0, 300, 20_000)]
+    expected = np.zeros(97)
+    for f in e.features(" ".join(words)):  # one feature at a time, no counting, no chunks
+        d = int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest(), "little")
+        expected[d % 97] += -1.0 if d >> 63 else 1.0
+    expected /= np.linalg.norm(expected)
+    np.testing.assert_array_equal(e.embed(" ".join(words), 97), expected.astype(np.float32))
+    assert "w2:" + " ".join(words[8191:8193]) in e.features(" ".join(words))
+
+
+def test_bool_width_is_refused() -> None:
+    with pytest.raises(TypeError, match="dim"):
+        HashingEmbedder().embed("text", True)
