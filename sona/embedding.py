@@ -84,7 +84,7 @@ class HashingEmbedder:
     word (empty, whitespace, punctuation or emoji only) gives the zero vector. Texts that share
     words and spellings get nearby vectors.
 
-    Text longer than ``max_chars`` is refused: embedding costs about 0.5 µs per character on the
+    Text longer than ``max_chars`` is refused: embedding costs 0.5-1.5 µs per character on the
     caller's thread (the event loop's, in ``SonaRuntime``), so a runaway input would stall every
     request behind it; truncate long texts, or raise the limit, deliberately.
     """
