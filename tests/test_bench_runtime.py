@@ -35,8 +35,8 @@ def test_sona_part_reports_every_case_and_restores_the_switch_interval(
     assert latency["handler_avg_us"] > 0
     assert latency["samples_per_s"] is None  # not measured in a latency case: null, not NaN
     # the handler's average covers the timed requests, not the ~12,000 warm-up ones
-    assert 0 < latency["handler_samples"] <= 200
-    assert rows["instant_adapt, deep running"]["handler_samples"] < 12_000
+    for case in ("instant_adapt", "instant_adapt, deep running"):
+        assert rows[case]["handler_samples"] == rows[case]["timed_samples"] >= 200
     throughput = [r for r in report["sona"] if r["case"].startswith("sustained")]
     assert [r["modules"] for r in throughput] == [1, 2]
     assert all(r["samples_per_s"] > 0 and r["max_pending"] <= 1000 for r in throughput)

@@ -17,6 +17,7 @@ from sona.bench.timing import dump_json, print_table
 
 ACTOR_COLUMNS = ("case", "p50 µs", "p99 µs", "msgs/s", "p50 vs Queue", "rate vs Queue")
 # the JSON rows also say how many handled samples handler_avg_us averages (handler_samples)
+# and, for the latency cases, how many requests were timed (timed_samples)
 SONA_COLUMNS = (
     "case",
     "dim",

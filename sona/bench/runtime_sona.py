@@ -108,6 +108,7 @@ async def _latency(dim: int, n: int, with_deep: bool) -> dict[str, Any]:
         "deep_runs": deep_runs,
         "max_pending": float("nan"),
         "handler_samples": handled,
+        "timed_samples": len(lat),
     }
 
 
