@@ -168,6 +168,7 @@ class Ticket:
 
 
 def _unhandled(sample_id: int, note: str) -> AdaptationResult:
+    """The answer to a caller whose sample the Instant loop did not (and will not) handle."""
     return AdaptationResult(
         applied=False, loop="instant", latency_us=0.0, notes=[note], sample_id=sample_id
     )
@@ -482,25 +483,16 @@ class SonaRuntime:
             # with a sample log, recorded too: a restore counts it (and never reuses its id)
             self._durable.settled(sid, "dropped")
             self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
-            return AdaptationResult(
-                applied=False,
-                loop="instant",
-                latency_us=0.0,
-                notes=["dropped: pending buffer full (DROP_NEWEST)"],
-                sample_id=sid,
-            )
+            return _unhandled(sid, "dropped: pending buffer full (DROP_NEWEST)")
         # DROP_OLDEST: the oldest sample not yet handled, else the oldest awaiting consolidation
         if self._queued:
             _, victim = self._queued.popitem(last=False)
             self.dropped += 1
             self._pending -= 1
             victim.resolve(
-                AdaptationResult(
-                    applied=False,
-                    loop="instant",
-                    latency_us=0.0,
-                    notes=["dropped: pending buffer full (DROP_OLDEST) before it was handled"],
-                    sample_id=victim.sample_id,
+                _unhandled(
+                    victim.sample_id,
+                    "dropped: pending buffer full (DROP_OLDEST) before it was handled",
                 )
             )
             self._durable.settled(victim.sample_id, "dropped")
@@ -630,12 +622,9 @@ class SonaRuntime:
                 self.dead_lettered += 1
                 self._pending -= 1
                 ticket.resolve(
-                    AdaptationResult(
-                        applied=False,
-                        loop="instant",
-                        latency_us=0.0,
-                        notes=[f"dead-lettered: the Instant loop failed twice on it ({error!r})"],
-                        sample_id=message.sample_id,
+                    _unhandled(
+                        message.sample_id,
+                        f"dead-lettered: the Instant loop failed twice on it ({error!r})",
                     )
                 )
                 self._durable.settled(message.sample_id, "dead_lettered")
