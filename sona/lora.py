@@ -166,14 +166,20 @@ def delta_bound(scale: float, a: np.ndarray, bt: np.ndarray) -> float:
     return scale * math.sqrt(na) * math.sqrt(nb)
 
 
-def check_delta_fits(scale: float, a: np.ndarray, bt: np.ndarray, what: str) -> None:
-    """Refuse factors read from a file unless :func:`delta_bound` stays below float32's max,
-    with a :class:`FormatError` that starts with ``what`` (the factors' names)."""
+def check_delta_fits(
+    scale: float,
+    a: np.ndarray,
+    bt: np.ndarray,
+    what: str,
+    error: type[ValueError] = FormatError,
+) -> None:
+    """Refuse factors unless :func:`delta_bound` stays below float32's max, with ``error`` (a
+    :class:`FormatError` for factors read from a file) whose message starts with ``what``."""
     bound = delta_bound(scale, a, bt)
     if not bound < _F32_MAX:
-        raise FormatError(
+        raise error(
             f"{what} give s·‖A‖·‖B‖ = {bound:.4g}, not below float32's max {_F32_MAX:.4g}: "
-            "delta_weight would overflow"
+            "delta_weight and forward would overflow"
         )
 
 
@@ -1115,12 +1121,9 @@ class MicroLoRA:
             )
         if not (k_update.all_finite(a_arr) and k_update.all_finite(bt_arr)):
             raise InvalidInputError("factors contain NaN or inf")
-        bound = delta_bound(self._scale, a_arr, bt_arr)
-        if not bound < _F32_MAX:
-            raise InvalidInputError(
-                f"factors for {st.module.value} give s·‖A‖·‖B‖ = {bound:.4g}, not below "
-                f"float32's max {_F32_MAX:.4g}: delta_weight and forward would overflow"
-            )
+        check_delta_fits(
+            self._scale, a_arr, bt_arr, f"factors for {st.module.value}", InvalidInputError
+        )
         np.copyto(st.a, a_arr)
         np.copyto(st.bt, bt_arr)
         self.version += 1
