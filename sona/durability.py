@@ -161,6 +161,7 @@ class Durability:
         lock = _lock_directory(directory)
         try:
             remove_temporaries(directory)
+            self._claim(directory)  # before the log is opened: a refused start creates nothing
             log = self._open_log(directory)
             try:
                 self._adopt(directory, log)
@@ -183,8 +184,8 @@ class Durability:
         )
 
     def _adopt(self, directory: Path, log: SampleLog) -> None:
-        """Continue this run's directory, or claim a fresh one; never another run's."""
-        self._claim(directory)
+        """Continue this run's directory, or claim a fresh one; never another run's (the
+        caller claims the directory first, with :meth:`_claim`)."""
         if self.kept:
             if log.get_meta("run_id") not in (None, self.run_id):
                 raise CheckpointDirError(f"{log.path}: the sample log belongs to another run")
