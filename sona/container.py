@@ -236,10 +236,7 @@ def open_file(path: str | os.PathLike[str]) -> BinaryIO:
     as /dev/zero would never end.
     """
     p = Path(path)
-    try:
-        fd = os.open(p, _READ_FLAGS)
-    except IsADirectoryError:
-        raise FormatError(f"{p}: is a directory, expected a file") from None
+    fd = os.open(p, _READ_FLAGS)  # a directory opens too: the check below names it
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
