@@ -75,6 +75,7 @@ def refused(capsys: pytest.CaptureFixture[str], call: Any, *args: Any) -> str:
         ("soak", ["--chaos", "2"], "--chaos"),
         ("soak", ["--chaos", "1"], "--chaos"),
         ("soak", ["--seed", "-1"], "--seed"),
+        ("soak", ["--seed", str(2**62)], "--seed"),
         ("soak", ["--rate", "nan"], "--rate"),
     ],
 )

@@ -183,6 +183,7 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         ("--steps", "3"),
         ("--steps", "1000001"),
         ("--seed", "-1"),
+        ("--seed", str(2**62)),  # beyond SonaRuntime's range: refused before the world is built
     ],
 )
 @pytest.mark.usefixtures("nothing_runs")

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED,
-        help="seed of the world and the users, >= 0 (default %(default)s)",
+        help="seed of the world and the users, below 2**62 and >= 0 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--out", default=DEFAULT_OUT,

@@ -50,8 +50,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
         raise UsageError(f"--dim must be between {MIN_DIM} and {MAX_DIM}, got {settings.dim}")
     if not 0.0 <= settings.chaos <= MAX_CHAOS:
         raise UsageError(f"--chaos must be between 0 and {MAX_CHAOS}, got {settings.chaos}")
-    if settings.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {settings.seed}")
+    if not 0 <= settings.seed < 1 << 62:  # SonaRuntime's range
+        raise UsageError(f"--seed must be in [0, 2**62), got {settings.seed}")
     phases = 2 * settings.domains - 1
     if settings.steps < phases * settings.batch:
         raise UsageError(
