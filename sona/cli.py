@@ -149,3 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if group.subgroup(KeyboardInterrupt) is None:
             raise
         return _interrupted(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
