@@ -12,6 +12,7 @@ near the limit, or one with a weight of 10), and such a merge is refused with an
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ import numpy as np
 
 from sona.errors import InvalidInputError
 from sona.kernels import linalg as k_linalg
+from sona.lora import delta_bound
 from sona.lora_config import TargetModule
 from sona.validation import real_number
 
@@ -43,7 +45,7 @@ def merge_adapters(
     not keep s·‖A‖·‖B‖ below float32's max. Any finite weight is accepted as input: the
     computation factors out a common power of two so no intermediate overflows first.
     """
-    from sona.lora import MicroLoRA, delta_bound
+    from sona.lora import MicroLoRA
 
     items = list(adapters)
     if not items:
@@ -79,14 +81,16 @@ def merge_adapters(
         factors = _concatenated(a_cat, bt_cat, e) if exact_concat else None
         if factors is None:
             factors = _with_exponent(*_low_rank(a_cat, bt_cat, new_rank), e)
-        if factors is None or not delta_bound(merged.scaling, *factors) < _F32_MAX:
-            at_rank = f" at rank {new_rank}" if rank is not None else ""
-            raise InvalidInputError(
-                f"the weighted sum of the adapters' deltas for {m.value}{at_rank} is too large "
-                f"for float32: no factors of it keep s·‖A‖·‖B‖ below {_F32_MAX:.4g}, so "
-                "delta_weight and forward would overflow; use smaller weights"
-            )
-        merged.set_factors(m, *factors)
+        if factors is not None:
+            with contextlib.suppress(InvalidInputError):  # beyond delta_bound's limit
+                merged.set_factors(m, *factors)
+                continue
+        at_rank = f" at rank {new_rank}" if rank is not None else ""
+        raise InvalidInputError(
+            f"the weighted sum of the adapters' deltas for {m.value}{at_rank} is too large "
+            f"for float32: no factors of it keep s·‖A‖·‖B‖ below {_F32_MAX:.4g}, so "
+            "delta_weight and forward would overflow; use smaller weights"
+        )
     return merged
 
 
@@ -132,7 +136,7 @@ def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np
     when concatenated and fit that way.
     """
     largest = float(np.max(np.abs(bt))) if bt.size else 0.0
-    if not (_fits(_norms_product(a, bt), e) and _fits(largest, e)):
+    if not (_fits(delta_bound(1.0, a, bt), e) and _fits(largest, e)):
         return None
     return a.astype(np.float32), np.ldexp(bt, e).astype(np.float32)
 
@@ -142,14 +146,10 @@ def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, n
     side), the power of two split between the sides; None when 2**e·‖A‖·‖Bᵀ‖ reaches float32's
     max. Below it, each side's norm is under √2 times the bound's square root, so the scaling
     cannot overflow either."""
-    if not _fits(_norms_product(a, bt), e):
+    if not _fits(delta_bound(1.0, a, bt), e):
         return None
     half = e // 2
     return np.ldexp(a, half).astype(np.float32), np.ldexp(bt, e - half).astype(np.float32)
-
-
-def _norms_product(a: np.ndarray, bt: np.ndarray) -> float:
-    return math.sqrt(float(np.sum(np.square(a)))) * math.sqrt(float(np.sum(np.square(bt))))
 
 
 def _fits(value: float, e: int) -> bool:
