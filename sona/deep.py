@@ -9,7 +9,6 @@ runs in a worker thread beside a busy event loop without waiting for the GIL onc
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from sona.errors import InvalidInputError
 from sona.kernels.update import vec_sq_norm_finite
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
-from sona.objective import hold_out_newest, mean_loss, relative_improvement
+from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
@@ -291,8 +290,11 @@ def _delta(
     deltas = []
     for m in modules:
         try:
-            b = mean_loss(held, functools.partial(_predict, before, m), m)
-            a = mean_loss(held, functools.partial(_predict, after, m), m)
+            terms = LossTerms.of(held, module=m)  # built once for both predictions
+            if terms is None:
+                continue
+            b = terms.mean_loss(before.predict(terms.x, m))
+            a = terms.mean_loss(after.predict(terms.x, m))
         except InvalidInputError:  # finite inputs whose predictions overflow float32
             notes.append("quality_delta: predictions on the held-out samples overflow float32")
             return None
@@ -303,7 +305,3 @@ def _delta(
         notes.append("quality_delta: the objective is zero on the held-out samples")
         return None
     return float(np.mean(deltas))
-
-
-def _predict(published: Published, module: TargetModule, x: np.ndarray) -> np.ndarray:
-    return published.predict(x, module)

@@ -117,12 +117,9 @@ class LossTerms:
         return 0.5 * float(total) / len(self)
 
 
-def mean_loss(
-    samples: Sequence[TrainingSample], predict: Predict, module: TargetModule | None = None
-) -> float | None:
-    """Mean objective of ``samples`` (those about ``module``, when given) under ``predict``;
-    None when none is measurable."""
-    terms = LossTerms.of(samples, module=module)
+def mean_loss(samples: Sequence[TrainingSample], predict: Predict) -> float | None:
+    """Mean objective of ``samples`` under ``predict``; None when none is measurable."""
+    terms = LossTerms.of(samples)
     if terms is None:
         return None
     return terms.mean_loss(predict(terms.x))
