@@ -7,6 +7,11 @@ import random
 import msgspec
 
 
+def is_number(value: object) -> bool:
+    """A real number, not a bool (``True`` as a timeout is a mistake, not one second)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class Backoff(msgspec.Struct, frozen=True):
     """Delay before the n-th consecutive restart: ``min_s * 2**(n-1)``, capped at ``max_s``.
 
@@ -22,7 +27,7 @@ class Backoff(msgspec.Struct, frozen=True):
         # msgspec checks field types only when decoding, not in the constructor.
         for field in ("min_s", "max_s", "jitter"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 raise TypeError(f"Backoff.{field} must be a number, got {value!r}")
         if not (self.min_s >= 0.0 and self.max_s >= self.min_s):
             raise ValueError(

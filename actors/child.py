@@ -57,6 +57,12 @@ def stray_cancellation(exc: BaseException) -> bool:
     return True
 
 
+def is_crash(exc: BaseException) -> bool:
+    """An error of the actor's own (any Exception, or a stray cancellation), as opposed to a
+    real cancellation or an interpreter exit, which go on to the caller."""
+    return isinstance(exc, Exception) or stray_cancellation(exc)
+
+
 class Child:
     """State of one child across all its incarnations (the supervisor owns the lifecycle)."""
 
@@ -155,7 +161,7 @@ class Child:
                         raise failure
             return None
         except BaseException as exc:
-            if not isinstance(exc, Exception) and not stray_cancellation(exc):
+            if not is_crash(exc):
                 if item is not NOTHING and not from_retry:
                     self.interrupted += 1
                     mailbox.push_front(item)

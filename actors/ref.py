@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from sona.actors.actor import Ask
+from sona.actors.backoff import is_number
 from sona.actors.child import Child
 
 if TYPE_CHECKING:
@@ -69,12 +70,7 @@ class ActorRef:
         number could never see an answer, yet would still send the message, so they are refused
         before anything is sent.
         """
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or math.isnan(timeout)
-            or timeout <= 0
-        ):
+        if timeout is not None and (not is_number(timeout) or math.isnan(timeout) or timeout <= 0):
             raise ValueError(f"ask timeout must be None or a number > 0, got {timeout!r}")
         envelope = Ask(message, anyio.Event())
         try:

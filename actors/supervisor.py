@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 from sona.actors._log import get_logger
 from sona.actors.actor import Actor, Ask
-from sona.actors.backoff import Backoff
+from sona.actors.backoff import Backoff, is_number
 from sona.actors.bus import EventBus
-from sona.actors.child import NOTHING, Child, stray_cancellation
+from sona.actors.child import NOTHING, Child, is_crash
 from sona.actors.errors import ActorStopped, SupervisorGaveUp
 from sona.actors.events import LoopCrashed, LoopRestarted, SupervisorGaveUpEvent
 from sona.actors.mailbox import OverflowPolicy
@@ -38,11 +38,6 @@ _CURRENT: contextvars.ContextVar[Supervisor | None] = contextvars.ContextVar(
 )
 
 _NEW, _RUNNING, _DRAINING, _STOPPING, _STOPPED = range(5)
-
-
-def _is_number(value: object) -> bool:
-    """A real number, not a bool (``True`` as a timeout is a mistake, not one second)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RestartStrategy(enum.Enum):
@@ -88,10 +83,10 @@ class Supervisor:
             raise TypeError(f"strategy must be a RestartStrategy, got {strategy!r}")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
-        if not (_is_number(within_s) and within_s > 0 and math.isfinite(within_s)):
+        if not (is_number(within_s) and within_s > 0 and math.isfinite(within_s)):
             raise ValueError(f"within_s must be a finite number > 0, got {within_s!r}")
         if not (
-            _is_number(shutdown_timeout_s)
+            is_number(shutdown_timeout_s)
             and shutdown_timeout_s >= 0
             and math.isfinite(shutdown_timeout_s)
         ):
@@ -375,7 +370,7 @@ class Supervisor:
                     child.actor = actor
                     await actor.on_start()
                 except BaseException as exc:
-                    if not isinstance(exc, Exception) and not stray_cancellation(exc):
+                    if not is_crash(exc):
                         raise
                     error = exc
                 else:
@@ -420,7 +415,7 @@ class Supervisor:
             try:
                 await coro
             except BaseException as exc:
-                if not isinstance(exc, Exception) and not stray_cancellation(exc):
+                if not is_crash(exc):
                     raise
                 self._log.exception("hook_failed", actor=child.name, hook=hook)
         if scope.cancelled_caught:
