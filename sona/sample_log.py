@@ -54,6 +54,8 @@ _TABLES = frozenset({"meta", "samples"})
 _OUTCOMES_TABLE = (
     "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY, outcome TEXT NOT NULL)"
 )
+# logs written before outcomes were recorded have no such table
+_HAS_OUTCOMES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'"
 OUTCOMES = frozenset({"dropped", "dead_lettered"})
 _T = TypeVar("_T")
 
@@ -268,7 +270,7 @@ class SampleLog:
         """The recorded outcomes of samples with an id above ``sequence``; a FormatError naming
         the file and row for an id below 1 or an outcome no runtime records."""
         with self._lock:
-            if not self._rows("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'", ()):
+            if not self._rows(_HAS_OUTCOMES, ()):
                 return {}
             rows = self._rows(
                 "SELECT id, outcome FROM outcomes WHERE id > ? OR id < 1 ORDER BY id",
@@ -301,7 +303,7 @@ class SampleLog:
             first_pass = False
             with self._lock:
                 try:
-                    outcomes = "outcomes" in self._tables()
+                    outcomes = self._db.execute(_HAS_OUTCOMES).fetchone() is not None
                     row = self._db.execute(
                         "SELECT MIN(m) FROM (SELECT MIN(id) AS m FROM samples UNION ALL "
                         "SELECT MIN(id) FROM outcomes)"
@@ -381,7 +383,7 @@ def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:
         with _read_only(p) as db:
             row = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM samples").fetchone()
             sql = "SELECT COUNT(*) FROM samples WHERE id > ?"
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outcomes'").fetchone():
+            if db.execute(_HAS_OUTCOMES).fetchone():
                 sql += " AND id NOT IN (SELECT id FROM outcomes)"
             above = db.execute(sql, (int(after),)).fetchone()
     except sqlite3.Error as exc:
