@@ -79,6 +79,10 @@ _BATCH_REJECTIONS = {
     k_replay.BATCH_WEIGHTS: "rejected: the update would make the weights non-finite",
     k_replay.BATCH_OVERFLOW: "rejected: the update would make delta_weight overflow",
 }
+_ZERO_INPUT = (
+    "declined: the input is zero (such as the embedding of a text with no words), so no "
+    "weight of the adapter affects its output and nothing can be learned from it"
+)
 _STEP_REJECTIONS = {
     2: "rejected: the gradient is not finite",
     3: "rejected: the update would make the weights non-finite",
@@ -461,15 +465,25 @@ class MicroLoRA:
         rated-output and group feedback then train this adapter on the residual, so the sum of
         the adapters meets the target. Returns False, changes nothing and
         says why in ``last_note`` when the feedback gives no direction (quality alone without
-        exploration, or the very first rating, which only seeds the baseline).
+        exploration, the very first rating, which only seeds the baseline, or a zero input).
         """
         prepared = self._prepare(x, feedback, module, weight, offsets, with_sums=False)
         if prepared is None:
             return self._adapt_quality(feedback, x, module, weight)
         states, xu = prepared
+        if not any(states[0].h.tolist()) and not xu.any():  # h = s·A·x is 0 when x is
+            return self._zero_input()
         self._commit(states, xu)
         self._after(feedback)
         return True
+
+    def _zero_input(self) -> bool:
+        """Decline a zero input. The delta is s·B·A·x, so for x = 0 every gradient is zero:
+        counting the sample as learned from would report an update that changed nothing, and
+        accumulating it would dilute the mean gradient of the samples that do teach something.
+        """
+        self.last_note = _ZERO_INPUT
+        return False
 
     def step(
         self,
@@ -489,6 +503,9 @@ class MicroLoRA:
         its norm and the updated weights' norms are known in closed form before anything is
         written, so no accumulator is touched. With gradients already pending, or for
         quality-only feedback, it falls back to ``adapt`` + ``apply_updates``.
+
+        A zero input (such as the embedding of a text with no words) is declined as by
+        ``adapt``: False, a note, and nothing changed, ``version`` included.
         """
         st = self._fused_by_id.get(id(module))
         if (
@@ -549,12 +566,11 @@ class MicroLoRA:
                     -1.0 if max_norm is None else max_norm,
                 )  # fmt: skip
                 if r >= 0.0:
+                    if r == 0.0 and not x.any():  # the kernel wrote a zero update
+                        return self._zero_input()
                     if kind is _OUTPUT:
                         self._baseline.update(feedback._quality)
-                    self.version += 1
-                    self.last_update_norm = r
-                    self.last_note = None
-                    return True
+                    return self._stepped(r)
                 status = int(-r)
                 if status in _STEP_REJECTIONS:
                     if kind is _OUTPUT:
@@ -618,10 +634,16 @@ class MicroLoRA:
             if feedback._kind is _OUTPUT:
                 self._baseline.update(feedback._quality)
             return self._reject(_STEP_REJECTIONS[status])
+        if r == 0.0 and not x.any():  # the kernels wrote a zero update
+            return self._zero_input()
         if feedback._kind is _OUTPUT:
             self._baseline.update(feedback._quality)
+        return self._stepped(r)
+
+    def _stepped(self, norm: float) -> bool:
+        """Record an applied step of gradient norm ``norm`` (after clipping, per unit of rate)."""
         self.version += 1
-        self.last_update_norm = r
+        self.last_update_norm = norm
         self.last_note = None
         return True
 
@@ -653,13 +675,12 @@ class MicroLoRA:
             )  # fmt: skip
             if status == 1:
                 raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+            if status == 0 and st.sums[7] == 0.0 and not xu.any():  # a zero update was written
+                return self._zero_input()
             self._after(feedback)
             if status:
                 return self._reject(_STEP_REJECTIONS[status])
-            self.version += 1
-            self.last_update_norm = float(st.sums[7])
-            self.last_note = None
-            return True
+            return self._stepped(float(st.sums[7]))
         self._kernels(states, xu, targets, w, mode, with_sums=True)
         s = self._scale
         total = 0.0
@@ -670,6 +691,8 @@ class MicroLoRA:
         if not math.isfinite(norm):
             self._after(feedback)
             return self._reject(_STEP_REJECTIONS[2])
+        if st.sums[0] == 0.0:  # ‖x‖², the same for every module
+            return self._zero_input()
         c = lr * (1.0 if max_norm is None or norm <= max_norm else max_norm / norm)
         for st in states:
             xx, gg, aa, bb, uu, hh, uh = st.sums[:7]
@@ -689,10 +712,7 @@ class MicroLoRA:
         for st in states:
             fast.apply_rank_one(st.a, st.bt, xu, st.h, st.u, st.g, c)
         self._after(feedback)
-        self.version += 1
-        self.last_update_norm = norm * (c / lr)
-        self.last_note = None
-        return True
+        return self._stepped(norm * (c / lr))
 
     def _prepare(
         self,
@@ -822,6 +842,8 @@ class MicroLoRA:
     ) -> bool:
         states = self._states if module is None else [self._state(module)]
         x = as_f32(x_in, "x")
+        if not x.any():
+            return self._zero_input()
         quality = feedback.quality
         sample_weight = weight
         found = []

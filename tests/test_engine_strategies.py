@@ -335,12 +335,24 @@ def test_ewc_merge_refuses_a_fold_that_would_overflow_float32_and_keeps_the_stat
 
 
 def test_ensemble_makes_no_cluster_from_an_empty_query() -> None:
-    """Empty text embeds to zero: a zero centroid would capture most later inputs and serve
-    them with an adapter that learned nothing (a zero input has a zero gradient)."""
+    """Empty text embeds to zero. A zero input has a zero gradient, so the sample is declined
+    (skipped, with the reason) rather than counted as learned from, and never reaches the
+    pattern bank: a zero centroid would capture most later inputs and serve them with an
+    adapter that learned nothing."""
     cfg = _config(CS.ENSEMBLE, pattern_clusters=4, background_min_samples=1)
     engine = SonaLlm(cfg, seed=7, clock=lambda: 0.0)
-    assert engine.instant_adapt("", "an answer", 0.9).applied
-    engine.run_background()
+    live = engine.instant.live
+    before = [(a.copy(), bt.copy()) for _, a, bt in live.iter_factors()]
+    version = live.version
+    result = engine.instant_adapt("", "an answer", 0.9)
+    assert not result.applied
+    assert "input is zero" in result.notes[0]
+    for (a0, b0), (_, a, bt) in zip(before, live.iter_factors(), strict=True):
+        assert np.array_equal(a0, a) and np.array_equal(b0, bt)
+    assert live.version == version
+    st = engine.stats()
+    assert (st.instant_count, st.skipped_count, st.pending_samples) == (0, 1, 0)
+    assert engine.run_background().samples_used == 0
     assert engine.stats().pattern_clusters == 0
     assert not engine.background.published.ensemble
     queries = ["sort a list in python", "python list sorting", "rust borrow checker"]
