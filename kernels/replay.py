@@ -32,7 +32,7 @@ from sona.kernels.lora import (
     step_one,
     step_sums,
 )
-from sona.kernels.update import apply_step, candidate_sq_norms, grad_sq_norm
+from sona.kernels.update import _all_finite, apply_step, candidate_sq_norms, grad_sq_norm
 
 F32_MAX = 3.4028234663852886e38
 MIN_STD = 1e-4  # RunningBaseline.MIN_STD
@@ -48,6 +48,27 @@ EwcArrays = tuple[
 OUT_APPLIED = 0  # steps applied
 OUT_NORM = 1  # the last applied step's norm / lr (MicroLoRA.last_update_norm)
 OUT_LAST = 2  # status of the last sample that was not refused as non-finite (-1: none)
+# OUT_LAST's codes for samples declined as step and adapt decline them
+DECLINED_ZERO = 6  # a zero input
+DECLINED_RATING = 7  # quality-only feedback: a rating of noise this adapter never explored
+
+
+@strict_inline
+def _declined(x: np.ndarray, rating_only: bool) -> int:
+    """0, or the ``DECLINED_*`` code of a sample ``step`` and ``adapt`` decline: a zero input
+    (it has no gradient; checked up to the first non-zero element) or, for a finite one,
+    quality-only feedback. A quality-only sample with a non-finite input returns
+    ``DECLINED_RATING`` + 1: the per-sample path refuses it as not finite."""
+    zero = True
+    for e in x:
+        if e != 0.0:
+            zero = False
+            break
+    if zero:
+        return DECLINED_ZERO
+    if rating_only:
+        return DECLINED_RATING if _all_finite(x) else DECLINED_RATING + 1
+    return 0
 
 
 @strict_inline
@@ -161,6 +182,7 @@ def replay_epoch(
     targets: np.ndarray,
     weights: np.ndarray,
     qualities: np.ndarray,
+    rating_only: np.ndarray,
     baseline: np.ndarray,
     decay: float,
     temperature: float,
@@ -195,7 +217,9 @@ def replay_epoch(
     marks a rated output, whose weight comes from ``baseline`` ([count, mean, var], updated
     after its step unless the step was refused as non-finite) and ``qualities``. ``lam`` > 0
     takes an EWC++ proximal step of 2·lr·lam·(steps since the last one) after every ``every``
-    applied steps and after the last. ``out`` receives the counts (``OUT_*``).
+    applied steps and after the last. Samples ``step`` declines (a zero input; ``rating_only``
+    ones) are passed over with their ``DECLINED_*`` code. ``out`` receives the counts
+    (``OUT_*``).
     """
     m = a.shape[0]
     out[OUT_APPLIED] = 0.0
@@ -204,6 +228,11 @@ def replay_epoch(
     for r in range(rows.shape[0]):
         k = rows[r]
         x = xs[k]
+        declined = _declined(x, rating_only[k])
+        if declined:
+            if declined <= DECLINED_RATING:  # else not finite: refused, the note stays
+                out[OUT_LAST] = declined
+            continue
         target = vecs[k]
         rated = math.isnan(weights[k])
         wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
@@ -305,6 +334,7 @@ def relearn(
     targets: np.ndarray,
     weights: np.ndarray,
     qualities: np.ndarray,
+    rating_only: np.ndarray,
     sample_weights: np.ndarray,
     baseline: np.ndarray,
     decay: float,
@@ -342,7 +372,8 @@ def relearn(
 
     ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
     (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
-    finite, where it stops (the per-sample path raises there).
+    finite, where it stops (the per-sample path raises there). Samples ``adapt`` declines are
+    passed over as in ``replay_epoch``.
     """
     m = a.shape[0]
     out[RE_APPLIED] = 0.0
@@ -353,6 +384,12 @@ def relearn(
     for r in range(rows.shape[0]):
         k = rows[r]
         x = xs[k]
+        declined = _declined(x, rating_only[k])
+        if declined > DECLINED_RATING:
+            return r
+        if declined:
+            out[RE_LAST] = declined
+            continue
         target = vecs[k]
         rated = math.isnan(weights[k])
         wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
@@ -371,20 +408,57 @@ def relearn(
         if rated:
             _update_baseline(baseline, qualities[k], decay)
         batch += 1
-        if batch == mini_batch or r == rows.shape[0] - 1:
-            code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm * batch, out)
-            codes[done] = code
+        if batch == mini_batch:
+            _finish_batch(
+                a, bt, scale, ga, gbt, batch, lr, max_norm, lam, ut, c, mt, q, dq, w, gram,
+                kmat, lower, vec, bt_new, codes, done, out,
+            )  # fmt: skip
             done += 1
-            out[RE_LAST] = code
-            if code == 0:
-                out[RE_APPLIED] += 1.0
-                if lam > 0.0:
-                    tau = 2.0 * (lr * batch) * lam
-                    _prox_all(
-                        a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new
-                    )
             batch = 0
+    if batch:
+        _finish_batch(
+            a, bt, scale, ga, gbt, batch, lr, max_norm, lam, ut, c, mt, q, dq, w, gram,
+            kmat, lower, vec, bt_new, codes, done, out,
+        )  # fmt: skip
     return -1
+
+
+@strict_inline
+def _finish_batch(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    ga: np.ndarray,
+    gbt: np.ndarray,
+    batch: int,
+    lr: float,
+    max_norm: float,
+    lam: float,
+    ut: np.ndarray,
+    c: np.ndarray,
+    mt: np.ndarray,
+    q: np.ndarray,
+    dq: np.ndarray,
+    w: np.ndarray,
+    gram: np.ndarray,
+    kmat: np.ndarray,
+    lower: np.ndarray,
+    vec: np.ndarray,
+    bt_new: np.ndarray,
+    codes: np.ndarray,
+    done: int,
+    out: np.ndarray,
+) -> None:
+    """Apply one accumulated mini-batch of ``batch`` samples, record its code, and follow an
+    applied one with the EWC++ step."""
+    code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm * batch, out)
+    codes[done] = code
+    out[RE_LAST] = code
+    if code == 0:
+        out[RE_APPLIED] += 1.0
+        if lam > 0.0:
+            tau = 2.0 * (lr * batch) * lam
+            _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
 
 
 def no_ewc(modules: int, rank: int, n_out: int) -> EwcArrays:

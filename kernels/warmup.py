@@ -149,13 +149,16 @@ def _warm_replay(a: np.ndarray, bt: np.ndarray, s: float) -> None:
     ints = np.zeros(2, np.int64)
     floats = np.array([np.nan, 1.0])
     scratch = (np.zeros((m, rank), f32), np.zeros((m, rank), f32), np.zeros((m, n_out), f32))
+    flags = np.zeros(2, np.bool_)
     replay.replay_epoch(
-        a3, bt3, s, xs, vecs, ints, ints, ints, floats, floats.copy(), np.zeros(3), 0.9, 1.0, 20.0,
+        a3, bt3, s, xs, vecs, ints, ints, ints, floats, floats.copy(), flags, np.zeros(3), 0.9,
+        1.0, 20.0,
         0.1, 1.0, *scratch, np.zeros((m, 8)), 16, 0.0, *replay.no_ewc(m, rank, n_out),
         np.zeros(3),
     )  # fmt: skip
     replay.relearn(
-        a3, bt3, s, xs, vecs, ints, ints, ints, floats, floats.copy(), np.ones(2), np.zeros(3),
+        a3, bt3, s, xs, vecs, ints, ints, ints, floats, floats.copy(), flags, np.ones(2),
+        np.zeros(3),
         0.9, 1.0, 20.0, 0.1, 1.0, 16, False, *scratch, np.zeros_like(a3), np.zeros_like(bt3),
         0.0, *replay.no_ewc(m, rank, n_out), np.zeros(2, np.int64), np.zeros(3),
     )  # fmt: skip

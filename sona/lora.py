@@ -83,11 +83,19 @@ _ZERO_INPUT = (
     "declined: the input is zero (such as the embedding of a text with no words), so no "
     "weight of the adapter affects its output and nothing can be learned from it"
 )
+_UNEXPLORED = (
+    "declined: quality-only feedback gives no direction unless the adapter explored on this "
+    "input (call forward(x, module, explore=True) first)"
+)
 _STEP_REJECTIONS = {
     2: "rejected: the gradient is not finite",
     3: "rejected: the update would make the weights non-finite",
     4: "rejected: the update would make delta_weight overflow",
 }
+# what the replay kernels report for their last sample: a rejection, or a sample declined
+_DECLINES = {k_replay.DECLINED_ZERO: _ZERO_INPUT, k_replay.DECLINED_RATING: _UNEXPLORED}
+_STEP_OUTCOMES = {**_STEP_REJECTIONS, **_DECLINES}
+_BATCH_OUTCOMES = {**_BATCH_REJECTIONS, **_DECLINES}
 
 
 class _Module:
@@ -853,10 +861,7 @@ class MicroLoRA:
             if sigma is not None:
                 found.append((st, key, sigma))
         if not found:
-            self.last_note = (
-                "declined: quality-only feedback gives no direction unless the adapter explored "
-                "on this input (call forward(x, module, explore=True) first)"
-            )
+            self.last_note = _UNEXPLORED
             return False
         if self._baseline.count == 0:
             for st, key, _ in found:
@@ -946,7 +951,8 @@ class MicroLoRA:
         """``step`` on each of ``batch``'s samples ``rows`` in turn, in one GIL-free call.
 
         Samples whose step ``step`` would refuse as non-finite are skipped, as the Deep loop
-        skips them. With ``ewc`` (from ``TrainingPipeline.replay_ewc``) and ``ewc_lambda`` > 0,
+        skips them, and so are those it declines (zero inputs, quality-only ratings).
+        With ``ewc`` (from ``TrainingPipeline.replay_ewc``) and ``ewc_lambda`` > 0,
         an EWC++ proximal step of strength 2·lr·λ·k follows every ``ewc_every`` applied steps
         (k = steps since the last one) and the last applied step. The weights, the rating
         baseline, ``version``, ``last_update_norm`` and ``last_note`` end as the per-sample loop
@@ -969,14 +975,14 @@ class MicroLoRA:
         lam = ewc_lambda if ewc is not None else 0.0
         k_replay.replay_epoch(
             a, bt, self._scale, batch.xs, batch.vecs, rows,
-            batch.modes, batch.targets, batch.weights, batch.qualities, baseline,
-            cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
+            batch.modes, batch.targets, batch.weights, batch.qualities, batch.rating_only,
+            baseline, cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
             lr, -1.0 if max_norm is None else max_norm,
             np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
             np.zeros((m, n_out), np.float32), np.zeros((m, 8)),
             ewc_every, lam, *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), out,
         )  # fmt: skip
-        self._set_replay_state(a, bt, baseline, out, _STEP_REJECTIONS)
+        self._set_replay_state(a, bt, baseline, out, _STEP_OUTCOMES)
         return True
 
     def relearn(
@@ -991,7 +997,8 @@ class MicroLoRA:
         ewc: k_replay.EwcArrays | None = None,
         ewc_lambda: float = 0.0,
     ) -> list[str] | None:
-        """``adapt`` on each of ``batch``'s samples ``rows`` (weighted by ``sample_weights``) and
+        """``adapt`` on each of ``batch``'s samples ``rows`` (weighted by ``sample_weights``;
+        those ``adapt`` declines, zero inputs and quality-only ratings, are passed over) and
         ``apply_updates`` after every ``mini_batch`` of them and after the last, in one
         GIL-free call: a mini-batch of k samples at ``learning_rate``·k with the clip at
         ``max_norm``·k, each applied one followed by an EWC++ step of 2·lr·k·λ when ``ewc`` is
@@ -1018,7 +1025,7 @@ class MicroLoRA:
         out = np.zeros(3)
         failed = k_replay.relearn(
             a, bt, self._scale, batch.xs, batch.vecs, rows, batch.modes, batch.targets,
-            batch.weights, batch.qualities, weights, baseline,
+            batch.weights, batch.qualities, batch.rating_only, weights, baseline,
             cfg.baseline_decay, cfg.advantage_temperature, cfg.advantage_cap,
             lr, clip_at, mini_batch, cfg.gradient_checkpointing,
             np.zeros((m, rank), np.float32), np.zeros((m, rank), np.float32),
@@ -1026,7 +1033,7 @@ class MicroLoRA:
             ewc_lambda if ewc is not None else 0.0,
             *(ewc if ewc is not None else k_replay.no_ewc(m, rank, n_out)), codes, out,
         )  # fmt: skip
-        self._set_replay_state(a, bt, baseline, out, _BATCH_REJECTIONS)
+        self._set_replay_state(a, bt, baseline, out, _BATCH_OUTCOMES)
         notes = [_BATCH_REJECTIONS[int(c)] for c in codes if c > 0]
         if failed >= 0:
             raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
@@ -1068,7 +1075,7 @@ class MicroLoRA:
     ) -> None:
         """Write back what a replay kernel left: the weights, the baseline and, from ``out``
         (``OUT_*`` layout, shared by both kernels), the version, the last norm and the note of
-        its last rejection (``rejections`` maps the kernel's codes to notes)."""
+        its last rejection or decline (``rejections`` maps the kernel's codes to notes)."""
         for st, ai, bi in zip(self._states, a, bt, strict=True):
             st.a[...] = ai
             st.bt[...] = bi

@@ -35,6 +35,7 @@ class ReplayBatch:
     weights: np.ndarray  # (n,) float64; RATED for rated outputs
     qualities: np.ndarray  # (n,) float64
     gated: np.ndarray  # (n,) bool: target or gradient feedback, which quality_threshold gates
+    rating_only: np.ndarray  # (n,) bool: quality-only feedback, never stepped (see ``of``)
     modules: tuple[TargetModule, ...] = ()  # what ``targets`` indexes
 
     def __post_init__(self) -> None:
@@ -48,6 +49,7 @@ class ReplayBatch:
             ("weights", self.weights, np.float64, 1),
             ("qualities", self.qualities, np.float64, 1),
             ("gated", self.gated, np.bool_, 1),
+            ("rating_only", self.rating_only, np.bool_, 1),
         ):
             if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != ndim:
                 kind = f"{ndim}-d {np.dtype(dtype).name}"
@@ -77,9 +79,14 @@ class ReplayBatch:
         modules: Sequence[TargetModule] = (),
     ) -> ReplayBatch | None:
         """The batch of ``samples``, whose input rows are ``xs``, for an adapter over
-        ``modules`` (in its order); None when one of them has quality-only feedback (its step
-        is a REINFORCE step on explored noise, which only the per-sample path takes), feedback
-        vectors of different lengths, or a module outside ``modules``."""
+        ``modules`` (in its order); None when feedback vectors differ in length, every sample
+        is quality-only, or a sample names a module outside ``modules``.
+
+        A quality-only sample rates noise that only the live adapter explored, so no adapter
+        a loop replays into can step on it (``adapt`` declines it): it keeps its row, marked
+        ``rating_only`` with a zero vector and weight, and ``MicroLoRA.replay`` and ``relearn``
+        pass over it as the per-sample path does. One such sample among thousands would
+        otherwise send the whole replay back to Python, sample by sample."""
         n = len(samples)
         modules = tuple(modules)
         targets = np.full(n, -1, np.int64)
@@ -87,7 +94,8 @@ class ReplayBatch:
         weights = np.empty(n, np.float64)
         qualities = np.empty(n, np.float64)
         gated = np.zeros(n, np.bool_)
-        vectors = []
+        rated_only = np.zeros(n, np.bool_)
+        vectors: list[np.ndarray | None] = []
         for i, s in enumerate(samples):
             if s.module is not None:
                 if s.module not in modules:
@@ -95,12 +103,12 @@ class ReplayBatch:
                 targets[i] = modules.index(s.module)
             fb = s.to_feedback()
             kind = fb.kind
-            if kind is FeedbackKind.QUALITY or fb.vector is None:
-                return None
-            vectors.append(fb.vector)
             qualities[i] = fb.quality
             modes[i] = k_lora.MODE_REGRESS
-            if kind is FeedbackKind.GRADIENT:
+            vectors.append(fb.vector)
+            if fb.vector is None:  # quality-only
+                weights[i], rated_only[i] = 0.0, True
+            elif kind is FeedbackKind.GRADIENT:
                 modes[i], weights[i], gated[i] = k_lora.MODE_GRADIENT, 1.0, True
             elif kind is FeedbackKind.TARGET:
                 weights[i], gated[i] = fb.quality, True
@@ -108,11 +116,14 @@ class ReplayBatch:
                 weights[i] = RATED
             else:  # GROUP: the pull target already carries the advantage weighting
                 weights[i] = 1.0
-        width = vectors[0].shape[0] if vectors else 0
-        if any(v.shape != (width,) for v in vectors):
-            return None
-        vecs = stack_rows(vectors, width) if vectors else np.empty((0, width), np.float32)
-        return cls(xs, vecs, modes, targets, weights, qualities, gated, modules)
+        given = [v for v in vectors if v is not None]
+        width = given[0].shape[0] if given else 0
+        if any(v.shape != (width,) for v in given) or (n and not given):
+            return None  # ragged, or nothing to step (each sample is declined either way)
+        zero = np.zeros(width, np.float32)
+        rows = [zero if v is None else v for v in vectors]
+        vecs = stack_rows(rows, width) if rows else np.empty((0, width), np.float32)
+        return cls(xs, vecs, modes, targets, weights, qualities, gated, rated_only, modules)
 
 
 def rating_only(sample: TrainingSample) -> bool:

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sona import deep
 from sona.config import SonaLlmConfig
 from sona.engine import SonaLlm
 from sona.errors import InvalidInputError
@@ -37,7 +36,8 @@ def _adapter(dim: int, rank: int, modules: int, seed: int, **kw: object) -> Micr
 
 def _samples(dim: int, n: int, seed: int, kinds: str = "otgp") -> list[TrainingSample]:
     """Every feedback form replay covers: rated output, target, gradient, group pull target;
-    with ``x`` in kinds also finite inputs so large that their steps are refused."""
+    with ``x`` in kinds also finite inputs so large that their steps are refused, with ``z``
+    zero inputs and with ``q`` quality-only ratings (both declined by step and adapt)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -54,6 +54,9 @@ def _samples(dim: int, n: int, seed: int, kinds: str = "otgp") -> list[TrainingS
             fb = AdaptFeedback.from_group([y, -y], [q, 1.0 - q])
         elif kind == "x":
             x = x * np.float32(1e19)
+        elif kind == "z":
+            x = np.zeros(dim, np.float32)
+            fb = fb.with_target(y)
         sample = TrainingSample(x, y, q)
         out.append(sample if kind in "ox" else sample.with_feedback(fb))
     return out
@@ -124,7 +127,7 @@ def _protected(lora: MicroLoRA, dim: int, seed: int, lam: float) -> TrainingPipe
     modules=st.integers(1, 3),
     n=st.integers(1, 60),
     max_norm=st.sampled_from([None, 0.05, 10.0]),
-    kinds=st.sampled_from(["otgp", "o", "tx", "otgpx"]),
+    kinds=st.sampled_from(["otgp", "o", "tx", "otgpx", "otzq"]),
     lam=st.sampled_from([0.0, 0.5, 50.0]),
     targeted=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -193,10 +196,17 @@ def test_replay_declines_what_only_the_per_sample_path_does(
     assert lora.export_weights() == before
 
 
-def test_quality_only_feedback_keeps_a_batch_from_being_built() -> None:
+def test_quality_only_feedback_is_kept_in_the_batch_but_never_stepped() -> None:
     samples = _samples(8, 4, 0)
     samples.append(samples[0].with_feedback(AdaptFeedback.from_quality(0.7)))
-    assert ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 8)) is None
+    batch = ReplayBatch.of(samples, stack_rows([s.input_embedding for s in samples], 8))
+    assert batch is not None
+    assert batch.rating_only.tolist() == [False] * 4 + [True]
+    lora = _adapter(8, 3, 1, 0)  # rank 3: the replay kernel's path (rank <= 2 steps in place)
+    before = lora.export_weights()
+    assert lora.replay(batch, np.array([4, 4]), 0.1, max_norm=1.0)
+    assert lora.relearn(batch, np.array([4]), np.ones(1), 0.1, max_norm=1.0, mini_batch=1) == []
+    assert lora.export_weights() == before
 
 
 def test_a_batch_of_another_width_is_refused() -> None:
@@ -230,14 +240,16 @@ def _steps_during_deep(
     return calls, result.samples_used
 
 
-def test_deep_replays_each_epoch_in_one_call_unless_a_sample_needs_the_loop(
+def test_deep_replays_each_epoch_in_one_call_with_quality_only_samples_kept_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A quality-only sample cannot be replayed, but must not send the other samples back to
+    the per-sample loop either (which holds the GIL for every step of a worker-thread run)."""
     samples = _samples(16, 40, 3, "otg")
-    assert _steps_during_deep(monkeypatch, samples)[0] == 0
+    steps, used = _steps_during_deep(monkeypatch, samples)
+    assert steps == 0
     quality_only = samples[0].with_feedback(AdaptFeedback.from_quality(0.9))
-    steps, used = _steps_during_deep(monkeypatch, [quality_only, *samples])
-    assert steps == deep.MEMBERS * 2 * used  # every step of every member's two epochs
+    assert _steps_during_deep(monkeypatch, [*samples, quality_only]) == (0, used)
 
 
 def _batch(n: int = 4, dim: int = 16) -> ReplayBatch:
@@ -273,13 +285,14 @@ def test_rows_outside_the_batch_are_refused_before_any_step(rows: np.ndarray) ->
         ("targets", np.array([0, -1, -1, -1]), "targets"),  # names no module
         ("targets", np.array([-2, -1, -1, -1]), "targets"),
         ("targets", np.zeros(4, np.int32), "int64"),
+        ("rating_only", np.zeros(4, np.int64), "bool"),
     ],
 )
 def test_a_batch_the_kernel_would_misread_cannot_be_built(
     field: str, value: np.ndarray, match: str
 ) -> None:
     good = _batch()
-    fields = ("xs", "vecs", "modes", "targets", "weights", "qualities", "gated")
+    fields = ("xs", "vecs", "modes", "targets", "weights", "qualities", "gated", "rating_only")
     parts = {f: getattr(good, f) for f in fields}
     parts[field] = value
     with pytest.raises(InvalidInputError, match=match):
@@ -310,8 +323,8 @@ def _relearn_loop(
     batch = 0
     for i, w in zip(rows.tolist(), weights.tolist(), strict=True):
         s = samples[i]
-        lora.adapt(s.input_embedding, s.to_feedback(), s.module, weight=w)
-        batch += 1
+        if lora.adapt(s.input_embedding, s.to_feedback(), s.module, weight=w):
+            batch += 1
         if batch == mini:
             apply(batch)
             batch = 0
@@ -328,7 +341,7 @@ def _relearn_loop(
     n=st.integers(1, 60),
     mini=st.sampled_from([1, 4, 16]),
     lr=st.sampled_from([0.05, 1e30]),  # 1e30: mini-batches rejected as non-finite
-    kinds=st.sampled_from(["otgp", "o", "tg"]),
+    kinds=st.sampled_from(["otgp", "o", "tg", "ozqg"]),
     lam=st.sampled_from([0.0, 0.5]),
     checkpointing=st.booleans(),
     targeted=st.booleans(),
