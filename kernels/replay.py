@@ -367,8 +367,9 @@ def relearn(
     """Accumulate the samples ``rows`` (the r-th weighted by ``sample_weights[r]``, each into
     the module ``targets`` names, or every module for -1) into
     ``ga`` / ``gbt`` (zero on entry, zero on return) and apply them every ``mini_batch``
-    samples and after the last: each mini-batch of k samples at lr·k with the clip at
-    max_norm·k, then, when applied and ``lam`` > 0, an EWC++ step of 2·lr·k·lam.
+    samples and after the last: each mini-batch of k samples at lr·k with its mean gradient
+    clipped at max_norm, as each of k steps would be, so it moves the factors by at most
+    lr·k·max_norm; then, when applied and ``lam`` > 0, an EWC++ step of 2·lr·k·lam.
 
     ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
     (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
@@ -449,9 +450,9 @@ def _finish_batch(
     done: int,
     out: np.ndarray,
 ) -> None:
-    """Apply one accumulated mini-batch of ``batch`` samples, record its code, and follow an
-    applied one with the EWC++ step."""
-    code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm * batch, out)
+    """Apply one accumulated mini-batch of ``batch`` samples (at lr·batch, its mean gradient
+    clipped at ``max_norm``), record its code, and follow an applied one with the EWC++ step."""
+    code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm, out)
     codes[done] = code
     out[RE_LAST] = code
     if code == 0:

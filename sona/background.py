@@ -46,11 +46,12 @@ MINI_BATCH = 16
 def mini_batch(instant_lr: float) -> int:
     """Samples per re-learning step: ``MINI_BATCH``, fewer at a high rate.
 
-    A mini-batch of k samples is applied as k steps' worth, lr·k times the mean gradient, with
-    no feedback in between; per-sample steps are scaled to a curvature of at most 1 (x over
-    max(‖x‖², 1)), so lr·k must stay below 2 or correlated samples make it overshoot and
-    diverge (measured: AVERAGE held at lr 0.1 and diverged at 0.15 with k = 16). k <= 1/lr
-    keeps it at 1 or less; at the default rates k stays 16."""
+    A mini-batch of k samples is applied as k steps' worth, lr·k times the mean gradient
+    (clipped at max_grad_norm, as one step's), with no feedback in between; per-sample steps
+    are scaled to a curvature of at most 1 (x over max(‖x‖², 1)), so lr·k must stay below 2
+    or correlated samples make it overshoot and diverge (measured: AVERAGE held at lr 0.1 and
+    diverged at 0.15 with k = 16). k <= 1/lr keeps it at 1 or less; at the default rates k
+    stays 16."""
     return max(1, min(MINI_BATCH, int(1.0 / instant_lr)))
 
 
@@ -282,9 +283,8 @@ class BackgroundLoop:
 
     def _apply(self, adapter: MicroLoRA, batch: int, rejected: list[str], protect: bool) -> None:
         cfg = self.config
-        if not adapter.apply_updates(
-            cfg.instant_lr * batch, max_norm=cfg.training.max_grad_norm * batch
-        ):
+        # the mean gradient clipped as one step's: k steps' worth moves at most k clipped steps
+        if not adapter.apply_updates(cfg.instant_lr * batch, max_norm=cfg.training.max_grad_norm):
             rejected.append(adapter.last_note or "update rejected")
             return
         if protect:

@@ -1000,10 +1000,11 @@ class MicroLoRA:
         """``adapt`` on each of ``batch``'s samples ``rows`` (weighted by ``sample_weights``;
         those ``adapt`` declines, zero inputs and quality-only ratings, are passed over) and
         ``apply_updates`` after every ``mini_batch`` of them and after the last, in one
-        GIL-free call: a mini-batch of k samples at ``learning_rate``·k with the clip at
-        ``max_norm``·k, each applied one followed by an EWC++ step of 2·lr·k·λ when ``ewc`` is
-        given. Returns the rejection notes (one per rejected mini-batch), or None, changing
-        nothing, for adapters with dropout or gradients already accumulated.
+        GIL-free call: a mini-batch of k samples at ``learning_rate``·k with its mean gradient
+        clipped at ``max_norm`` (so it moves no further than k clipped steps could), each
+        applied one followed by an EWC++ step of 2·lr·k·λ when ``ewc`` is given. Returns the
+        rejection notes (one per rejected mini-batch), or None, changing nothing, for adapters
+        with dropout or gradients already accumulated.
 
         Raises ``InvalidInputError`` where ``adapt`` would (a gradient that is not finite), with
         the mini-batches before it applied and the unfinished one discarded. Like

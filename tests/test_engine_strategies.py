@@ -364,3 +364,24 @@ def test_ensemble_makes_no_cluster_from_an_empty_query() -> None:
     assert pub.centroids is not None
     assert np.all(np.linalg.norm(pub.centroids, axis=1) > 0.5)
     assert len(pub.ensemble) == len(pub.centroids) == engine.stats().pattern_clusters
+
+
+# ---------------------------------------------------------------------- degenerate batches
+@pytest.mark.parametrize("strategy", [CS.AVERAGE, CS.QUALITY_WEIGHTED, CS.ENSEMBLE])
+def test_a_batch_of_one_repeated_sample_is_consolidated_without_overshooting(
+    strategy: CS,
+) -> None:
+    """Every sample the same, with a target far from the adapter's output: the mini-batch's
+    k gradients agree, so an unclipped k-fold step overshot the target (to about 3 times it
+    on one module under ENSEMBLE) and the consolidation made the objective worse."""
+    rng = np.random.default_rng(0)
+    x = _unit_rows(rng, 1)[0]
+    y = rng.standard_normal(D).astype(np.float32)
+    y *= np.float32(8.0 / np.linalg.norm(y))
+    engine = SonaLlm(_config(strategy, pattern_clusters=4), seed=1, clock=lambda: 0.0)
+    _feed(engine, np.stack([x] * N), np.stack([y] * N), np.full(N, 0.8))
+    result = engine.run_background()
+    assert result.quality_delta is not None and result.quality_delta > 0.0
+    pub = engine.background.published
+    for m in (Q, V):
+        assert np.linalg.norm(pub.predict(x[None], m)[0] - y) < np.linalg.norm(y)

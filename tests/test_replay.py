@@ -315,7 +315,7 @@ def _relearn_loop(
     notes: list[str] = []
 
     def apply(k: int) -> None:
-        if not lora.apply_updates(lr * k, max_norm=max_norm * k):
+        if not lora.apply_updates(lr * k, max_norm=max_norm):
             notes.append(lora.last_note or "")
         elif pipe is not None and lam > 0.0:
             pipe.prox_step(lora, 2.0 * (lr * k) * lam)
@@ -470,3 +470,36 @@ def test_a_batch_naming_modules_in_another_order_is_refused() -> None:
         lora.replay(batch, np.arange(4), 0.1, max_norm=1.0)
     assert lora.export_weights() == before
     assert ReplayBatch.of(samples, xs, (MODULES[1],)) is None  # a module it does not cover
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    mini=st.integers(2, 16),
+    scale=st.sampled_from([3.0, 30.0, 3000.0]),
+    max_norm=st.sampled_from([0.1, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_relearned_mini_batch_moves_no_further_than_its_samples_clipped_steps(
+    mini: int, scale: float, max_norm: float, seed: int
+) -> None:
+    """k samples applied as k steps' worth are clipped like k steps: the mean gradient at
+    max_norm, so the factors move by at most lr·k·max_norm. Clipped at max_norm·k instead, k
+    identical samples with a large residual moved them k times further and overshot."""
+    dim = 16
+    lora = _adapter(dim, 4, 2, seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(dim).astype(np.float32)
+    y = (scale * rng.standard_normal(dim)).astype(np.float32)
+    fb = AdaptFeedback.from_quality(0.9).with_target(y)
+    samples = [TrainingSample(x, y, 0.9).with_feedback(fb)] * mini
+    batch = ReplayBatch.of(samples, stack_rows([x] * mini, dim), lora.modules)
+    assert batch is not None
+    before = [f.astype(np.float64) for m in lora.modules for f in lora.factors(m)]
+    lr = 0.05
+    assert (
+        lora.relearn(batch, np.arange(mini), np.ones(mini), lr, max_norm=max_norm, mini_batch=mini)
+        == []
+    )
+    after = [f.astype(np.float64) for m in lora.modules for f in lora.factors(m)]
+    moved = np.sqrt(sum(float(np.sum((b - a) ** 2)) for a, b in zip(before, after, strict=True)))
+    assert 0.0 < moved <= lr * mini * max_norm * (1 + 1e-4)
