@@ -399,6 +399,9 @@ class SonaRuntime:
             raise self._gave_up_error()
         if not self._started or self._stack is None or self._stopped:
             raise RuntimeError("SonaRuntime is not running: use `async with SonaRuntime(...)`")
+        self._check_thread()
+
+    def _check_thread(self) -> None:
         if _thread_id() != self._thread:  # its state is the event loop's, unlocked
             raise RuntimeError(
                 "SonaRuntime was called from another thread than its event loop's: from a "
@@ -547,6 +550,8 @@ class SonaRuntime:
     async def drain(self) -> None:
         """Wait until every accepted sample has been handled by the Instant loop (returns at
         once on a stopped runtime, whose loops handle nothing more)."""
+        if self._started and not self._stopped:  # waits on events only its loop sets
+            self._check_thread()
         while self._queued and not self._supervisor.gave_up and not self._stopped:
             if self._idle is None:
                 self._idle = anyio.Event()
@@ -796,11 +801,14 @@ class SonaRuntime:
 
         ``path`` None writes the next numbered checkpoint into ``checkpoint_dir``, prunes older
         ones and truncates the sample log; a path writes exactly there. Works before start,
-        while running (captured between two Background turns) and after stop. Before start
+        while running (captured between two Background turns, so only from the event loop's
+        thread) and after stop. Before start
         and after stop the runtime does not hold ``checkpoint_dir``: a checkpoint into it takes
         the directory's lock for the write, and raises CheckpointDirError if another runtime
         holds the directory or has continued it since (pruning would delete its checkpoints).
         """
+        if self._started and not self._stopped:  # the capture is an ask to the Background loop
+            self._check_thread()
         return await self._durable.checkpoint(path)
 
     @classmethod

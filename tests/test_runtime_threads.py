@@ -93,3 +93,34 @@ async def test_calls_from_another_thread_are_refused_and_the_bridges_work() -> N
         st = rt.stats()
         assert st.submitted_count == len(samples) - 1 and identity_holds(st)
         assert st.task_count == tasks  # the refused start_new_task changed nothing
+
+
+async def test_checkpoint_and_drain_from_another_thread_are_refused(tmp_path: Path) -> None:
+    """``checkpoint`` and ``drain`` wait on the runtime's own loop: from a worker thread's
+    event loop they waited on events that loop was never told about (a checkpoint hung for
+    good), so they raise the same clear error as the calls that change state."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=5), 0, 20)
+    async with SonaRuntime(small_config(), seed=1, checkpoint_dir=tmp_path / "state") as rt:
+        for s in samples:
+            await rt.submit(s)
+
+        def from_worker() -> list[str]:
+            errors = []
+            for call in (
+                lambda: asyncio.run(asyncio.wait_for(rt.checkpoint(), 10)),
+                lambda: asyncio.run(asyncio.wait_for(rt.checkpoint(tmp_path / "x.sona"), 10)),
+                lambda: asyncio.run(asyncio.wait_for(rt.drain(), 10)),
+            ):
+                with pytest.raises(RuntimeError, match="another thread") as info:
+                    call()
+                errors.append(str(info.value))
+            anyio.from_thread.run(rt.drain)  # the bridge works
+            return errors
+
+        with anyio.fail_after(30):
+            errors = await anyio.to_thread.run_sync(from_worker)
+        assert len(errors) == 3
+        assert not (tmp_path / "x.sona").exists()
+        with anyio.fail_after(10):
+            await rt.checkpoint()  # the refused calls left nothing behind
+        assert identity_holds(rt.stats())
