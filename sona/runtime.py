@@ -356,6 +356,9 @@ class SonaRuntime:
             if not t.done:
                 t.resolve(_unhandled(t.sample_id, note))
         self._signal()
+        if self._idle is not None:  # they stay queued, so _signal cannot wake a drain()
+            self._idle.set()
+            self._idle = None
 
     async def _ticker(self) -> None:
         interval = self.config.background_interval_ms / 1e3

@@ -136,6 +136,33 @@ async def test_with_a_checkpoint_dir_leftovers_stay_in_flight_and_are_handled_af
     assert st2.instant_count + st2.dead_lettered >= st.instant_count + len(left)
 
 
+async def test_a_drain_waiting_in_another_task_returns_when_a_durable_runtime_stops(
+    tmp_path: Path,
+) -> None:
+    """With a checkpoint_dir, samples unhandled at stop stay in flight (the final checkpoint
+    keeps them): a drain() waiting in another task must still return, as on a runtime without
+    one, instead of waiting for samples no loop will handle."""
+    cfg, chaos = _slow_instant()
+    rt = SonaRuntime(cfg, seed=1, chaos=chaos, checkpoint_dir=tmp_path / "state")
+    drained = anyio.Event()
+
+    async def drainer() -> None:
+        await rt.drain()
+        drained.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer:
+            async with rt:
+                for s in _samples(30):
+                    rt.submit_nowait(s)
+                outer.start_soon(drainer)
+                await anyio.sleep(0.05)
+            with anyio.fail_after(5):  # turned into a failure: the old drain never returned
+                await drained.wait()
+    st = rt.stats()
+    assert st.in_flight > 0 and identity_holds(st)
+
+
 async def test_submitters_waiting_for_room_get_the_not_running_error() -> None:
     cfg = small_config(
         max_pending_samples=8, background_min_samples=4, overflow=OverflowPolicy.BLOCK
