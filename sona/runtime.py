@@ -237,6 +237,8 @@ class SonaRuntime:
         self.deep_runs = 0
         self._deep_requested = False
         self._unfinished: HandOver | None = None  # handed over, not yet consolidated
+        # odd while the hand-over or its commit is changing what forward reads; counts changes
+        self._view = 0
         self._last_background = time.monotonic()
         self._stack: contextlib.AsyncExitStack | None = None
         self._started = False
@@ -688,8 +690,12 @@ class SonaRuntime:
         outcome = await anyio.to_thread.run_sync(
             run_single_blas, bg.prepare, hand, hold_back, limiter=self._background_thread
         )
-        bg.commit(outcome)  # on the event loop: stats and forward see it all at once
-        self._unfinished = None
+        self._view += 1
+        try:
+            bg.commit(outcome)  # on the event loop: stats and forward see it all at once
+            self._unfinished = None
+        finally:
+            self._view += 1
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
             self._instant.new_task()
         self._last_background = time.monotonic()
@@ -842,11 +848,24 @@ class SonaRuntime:
 
     # ------------------------------------------------------------------ reading
     def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
-        """The effective delta: the last published consolidated state plus the live adapter."""
-        out = self._instant.live.forward(x, module, explore=explore)
-        xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
-        self._background.published.add_into(xa, module, out)
-        return out
+        """The effective delta: the last published consolidated state, the adapter handed
+        over to a consolidation still running, and the live adapter.
+
+        The hand-over restarts the live adapter before its consolidation is published: without
+        the handed-over adapter, everything learned since the previous consolidation would
+        vanish from forward while the next one runs. The hand-over and the commit each change
+        two of these on the event loop; a reader on another thread that overlapped one of
+        them (``_view`` odd, or changed) reads again."""
+        while True:
+            view = self._view
+            out = self._instant.live.forward(x, module, explore=explore)
+            xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
+            self._background.published.add_into(xa, module, out)
+            hand = self._unfinished
+            if hand is not None:
+                hand.live.forward_add(xa, module, out)
+            if view == self._view and not view & 1:
+                return out
 
     def subscribe(
         self, kinds: Any = None, *, buffer: int = 256
@@ -893,7 +912,11 @@ class SonaRuntime:
         loop all count it, whatever becomes of the task that asked for it. A request that finds
         one unfinished (asked by a run that was interrupted) gets that one."""
         if self._unfinished is None:
-            self._unfinished = self._instant.hand_over()
+            self._view += 1
+            try:
+                self._unfinished = self._instant.hand_over()
+            finally:
+                self._view += 1
         return self._unfinished
 
     def _unfinished_count(self) -> int:

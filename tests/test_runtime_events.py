@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from runtime_helpers import Q, identity_holds, small_config, target_samples
+from runtime_helpers import Q, identity_holds, small_config, stall_background, target_samples
 
 from sona.events import (
     BackgroundCompleted,
@@ -92,6 +92,34 @@ async def test_forward_reads_a_consistent_published_state() -> None:
                 assert np.isfinite(out).all()
                 await anyio.sleep(0.006)
     assert versions == sorted(versions) and versions[-1] > 0
+
+
+async def test_forward_keeps_what_was_learned_while_a_consolidation_runs() -> None:
+    """Between the hand-over and the commit of a consolidation the live adapter starts afresh
+    and the handed-over one is not yet published: forward used to drop everything learned
+    since the previous consolidation for as long as the consolidation ran."""
+    world = DomainWorld(dim=32, domains=1, seed=12)
+    samples = target_samples(world, 0, 60)
+    x = world.held_out(0)[:8]
+    async with SonaRuntime(small_config(background_interval_ms=60_000), seed=4) as rt:
+        for s in samples[:30]:
+            await rt.submit(s)
+        await rt.consolidate()
+        for s in samples[30:]:
+            await rt.submit(s)
+        before = rt.forward(x, Q)
+        consolidated = rt._background.published.predict(x, Q)
+        assert np.abs(before - consolidated).max() > 1e-4  # the live adapter adds something
+        gate = stall_background(rt)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rt.consolidate)
+                while rt._unfinished is None:  # handed over, consolidating in its thread
+                    await anyio.sleep(0.001)
+                during = rt.forward(x, Q)
+                gate.set()
+        assert rt._unfinished is None
+        np.testing.assert_allclose(during, before, rtol=1e-6, atol=1e-7)
 
 
 async def test_bad_kinds_raise_at_subscribe_and_the_runtime_goes_on() -> None:
