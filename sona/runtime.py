@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import numpy as np
 
@@ -241,6 +242,7 @@ class SonaRuntime:
         self._view = 0
         self._last_background = time.monotonic()
         self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._started = False
         self._stopped = False
         self._instant_ref: ActorRef | None = None
@@ -280,6 +282,7 @@ class SonaRuntime:
             stack.callback(tg.cancel_scope.cancel)
             watcher = self.events.subscribe(buffer=16, kinds=(SupervisorGaveUpEvent,))
             await stack.enter_async_context(watcher)
+            self._tg = tg
             tg.start_soon(self._ticker)
             tg.start_soon(self._watch_give_up, watcher)
             self._durable.start(tg)  # sample-log writer, periodic checkpoints
@@ -795,14 +798,23 @@ class SonaRuntime:
         """Fold what is pending into the current task, then start a new one (EWC++).
 
         The Background loop does it at its next turn; calls made before it has begun on an
-        earlier one mark the same shift (a burst of calls cannot fill its mailbox)."""
+        earlier one mark the same shift (a burst of calls cannot fill its mailbox). A mailbox
+        full of the host's own requests (consolidate, checkpoint) holds the shift back until
+        there is room, as it holds those requests, rather than failing the call."""
         self._check_running()
         if self._new_task_queued:
             return
         ref = self._background_ref
-        assert ref is not None
-        ref.tell_nowait(NewTask())
+        assert ref is not None and self._tg is not None
+        try:
+            ref.tell_nowait(NewTask())
+        except Backpressure:
+            self._tg.start_soon(self._tell_new_task, ref)
         self._new_task_queued = True
+
+    async def _tell_new_task(self, ref: ActorRef) -> None:
+        with contextlib.suppress(Exception):  # stopped or gave up meanwhile: nothing to mark
+            await ref.tell(NewTask())
 
     # ------------------------------------------------------------------ checkpoints
     async def checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:

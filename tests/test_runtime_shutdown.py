@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from runtime_helpers import identity_holds, small_config, target_samples
+from runtime_helpers import identity_holds, small_config, stall_background, target_samples
 from sona.actors import OverflowPolicy
 
 from sona.config import Chaos, SupervisionConfig
@@ -200,3 +200,27 @@ async def test_a_burst_of_new_task_calls_marks_one_shift() -> None:
         with anyio.fail_after(5):
             while rt.stats().task_count == before + 1:
                 await anyio.sleep(0.005)
+
+
+async def test_new_task_is_marked_when_the_background_mailbox_is_full_of_requests() -> None:
+    """Many host tasks asking for consolidations (or checkpoints) while one runs fill the
+    Background mailbox: start_new_task raised the mailbox's Backpressure and the shift was
+    lost. The shift now waits for room like those requests do."""
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        for s in _samples(40):
+            await rt.submit(s)
+        before = rt.stats().task_count
+        gate = stall_background(rt)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(80):
+                    tg.start_soon(rt.consolidate)
+                while rt.supervisor_stats()["background"]["queued"] < 64:
+                    await anyio.sleep(0.001)
+                rt.start_new_task()
+                rt.start_new_task()  # the same shift
+                gate.set()
+            while rt.stats().task_count == before:
+                await anyio.sleep(0.005)
+        await rt.consolidate()
+        assert rt.stats().task_count == before + 1
