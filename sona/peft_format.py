@@ -58,6 +58,9 @@ _ATTENTION = frozenset(
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 _READABLE_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 _LISTED = 10  # tensor names an error lists before it counts the rest
+# PeftModel.base_model (the LoraModel) and its .model (the model adapted): the start of every
+# name in a PEFT state dict, and not part of the names PEFT's patterns are matched against.
+_WRAPPER_PREFIX = "base_model.model."
 
 # Config fields that never change what a loaded adapter computes (bookkeeping, initialisation
 # recipes, which modules get wrapped) or that are handled explicitly below.
@@ -288,19 +291,24 @@ def from_peft(
             "separately, or choose a model whose targeted projections share shapes)"
         )
     got_rank, n_in, n_out = next(iter(shapes.values()))
+    alphas: dict[TargetModule, float] = {}
     for m in factors:
         path = naming.module_path(layer, m)
         eff_rank = pattern_value(config.get("rank_pattern"), path, rank)
-        eff_alpha = pattern_value(config.get("alpha_pattern"), path, alpha)
         if eff_rank != got_rank:
             raise FormatError(
                 f"{weights_path}: {path} has rank {got_rank} but the config gives it r={eff_rank}"
             )
-        if eff_alpha != alpha:
-            raise FormatError(
-                f"{cfg_path}: alpha_pattern gives {path} lora_alpha={eff_alpha}, other modules "
-                f"{alpha}; a MicroLoRA has one scale for all its modules"
-            )
+        eff_alpha = pattern_value(config.get("alpha_pattern"), path, alpha)
+        alphas[m] = _positive_float(eff_alpha, f"alpha_pattern's lora_alpha for {path}", cfg_path)
+    if len(set(alphas.values())) > 1:
+        listed = ", ".join(f"{m.value} {a:g}" for m, a in alphas.items())
+        raise FormatError(
+            f"{cfg_path}: alpha_pattern gives the modules of layer {layer} different "
+            f"lora_alpha ({listed}); a MicroLoRA has one scale for all its modules"
+        )
+    # The layer's one alpha, which alpha_pattern may set for all its modules alike.
+    alpha = next(iter(alphas.values()))
     paths = {m: naming.module_path(layer, m) for m in factors}
     _check_targets(config.get("target_modules"), paths, cfg_path)
     if config.get("use_rslora", False):
@@ -335,15 +343,19 @@ def from_peft(
 def pattern_value(patterns: object, module_path: str, default: Any) -> Any:
     """The value PEFT's ``rank_pattern``/``alpha_pattern`` assigns to ``module_path``.
 
-    PEFT takes the first key that matches the end of the module's name at a dot boundary.
+    PEFT takes the first key that matches the end of the module's name at a dot boundary. It
+    matches names inside the base model (``model.layers.0.self_attn.q_proj``), not the saved
+    tensor's path, which PEFT's wrappers prefix with ``base_model.model.``: a key anchored with
+    ``^``, as PEFT's documentation shows them, matches only once that prefix is removed.
     """
     if not patterns:
         return default
     if not isinstance(patterns, Mapping):
         raise FormatError(f"rank_pattern/alpha_pattern must be an object, got {patterns!r}")
+    name = module_path.removeprefix(_WRAPPER_PREFIX)
     for key, value in patterns.items():
         try:
-            if re.match(rf"(.*\.)?({key})$", module_path):
+            if re.match(rf"(.*\.)?({key})$", name):
                 return value
         except re.error as exc:
             raise FormatError(f"invalid pattern {key!r}: {exc}") from None

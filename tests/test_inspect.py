@@ -116,6 +116,18 @@ def test_peft_rslora_and_patterns_show_the_scale_peft_applies(tmp_path: Path) ->
     assert scales == {("q_proj", "0-1"): "4", ("v_proj", "0"): "4", ("v_proj", "1"): "8"}
 
 
+def test_peft_anchored_pattern_shows_the_scale_peft_applies(tmp_path: Path) -> None:
+    adapter(rank=2, alpha=4.0).export_peft(tmp_path / "p", layers=(0, 1))
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config.update(alpha_pattern={"^model.layers.1.self_attn.q_proj": 8})
+    config_path.write_text(json.dumps(config))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    scales = {(r[0].rsplit(".", 1)[-1], r[1]): r[5] for r in table(out)[1:]}
+    assert scales == {("q_proj", "0"): "2", ("q_proj", "1"): "4", ("v_proj", "0-1"): "2"}
+
+
 def test_peft_adapter_sona_cannot_read_is_still_described(tmp_path: Path) -> None:
     adapter().export_peft(tmp_path / "p")
     config_path = tmp_path / "p" / ADAPTER_CONFIG

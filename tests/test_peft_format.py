@@ -195,6 +195,21 @@ def test_alpha_pattern_for_another_layer_leaves_this_one_readable(exported: Path
         MicroLoRA.from_peft(exported, layer=1)
 
 
+def test_anchored_patterns_match_the_name_inside_the_base_model(exported: Path) -> None:
+    """PEFT matches patterns against ``model.layers.0.self_attn.q_proj``, the name inside the
+    base model: a ``^``-anchored key (the form PEFT's documentation shows) names that, not the
+    saved tensor's ``base_model.model.…`` path."""
+    rewrite_config(
+        exported, alpha_pattern={f"^model.layers.0.self_attn.{m}": 8 for m in ("q_proj", "v_proj")}
+    )
+    assert MicroLoRA.from_peft(exported, layer=0).scaling == 4.0
+    assert MicroLoRA.from_peft(exported, layer=1).scaling == 2.0
+    rewrite_config(exported, alpha_pattern={}, rank_pattern={"^model.layers.1.self_attn.q_proj": 4})
+    assert MicroLoRA.from_peft(exported, layer=0).scaling == 2.0
+    with pytest.raises(FormatError, match="r=4"):
+        MicroLoRA.from_peft(exported, layer=1)
+
+
 # ---------------------------------------------------------------------- export refusals
 @pytest.mark.parametrize(
     ("layers", "error"),
@@ -339,6 +354,8 @@ def test_integer_tensor_is_refused(exported: Path) -> None:
         ({"some_future_option": {"on": True}}, "some_future_option"),
         ({"rank_pattern": {"v_proj": 4}}, "r=4"),
         ({"alpha_pattern": {"v_proj": 16}}, "alpha_pattern"),
+        ({"alpha_pattern": {"q_proj": "4", "v_proj": "4"}}, "q_proj must be a number"),
+        ({"alpha_pattern": {"q_proj": 0}}, "q_proj must be > 0"),
         ({"lora_alpha": 0}, "lora_alpha must be > 0"),
         ({"lora_alpha": "8"}, "lora_alpha must be a number"),
         ({"r": 0}, "r must be a positive integer"),

@@ -194,6 +194,30 @@ def test_round_trip_through_peft_save(tmp_path: Path) -> None:
         np.testing.assert_allclose(back.delta_weight(m), lora.delta_weight(m), atol=1e-7)
 
 
+@pytest.mark.parametrize("pattern", ["alpha_pattern", "rank_pattern"])
+def test_peft_anchored_patterns_load_with_the_scale_peft_applies(
+    tmp_path: Path, pattern: str
+) -> None:
+    """PEFT's documentation writes patterns as ``^model.layers.0.…``, anchored at the name
+    inside the base model."""
+    layer0 = {f"^model.layers.0.self_attn.{m}": 4 for m in ("q_proj", "v_proj")}
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=2,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        **{pattern: layer0},
+    )
+    model = peft.get_peft_model(tiny_llama(layers=2), config).eval()
+    model.save_pretrained(str(tmp_path / "peft"))
+    x = random_inputs(5)
+    for layer in (0, 1):
+        lora = MicroLoRA.from_peft(tmp_path / "peft", layer=layer)
+        assert lora.scaling == attn(model, layer, Q).scaling["default"]
+        for m in (Q, V):
+            np.testing.assert_allclose(lora.forward(x, m), peft_delta(model, layer, m, x), atol=TOL)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
