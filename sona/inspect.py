@@ -311,7 +311,10 @@ def _peft_scale(alpha: Any, rank: Any, rslora: bool) -> str:
         return "?"
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         return "?"
-    return _num(alpha / math.sqrt(rank) if rslora else alpha / rank)
+    try:
+        return _num(alpha / math.sqrt(rank) if rslora else alpha / rank)
+    except OverflowError:  # JSON integers beyond float's range
+        return "?"
 
 
 def _scale_rule(rslora: bool) -> str:

@@ -231,9 +231,12 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise FormatError(f"{directory}: not a directory (expected a PEFT adapter directory)")
     if not path.is_file():
         raise FormatError(f"{path}: missing; not a PEFT adapter directory")
+    data = container.read_file(path, limit=1 << 20)
     try:
-        config = json.loads(container.read_file(path, limit=1 << 20))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        # ValueError also covers bad UTF-8 and integers past Python's digit limit;
+        # RecursionError, arrays or objects nested thousands deep.
         raise FormatError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
@@ -522,7 +525,12 @@ def _tensor(fh: Any, key: str, path: Path) -> np.ndarray:
 def _number(value: object, name: str, where: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FormatError(f"{where}: {name} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # a JSON integer beyond float's range
+        raise FormatError(
+            f"{where}: {name} must be finite, got an integer of {len(str(value))} digits"
+        ) from None
     if not math.isfinite(v):
         raise FormatError(f"{where}: {name} must be finite, got {value!r}")
     return v

@@ -178,6 +178,25 @@ def test_corrupt_peft_directory_exits_2(tmp_path: Path) -> None:
     assert code == 2 and "JSON" in err
 
 
+def test_peft_config_with_an_integer_beyond_float_range_is_described(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["lora_alpha"] = 10**400
+    config_path.write_text(json.dumps(config))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    assert fields(out)["scale"].startswith("? ")
+    assert "must be finite" in fields(out)["sona from_peft"]
+
+
+def test_deeply_nested_peft_config_exits_2(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    (tmp_path / "p" / ADAPTER_CONFIG).write_text("[" * 100_000)
+    code, _, err = run(tmp_path / "p")
+    assert code == 2 and "not valid JSON" in err
+
+
 def test_cli_routes_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     adapter().save(tmp_path / "a.sona")
     assert main(["inspect", str(tmp_path / "a.sona")]) == 0

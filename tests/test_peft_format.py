@@ -341,6 +341,28 @@ def test_integer_tensor_is_refused(exported: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        '{"r": 1' + "0" * 5000 + "}",  # past Python's 4300-digit limit for int()
+        "[" * 100_000,
+        '{"a": ' * 100_000,
+    ],
+    ids=["digits", "nested-arrays", "nested-objects"],
+)
+def test_hostile_config_json_is_a_format_error(exported: Path, text: str) -> None:
+    (exported / ADAPTER_CONFIG).write_text(text)
+    with pytest.raises(FormatError, match=r"adapter_config\.json: not valid JSON"):
+        MicroLoRA.from_peft(exported)
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "lora_dropout"])
+def test_integer_beyond_float_range_is_a_format_error(exported: Path, field: str) -> None:
+    rewrite_config(exported, **{field: 10**400})
+    with pytest.raises(FormatError, match=f"{field} must be finite, got an integer of 401"):
+        MicroLoRA.from_peft(exported)
+
+
+@pytest.mark.parametrize(
     ("changes", "match"),
     [
         ({"peft_type": "IA3"}, "only LORA"),
