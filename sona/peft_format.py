@@ -12,8 +12,9 @@ per-module ranks or scales, modules of different shapes, extra trained modules i
 outside the decoder layers, such as an lm_head or the embeddings) is refused with the reason,
 never approximated.
 
-Only the tensor dtype float32 is written; float16 and float64 are read (converted to float32);
-bfloat16 cannot be read without torch and is refused.
+Only the tensor dtype float32 is written; float16 and float64 are read (converted to float32,
+and a float64 value beyond float32's range is refused rather than turned into inf); bfloat16
+cannot be read without torch and is refused.
 """
 
 from __future__ import annotations
@@ -516,9 +517,16 @@ def _tensor(fh: Any, key: str, path: Path) -> np.ndarray:
         ) from None
     if arr.dtype not in _READABLE_DTYPES:
         raise FormatError(f"{path}: tensor {key} has dtype {dtype}; expected a float dtype")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(out).all():
+    if not np.isfinite(arr).all():
         raise FormatError(f"{path}: tensor {key} holds NaN or inf")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():  # finite float64 beyond float32's range
+        largest = float(np.max(np.abs(arr)))
+        raise FormatError(
+            f"{path}: tensor {key} holds {largest:.4g}, beyond float32's range "
+            f"(max {float(np.finfo(np.float32).max):.4g}); sona's factors are float32"
+        )
     return out
 
 

@@ -313,6 +313,27 @@ def test_non_finite_tensor_is_refused(exported: Path) -> None:
         MicroLoRA.from_peft(exported)
 
 
+@pytest.mark.parametrize("value", [1e39, -3.5e38, 1e300])
+def test_float64_tensor_beyond_float32_range_is_refused_as_such(
+    exported: Path, value: float
+) -> None:
+    tensors = {k: v.astype(np.float64) for k, v in read_tensors(exported).items()}
+    tensors[f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"][0, 0] = value
+    rewrite_tensors(exported, tensors)
+    with pytest.raises(
+        FormatError, match=re.escape(f"q_proj.lora_A.weight holds {abs(value):.4g}, beyond")
+    ):
+        MicroLoRA.from_peft(exported)
+
+
+def test_float64_tensors_are_read_as_their_float32_rounding(exported: Path) -> None:
+    tensors = {k: v.astype(np.float64) + 1e-12 for k, v in read_tensors(exported).items()}
+    rewrite_tensors(exported, tensors)
+    a, _ = MicroLoRA.from_peft(exported).factors(Q)
+    key = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
+    np.testing.assert_array_equal(a, tensors[key].astype(np.float32))
+
+
 def test_finite_factors_whose_delta_overflows_float32_are_refused(exported: Path) -> None:
     rewrite_tensors(exported, {k: np.full_like(v, 1e30) for k, v in read_tensors(exported).items()})
     key = f"{PREFIX}.0.self_attn.q_proj"
