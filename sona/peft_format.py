@@ -168,6 +168,11 @@ def export_peft(
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"directory {target} exists and is not a directory")
+    # Both files are checked before either is written: a directory in the place of one, or a
+    # file in the place of a parent directory, would otherwise fail half-way with an OSError
+    # naming a temporary file.
+    weights_path = container.file_target(target / ADAPTER_WEIGHTS)
+    config_path = container.file_target(target / ADAPTER_CONFIG)
 
     tensors: dict[str, np.ndarray] = {}
     for module, a, bt in lora.iter_factors():
@@ -201,9 +206,9 @@ def export_peft(
         "revision": None,
     }
     weights = safetensors.numpy.save(tensors, metadata={"format": "pt"})
-    container.write_atomic(target / ADAPTER_WEIGHTS, weights)
+    container.write_atomic(weights_path, weights)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    container.write_atomic(target / ADAPTER_CONFIG, text.encode())
+    container.write_atomic(config_path, text.encode())
     return target
 
 
@@ -230,8 +235,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     if not Path(directory).is_dir():
         raise FormatError(f"{directory}: not a directory (expected a PEFT adapter directory)")
-    if not path.is_file():
-        raise FormatError(f"{path}: missing; not a PEFT adapter directory")
+    _check_regular_file(path, "; not a PEFT adapter directory")
     data = container.read_file(path, limit=1 << 20)
     try:
         config = json.loads(data)
@@ -430,15 +434,14 @@ def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Pa
 def _read_layer(
     path: Path, layer: int, naming: PeftNaming
 ) -> dict[TargetModule, tuple[np.ndarray, np.ndarray]]:
-    if not path.is_file():
-        hint = ""
-        if (path.parent / _PICKLED_WEIGHTS).is_file():
-            hint = (
-                f" ({_PICKLED_WEIGHTS} is a torch.save file, which can run code when loaded, so "
-                "sona never reads it; re-save it with "
-                "save_pretrained(..., safe_serialization=True))"
-            )
-        raise FormatError(f"{path}: missing{hint}")
+    hint = ""
+    if (path.parent / _PICKLED_WEIGHTS).is_file():
+        hint = (
+            f" ({_PICKLED_WEIGHTS} is a torch.save file, which can run code when loaded, so "
+            "sona never reads it; re-save it with "
+            "save_pretrained(..., safe_serialization=True))"
+        )
+    _check_regular_file(path, hint)
     try:
         with safe_open(str(path), framework="numpy") as fh:
             keys = list(fh.keys())
@@ -456,6 +459,23 @@ def _read_layer(
     except SafetensorError as exc:
         raise FormatError(f"{path}: not a valid safetensors file: {exc}") from None
     return factors
+
+
+def _check_regular_file(path: Path, when_missing: str) -> None:
+    """Refuse anything at ``path`` but a regular file (symlinks followed), saying what is there.
+
+    A directory, FIFO or broken symlink is not "missing": the message says which it is, so the
+    fix is evident. A FIFO must be refused before it is opened, which would wait for a writer.
+    """
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, expected a file")
+    if path.exists():
+        raise FormatError(f"{path}: not a regular file (a FIFO, socket or device), expected a file")
+    if path.is_symlink():
+        raise FormatError(f"{path}: a symbolic link that leads to no file")
+    raise FormatError(f"{path}: missing{when_missing}")
 
 
 def _layer_keys(

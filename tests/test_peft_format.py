@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -243,6 +244,23 @@ def test_export_refuses_bad_arguments(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("blocked", [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
+def test_export_refuses_a_directory_where_a_file_goes_and_writes_nothing(
+    tmp_path: Path, blocked: str
+) -> None:
+    (tmp_path / "a" / blocked).mkdir(parents=True)
+    with pytest.raises(InvalidInputError, match=f"{blocked} is a directory"):
+        trained().export_peft(tmp_path / "a")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [blocked]
+
+
+def test_export_under_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidInputError, match=r"file is a file, not a directory"):
+        trained().export_peft(tmp_path / "file" / "a")
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_naming_refuses_malformed_paths() -> None:
     with pytest.raises(ValueError, match="layers_prefix"):
         PeftNaming(layers_prefix="model.layers.{i}")
@@ -261,6 +279,32 @@ def test_missing_directory_config_and_weights(tmp_path: Path, exported: Path) ->
     (exported / ADAPTER_CONFIG).unlink()
     with pytest.raises(FormatError, match=r"adapter_config\.json: missing"):
         MicroLoRA.from_peft(exported)
+
+
+@pytest.mark.parametrize("name", [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: p.mkdir(), "is a directory, expected a file"),
+        (lambda p: os.mkfifo(p), "not a regular file"),
+        (lambda p: p.symlink_to(p.parent / "nowhere"), "a symbolic link that leads to no file"),
+        (lambda p: p.symlink_to(p), "a symbolic link that leads to no file"),
+    ],
+    ids=["directory", "fifo", "dangling-symlink", "symlink-loop"],
+)
+def test_something_other_than_a_file_is_named_not_called_missing(
+    exported: Path, name: str, make: Any, match: str
+) -> None:
+    (exported / name).unlink()
+    make(exported / name)
+    with pytest.raises(FormatError, match=rf"{re.escape(name)}: {match}"):
+        MicroLoRA.from_peft(exported)
+
+
+def test_a_symlinked_adapter_file_is_read(exported: Path) -> None:
+    (exported / ADAPTER_WEIGHTS).rename(exported / "real.safetensors")
+    (exported / ADAPTER_WEIGHTS).symlink_to("real.safetensors")
+    assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
 
 
 def test_corrupt_config_and_weights(exported: Path) -> None:
