@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import math
 import os
+import secrets
 import stat
 import struct
 import tempfile
@@ -208,7 +209,7 @@ def write_encoded_atomic(
 def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | memoryview]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = _create_temporary(target)
     try:
         with os.fdopen(fd, "wb") as fh:
             for part in parts:
@@ -226,6 +227,23 @@ def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | me
     finally:
         os.close(dir_fd)
     return target
+
+
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """A new file next to ``target``, open for writing, with the mode ``open(target, "wb")``
+    would give it: 0o666 less the umask.
+
+    ``tempfile.mkstemp`` creates files 0o600, which the rename would carry over to the target:
+    an adapter exported for a server running as another user would be unreadable to it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(tempfile.TMP_MAX):
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name next to {target}")
 
 
 def open_file(path: str | os.PathLike[str]) -> BinaryIO:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,26 @@ def test_a_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.undo()
     assert path.read_bytes() == old.export_weights()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sona"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_and_exported_files_get_the_mode_open_would_give_them(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """0o666 less the umask, as for any file the process creates: a server running as another
+    user must be able to read an exported adapter when the umask allows it."""
+    lora = busy_adapter()
+    old = os.umask(umask)
+    try:
+        lora.save(tmp_path / "a.sona")
+        lora.save(tmp_path / "a.sona")  # replacing
+        lora.export_peft(tmp_path / "peft")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "a.sona", *(tmp_path / "peft").iterdir()]
+    assert len(written) == 3
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
 
 def test_save_refuses_an_empty_path_or_a_directory_and_writes_nothing(
