@@ -401,10 +401,25 @@ def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Pa
     one holds something sona cannot represent, even where those tensors were not kept. Tensors
     for a module the config does not list would be ignored by PEFT: a mismatch.
 
-    PEFT matches each listed name against the end of a module's path at a dot boundary.
+    PEFT matches each listed name against the end of a module's name inside the base model at
+    a dot boundary, and a string (other than "all-linear") as a regex against the whole name.
     """
-    if targets is None or isinstance(targets, str):
-        return  # PEFT's defaults, a regex or "all-linear": PEFT resolves them against the model
+    names = {m: path.removeprefix(_WRAPPER_PREFIX) for m, path in paths.items()}
+    if targets is None or targets == "all-linear":
+        return  # PEFT's defaults or every linear layer: PEFT resolves them against the model
+    if isinstance(targets, str):
+        try:
+            unmatched = [m.value for m, name in names.items() if not re.fullmatch(targets, name)]
+        except re.error as exc:
+            raise FormatError(
+                f"{where}: target_modules {targets!r} is not a regex: {exc}"
+            ) from None
+        if unmatched:
+            raise FormatError(
+                f"{where}: tensors exist for {unmatched}, which the target_modules regex "
+                f"{targets!r} does not match (PEFT would leave them out)"
+            )
+        return
     if not isinstance(targets, list):
         raise FormatError(
             f"{where}: target_modules must be a list of module names, a string or null, "
@@ -419,11 +434,11 @@ def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Pa
             f"{where}: target_modules lists {foreign}, which a MicroLoRA cannot represent "
             f"(it adapts only {', '.join(m.value for m in TargetModule)})"
         )
-    names = [str(t) for t in targets]
+    listed = [str(t) for t in targets]
     stray = [
         m.value
-        for m, path in paths.items()
-        if not any(path == t or path.endswith(f".{t}") for t in names)
+        for m, name in names.items()
+        if not any(name == t or name.endswith(f".{t}") for t in listed)
     ]
     if stray:
         raise FormatError(

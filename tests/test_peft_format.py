@@ -453,6 +453,10 @@ def test_integer_beyond_float_range_is_a_format_error(exported: Path, field: str
         ({"target_modules": ["q_proj", "v_proj", "model.embed_tokens"]}, "embed_tokens"),
         ({"target_modules": ["q_proj", "v_proj", 3]}, "cannot represent"),
         ({"target_modules": {"q_proj": 1}}, "target_modules must be a list"),
+        ({"target_modules": r".*\.q_proj"}, r"\['v_proj'\], which the target_modules regex"),
+        ({"target_modules": ".*lm_head"}, r"\['q_proj', 'v_proj'\], which the target_modules"),
+        ({"target_modules": "(q_proj"}, "is not a regex"),
+        ({"target_modules": [f"{PREFIX}.0.self_attn.q_proj", "v_proj"]}, "does not list"),
     ],
 )
 def test_unsupported_or_inconsistent_config_is_refused(
@@ -476,6 +480,8 @@ def test_harmless_options_are_accepted(exported: Path) -> None:
     assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
     rewrite_config(exported, target_modules=["self_attn.q_proj", "v_proj"])
     assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
+    rewrite_config(exported, target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
+    assert MicroLoRA.from_peft(exported, layer=1).config.target_modules == (Q, V)
 
 
 def test_sona_never_imports_torch_transformers_or_peft() -> None:

@@ -218,6 +218,21 @@ def test_peft_anchored_patterns_load_with_the_scale_peft_applies(
             np.testing.assert_allclose(lora.forward(x, m), peft_delta(model, layer, m, x), atol=TOL)
 
 
+def test_peft_adapter_with_regex_target_modules_loads(tmp_path: Path) -> None:
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=r"model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+        init_lora_weights=False,
+    )
+    model = peft.get_peft_model(tiny_llama(layers=2), config).eval()
+    model.save_pretrained(str(tmp_path / "peft"))
+    x = random_inputs(6)
+    lora = MicroLoRA.from_peft(tmp_path / "peft", layer=1)
+    for m in (Q, V):
+        np.testing.assert_allclose(lora.forward(x, m), peft_delta(model, 1, m, x), atol=TOL)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
