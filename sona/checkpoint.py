@@ -698,7 +698,7 @@ def install(rt: SonaRuntime, state: CheckpointState) -> None:
     bg.version = bm.version
     bg.runs = bm.runs
     bg.consolidated = bm.consolidated
-    rt._unfinished = state.unfinished
+    rt._set_unfinished(state.unfinished)
     c = state.counters
     rt.submitted = c.submitted - len(state.queued)  # queued samples count again on delivery
     rt.dropped = c.dropped

@@ -63,6 +63,11 @@ class InstantLoop:
         # The live adapter learns what the consolidated state still gets wrong: regression
         # feedback is taken relative to the consolidated output (reused buffers, per module).
         self._consolidated = consolidated
+        # The adapter handed over to a consolidation that has not committed yet (set by the
+        # runtime, whose consolidations run in a worker thread). Until the commit it is part
+        # of the effective delta, so the live adapter learns relative to it too: otherwise the
+        # live adapter re-learns what is in transit, and the commit then counts it twice.
+        self.in_transit: MicroLoRA | None = None
         self._modules = config.micro_lora.target_modules
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
@@ -127,13 +132,16 @@ class InstantLoop:
     ) -> dict[TargetModule, np.ndarray]:
         assert self._consolidated is not None
         published = self._consolidated()
-        if not published.ensemble:  # one adapter: its forward writes the delta, no zeroing
+        transit = self.in_transit
+        if transit is None and not published.ensemble:  # one adapter: its forward writes it
             base = published.base
             return {m: base.forward(x, m) for m in self._modules if module is None or m is module}
         for m, buf in self._offsets.items():
             if module is None or m is module:
                 buf.fill(0.0)
                 published.add_into(x, m, buf)
+                if transit is not None:
+                    transit.forward_add(x, m, buf)
         return self._offsets
 
     def _skip(self, t0: int, reason: str, note: str, *, rejected: bool = False) -> InstantOutcome:

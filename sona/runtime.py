@@ -696,7 +696,7 @@ class SonaRuntime:
         self._view += 1
         try:
             bg.commit(outcome)  # on the event loop: stats and forward see it all at once
-            self._unfinished = None
+            self._set_unfinished(None)
         finally:
             self._view += 1
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
@@ -861,7 +861,8 @@ class SonaRuntime:
     # ------------------------------------------------------------------ reading
     def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
         """The effective delta: the last published consolidated state, the adapter handed
-        over to a consolidation still running, and the live adapter.
+        over to a consolidation still running, and the live adapter, which learns relative to
+        the other two (``InstantLoop.in_transit``).
 
         The hand-over restarts the live adapter before its consolidation is published: without
         the handed-over adapter, everything learned since the previous consolidation would
@@ -873,9 +874,9 @@ class SonaRuntime:
             out = self._instant.live.forward(x, module, explore=explore)
             xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
             self._background.published.add_into(xa, module, out)
-            hand = self._unfinished
-            if hand is not None:
-                hand.live.forward_add(xa, module, out)
+            transit = self._instant.in_transit
+            if transit is not None:
+                transit.forward_add(xa, module, out)
             if view == self._view and not view & 1:
                 return out
 
@@ -923,13 +924,21 @@ class SonaRuntime:
         until its consolidation commits, ``stats()``, checkpoints and a restarted Background
         loop all count it, whatever becomes of the task that asked for it. A request that finds
         one unfinished (asked by a run that was interrupted) gets that one."""
-        if self._unfinished is None:
+        hand = self._unfinished
+        if hand is None:
             self._view += 1
             try:
-                self._unfinished = self._instant.hand_over()
+                hand = self._instant.hand_over()
+                self._set_unfinished(hand)
             finally:
                 self._view += 1
-        return self._unfinished
+        return hand
+
+    def _set_unfinished(self, hand: HandOver | None) -> None:
+        """Record the hand-over a consolidation works on (None once committed); until then
+        the Instant loop learns relative to it as well as to the published state."""
+        self._unfinished = hand
+        self._instant.in_transit = hand.live if hand is not None else None
 
     def _unfinished_count(self) -> int:
         return len(self._unfinished.samples) if self._unfinished is not None else 0

@@ -122,6 +122,38 @@ async def test_forward_keeps_what_was_learned_while_a_consolidation_runs() -> No
         np.testing.assert_allclose(during, before, rtol=1e-6, atol=1e-7)
 
 
+async def test_learning_while_a_consolidation_runs_adds_to_what_is_in_transit() -> None:
+    """While a consolidation runs, forward is the published state plus the handed-over adapter
+    plus the live one, so the live adapter must learn relative to the first two. Learning
+    relative to the published state alone re-learns what is in transit, and forward then
+    overshoots the targets by about what was handed over."""
+    world = DomainWorld(dim=32, domains=1, seed=12)
+    samples = target_samples(world, 0, 400)
+    x = world.held_out(0)
+    ideal = world.target_delta(0, x)
+
+    def error(rt: SonaRuntime) -> float:
+        return float(np.linalg.norm(rt.forward(x, Q) - ideal) / np.linalg.norm(ideal))
+
+    cfg = small_config(background_interval_ms=60_000, max_pending_samples=10_000, instant_lr=0.3)
+    async with SonaRuntime(cfg, seed=4) as rt:
+        for s in samples[:200]:
+            await rt.submit(s)
+        gate = stall_background(rt)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rt.consolidate)
+                while rt._unfinished is None:  # handed over, consolidating in its thread
+                    await anyio.sleep(0.001)
+                handed_over = error(rt)
+                for s in samples[200:]:
+                    await rt.submit(s)
+                learned_meanwhile = error(rt)
+                gate.set()
+    assert handed_over < 0.9  # something was learned and handed over
+    assert learned_meanwhile < handed_over  # more of the same targets: closer, not past them
+
+
 async def test_bad_kinds_raise_at_subscribe_and_the_runtime_goes_on() -> None:
     """A kind that is not a class is refused at the call, not at the next event (where it
     would fail inside the Instant loop and the supervisor)."""
