@@ -1290,7 +1290,12 @@ class MicroLoRA:
 
 
 class ComposedAdapter:
-    """Several adapters applied in sequence or in parallel (see ``MicroLoRA.compose_*``)."""
+    """Several adapters applied in sequence or in parallel (see ``MicroLoRA.compose_*``).
+
+    It holds the adapters themselves, not copies, so it is a live view: what they learn after
+    the composition is made shows in its ``forward``. Compose clones (``MicroLoRA.clone``) to
+    keep a snapshot.
+    """
 
     def __init__(self, adapters: Sequence[MicroLoRA], mode: str) -> None:
         items = list(adapters)
@@ -1313,19 +1318,47 @@ class ComposedAdapter:
         self.mode = mode
 
     def forward(self, x: Any, module: TargetModule) -> np.ndarray:
-        """The total delta the composition adds to x's base output."""
+        """The total delta the composition adds to x's base output.
+
+        Each adapter keeps its own delta_weight within float32, but not ΔW·x for every finite
+        x, nor a sum of deltas or the input x + Δ(x) a sequence hands on: any of them reaching
+        inf raises an InvalidInputError saying so, instead of returning inf or blaming x for
+        NaN it does not hold.
+        """
         x = as_f32(x, "x")
         if self.mode == "parallel":
             total = self.adapters[0].forward(x, module).astype(np.float64)
             for a in self.adapters[1:]:
                 total += a.forward(x, module)
-            return (total / len(self.adapters)).astype(np.float32)
+            mean = (total / len(self.adapters)).astype(np.float32)
+            if not np.isfinite(mean).all():
+                raise InvalidInputError(
+                    "x is finite but so large that an adapter's delta overflows float32"
+                )
+            return mean
         total = np.zeros((*x.shape[:-1], self.adapters[0].config.out_features), np.float32)
         cur = x
-        for a in self.adapters:
-            d = a.forward(cur, module)
-            total += d
-            cur = x + total
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i, a in enumerate(self.adapters):
+                try:
+                    d = a.forward(cur, module)
+                except UnknownModuleError:
+                    raise
+                except InvalidInputError:
+                    if i == 0:
+                        raise
+                    # cur is finite here: only its hidden value s·A·cur can have overflowed
+                    raise InvalidInputError(
+                        f"x is finite but the input adapters[{i}] receives (x plus the deltas "
+                        "before it) is so large that s·A·x overflows float32"
+                    ) from None
+                total += d
+                cur = x + total
+                if not (np.isfinite(total).all() and np.isfinite(cur).all()):
+                    raise InvalidInputError(
+                        f"x is finite but so large that the composed delta overflows float32 "
+                        f"at adapters[{i}]"
+                    )
         return total
 
 
