@@ -76,15 +76,14 @@ def merge_adapters(
     # alpha = rank gives scaling 1, so every source's weight·scale is folded into B.
     config = first.replace(rank=new_rank, alpha=float(new_rank))
     merged = MicroLoRA._blank(config, items[0][0].seed)
+    rng = np.random.default_rng(merged.seed)
     for m in modules:
         a_cat, bt_cat, e = _weighted_concat(items, m)
         factors = _concatenated(a_cat, bt_cat, e) if exact_concat else None
         if factors is None:
             factors = _with_exponent(*_low_rank(a_cat, bt_cat, new_rank), e)
-        if factors is not None:
-            with contextlib.suppress(InvalidInputError):  # beyond delta_bound's limit
-                merged.set_factors(m, *factors)
-                continue
+        if factors is not None and _install(merged, m, factors, rng):
+            continue
         at_rank = f" at rank {new_rank}" if rank is not None else ""
         raise InvalidInputError(
             f"the weighted sum of the adapters' deltas for {m.value}{at_rank} is too large "
@@ -150,6 +149,41 @@ def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, n
         return None
     half = e // 2
     return np.ldexp(a, half).astype(np.float32), np.ldexp(bt, e - half).astype(np.float32)
+
+
+def _install(
+    merged: MicroLoRA,
+    module: TargetModule,
+    factors: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+) -> bool:
+    """Set the factors, with their dead ranks revived (:func:`_revived`) unless the fresh rows
+    of A would take s·‖A‖·‖B‖ to float32's max; False when even the factors as they are do."""
+    for candidate in (_revived(*factors, rng), factors):
+        with contextlib.suppress(InvalidInputError):  # beyond delta_bound's limit
+            merged.set_factors(module, *candidate)
+            return True
+    return False
+
+
+def _revived(
+    a: np.ndarray, bt: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The factors with every rank whose rows of A and Bᵀ are both zero given a fresh random
+    row of A, drawn as a new adapter's is; Bᵀ stays zero there, so the delta is the same.
+
+    A truncated SVD leaves such ranks wherever the sum has fewer directions than ``rank`` (a
+    sum of untrained adapters, cancelling ones, a rank above the sum's): there A·x and Bᵀ's
+    row are both zero, so their gradients are zero too and no update could ever move them,
+    while ``apply_updates`` reports success. A random A row learns like a fresh adapter's.
+    """
+    dead = ~(a.any(axis=1) | bt.any(axis=1))
+    if not dead.any():
+        return a, bt
+    a = a.copy()
+    fresh = rng.standard_normal((int(dead.sum()), a.shape[1])) / math.sqrt(a.shape[1])
+    a[dead] = fresh.astype(np.float32)
+    return a, bt
 
 
 def _fits(value: float, e: int) -> bool:

@@ -343,3 +343,39 @@ def test_composition_rejects_bad_arguments() -> None:
         comp.forward(np.ones(11, np.float32), Q)
     with pytest.raises(InvalidInputError, match="module"):
         comp.forward(np.ones(12, np.float32), K)
+
+
+@pytest.mark.parametrize(
+    ("weights", "rank"),
+    [
+        ((0.0,), 2),  # a zero sum
+        ((1.0, -1.0), 2),  # adapters that cancel
+        ((1.0,), 4),  # a rank above the sum's
+        ((1.0, 1.0), None),  # untrained (B = 0) sources past the full rank: the SVD path
+    ],
+)
+def test_a_merge_whose_sum_has_fewer_directions_than_its_rank_still_learns(
+    weights: tuple[float, ...], rank: int | None
+) -> None:
+    """The truncated SVD leaves a rank with zero rows in both A and Bᵀ wherever the sum has
+    no direction for it. Such a rank has zero gradients: apply_updates reported success and
+    the adapter never changed. It now gets a fresh A row (Bᵀ's stays zero, so the delta is
+    the same), and learns like a new adapter."""
+    src = trained(config(n_in=5, n_out=4, rank=1), seed=3)
+    if rank is None:
+        src = MicroLoRA(config(n_in=5, n_out=4, rank=3), seed=3)  # 3 + 3 > min(5, 4)
+    merged = MicroLoRA.merge_adapters([(src, w) for w in weights], rank=rank)
+    for m in (Q, V):
+        expected = sum(w * delta64(src, m) for w in weights)
+        np.testing.assert_allclose(merged.delta_weight(m), expected, atol=1e-6)
+        a, bt = merged.factors(m)
+        assert (a.any(axis=1) | bt.any(axis=1)).all()  # no rank is zero on both sides
+    rng = np.random.default_rng(0)
+    x, target = vec(rng, 5), vec(rng, 4)
+    before = {m: merged.forward(x, m).copy() for m in (Q, V)}
+    for _ in range(10):
+        assert merged.adapt(x, AdaptFeedback.from_quality(1.0).with_target(target))
+        assert merged.apply_updates(0.5)
+    for m in (Q, V):
+        err_before = np.linalg.norm(before[m] - target)
+        assert np.linalg.norm(merged.forward(x, m) - target) < 0.5 * err_before
