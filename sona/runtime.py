@@ -884,7 +884,13 @@ class SonaRuntime:
         self, kinds: Any = None, *, buffer: int = 256
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Any]]:
         """An async context manager yielding an iterator of events (``kinds``: an event class
-        or an iterable of them; see ``EventBus.subscribe``)."""
+        or an iterable of them; see ``EventBus.subscribe``).
+
+        While the runtime runs, only from its event loop's thread: the loop wakes a waiting
+        subscriber through an event of its own loop, which another thread's loop never sees.
+        """
+        if self._started and not self._stopped:
+            self._check_thread()
         return self.events.subscribe(buffer=buffer, kinds=kinds)
 
     @property

@@ -124,3 +124,36 @@ async def test_checkpoint_and_drain_from_another_thread_are_refused(tmp_path: Pa
         with anyio.fail_after(10):
             await rt.checkpoint()  # the refused calls left nothing behind
         assert identity_holds(rt.stats())
+
+
+async def test_subscribe_from_another_thread_is_refused() -> None:
+    """A subscription entered in a worker thread's event loop waited on an event the runtime's
+    loop sets from its own thread, which that other loop is never woken for (and its list of
+    subscribers changed behind the loop's back): ``subscribe`` raises the same clear error as
+    ``checkpoint`` and ``drain``, and anyio's bridge back to the loop works."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=5), 0, 5)
+    async with SonaRuntime(small_config(), seed=1) as rt:
+
+        async def first_event() -> object:
+            async with rt.subscribe() as events:
+                return await events.receive()
+
+        def from_worker() -> str:
+            with pytest.raises(RuntimeError, match="another thread") as info:
+                rt.subscribe()
+            return str(info.value)
+
+        with anyio.fail_after(10):
+            error = await anyio.to_thread.run_sync(from_worker)
+        assert "event loop" in error
+        async with anyio.create_task_group() as tg:
+            got: list[object] = []
+
+            async def watch() -> None:
+                got.append(await first_event())
+
+            tg.start_soon(watch)
+            await anyio.sleep(0.01)
+            with anyio.fail_after(10):
+                await rt.submit(samples[0])
+        assert got
