@@ -10,7 +10,8 @@ it into every requested decoder layer; import reads one layer, the caller's choi
 decoder layers the file holds. A PEFT adapter sona cannot represent exactly (DoRA, biases,
 per-module ranks or scales, modules of different shapes, extra trained modules in the layer or
 outside the decoder layers, such as an lm_head or the embeddings) is refused with the reason,
-never approximated.
+never approximated; so are tensors for a module the config's target_modules or exclude_modules
+leave out, which PEFT would ignore.
 
 Only the tensor dtype float32 is written; float16 and float64 are read (converted to float32,
 and a float64 value beyond float32's range is refused rather than turned into inf); bfloat16
@@ -319,6 +320,7 @@ def from_peft(
     alpha = next(iter(alphas.values()))
     paths = {m: naming.module_path(layer, m) for m in factors}
     _check_targets(config.get("target_modules"), paths, cfg_path)
+    _check_excluded(config.get("exclude_modules"), paths, cfg_path)
     if config.get("use_rslora", False):
         # rsLoRA scales by alpha / sqrt(r); sona by alpha / r, so the same scale needs
         # alpha·sqrt(r).
@@ -443,6 +445,43 @@ def _check_targets(targets: object, paths: Mapping[TargetModule, str], where: Pa
     if stray:
         raise FormatError(
             f"{where}: tensors exist for {stray}, which target_modules {targets} does not list"
+        )
+
+
+def _check_excluded(excluded: object, paths: Mapping[TargetModule, str], where: Path) -> None:
+    """No module with tensors may be one ``exclude_modules`` excludes.
+
+    PEFT never wraps an excluded module, so it ignores tensors saved for one: loading them
+    would give an adapter PEFT does not compute. Such tensors contradict the config, as
+    tensors for a module target_modules does not list do, and are refused the same way. PEFT
+    matches a string as a regex against the whole name inside the base model, and each name
+    of a list against its end at a dot boundary.
+    """
+    if excluded is None or excluded == []:
+        return
+    names = {m: path.removeprefix(_WRAPPER_PREFIX) for m, path in paths.items()}
+    if isinstance(excluded, str):
+        try:
+            hit = [m.value for m, name in names.items() if re.fullmatch(excluded, name)]
+        except re.error as exc:
+            raise FormatError(
+                f"{where}: exclude_modules {excluded!r} is not a regex: {exc}"
+            ) from None
+    elif isinstance(excluded, list) and all(isinstance(e, str) for e in excluded):
+        hit = [
+            m.value
+            for m, name in names.items()
+            if any(name == e or name.endswith(f".{e}") for e in excluded)
+        ]
+    else:
+        raise FormatError(
+            f"{where}: exclude_modules must be a list of module names, a string or null, "
+            f"got {excluded!r}"
+        )
+    if hit:
+        raise FormatError(
+            f"{where}: tensors exist for {hit}, which exclude_modules {excluded!r} excludes "
+            "(PEFT would leave them out)"
         )
 
 

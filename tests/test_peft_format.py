@@ -457,6 +457,13 @@ def test_integer_beyond_float_range_is_a_format_error(exported: Path, field: str
         ({"target_modules": ".*lm_head"}, r"\['q_proj', 'v_proj'\], which the target_modules"),
         ({"target_modules": "(q_proj"}, "is not a regex"),
         ({"target_modules": [f"{PREFIX}.0.self_attn.q_proj", "v_proj"]}, "does not list"),
+        ({"exclude_modules": ["v_proj"]}, r"\['v_proj'\], which exclude_modules"),
+        ({"exclude_modules": ["self_attn.q_proj", "lm_head"]}, r"\['q_proj'\], which exclude"),
+        ({"exclude_modules": ["model.layers.0.self_attn.q_proj"]}, r"\['q_proj'\], which"),
+        ({"exclude_modules": r".*\.0\.self_attn\..*"}, r"\['q_proj', 'v_proj'\], which exclude"),
+        ({"exclude_modules": "(v_proj"}, "exclude_modules '\\(v_proj' is not a regex"),
+        ({"exclude_modules": {"v_proj": 1}}, "exclude_modules must be a list"),
+        ({"exclude_modules": ["v_proj", 3]}, "exclude_modules must be a list"),
     ],
 )
 def test_unsupported_or_inconsistent_config_is_refused(
@@ -482,6 +489,26 @@ def test_harmless_options_are_accepted(exported: Path) -> None:
     assert MicroLoRA.from_peft(exported).config.target_modules == (Q, V)
     rewrite_config(exported, target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
     assert MicroLoRA.from_peft(exported, layer=1).config.target_modules == (Q, V)
+
+
+@pytest.mark.parametrize(
+    "excluded",
+    [
+        None,
+        [],
+        "",
+        ["lm_head", "k_proj"],
+        ["model.layers.1.self_attn.v_proj"],  # another layer's module
+        [f"{PREFIX}.0.self_attn.v_proj"],  # PEFT matches inside the base model: not this one
+        r".*\.1\.self_attn\..*",
+        "v_proj",  # a string is a regex matched against the whole name
+    ],
+)
+def test_exclude_modules_that_excludes_no_module_with_tensors_is_accepted(
+    exported: Path, excluded: Any
+) -> None:
+    rewrite_config(exported, exclude_modules=excluded)
+    assert MicroLoRA.from_peft(exported, layer=0).config.target_modules == (Q, V)
 
 
 def test_sona_never_imports_torch_transformers_or_peft() -> None:

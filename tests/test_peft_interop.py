@@ -292,3 +292,36 @@ def test_bfloat16_adapter_is_refused_with_a_reason(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(FormatError, match="BF16"):
         MicroLoRA.from_peft(tmp_path / "a")
+
+
+def test_exclude_modules_is_honoured_as_peft_honours_it(tmp_path: Path) -> None:
+    """PEFT does not wrap a module exclude_modules names, so it ignores tensors saved for one.
+    An adapter PEFT saved with layer 0's v_proj excluded reads as PEFT computes it (q_proj
+    alone in layer 0); once tensors for that v_proj are added, PEFT still ignores them, and
+    sona, which used to load them, refuses the file as it refuses tensors target_modules does
+    not list."""
+    excluded = "model.layers.0.self_attn.v_proj"
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=[excluded],
+        init_lora_weights=False,
+    )
+    peft.get_peft_model(tiny_llama(layers=2), config).save_pretrained(str(tmp_path / "p"))
+    x = random_inputs(7)
+    lora = MicroLoRA.from_peft(tmp_path / "p", layer=0)
+    assert lora.config.target_modules == (Q,)
+    model = peft.PeftModel.from_pretrained(tiny_llama(layers=2), str(tmp_path / "p")).eval()
+    np.testing.assert_allclose(lora.forward(x, Q), peft_delta(model, 0, Q, x), atol=TOL)
+
+    path = tmp_path / "p" / ADAPTER_WEIGHTS
+    tensors = load_file(str(path))
+    for factor in ("A", "B"):
+        src = f"base_model.model.model.layers.1.self_attn.v_proj.lora_{factor}.weight"
+        tensors[src.replace("layers.1", "layers.0")] = tensors[src].clone()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    model = peft.PeftModel.from_pretrained(tiny_llama(layers=2), str(tmp_path / "p")).eval()
+    assert not hasattr(attn(model, 0, V), "lora_A")  # PEFT left the tensors out
+    with pytest.raises(FormatError, match=r"\['v_proj'\], which exclude_modules"):
+        MicroLoRA.from_peft(tmp_path / "p", layer=0)
