@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -113,20 +114,20 @@ class SonaLlmConfig:
 
     def __post_init__(self) -> None:
         config_number(self.instant_lr, "instant_lr", lo=0.0, lo_open=True)
-        config_int(self.background_interval_ms, "background_interval_ms", lo=1)
-        config_int(self.background_min_samples, "background_min_samples", lo=1)
+        config_int(self.background_interval_ms, "background_interval_ms", lo=1, hi=_MAX_COUNT)
+        config_int(self.background_min_samples, "background_min_samples", lo=1, hi=_MAX_COUNT)
         config_number(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
-        config_int(self.max_pending_samples, "max_pending_samples", lo=1)
+        config_int(self.max_pending_samples, "max_pending_samples", lo=1, hi=_MAX_COUNT)
         if self.background_min_samples > self.max_pending_samples:
             # the buffer could never fill enough for a run: consolidation would stall
             raise ConfigError(
                 f"background_min_samples ({self.background_min_samples}) must be <= "
                 f"max_pending_samples ({self.max_pending_samples})"
             )
-        config_int(self.replay_capacity, "replay_capacity", lo=1)
-        config_int(self.pattern_clusters, "pattern_clusters", lo=1)
+        config_int(self.replay_capacity, "replay_capacity", lo=1, hi=_MAX_COUNT)
+        config_int(self.pattern_clusters, "pattern_clusters", lo=1, hi=_MAX_COUNT)
         config_number(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)
-        config_int(self.deep_epochs, "deep_epochs", lo=1)
+        config_int(self.deep_epochs, "deep_epochs", lo=1, hi=_MAX_COUNT)
         if self.consolidated_rank is not None:
             config_int(self.consolidated_rank, "consolidated_rank", lo=1)
             limit = min(self.micro_lora.in_features, self.micro_lora.out_features)
@@ -162,14 +163,13 @@ class SonaLlmConfig:
         return SonaLlmConfig(**values)
 
     # presets from the seed's tuning table ------------------------------------------------
+    # Each takes the hidden width; below the table's rank the rank is capped at the width.
     @classmethod
     def low_latency(cls, dim: int = 768) -> SonaLlmConfig:
         """Rank 1 on one module, consolidation every 200 ms, no EWC penalty."""
         return cls(
             background_interval_ms=200,
-            micro_lora=MicroLoraConfig.for_hidden_dim(
-                dim, rank=1, alpha=2.0, target_modules=(TargetModule.Q_PROJ,)
-            ),
+            micro_lora=_preset_lora(dim, 1, (TargetModule.Q_PROJ,)),
             training=TrainingConfig(ewc_lambda=0.0),
         )
 
@@ -178,9 +178,7 @@ class SonaLlmConfig:
         """Rank 2 on two modules, consolidation every 100 ms, lambda 0.1 (the defaults)."""
         return cls(
             background_interval_ms=100,
-            micro_lora=MicroLoraConfig.for_hidden_dim(
-                dim, rank=2, target_modules=(TargetModule.Q_PROJ, TargetModule.V_PROJ)
-            ),
+            micro_lora=_preset_lora(dim, 2, (TargetModule.Q_PROJ, TargetModule.V_PROJ)),
             training=TrainingConfig(ewc_lambda=0.1),
         )
 
@@ -190,7 +188,7 @@ class SonaLlmConfig:
         mods = (TargetModule.Q_PROJ, TargetModule.K_PROJ, TargetModule.V_PROJ, TargetModule.O_PROJ)
         return cls(
             background_interval_ms=50,
-            micro_lora=MicroLoraConfig.for_hidden_dim(dim, rank=4, alpha=8.0, target_modules=mods),
+            micro_lora=_preset_lora(dim, 4, mods),
             training=TrainingConfig(ewc_lambda=0.5),
         )
 
@@ -201,10 +199,21 @@ class SonaLlmConfig:
             max_pending_samples=100,
             replay_capacity=1000,
             pattern_clusters=4,
-            micro_lora=MicroLoraConfig.for_hidden_dim(
-                dim, rank=1, alpha=2.0, target_modules=(TargetModule.Q_PROJ,)
-            ),
+            micro_lora=_preset_lora(dim, 1, (TargetModule.Q_PROJ,)),
         )
+
+
+def _preset_lora(dim: int, rank: int, modules: tuple[TargetModule, ...]) -> MicroLoraConfig:
+    """The preset's adapter at width ``dim``: its rank capped at the width (a rank-4 preset
+    must still build at dim 2), alpha = 2·rank so the scaling stays the table's 2."""
+    if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1:
+        rank = min(rank, dim)  # anything else: for_hidden_dim names what is wrong with dim
+    return MicroLoraConfig.for_hidden_dim(dim, rank=rank, alpha=2.0 * rank, target_modules=modules)
+
+
+# Counts become C sizes (deque maxlen, array shapes) and intervals become floats: larger ints
+# would fail there with OverflowError, away from the field that caused it.
+_MAX_COUNT = sys.maxsize
 
 
 def _typed(value: object, kind: type, name: str) -> None:

@@ -164,10 +164,14 @@ def check_seed(seed: object, *, bits: int = 63) -> int | None:
     return value
 
 
-def config_int(value: object, name: str, *, lo: int) -> int:
-    """An int configuration value >= ``lo`` (bools are not ints here), else ``ConfigError``."""
+def config_int(value: object, name: str, *, lo: int, hi: int | None = None) -> int:
+    """An int configuration value in [``lo``, ``hi``] (bools are not ints here), else
+    ``ConfigError``. ``hi`` exists for values that end up as C sizes or floats, where a
+    larger int would raise ``OverflowError`` later, far from the field that caused it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < lo:
         raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {value}")
     return value

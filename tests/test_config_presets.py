@@ -221,3 +221,45 @@ def test_presets_construct_working_engines(name: str) -> None:
         assert out.shape == (dim,) and np.isfinite(out).all() and out.any()
     s = engine.stats()
     assert s.instant_count == n + 1 and s.background_count == 1 and s.deep_count == 1
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 5])
+def test_presets_build_at_any_width_with_the_rank_capped(name: str, dim: int) -> None:
+    """high_quality(2) used to raise ConfigError (rank 4 > width 2), balanced(1) too."""
+    rank = TABLE[name][0]
+    c = getattr(SonaLlmConfig, name)(dim)
+    assert c.micro_lora.rank == min(rank, dim)
+    assert c.micro_lora.scaling == 2.0  # the table's alpha / rank
+    assert c.micro_lora.in_features == c.micro_lora.out_features == dim
+    engine = SonaLlm(c, seed=0, clock=lambda: 0.0)
+    x = np.ones(dim, np.float32)
+    assert engine.adapt(x, AdaptFeedback.from_quality(0.9).with_target(x)).applied
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+@pytest.mark.parametrize("dim", [0, -3, True, 2.0, "8"])
+def test_presets_refuse_a_bad_width_naming_it(name: str, dim: object) -> None:
+    with pytest.raises((ConfigError, TypeError), match="in_features"):
+        getattr(SonaLlmConfig, name)(dim)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "background_interval_ms",
+        "background_min_samples",
+        "max_pending_samples",
+        "replay_capacity",
+        "pattern_clusters",
+        "deep_epochs",
+    ],
+)
+def test_counts_beyond_a_machine_size_are_refused_naming_the_field(field: str) -> None:
+    """replay_capacity=2**70 used to pass and make SonaLlm() raise OverflowError (a deque's
+    maxlen); background_interval_ms=10**400 made maybe_background() raise OverflowError."""
+    changes: dict[str, object] = {field: 2**70}
+    if field == "background_min_samples":
+        changes["max_pending_samples"] = 2**70
+    with pytest.raises(ConfigError, match=field):
+        SonaLlmConfig(**changes)  # type: ignore[arg-type]
