@@ -9,6 +9,7 @@ run the Background loop first, so the caller waits while room is made.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from sona.background import BackgroundLoop
 from sona.config import SonaLlmConfig
 from sona.deep import DeepOutcome, run_deep, snapshot
 from sona.embedding import Embedder
+from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.ingest import SampleFactory
 from sona.instant import InstantLoop
@@ -29,9 +31,10 @@ from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32, check_seed
+from sona.validation import as_f32, check_seed, real_number
 
 _log = get_logger("sona.engine")
+_DROPPED_NEWEST = "dropped: pending buffer full (DROP_NEWEST)"
 
 
 class SonaLlm:
@@ -52,13 +55,17 @@ class SonaLlm:
         self.embedder = self._factory.embedder
         checked = check_seed(seed, bits=62)  # adapter seeds are derived as seed + small offsets
         self.seed = checked if checked is not None else secrets.randbits(62)
+        if not callable(clock):
+            raise TypeError(
+                f"clock must be a callable returning seconds, got {type(clock).__name__}"
+            )
         self.clock = clock
+        self._last_background = self._now()
         self.background = BackgroundLoop(self.config, seed=self.seed + 1)
         self.instant = InstantLoop(
             self.config, seed=self.seed, consolidated=lambda: self.background.published
         )
         self._ids = itertools.count(1)
-        self._last_background = clock()
         self.submitted = 0
         self.dropped = 0
         self.deep_runs = 0
@@ -89,39 +96,48 @@ class SonaLlm:
     ) -> AdaptationResult:
         sample = self._factory.check(sample, module)
         module = sample.module
+        room: str | None = None
+        if self.pending_samples() >= self.config.max_pending_samples:
+            room = self._make_room()  # before the sample is counted: REJECT leaves no trace
         sid = next(self._ids)
         self.submitted += 1
-        if self.pending_samples() >= self.config.max_pending_samples and not self._make_room():
+        if room is _DROPPED_NEWEST:
             self.dropped += 1
             return AdaptationResult(
-                applied=False,
-                loop="instant",
-                latency_us=0.0,
-                notes=["dropped: pending buffer full (DROP_NEWEST)"],
-                sample_id=sid,
+                applied=False, loop="instant", latency_us=0.0, notes=[room], sample_id=sid
             )
         out = self.instant.process(sid, sample, module)
+        notes = list(out.notes)
+        if room is not None:
+            notes.append(room)
         return AdaptationResult(
             applied=out.applied, loop="instant", latency_us=out.latency_us,
-            notes=list(out.notes), sample_id=sid,
+            notes=notes, sample_id=sid,
         )  # fmt: skip
 
-    def _make_room(self) -> bool:
-        """Apply the overflow policy to a full pending buffer; False drops the new sample."""
+    def _make_room(self) -> str | None:
+        """Apply the overflow policy to a full pending buffer, before the new sample is counted
+        or given an id, so a REJECT (or a BLOCK whose consolidation raised) changes nothing.
+        Returns what the new sample's result should say: ``_DROPPED_NEWEST`` drops it; the
+        eviction note announces a DROP_OLDEST eviction, as the runtime's SamplesDropped does."""
         policy = self.config.overflow
         if policy is OverflowPolicy.REJECT:
-            self.submitted -= 1
             raise Backpressure(
                 f"pending buffer full ({self.config.max_pending_samples} samples); "
                 "call maybe_background() or raise max_pending_samples"
             )
         if policy is OverflowPolicy.DROP_NEWEST:
-            return False
+            return _DROPPED_NEWEST
         if policy is OverflowPolicy.DROP_OLDEST:
-            self.instant.evict_oldest()
-            return True
+            victim = self.instant.evict_oldest()
+            if victim is None:
+                return None
+            return (
+                f"evicted sample {victim} (DROP_OLDEST): pending buffer full; it stays applied "
+                "but is never consolidated"
+            )
         self.run_background()  # BLOCK: make room synchronously
-        return True
+        return None
 
     def pending_samples(self) -> int:
         return len(self.instant.pending) + self.background.held_back
@@ -129,7 +145,12 @@ class SonaLlm:
     # ------------------------------------------------------------------ background loop
     def maybe_background(self) -> BackgroundResult | None:
         """Consolidate if the interval has passed and enough samples are pending."""
-        now = self.clock()
+        now = self._now()
+        if now < self._last_background:
+            # The clock went back (a wall clock set back, a test clock reset): the time since
+            # the last run is unknown, so the interval starts again now rather than waiting
+            # until the clock regains its old reading.
+            self._last_background = now
         interval = self.config.background_interval_ms / 1e3
         # 1 ns slack: 0.3 - 0.2 < 0.1 in floats, so a timer ticking at exactly the interval
         # would otherwise skip every other run.
@@ -145,12 +166,22 @@ class SonaLlm:
         return self._consolidate(hold_back=True)
 
     def _consolidate(self, *, hold_back: bool) -> BackgroundResult:
-        self._last_background = self.clock()
+        self._last_background = self._now()
         hand = self.instant.hand_over()
         outcome = self.background.consolidate(hand, hold_back=hold_back)
         if outcome.boundaries:
             self.instant.new_task()
         return outcome.result
+
+    def _now(self) -> float:
+        """The clock's reading, checked: a NaN would compare false with everything and make
+        every later maybe_background run regardless of the interval."""
+        t = self.clock()
+        if type(t) is not float:
+            t = real_number(t, "clock()", "a real number of seconds")
+        if not math.isfinite(t):
+            raise InvalidInputError(f"clock() must return finite seconds, got {t!r}")
+        return t
 
     # ------------------------------------------------------------------ deep loop
     def should_trigger_deep(self) -> bool:

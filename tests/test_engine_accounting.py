@@ -273,6 +273,44 @@ def test_drop_oldest_evicts_the_oldest_pending_sample() -> None:
     check_identities(s)
 
 
+def test_a_drop_oldest_eviction_is_announced_in_the_result_that_caused_it() -> None:
+    """The eviction was counted in evicted_samples but the result said nothing about it."""
+    engine = _full(OverflowPolicy.DROP_OLDEST)
+    res = engine.adapt(X[4], FB)
+    assert res.applied
+    assert any("evicted sample 1" in n and "DROP_OLDEST" in n for n in res.notes), res.notes
+    assert any("evicted sample 2" in n for n in engine.adapt(X[5], FB).notes)
+
+
+def test_a_rejected_sample_takes_no_sample_id() -> None:
+    """A REJECT used to consume an id: the next accepted sample's id skipped one."""
+    engine = _full(OverflowPolicy.REJECT)
+    with pytest.raises(Backpressure):
+        engine.adapt(X[4], FB)
+    engine.run_background()
+    assert engine.adapt(X[4], FB).sample_id == 5
+
+
+def test_a_block_whose_consolidation_raises_counts_nothing() -> None:
+    """BLOCK consolidates before the new sample is counted: a clock failing inside it leaves
+    the accounting identity intact (the sample was counted as submitted and then lost)."""
+    t: list[float] = [0.0]
+    engine = SonaLlm(_config(OverflowPolicy.BLOCK, 4), seed=0, clock=lambda: t[0])
+    for x in X[:4]:
+        assert engine.adapt(x, FB).applied
+    before = engine.stats()
+    t[0] = math.nan
+    with pytest.raises(ValueError, match="clock"):
+        engine.adapt(X[4], FB)
+    after = engine.stats()
+    assert msgspec.structs.replace(after, instant_avg_latency_us=0.0) == (
+        msgspec.structs.replace(before, instant_avg_latency_us=0.0)
+    )
+    check_identities(after)
+    t[0] = 1.0
+    assert engine.adapt(X[4], FB).sample_id == 5
+
+
 def test_reject_raises_backpressure_and_counts_nothing() -> None:
     engine = _full(OverflowPolicy.REJECT)
     before = engine.stats()

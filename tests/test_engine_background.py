@@ -133,6 +133,64 @@ def test_a_timer_at_exactly_the_interval_runs_every_time() -> None:
     assert all(ran), ran
 
 
+def test_a_clock_that_goes_back_restarts_the_interval_instead_of_stalling() -> None:
+    """A clock set back by an hour used to stop every run until it had regained the hour."""
+    t = [3600.0]
+    engine = _engine(t, background_min_samples=1)
+    world = World()
+    world.target(engine)
+    t[0] = 3600.1
+    assert engine.maybe_background() is not None
+    world.target(engine)
+    t[0] = 0.0  # set back
+    assert engine.maybe_background() is None  # the interval starts again here
+    t[0] = 0.05
+    assert engine.maybe_background() is None
+    t[0] = 0.1
+    assert engine.maybe_background() is not None
+    assert engine.stats().background_count == 2
+
+
+def test_a_clock_that_jumps_ahead_runs_once() -> None:
+    t = [0.0]
+    engine = _engine(t, background_min_samples=1)
+    world = World()
+    world.target(engine)
+    t[0] = 1e9
+    assert engine.maybe_background() is not None
+    world.target(engine)
+    assert engine.maybe_background() is None  # the jump made one run due, not many
+    assert engine.stats().background_count == 1
+
+
+@pytest.mark.parametrize("reading", [math.nan, math.inf, -math.inf, "0.5", None, True])
+def test_a_bad_clock_reading_is_refused_and_changes_nothing(reading: object) -> None:
+    """A NaN reading used to be stored as the last run's time: every later maybe_background
+    ran whatever the interval, since every comparison with NaN is false."""
+    t: list[object] = [0.0]
+    engine = SonaLlm(_config(background_min_samples=1), seed=1, clock=lambda: t[0])
+    world = World()
+    world.target(engine)
+    t[0] = reading
+    with pytest.raises((ValueError, TypeError), match=r"clock\(\)"):
+        engine.maybe_background()
+    with pytest.raises((ValueError, TypeError), match=r"clock\(\)"):
+        engine.run_background()
+    s = engine.stats()
+    assert s.background_count == 0 and s.pending_samples == 1
+    t[0] = 0.05  # a good reading again: the interval still counts from 0.0
+    assert engine.maybe_background() is None
+    t[0] = 0.1
+    assert engine.maybe_background() is not None
+
+
+def test_the_clock_is_checked_at_construction() -> None:
+    with pytest.raises(TypeError, match="clock"):
+        SonaLlm(_config(), seed=1, clock=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"clock\(\)"):
+        SonaLlm(_config(), seed=1, clock=lambda: math.nan)
+
+
 def test_an_under_filled_buffer_runs_as_soon_as_it_fills_after_the_interval() -> None:
     t = [0.0]
     engine = _engine(t)
