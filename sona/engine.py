@@ -12,7 +12,7 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from sona.actors.errors import Backpressure
 from sona.actors.mailbox import OverflowPolicy
 from sona.background import BackgroundLoop
 from sona.config import SonaLlmConfig
-from sona.deep import DeepOutcome, run_deep, snapshot
+from sona.deep import DeepJob, DeepOutcome, run_deep, snapshot
 from sona.embedding import Embedder
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
@@ -193,19 +193,32 @@ class SonaLlm:
             and len(self.background.replay) > 0
         )
 
-    def deep_optimize(self, samples: list[TrainingSample] | None = None) -> DeepResult:
+    def deep_optimize(self, samples: Iterable[TrainingSample] | None = None) -> DeepResult:
         """Replay kept samples (or ``samples``) under EWC++ and install the result."""
         job = self.deep_job(samples)
         return self.install_deep(run_deep(job))
 
-    def deep_job(self, samples: list[TrainingSample] | None = None):  # type: ignore[no-untyped-def]
+    def deep_job(self, samples: Iterable[TrainingSample] | None = None) -> DeepJob:
+        """The copies a Deep run works on. It consumes the accumulated quality only when it
+        has samples to look at: a call on an empty list, or before anything was consolidated,
+        runs nothing and must not reset the trigger that was counting toward a real run."""
         bg = self.background
-        kept = list(bg.replay) if samples is None else [self._factory.check(s) for s in samples]
-        self.instant.take_deep_quality()
-        return snapshot(
+        if samples is None:
+            kept = list(bg.replay)
+        elif isinstance(samples, (str, bytes, TrainingSample)) or not isinstance(samples, Iterable):
+            raise TypeError(
+                "samples must be an iterable of TrainingSample or None, "
+                f"got {type(samples).__name__}"
+            )
+        else:
+            kept = [self._factory.check(s) for s in samples]
+        job = snapshot(
             self.config, bg.published, kept, bg.pipeline, bg.bank, bg.version,
             self.seed + 1000 + self.deep_runs,
         )  # fmt: skip
+        if kept:
+            self.instant.take_deep_quality()
+        return job
 
     def install_deep(self, outcome: DeepOutcome) -> DeepResult:
         if not isinstance(outcome, DeepOutcome):

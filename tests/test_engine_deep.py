@@ -181,6 +181,45 @@ def test_nothing_kept_means_nothing_replayed_measured_installed_or_counted() -> 
     np.testing.assert_array_equal(_published(engine), before)
 
 
+@pytest.mark.parametrize("samples", [None, [], ()])
+def test_a_call_with_no_sample_to_look_at_keeps_the_accumulated_quality(
+    samples: list[TrainingSample] | None,
+) -> None:
+    """deep_optimize() before the first consolidation, or on an empty list, runs nothing and
+    is not counted; it used to reset the accumulated quality all the same, so the automatic
+    trigger lost what it had counted toward the first real run."""
+    engine = SonaLlm(_config(deep_trigger_threshold=3.0), seed=0, clock=lambda: 0.0)
+    Stream(0).feed(engine, 4, q=0.9)
+    result = engine.deep_optimize(samples)
+    assert (result.epochs, result.installed) == (0, False)
+    s = engine.stats()
+    assert s.deep_count == 0 and s.accumulated_quality == pytest.approx(3.6)
+    engine.run_background()
+    assert engine.should_trigger_deep()
+    assert engine.deep_optimize().epochs == engine.config.deep_epochs
+    assert engine.stats().accumulated_quality == 0.0
+
+
+@pytest.mark.parametrize("samples", ["abc", b"abc", 5, object()])
+def test_samples_that_are_not_an_iterable_of_samples_are_refused_changing_nothing(
+    samples: object,
+) -> None:
+    engine = SonaLlm(_config(deep_trigger_threshold=3.0), seed=0, clock=lambda: 0.0)
+    Stream(0).feed(engine, 4, q=0.9)
+    before = engine.stats()
+    with pytest.raises(TypeError, match="samples"):
+        engine.deep_optimize(samples)  # type: ignore[arg-type]
+    assert engine.stats() == before
+
+
+def test_a_single_sample_instead_of_a_list_is_refused_naming_samples() -> None:
+    """It used to raise "'TrainingSample' object is not iterable", naming no argument."""
+    engine = SonaLlm(_config(), seed=0, clock=lambda: 0.0)
+    one = TrainingSample(np.ones(D, np.float32), np.ones(D, np.float32), 0.9)
+    with pytest.raises(TypeError, match="samples must be an iterable"):
+        engine.deep_optimize(one)  # type: ignore[arg-type]
+
+
 def test_gradient_only_replay_has_no_measurable_quality_delta() -> None:
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
     rng = np.random.default_rng(6)
