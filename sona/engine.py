@@ -203,15 +203,7 @@ class SonaLlm:
         has samples to look at: a call on an empty list, or before anything was consolidated,
         runs nothing and must not reset the trigger that was counting toward a real run."""
         bg = self.background
-        if samples is None:
-            kept = list(bg.replay)
-        elif isinstance(samples, (str, bytes, TrainingSample)) or not isinstance(samples, Iterable):
-            raise TypeError(
-                "samples must be an iterable of TrainingSample or None, "
-                f"got {type(samples).__name__}"
-            )
-        else:
-            kept = [self._factory.check(s) for s in samples]
+        kept = list(bg.replay) if samples is None else self._factory.check_all(samples)
         job = snapshot(
             self.config, bg.published, kept, bg.pipeline, bg.bank, bg.version,
             self.seed + 1000 + self.deep_runs,

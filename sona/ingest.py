@@ -6,6 +6,7 @@ and reject it with the same errors before any state changes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,15 @@ class SampleFactory:
             raise UnknownModuleError(f"module {own.value!r} is not targeted by this configuration")
         # the sample names its module from here on, so every loop steps only that module
         return sample if own is sample.module else sample.with_module(own)
+
+    def check_all(self, samples: object) -> list[TrainingSample]:
+        """``check`` on each of ``samples``, an iterable of TrainingSample (a Deep run's own
+        samples); a single sample, a string or a non-iterable is refused naming the argument
+        rather than failing inside the iteration."""
+        if isinstance(samples, (str, bytes, TrainingSample)) or not isinstance(samples, Iterable):
+            got = type(samples).__name__
+            raise TypeError(f"samples must be an iterable of TrainingSample or None, got {got}")
+        return [self.check(s) for s in samples]
 
     def _embed(self, value: Any, name: str, dim: int) -> np.ndarray:
         if isinstance(value, str):

@@ -730,10 +730,11 @@ class SonaRuntime:
         bg_ref = self._background_ref
         assert bg_ref is not None
         try:
-            job = await bg_ref.ask(DeepSnapshot(msg.samples))
-            self._instant.take_deep_quality()
+            job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
+            if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
+                self._instant.take_deep_quality()
             outcome = await anyio.to_thread.run_sync(
-                _deep_in_thread, cast(DeepJob, job), limiter=self._deep_thread
+                _deep_in_thread, job, limiter=self._deep_thread
             )
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
@@ -763,7 +764,7 @@ class SonaRuntime:
 
     def _deep_snapshot(self, samples: Any) -> DeepJob:
         bg = self._background
-        kept = list(bg.replay) if samples is None else [self._factory.check(s) for s in samples]
+        kept = list(bg.replay) if samples is None else self._factory.check_all(samples)
         return snapshot(
             self.config,
             bg.published,
@@ -778,7 +779,7 @@ class SonaRuntime:
         """Run the Deep loop now (on the kept samples, or on ``samples``) and wait for it."""
         self._check_running()
         if samples is not None:
-            samples = [self._factory.check(s) for s in samples]
+            samples = self._factory.check_all(samples)
         ref = self._deep_ref
         assert ref is not None
         result = await ref.ask(RunDeep(samples, on_demand=True))

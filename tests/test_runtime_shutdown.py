@@ -10,12 +10,19 @@ from typing import Any
 
 import anyio
 import pytest
-from runtime_helpers import identity_holds, small_config, stall_background, target_samples
+from runtime_helpers import (
+    identity_holds,
+    rated_samples,
+    small_config,
+    stall_background,
+    target_samples,
+)
 from sona.actors import OverflowPolicy
 
 from sona.config import Chaos, SupervisionConfig
 from sona.events import SamplesDropped
 from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
 from sona.simulator import DomainWorld
 
 pytestmark = pytest.mark.anyio
@@ -224,3 +231,28 @@ async def test_new_task_is_marked_when_the_background_mailbox_is_full_of_request
                 await anyio.sleep(0.005)
         await rt.consolidate()
         assert rt.stats().task_count == before + 1
+
+
+@pytest.mark.parametrize("samples", [None, []])
+async def test_a_deep_run_with_nothing_to_look_at_keeps_the_accumulated_quality(
+    samples: list[TrainingSample] | None,
+) -> None:
+    """As in the synchronous engine: before the first consolidation, or on an empty list, a
+    Deep run replays nothing and must not reset what the automatic trigger has counted."""
+    async with SonaRuntime(small_config(background_interval_ms=60_000), seed=2) as rt:
+        for s in rated_samples(4):
+            await rt.submit(s)
+        before = rt.stats().accumulated_quality
+        assert before > 0.0
+        result = await rt.deep_optimize(samples)
+        assert result.epochs == 0
+        assert rt.stats().accumulated_quality == before
+
+
+@pytest.mark.parametrize("samples", ["abc", 5])
+async def test_deep_optimize_refuses_what_is_not_an_iterable_of_samples(samples: object) -> None:
+    async with SonaRuntime(small_config(), seed=2) as rt:
+        one = rated_samples(1)[0]
+        for bad in (samples, one):
+            with pytest.raises(TypeError, match="samples must be an iterable"):
+                await rt.deep_optimize(bad)  # type: ignore[arg-type]
