@@ -119,11 +119,13 @@ def _project(x: np.ndarray, r0: int, r1: int, w: np.ndarray, out: np.ndarray) ->
 
 
 @inline
-def _sq_norm(row: np.ndarray) -> np.float32:
-    """‖row‖² in float32, as ``np.dot(x, x)`` in :meth:`ShiftDetector.update`."""
-    acc = np.float32(0.0)
+def _sq_norm(row: np.ndarray) -> float:
+    """‖row‖² in float64, as :meth:`ShiftDetector.update` takes it: in float32 it overflows
+    from ‖row‖ ≈ 1.8e19, and the row would count as entirely outside the subspace."""
+    acc = 0.0
     for i in range(row.shape[0]):
-        acc += row[i] * row[i]
+        v = np.float64(row[i])
+        acc += v * v
     return acc
 
 
@@ -168,11 +170,11 @@ def residual_cusum(
 ) -> int:
     """Feed rows of ``xs`` in order through the shift detector; the row that fired, else -1.
 
-    For each row: its energy ‖x‖² and its projection on the reference ``basis`` (m, d) (float32
-    sums), the residual fraction max(0, 1 − ‖basis·x‖²/‖x‖²) (float64), then one CUSUM step on
-    the state ``sf`` (float64) / ``si`` (int64) (slots F_*, I_*; phase CALIBRATING or
-    WATCHING). A zero row counts as seen and steps nothing. Rows after the one that fired are
-    neither projected nor counted.
+    For each row: its energy ‖x‖² (float64) and its projection on the reference ``basis``
+    (m, d) (float32 sums), the residual fraction max(0, 1 − ‖basis·x‖²/‖x‖²) (float64), then
+    one CUSUM step on the state ``sf`` (float64) / ``si`` (int64) (slots F_*, I_*; phase
+    CALIBRATING or WATCHING). A zero row counts as seen and steps nothing. Rows after the one
+    that fired are neither projected nor counted.
     """
     n = xs.shape[0]
     m = basis.shape[0]
@@ -182,7 +184,7 @@ def residual_cusum(
         _project(xs, r0, r1, basis, proj)
         for r in range(r0, r1):
             si[I_SEEN] += 1
-            energy = np.float64(_sq_norm(xs[r]))
+            energy = _sq_norm(xs[r])
             if energy <= 0.0:
                 continue
             captured = 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.random import normal, uniform01
+from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits
 
 
 @inline
@@ -451,18 +452,21 @@ def step_one(
     and ``apply_rank_one``; the weights are written only when the result is safe. Returns 0
     when applied (sums[7] = the applied step's norm / lr), 1 when x or the gradient is not
     finite, 2 when the gradient norm is not finite, 3 when the weights would not be finite,
-    4 when delta_weight would overflow.
+    4 when delta_weight would overflow, ``STEP_INPUT_NORM`` when ‖x‖² is beyond
+    ``MAX_INPUT_SQ_NORM`` (the normalised gradient would be zero).
     """
     # prepare_grad and step_sums with ‖A‖² and ‖Bᵀ‖² taken from the passes that read A and Bᵀ
     # anyway: two passes over the factors fewer (rank 8, width 4096: 15.7 -> 13 µs).
     ok, aa = _scaled_matvec_sq(a, scale, x, h)
     if not ok:
         return 1
+    xx = _sq_norm64(x)
+    if not xx <= MAX_INPUT_SQ_NORM:  # checked where step_fused checks it: same decisions
+        return STEP_INPUT_NORM
     _output_grad(bt, h, x, vec, weight, mode, np.uint64(0), g)
     ok, bb = _scaled_matvec_sq(bt, scale, g, u)
     if not ok:
         return 1
-    xx = _sq_norm64(x)
     gg = _sq_norm64(g)
     uu, hh, uh = _rank_sums(u, h)
     norm = np.sqrt(uu * xx + hh * gg)
@@ -485,6 +489,7 @@ STEP_GRAD_NORM = 2  # the gradient norm is not finite
 STEP_WEIGHTS = 3  # the updated weights would not be finite
 STEP_OVERFLOW = 4  # delta_weight would overflow
 STEP_UNSUPPORTED = 5  # shapes that do not match, rank > 2 or another mode: the general path
+STEP_INPUT_NORM = 6  # ‖x‖² above MAX_INPUT_SQ_NORM: the caller raises
 
 
 @inline
@@ -774,6 +779,8 @@ def step_fused(
     ok, h0, h1, ua0, ua1, w, xx, aa, bb, gg = _fused_sums(a, bt, scale, x, vec, off, weight, mode)
     if not ok:
         return -STEP_NOT_FINITE
+    if not input_norm_fits(xx, x):
+        return -STEP_INPUT_NORM
     ok, u0, u1, xx64, aa64, bb64, gg64 = _exact_sums(
         a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg
     )
@@ -840,15 +847,18 @@ def _fused_grad(
 
     Fills ``out`` (float64, ``FUSED_SCRATCH`` long) with h, u, the gradient weight w and the
     squared norms ‖x‖², ‖A‖², ‖Bᵀ‖², ‖g‖² (float32 sums, recomputed in float64 when they
-    overflow, as in ``step_fused``). Returns 0, ``STEP_NOT_FINITE`` or ``STEP_UNSUPPORTED``
-    (same checks as ``step_fused``). ``step_fused_decide`` then clips on the joint norm of
-    every module and guards each, and only then ``step_fused_apply`` writes the weights.
+    overflow, as in ``step_fused``). Returns 0, ``STEP_NOT_FINITE``, ``STEP_UNSUPPORTED``
+    or ``STEP_INPUT_NORM`` (same checks as ``step_fused``). ``step_fused_decide`` then clips
+    on the joint norm of every module and guards each, and only then ``step_fused_apply``
+    writes the weights.
     """
     if _fused_unsupported(a, bt, x, vec, off, mode, out):
         return STEP_UNSUPPORTED
     ok, h0, h1, ua0, ua1, w, xx, aa, bb, gg = _fused_sums(a, bt, scale, x, vec, off, weight, mode)
     if not ok:
         return STEP_NOT_FINITE
+    if not input_norm_fits(xx, x):
+        return STEP_INPUT_NORM
     return _fused_row(a, bt, scale, x, vec, off, mode, w, h0, h1, ua0, ua1, xx, aa, bb, gg, out)
 
 
@@ -1045,6 +1055,8 @@ def _fused_pair_rank2(
     h11 = np.float32(acc11 * scale)
     if not (np.isfinite(h00) and np.isfinite(h01) and np.isfinite(h10) and np.isfinite(h11)):
         return -STEP_NOT_FINITE
+    if not input_norm_fits(xx, x):
+        return -STEP_INPUT_NORM
     w = np.float32(weight / max(float(xx), 1.0))
     # pass 2 over the output, both modules: u = s·Bᵀg, ‖g‖², ‖Bᵀ‖² (g not stored)
     b00 = bt0[0]

@@ -42,6 +42,72 @@ def vec_all_finite(x: np.ndarray) -> bool:
     return _all_finite(x)
 
 
+# The largest ‖x‖² an input embedding may have. Updates divide the gradient by ‖x‖² (see
+# ``kernels.lora``), and beyond float32's range (3.4e38) that quotient is 0: the step would be
+# counted as learned while changing nothing, and every distance or energy taken from the input
+# in float32 would be inf or NaN. 1e38 (‖x‖ = 1e19) keeps a margin below that range, so a
+# float32 sum of squares cannot overflow for an input that is let through.
+MAX_INPUT_SQ_NORM = 1e38
+# A float32 sum of squares below this cannot stand for an exact one above MAX_INPUT_SQ_NORM
+# (that would take a rounding error of 50 %, n·eps for millions of entries); at or above it,
+# or when it overflowed, the exact float64 sum decides.
+_EXACT_ABOVE = np.float32(5e37)
+
+INPUT_OK = 0
+INPUT_NOT_FINITE = 1
+INPUT_TOO_LARGE = 2
+
+
+@inline
+def sq_norm64(x: np.ndarray) -> float:
+    """‖x‖² of a vector in float64."""
+    acc = 0.0
+    for i in range(x.shape[0]):
+        w = np.float64(x[i])
+        acc += w * w
+    return acc
+
+
+@inline
+def input_norm_fits(xx: np.float32, x: np.ndarray) -> bool:
+    """‖x‖² <= ``MAX_INPUT_SQ_NORM``, given ``xx``, the float32 sum of squares a kernel took
+    of finite ``x`` anyway: free unless ``xx`` is near the limit or overflowed."""
+    if xx < _EXACT_ABOVE:
+        return True
+    return bool(sq_norm64(x) <= MAX_INPUT_SQ_NORM)
+
+
+@inline
+def _input_status(x: np.ndarray) -> int:
+    acc = np.float32(0.0)
+    for i in range(x.shape[0]):
+        v = x[i]
+        acc += v * v
+    if acc < _EXACT_ABOVE:  # finite and small: NaN and inf make the sum NaN or inf
+        return INPUT_OK
+    if not _all_finite(x):
+        return INPUT_NOT_FINITE
+    return INPUT_OK if sq_norm64(x) <= MAX_INPUT_SQ_NORM else INPUT_TOO_LARGE
+
+
+@gil_kernel
+def vec_input_status(x: np.ndarray) -> int:
+    """``INPUT_OK``, ``INPUT_NOT_FINITE`` or ``INPUT_TOO_LARGE`` for one input embedding, in the
+    one pass a finiteness check costs anyway."""
+    return _input_status(x)
+
+
+@kernel
+def rows_input_status(xs: np.ndarray) -> int:
+    """``vec_input_status`` of each row of ``xs`` (n, d): -1 when all are fine, else
+    ``row · 4 + status`` of the first row that is not."""
+    for r in range(xs.shape[0]):
+        status = _input_status(xs[r])
+        if status != INPUT_OK:
+            return r * 4 + status
+    return -1
+
+
 @gil_kernel
 def vec_sq_norm_finite(x: np.ndarray) -> bool:
     """True when ‖x‖² of one embedding is finite in float32: numpy's dot would hand the GIL

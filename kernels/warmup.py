@@ -37,6 +37,7 @@ class FastKernels:
     candidate_sq_norms: Callable[..., Any]
     apply_step: Callable[..., Any]
     all_finite_vec: Callable[..., Any]
+    input_status_vec: Callable[..., Any]
     ewc_prox_step: Callable[..., Any]
     ewc_penalty: Callable[..., Any]
 
@@ -94,6 +95,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
     fast.all_finite_vec = entry_point(update.vec_all_finite, x)
+    fast.input_status_vec = entry_point(update.vec_input_status, x)
     _warm_ewc(a, bt, s)
     _warm_replay(a, bt, s)
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
@@ -106,12 +108,14 @@ def warm_up(*, force: bool = False) -> float:
     random.fill_normal(key, 1.0, out)
     random.add_normal(key, 1.0, out)
     random.hash_vector(x, key)
+    update.rows_input_status(xb)
     for arr in (x, xb, a):
         update.all_finite(arr)
         update.sq_norm(arr)
     frozen = np.frombuffer(x.tobytes(), f32)  # samples hold read-only copies
     for vec in (x, frozen):
         update.vec_sq_norm_finite(vec)  # Deep's check of each replayed sample
+        update.vec_input_status(vec)  # MicroLoRA's check of x on its general paths
     _done = True
     return time.perf_counter() - t0
 

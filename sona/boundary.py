@@ -18,6 +18,7 @@ import numpy as np
 from sona.errors import FormatError
 from sona.kernels import batch as k_batch
 from sona.kernels import linalg as k_linalg
+from sona.kernels import update as k_update
 from sona.linalg import principal_directions
 
 _F32 = np.float32
@@ -81,11 +82,14 @@ class ShiftDetector:
                 self.update(row)
 
     def residual_fraction(self, x: np.ndarray) -> float | None:
-        """The share of ‖x‖² outside the reference subspace (None for a zero input)."""
-        energy = float(np.dot(x, x))
+        """The share of ‖x‖² outside the reference subspace (None for a zero input).
+
+        Both squared norms in float64: in float32 ‖x‖² overflows from ‖x‖ ≈ 1.8e19 and made
+        the fraction NaN, or 1 (all outside) in the batch kernel, a false shift."""
+        energy = float(k_update.sq_norm(x))
         if energy <= 0.0:
             return None
-        proj = self._basis @ x
+        proj = (self._basis @ x).astype(np.float64)
         return max(0.0, 1.0 - float(np.dot(proj, proj)) / energy)
 
     def update(self, x: np.ndarray) -> bool:

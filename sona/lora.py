@@ -87,6 +87,11 @@ _UNEXPLORED = (
     "declined: quality-only feedback gives no direction unless the adapter explored on this "
     "input (call forward(x, module, explore=True) first)"
 )
+_INPUT_TOO_LARGE = (  # no regex metacharacters: tests match on it
+    "x is finite but too large: ‖x‖² is above 1e38, where float32 cannot hold it and the "
+    "normalised update would be zero"
+)
+assert k_update.MAX_INPUT_SQ_NORM == 1e38
 _STEP_REJECTIONS = {
     2: "rejected: the gradient is not finite",
     3: "rejected: the update would make the weights non-finite",
@@ -193,6 +198,15 @@ def check_delta_fits(
             f"{what} give s·‖A‖·‖B‖ = {bound:.4g}, not below float32's max {_F32_MAX:.4g}: "
             "delta_weight and forward would overflow"
         )
+
+
+def _check_input(x: np.ndarray) -> None:
+    """Refuse x with NaN or inf, or with ‖x‖² beyond ``MAX_INPUT_SQ_NORM``."""
+    status = k_update.vec_input_status(x)
+    if status == k_update.INPUT_NOT_FINITE:
+        raise InvalidInputError("x contains NaN or inf")
+    if status == k_update.INPUT_TOO_LARGE:
+        raise InvalidInputError(_INPUT_TOO_LARGE)
 
 
 def _forward_error(x: np.ndarray) -> InvalidInputError:
@@ -672,7 +686,7 @@ class MicroLoRA:
                 return False
             return self.apply_updates(learning_rate, max_norm=max_norm)
         lr, max_norm = self._check_step_args(learning_rate, max_norm)
-        checked = self._validate(x, feedback, module, weight, offsets)
+        checked = self._validate(x, feedback, module, weight, offsets, one_kernel=True)
         assert checked is not None
         states, xu, targets, w, mode = checked
         if len(states) == 1:  # the common case: everything in one kernel call
@@ -683,6 +697,8 @@ class MicroLoRA:
             )  # fmt: skip
             if status == 1:
                 raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+            if status == k_lora.STEP_INPUT_NORM:
+                raise InvalidInputError(_INPUT_TOO_LARGE)
             if status == 0 and st.sums[7] == 0.0 and not xu.any():  # a zero update was written
                 return self._zero_input()
             self._after(feedback)
@@ -748,9 +764,15 @@ class MicroLoRA:
         module: TargetModule | None,
         weight: float,
         offsets: Mapping[TargetModule, np.ndarray] | None,
+        *,
+        one_kernel: bool = False,
     ) -> tuple[list[_Module], np.ndarray, list[np.ndarray], float, int] | None:
         """Checked inputs for a gradient step: the modules, x (after dropout), each module's
-        regression target, the sample's weight and the kernel mode; None for quality-only."""
+        regression target, the sample's weight and the kernel mode; None for quality-only.
+
+        ``one_kernel``: a single module's step goes to ``step_one``, which refuses an input
+        beyond ``MAX_INPUT_SQ_NORM`` from the ‖x‖² it computes anyway; otherwise that is checked
+        here, on x as the kernels see it (dropout scales the kept entries up)."""
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
         if type(weight) is float and weight == 1.0:
@@ -769,8 +791,7 @@ class MicroLoRA:
                 f"feedback {name} must have shape ({self._out},), got {vec.shape}"
             )
         if kind is FeedbackKind.QUALITY:
-            if not fast.all_finite_vec(x):
-                raise InvalidInputError("x contains NaN or inf")
+            _check_input(x)
             return None
         assert vec is not None
         p = self.config.dropout
@@ -778,6 +799,8 @@ class MicroLoRA:
         if p > 0.0:
             k_lora.apply_dropout(x, p, self._key, np.uint64(self._dropout_counter), self._xd)
             xu = self._xd
+        if not (one_kernel and len(states) == 1):
+            _check_input(xu)
         if kind is FeedbackKind.GRADIENT:
             mode, w = k_lora.MODE_GRADIENT, 1.0
         elif kind is FeedbackKind.TARGET:

@@ -12,7 +12,12 @@ import numpy as np
 
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
-from sona.kernels.update import all_finite
+from sona.kernels.update import (
+    INPUT_NOT_FINITE,
+    INPUT_TOO_LARGE,
+    all_finite,
+    vec_input_status,
+)
 from sona.kernels.warmup import fast
 from sona.lora_config import TargetModule
 from sona.validation import as_f32, check_positive, check_quality, check_text, frozen_copy
@@ -153,9 +158,9 @@ _SET_LATENCY, _SET_TOKENS, _SET_SESSION, _SET_FEEDBACK, _SET_MODULE = (
 def from_vectors(x: np.ndarray, y: np.ndarray, quality: float) -> TrainingSample:
     """A rated sample from float32 vectors whose shapes and quality the caller has checked:
     the per-request path of ``instant_adapt``, which would otherwise check everything twice.
-    The arrays are still copied and checked for finiteness."""
+    The arrays are still copied and checked (finiteness, and the input's norm)."""
     sample = object.__new__(TrainingSample)
-    _init(sample, _copy(x, "input_embedding"), _copy(y, "output_embedding"), quality,
+    _init(sample, _input_copy(x), _copy(y, "output_embedding"), quality,
           None, None, 0.0, 0, "", None, None)  # fmt: skip
     return sample
 
@@ -167,8 +172,24 @@ def _copy(arr: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
+def _input_copy(arr: np.ndarray) -> np.ndarray:
+    """The input embedding's copy, refused as the adapter would refuse it: with NaN or inf, or
+    with ‖x‖² beyond ``MAX_INPUT_SQ_NORM`` (every update from it would be zero, and every
+    distance the loops take from it inf), in the pass the finiteness check takes anyway."""
+    out = frozen_copy(arr)
+    status = getattr(fast, "input_status_vec", vec_input_status)(out)
+    if status == INPUT_NOT_FINITE:
+        raise InvalidInputError("input_embedding contains NaN or inf")
+    if status == INPUT_TOO_LARGE:
+        raise InvalidInputError(
+            "input_embedding is finite but too large: ‖x‖² is above 1e38, "
+            "where float32 cannot hold it and no update could learn from it"
+        )
+    return out
+
+
 def _vector(value: Any, name: str) -> np.ndarray:
     arr = as_f32(value, name)
     if arr.ndim != 1 or arr.shape[0] == 0:
         raise InvalidInputError(f"{name} must be a non-empty vector, got shape {arr.shape}")
-    return _copy(arr, name)
+    return _input_copy(arr) if name == "input_embedding" else _copy(arr, name)

@@ -187,8 +187,7 @@ class TrainingPipeline:
         x = as_f32(value, "input")
         if x.ndim != 1 or x.shape[0] != ewc.in_features:
             raise InvalidInputError(f"input must have shape ({ewc.in_features},), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise InvalidInputError("input contains NaN or inf")
+        _check_row(k_update.vec_input_status(x), "input")
         return x
 
     def _track(self, lora: MicroLoRA, ewc: EwcImportance, x: np.ndarray) -> bool:
@@ -282,15 +281,18 @@ class TrainingPipeline:
 
         Vectorised for the Background loop, which tracks whole batches: the same boundaries and
         window as tracking the rows one by one (the detector's sums may differ in the last bits).
-        ``validated=True`` skips the pass that checks every value is finite, for rows taken
-        from :class:`TrainingSample` inputs, which were checked when the samples were built.
+        ``validated=True`` skips the pass that checks every row as :meth:`track` does (finite,
+        ‖x‖² within ``MAX_INPUT_SQ_NORM``), for rows taken from :class:`TrainingSample` inputs,
+        which were checked when the samples were built.
         """
         ewc = self._ready(lora)
         rows = as_f32(xs, "xs")
         if rows.ndim != 2 or rows.shape[1] != ewc.in_features:
             raise InvalidInputError(f"xs must have shape (n, {ewc.in_features}), got {rows.shape}")
-        if not validated and not k_update.all_finite(rows):  # GIL-free, no temporary array
-            raise InvalidInputError("xs contains NaN or inf")
+        if not validated:
+            bad = int(k_update.rows_input_status(rows))  # GIL-free, no temporary array
+            if bad >= 0:
+                _check_row(bad % 4, f"xs[{bad // 4}]")
         window = self._window
         detector = self._detector
         assert window is not None and detector is not None
@@ -444,6 +446,16 @@ class TrainingPipeline:
         self._task_count = task_count
         self._samples_seen = samples_seen
         self._boundary_samples = boundaries
+
+
+def _check_row(status: int, name: str) -> None:
+    if status == k_update.INPUT_NOT_FINITE:
+        raise InvalidInputError(f"{name} contains NaN or inf")
+    if status == k_update.INPUT_TOO_LARGE:
+        raise InvalidInputError(
+            f"{name} is finite but too large: ‖x‖² is above 1e38, where float32 cannot hold it "
+            "and no update could learn from it"
+        )
 
 
 def _check_lora(lora: object) -> None:

@@ -234,8 +234,8 @@ def test_gradient_only_replay_has_no_measurable_quality_delta() -> None:
 
 
 def test_samples_too_large_for_float32_are_skipped_with_a_note() -> None:
-    """Finite but huge samples (1e20 and up) would overflow every step, prediction and
-    pattern-bank distance: the run skips them, says so, and keeps everything finite."""
+    """Finite but huge outputs (3e38) would overflow every step and prediction: the run skips
+    them, says so, and keeps everything finite. (Such inputs are refused by TrainingSample.)"""
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
     stream = Stream(3)
     stream.feed(engine, 20)
@@ -244,7 +244,7 @@ def test_samples_too_large_for_float32_are_skipped_with_a_note() -> None:
     x = np.ones(D, np.float32) / math.sqrt(D)
     fb = AdaptFeedback.from_quality(0.9).with_target(stream.w @ x)
     normal = TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb)
-    samples = [TrainingSample(huge, huge, 0.9), normal, TrainingSample(1e20 * x, -huge, 0.8)]
+    samples = [TrainingSample(x, huge, 0.9), normal, TrainingSample(1e18 * x, -huge, 0.8)]
     result = engine.deep_optimize(samples * 2)
     assert any("4 samples too large" in n for n in result.notes), result.notes
     assert result.samples_used + result.evaluated_on == 2

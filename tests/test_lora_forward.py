@@ -319,7 +319,8 @@ def test_exploring_a_huge_finite_input_stays_finite_or_is_refused_recording_noth
     x = np.full(8, 2e19, np.float32)
     noisy = lora.forward(x, Q, explore=True)
     assert np.isfinite(noisy).all() and noisy.any()
-    assert lora.adapt(x, _quality(0.5), Q) is False  # the first rating sets the baseline
+    with pytest.raises(InvalidInputError, match="too large"):  # ‖x‖² is above 1e38
+        lora.adapt(x, _quality(0.5), Q)
     loud = MicroLoRA(dataclasses.replace(cfg, explore_std=1e6), seed=0)
     a = loud.factors(Q)[0]
     huge = (np.sign(a[0]) * np.float32(1e36)).astype(np.float32)

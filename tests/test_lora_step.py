@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
 
@@ -78,13 +79,18 @@ def test_step_rejects_an_overflowing_update_and_keeps_the_weights() -> None:
 def test_a_step_whose_factors_overflow_float32_keeps_the_weights_finite(
     rank: int, modules: tuple[TargetModule, ...]
 ) -> None:
-    """‖x‖² overflows float32, so the normalised gradient is zero, while lr·h does too: the
-    update is zero and must not turn into inf·0 = NaN in B."""
+    """‖x‖² overflows float32, so the normalised gradient would be zero, while lr·h does too:
+    the input is refused (it once counted as a step that changed nothing) and must not turn
+    into inf·0 = NaN in B."""
     fused, plain = _pair(16, 16, rank, modules, 9)
     before = [arr.tobytes() for _, a, bt in fused.iter_factors() for arr in (a, bt)]
+    versions = fused.version, plain.version
     x = np.full(16, 1e20, np.float32)
     fb = AdaptFeedback.from_quality(1.0).with_target(np.ones(16, np.float32))
-    assert fused.step(x, fb, 1e30, max_norm=None)
-    assert plain.adapt(x, fb) and plain.apply_updates(1e30, max_norm=None)
+    with pytest.raises(InvalidInputError, match="too large"):
+        fused.step(x, fb, 1e30, max_norm=None)
+    with pytest.raises(InvalidInputError, match="too large"):
+        plain.adapt(x, fb)
+    assert (fused.version, plain.version) == versions and plain.pending_updates == 0
     for lora in (fused, plain):
         assert [arr.tobytes() for _, a, bt in lora.iter_factors() for arr in (a, bt)] == before

@@ -36,7 +36,7 @@ def _adapter(dim: int, rank: int, modules: int, seed: int, **kw: object) -> Micr
 
 def _samples(dim: int, n: int, seed: int, kinds: str = "otgp") -> list[TrainingSample]:
     """Every feedback form replay covers: rated output, target, gradient, group pull target;
-    with ``x`` in kinds also finite inputs so large that their steps are refused, with ``z``
+    with ``x`` in kinds also finite inputs so large that their steps may be refused, with ``z``
     zero inputs and with ``q`` quality-only ratings (both declined by step and adapt)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -52,8 +52,8 @@ def _samples(dim: int, n: int, seed: int, kinds: str = "otgp") -> list[TrainingS
             fb = fb.with_gradient(0.1 * y)
         elif kind == "p":
             fb = AdaptFeedback.from_group([y, -y], [q, 1.0 - q])
-        elif kind == "x":
-            x = x * np.float32(1e19)
+        elif kind == "x":  # ‖x‖ near the 1e19 a sample may have
+            x = x * np.float32(5e17)
         elif kind == "z":
             x = np.zeros(dim, np.float32)
             fb = fb.with_target(y)
@@ -389,9 +389,13 @@ def test_relearn_raises_where_adapt_would_with_the_batches_before_applied() -> N
     dim = 16
     lora = _adapter(dim, 4, 2, 0)
     samples = _samples(dim, 40, 1, "t")
-    x = np.full(dim, 3e38, np.float32)  # finite, but A·x overflows
-    samples[30] = TrainingSample(x, x, 0.9).with_feedback(
-        AdaptFeedback.from_quality(0.9).with_target(x)
+    # finite, but s·Bᵀg overflows: a gradient near float32's largest value along B's first row
+    a, bt = lora.factors(lora.modules[0])
+    lora.set_factors(lora.modules[0], a, bt * np.float32(10.0))
+    x = np.full(dim, 0.25, np.float32)
+    grad = (np.sign(bt[0]) * 3e38).astype(np.float32)
+    samples[30] = TrainingSample(x, grad, 0.9).with_feedback(
+        AdaptFeedback.from_quality(0.9).with_gradient(grad)
     )
     rows = np.arange(40)
     ref, fast = lora.clone(), lora.clone()
