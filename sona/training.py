@@ -114,17 +114,21 @@ class TrainingPipeline:
         )
 
     def _ready(self, lora: MicroLoRA) -> EwcImportance:
-        _check_lora(lora)
+        self._check_match(lora)
         if self._ewc is None:
             self.init_for_lora(lora)
         ewc = self._ewc
         assert ewc is not None
-        if not ewc.matches(lora):
+        return ewc
+
+    def _check_match(self, lora: MicroLoRA) -> None:
+        _check_lora(lora)
+        ewc = self._ewc
+        if ewc is not None and not ewc.matches(lora):
             raise ConfigMismatchError(
                 f"lora has shape {_shape_of(lora)}, this pipeline was set up for "
                 f"{ewc.shape_meta()}; call init_for_lora first"
             )
-        return ewc
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -139,21 +143,23 @@ class TrainingPipeline:
         Target and gradient feedback rated below ``quality_threshold`` is not learned from
         (``applied`` False, with a note); the input still counts as traffic for importance and
         boundary detection.
+
+        Everything that can be refused is refused before any state changes: the arguments, and
+        the gradient (accumulated before the input is tracked, which reads only ΔW).
         """
-        ewc = self._ready(lora)
-        x = self._input(input, ewc)
+        self._check_match(lora)
+        x = self._input(input, lora.config.in_features)
         if not isinstance(feedback, AdaptFeedback):
             raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
         vec = feedback.vector
-        if vec is not None and vec.shape[0] != ewc.out_features:
+        out = lora.config.out_features
+        if vec is not None and vec.shape[0] != out:
             raise InvalidInputError(
-                f"feedback {feedback.kind.value} must have shape ({ewc.out_features},), "
-                f"got {vec.shape}"
+                f"feedback {feedback.kind.value} must have shape ({out},), got {vec.shape}"
             )
         if module is not None:
             lora.factors(module)  # raises for a module the adapter does not target
-        boundary = self._track(lora, ewc, x)
-        return self._learn(lora, ewc, x, feedback, module, boundary)
+        return self._learn(lora, x, feedback, module, track=True)
 
     def train_sample(
         self, lora: MicroLoRA, sample: TrainingSample, *, replay: bool = False
@@ -168,25 +174,26 @@ class TrainingPipeline:
             raise TypeError(f"sample must be a TrainingSample, got {type(sample).__name__}")
         if not replay:
             return self.train_step(lora, sample.input_embedding, sample.to_feedback())
-        ewc = self._ready(lora)
-        x = self._input(sample.input_embedding, ewc)
+        self._check_match(lora)
+        x = self._input(sample.input_embedding, lora.config.in_features)
         threshold = self.config.quality_threshold
         if sample.quality < threshold:
+            ewc = self._ready(lora)
             note = (
                 f"skipped: replayed sample quality {sample.quality:.3f} is below "
                 f"quality_threshold {threshold:.3f}"
             )
             return StepResult(False, [note], self._penalty(lora, ewc), False, self._task_count)
-        return self._learn(lora, ewc, x, sample.to_feedback(), None, False)
+        return self._learn(lora, x, sample.to_feedback(), None, track=False)
 
     def replay(self, lora: MicroLoRA, samples: Iterable[TrainingSample]) -> list[StepResult]:
         """:meth:`train_sample` with ``replay=True`` for each sample, in order."""
         return [self.train_sample(lora, s, replay=True) for s in samples]
 
-    def _input(self, value: Any, ewc: EwcImportance) -> np.ndarray:
+    def _input(self, value: Any, in_features: int) -> np.ndarray:
         x = as_f32(value, "input")
-        if x.ndim != 1 or x.shape[0] != ewc.in_features:
-            raise InvalidInputError(f"input must have shape ({ewc.in_features},), got {x.shape}")
+        if x.ndim != 1 or x.shape[0] != in_features:
+            raise InvalidInputError(f"input must have shape ({in_features},), got {x.shape}")
         _check_row(k_update.vec_input_status(x), "input")
         return x
 
@@ -215,24 +222,33 @@ class TrainingPipeline:
     def _learn(
         self,
         lora: MicroLoRA,
-        ewc: EwcImportance,
         x: np.ndarray,
         feedback: AdaptFeedback,
         module: TargetModule | None,
-        boundary: bool,
+        *,
+        track: bool,
     ) -> StepResult:
+        """Gate, accumulate, then (with ``track``) count x as traffic, then apply. Tracking
+        may start a task, which anchors at the current ΔW: the accumulated gradient is not
+        applied yet, so the anchor is the one tracking first would give, and an input whose
+        gradient the adapter refuses has changed nothing."""
         c = self.config
         notes: list[str] = []
+        gated = feedback.kind in _GATED and feedback.quality < c.quality_threshold
+        adapted = False if gated else lora.adapt(x, feedback, module)
+        declined = None if gated or adapted else lora.last_note or "declined by the adapter"
+        ewc = self._ready(lora)  # a pipeline first used here is set up only now
+        boundary = self._track(lora, ewc, x) if track else False
         if boundary:
             notes.append(f"task boundary detected: task {self._task_count + 1} begins")
-        if feedback.kind in _GATED and feedback.quality < c.quality_threshold:
+        if gated:
             notes.append(
                 f"skipped: {feedback.kind.value} feedback quality {feedback.quality:.3f} is "
                 f"below quality_threshold {c.quality_threshold:.3f}"
             )
             return StepResult(False, notes, self._penalty(lora, ewc), boundary, self._task_count)
-        if not lora.adapt(x, feedback, module):
-            notes.append(lora.last_note or "declined by the adapter")
+        if declined is not None:
+            notes.append(declined)
             return StepResult(False, notes, self._penalty(lora, ewc), boundary, self._task_count)
         if not lora.apply_updates(c.learning_rate, max_norm=c.max_grad_norm):
             notes.append(lora.last_note or "update rejected by the adapter")
@@ -273,8 +289,9 @@ class TrainingPipeline:
         window and, with ``boundary_detection``, the shift detector; a detected shift folds the
         importance and re-anchors on ``lora`` as it is now.
         """
-        ewc = self._ready(lora)
-        return self._track(lora, ewc, self._input(x, ewc))
+        self._check_match(lora)
+        row = self._input(x, lora.config.in_features)
+        return self._track(lora, self._ready(lora), row)
 
     def track_many(self, lora: MicroLoRA, xs: Any, *, validated: bool = False) -> list[int]:
         """:meth:`track` for the rows of ``xs`` in order; the row indices that began a task.
@@ -285,14 +302,16 @@ class TrainingPipeline:
         ‖x‖² within ``MAX_INPUT_SQ_NORM``), for rows taken from :class:`TrainingSample` inputs,
         which were checked when the samples were built.
         """
-        ewc = self._ready(lora)
+        self._check_match(lora)
+        dim = lora.config.in_features
         rows = as_f32(xs, "xs")
-        if rows.ndim != 2 or rows.shape[1] != ewc.in_features:
-            raise InvalidInputError(f"xs must have shape (n, {ewc.in_features}), got {rows.shape}")
+        if rows.ndim != 2 or rows.shape[1] != dim:
+            raise InvalidInputError(f"xs must have shape (n, {dim}), got {rows.shape}")
         if not validated:
             bad = int(k_update.rows_input_status(rows))  # GIL-free, no temporary array
             if bad >= 0:
                 _check_row(bad % 4, f"xs[{bad // 4}]")
+        ewc = self._ready(lora)
         window = self._window
         detector = self._detector
         assert window is not None and detector is not None
@@ -349,7 +368,7 @@ class TrainingPipeline:
         """
         if self._ewc is None or self._window is None:
             raise InvalidInputError("observe needs an initialised pipeline: call init_for_lora")
-        self._window.push(self._input(x, self._ewc))
+        self._window.push(self._input(x, self._ewc.in_features))
 
     def ewc_penalty(self, lora: MicroLoRA) -> float:
         """λ·‖(ΔW − ΔW*)·C^½‖² summed over the adapter's modules, measured now."""

@@ -313,6 +313,57 @@ def test_bad_input_raises_naming_the_argument_and_changes_nothing() -> None:
     assert all(np.array_equal(after[1][k], v) for k, v in state[1].items())
 
 
+def _state(pipe: TrainingPipeline, lora: MicroLoRA) -> tuple[object, ...]:
+    meta, arrays = pipe.state_dict()
+    named = sorted((k, v.tobytes()) for k, v in arrays.items())
+    return pipe.initialized, meta, named, [w.tobytes() for w in _weights(lora)], lora.version
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, lora: p.train_step(lora, np.ones(31, F32), _target(np.ones(32, F32))),
+        lambda p, lora: p.train_step(lora, np.full(32, np.nan, F32), _target(np.ones(32, F32))),
+        lambda p, lora: p.train_step(lora, np.ones(32, F32), _target(np.ones(5, F32))),
+        lambda p, lora: p.train_step(lora, np.ones(32, F32), None),
+        lambda p, lora: p.train_step(lora, np.ones(32, F32), _target(np.ones(32, F32)), V),
+        lambda p, lora: p.train_sample(
+            lora, TrainingSample(np.ones(31, F32), np.ones(32, F32), 0.9), replay=True
+        ),
+        lambda p, lora: p.track(lora, np.ones(31, F32)),
+        lambda p, lora: p.track_many(lora, np.full((2, 32), np.inf, F32)),
+    ],
+)
+def test_bad_input_leaves_an_unused_pipeline_unset(call: object) -> None:
+    """The pipeline sets itself up on first use; a first call that is refused must not."""
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig())
+    before = _state(pipe, lora)
+    with pytest.raises((InvalidInputError, TypeError)):
+        call(pipe, lora)  # type: ignore[operator]
+    assert not pipe.initialized
+    assert _state(pipe, lora) == before
+
+
+def test_a_gradient_the_adapter_refuses_is_not_counted_as_traffic() -> None:
+    """``adapt`` raises for a finite gradient whose s·Bᵀg overflows float32; the input used
+    to be fed to the importance window and the shift detector (and counted in samples_seen)
+    before that, so a refused call changed the pipeline."""
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(fisher_samples=8))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        pipe.train_step(lora, rng.standard_normal(32).astype(F32), _target(np.ones(32, F32)))
+    a, bt = lora.factors(Q)
+    lora.set_factors(Q, a, np.full_like(bt, 1e10))
+    before = _state(pipe, lora)
+    huge = AdaptFeedback.from_quality(0.9).with_gradient(np.full(32, 3e38, F32))
+    with pytest.raises(InvalidInputError, match="overflows"):
+        pipe.train_step(lora, np.ones(32, F32), huge)
+    assert _state(pipe, lora) == before
+    assert pipe.samples_seen == 4 and lora.pending_updates == 0
+
+
 # ---------------------------------------------------------------------- observe and checkpoints
 def test_observe_counts_inputs_toward_the_next_importance() -> None:
     seq = _seq()
