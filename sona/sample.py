@@ -110,6 +110,11 @@ class TrainingSample:
             return self.feedback
         return AdaptFeedback._validated_output(self.quality, self.output_embedding)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # __setattr__ refuses the default slot-state protocol, so without this a sample could
+        # be neither pickled (sent to a worker process) nor copied with the copy module.
+        return (_rebuild, tuple(getattr(self, n) for n in _FIELDS))
+
     def __repr__(self) -> str:
         fb = "rated output" if self.feedback is None else self.feedback.kind.value
         return (
@@ -153,6 +158,12 @@ _SET_X, _SET_Y, _SET_QUALITY, _SET_QUERY, _SET_RESPONSE = (
 _SET_LATENCY, _SET_TOKENS, _SET_SESSION, _SET_FEEDBACK, _SET_MODULE = (
     TrainingSample.__dict__[n].__set__ for n in _FIELDS[5:]
 )
+
+
+def _rebuild(x: np.ndarray, y: np.ndarray, *rest: Any) -> TrainingSample:
+    sample = object.__new__(TrainingSample)
+    _init(sample, frozen_copy(x), frozen_copy(y), *rest)  # unpickled arrays are writeable
+    return sample
 
 
 def from_vectors(x: np.ndarray, y: np.ndarray, quality: float) -> TrainingSample:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -121,6 +123,39 @@ def test_sample_copies_arrays_read_only_and_builders_return_new_instances() -> N
 
 def _sample() -> TrainingSample:
     return TrainingSample(np.ones(3), np.ones(3), 0.5)
+
+
+def test_samples_pickle_and_copy_with_every_field_and_stay_read_only() -> None:
+    """The immutability guard refused the default slot-state protocol: pickle, copy.copy and
+    copy.deepcopy all raised AttributeError."""
+    fb = AdaptFeedback.from_quality(0.75).with_gradient(np.arange(3, dtype=F32))
+    sample = (
+        TrainingSample(np.arange(4, dtype=F32), np.ones(3, F32), 0.75)
+        .with_query("q")
+        .with_response("r")
+        .with_latency(2.5)
+        .with_tokens(7)
+        .with_session("s")
+        .with_feedback(fb)
+        .with_module(V)
+    )
+    for twin in (
+        pickle.loads(pickle.dumps(sample)),
+        copy.copy(sample),
+        copy.deepcopy(sample),
+    ):
+        assert twin is not sample and repr(twin) == repr(sample)
+        for name in ("quality", "query", "response", "latency_ms", "token_count", "session_id"):
+            assert getattr(twin, name) == getattr(sample, name), name
+        assert twin.feedback == fb and twin.module is V
+        for name in ("input_embedding", "output_embedding"):
+            arr = getattr(twin, name)
+            assert arr.tobytes() == getattr(sample, name).tobytes()
+            assert not arr.flags.writeable
+            with pytest.raises(ValueError):
+                arr[0] = 1.0
+        with pytest.raises(AttributeError):
+            twin.quality = 0.1  # type: ignore[misc]
 
 
 def test_numpy_scalars_are_numbers_for_the_builders() -> None:
