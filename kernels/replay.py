@@ -25,6 +25,7 @@ import numpy as np
 from sona.kernels.ewc import prox_step
 from sona.kernels.jit import strict_inline, strict_kernel
 from sona.kernels.lora import (
+    STEP_INPUT_NORM,
     apply_rank_one,
     commit_grad,
     prepare_grad,
@@ -48,9 +49,10 @@ EwcArrays = tuple[
 OUT_APPLIED = 0  # steps applied
 OUT_NORM = 1  # the last applied step's norm / lr (MicroLoRA.last_update_norm)
 OUT_LAST = 2  # status of the last sample that was not refused as non-finite (-1: none)
-# OUT_LAST's codes for samples declined as step and adapt decline them
-DECLINED_ZERO = 6  # a zero input
-DECLINED_RATING = 7  # quality-only feedback: a rating of noise this adapter never explored
+# OUT_LAST's codes for samples declined as step and adapt decline them, apart from the
+# kernels' STEP_* and BATCH_* codes
+DECLINED_ZERO = 16  # a zero input
+DECLINED_RATING = 17  # quality-only feedback: a rating of noise this adapter never explored
 
 
 @strict_inline
@@ -248,7 +250,9 @@ def replay_epoch(
             status = _joint_step(
                 a, bt, scale, x, target, wk, modes[k], lr, max_norm, h, u, g, sums, out
             )
-        if status == 1:  # x or the gradient not finite: no step, the baseline does not move
+        # refused as step raises (x or the gradient not finite, ‖x‖ beyond the limit): no
+        # step, and the baseline does not move
+        if status == 1 or status == STEP_INPUT_NORM:
             continue
         if rated:
             _update_baseline(baseline, qualities[k], decay)
