@@ -133,9 +133,15 @@ class InstantLoop:
         assert self._consolidated is not None
         published = self._consolidated()
         transit = self.in_transit
-        if transit is None and not published.ensemble:  # one adapter: its forward writes it
+        if not published.ensemble:  # one adapter: its forward writes the delta, no zeroing
             base = published.base
-            return {m: base.forward(x, m) for m in self._modules if module is None or m is module}
+            offsets = {
+                m: base.forward(x, m) for m in self._modules if module is None or m is module
+            }
+            if transit is not None:  # into the buffers forward returned: held, never reused
+                for m, out in offsets.items():
+                    transit.forward_add(x, m, out)
+            return offsets
         for m, buf in self._offsets.items():
             if module is None or m is module:
                 buf.fill(0.0)
