@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 from sona.kernels.jit import inline, kernel
+from sona.kernels.update import sq_norm64
 
 # Shift detector phases as the kernel sees them (the detector keeps names).
 CALIBRATING = 1
@@ -119,17 +120,6 @@ def _project(x: np.ndarray, r0: int, r1: int, w: np.ndarray, out: np.ndarray) ->
 
 
 @inline
-def _sq_norm(row: np.ndarray) -> float:
-    """‖row‖² in float64, as :meth:`ShiftDetector.update` takes it: in float32 it overflows
-    from ‖row‖ ≈ 1.8e19, and the row would count as entirely outside the subspace."""
-    acc = 0.0
-    for i in range(row.shape[0]):
-        v = np.float64(row[i])
-        acc += v * v
-    return acc
-
-
-@inline
 def _cusum_step(e: float, sf: np.ndarray, si: np.ndarray, params: np.ndarray) -> bool:
     """One residual fraction through calibration or the two-sided CUSUM (ShiftDetector._step)."""
     if si[I_PHASE] == CALIBRATING:
@@ -184,7 +174,7 @@ def residual_cusum(
         _project(xs, r0, r1, basis, proj)
         for r in range(r0, r1):
             si[I_SEEN] += 1
-            energy = _sq_norm(xs[r])
+            energy = sq_norm64(xs[r])  # float32 would overflow from ‖x‖ ≈ 1.8e19
             if energy <= 0.0:
                 continue
             captured = 0.0

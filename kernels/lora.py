@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.random import normal, uniform01
-from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits
+from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits, sq_norm64
 
 
 @inline
@@ -329,14 +329,6 @@ def prepare_grad(
 
 
 @inline
-def _sq_norm64(v: np.ndarray) -> float:
-    acc = 0.0
-    for i in range(v.shape[0]):
-        acc += np.float64(v[i]) * np.float64(v[i])
-    return acc
-
-
-@inline
 def _rank_sums(u: np.ndarray, h: np.ndarray) -> tuple[float, float, float]:
     """(‖u‖², ‖h‖², u·h) of the rank-sized scratch vectors, in float64."""
     uu = 0.0
@@ -372,8 +364,8 @@ def step_sums(
     for v in bt.flat:
         bb += np.float64(v) * np.float64(v)
     uu, hh, uh = _rank_sums(u, h)
-    sums[0] = _sq_norm64(x)
-    sums[1] = _sq_norm64(g)
+    sums[0] = sq_norm64(x)
+    sums[1] = sq_norm64(g)
     sums[2] = aa
     sums[3] = bb
     sums[4] = uu
@@ -460,14 +452,14 @@ def step_one(
     ok, aa = _scaled_matvec_sq(a, scale, x, h)
     if not ok:
         return 1
-    xx = _sq_norm64(x)
+    xx = sq_norm64(x)
     if not xx <= MAX_INPUT_SQ_NORM:  # checked where step_fused checks it: same decisions
         return STEP_INPUT_NORM
     _output_grad(bt, h, x, vec, weight, mode, np.uint64(0), g)
     ok, bb = _scaled_matvec_sq(bt, scale, g, u)
     if not ok:
         return 1
-    gg = _sq_norm64(g)
+    gg = sq_norm64(g)
     uu, hh, uh = _rank_sums(u, h)
     norm = np.sqrt(uu * xx + hh * gg)
     if not np.isfinite(norm):
@@ -718,13 +710,13 @@ def _exact_sums(
     u1 = np.float32(ua1 * scale)
     if not (np.isfinite(u0) and np.isfinite(u1)):
         return False, u0, u1, 0.0, 0.0, 0.0, 0.0
-    xx64: float = np.float64(xx) if np.isfinite(xx) else _sq_norm64(x)
+    xx64: float = np.float64(xx) if np.isfinite(xx) else sq_norm64(x)
     aa64: float = np.float64(aa)
     if not np.isfinite(aa):
-        aa64 = _sq_norm64(a0) + (_sq_norm64(a1) if rank == 2 else 0.0)
+        aa64 = sq_norm64(a0) + (sq_norm64(a1) if rank == 2 else 0.0)
     bb64: float = np.float64(bb)
     if not np.isfinite(bb):
-        bb64 = _sq_norm64(b0) + (_sq_norm64(b1) if rank == 2 else 0.0)
+        bb64 = sq_norm64(b0) + (sq_norm64(b1) if rank == 2 else 0.0)
     gg64: float = np.float64(gg)
     if not np.isfinite(gg):
         gg64 = 0.0
