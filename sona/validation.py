@@ -32,8 +32,19 @@ def as_f32(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
     if arr.ndim == 0:  # ascontiguousarray would make it a vector of length 1
         raise InvalidInputError(f"{name} must be an array, got the scalar {value!r}")
-    with np.errstate(over="ignore"):
-        return np.ascontiguousarray(arr, dtype=F32)
+    # A finite value beyond float32's range would become inf here and later be refused as
+    # "NaN or inf", which the caller never passed; the cast flags that overflow itself, so
+    # saying what happened costs no pass of its own (float32 input returned above never casts).
+    try:
+        with np.errstate(over="raise"):
+            return np.ascontiguousarray(arr, dtype=F32)
+    except FloatingPointError:
+        finite = arr[np.isfinite(arr)]
+        largest = float(finite[np.argmax(np.abs(finite))])
+        raise InvalidInputError(
+            f"{name} holds {largest:.4g}, beyond float32's range "
+            f"(max {float(np.finfo(F32).max):.4g}); sona computes in float32"
+        ) from None
 
 
 def as_vector(value: Any, name: str, size: int) -> np.ndarray:
