@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from sona.actors.mailbox import OverflowPolicy
 from sona.errors import ConfigError
 from sona.lora_config import MicroLoraConfig, TargetModule
@@ -50,12 +52,14 @@ class SupervisionConfig:
     shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        config_int(self.max_restarts, "max_restarts", lo=0)
-        config_number(self.within_s, "within_s", lo=0.0, lo_open=True)
-        config_number(self.backoff_min_s, "backoff_min_s", lo=0.0)
-        config_number(self.backoff_max_s, "backoff_max_s", lo=float(self.backoff_min_s))
-        config_number(self.jitter, "jitter", lo=0.0, hi=1.0)
-        config_number(self.shutdown_timeout_s, "shutdown_timeout_s", lo=0.0)
+        _set(self, "max_restarts", config_int(self.max_restarts, "max_restarts", lo=0))
+        _set(self, "within_s", config_number(self.within_s, "within_s", lo=0.0, lo_open=True))
+        _set(self, "backoff_min_s", config_number(self.backoff_min_s, "backoff_min_s", lo=0.0))
+        lo = float(self.backoff_min_s)
+        _set(self, "backoff_max_s", config_number(self.backoff_max_s, "backoff_max_s", lo=lo))
+        _set(self, "jitter", config_number(self.jitter, "jitter", lo=0.0, hi=1.0))
+        timeout = config_number(self.shutdown_timeout_s, "shutdown_timeout_s", lo=0.0)
+        _set(self, "shutdown_timeout_s", timeout)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,8 +75,9 @@ class Chaos:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
-        check_seed(self.seed)
+        p = config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
+        _set(self, "crash_probability", p)
+        _set(self, "seed", check_seed(self.seed))
         loops = tuple(self.loops)
         unknown = set(loops) - {"instant", "background", "deep"}
         if unknown:
@@ -113,28 +118,33 @@ class SonaLlmConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
-        config_number(self.instant_lr, "instant_lr", lo=0.0, lo_open=True)
-        config_int(self.background_interval_ms, "background_interval_ms", lo=1, hi=_MAX_COUNT)
-        config_int(self.background_min_samples, "background_min_samples", lo=1, hi=_MAX_COUNT)
-        config_number(self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True)
-        config_int(self.max_pending_samples, "max_pending_samples", lo=1, hi=_MAX_COUNT)
+        # Numbers are stored as the plain int or float they stand for (numpy scalars too).
+        _set(self, "instant_lr", config_number(self.instant_lr, "instant_lr", lo=0.0, lo_open=True))
+        for name in ("background_interval_ms", "background_min_samples", "max_pending_samples"):
+            _set(self, name, config_int(getattr(self, name), name, lo=1, hi=_MAX_COUNT))
+        threshold = config_number(
+            self.deep_trigger_threshold, "deep_trigger_threshold", lo=0.0, lo_open=True
+        )
+        _set(self, "deep_trigger_threshold", threshold)
         if self.background_min_samples > self.max_pending_samples:
             # the buffer could never fill enough for a run: consolidation would stall
             raise ConfigError(
                 f"background_min_samples ({self.background_min_samples}) must be <= "
                 f"max_pending_samples ({self.max_pending_samples})"
             )
-        config_int(self.replay_capacity, "replay_capacity", lo=1, hi=_MAX_COUNT)
-        config_int(self.pattern_clusters, "pattern_clusters", lo=1, hi=_MAX_COUNT)
-        config_number(self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True)
-        config_int(self.deep_epochs, "deep_epochs", lo=1, hi=_MAX_COUNT)
+        for name in ("replay_capacity", "pattern_clusters"):
+            _set(self, name, config_int(getattr(self, name), name, lo=1, hi=_MAX_COUNT))
+        interval = config_number(
+            self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True
+        )
+        _set(self, "checkpoint_interval_s", interval)
+        _set(self, "deep_epochs", config_int(self.deep_epochs, "deep_epochs", lo=1, hi=_MAX_COUNT))
         if self.consolidated_rank is not None:
-            config_int(self.consolidated_rank, "consolidated_rank", lo=1)
+            rank = config_int(self.consolidated_rank, "consolidated_rank", lo=1)
             limit = min(self.micro_lora.in_features, self.micro_lora.out_features)
-            if self.consolidated_rank > limit:
-                raise ConfigError(
-                    f"consolidated_rank must be <= {limit}, got {self.consolidated_rank}"
-                )
+            if rank > limit:
+                raise ConfigError(f"consolidated_rank must be <= {limit}, got {rank}")
+            _set(self, "consolidated_rank", rank)
         _typed(self.consolidation_strategy, ConsolidationStrategy, "consolidation_strategy")
         _typed(self.overflow, OverflowPolicy, "overflow")
         _typed(self.micro_lora, MicroLoraConfig, "micro_lora")
@@ -206,7 +216,7 @@ class SonaLlmConfig:
 def _preset_lora(dim: int, rank: int, modules: tuple[TargetModule, ...]) -> MicroLoraConfig:
     """The preset's adapter at width ``dim``: its rank capped at the width (a rank-4 preset
     must still build at dim 2), alpha = 2·rank so the scaling stays the table's 2."""
-    if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1:
+    if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 1:
         rank = min(rank, dim)  # anything else: for_hidden_dim names what is wrong with dim
     return MicroLoraConfig.for_hidden_dim(dim, rank=rank, alpha=2.0 * rank, target_modules=modules)
 
@@ -214,6 +224,11 @@ def _preset_lora(dim: int, rank: int, modules: tuple[TargetModule, ...]) -> Micr
 # Counts become C sizes (deque maxlen, array shapes) and intervals become floats: larger ints
 # would fail there with OverflowError, away from the field that caused it.
 _MAX_COUNT = sys.maxsize
+
+
+def _set(config: object, name: str, value: object) -> None:
+    """Store a checked value on a frozen config (what ``__post_init__`` may do)."""
+    object.__setattr__(config, name, value)
 
 
 def _typed(value: object, kind: type, name: str) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from sona.errors import ConfigError
-from sona.validation import config_number
+from sona.validation import config_int, config_number
 
 
 class TargetModule(enum.Enum):
@@ -63,23 +64,16 @@ class MicroLoraConfig:
     _scaling: float = field(init=False, repr=False, compare=False, default=0.0)
 
     def __post_init__(self) -> None:
+        # Each numeric field is stored as the plain number it stands for (numpy scalars too).
         for name in ("in_features", "out_features", "rank"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-            if v < 1:
-                raise ConfigError(f"{name} must be >= 1, got {v}")
+            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1))
         if self.rank > min(self.in_features, self.out_features):
             raise ConfigError(
                 f"rank must be <= min(in_features, out_features) = "
                 f"{min(self.in_features, self.out_features)}, got {self.rank}"
             )
-        config_number(self.alpha, "alpha", lo=0.0, lo_open=True)
-        config_number(self.dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
-        config_number(self.explore_std, "explore_std", lo=0.0, lo_open=True)
-        config_number(self.advantage_temperature, "advantage_temperature", lo=0.0, lo_open=True)
-        config_number(self.advantage_cap, "advantage_cap", lo=1.0)
-        config_number(self.baseline_decay, "baseline_decay", lo=0.0, hi=1.0, hi_open=True)
+        for name, bounds in _NUMBER_BOUNDS.items():
+            object.__setattr__(self, name, config_number(getattr(self, name), name, **bounds))
         modules = self.target_modules
         if isinstance(modules, (str, TargetModule)) or not isinstance(modules, (tuple, list)):
             raise TypeError("target_modules must be a tuple of TargetModule")
@@ -130,6 +124,16 @@ class MicroLoraConfig:
             values["target_modules"] = tuple(TargetModule.parse(m) for m in mods)
         return cls(**values)  # type: ignore[arg-type]
 
+
+# The real-valued fields' bounds, as config_number takes them.
+_NUMBER_BOUNDS: dict[str, dict[str, Any]] = {
+    "alpha": {"lo": 0.0, "lo_open": True},
+    "dropout": {"lo": 0.0, "hi": 1.0, "hi_open": True},
+    "explore_std": {"lo": 0.0, "lo_open": True},
+    "advantage_temperature": {"lo": 0.0, "lo_open": True},
+    "advantage_cap": {"lo": 1.0},
+    "baseline_decay": {"lo": 0.0, "hi": 1.0, "hi_open": True},
+}
 
 _FIELDS = (
     "in_features",

@@ -39,25 +39,16 @@ class TrainingConfig:
     boundary_detection: bool = True
 
     def __post_init__(self) -> None:
-        config_number(self.learning_rate, "learning_rate", lo=0.0, lo_open=True)
-        config_number(self.ewc_lambda, "ewc_lambda", lo=0.0)
-        config_number(self.quality_threshold, "quality_threshold", lo=0.0, hi=1.0)
-        config_number(self.online_ewc_gamma, "online_ewc_gamma", lo=0.0, hi=1.0)
-        config_number(self.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True)
-        config_int(self.fisher_samples, "fisher_samples", lo=1)
-        config_int(self.ewc_rank, "ewc_rank", lo=1)
+        # Stored as plain numbers whatever was passed (numpy scalars too), rates as floats.
+        for name, bounds in _NUMBER_BOUNDS.items():
+            value = config_number(getattr(self, name), name, **bounds)
+            object.__setattr__(self, name, float(value))
+        for name in ("fisher_samples", "ewc_rank"):
+            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1))
         if not isinstance(self.boundary_detection, bool):
             raise TypeError(
                 f"boundary_detection must be a bool, got {type(self.boundary_detection).__name__}"
             )
-        for name in (
-            "learning_rate",
-            "ewc_lambda",
-            "quality_threshold",
-            "online_ewc_gamma",
-            "max_grad_norm",
-        ):
-            object.__setattr__(self, name, float(getattr(self, name)))
 
     def replace(self, **changes: Any) -> TrainingConfig:
         """A validated copy with ``changes`` applied."""
@@ -80,3 +71,13 @@ class TrainingConfig:
         if unknown:
             raise ConfigError(f"unknown TrainingConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+# The real-valued fields' bounds, as config_number takes them.
+_NUMBER_BOUNDS: dict[str, dict[str, Any]] = {
+    "learning_rate": {"lo": 0.0, "lo_open": True},
+    "ewc_lambda": {"lo": 0.0},
+    "quality_threshold": {"lo": 0.0, "hi": 1.0},
+    "online_ewc_gamma": {"lo": 0.0, "hi": 1.0},
+    "max_grad_norm": {"lo": 0.0, "lo_open": True},
+}

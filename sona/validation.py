@@ -138,25 +138,44 @@ def config_number(
 ) -> float:
     """A finite real configuration value inside the given bounds, else ``ConfigError``.
 
-    An int too large for a float (JSON in a file allows one) counts as infinite, so it is a
-    ``ConfigError`` naming the field like any other out-of-range value.
+    Returns the value to store: numpy scalars become the Python number they stand for (see
+    :func:`_plain_number`), so a config compares, hashes, prints and serialises the same
+    whichever was passed. An int too large for a float (JSON in a file allows one) counts as
+    infinite, so it is a ``ConfigError`` naming the field like any other out-of-range value.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = _plain_number(value, name, "a number")
     try:
-        v = float(value)
+        f = float(v)
     except OverflowError:
-        v = math.inf if value > 0 else -math.inf
-    bad = not math.isfinite(v)
+        f = math.inf if v > 0 else -math.inf
+    bad = not math.isfinite(f)
     if lo is not None:
-        bad = bad or (v <= lo if lo_open else v < lo)
+        bad = bad or (f <= lo if lo_open else f < lo)
     if hi is not None:
-        bad = bad or (v >= hi if hi_open else v > hi)
+        bad = bad or (f >= hi if hi_open else f > hi)
     if bad:
         lo_s = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo}"
         hi_s = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{name} must be a finite number in {lo_s}, {hi_s}, got {v!r}")
+        raise ConfigError(f"{name} must be a finite number in {lo_s}, {hi_s}, got {f!r}")
     return v
+
+
+def _plain_number(value: object, name: str, expected: str) -> float:
+    """``value`` as a plain ``int`` or ``float``; bools (Python's or numpy's) are refused.
+
+    A float32 (or float16) is read back as the shortest decimal that rounds to it, which is
+    the number its holder wrote: ``np.float32(0.01)`` stores 0.01, not 0.009999999776482582,
+    so it gives the same config as the literal would.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(np.format_float_scientific(value, unique=True))
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
 def check_seed(seed: object, *, bits: int = 63) -> int | None:
@@ -176,13 +195,15 @@ def check_seed(seed: object, *, bits: int = 63) -> int | None:
 
 
 def config_int(value: object, name: str, *, lo: int, hi: int | None = None) -> int:
-    """An int configuration value in [``lo``, ``hi``] (bools are not ints here), else
-    ``ConfigError``. ``hi`` exists for values that end up as C sizes or floats, where a
-    larger int would raise ``OverflowError`` later, far from the field that caused it."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int configuration value in [``lo``, ``hi``], else ``ConfigError``; returns it as a
+    plain ``int`` (numpy integers are taken, bools and floats are not, whole or not). ``hi``
+    exists for values that end up as C sizes, array shapes or floats, where a larger int would
+    fail later, far from the field that caused it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{name} must be <= {hi}, got {value}")
-    return value
+    v = int(value)
+    if v < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {v}")
+    return v
