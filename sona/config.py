@@ -11,7 +11,7 @@ import numpy as np
 
 from sona.actors.mailbox import OverflowPolicy
 from sona.errors import ConfigError
-from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.lora_config import MAX_RANK, MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
 from sona.validation import check_seed, config_int, config_number
 
@@ -132,15 +132,19 @@ class SonaLlmConfig:
                 f"background_min_samples ({self.background_min_samples}) must be <= "
                 f"max_pending_samples ({self.max_pending_samples})"
             )
-        for name in ("replay_capacity", "pattern_clusters"):
-            _set(self, name, config_int(getattr(self, name), name, lo=1, hi=_MAX_COUNT))
+        capacity = config_int(self.replay_capacity, "replay_capacity", lo=1, hi=_MAX_COUNT)
+        _set(self, "replay_capacity", capacity)
+        clusters = config_int(
+            self.pattern_clusters, "pattern_clusters", lo=1, hi=MAX_PATTERN_CLUSTERS
+        )
+        _set(self, "pattern_clusters", clusters)
         interval = config_number(
             self.checkpoint_interval_s, "checkpoint_interval_s", lo=0.0, lo_open=True
         )
         _set(self, "checkpoint_interval_s", interval)
         _set(self, "deep_epochs", config_int(self.deep_epochs, "deep_epochs", lo=1, hi=_MAX_COUNT))
         if self.consolidated_rank is not None:
-            rank = config_int(self.consolidated_rank, "consolidated_rank", lo=1)
+            rank = config_int(self.consolidated_rank, "consolidated_rank", lo=1, hi=MAX_RANK)
             limit = min(self.micro_lora.in_features, self.micro_lora.out_features)
             if rank > limit:
                 raise ConfigError(f"consolidated_rank must be <= {limit}, got {rank}")
@@ -160,7 +164,7 @@ class SonaLlmConfig:
     def consolidated_lora(self) -> MicroLoraConfig:
         """Config of the consolidated adapter(s): the micro shape at the consolidated rank."""
         m = self.micro_lora
-        rank = self.consolidated_rank or min(4 * m.rank, m.in_features, m.out_features)
+        rank = self.consolidated_rank or min(4 * m.rank, m.in_features, m.out_features, MAX_RANK)
         return m.replace(rank=rank, alpha=float(rank))
 
     def replace(self, **changes: Any) -> SonaLlmConfig:
@@ -220,6 +224,13 @@ def _preset_lora(dim: int, rank: int, modules: tuple[TargetModule, ...]) -> Micr
         rank = min(rank, dim)  # anything else: for_hidden_dim names what is wrong with dim
     return MicroLoraConfig.for_hidden_dim(dim, rank=rank, alpha=2.0 * rank, target_modules=modules)
 
+
+# The pattern bank holds a centroid of in_features float32 per cluster from the start (and
+# the ENSEMBLE strategy an adapter per cluster), so an absurd count is refused here, naming
+# the field, rather than as a numpy MemoryError from SonaLlm(); the default is 16, and each
+# input is compared with every centroid, so even a few hundred is far beyond use.
+MAX_PATTERN_CLUSTERS = 4096
+"""Largest ``pattern_clusters``."""
 
 # Counts become C sizes (deque maxlen, array shapes) and intervals become floats: larger ints
 # would fail there with OverflowError, away from the field that caused it.

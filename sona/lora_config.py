@@ -39,6 +39,17 @@ class TargetModule(enum.Enum):
         raise TypeError(f"module must be a TargetModule, got {type(value).__name__}")
 
 
+# Sizes sona allocates float32 arrays by as soon as an adapter exists (A is rank × in, B is
+# out × rank, and the EWC++ state and pattern bank hold in-wide rows), so an absurd value must
+# be refused here, naming the field, rather than as a numpy MemoryError from the constructor.
+# Both are far above any use: the widest projections of today's models are ~5·10⁴ wide, LoRA
+# ranks in use run to a few hundred, and a rank beyond a few thousand is no longer low.
+MAX_FEATURES = 1 << 20
+"""Largest ``in_features`` / ``out_features`` (1,048,576)."""
+MAX_RANK = 8192
+"""Largest ``rank``, and of ``SonaLlmConfig.consolidated_rank``."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MicroLoraConfig:
     """Shape and training knobs of a MicroLoRA; validated at construction.
@@ -65,8 +76,9 @@ class MicroLoraConfig:
 
     def __post_init__(self) -> None:
         # Each numeric field is stored as the plain number it stands for (numpy scalars too).
-        for name in ("in_features", "out_features", "rank"):
-            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1))
+        for name, hi in (("in_features", MAX_FEATURES), ("out_features", MAX_FEATURES)):
+            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1, hi=hi))
+        object.__setattr__(self, "rank", config_int(self.rank, "rank", lo=1, hi=MAX_RANK))
         if self.rank > min(self.in_features, self.out_features):
             raise ConfigError(
                 f"rank must be <= min(in_features, out_features) = "

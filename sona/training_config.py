@@ -8,6 +8,17 @@ from typing import Any
 from sona.errors import ConfigError
 from sona.validation import config_int, config_number
 
+# The pipeline allocates fisher_samples rows of in_features float32 twice (the importance
+# window and the shift detector's reference) and a sketch of ewc_rank rows as soon as it meets
+# an adapter, so an absurd value is refused here, naming the field, rather than as a numpy
+# MemoryError from ``init_for_lora``. Both limits are far above use (the defaults are 100
+# and 16): more samples than this only average the same importance, and a sketch wider than
+# the layer is cut to its width anyway.
+MAX_FISHER_SAMPLES = 100_000
+"""Largest ``fisher_samples``."""
+MAX_EWC_RANK = 4096
+"""Largest ``ewc_rank``."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainingConfig:
@@ -43,8 +54,8 @@ class TrainingConfig:
         for name, bounds in _NUMBER_BOUNDS.items():
             value = config_number(getattr(self, name), name, **bounds)
             object.__setattr__(self, name, float(value))
-        for name in ("fisher_samples", "ewc_rank"):
-            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1))
+        for name, hi in (("fisher_samples", MAX_FISHER_SAMPLES), ("ewc_rank", MAX_EWC_RANK)):
+            object.__setattr__(self, name, config_int(getattr(self, name), name, lo=1, hi=hi))
         if not isinstance(self.boundary_detection, bool):
             raise TypeError(
                 f"boundary_detection must be a bool, got {type(self.boundary_detection).__name__}"
