@@ -386,84 +386,51 @@ def relearn(
     batch = 0
     done = 0
     key = np.uint64(0)
-    for r in range(rows.shape[0]):
-        k = rows[r]
-        x = xs[k]
-        declined = _declined(x, rating_only[k])
-        if declined > DECLINED_RATING:
-            return r
-        if declined:
-            out[RE_LAST] = declined
-            continue
-        target = vecs[k]
-        rated = math.isnan(weights[k])
-        wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
-        wk = wk * sample_weights[r]
-        mode = modes[k]
-        t = targets[k]  # the one module the sample is for, or -1: all
-        for i in range(m):
-            skip = t >= 0 and i != t
-            if not skip and not prepare_grad(
-                a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]
-            ):
+    n = rows.shape[0]
+    for r in range(n + 1):  # the pass after the last row applies the unfinished mini-batch
+        if r == n:
+            if batch == 0:
+                break
+        else:
+            k = rows[r]
+            x = xs[k]
+            declined = _declined(x, rating_only[k])
+            if declined > DECLINED_RATING:
                 return r
-        for i in range(m):
-            if t < 0 or i == t:
-                commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
-        if rated:
-            _update_baseline(baseline, qualities[k], decay)
-        batch += 1
-        if batch == mini_batch:
-            _finish_batch(
-                a, bt, scale, ga, gbt, batch, lr, max_norm, lam, ut, c, mt, q, dq, w, gram,
-                kmat, lower, vec, bt_new, codes, done, out,
-            )  # fmt: skip
-            done += 1
-            batch = 0
-    if batch:
-        _finish_batch(
-            a, bt, scale, ga, gbt, batch, lr, max_norm, lam, ut, c, mt, q, dq, w, gram,
-            kmat, lower, vec, bt_new, codes, done, out,
-        )  # fmt: skip
+            if declined:
+                out[RE_LAST] = declined
+                continue
+            target = vecs[k]
+            rated = math.isnan(weights[k])
+            wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
+            wk = wk * sample_weights[r]
+            mode = modes[k]
+            t = targets[k]  # the one module the sample is for, or -1: all
+            for i in range(m):
+                skip = t >= 0 and i != t
+                if not skip and not prepare_grad(
+                    a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]
+                ):
+                    return r
+            for i in range(m):
+                if t < 0 or i == t:
+                    commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
+            if rated:
+                _update_baseline(baseline, qualities[k], decay)
+            batch += 1
+            if batch < mini_batch:
+                continue
+        code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm, out)
+        codes[done] = code
+        done += 1
+        out[RE_LAST] = code
+        if code == 0:
+            out[RE_APPLIED] += 1.0
+            if lam > 0.0:
+                tau = 2.0 * (lr * batch) * lam
+                _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
+        batch = 0
     return -1
-
-
-@strict_inline
-def _finish_batch(
-    a: np.ndarray,
-    bt: np.ndarray,
-    scale: float,
-    ga: np.ndarray,
-    gbt: np.ndarray,
-    batch: int,
-    lr: float,
-    max_norm: float,
-    lam: float,
-    ut: np.ndarray,
-    c: np.ndarray,
-    mt: np.ndarray,
-    q: np.ndarray,
-    dq: np.ndarray,
-    w: np.ndarray,
-    gram: np.ndarray,
-    kmat: np.ndarray,
-    lower: np.ndarray,
-    vec: np.ndarray,
-    bt_new: np.ndarray,
-    codes: np.ndarray,
-    done: int,
-    out: np.ndarray,
-) -> None:
-    """Apply one accumulated mini-batch of ``batch`` samples (at lr·batch, its mean gradient
-    clipped at ``max_norm``), record its code, and follow an applied one with the EWC++ step."""
-    code = _apply_batch(a, bt, scale, ga, gbt, batch, lr * batch, max_norm, out)
-    codes[done] = code
-    out[RE_LAST] = code
-    if code == 0:
-        out[RE_APPLIED] += 1.0
-        if lam > 0.0:
-            tau = 2.0 * (lr * batch) * lam
-            _prox_all(a, bt, scale, tau, ut, c, mt, q, dq, w, gram, kmat, lower, vec, bt_new)
 
 
 def no_ewc(modules: int, rank: int, n_out: int) -> EwcArrays:
