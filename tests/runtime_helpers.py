@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from sona.config import SonaLlmConfig, SupervisionConfig
@@ -70,6 +73,22 @@ def stall_background(rt: Any) -> threading.Event:
 
     bg.prepare = stalled
     return gate
+
+
+@contextlib.asynccontextmanager
+async def consolidating(rt: Any) -> AsyncIterator[None]:
+    """The body runs while a consolidation is handed over and held in its worker thread; the
+    consolidation commits when the body ends."""
+    gate = stall_background(rt)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.consolidate)
+            while rt._unfinished is None:
+                await anyio.sleep(0.001)
+            try:
+                yield
+            finally:
+                gate.set()
 
 
 def crash_instant_once(rt: Any) -> None:

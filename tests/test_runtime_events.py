@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from runtime_helpers import Q, identity_holds, small_config, stall_background, target_samples
+from runtime_helpers import Q, consolidating, identity_holds, small_config, target_samples
 
 from sona.events import (
     BackgroundCompleted,
@@ -110,14 +110,8 @@ async def test_forward_keeps_what_was_learned_while_a_consolidation_runs() -> No
         before = rt.forward(x, Q)
         consolidated = rt._background.published.predict(x, Q)
         assert np.abs(before - consolidated).max() > 1e-4  # the live adapter adds something
-        gate = stall_background(rt)
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(rt.consolidate)
-                while rt._unfinished is None:  # handed over, consolidating in its thread
-                    await anyio.sleep(0.001)
-                during = rt.forward(x, Q)
-                gate.set()
+        async with consolidating(rt):
+            during = rt.forward(x, Q)
         assert rt._unfinished is None
         np.testing.assert_allclose(during, before, rtol=1e-6, atol=1e-7)
 
@@ -139,17 +133,11 @@ async def test_learning_while_a_consolidation_runs_adds_to_what_is_in_transit() 
     async with SonaRuntime(cfg, seed=4) as rt:
         for s in samples[:200]:
             await rt.submit(s)
-        gate = stall_background(rt)
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(rt.consolidate)
-                while rt._unfinished is None:  # handed over, consolidating in its thread
-                    await anyio.sleep(0.001)
-                handed_over = error(rt)
-                for s in samples[200:]:
-                    await rt.submit(s)
-                learned_meanwhile = error(rt)
-                gate.set()
+        async with consolidating(rt):
+            handed_over = error(rt)
+            for s in samples[200:]:
+                await rt.submit(s)
+            learned_meanwhile = error(rt)
     assert handed_over < 0.9  # something was learned and handed over
     assert learned_meanwhile < handed_over  # more of the same targets: closer, not past them
 
