@@ -48,31 +48,35 @@ class HandedRows:
 
 class PendingRows:
     """Rows appended as samples are applied, dropped from the front as samples are evicted,
-    and taken all at once by a hand-over."""
+    and taken all at once by a hand-over.
+
+    A block holds as many rows as the pending bound (up to :data:`PREALLOCATE` bytes) and never
+    grows: growing would copy every row and fault in fresh pages on the request path. Samples
+    beyond it (a pending bound above the block, a Background loop far behind) are not copied;
+    that hand-over then comes without rows and the Background loop gathers them as before.
+    """
 
     def __init__(self, dim: int, rows: int) -> None:
         self.dim = dim
         self._size = dim * 4
-        self._spare: np.ndarray | None = None
         cap = max(2, min(FRONT + rows, PREALLOCATE // self._size))
         self._front = min(FRONT, cap // 2)  # very wide inputs keep a smaller front
+        self._spare: np.ndarray | None = _touched(cap, dim)
         self._use(_touched(cap, dim))
-        self._spare = _touched(cap, dim)
 
     def _use(self, block: np.ndarray) -> None:
         self._block = block
         self._bytes = block.data.cast("B")
         self._start = self._end = self._front
-
-    def __len__(self) -> int:
-        return self._end - self._start
+        self._complete = True  # every pending sample has its row
 
     def append(self, x: np.ndarray) -> None:
         """Copy ``x``, a float32 vector of ``dim``, after the last row."""
+        if self._end == self._block.shape[0] and not (self._complete and self._compact()):
+            self._complete = False
+        if not self._complete:
+            return
         end = self._end
-        if end == self._block.shape[0]:
-            self._grow()
-            end = self._end
         off = end * self._size
         try:
             self._bytes[off : off + self._size] = x.data.cast("B")
@@ -81,16 +85,18 @@ class PendingRows:
         self._end = end + 1
 
     def drop_oldest(self) -> None:
-        if self._end > self._start:
+        if self._complete and self._end > self._start:
             self._start += 1
 
-    def take(self) -> HandedRows:
-        """Every row, in a block the caller now owns; appending goes on in another."""
+    def take(self) -> HandedRows | None:
+        """Every row, in a block the caller now owns (None if some sample has none); appending
+        goes on in another block."""
+        if not self._complete:  # nothing to hand over: keep the block
+            self._use(self._block)
+            return None
         handed = HandedRows(self._block, self._start, self._end - self._start)
         spare, self._spare = self._spare, None
-        if spare is None:
-            spare = np.empty_like(self._block)
-        self._use(spare)
+        self._use(spare if spare is not None else np.empty_like(self._block))
         return handed
 
     def give_back(self, handed: HandedRows) -> None:
@@ -100,22 +106,19 @@ class PendingRows:
 
     def reset(self, xs: list[np.ndarray]) -> None:
         """Start over with the rows ``xs`` (restoring a checkpoint's pending samples)."""
-        self._start = self._end = self._front
+        self._use(self._block)
         for x in xs:
             self.append(x)
 
-    def _grow(self) -> None:
-        """Room for more rows at the end: by moving the live rows to the front when evictions
-        freed at least half the block, else in a block twice as large."""
-        live = self._end - self._start
+    def _compact(self) -> bool:
+        """Move the rows to the front if evictions freed room there; whether any was free."""
         front = self._front
-        block = self._block
-        if self._start - front < block.shape[0] // 2:
-            block = np.empty((2 * block.shape[0], self.dim), np.float32)
-            self._spare = None  # blocks of the old size are not taken back
-        block[front : front + live] = self._block[self._start : self._end]
-        self._use(block)
-        self._end = front + live
+        if self._start == front:
+            return False
+        live = self._end - self._start
+        self._block[front : front + live] = self._block[self._start : self._end]
+        self._start, self._end = front, front + live
+        return True
 
 
 def _touched(rows: int, dim: int) -> np.ndarray:

@@ -6,19 +6,20 @@ it computes from rows gathered one by one."""
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sona import background
+from sona import background, pending_rows
 from sona.background import BackgroundLoop
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.feedback import AdaptFeedback
 from sona.instant import InstantLoop
 from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.pending_rows import PendingRows
+from sona.pending_rows import HandedRows, PendingRows
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 
@@ -29,12 +30,20 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=80, deadline=None)
-@given(ops=_ops, start_rows=st.integers(1, 6))
-def test_rows_follow_appends_drops_and_hand_overs(ops: list[str], start_rows: int) -> None:
-    rows = PendingRows(DIM, start_rows)
+@settings(max_examples=100, deadline=None)
+@given(ops=_ops, bound=st.integers(0, 6), blocks_of=st.sampled_from([None, 2, 5, 8]))
+@example(ops=["append", "drop", "append", "take"], bound=0, blocks_of=2)  # evictions make room
+def test_rows_follow_appends_drops_and_hand_overs(
+    ops: list[str], bound: int, blocks_of: int | None
+) -> None:
+    """``blocks_of``: rows a block may take (the byte limit), None for the default."""
+    limit = pending_rows.PREALLOCATE if blocks_of is None else blocks_of * DIM * 4
+    with mock.patch.object(pending_rows, "PREALLOCATE", limit):
+        rows = PendingRows(DIM, bound)
+    room = rows._block.shape[0] - rows._front  # rows a block holds
     want: list[np.ndarray] = []
-    handed: list[tuple[object, np.ndarray]] = []  # each handed block, with what it must hold
+    complete = True  # every pending sample has its row
+    handed: list[tuple[HandedRows, np.ndarray]] = []  # blocks handed over, with their rows
     n = 0
     for op in ops:
         if op == "append":
@@ -42,25 +51,29 @@ def test_rows_follow_appends_drops_and_hand_overs(ops: list[str], start_rows: in
             n += 1
             rows.append(x)
             want.append(x)
+            complete = complete and len(want) <= room
         elif op == "drop":
             rows.drop_oldest()
             want = want[1:]
         elif op == "take":
             h = rows.take()
-            got = h.block[h.start : h.start + h.count]
-            expect = np.array(want, np.float32).reshape(-1, DIM)
-            np.testing.assert_array_equal(got, expect)
-            handed.append((h, expect))
-            want = []
+            if not complete:
+                assert h is None
+            else:
+                assert h is not None
+                got = h.block[h.start : h.start + h.count]
+                expect = np.array(want, np.float32).reshape(-1, DIM)
+                np.testing.assert_array_equal(got, expect)
+                handed.append((h, expect))
+            want, complete = [], True
         elif op == "give" and handed:
-            h, _ = handed.pop(0)
-            rows.give_back(h)  # type: ignore[arg-type]
+            rows.give_back(handed.pop(0)[0])
         elif op == "reset":
             want = [np.full(DIM, -float(k), np.float32) for k in range(3)]
             rows.reset(want)
-        assert len(rows) == len(want)
+            complete = len(want) <= room
         for h, expect in handed:  # blocks not given back are never written again
-            np.testing.assert_array_equal(h.block[h.start : h.start + h.count], expect)  # type: ignore[attr-defined]
+            np.testing.assert_array_equal(h.block[h.start : h.start + h.count], expect)
 
 
 def test_the_held_back_rows_go_just_before_the_handed_ones() -> None:
@@ -68,6 +81,7 @@ def test_the_held_back_rows_go_just_before_the_handed_ones() -> None:
     for k in range(4):
         rows.append(np.full(DIM, k, np.float32))
     h = rows.take()
+    assert h is not None
     carry = [np.full(DIM, 10.0 + k, np.float32) for k in range(2)]
     run = h.with_front(carry)
     assert run is not None
@@ -81,6 +95,7 @@ def test_a_row_that_is_not_contiguous_is_copied_too() -> None:
     x = np.arange(2 * DIM, dtype=np.float32)[::2]
     rows.append(x)
     h = rows.take()
+    assert h is not None
     np.testing.assert_array_equal(h.block[h.start], x)
 
 
