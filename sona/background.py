@@ -31,7 +31,6 @@ from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
 from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
-from sona.pending_rows import FRONT
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
 from sona.results import BackgroundResult
@@ -58,7 +57,8 @@ def mini_batch(instant_lr: float) -> int:
 
 BEST_FRACTION = 0.2
 EVAL_FRACTION = 0.1
-MAX_EVAL = FRONT  # samples held back at most: their rows fit before a hand-over's
+MAX_EVAL = 64
+_PREALLOCATE = 64 << 20  # bytes of input rows kept ready at construction, at most
 _FOLD_OVERFLOW = (
     "rejected: folding the live adapter into the consolidated one would make delta_weight "
     "overflow; the consolidated adapter was kept"
@@ -90,7 +90,10 @@ class BackgroundLoop:
         self.bank = PatternBank(config.pattern_clusters, config.micro_lora.in_features)
         self.replay: deque[TrainingSample] = deque(maxlen=config.replay_capacity)
         self.carry: list[tuple[int, TrainingSample]] = []
-        self._rows = _RowBuffer(config.micro_lora.in_features)
+        # a full hand-over (the pending bound) plus the held-back carry
+        self._rows = _RowBuffer(
+            config.micro_lora.in_features, config.max_pending_samples + MAX_EVAL
+        )
         self.version = 0
         self.runs = 0
         self.consolidated = 0
@@ -139,31 +142,22 @@ class BackgroundLoop:
         t0 = time.perf_counter()
         notes: list[str] = []
         samples = self.carry + hand.samples
-        n_train = len(samples)
-        order: list[int] | None = None  # train then held-back positions, unless in order
-        if hold_back:
-            train_at, held_at = _split_eval(samples)
-            n_train = len(train_at)
-            if held_at and held_at[0] != n_train:
-                order = train_at + held_at
-        else:
+        train, held = _split_eval(samples) if hold_back else (samples, [])
+        if not hold_back:
             notes.append(
                 "quality_delta: not measured: the consolidation that closes a task keeps no "
                 "sample back"
             )
-        if order is not None:
-            samples = [samples[i] for i in order]
-        train, held = samples[:n_train], samples[n_train:]
         old = self.published
         # C-level loops (map with operator getters): these run once per sample
         train_samples: list[TrainingSample] = list(map(_second, train))
         eval_samples: list[TrainingSample] = list(map(_second, held))
         # every input row once, training rows first: later passes take views
-        rows = self._input_rows(hand, order)
-        xs = rows[:n_train] if train_samples else None
+        rows = self._rows.gather(train_samples + eval_samples)
+        xs = rows[: len(train_samples)] if train_samples else None
         fired = self._track(xs, notes)
         published, rejected = self._fold(old, hand.live, train_samples, xs, notes)
-        eval_rows = rows[n_train:]
+        eval_rows = rows[len(train_samples) :]
         quality_delta = self._delta(eval_samples, eval_rows, old.predict, published.predict, notes)
         self.replay.extend(train_samples)
         result = BackgroundResult(
@@ -177,19 +171,6 @@ class BackgroundLoop:
         )
         consumed: list[int] = list(map(_first, train))
         return Consolidation(result, consumed, len(fired), rejected, published, held)
-
-    def _input_rows(self, hand: HandOver, order: list[int] | None) -> np.ndarray:
-        """The input rows of the held-back samples and then the hand-over's, in ``order`` if
-        given. The Instant loop wrote the hand-over's as it applied them, with room before
-        them for the held-back ones; only a hand-over without them (restored from a
-        checkpoint) has every row gathered here."""
-        carry = self.carry
-        rows = None
-        if hand.rows is not None and hand.rows.count == len(hand.samples):
-            rows = hand.rows.with_front([s.input_embedding for _, s in carry])
-        if rows is None:
-            rows = self._rows.gather([s for _, s in carry + hand.samples])
-        return rows if order is None else rows[order]
 
     def _track(self, xs: np.ndarray | None, notes: list[str]) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
@@ -421,24 +402,31 @@ class BackgroundLoop:
         return self.pipeline.task_count
 
 
-def _split_eval(samples: list[tuple[int, TrainingSample]]) -> tuple[list[int], list[int]]:
-    """The positions to train on, and those of the newest measurable samples held back for
-    evaluation (about 10 %, at most 64), each in order."""
-    n = len(samples)
-    if n < 2:
-        return list(range(n)), []
-    want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * n)))
-    return hold_out_newest(list(range(n)), want, lambda i: samples[i][1])
+def _split_eval(
+    samples: list[tuple[int, TrainingSample]],
+) -> tuple[list[tuple[int, TrainingSample]], list[tuple[int, TrainingSample]]]:
+    """Hold back the newest measurable samples (about 10 %, at most 64) for evaluation."""
+    if len(samples) < 2:
+        return samples, []
+    want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
+    return hold_out_newest(samples, want, _second)
 
 
 class _RowBuffer:
-    """A reused float32 array input rows are gathered into when a hand-over comes without
-    them (restored from a checkpoint): the rows are only read during
-    :meth:`BackgroundLoop.prepare`, so one buffer serves every such run."""
+    """A reused float32 array the batch's input rows are gathered into.
 
-    def __init__(self, dim: int) -> None:
+    A fresh 16 MB array per consolidation costs its page faults on top of the copy: about a
+    millisecond, and up to 20 ms measured on a virtual machine slow to fault in fresh pages.
+    The rows are only read during :meth:`BackgroundLoop.prepare`, so one buffer serves every
+    run; it is sized for a full hand-over and touched once at construction (bounded by
+    ``_PREALLOCATE``), and grows if a larger batch ever comes.
+    """
+
+    def __init__(self, dim: int, rows: int) -> None:
         self.dim = dim
-        self._flat = np.empty(0, np.float32)
+        rows = max(0, min(rows, _PREALLOCATE // (4 * dim)))
+        self._flat = np.empty(rows * dim, np.float32)
+        self._flat.fill(0.0)  # touch every page now, not during the first consolidation
 
     def gather(self, samples: Sequence[TrainingSample]) -> np.ndarray:
         """The samples' input embeddings as rows of an (n, dim) view of the buffer."""

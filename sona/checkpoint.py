@@ -675,7 +675,7 @@ def install(rt: SonaRuntime, state: CheckpointState) -> None:
     inst.live = state.live
     explored: OrderedDict[tuple[int, int], float] = getattr(state.live, "_explored")  # noqa: B009
     explored.update(state.explored)
-    inst.restore_pending([(sid, s) for sid, s, _ in state.samples["pending"]])
+    inst.pending = deque((sid, s) for sid, s, _ in state.samples["pending"])
     im = state.instant
     inst.applied = im.applied
     inst.skipped = im.skipped

@@ -169,7 +169,6 @@ class SonaLlm:
         self._last_background = self._now()
         hand = self.instant.hand_over()
         outcome = self.background.consolidate(hand, hold_back=hold_back)
-        self.instant.consolidated(hand)
         if outcome.boundaries:
             self.instant.new_task()
         return outcome.result

@@ -21,7 +21,6 @@ from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
-from sona.pending_rows import HandedRows, PendingRows
 from sona.published import Published
 from sona.sample import TrainingSample
 
@@ -43,12 +42,10 @@ class InstantOutcome(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(slots=True)
 class HandOver:
-    """What Background receives: the live adapter as it was, and the samples behind it
-    (with their input rows, except for a hand-over restored from a checkpoint)."""
+    """What Background receives: the live adapter as it was, and the samples behind it."""
 
     live: MicroLoRA
     samples: list[tuple[int, TrainingSample]]
-    rows: HandedRows | None = None
 
 
 class InstantLoop:
@@ -76,7 +73,6 @@ class InstantLoop:
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
         self.pending: deque[tuple[int, TrainingSample]] = deque()
-        self.rows = PendingRows(config.micro_lora.in_features, config.max_pending_samples)
         self.applied = 0
         self.skipped = 0
         self.rejected = 0
@@ -125,7 +121,6 @@ class InstantLoop:
                 return self._skip(t0, "update_rejected", note, rejected=True)
             return self._skip(t0, "no_direction", note)
         self.pending.append((sample_id, sample))
-        self.rows.append(sample.input_embedding)
         self.applied += 1
         self.accumulated_quality += sample.quality
         dt = (_clock() - t0) / 1e3
@@ -172,7 +167,6 @@ class InstantLoop:
         snapshot = self.live.clone()
         samples = list(self.pending)
         self.pending.clear()
-        rows = self.rows.take()
         self.live.reset_b()
         if self._fresh_start:
             self._fresh_start = False
@@ -180,17 +174,7 @@ class InstantLoop:
             fresh = MicroLoRA(self.config.micro_lora, seed=self.live.seed + self._restarts)
             for module, a, bt in fresh.iter_factors():
                 self.live.set_factors(module, a, bt)
-        return HandOver(snapshot, samples, rows)
-
-    def consolidated(self, hand: HandOver) -> None:
-        """``hand``'s consolidation committed: its block of rows serves a later hand-over."""
-        if hand.rows is not None:
-            self.rows.give_back(hand.rows)
-
-    def restore_pending(self, items: list[tuple[int, TrainingSample]]) -> None:
-        """Replace the samples waiting for consolidation (restoring a checkpoint)."""
-        self.pending = deque(items)
-        self.rows.reset([s.input_embedding for _, s in items])
+        return HandOver(snapshot, samples)
 
     def new_task(self) -> None:
         """A new task began: the live adapter restarts from fresh A at the next hand-over."""
@@ -201,7 +185,6 @@ class InstantLoop:
         if not self.pending:
             return None
         sid, _ = self.pending.popleft()
-        self.rows.drop_oldest()
         self.evicted += 1
         return sid
 

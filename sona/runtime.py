@@ -699,7 +699,6 @@ class SonaRuntime:
             self._set_unfinished(None)
         finally:
             self._view += 1
-        self._instant.consolidated(hand)
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
             self._instant.new_task()
         self._last_background = time.monotonic()

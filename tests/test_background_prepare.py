@@ -38,8 +38,7 @@ def _split_reference(
 @given(kinds=st.lists(st.sampled_from([0, 0, 0, 1, 2]), max_size=150))
 def test_split_holds_back_the_newest_measurable_samples(kinds: list[int]) -> None:
     samples = [(i, _sample(i, k)) for i, k in enumerate(kinds)]
-    train_at, held_at = _split_eval(samples)
-    train, held = [samples[i] for i in train_at], [samples[i] for i in held_at]
+    train, held = _split_eval(samples)
     if len(samples) < 2:
         assert (train, held) == (samples, [])
         return
@@ -49,7 +48,7 @@ def test_split_holds_back_the_newest_measurable_samples(kinds: list[int]) -> Non
 
 def test_row_buffer_gathers_like_stack_and_grows() -> None:
     rng = np.random.default_rng(0)
-    buf = _RowBuffer(5)
+    buf = _RowBuffer(5, 3)
     for n in (0, 2, 3, 11, 4):
         samples = [TrainingSample(rng.standard_normal(5), np.ones(2), 0.5) for _ in range(n)]
         rows = buf.gather(samples)
@@ -59,7 +58,7 @@ def test_row_buffer_gathers_like_stack_and_grows() -> None:
 
 
 def test_row_buffer_refuses_an_input_of_another_width() -> None:
-    buf = _RowBuffer(5)
+    buf = _RowBuffer(5, 4)
     samples = [TrainingSample(np.ones(5), np.ones(2), 0.5), TrainingSample(np.ones(6), [1, 1], 0.5)]
     with pytest.raises(InvalidInputError, match=r"shape \(5,\)"):
         buf.gather(samples)

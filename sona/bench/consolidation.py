@@ -38,7 +38,6 @@ Case = tuple[BackgroundLoop, HandOver]
 # (module path, owner attribute or "", function name, label) of each stage timed by --stages
 _STAGES = (
     ("sona.background", "", "_split_eval", "split held-back samples"),
-    ("sona.background", "BackgroundLoop", "_input_rows", "input rows (held back + handed)"),
     ("sona.training", "TrainingPipeline", "track_many", "track: importance window + boundary"),
     ("sona.boundary", "ShiftDetector", "_learn_basis", "  of which: learn reference subspace"),
     ("sona.pattern_bank", "PatternBank", "update", "pattern bank update"),
