@@ -1,12 +1,14 @@
-"""Stacking sample embeddings into one matrix from a worker thread, without GIL hand-overs.
+"""Stacking sample embeddings into one matrix from a worker thread, without holding the GIL.
 
 NumPy releases the GIL around every copy of more than a few hundred elements, so ``np.stack``
 or ``np.concatenate`` over a list of embeddings gives the GIL up and takes it back once per
 row. From a worker thread, while the event loop keeps the GIL busy, each take-back waits up
 to a switch interval (5 ms): stacking 1,000 embeddings of width 4096 took ~0.8 s instead of
-1.5 ms, and the Background loop fell behind. Assigning through memoryviews copies each row
-with one ``memcpy`` that keeps the GIL: the whole stack holds it ~1.7 ms in one stretch, which
-the interpreter can still interrupt between rows.
+1.5 ms, and the Background loop fell behind. Copying each row with a ``memcpy`` that keeps the
+GIL avoids the waits but holds the GIL for the whole copy (~3 ms for rows that come from
+memory), and every request the event loop serves meanwhile waits. So the GIL is held only to
+note where each row starts, and one kernel copies them all without it
+(:mod:`sona.kernels.gather`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sona.errors import InvalidInputError
+from sona.kernels.gather import gather_rows, record_address
 
 _F32 = np.dtype(np.float32)
 
@@ -33,18 +36,17 @@ def stack_rows(rows: Sequence[np.ndarray], width: int, out: np.ndarray | None = 
         raise ValueError(f"out must be C-contiguous float32 of shape ({n}, {width})")
     if n == 0:
         return out
-    dst = out.data.cast("B")
-    size = width * 4
+    at = np.zeros(n, np.int64)
     shape = (width,)
-    offset = 0
+    strided: list[int] = []
     for i, row in enumerate(rows):
         if row.shape != shape or (row.dtype is not _F32 and row.dtype != _F32):
             raise InvalidInputError(
                 f"embeddings must be float32 of shape ({width},), got {row.dtype} {row.shape}"
             )
-        try:
-            dst[offset : offset + size] = row.data.cast("B")
-        except TypeError:  # not contiguous: memoryview casts refuse it
-            out[i] = row
-        offset += size
+        if not record_address(row, width, at, i):
+            strided.append(i)  # rows are held by ``rows`` until the copy is done
+    gather_rows(at, out)
+    for i in strided:
+        out[i] = rows[i]
     return out

@@ -1,5 +1,6 @@
-"""stack_rows gives exactly np.stack, into a fresh or a given matrix, for contiguous and strided
-rows, and refuses rows of another dtype or width."""
+"""stack_rows gives exactly np.stack, into a fresh or a given matrix, for contiguous, strided and
+read-only rows, copies the contiguous ones in its GIL-free kernel, and refuses rows of another
+dtype or width."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sona.kernels.gather import gather_rows, record_address
 
+from sona import stacking
 from sona.errors import InvalidInputError
 from sona.stacking import stack_rows
 
@@ -16,18 +19,24 @@ from sona.stacking import stack_rows
 @given(
     n=st.integers(0, 40),
     width=st.integers(1, 17),
-    strided=st.booleans(),
+    kinds=st.lists(st.sampled_from(["plain", "strided", "read-only"]), min_size=1),
     given_out=st.booleans(),
     seed=st.integers(0, 9),
 )
 def test_stack_rows_matches_numpy(
-    n: int, width: int, strided: bool, given_out: bool, seed: int
+    n: int, width: int, kinds: list[str], given_out: bool, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
-    if strided:
-        rows = [rng.standard_normal(2 * width).astype(np.float32)[::2] for _ in range(n)]
-    else:
-        rows = [rng.standard_normal(width).astype(np.float32) for _ in range(n)]
+    rows = []
+    for i in range(n):
+        row = rng.standard_normal(2 * width).astype(np.float32)
+        kind = kinds[i % len(kinds)]
+        if kind == "strided":
+            rows.append(row[::2])
+        elif kind == "read-only":  # how samples hold their embeddings
+            rows.append(np.frombuffer(row[:width].tobytes(), np.float32))
+        else:
+            rows.append(row[:width])
     out = np.full((n, width), np.nan, np.float32) if given_out else None
     got = stack_rows(rows, width, out=out)
     assert got.shape == (n, width) and got.dtype == np.float32
@@ -54,3 +63,25 @@ def test_a_wrong_out_is_refused() -> None:
         stack_rows(rows, 8, out=np.zeros((1, 8), np.float64))
     with pytest.raises(ValueError, match="C-contiguous float32"):
         stack_rows(rows, 8, out=np.zeros((1, 16), np.float32)[:, ::2])
+
+
+def test_contiguous_rows_are_copied_by_the_gil_free_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    copied: list[int] = []
+
+    def spy(at: np.ndarray, out: np.ndarray) -> None:
+        copied.append(int(np.count_nonzero(at)))
+        gather_rows(at, out)
+
+    monkeypatch.setattr(stacking, "gather_rows", spy)
+    rows = [np.full(8, i, np.float32) for i in range(5)] + [np.ones(16, np.float32)[::2]]
+    np.testing.assert_array_equal(stack_rows(rows, 8), np.stack(rows))
+    assert copied == [5]  # the strided row was copied on its own
+
+
+def test_an_address_is_recorded_only_for_a_contiguous_row_of_the_width() -> None:
+    at = np.zeros(2, np.int64)
+    assert not record_address(np.ones(9, np.float32), 8, at, 0)
+    assert not record_address(np.ones(16, np.float32)[::2], 8, at, 0)
+    assert at.tolist() == [0, 0]  # nothing written: the kernel never reads past a row
+    x = np.ones(8, np.float32)
+    assert record_address(x, 8, at, 1) and at[1] == x.ctypes.data
