@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from sona.errors import InvalidInputError
-from sona.kernels.gather import gather_rows, record_address
+from sona.kernels import gather
+from sona.kernels.gather import record_address
 
 _F32 = np.dtype(np.float32)
 
@@ -46,7 +47,7 @@ def stack_rows(rows: Sequence[np.ndarray], width: int, out: np.ndarray | None = 
             )
         if not record_address(row, width, at, i):
             strided.append(i)  # rows are held by ``rows`` until the copy is done
-    gather_rows(at, out)
+    gather.gather_rows(at, out)
     for i in strided:
         out[i] = rows[i]
     return out

@@ -72,7 +72,7 @@ def test_contiguous_rows_are_copied_by_the_gil_free_kernel(monkeypatch: pytest.M
         copied.append(int(np.count_nonzero(at)))
         gather_rows(at, out)
 
-    monkeypatch.setattr(stacking, "gather_rows", spy)
+    monkeypatch.setattr(stacking.gather, "gather_rows", spy)
     rows = [np.full(8, i, np.float32) for i in range(5)] + [np.ones(16, np.float32)[::2]]
     np.testing.assert_array_equal(stack_rows(rows, 8), np.stack(rows))
     assert copied == [5]  # the strided row was copied on its own

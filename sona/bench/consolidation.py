@@ -223,8 +223,8 @@ def _timed_kernels() -> Iterator[dict[str, float]]:
 
 def outside_kernels_ms(cases: list[Case]) -> tuple[float, float]:
     """(median ms of prepare outside Numba kernels, median wall ms): about the time prepare
-    holds the GIL (numpy may release it in some of the rest; the kernels that keep it are
-    vector-sized ones of the request path, which prepare does not call)."""
+    holds the GIL (numpy may release it in some of the rest; of the kernels that keep it,
+    prepare calls one, noting where each input row is, and that one counts as outside)."""
     outside: list[float] = []
     walls: list[float] = []
     with _timed_kernels() as acc:
