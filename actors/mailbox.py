@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
-from sona.actors.errors import ActorStopped, Backpressure
+from sona.actors.errors import ActorError, ActorStopped, Backpressure
 
 T = TypeVar("T")
 
@@ -152,7 +152,15 @@ class Mailbox(Generic[T]):
                 self._abandon(self._putters, waiter, len(items) < self._capacity)
                 raise
             if self._state:
-                self._check_open()
+                try:
+                    self._check_open()
+                except ActorError:
+                    # Woken for a free slot, then refused (a drain lets only some senders
+                    # through): pass the wake-up on, or a sender that may still send waits
+                    # behind it with room free until the drain times out.
+                    if len(items) < self._capacity and self._putters:
+                        self._putters.popleft().set()
+                    raise
         items.append(item)
         if self._getters:
             self._getters.popleft().set()

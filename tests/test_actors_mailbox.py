@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import random
 from collections import Counter
 
@@ -9,6 +10,7 @@ import anyio
 import pytest
 from sona.actors import (
     Actor,
+    ActorStopped,
     Backpressure,
     MessageDropped,
     OverflowPolicy,
@@ -171,6 +173,35 @@ async def test_cancelled_blocked_senders_enqueue_nothing() -> None:
     assert taken[0] == "first"
     assert Counter(taken[1:]) == Counter(done)
     assert done  # the freed slots were used: no wake-up was lost
+
+
+async def test_a_sender_refused_by_the_drain_hands_its_wake_up_on() -> None:
+    """During the drain, a woken sender that may no longer send must pass the free slot on to
+    the next blocked sender, which may (a sibling actor), instead of leaving it waiting."""
+    box: Mailbox[str] = Mailbox(1, OverflowPolicy.BLOCK)
+    await box.put("first")
+    insider: contextvars.ContextVar[bool] = contextvars.ContextVar("insider", default=False)
+    refused: list[str] = []
+
+    async def sender(item: str, inside: bool) -> None:
+        insider.set(inside)
+        try:
+            await box.put(item)
+        except ActorStopped:
+            refused.append(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender, "outside", False)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(sender, "inside", True)
+        await anyio.wait_all_tasks_blocked()
+        box.start_draining(insider.get)
+        assert box.get_nowait() == "first"  # wakes the outsider, first in line
+        await anyio.wait_all_tasks_blocked()
+        queued = box.queued()
+        tg.cancel_scope.cancel()  # ends the insider if it is still waiting
+    assert refused == ["outside"]
+    assert queued == ["inside"]
 
 
 async def test_cancelled_receivers_take_nothing() -> None:

@@ -376,3 +376,44 @@ async def test_pipeline_drains_through_its_stages_while_outsiders_are_refused() 
         for i in range(100):
             await head.tell(i)
     assert got == list(range(100))
+
+
+async def test_drain_lets_a_sibling_through_behind_a_refused_outsider() -> None:
+    """An outsider blocked on a full mailbox is refused once the drain starts; the sibling
+    blocked behind it must still get the slot and its message be handled, not left over."""
+    release = anyio.Event()
+    got: list[str] = []
+
+    class Sink(Actor):
+        async def handle(self, message: str) -> None:
+            if message == "first":
+                await release.wait()
+            got.append(message)
+
+    class Feeder(Actor):
+        async def handle(self, message: str) -> None:
+            await sink.tell(message)
+
+    sup = Supervisor(shutdown_timeout_s=0.5)
+    sink = sup.spawn(Sink, name="sink", mailbox_size=1)
+    feeder = sup.spawn(Feeder, name="feeder")
+    refused: list[str] = []
+
+    async def outsider() -> None:
+        try:
+            await sink.tell("outside")
+        except ActorStopped:
+            refused.append("outside")
+
+    async with anyio.create_task_group() as tg, sup:
+        await sink.tell("first")
+        await anyio.wait_all_tasks_blocked()
+        await sink.tell("fill")
+        tg.start_soon(outsider)
+        await anyio.wait_all_tasks_blocked()
+        await feeder.tell("inside")
+        await anyio.wait_all_tasks_blocked()  # outsider, then feeder, wait for room
+        release.set()  # the drain starts before the sink gets to run
+    assert refused == ["outside"]
+    assert got == ["first", "fill", "inside"]
+    assert sup.stats()["feeder"]["left_at_shutdown"] == 0
