@@ -61,7 +61,8 @@ class ActorRef:
         """Send ``message`` and wait for what ``handle`` returns for it.
 
         ``timeout`` covers both waiting for room and waiting for the answer; on expiry a
-        ``TimeoutError`` is raised and the message, if already queued, is still handled. If the
+        ``TimeoutError`` is raised and the message, if already queued, is still handled. An
+        answer (or failure) already there when the asker resumes wins over the expiry. If the
         message is dropped by the overflow policy the asker gets MessageDropped; if it raises
         twice and is dead-lettered, MessageFailed (the handler's error as ``__cause__``); if the
         actor stops first, ActorStopped or SupervisorGaveUp.
@@ -78,9 +79,13 @@ class ActorRef:
                 await self._mailbox.put(envelope)
                 await envelope.done.wait()
         except TimeoutError:
-            raise TimeoutError(
-                f"ask to actor {self.name!r} got no answer within {timeout} s"
-            ) from None
+            # When the loop was held up (a long synchronous step), the deadline can cancel this
+            # wait and the handler answer before this task runs again: the message was handled,
+            # so its outcome is reported, not a timeout that would leave the asker unsure.
+            if not envelope.done.is_set():
+                raise TimeoutError(
+                    f"ask to actor {self.name!r} got no answer within {timeout} s"
+                ) from None
         if envelope.error is not None:
             raise envelope.error
         return envelope.result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from collections import Counter
 from typing import Any
 
@@ -218,6 +219,38 @@ async def test_ask_timeout_and_plain_exceptions_from_the_body() -> None:
             with pytest.raises(TimeoutError, match="'slow'"):
                 await ref.ask("x", timeout=0.01)
             raise ValueError("body")
+
+
+async def test_an_answer_there_when_the_asker_resumes_is_not_turned_into_a_timeout() -> None:
+    """The loop is held up by a synchronous step (a kernel, say) while the handler's wake-up
+    and then the asker's deadline fall due: the handler answers before the asker runs, yet the
+    deadline has cancelled the asker's wait. The message was handled and its answer is there;
+    a TimeoutError would tell the asker it may not have been."""
+    handled: list[str] = []
+    answering = anyio.Event()
+
+    class Late(Actor):
+        async def handle(self, message: str) -> str:
+            answering.set()
+            await anyio.sleep(0.05)  # due before the asker's deadline
+            handled.append(message)
+            return f"answer to {message}"
+
+    async def hold_the_loop() -> None:
+        await answering.wait()
+        time.sleep(0.5)  # past the handler's wake-up and the deadline: both due at once
+
+    sup = Supervisor()
+    ref = sup.spawn(Late, name="late")
+    async with sup, anyio.create_task_group() as tg:
+        tg.start_soon(hold_the_loop)
+        outcome: object
+        try:
+            outcome = await ref.ask("q", timeout=0.2)
+        except TimeoutError as exc:
+            outcome = exc
+    assert handled == ["q"]
+    assert outcome == "answer to q"
 
 
 class Recorder(Actor):
