@@ -2,6 +2,8 @@
 
 Each incarnation of a child runs in its own task of the supervisor's anyio task group; one
 control task takes crash reports in order and decides, so that restarts never race each other.
+Under ONE_FOR_ONE a restart waits out its backoff in a task of its own, so one child's long
+backoff never delays the restart of another.
 A crash report carries the incarnation's generation: a report from an incarnation that was
 already replaced (a REST_FOR_ONE sibling that crashed while being stopped) is ignored.
 """
@@ -119,6 +121,7 @@ class Supervisor:
         self._phase = _NEW
         self._tg: Any = None
         self._control_scope: anyio.CancelScope | None = None
+        self._delayed: set[anyio.CancelScope] = set()  # ONE_FOR_ONE restarts in their backoff
         self._crashes: deque[tuple[Child, int, BaseException]] = deque()
         self._control_waiter: anyio.Event | None = None
         self._restart_times: deque[float] = deque()
@@ -239,8 +242,7 @@ class Supervisor:
         self, pending: BaseException | None, *, body_exc: BaseException | None = None
     ) -> bool:
         tg = self._tg
-        if self._control_scope is not None:
-            self._control_scope.cancel()
+        self._stop_control()
         try:
             suppress: bool = await tg.__aexit__(
                 type(pending) if pending is not None else None,
@@ -301,8 +303,7 @@ class Supervisor:
                 queued={c.name: c.queued() for c in self._children},
             )
         self._phase = _STOPPING
-        if self._control_scope is not None:
-            self._control_scope.cancel()
+        self._stop_control()
         await self._stop_children(self._children, grace_s=0.0 if timed_out else None)
         for child in self._children:
             self._finish(child, None)
@@ -311,8 +312,7 @@ class Supervisor:
         """Stop on cancellation of the host: no drain, shielded so on_stop still runs."""
         self._phase = _STOPPING
         with anyio.CancelScope(shield=True):
-            if self._control_scope is not None:
-                self._control_scope.cancel()
+            self._stop_control()
             await self._stop_children(self._children, grace_s=0.0)
             for child in self._children:
                 self._finish(child, None)
@@ -520,8 +520,20 @@ class Supervisor:
                     return
                 await self._restart(child)
 
+    def _stop_control(self) -> None:
+        """No more restarts: end the control task and every restart waiting out its backoff."""
+        if self._control_scope is not None:
+            self._control_scope.cancel()
+        for scope in self._delayed:
+            scope.cancel()
+
     async def _restart(self, crashed: Child) -> None:
         delay = self.backoff.delay(crashed.consecutive, self._rng)
+        if self.strategy is RestartStrategy.ONE_FOR_ONE and delay > 0:
+            # Waited out in a task of its own: a sibling that crashes meanwhile is restarted
+            # after its own backoff, not after this one too.
+            self._tg.start_soon(self._restart_later, crashed, delay)
+            return
         if self.strategy is RestartStrategy.REST_FOR_ONE:
             index = self._children.index(crashed)
             group = [c for c in self._children[index:] if not c.finished]
@@ -535,6 +547,15 @@ class Supervisor:
         for child in group:
             await self._start_child(child, restart=(delay, crashed.name))
 
+    async def _restart_later(self, child: Child, delay: float) -> None:
+        with anyio.CancelScope() as scope:
+            self._delayed.add(scope)
+            try:
+                await anyio.sleep(delay)
+                await self._start_child(child, restart=(delay, child.name))
+            finally:
+                self._delayed.discard(scope)
+
     async def _give_up(self, child: Child, error: BaseException) -> None:
         count = len(self._restart_times)
         gave_up = SupervisorGaveUp(
@@ -547,6 +568,8 @@ class Supervisor:
         )
         self._gave_up = gave_up
         self._phase = _STOPPING
+        for scope in self._delayed:
+            scope.cancel()
         for c in self._children:
             c.mailbox.close(gave_up.copy)
             # Nothing queued is handled any more: answer each asker now, not after the others

@@ -450,3 +450,61 @@ async def test_drain_lets_a_sibling_through_behind_a_refused_outsider() -> None:
     assert refused == ["outside"]
     assert got == ["first", "fill", "inside"]
     assert sup.stats()["feeder"]["left_at_shutdown"] == 0
+
+
+async def test_a_crash_during_another_childs_backoff_is_not_held_up_by_it() -> None:
+    """ONE_FOR_ONE: each child waits its own backoff. A child in a long crash loop (its backoff
+    grown large) must not delay the restart of a sibling that crashes meanwhile."""
+    a_starts: list[int] = []
+
+    class StartsLate(Actor):
+        async def on_start(self) -> None:
+            a_starts.append(1)
+            if len(a_starts) <= 9:
+                raise Boom("not ready")
+
+    seen: list[Any] = []
+    failed: set[Any] = set()
+    sup = Supervisor(max_restarts=100, backoff=Backoff(min_s=0.001, max_s=10.0, jitter=0.0))
+    sup.spawn(StartsLate, name="a")
+    b = sup.spawn(lambda: Once(seen, failed), name="b")
+    restarted: list[tuple[str, int]] = []
+    async with sup.events.subscribe(buffer=1000) as sub, sup:
+        async for event in sub:
+            if isinstance(event, LoopCrashed) and event.actor == "a" and event.consecutive == 9:
+                break  # a now waits 0.256 s before its next start
+        await b.tell("once-x")
+        async for event in sub:
+            if isinstance(event, LoopRestarted):
+                restarted.append((event.actor, event.restarts))
+                if event.actor == "b" or len(restarted) > 2:
+                    break
+        assert await b.ask("after") == "ok after"
+    assert restarted[0] == ("b", 1)
+    assert seen == ["once-x", "after"]
+
+
+async def test_giving_up_cancels_a_restart_still_in_its_backoff() -> None:
+    """A child waiting out a long backoff is never started once the supervisor gave up, and
+    the supervisor does not wait for that backoff to end before it stops."""
+    sup = Supervisor(
+        max_restarts=1,
+        within_s=60.0,
+        backoff=Backoff(min_s=30.0, max_s=30.0, jitter=0.0),
+        raise_on_give_up=False,
+    )
+    slow = sup.spawn(AlwaysFails, name="slow")
+    bad = sup.spawn(AlwaysFails, name="bad")
+    with anyio.fail_after(10):  # the backoff is 30 s
+        async with sup.events.subscribe(buffer=100) as sub, sup:
+            await slow.tell("x")  # crashes; its restart waits 30 s
+            async for event in sub:
+                if isinstance(event, LoopCrashed):
+                    break
+            await bad.tell("y")  # the second crash within the window: give up
+            async for event in sub:
+                if isinstance(event, SupervisorGaveUpEvent):
+                    break
+    assert sup.gave_up
+    assert slow.stats()["restarts"] == 0 and slow.leftovers() == ["x"]
+    assert bad.leftovers() == ["y"]
