@@ -236,6 +236,8 @@ class Supervisor:
         except BaseException as err:  # a cancellation, e.g. the control task gave up
             if pending is None:
                 pending = err
+            if self._gave_up is None and isinstance(err, anyio.get_cancelled_exc_class()):
+                await self._stop_now()  # cancelled during the drain: stop in order all the same
         return await self._exit_task_group(pending, body_exc=exc)
 
     async def _exit_task_group(
@@ -243,6 +245,9 @@ class Supervisor:
     ) -> bool:
         tg = self._tg
         self._stop_control()
+        for child in self._children:  # whatever stop was cut short, no child waits its turn
+            if child.gate is not None:
+                child.gate.set()
         try:
             suppress: bool = await tg.__aexit__(
                 type(pending) if pending is not None else None,
@@ -391,6 +396,7 @@ class Supervisor:
                 await self._call_hook(child, "on_stop", actor.on_stop())
         except BaseException:
             if actor is not None and on_start_ok and error is None:
+                await self._wait_turn_to_stop(child)
                 await self._call_hook(child, "on_stop", actor.on_stop())
             raise
         finally:
@@ -399,6 +405,16 @@ class Supervisor:
             child.running = False
             child.actor = None
             done.set()
+
+    async def _wait_turn_to_stop(self, child: Child) -> None:
+        """Wait, shielded, until ``_stop_children`` lets ``child`` stop (bounded, in case it never
+        does): a cancellation from outside, such as the host's, reaches every child at once, and
+        their ``on_stop`` would otherwise run in whatever order the cancellation reached them."""
+        gate = child.gate
+        if gate is None:
+            gate = child.gate = anyio.Event()
+        with anyio.move_on_after(self.shutdown_timeout_s, shield=True):
+            await gate.wait()
 
     def _announce_restart(self, child: Child, delay: float, cause: str) -> None:
         # Counted and published by the new incarnation itself, before its on_start, so that

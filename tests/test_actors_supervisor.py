@@ -508,3 +508,48 @@ async def test_giving_up_cancels_a_restart_still_in_its_backoff() -> None:
     assert sup.gave_up
     assert slow.stats()["restarts"] == 0 and slow.leftovers() == ["x"]
     assert bad.leftovers() == ["y"]
+
+
+class Hangs(Recorder):
+    """Records like Recorder, hangs on "hang", and yields in on_stop so stops could overlap."""
+
+    async def handle(self, message: Any) -> None:
+        self.log.append(f"begin {self.name} {message}")
+        if message == "hang":
+            await anyio.sleep_forever()
+        self.log.append(f"end {self.name} {message}")
+
+    async def on_stop(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.log.append(f"stop {self.name}")
+
+
+@pytest.mark.parametrize("when", ["in the body", "during the drain"])
+async def test_cancelling_the_host_stops_in_reverse_order_and_keeps_the_message(
+    when: str,
+) -> None:
+    """The host's cancellation reaches every child at once; on_stop must still run in reverse
+    start order, and the message being handled goes back to the mailbox: not lost, and not
+    handled a second time."""
+    log: list[str] = []
+    sup = Supervisor(shutdown_timeout_s=30.0)
+    refs = {n: sup.spawn(functools.partial(Hangs, n, log), name=n) for n in "abc"}
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as host:
+
+            async def cancel_once_blocked() -> None:
+                await anyio.wait_all_tasks_blocked()
+                host.cancel()
+
+            async with sup:
+                await refs["b"].tell("hang")
+                await refs["b"].tell("next")
+                if when == "in the body":
+                    await anyio.wait_all_tasks_blocked()
+                    host.cancel()
+                    await anyio.sleep_forever()
+                tg.start_soon(cancel_once_blocked)  # the drain waits on "hang"
+    assert log == ["start a", "start b", "start c", "begin b hang", "stop c", "stop b", "stop a"]
+    assert refs["b"].leftovers() == ["hang", "next"]
+    stats = refs["b"].stats()
+    assert stats["interrupted"] == 1 and stats["processed"] == 0 and stats["crashes"] == 0
