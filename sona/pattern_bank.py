@@ -94,13 +94,19 @@ class PatternBank:
         return labels
 
     def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
-        """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid."""
+        """Lloyd passes over ``xs``; a cluster that gets no input keeps its centroid.
+
+        Zero inputs are left out of the means, as :meth:`update` leaves them out of its moves:
+        counted, a cluster whose only members were zero inputs (all nearest to the centroid of
+        smallest norm) became the zero vector, and zero members dragged a mean toward the
+        origin.
+        """
         xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         if self.size == 0 or xs.shape[0] == 0:
             return
         labels = np.empty(xs.shape[0], np.intp)
         for _ in range(iterations):
-            sums, members = self._nearest(xs, labels, accumulate=True, skip_zero=False)
+            sums, members = self._nearest(xs, labels, accumulate=True, skip_zero=True)
             got = members > 0
             self.centroids[: self.size][got] = sums[got] / members[got, None].astype(np.float32)
 

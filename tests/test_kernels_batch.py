@@ -118,10 +118,11 @@ class _ReferenceBank(PatternBank):
 
     def refine(self, xs: np.ndarray, iterations: int = 3) -> None:
         xs = np.asarray(xs, dtype=np.float32).reshape(-1, self.dim)
+        real = xs.any(axis=1)  # zero inputs have no direction: they move no mean
         for _ in range(iterations):
             labels = self.assign_many(xs)
             for j in range(self.size):
-                members = xs[labels == j]
+                members = xs[(labels == j) & real]
                 if members.shape[0]:
                     self.centroids[j] = members.mean(axis=0)
 

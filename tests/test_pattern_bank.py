@@ -216,6 +216,25 @@ def test_a_zero_input_never_becomes_a_centroid() -> None:
     _assert_no_zero_centroid(bank)
 
 
+def test_refine_takes_no_centroid_toward_zero_inputs() -> None:
+    """Zero inputs reach the Deep loop's refinement with the kept samples. A cluster whose
+    only members are zero inputs must keep its centroid rather than become the zero vector,
+    and zero members must not drag a cluster's mean toward the origin."""
+    rng = np.random.default_rng(10)
+    bank = PatternBank(2, DIM)
+    near = np.full(DIM, 0.01, np.float32)  # the centroid closest to the origin
+    far = rng.standard_normal(DIM).astype(np.float32) * 10.0
+    bank.update(np.stack([near, far]))
+    members = far + 0.1 * rng.standard_normal((5, DIM)).astype(np.float32)
+    zeros = np.zeros((7, DIM), np.float32)
+    bank.refine(np.concatenate([zeros, members, zeros]))
+    _assert_no_zero_centroid(bank)
+    np.testing.assert_array_equal(bank.centroids[0], near)
+    np.testing.assert_allclose(bank.centroids[1], members.mean(axis=0), rtol=1e-5, atol=1e-5)
+    bank.refine(zeros)  # nothing but zero inputs: nothing moves
+    _assert_no_zero_centroid(bank)
+
+
 # ---------------------------------------------------------------------- state
 def test_state_round_trip_reproduces_the_bank() -> None:
     rng = np.random.default_rng(9)
