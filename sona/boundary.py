@@ -186,10 +186,24 @@ class ShiftDetector:
         return False
 
     def _learn_basis(self) -> None:
-        ev, vt = principal_directions(self._reference, top=self.max_directions)
+        """The subspace holding ``energy`` of the reference inputs' directions.
+
+        Each input counts by its direction alone (rows scaled to unit norm), as the residual
+        fraction it is measured against does: weighted by ‖x‖², a few large inputs held all
+        the energy, the subspace missed directions only smaller inputs used, those inputs
+        looked like a shift all the time, and a real shift drowned in that spread.
+        """
+        ref = self._reference.astype(np.float64)  # ‖x‖² overflows float32 from ‖x‖ ≈ 1.8e19
+        norms = np.sqrt(np.einsum("ij,ij->i", ref, ref))
+        real = norms > 0.0
+        if not real.any():
+            self._filled = 0  # all-zero inputs: keep waiting for informative ones
+            return
+        unit = (ref[real] / norms[real, None]).astype(_F32)
+        ev, vt = principal_directions(unit, top=self.max_directions)
         total = float(ev.sum())
         if total <= 0.0 or not np.isfinite(total):
-            self._filled = 0  # all-zero inputs: keep waiting for informative ones
+            self._filled = 0
             return
         m = int(np.searchsorted(np.cumsum(ev) / total, self.energy) + 1)
         m = min(m, self.max_directions)

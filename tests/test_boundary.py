@@ -105,6 +105,29 @@ def test_a_short_burst_of_odd_inputs_does_not_fire_but_a_sustained_shift_does() 
     assert det.shift_age == fired + 1  # every input since the shift began
 
 
+def _subspace_stream(rng: np.random.Generator, basis: np.ndarray, n: int) -> np.ndarray:
+    """Unit directions from the row space of ``basis`` with norms spanning ~20 decades."""
+    x = rng.standard_normal((n, basis.shape[0])) @ basis
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return (x * rng.lognormal(0.0, 8.0, (n, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_shift_is_seen_whatever_the_spread_of_input_norms(seed: int) -> None:
+    """The residual fraction ignores the input scale, so the subspace it is measured against
+    must too: learned from raw inputs, the few largest reference inputs held all the energy,
+    the subspace missed the directions only smaller inputs used, and a move to an orthogonal
+    subspace went unseen."""
+    rng = np.random.default_rng(seed)
+    d, s = 96, 4
+    q, _ = np.linalg.qr(rng.standard_normal((d, 2 * s)))
+    old, new = q.T[:s], q.T[s:]
+    det = ShiftDetector(d, reference_samples=100, max_directions=16)
+    assert det.update_many(_subspace_stream(rng, old, 3000)) == -1
+    assert det.phase == WATCHING
+    assert 0 <= det.update_many(_subspace_stream(rng, new, 500)) < 20
+
+
 def test_detection_off_never_starts_a_task() -> None:
     seq = SubspaceSequence.make(seed=5, held_out=16)
     lora = _lora(seq.dim, 5)
