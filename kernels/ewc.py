@@ -18,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 from sona.kernels.jit import inline, kernel
 
+# Smallest Cholesky pivot relative to the matrix's largest diagonal entry (see _cholesky).
+_PIVOT_FLOOR = 1e-12
+
 
 @inline
 def _project(a: np.ndarray, ut: np.ndarray, q: np.ndarray) -> None:
@@ -79,16 +82,31 @@ def _dots64(m: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
 
 
 @inline
-def _cholesky(m: np.ndarray, lower: np.ndarray) -> None:
-    """lower·lowerᵀ = m for a symmetric positive-definite r×r ``m`` (here always >= I)."""
+def _cholesky(m: np.ndarray, lower: np.ndarray, floor: float) -> None:
+    """lower·lowerᵀ ≈ m for a symmetric r×r ``m`` = floor·I + H, H positive semi-definite.
+
+    Every pivot of such a matrix is at least ``floor`` in exact arithmetic. When H is singular
+    (collinear rows of B) and ``floor`` = 1/τ is below H's round-off, the computed pivot was
+    noise, negative (a NaN root) or tiny (the right-hand side's round-off along H's null
+    space, divided by it, blew the step up). So the floor is raised to ``_PIVOT_FLOOR`` times
+    m's largest diagonal entry, and a pivot below half of it is replaced by it: a direction
+    H barely constrains is then solved as if slightly more constrained, which only shortens
+    the step along it, and (I/τ + H' >= I/τ + H) the penalty still cannot grow. Pivots near
+    1/τ, where round-off of either sign is harmless, are left alone, so a well-posed solve is
+    unchanged.
+    """
     n = m.shape[0]
+    big = 0.0
+    for i in range(n):
+        big = max(big, m[i, i])
+    floor = max(floor, _PIVOT_FLOOR * big)
     for i in range(n):
         for j in range(i + 1):
             acc = m[i, j]
             for p in range(j):
                 acc -= lower[i, p] * lower[j, p]
             if i == j:
-                lower[i, i] = np.sqrt(acc)
+                lower[i, i] = np.sqrt(acc if acc >= 0.5 * floor else floor)
             else:
                 lower[i, j] = acc / lower[j, j]
         for j in range(i + 1, n):
@@ -243,7 +261,7 @@ def prox_step(
                 grad += s * gram[r1, r2] * float(q[r2, j])
             kmat[r1, r1] += inv_tau
             vec[r1] = -s * cj * grad
-        _cholesky(kmat, lower)
+        _cholesky(kmat, lower, inv_tau)
         _solve_vec(lower, vec)
         for r in range(rank):
             dq[r, j] = vec[r]
@@ -271,7 +289,7 @@ def prox_step(
             if f != 0.0:
                 for o in range(n_out):
                     bt_new[r1, o] += f * mt[j, o]
-    _cholesky(kmat, lower)
+    _cholesky(kmat, lower, inv_tau)
     _solve_rows(lower, bt_new)
     ok = np.float32(0.0)
     for r in range(rank):

@@ -128,6 +128,30 @@ def test_prox_step_never_increases_the_penalty_and_is_stable_for_huge_lambda(tau
         assert values[-1] < 1e-4 * before
 
 
+@pytest.mark.parametrize("tau", [1e12, 1e18, 1e30, 1e300])
+def test_prox_step_is_taken_for_collinear_rows_of_b_at_any_lambda(tau: float) -> None:
+    """B's rows are collinear after the first updates from B = 0 (each is a multiple of the
+    same output gradient), so Bᵀ·B is singular and the r×r systems are I/τ + (rank-one).
+    Their second pivot is 1/τ in exact arithmetic but came out as float64 round-off, negative
+    once τ passed ~1e15: the step was refused as not finite at every call, so a large λ
+    protected nothing."""
+    a, bt, ut, c, mt, s = _problem(7, 2, 40, 24, 6)
+    bt[1] = 2.0 * bt[0]
+    c[4:] = 0.0  # padding directions of the sketch
+    a_before = a.copy()
+    before = _dense_penalty(a, bt, s, ut, c, mt)
+    scratch = _scratch(2, 6, 24)
+    values = [k_ewc.prox_step(a, bt, s, ut, c, mt, tau, *scratch) for _ in range(5)]
+    assert np.isfinite(a).all() and np.isfinite(bt).all()
+    assert min(values) >= 0.0, values
+    assert values[0] < before
+    assert all(v2 <= v1 * (1 + 1e-4) + 1e-9 for v1, v2 in itertools.pairwise(values))
+    assert values[-1] == pytest.approx(_dense_penalty(a, bt, s, ut, c, mt), rel=1e-3, abs=1e-6)
+    u = ut.T.astype(np.float64)
+    free = np.eye(40) - u @ u.T
+    np.testing.assert_allclose(a @ free, a_before @ free, atol=1e-5)
+
+
 def test_prox_step_leaves_unprotected_directions_of_a_alone() -> None:
     a, bt, ut, c, mt, s = _problem(5, 2, 40, 16, 4)
     a_before = a.copy()
