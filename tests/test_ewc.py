@@ -99,6 +99,25 @@ def test_penalty_kernel_matches_dense_reference(
 @given(
     seed=st.integers(0, 10_000),
     rank=st.integers(1, 4),
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 40),
+    k=st.integers(1, 18),
+)
+def test_anchor_kernel_matches_dense_reference(
+    seed: int, rank: int, n_in: int, n_out: int, k: int
+) -> None:
+    a, bt, ut, _, _, s = _problem(seed, rank, n_in, n_out, min(k, n_in))
+    q = np.zeros((rank, ut.shape[0]), F32)
+    mt = np.full((ut.shape[0], n_out), np.nan, F32)
+    k_ewc.anchor(a, bt, s, ut, q, mt)
+    dw = s * bt.astype(np.float64).T @ a.astype(np.float64)  # (out, in)
+    np.testing.assert_allclose(mt, (dw @ ut.T.astype(np.float64)).T, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rank=st.integers(1, 4),
     n_in=st.integers(8, 40),
     n_out=st.integers(4, 40),
     tau=st.sampled_from([0.01, 0.3, 3.0]),
