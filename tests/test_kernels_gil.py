@@ -51,11 +51,11 @@ def _progress_during(call: Callable[[], object]) -> int:
     return sum(1 for s in stamps if t0 + 0.2 * duration < s < t0 + 0.6 * duration)
 
 
-def _seen(call: Callable[[], object], *, holds_gil: bool, attempts: int = 3) -> bool:
+def _seen(call: Callable[[], object], *, holds_gil: bool, attempts: int = 20) -> bool:
     """Whether ``call`` holds the GIL (the other thread never runs in the window) or releases
     it (the other thread runs in at least one of ``attempts`` windows: on a loaded machine it
-    may get no core during one of them). A kernel that holds it never lets the other thread
-    in, so one window in which it ran proves a release."""
+    may get no core during several of them; seen with three). A kernel that holds it never
+    lets the other thread in, so one window in which it ran proves a release."""
     if holds_gil:
         return _progress_during(call) == 0
     return any(_progress_during(call) > 0 for _ in range(attempts))
