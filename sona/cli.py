@@ -1,7 +1,8 @@
 """The ``sona`` command: demo, bench and inspect.
 
 The CLI is the only place that configures logging (the library never does). It is also where
-a Ctrl-C ends: every command is interrupted the same way, with one line and exit status 130.
+a Ctrl-C ends: every command is interrupted the same way, with one line and exit status 130;
+and where a reader that stopped early (``sona inspect X | head -1``) ends it, silently, with 141.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,6 +42,9 @@ which optional dependencies a benchmark module can import)."""
 
 INTERRUPTED_STATUS = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
+
+BROKEN_PIPE_STATUS = 141
+"""128 + SIGPIPE, what a shell reports for a command whose reader went away (``| head``)."""
 
 
 def configure_logging(*, level: int = logging.INFO) -> None:
@@ -132,12 +137,33 @@ def _interrupted(args: argparse.Namespace) -> int:
     return INTERRUPTED_STATUS
 
 
+def _reader_gone() -> int:
+    """Stop quietly, like the tools a pipeline mixes sona with: nobody is left to read the
+    output, so a traceback about it would only bury what the reader did print. Python ignores
+    SIGPIPE, so the closed pipe shows as a BrokenPipeError; stdout is pointed at devnull so
+    the interpreter's last flush of what is still buffered does not raise it again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a descriptor
+        return BROKEN_PIPE_STATUS
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     level = args.log_level or DEFAULT_LOG_LEVEL
     configure_logging(level=logging.getLevelNamesMapping()[level])
     try:
-        return _dispatch(args)
+        status = _dispatch(args)
+        # Buffered output meets a closed pipe here, not at the interpreter's exit, where it
+        # would be reported as an ignored exception and status 120.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         # asyncio.run turns Ctrl-C into a cancellation of the running task and re-raises it
         # here as KeyboardInterrupt once the task has unwound, so the commands' own clean-up
@@ -146,9 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseExceptionGroup as group:
         # A Ctrl-C that lands while no asyncio runner handles it (between two runs of a
         # benchmark, say) is raised inside whatever task group is open, in a group.
-        if group.subgroup(KeyboardInterrupt) is None:
-            raise
-        return _interrupted(args)
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return _interrupted(args)
+        if group.split(BrokenPipeError)[1] is None:  # output written from inside a task
+            return _reader_gone()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

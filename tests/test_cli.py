@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ from sona.cli import BENCH_HELP, main
 from sona.config import SonaLlmConfig, SupervisionConfig
 from sona.demo import simulation
 from sona.demo.simulation import DemoSettings
+from sona.lora import MicroLoRA, MicroLoraConfig
 
 SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
 TINY = ["--dim", "16", "--domains", "3", "--steps", "80"]  # five phases of one batch each
@@ -231,3 +233,40 @@ def test_a_run_the_supervisor_gave_up_on_exits_1_and_keeps_its_report(
     assert err[-1].startswith("sona demo: run 'no-ewc' stopped early: the supervisor gave up")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["runs"]["no-ewc"]["stopped_early"].startswith("the supervisor gave up")
+
+
+# ---------------------------------------------------------------------------- closed stdout
+def _run_into_a_closed_pipe(argv: list[str], *, buffered: bool) -> subprocess.CompletedProcess[str]:
+    """``sona argv`` with stdout a pipe nobody reads any more, as under ``sona ... | head -1``
+    once head has exited. Buffered, the write fails only when Python flushes stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [SONA, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path: Path, buffered: bool) -> None:
+    adapter = tmp_path / "adapter.sona"
+    MicroLoRA(MicroLoraConfig.for_hidden_dim(16), seed=0).save(adapter)
+    done = _run_into_a_closed_pipe(["inspect", str(adapter)], buffered=buffered)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as for a program the signal ended
+
+
+def test_a_closed_pipe_met_inside_a_task_group_ends_quietly_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def reader_gone(path: str) -> int:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [BrokenPipeError(32, "pipe")])
+
+    monkeypatch.setattr(sona.inspect, "run", reader_gone)
+    assert main(["inspect", "anything"]) == 141
+    assert capsys.readouterr().err == ""
