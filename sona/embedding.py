@@ -60,6 +60,9 @@ _WORD = re.compile(f"\\w[\\w{_combining_marks()}\u200c\u200d]*")
 _CHUNK_WORDS = 8192
 #: Digests of recently seen features; frequent words and character n-grams are hashed once.
 _CACHE_SIZE = 1 << 16
+#: Longer features are hashed every time: the cache would keep each one, and with it as much
+#: as a whole text (a 1 MB token, times ``_CACHE_SIZE``), while words that long rarely repeat.
+_CACHE_MAX_LEN = 64
 _digest_cache: dict[str, int] = {}
 
 
@@ -160,6 +163,8 @@ class HashingEmbedder:
 
 
 def _cached_digest(feature: str) -> int:
+    if len(feature) > _CACHE_MAX_LEN:
+        return _digest(feature)
     digest = _digest_cache.get(feature)
     if digest is None:
         if len(_digest_cache) >= _CACHE_SIZE:

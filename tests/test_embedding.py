@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tracemalloc
 import unicodedata
 
 import numpy as np
@@ -244,3 +245,20 @@ def test_long_text_is_counted_in_chunks_with_the_same_result() -> None:
 def test_bool_width_is_refused() -> None:
     with pytest.raises(TypeError, match="dim"):
         HashingEmbedder().embed("text", True)
+
+
+def test_memory_kept_between_calls_does_not_grow_with_the_texts_embedded() -> None:
+    """Whatever the embedder keeps for later calls must not hold on to the texts themselves:
+    a service embedding long, distinct texts (IDs, hex digests, long tokens) would otherwise
+    grow by their whole length on every request."""
+    e = HashingEmbedder(char_ngrams=())  # word features only: the long words, and fast
+    e.embed("warm up", 16)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(200):
+            e.embed(f"{i:06d}" + "x" * 50_000 + " tail", 16)  # 200 texts, 10 MB in all
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 1_000_000
