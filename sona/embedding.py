@@ -84,8 +84,10 @@ class HashingEmbedder:
 
     Each feature lands in one of ``dim`` buckets with a sign taken from the same digest, so
     collisions cancel in expectation; the result is normalised to unit length. Text without a
-    word (empty, whitespace, punctuation or emoji only) gives the zero vector. Texts that share
-    words and spellings get nearby vectors.
+    word (empty, whitespace, punctuation or emoji only) gives the zero vector, and only such
+    text: where the signed features of a text cancel exactly (a small width), it gets its
+    normalised unsigned counts instead. Texts that share words and spellings get nearby
+    vectors.
 
     Text longer than ``max_chars`` is refused: embedding costs 0.5-1.5 µs per character on the
     caller's thread (the event loop's, in ``SonaRuntime``), so a runaway input would stall every
@@ -146,7 +148,22 @@ class HashingEmbedder:
                 "truncate it, or build the HashingEmbedder with a larger max_chars"
             )
         words = self.words(str.__str__(text))  # a str subclass's own methods are not consulted
-        vec = np.zeros(int(dim), np.float64)
+        vec = self._hashed(words, int(dim), signed=True)
+        norm = float(np.linalg.norm(vec))
+        if norm == 0.0 and words:
+            # Every bucket's signed features cancelled exactly: common at tiny widths (a quarter
+            # of one-word texts at width 1), and still possible at 8. The text has words, so it
+            # must not pass for one without any (an input nothing can be learned from); unsigned
+            # counts cannot cancel. Only such texts change, every other vector stays as it was.
+            vec = self._hashed(words, int(dim), signed=False)
+            norm = float(np.linalg.norm(vec))
+        if norm == 0.0:
+            return np.zeros(int(dim), np.float32)
+        return (vec / norm).astype(np.float32)
+
+    def _hashed(self, words: list[str], dim: int, *, signed: bool) -> np.ndarray:
+        """The bucket sums of every feature of ``words``, each with its digest's sign or not."""
+        vec = np.zeros(dim, np.float64)
         for lo in range(0, len(words), _CHUNK_WORDS):
             # Each distinct feature is hashed once and weighted by its count: the sums are of
             # small integers, exact in float64, so the vector does not depend on the chunking.
@@ -154,12 +171,10 @@ class HashingEmbedder:
             digests = np.fromiter(map(_cached_digest, counts), np.uint64, len(counts))
             weights = np.fromiter(counts.values(), np.float64, len(counts))
             buckets = (digests % np.uint64(dim)).astype(np.intp)
-            signs = np.where((digests >> np.uint64(63)) == 1, -weights, weights)
-            vec += np.bincount(buckets, weights=signs, minlength=dim)
-        norm = float(np.linalg.norm(vec))
-        if norm == 0.0:
-            return np.zeros(int(dim), np.float32)
-        return (vec / norm).astype(np.float32)
+            if signed:
+                weights = np.where((digests >> np.uint64(63)) == 1, -weights, weights)
+            vec += np.bincount(buckets, weights=weights, minlength=dim)
+        return vec
 
 
 def _cached_digest(feature: str) -> int:

@@ -262,3 +262,22 @@ def test_memory_kept_between_calls_does_not_grow_with_the_texts_embedded() -> No
     finally:
         tracemalloc.stop()
     assert after - before < 1_000_000
+
+
+@given(st.text(max_size=30), st.integers(1, 8))
+@settings(max_examples=500, deadline=None)
+def test_text_with_a_word_is_never_the_zero_vector(text: str, dim: int) -> None:
+    """Signed buckets can cancel exactly at small widths (at width 1, a quarter of one-word
+    texts did); the zero vector is kept for text without words, which is what it documents."""
+    v = HashingEmbedder().embed(text, dim)
+    if HashingEmbedder().words(text):
+        assert float(np.linalg.norm(v)) == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert not v.any()
+
+
+@pytest.mark.parametrize(("text", "dim"), [("a0", 1), ("p15", 2), ("e56", 3), ("v515", 8)])
+def test_words_whose_features_cancel_still_give_a_unit_vector(text: str, dim: int) -> None:
+    v = HashingEmbedder().embed(text, dim)
+    assert v.dtype == np.float32
+    assert float(np.linalg.norm(v)) == pytest.approx(1.0, abs=1e-6)
