@@ -105,8 +105,12 @@ class SampleFactory:
         if isinstance(value, str):
             vec = self.embedder.embed(check_text(value, name), dim)
             arr = as_f32(vec, f"embedding of {name}")
-        else:
-            arr = as_f32(value, name)
+            if arr.shape != (dim,):
+                # The caller passed text: the width is the embedder's doing, not theirs.
+                embedder = type(self.embedder).__name__
+                raise _shape(f"embedding of {name} (from {embedder})", dim, arr.shape)
+            return arr
+        arr = as_f32(value, name)
         if arr.shape != (dim,):
             raise _shape(name, dim, arr.shape)
         return arr

@@ -46,3 +46,27 @@ def test_fast_path_rejects_non_finite_values(factory: SampleFactory, where: str)
 def test_fast_path_still_rejects_bad_quality(factory: SampleFactory, quality: float) -> None:
     with pytest.raises(InvalidInputError, match="quality"):
         factory.rated(np.ones(8, np.float32), np.ones(8, np.float32), quality)
+
+
+class _FixedEmbedder:
+    """An embedder that ignores what it is asked for, as a misconfigured one would."""
+
+    def __init__(self, vector: object) -> None:
+        self.vector = vector
+
+    def embed(self, text: str, dim: int) -> object:
+        return self.vector
+
+
+@pytest.mark.parametrize("vector", [np.ones(5, np.float32), np.ones((1, 8), np.float32)])
+@pytest.mark.parametrize("where", ["query", "response"])
+def test_an_embedding_of_the_wrong_shape_is_blamed_on_the_embedder(
+    vector: np.ndarray, where: str
+) -> None:
+    micro = MicroLoraConfig.for_hidden_dim(8, rank=1, target_modules=(TargetModule.Q_PROJ,))
+    factory = SampleFactory(SonaLlmConfig(micro_lora=micro), _FixedEmbedder(vector))
+    good = np.ones(8, np.float32)
+    args = ("some text", good) if where == "query" else (good, "some text")
+    with pytest.raises(InvalidInputError, match=rf"embedding of {where} .*_FixedEmbedder") as info:
+        factory.rated(*args, 0.5)
+    assert "(8,)" in str(info.value) and str(vector.shape) in str(info.value)
