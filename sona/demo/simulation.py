@@ -187,6 +187,7 @@ class _Run:
         self.step = 0
         self.phase = phases[0]
         self.t0 = time.perf_counter()
+        self.serving_since = self.t0  # reset once the runtime has started (see pace)
         self.events: Counter[str] = Counter()
         self.best = [0.0] * world.domains
         self.last_update = 0.0
@@ -266,11 +267,16 @@ class _Run:
     async def pace(self) -> None:
         """Hold the request rate at ``settings.rate``: the Background loop runs on the wall
         clock, so a steady rate gives it about the same number of samples per consolidation
-        on any machine fast enough to keep up (a slower one just runs behind)."""
+        on any machine fast enough to keep up (a slower one just runs behind).
+
+        The schedule starts when the runtime is ready (``serving_since``), not when the run
+        began: starting it loads the kernels (on a fresh machine, compiles them for up to a
+        minute), and a schedule that began before would let the first run's first requests, or
+        all of them, arrive unpaced while the second run's were paced."""
         rate = self.settings.rate
         if rate <= 0:
             return
-        ahead = self.t0 + self.step / rate - time.perf_counter()
+        ahead = self.serving_since + self.step / rate - time.perf_counter()
         if ahead > 0:
             await anyio.sleep(ahead)
 
@@ -312,6 +318,7 @@ async def simulate(
     next_point = 0
     observer.started(label, title, settings.steps)
     async with SonaRuntime(config, seed=settings.seed, chaos=chaos) as rt:
+        state.serving_since = time.perf_counter()
         async with rt.subscribe(WATCHED, buffer=4096) as events, anyio.create_task_group() as tg:
             tg.start_soon(state.watch, events)
             try:
