@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
+from rich.console import Console
 
-from sona.demo import simulation
+from sona.config import SupervisionConfig
+from sona.demo import report, simulation
 from sona.demo.simulation import DemoSettings, RunRecord, Snapshot, simulate
+from sona.demo.summary import print_summary
 from sona.demo.world import DemoWorld, schedule
 
 
@@ -77,3 +83,64 @@ def test_pacing_starts_when_the_runtime_is_ready_not_before_it_started(
     # the clock stands still while requests are served: every batch is ahead of its schedule
     paced = [s for s in sleeps if s != 0.05]  # 0.05: the event watcher's last look
     assert paced == pytest.approx([0.16, 0.32, 0.48, 0.64])
+
+
+def _stopped_early_run(monkeypatch: pytest.MonkeyPatch) -> tuple[RunRecord, DemoWorld, Any]:
+    """A run over three phases (0, 1, 0) whose supervisor may restart nothing, under chaos:
+    it gives up at the first crash, long before traffic returns to domain 0 at step 512."""
+    configured = simulation.runtime_config
+
+    def no_restarts(settings: DemoSettings, phases: int, *, ewc: bool) -> Any:
+        config = configured(settings, phases, ewc=ewc)
+        return dataclasses.replace(config, supervision=SupervisionConfig(max_restarts=0))
+
+    monkeypatch.setattr(simulation, "runtime_config", no_restarts)
+    settings = DemoSettings(steps=768, dim=16, domains=2, chaos=0.3, rate=0.0)
+    world = DemoWorld(16, 2, seed=0)
+    phases = schedule(2, 768)
+    traffic = world.traffic(phases, seed=2)
+    record = anyio.run(
+        lambda: simulate(
+            world, phases, traffic, settings, label="sona", title="x", ewc=True, observer=_Quiet()
+        )
+    )
+    assert record.stopped is not None and record.stopped.startswith("the supervisor gave up")
+    return record, world, phases
+
+
+def test_a_run_that_stopped_early_reports_only_what_it_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its last measurement is at the request it stopped at, not at the end of a schedule it
+    never served, and it reports no return to a domain that traffic never came back to (the
+    quality "at return" would be an earlier measurement under a later step's name)."""
+    record, world, phases = _stopped_early_run(monkeypatch)
+    served = record.eval_steps[-1]
+    assert served < phases[2].start
+    assert record.eval_steps == sorted(record.eval_steps)
+    summary = report.run_summary(record, phases, world)
+    assert summary["returns"] == []
+    assert summary["requests_served"] == served
+    assert summary["timeline"]["step"][-1] == served
+
+
+def test_a_comparison_with_a_run_that_stopped_early_tells_only_what_both_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other run's returns have no counterpart: the report is still written, and whether
+    sona forgets less or serves better on every return cannot be told."""
+    record, world, phases = _stopped_early_run(monkeypatch)
+    full = RunRecord("no-ewc", "no-ewc", 0.0)
+    full.eval_steps = [0, 256, 512, 768]
+    full.quality = [[0.8, 0.8], [0.9, 0.8], [0.85, 0.9], [0.9, 0.88]]
+    doc = report.build(DemoSettings(steps=768, dim=16, domains=2), world, phases, [record, full],
+                       command="sona demo")  # fmt: skip
+    doc["seconds_total"] = 0.0
+    comp = doc["comparison"]
+    assert comp["returns"] == []
+    assert comp["sona_forgets_less_on_every_return"] is None
+    assert comp["sona_higher_at_every_return"] is None
+    text = io.StringIO()
+    print_summary(Console(file=text, width=300), doc, Path("out"))
+    assert "not reached (stopped early)" in text.getvalue()
+    assert "0.900 → 0.850" in text.getvalue()  # the run that got there keeps its numbers

@@ -101,10 +101,12 @@ def min_gain_for_share(base: float) -> float:
 def returns(record: RunRecord, phases: list[Phase], base: list[float]) -> list[dict[str, Any]]:
     """For every phase that returns to a domain: its quality when traffic left it last time,
     when traffic comes back, and the share of its gain over the frozen base that survived
-    (``None`` when the gain was too small for a share to mean anything)."""
+    (``None`` when the gain was too small for a share to mean anything). A run that stopped
+    early (its last measurement is where it stopped) has no return it did not reach."""
     out = []
+    served = record.eval_steps[-1]
     for phase in phases:
-        if not phase.returning:
+        if not phase.returning or phase.start > served:
             continue
         last = [p for p in phases if p.index < phase.index and p.domain == phase.domain][-1]
         d = phase.domain
@@ -138,6 +140,7 @@ def run_summary(record: RunRecord, phases: list[Phase], world: DemoWorld) -> dic
         "ewc_lambda": record.ewc_lambda,
         "seconds": round(record.seconds, 2),
         "stopped_early": record.stopped,
+        "requests_served": record.eval_steps[-1],
         "final_quality": [round(q, 4) for q in final],
         "final_above_base": [bool(q > b) for q, b in zip(final, base, strict=True)],
         "best_quality": [round(max(q[d] for q in record.quality), 4) for d in range(len(base))],
@@ -176,7 +179,14 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     if "sona" in runs and "no-ewc" in runs:
         rows = []
-        for a, b in zip(runs["sona"]["returns"], runs["no-ewc"]["returns"], strict=True):
+        plain = {r["phase_index"]: r for r in runs["no-ewc"]["returns"]}
+        ours = {r["phase_index"] for r in runs["sona"]["returns"]}
+        # a return only one run reached (the other stopped early) cannot be compared
+        unmatched = len(ours ^ set(plain))
+        for a in runs["sona"]["returns"]:
+            if a["phase_index"] not in plain:
+                continue
+            b = plain[a["phase_index"]]
             fa, fb = a["kept_fraction_of_gain"], b["kept_fraction_of_gain"]
             rows.append(
                 {
@@ -191,10 +201,13 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 }
             )
         out["returns"] = rows
-        if rows:
-            out["sona_higher_at_every_return"] = all(r["sona_higher_at_return"] for r in rows)
+        if rows or unmatched:
+            unknown: list[bool | None] = [None] * unmatched
+            out["sona_higher_at_every_return"] = all_of(
+                [r["sona_higher_at_return"] for r in rows] + unknown
+            )
             out["sona_forgets_less_on_every_return"] = all_of(
-                [r["sona_forgets_less"] for r in rows]
+                [r["sona_forgets_less"] for r in rows] + unknown
             )
     return out
 
@@ -204,7 +217,8 @@ def forgets_less_verdict(answer: bool | None) -> str:
     if answer is None:
         return (
             "could not be told whether sona forgets less on every return: a run gained too "
-            "little over the frozen base for its kept share to be measured"
+            "little over the frozen base for its kept share to be measured, or stopped before "
+            "traffic returned"
         )
     return f"sona forgets less on every return: {'yes' if answer else 'no'}"
 

@@ -338,8 +338,8 @@ async def simulate(
                 await state.submit(rt, users.flush())
                 await rt.drain()
             except SupervisorGaveUp as exc:
+                # the last measurement stays at the request the run stopped at
                 record.stopped = f"the supervisor gave up: {exc}"
-            state.step = settings.steps
             state.evaluate(rt)
             await anyio.sleep(0.05)  # let the watcher read the last events
             tg.cancel_scope.cancel()

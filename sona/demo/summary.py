@@ -40,8 +40,11 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
         ]
         final.add_row(str(d), _fmt(b), *cells)
     console.print(final)
-    first = next(iter(runs.values()))
-    if first["returns"]:
+    # a run that stopped early lacks the returns it did not reach
+    returned = sorted(
+        {(r["phase_index"], r["domain"]) for run in runs.values() for r in run["returns"]}
+    )
+    if returned:
         back = Table(
             title="when traffic returns: quality when it left → when it came back "
             "(share of the gain over the base kept)",
@@ -51,14 +54,17 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
         back.add_column("domain")
         for run in runs.values():
             back.add_column(run["title"], justify="right")
-        for i, row in enumerate(first["returns"]):
+        for index, domain in returned:
             texts: list[str] = []
             for run in runs.values():
-                r = run["returns"][i]
+                r = next((r for r in run["returns"] if r["phase_index"] == index), None)
+                if r is None:
+                    texts.append("not reached (stopped early)")
+                    continue
                 kept = r["kept_fraction_of_gain"]
                 share = " (gain too small to compare)" if kept is None else f" ({100 * kept:.0f} %)"
                 texts.append(f"{r['quality_when_left']:.3f} → {r['quality_at_return']:.3f}{share}")
-            back.add_row(str(row["phase_index"] + 1), str(row["domain"]), *texts)
+            back.add_row(str(index + 1), str(domain), *texts)
         console.print(back)
     comp = doc["comparison"]
     for label, ok in comp["every_domain_above_base"].items():
