@@ -13,10 +13,12 @@ import pytest
 from rich.console import Console
 
 from sona.config import SupervisionConfig
-from sona.demo import report, simulation
+from sona.demo import live, report, simulation
 from sona.demo.simulation import DemoSettings, RunRecord, Snapshot, simulate
 from sona.demo.summary import print_summary
+from sona.demo.users import FeedbackCounts, SimulatedUsers
 from sona.demo.world import DemoWorld, schedule
+from sona.results import LearningStats
 
 
 class _Quiet:
@@ -144,3 +146,53 @@ def test_a_comparison_with_a_run_that_stopped_early_tells_only_what_both_measure
     print_summary(Console(file=text, width=300), doc, Path("out"))
     assert "not reached (stopped early)" in text.getvalue()
     assert "0.900 → 0.850" in text.getvalue()  # the run that got there keeps its numbers
+
+
+def _no_updates_doc() -> dict[str, Any]:
+    """The report of a one-domain run in which no update was applied (nothing timed)."""
+    world = DemoWorld(16, 1, seed=0)
+    phases = schedule(1, 16)
+    record = RunRecord("sona", "sona", 0.1)
+    record.eval_steps, record.quality = [0, 16], [[0.8], [0.8]]
+    doc = report.build(DemoSettings(steps=16, dim=16, domains=1), world, phases, [record],
+                       command="sona demo")  # fmt: skip
+    doc["seconds_total"] = 0.0
+    return doc
+
+
+def test_a_latency_nothing_measured_is_not_shown_as_zero() -> None:
+    """Before the first update is applied (or in a run that applied none) there is no
+    latency to show: "p50 0.0 µs" would be a constant presented as a measurement."""
+    doc = _no_updates_doc()
+    assert doc["runs"]["sona"]["instant_latency"] == {"count": 0}
+    text = io.StringIO()
+    print_summary(Console(file=text, width=300), doc, Path("out"))
+    assert "0.0 µs" not in text.getvalue()
+    assert "instant update latency not measured (no update applied)" in text.getvalue()
+
+    snap = Snapshot(
+        label="sona", title="sona", step=16, total=16, phase=schedule(1, 16)[0], phases=1,
+        quality=[0.8], best=[0.8], base=[0.8], stats=LearningStats(),
+        latency_p50_us=None, latency_p99_us=None, feedback=FeedbackCounts(), events={},
+        elapsed_s=0.1,
+    )  # fmt: skip
+    shown = io.StringIO()
+    Console(file=shown, width=300).print(live._counters(snap))
+    assert "0.0 µs" not in shown.getvalue()
+    assert "not measured yet" in shown.getvalue()
+
+
+def test_a_snapshot_before_any_update_has_no_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first snapshots of a run come before any feedback has arrived."""
+    world = DemoWorld(16, 1, seed=0)
+    phases = schedule(1, 16)
+    settings = DemoSettings(steps=16, dim=16, domains=1, rate=0.0)
+    users = SimulatedUsers(settings.users, seed=1)
+    state = simulation._Run(world, phases, settings, RunRecord("x", "x", 0.1), _Quiet())
+
+    class NoRuntime:
+        def stats(self) -> LearningStats:
+            return LearningStats()
+
+    snap = state.snapshot(NoRuntime(), users)  # type: ignore[arg-type]
+    assert snap.latency_p50_us is None and snap.latency_p99_us is None

@@ -131,10 +131,11 @@ def _counters(s: Snapshot) -> Table:
         f"background {st.background_count}   deep {st.deep_count}   "
         f"task boundaries {st.task_count}",
     )
-    grid.add_row(
-        "latency",
-        f"instant update p50 {s.latency_p50_us:.1f} µs · p99 {s.latency_p99_us:.1f} µs",
-    )
+    if s.latency_p50_us is None or s.latency_p99_us is None:
+        latency = "instant update not measured yet (no update applied)"
+    else:
+        latency = f"instant update p50 {s.latency_p50_us:.1f} µs · p99 {s.latency_p99_us:.1f} µs"
+    grid.add_row("latency", latency)
     restarts = Text(f"restarts {st.restarts}", style="yellow" if st.restarts else "")
     grid.add_row(
         "samples",
@@ -185,8 +186,8 @@ class LogProgress:
             step=s.step,
             total=s.total,
             quality=[round(q, 3) for q in s.quality],
-            instant_p50_us=round(s.latency_p50_us, 1),
-            instant_p99_us=round(s.latency_p99_us, 1),
+            instant_p50_us=_round(s.latency_p50_us),
+            instant_p99_us=_round(s.latency_p99_us),
             pending=s.stats.pending_samples,
             dropped=s.stats.dropped_samples,
             restarts=s.stats.restarts,
@@ -203,3 +204,8 @@ class LogProgress:
         )
         if record.stopped:
             _log.warning("run_stopped_early", run=record.label, reason=record.stopped)
+
+
+def _round(value: float | None) -> float | None:
+    """A latency for a log line; ``None`` (nothing measured yet) stays ``None``."""
+    return None if value is None else round(value, 1)

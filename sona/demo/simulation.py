@@ -124,8 +124,8 @@ class Snapshot:
     best: list[float]
     base: list[float]
     stats: LearningStats
-    latency_p50_us: float
-    latency_p99_us: float
+    latency_p50_us: float | None  # None until an update has been applied and timed
+    latency_p99_us: float | None
     feedback: FeedbackCounts
     events: dict[str, int]
     elapsed_s: float
@@ -231,7 +231,7 @@ class _Run:
     def snapshot(self, rt: SonaRuntime, users: SimulatedUsers) -> Snapshot:
         lat = self.record.latencies_us
         p50, p99 = (
-            (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat else (0.0, 0.0)
+            (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat else (None, None)
         )
         rec = self.record
         return Snapshot(

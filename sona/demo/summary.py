@@ -83,9 +83,13 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
     for run in runs.values():
         lat = run["instant_latency"]
         st = run["stats"]
+        latency = (
+            f"instant update p50 {lat['p50_us']:.1f} µs, p99 {lat['p99_us']:.1f} µs"
+            if lat["count"]
+            else "instant update latency not measured (no update applied)"
+        )
         console.print(
-            f"[bold]{run['title']}[/]: {run['seconds']:.1f} s; instant update p50 "
-            f"{lat.get('p50_us', 0):.1f} µs, p99 {lat.get('p99_us', 0):.1f} µs; "
+            f"[bold]{run['title']}[/]: {run['seconds']:.1f} s; {latency}; "
             f"background {st['background_count']}, deep {st['deep_count']}, "
             f"task boundaries {st['task_count']}; restarts {st['restarts']}, "
             f"crashes {run['events'].get('LoopCrashed', 0)}"
