@@ -13,11 +13,12 @@ import pytest
 from rich.console import Console
 
 from sona.config import SupervisionConfig
-from sona.demo import live, report, simulation
+from sona.demo import live, plots, report, simulation
 from sona.demo.simulation import DemoSettings, RunRecord, Snapshot, simulate
 from sona.demo.summary import print_summary
 from sona.demo.users import FeedbackCounts, SimulatedUsers
 from sona.demo.world import DemoWorld, schedule
+from sona.events import SamplesDropped
 from sona.results import LearningStats
 
 
@@ -196,3 +197,27 @@ def test_a_snapshot_before_any_update_has_no_latency(monkeypatch: pytest.MonkeyP
 
     snap = state.snapshot(NoRuntime(), users)  # type: ignore[arg-type]
     assert snap.latency_p50_us is None and snap.latency_p99_us is None
+
+
+def test_dropped_samples_are_counted_by_sample_not_by_event() -> None:
+    """One SamplesDropped event can announce many samples (everything still queued when the
+    supervisor gives up): the supervision plot's "samples dropped (n)" must count samples."""
+    world = DemoWorld(16, 1, seed=0)
+    phases = schedule(1, 16)
+    settings = DemoSettings(steps=16, dim=16, domains=1)
+    record = RunRecord("sona", "sona", 0.1)
+    state = simulation._Run(world, phases, settings, record, _Quiet())
+    state.step = 7
+
+    async def events() -> Any:
+        yield SamplesDropped(count=5, stage="gave_up")
+        yield SamplesDropped(count=1, stage="shutdown")
+
+    anyio.run(state.watch, events())
+    assert record.markers["drops"] == [7] * 6
+    assert state.events["SamplesDropped"] == 2  # the events themselves are counted as events
+    record.eval_steps, record.quality = [0, 16], [[0.8], [0.8]]
+    doc = report.build(settings, world, phases, [record], command="sona demo")
+    fig = plots.supervision_figure(doc)
+    labels = fig.get_axes()[0].get_legend_handles_labels()[1]
+    assert "samples dropped (6)" in labels

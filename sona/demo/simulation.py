@@ -65,7 +65,9 @@ MARKED = {
     "TaskBoundary": "task_boundaries",
     "DeepCompleted": "deep_runs",
 }
-"""Events whose request step is kept, to be drawn as markers."""
+"""Events whose request step is kept, to be drawn as markers: one per event, except drops,
+one per dropped sample (a SamplesDropped event counts ``count`` of them), so the number of
+markers is the number the plots give for each kind."""
 
 UPDATE_EVERY_S = 0.1
 
@@ -204,7 +206,8 @@ class _Run:
                 kind = "SupervisorGaveUp"
             self.events[kind] += 1
             if kind in MARKED:
-                rec.markers.setdefault(MARKED[kind], []).append(self.step)
+                times = ev.count if isinstance(ev, SamplesDropped) else 1
+                rec.markers.setdefault(MARKED[kind], []).extend([self.step] * times)
             if isinstance(ev, BackgroundCompleted) and ev.quality_delta is not None:
                 rec.background_quality_deltas.append(float(ev.quality_delta))
             if isinstance(ev, DeepCompleted) and ev.quality_delta is not None:
