@@ -22,7 +22,7 @@ RUN_STYLE = {
 }
 MARKER_STYLE = {
     "restarts": ("|", "C1", "loop restarted"),
-    "dead_letters": ("x", "C4", "dead-lettered"),
+    "dead_letters": ("x", "C4", "messages dead-lettered"),  # messages, not samples
     "drops": ("x", "C5", "samples dropped"),
     "task_boundaries": ("v", "C2", "task boundary detected"),
 }
@@ -162,7 +162,8 @@ def supervision_figure(report: dict[str, Any]) -> Figure:
             steps = sorted(marks.get(kind, []))
             ax.step([0, *steps], range(len(steps) + 1), where="post",
                     label=f"{text} ({len(steps)})", **style)  # fmt: skip
-        for kind, text, color in (("dead_letters", "dead-lettered", "C4"),
+        # DeadLettered events count messages of every loop (a hand-over too), not samples
+        for kind, text, color in (("dead_letters", "messages dead-lettered", "C4"),
                                   ("drops", "samples dropped", "C5")):  # fmt: skip
             steps = marks.get(kind, [])
             ax.plot(steps, [0] * len(steps), linestyle="none", marker="x", markersize=9,
