@@ -12,6 +12,7 @@ same factors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,17 @@ class DomainWorld:
         held_out: int = 256,
         seed: int = 0,
     ) -> None:
+        _check_arguments(
+            dim=dim,
+            domains=domains,
+            subspace=subspace,
+            shared=shared,
+            correction_rank=correction_rank,
+            base_quality=base_quality,
+            noise=noise,
+            held_out=held_out,
+            seed=seed,
+        )
         rng = np.random.default_rng(seed)
         self.dim = dim
         self.noise = noise
@@ -61,6 +73,14 @@ class DomainWorld:
             dom.held_out = self._draw(dom, held_out, rng)
             scale = self._scale_for(dom, shape, base_quality)
             dom.correction = (shape * scale).astype(np.float32)
+            reached = self.quality(len(self.domains), dom.held_out * 0.0, dom)
+            if abs(reached - base_quality) > BASE_QUALITY_TOLERANCE:
+                # quality falls toward ~0.5 as the correction grows; below that, or at 1
+                # (a zero correction), no scale gives the base asked for
+                raise ValueError(
+                    f"base_quality {base_quality:g} cannot be reached in this world (domain "
+                    f"{len(self.domains)}: {reached:.3f} at the nearest correction scale)"
+                )
             self.domains.append(dom)
 
     def _draw(self, dom: Domain, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,6 +132,48 @@ class DomainWorld:
     def base_quality(self, domain: int) -> float:
         x = self.held_out(domain)
         return self.quality(domain, np.zeros_like(x))
+
+
+BASE_QUALITY_TOLERANCE = 1e-3
+"""How far a domain's base quality may end from the one asked for (the scale search lands
+within ~1e-6 wherever the target can be reached)."""
+
+
+def _check_arguments(
+    *,
+    dim: int,
+    domains: int,
+    subspace: int,
+    shared: int,
+    correction_rank: int,
+    base_quality: float,
+    noise: float,
+    held_out: int,
+    seed: int,
+) -> None:
+    """``ValueError`` naming the first argument no world can be built from: these would
+    otherwise build a meaningless world silently (no held-out inputs give a NaN quality, a
+    rank-0 correction nothing to learn) or fail inside numpy with a message about shapes."""
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if domains < 1:
+        raise ValueError(f"domains must be >= 1, got {domains}")
+    if not 1 <= subspace <= dim:
+        raise ValueError(f"subspace must be between 1 and dim ({dim}), got {subspace}")
+    if not 0 <= shared <= subspace:
+        raise ValueError(f"shared must be between 0 and subspace ({subspace}), got {shared}")
+    if not 1 <= correction_rank <= subspace:
+        raise ValueError(
+            f"correction_rank must be between 1 and subspace ({subspace}), got {correction_rank}"
+        )
+    if held_out < 1:
+        raise ValueError(f"held_out must be >= 1, got {held_out}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be finite and >= 0, got {noise}")
+    if not 0.0 < base_quality < 1.0:
+        raise ValueError(f"base_quality must be between 0 and 1 (exclusive), got {base_quality}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
 def _rate(base: np.ndarray, corr: np.ndarray, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
