@@ -238,3 +238,47 @@ def test_dead_letters_in_the_plot_are_named_as_the_messages_they_count() -> None
     assert "messages dead-lettered (3)" in labels
     legend = [t.get_text() for t in plots.quality_figure(doc).legends[0].texts]
     assert "messages dead-lettered (sona)" in legend
+
+
+@pytest.mark.parametrize(
+    ("kept", "forgets_less"),
+    [
+        ((0.9, 0.7), True),
+        ((0.7, 0.9), False),
+        ((1.0, 0.8), True),
+        # both gained while traffic was away: neither forgot, so sona did not forget less
+        ((1.0674, 1.0565), False),
+        ((1.02, 1.0), False),
+        ((0.95, 1.1), False),
+    ],
+)
+def test_forgets_less_compares_what_each_run_forgot(
+    kept: tuple[float, float], forgets_less: bool
+) -> None:
+    """A share kept above 1 means the domain went on improving while traffic was away (late
+    feedback, Deep replays): nothing was forgotten. Comparing the shares themselves said
+    "sona forgets less: yes" for 1.067 against 1.057 (a --chaos 0.5 run), where neither run
+    forgot anything."""
+    runs = {
+        label: {
+            "final_above_base": [True],
+            "returns": [{"phase_index": 2, "domain": 0, "quality_at_return": 0.9,
+                         "kept_fraction_of_gain": share}],
+        }
+        for label, share in zip(("sona", "no-ewc"), kept, strict=True)
+    }  # fmt: skip
+    row = report.comparison(runs)["returns"][0]
+    assert row["sona_forgets_less"] is forgets_less
+    assert row["neither_forgot"] is (min(kept) >= 1.0)
+
+
+def test_summary_says_when_neither_run_forgot() -> None:
+    doc = _no_updates_doc()
+    doc["comparison"]["returns"] = [
+        {"phase_index": 2, "domain": 0, "sona_at_return": 0.9, "no_ewc_at_return": 0.89,
+         "sona_kept_fraction": 1.06, "no_ewc_kept_fraction": 1.05, "sona_higher_at_return": True,
+         "sona_forgets_less": False, "neither_forgot": True}
+    ]  # fmt: skip
+    text = io.StringIO()
+    print_summary(Console(file=text, width=300), doc, Path("out"))
+    assert "sona forgets less no (neither forgot)" in text.getvalue()

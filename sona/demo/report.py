@@ -169,7 +169,8 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """sona against the same run without EWC, on every return to an earlier domain.
 
     Two questions: which run forgets less (the share of its own gain over the frozen base that
-    survived until traffic came back; ``None``, unknown, when a run gained too little for a
+    survived until traffic came back, of which the part lost is compared: when neither run
+    lost any, sona does not forget less; ``None``, unknown, when a run gained too little for a
     share), and which one serves the returning traffic better (the held-out quality at that
     moment). They can disagree: protecting what was learned can slow learning the next domain,
     so there may be less to keep.
@@ -197,7 +198,10 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     "sona_kept_fraction": fa,
                     "no_ewc_kept_fraction": fb,
                     "sona_higher_at_return": a["quality_at_return"] > b["quality_at_return"],
-                    "sona_forgets_less": None if fa is None or fb is None else fa > fb,
+                    "sona_forgets_less": None
+                    if fa is None or fb is None
+                    else forgotten(fa) < forgotten(fb),
+                    "neither_forgot": None if fa is None or fb is None else min(fa, fb) >= 1.0,
                 }
             )
         out["returns"] = rows
@@ -210,6 +214,13 @@ def comparison(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 [r["sona_forgets_less"] for r in rows] + unknown
             )
     return out
+
+
+def forgotten(kept: float) -> float:
+    """The share of a gain that was lost: 0 when the domain kept all of it or more (a share
+    above 1 means it went on improving while traffic was away: nothing was forgotten, and a
+    larger share is not "forgetting less")."""
+    return max(0.0, 1.0 - kept)
 
 
 def forgets_less_verdict(answer: bool | None) -> str:

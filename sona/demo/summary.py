@@ -74,7 +74,8 @@ def print_summary(console: Console, doc: dict[str, Any], out: Path) -> None:
     for row in comp.get("returns", []):
         console.print(
             f"back to domain {row['domain']} (phase {row['phase_index'] + 1}): "
-            f"sona forgets less {_yes(row['sona_forgets_less'])}, "
+            f"sona forgets less {_yes(row['sona_forgets_less'])}"
+            f"{' (neither forgot)' if row.get('neither_forgot') else ''}, "
             f"serves it better {_yes(row['sona_higher_at_return'])} "
             f"({row['sona_at_return']:.3f} vs {row['no_ewc_at_return']:.3f} without EWC)"
         )
