@@ -14,6 +14,7 @@ from rich.console import Console
 
 from sona.config import SupervisionConfig
 from sona.demo import live, plots, report, simulation
+from sona.demo.output import Output
 from sona.demo.simulation import DemoSettings, RunRecord, Snapshot, simulate
 from sona.demo.summary import print_summary
 from sona.demo.users import FeedbackCounts, SimulatedUsers
@@ -282,3 +283,19 @@ def test_summary_says_when_neither_run_forgot() -> None:
     text = io.StringIO()
     print_summary(Console(file=text, width=300), doc, Path("out"))
     assert "sona forgets less no (neither forgot)" in text.getvalue()
+
+
+def test_a_plot_an_earlier_run_left_in_out_is_not_kept_beside_the_new_report(
+    tmp_path: Path,
+) -> None:
+    """A demo with --chaos writes supervision.png, one without does not: left in place, the
+    earlier run's plot would sit beside the new report as if this run had drawn it."""
+    out = Output(tmp_path / "out")
+    out.prepare()
+    (out.path / "supervision.png").write_bytes(b"an earlier run's plot")
+    (out.path / "notes.txt").write_text("not the demo's")
+    staging = out.staging()
+    (staging / "report.json").write_text("{}")
+    (staging / "quality.png").write_bytes(b"new")
+    out.commit(staging)
+    assert sorted(p.name for p in out.path.iterdir()) == ["notes.txt", "quality.png", "report.json"]

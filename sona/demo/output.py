@@ -4,7 +4,8 @@ A demo runs for a while before it writes anything, so an unusable ``--out`` (a p
 ``/proc``, an existing regular file, a read-only directory) is found first, by creating the
 directory and a file in it, rather than after the runs. The files are written into a staging
 directory inside ``--out`` and moved into place once all of them exist, so a demo that is
-interrupted or fails leaves neither half-written files nor a directory it created for nothing.
+interrupted or fails leaves neither half-written files nor a directory it created for nothing;
+one that succeeds leaves no file of an earlier run's beside its own.
 """
 
 from __future__ import annotations
@@ -64,10 +65,21 @@ class Output:
         return Path(tempfile.mkdtemp(prefix=".sona-demo-", dir=self.path))
 
     def commit(self, staging: Path) -> None:
-        """Move every file written in ``staging`` into ``--out`` and remove ``staging``."""
+        """Move every file written in ``staging`` into ``--out`` and remove ``staging``.
+
+        A file of the demo's (:data:`FILES`) that this run did not write is removed: an
+        earlier run's ``supervision.png`` (with ``--chaos``) left beside the new report would
+        pass for a plot of this run. Other files in ``--out`` are left alone."""
+        written: set[str] = set()
         for item in sorted(staging.iterdir()):
             item.replace(self.path / item.name)
+            written.add(item.name)
         staging.rmdir()
+        for name in FILES:
+            stale = self.path / name
+            if name not in written and (stale.is_file() or stale.is_symlink()):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
         self._created = []
 
     def discard(self, staging: Path | None = None) -> None:
