@@ -104,6 +104,8 @@ def inspectors() -> tuple[Inspector, ...]:
 
 def describe(path: str | Path) -> Report:
     """The report of the first registered inspector that recognises ``path``."""
+    if isinstance(path, str) and not path:  # Path("") is ".", the current directory
+        raise FormatError("an empty path names no file or directory")
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")

@@ -239,3 +239,16 @@ def test_another_kind_plugs_in(tmp_path: Path) -> None:
 def test_register_refuses_non_inspectors() -> None:
     with pytest.raises(TypeError, match="recognises"):
         sona_inspect.register(object())  # type: ignore[arg-type]
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Path("")`` is ``.``: ``sona inspect ""`` (an unset shell variable, say) described
+    whatever adapter directory the shell happened to be in, instead of saying no path was
+    given."""
+    adapter().export_peft(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("")
+    assert code == 2 and out == ""
+    assert err == "sona inspect: error: an empty path names no file or directory\n"
