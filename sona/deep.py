@@ -54,6 +54,7 @@ class DeepJob:
     bank_state: tuple[dict[str, Any], dict[str, np.ndarray]]
     version: int
     rng_state: Mapping[str, Any]  # the run's random stream, after drawing ``train``
+    repeats: int = 0  # training copies of held-out samples left out of ``train``
 
 
 @dataclass(slots=True)
@@ -93,10 +94,51 @@ def snapshot(
     if len(train) > MAX_REPLAY:
         keep = np.sort(rng.choice(len(train), MAX_REPLAY, replace=False)).tolist()
         train = [train[i] for i in keep]
+    fresh = _without_repeats_of(train, held)
     return DeepJob(
-        config, copy, train, held, pipeline.state_dict(), bank.state(), version,
-        rng.bit_generator.state,
+        config, copy, fresh, held, pipeline.state_dict(), bank.state(), version,
+        rng.bit_generator.state, len(train) - len(fresh),
     )  # fmt: skip
+
+
+def _without_repeats_of(
+    train: list[TrainingSample], held: Sequence[TrainingSample]
+) -> list[TrainingSample]:
+    """``train`` without the samples equal to a held-out one (same input, feedback and module).
+
+    A sample the host submitted twice is kept twice; held out as one of the newest and replayed
+    as an older one, it would make ``quality_delta`` partly a training loss. A fingerprint of
+    three input elements finds the candidates, so only they are compared in full."""
+    if not held:
+        return train
+    by_print: dict[tuple[float, float, float], list[TrainingSample]] = {}
+    for h in held:
+        by_print.setdefault(_fingerprint(h), []).append(h)
+    out = []
+    for s in train:
+        near = by_print.get(_fingerprint(s))
+        if near is None or not any(_same(s, h) for h in near):
+            out.append(s)
+    return out
+
+
+def _fingerprint(sample: TrainingSample) -> tuple[float, float, float]:
+    x = sample.input_embedding
+    return float(x[0]), float(x[x.shape[0] // 2]), float(x[-1])
+
+
+def _same(a: TrainingSample, b: TrainingSample) -> bool:
+    """The same objective term: equal input, feedback and module."""
+    if a is b:
+        return True
+    if a.module is not b.module or not np.array_equal(a.input_embedding, b.input_embedding):
+        return False
+    fa, fb = a.to_feedback(), b.to_feedback()
+    if fa.kind is not fb.kind or fa.quality != fb.quality:
+        return False
+    if fa.vector is None or fb.vector is None:
+        return fa.vector is fb.vector
+    return bool(np.array_equal(fa.vector, fb.vector))
 
 
 def run_deep(job: DeepJob) -> DeepOutcome:
@@ -106,6 +148,8 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     t0 = time.perf_counter()
     cfg = job.config
     notes: list[str] = []
+    if job.repeats:
+        notes.append(f"{job.repeats} training copies of held-out samples left out")
     train = [s for s in job.train if _within_float32(s)]
     held = [s for s in job.held if _within_float32(s)]
     skipped = len(job.train) + len(job.held) - len(train) - len(held)
@@ -270,10 +314,10 @@ def _split(samples: list[TrainingSample]) -> tuple[list[TrainingSample], list[Tr
     if len(samples) < 2:
         return samples, []
     want = min(MAX_EVAL, max(1, int(EVAL_FRACTION * len(samples))))
-    return hold_out_newest(samples, want, _same)
+    return hold_out_newest(samples, want, _itself)
 
 
-def _same(sample: TrainingSample) -> TrainingSample:
+def _itself(sample: TrainingSample) -> TrainingSample:
     return sample
 
 

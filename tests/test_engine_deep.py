@@ -244,8 +244,12 @@ def test_samples_too_large_for_float32_are_skipped_with_a_note() -> None:
     x = np.ones(D, np.float32) / math.sqrt(D)
     fb = AdaptFeedback.from_quality(0.9).with_target(stream.w @ x)
     normal = TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb)
+    other = TrainingSample(-x, stream.w @ -x, 0.9).with_feedback(
+        AdaptFeedback.from_quality(0.9).with_target(stream.w @ -x)
+    )
     samples = [TrainingSample(x, huge, 0.9), normal, TrainingSample(1e18 * x, -huge, 0.8)]
-    result = engine.deep_optimize(samples * 2)
+    samples += [TrainingSample(-x, huge, 0.9), other, TrainingSample(-1e18 * x, -huge, 0.8)]
+    result = engine.deep_optimize(samples)
     assert any("4 samples too large" in n for n in result.notes), result.notes
     assert result.samples_used + result.evaluated_on == 2
     assert np.isfinite(_published(engine)).all()
@@ -460,3 +464,38 @@ def test_a_result_that_made_the_held_out_objective_worse_changes_nothing() -> No
     assert engine.background.bank is bank
     with pytest.raises(ValueError, match="already installed"):
         engine.install_deep(outcome)
+
+
+def _same_sample(a: TrainingSample, b: TrainingSample) -> bool:
+    fa, fb = a.to_feedback(), b.to_feedback()
+    return (
+        np.array_equal(a.input_embedding, b.input_embedding)
+        and fa.kind is fb.kind
+        and fa.quality == fb.quality
+        and (fa.vector is None) == (fb.vector is None)
+        and (fa.vector is None or np.array_equal(fa.vector, fb.vector))
+        and a.module is b.module
+    )
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_held_out_samples_are_not_also_trained_on_when_the_samples_repeat(copy: bool) -> None:
+    """quality_delta is measured on samples the run did not train on. A sample submitted twice
+    (the same object, or an equal one) used to be held out as the newest and replayed as an
+    older one as well, so the reported delta was partly a training loss."""
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    stream = Stream(16)
+    samples = []
+    for _ in range(20):
+        x = stream.rng.standard_normal(D).astype(np.float32)
+        fb = AdaptFeedback.from_quality(0.9).with_target(stream.w @ x)
+        samples.append(TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb))
+    again = [TrainingSample(s.input_embedding.copy(), s.output_embedding.copy(), 0.9)
+             .with_feedback(s.to_feedback()) for s in samples] if copy else samples  # fmt: skip
+    job = engine.deep_job(samples + again)
+    assert len(job.held) == 4
+    assert not [t for t in job.train for h in job.held if _same_sample(t, h)]
+    assert len(job.train) == 40 - 4 - 4
+    result = run_deep(job)
+    assert result.samples_used == 32
+    assert any("4 training copies of held-out samples left out" in n for n in result.notes)
