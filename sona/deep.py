@@ -194,8 +194,9 @@ def run_deep(job: DeepJob) -> DeepOutcome:
         replayed = len(usable)
     if train:
         bank.refine(xs)
+        counts = bank.counts[: len(bank)].copy()  # merge_and_prune replaces them
         mapping = bank.merge_and_prune()
-        ensemble = _remap(ensemble, mapping, bank)
+        ensemble = _remap(ensemble, mapping, counts)
         centroids = bank.centroids[: len(bank)].copy() if ensemble else None
         merged = sum(1 for i, j in enumerate(mapping) if j >= 0 and mapping.index(j) != i)
         pruned = sum(1 for j in mapping if j < 0)
@@ -289,9 +290,13 @@ def _within_float32(sample: TrainingSample) -> bool:
 
 
 def _remap(
-    ensemble: dict[int, MicroLoRA], mapping: list[int], bank: PatternBank
+    ensemble: dict[int, MicroLoRA], mapping: list[int], counts: np.ndarray
 ) -> dict[int, MicroLoRA]:
-    """Follow the bank's merges: adapters of merged clusters are merged, weighted by count."""
+    """Follow the bank's merges: adapters of merged clusters are merged, weighted by the
+    inputs each cluster held (``counts``, before the merge). Routing sent each cluster's inputs
+    to its own adapter; the count-weighted mean is the one adapter closest to those predictions
+    over the inputs (merged clusters point the same way), whereas an equal share would halve a
+    large cluster's correction for a barely seeded neighbour."""
     if not ensemble:
         return ensemble
     groups: dict[int, list[int]] = {}
@@ -304,8 +309,10 @@ def _remap(
             out[new] = ensemble[olds[0]]
             continue
         rank = ensemble[olds[0]].config.rank
-        share = 1.0 / len(olds)
-        out[new] = MicroLoRA.merge_adapters([(ensemble[o], share) for o in olds], rank=rank)
+        held = np.array([max(int(counts[o]), 0) for o in olds], np.float64)
+        shares = held / held.sum() if held.sum() > 0 else np.full(len(olds), 1.0 / len(olds))
+        pairs = [(ensemble[o], float(w)) for o, w in zip(olds, shares, strict=True)]
+        out[new] = MicroLoRA.merge_adapters(pairs, rank=rank)
     return out
 
 

@@ -499,3 +499,46 @@ def test_held_out_samples_are_not_also_trained_on_when_the_samples_repeat(copy: 
     result = run_deep(job)
     assert result.samples_used == 32
     assert any("4 training copies of held-out samples left out" in n for n in result.notes)
+
+
+def test_merged_clusters_adapters_are_weighted_by_their_counts() -> None:
+    """Two near-duplicate clusters are merged: a well-trained one (1000 inputs) and one seeded
+    by 2 inputs whose adapter learned nothing yet. Their merged adapter must keep serving the
+    big cluster's inputs as before (weights by count, as documented); an equal-share mean
+    halved the correction every input of the big cluster got."""
+    from sona.deep import snapshot
+    from sona.lora import MicroLoRA
+    from sona.pattern_bank import PatternBank
+    from sona.published import Published
+    from sona.training import TrainingPipeline
+
+    cfg = _config(consolidation_strategy=CS.ENSEMBLE, pattern_clusters=3)
+    lcfg = cfg.consolidated_lora
+    base = MicroLoRA(lcfg, seed=1)
+    rng = np.random.default_rng(3)
+    trained = MicroLoRA(lcfg, seed=2)
+    for m, a, bt in trained.iter_factors():
+        trained.set_factors(m, a, (0.3 * rng.standard_normal(bt.shape)).astype(np.float32))
+    eye = np.eye(D, dtype=np.float32)
+    centroids = np.zeros((3, D), np.float32)
+    centroids[0], centroids[1], centroids[2] = eye[0], eye[0] + 0.05 * eye[3], eye[1]
+    ensemble = {0: trained, 1: MicroLoRA(lcfg, seed=3), 2: MicroLoRA(lcfg, seed=4)}
+    bank = PatternBank(3, D)
+    meta = {"k": 3, "dim": D, "size": 3}
+    bank.load(meta, {"centroids": centroids, "counts": np.array([1000, 2, 100], np.int64)})
+    pipeline = TrainingPipeline(cfg.training)
+    pipeline.init_for_lora(base)
+    samples = []  # all about cluster 2: the adapters of clusters 0 and 1 are not replayed
+    for _ in range(20):
+        x = eye[1] + 0.01 * rng.standard_normal(D).astype(np.float32)
+        y = rng.standard_normal(D).astype(np.float32)
+        fb = AdaptFeedback.from_quality(0.9).with_target(y)
+        samples.append(TrainingSample(x, y, 0.9).with_feedback(fb))
+    published = Published(base, ensemble, centroids.copy())
+    outcome = run_deep(snapshot(cfg, published, samples, pipeline, bank, 0, seed=5))
+    assert len(outcome.bank) == 2
+    assert any("merged 1" in n for n in outcome.notes), outcome.notes
+    merged = outcome.published.ensemble[0]
+    for m in (Q, V):
+        want = trained.delta_weight(m) * (1000 / 1002)
+        np.testing.assert_allclose(merged.delta_weight(m), want, rtol=1e-4, atol=1e-6)
