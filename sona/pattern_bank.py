@@ -99,7 +99,9 @@ class PatternBank:
         Zero inputs are left out of the means, as :meth:`update` leaves them out of its moves:
         counted, a cluster whose only members were zero inputs (all nearest to the centroid of
         smallest norm) became the zero vector, and zero members dragged a mean toward the
-        origin.
+        origin. A cluster whose members cancel out (x and -x, both nearest to the centroid of
+        smallest norm) keeps its centroid too: their mean, zero, would attract nearly every
+        input afterwards.
         """
         xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         if self.size == 0 or xs.shape[0] == 0:
@@ -107,8 +109,10 @@ class PatternBank:
         labels = np.empty(xs.shape[0], np.intp)
         for _ in range(iterations):
             sums, members = self._nearest(xs, labels, accumulate=True, skip_zero=True)
-            got = members > 0
-            self.centroids[: self.size][got] = sums[got] / members[got, None].astype(np.float32)
+            got = np.flatnonzero(members > 0)
+            means = sums[got] / members[got, None].astype(np.float32)
+            real = means.any(axis=1)
+            self.centroids[got[real]] = means[real]
 
     def merge_and_prune(self, *, merge_cos: float = 0.98, min_share: float = 0.002) -> list[int]:
         """Merge near-duplicate centroids and drop clusters holding almost no inputs.

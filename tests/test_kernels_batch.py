@@ -123,7 +123,7 @@ class _ReferenceBank(PatternBank):
             labels = self.assign_many(xs)
             for j in range(self.size):
                 members = xs[(labels == j) & real]
-                if members.shape[0]:
+                if members.shape[0] and members.mean(axis=0).any():  # a zero mean: kept
                     self.centroids[j] = members.mean(axis=0)
 
 

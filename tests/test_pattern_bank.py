@@ -149,6 +149,20 @@ def test_refine_with_inputs_in_a_single_cluster_zeroes_nothing() -> None:
     _assert_no_zero_centroid(bank)
 
 
+def test_refine_keeps_a_centroid_whose_members_cancel_out() -> None:
+    """Inputs x and -x both nearest to the centroid of smallest norm have the mean zero: Lloyd
+    set that centroid to zero, which then attracted nearly every input (its distance to any x
+    is ‖x‖², the least of all for inputs the other centroids do not point at)."""
+    bank = PatternBank(2, DIM)
+    eye = np.eye(DIM, dtype=np.float32)
+    bank.update(np.stack([eye[0], 10.0 * eye[1]]))
+    before = bank.centroids[0].copy()
+    bank.refine(np.stack([eye[2], -eye[2]]))
+    _assert_no_zero_centroid(bank)
+    np.testing.assert_array_equal(bank.centroids[0], before)
+    assert bank.assign(10.0 * eye[1]) == 1 and bank.assign(eye[0]) == 0
+
+
 def test_merge_and_prune_never_leaves_a_zero_centroid_and_maps_every_slot() -> None:
     rng = np.random.default_rng(5)
     bank = PatternBank(8, DIM)
