@@ -369,6 +369,7 @@ class BackgroundLoop:
             notes.append("installed unchecked: no held-out sample had a measurable objective")
         current = self.published
         if outcome.version == self.version:
+            self._follow_boundaries(outcome, notes)
             self.bank = outcome.bank
             self.version += 1
             outcome.published.version = self.version
@@ -388,6 +389,7 @@ class BackgroundLoop:
                 "re-applying its change on top would make delta_weight overflow"
             )
             return False
+        self._follow_boundaries(outcome, notes)
         self.version += 1
         self.published = Published(base, current.ensemble, current.centroids, self.version)
         outcome.installed = True
@@ -396,6 +398,19 @@ class BackgroundLoop:
             "re-applied on top; cluster adapters and pattern bank changes were discarded"
         )
         return False
+
+    def _follow_boundaries(self, outcome: DeepOutcome, notes: list[str]) -> None:
+        """A task ended while the run replayed its samples: its anchor was taken before the
+        run's change, which belongs to it. Installed as it is, the change would start the new
+        task under an EWC++ penalty that pulls it back out; the anchor moves with it instead,
+        as if the run had ended before the boundary."""
+        if self.pipeline.task_count == outcome.task_count:
+            return
+        self.pipeline.shift_anchor(outcome.start, outcome.published.base)
+        notes.append(
+            "a task boundary passed during the deep run: the ended task's EWC++ anchor was "
+            "moved by the run's change to the shared adapter"
+        )
 
     @property
     def task_count(self) -> int:

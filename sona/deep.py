@@ -55,6 +55,7 @@ class DeepJob:
     version: int
     rng_state: Mapping[str, Any]  # the run's random stream, after drawing ``train``
     repeats: int = 0  # training copies of held-out samples left out of ``train``
+    task_count: int = 0  # the pipeline's, at the snapshot
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class DeepOutcome:
     latency_ms: float
     version: int
     start: MicroLoRA  # the shared adapter the run started from
+    task_count: int = 0  # tasks ended before the run began (the snapshot's)
     evaluated_on: int = 0
     notes: list[str] = field(default_factory=list)
     installed: bool = False  # set by the Background loop: an outcome is installed at most once
@@ -97,7 +99,7 @@ def snapshot(
     fresh = _without_repeats_of(train, held)
     return DeepJob(
         config, copy, fresh, held, pipeline.state_dict(), bank.state(), version,
-        rng.bit_generator.state, len(train) - len(fresh),
+        rng.bit_generator.state, len(train) - len(fresh), pipeline.task_count,
     )  # fmt: skip
 
 
@@ -215,6 +217,7 @@ def run_deep(job: DeepJob) -> DeepOutcome:
         latency_ms=(time.perf_counter() - t0) * 1e3,
         version=job.version,
         start=old.base,
+        task_count=job.task_count,
         evaluated_on=len(held),
         notes=notes,
     )

@@ -200,6 +200,16 @@ class EwcImportance:
             st = self.anchors[m]
             k_ewc.anchor(a, bt, lora.scaling, self.ut, st.q, st.mt)
 
+    def shift_anchor(self, before: MicroLoRA, after: MicroLoRA) -> None:
+        """anchor ← anchor + (ΔW_after − ΔW_before) on every protected direction: a change
+        that belongs to the task the anchor closed, made on a copy while it ended (a Deep run
+        over its samples), joins what that task is protected at. Exact: the anchor is linear
+        in ΔW, and ΔW·uⱼ = s·Bᵀ(A·uⱼ) costs O(r·d·k)."""
+        for m in self.modules:
+            st = self.anchors[m]
+            shift = _on_directions(after, m, self.ut) - _on_directions(before, m, self.ut)
+            st.mt += shift.astype(_F32)
+
     def penalty(self, lora: MicroLoRA) -> float:
         """‖(ΔW − ΔW*)·C^½‖² summed over modules (without λ)."""
         if not self.active:
@@ -291,3 +301,10 @@ class EwcImportance:
         for m, mt in mts.items():
             np.copyto(self.anchors[m].mt, mt.astype(_F32))
         self.folded = folded
+
+
+def _on_directions(lora: MicroLoRA, module: TargetModule, ut: np.ndarray) -> np.ndarray:
+    """(k, out) float64: ΔW·uⱼ for each protected direction uⱼ (a row of ``ut``)."""
+    a, bt = lora.factors(module)
+    q = ut.astype(np.float64) @ a.T.astype(np.float64)  # (k, rank): A·uⱼ
+    return float(lora.scaling) * (q @ bt.astype(np.float64))

@@ -352,6 +352,14 @@ class TrainingPipeline:
             return 0.0
         return ewc.step(lora, float(tau), lora.modules)
 
+    def shift_anchor(self, before: MicroLoRA, after: MicroLoRA) -> None:
+        """Move the anchor of the last ended task by ``after``'s ΔW minus ``before``'s: a
+        change to that task's learning that arrives after its boundary (see
+        ``BackgroundLoop.install``)."""
+        ewc = self._ready(after)
+        self._check_match(before)
+        ewc.shift_anchor(before, after)
+
     def replay_ewc(self, lora: MicroLoRA) -> EwcArrays | None:
         """The EWC++ state ``MicroLoRA.replay`` takes for the proximal steps :meth:`prox_step`
         would take on ``lora``; None while no task is protected (they would change nothing)."""

@@ -542,3 +542,28 @@ def test_merged_clusters_adapters_are_weighted_by_their_counts() -> None:
     for m in (Q, V):
         want = trained.delta_weight(m) * (1000 / 1002)
         np.testing.assert_allclose(merged.delta_weight(m), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_task_boundary_during_a_run_anchors_the_ended_task_on_what_deep_installs() -> None:
+    """The Deep run replays the ended task's samples; its change belongs to that task. A
+    boundary passed while it ran anchored EWC++ on the state before it, so the installed change
+    started the new task with a penalty (0.003 here, against ~0 when the run ends first) and
+    every later step pulled the Deep run's improvement back out."""
+    penalties = []
+    for race in (False, True):
+        engine = SonaLlm(_config(consolidated_rank=D), seed=2, clock=lambda: 0.0)
+        Stream(8).feed(engine, 30)
+        engine.run_background()
+        if race:
+            outcome = run_deep(engine.deep_job())
+            engine.start_new_task()
+            result = engine.install_deep(outcome)
+            assert any("task boundary" in n and "anchor" in n for n in result.notes), result.notes
+        else:
+            engine.deep_optimize()
+            engine.start_new_task()
+        assert engine.background.task_count == 1
+        pub = engine.background.published.base
+        penalties.append(engine.background.pipeline.ewc_penalty(pub))
+    assert penalties[0] < 1e-9
+    assert penalties[1] < 1e-9
