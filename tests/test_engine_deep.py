@@ -567,3 +567,40 @@ def test_a_task_boundary_during_a_run_anchors_the_ended_task_on_what_deep_instal
         penalties.append(engine.background.pipeline.ewc_penalty(pub))
     assert penalties[0] < 1e-9
     assert penalties[1] < 1e-9
+
+
+def test_each_epoch_steps_at_the_initial_rate_times_0_95_to_the_epoch() -> None:
+    """The run against its definition, sample by sample: each of the members replays the kept
+    samples in its own shuffled order per epoch at instant_lr·0.95^epoch, and the members are
+    merged (their mean at the adapter's rank)."""
+    from sona import deep
+    from sona.lora import MicroLoRA
+
+    epochs = 3
+    cfg = _config(deep_epochs=epochs, training=TrainingConfig(ewc_lambda=0.0))
+    engine = SonaLlm(cfg, seed=2, clock=lambda: 0.0)
+    Stream(8).feed(engine, 40)
+    engine.run_background()
+    job = engine.deep_job()
+    outcome = run_deep(job)
+
+    def reference(decay: float) -> MicroLoRA:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = job.rng_state
+        members = []
+        for _ in range(deep.MEMBERS):
+            member = job.published.base.clone()
+            for epoch in range(epochs):
+                lr = cfg.instant_lr * decay**epoch
+                for i in rng.permutation(len(job.train)).tolist():
+                    s = job.train[i]
+                    member.step(s.input_embedding, s.to_feedback(), lr, max_norm=1.0)
+            members.append(member)
+        share = 1.0 / len(members)
+        return MicroLoRA.merge_adapters([(m, share) for m in members], rank=2)
+
+    want, flat = reference(0.95), reference(1.0)
+    for m in (Q, V):
+        got = outcome.published.base.delta_weight(m)
+        np.testing.assert_allclose(got, want.delta_weight(m), rtol=1e-4, atol=1e-6)
+        assert np.abs(got - flat.delta_weight(m)).max() > 1e-4  # the decay is visible
