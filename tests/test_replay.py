@@ -380,7 +380,13 @@ def test_relearn_takes_exactly_the_per_sample_steps(
         batch, rows, weights, lr, max_norm=1.0, mini_batch=mini, ewc=ewc, ewc_lambda=lam
     )
     assert got == want
-    if lr > 1.0 and n > 1:
+    # some sample the adapters can step on is drawn with a weight (zero inputs and ratings
+    # alone are declined, a zero weight pulls nothing): then the huge rate is refused
+    pulled = any(
+        w > 0.0 and samples[i].input_embedding.any() and samples[i].to_feedback().vector is not None
+        for i, w in zip(rows.tolist(), weights.tolist(), strict=True)
+    )
+    if lr > 1.0 and n > 1 and pulled:
         assert got  # the huge rate is refused, and said so
     _assert_same(ref, fast)
 
