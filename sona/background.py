@@ -389,6 +389,7 @@ class BackgroundLoop:
                 "re-applying its change on top would make delta_weight overflow"
             )
             return False
+        base.baseline.load(current.base.baseline.state())  # the merge is built blank
         self._follow_boundaries(outcome, notes)
         self.version += 1
         self.published = Published(base, current.ensemble, current.centroids, self.version)

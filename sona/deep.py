@@ -244,7 +244,12 @@ def _train_members(
             _epoch(member, pool, rows[order], lr, cfg, pipeline)
         members.append(member)
     weight = 1.0 / len(members)
-    return MicroLoRA.merge_adapters([(m, weight) for m in members], rank=start.config.rank)
+    merged = MicroLoRA.merge_adapters([(m, weight) for m in members], rank=start.config.rank)
+    # The merge is built blank. Its rating baseline stays the starting one: the members only
+    # re-counted ratings it has already seen, and a blank one would weigh the next rated
+    # outputs re-learned from it as if no rating had ever been seen.
+    merged.baseline.load(start.baseline.state())
+    return merged
 
 
 def _epoch(
@@ -316,6 +321,8 @@ def _remap(
         shares = held / held.sum() if held.sum() > 0 else np.full(len(olds), 1.0 / len(olds))
         pairs = [(ensemble[o], float(w)) for o, w in zip(olds, shares, strict=True)]
         out[new] = MicroLoRA.merge_adapters(pairs, rank=rank)
+        largest = ensemble[olds[int(np.argmax(held))]]  # the blank merge keeps its ratings
+        out[new].baseline.load(largest.baseline.state())
     return out
 
 

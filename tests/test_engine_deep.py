@@ -604,3 +604,32 @@ def test_each_epoch_steps_at_the_initial_rate_times_0_95_to_the_epoch() -> None:
         got = outcome.published.base.delta_weight(m)
         np.testing.assert_allclose(got, want.delta_weight(m), rtol=1e-4, atol=1e-6)
         assert np.abs(got - flat.delta_weight(m)).max() > 1e-4  # the decay is visible
+
+
+@pytest.mark.parametrize("strategy", [CS.AVERAGE, CS.EWC_MERGE])
+@pytest.mark.parametrize("moved", [False, True])
+def test_the_consolidated_rating_baseline_survives_a_deep_run(strategy: CS, moved: bool) -> None:
+    """Rated outputs are weighted by their advantage over the consolidated adapter's running
+    baseline. A Deep result is a merge of its members, built blank, and installing it (or
+    re-applying its change) reset that baseline to no rating seen: the next re-learned rated
+    output pulled with weight 1 whatever its rating."""
+    engine = SonaLlm(_config(consolidation_strategy=strategy), seed=2, clock=lambda: 0.0)
+    rng = np.random.default_rng(0)
+
+    def feed(n: int) -> None:
+        for _ in range(n):
+            x = rng.standard_normal(D).astype(np.float32)
+            x /= np.linalg.norm(x)
+            engine.instant_adapt(x, 0.5 * x, float(rng.uniform(0.5, 1.0)))
+
+    feed(40)
+    engine.run_background()
+    outcome = run_deep(engine.deep_job())
+    if moved:
+        feed(20)
+        engine.run_background()
+    before = engine.background.published.base.baseline.state()
+    assert before["count"] > 0
+    result = engine.install_deep(outcome)
+    assert result.installed is not moved
+    assert engine.background.published.base.baseline.state() == before
