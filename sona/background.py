@@ -343,6 +343,8 @@ class BackgroundLoop:
         If consolidation moved on meanwhile, the Deep run's change to the shared adapter
         (result − its starting point) is re-applied on top of the current one, exactly in ΔW
         space, and its cluster-adapter and pattern-bank changes are discarded (both moved too).
+        Either way, a task boundary passed meanwhile has its anchor moved by the run's change
+        (see ``_follow_boundaries``).
 
         A result that made the objective worse on the samples it held out (a negative
         ``quality_delta``) changes nothing: replaying a mix of tasks whose corrections conflict
