@@ -141,13 +141,20 @@ class Durability:
     # ------------------------------------------------------------------ start
     async def open(self) -> None:
         """Lock the directory, open the log, log what a restore brought along, queue it for
-        delivery, and write a first checkpoint if the directory holds none of this run."""
+        delivery, and write a first checkpoint if the directory holds none of this run.
+
+        Into a directory this run has no checkpoint in, the first checkpoint is written before
+        the restored samples are logged: it holds them as queued, and a start that fails (or
+        is killed) before it is on disk leaves the log empty, so the same restore can simply
+        be tried again. Logged first, they would make the directory an earlier run's to
+        ``_adopt`` while no checkpoint in it could be restored: refused both ways."""
         if self.dir is not None:
             await anyio.to_thread.run_sync(self._open_sync, limiter=self._thread)
         self._enqueue_replay()
         if self.dir is not None and not self.kept:
             try:
                 await self.checkpoint()
+                await anyio.to_thread.run_sync(self._log_unlogged, limiter=self._thread)
             except BaseException:
                 await self._release()
                 raise
@@ -165,17 +172,24 @@ class Durability:
             log = self._open_log(directory)
             try:
                 self._adopt(directory, log)
-                log.append_samples(self._replay.unlogged)
+                if self.kept:  # else after the first checkpoint (see open)
+                    log.append_samples(self._replay.unlogged)
+                    self._replay.unlogged = []
             except BaseException:
                 log.close()
                 raise
         except BaseException:
             lock.release()
             raise
-        self._replay.unlogged = []
         self._lock = lock
         self.log = log
         self.writer = LogWriter(log, self._on_logged, self._on_failed)
+
+    def _log_unlogged(self) -> None:
+        """Log what a restore brought along that the log does not hold yet."""
+        assert self.log is not None
+        self.log.append_samples(self._replay.unlogged)
+        self._replay.unlogged = []
 
     def _open_log(self, directory: Path) -> SampleLog:
         micro = self.rt.config.micro_lora

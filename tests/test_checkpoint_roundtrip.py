@@ -11,6 +11,7 @@ import anyio
 import numpy as np
 import pytest
 
+from sona import container
 from sona.checkpoint import STATE_FIELDS, config_from_dict, config_to_dict, read
 from sona.config import ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
 from sona.errors import CheckpointDirError, ConfigMismatchError, FormatError, InvalidInputError
@@ -425,6 +426,40 @@ async def test_restore_from_a_file_into_a_new_directory(tmp_path: Path) -> None:
         await play(b, Script(3).steps(4))
     c = SonaRuntime.restore(tmp_path / "new")
     assert c.stats() == b.stats() and same_outputs(b, c)
+
+
+async def test_a_restore_into_a_new_directory_that_failed_to_start_can_be_retried(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A start that fails at its first checkpoint (disk full, or a kill there) must leave the
+    new directory so that the same restore can be tried again, or restored from if that
+    checkpoint made it to disk: never holding logged samples without a checkpoint, which
+    refuses both (it reads as an earlier run, and as one without a readable checkpoint)."""
+    d = tmp_path / "d"
+    script = Script(13)
+    async with SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d) as a:
+        await play(a, script.steps(6, explore=False))
+        await a.checkpoint()
+        await play(a, script.steps(5, explore=False))  # logged, in no checkpoint
+        shutil.copytree(d, tmp_path / "crash")
+        expected = learning(a.stats())
+    new = tmp_path / "new"
+    b = SonaRuntime.restore(tmp_path / "crash", checkpoint_dir=new)
+    assert b.restored is not None and len(b.restored.replayed) == 5
+    real = container.os.replace
+
+    def disk_full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(container.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        async with b:
+            pass
+    monkeypatch.setattr(container.os, "replace", real)
+    c = SonaRuntime.restore(tmp_path / "crash", checkpoint_dir=new)
+    async with c:
+        await c.drain()
+        assert learning(c.stats()) == expected
 
 
 async def test_crash_copy_replays_the_logged_samples(tmp_path: Path) -> None:
