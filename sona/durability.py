@@ -203,6 +203,16 @@ class Durability:
         if self.kept:
             if log.get_meta("run_id") not in (None, self.run_id):
                 raise CheckpointDirError(f"{log.path}: the sample log belongs to another run")
+            # A runtime restored from the same state started, logged samples and died before
+            # any checkpoint: its acknowledged samples hold ids this runtime would hand out
+            # again, and their rows would keep this runtime's samples out of the log.
+            highest = log.highest_id()
+            if highest >= self.rt._ids.value:
+                raise CheckpointDirError(
+                    f"{directory}: another runtime continued checkpoint_dir after this one "
+                    f"was restored (its sample log holds sample {highest}, logged since); "
+                    "restore the directory to continue it"
+                )
         elif log.count() > 0:
             raise _earlier_run(directory)
         log.set_meta("run_id", self.run_id)

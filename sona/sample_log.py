@@ -329,6 +329,15 @@ class SampleLog:
             (last,) = self._rows("SELECT MAX(id) FROM samples", ())[0]
         return 0 if last is None else int(last)
 
+    def highest_id(self) -> int:
+        """The highest sample id the log holds a row or a recorded outcome of; 0 if none."""
+        with self._lock:
+            (last,) = self._rows("SELECT MAX(id) FROM samples", ())[0]
+            if self._rows(_HAS_OUTCOMES, ()):
+                (settled,) = self._rows("SELECT MAX(id) FROM outcomes", ())[0]
+                last = max(last or 0, settled or 0)
+        return 0 if last is None else int(last)
+
     def count(self) -> int:
         with self._lock:
             (count,) = self._rows("SELECT COUNT(*) FROM samples", ())[0]

@@ -372,6 +372,37 @@ async def test_a_restore_the_directory_moved_on_from_is_refused_at_start(tmp_pat
     assert SonaRuntime.restore(d).stats() == b.stats()
 
 
+async def test_a_restore_whose_log_another_runtime_wrote_to_is_refused_at_start(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Two runtimes restored from one directory: the first logs samples and dies without a
+    checkpoint (disk full at stop, or a kill). The second, started afterwards, would number
+    its samples from the same id: their rows are ignored as already logged, its checkpoints
+    then cover those ids, and the first runtime's acknowledged samples are lost for good."""
+    d = tmp_path / "d"
+    async with SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d) as a:
+        await play(a, Script(6).steps(5, explore=False))
+    first, stale = SonaRuntime.restore(d), SonaRuntime.restore(d)
+    real = container.os.replace
+
+    def disk_full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    acked = []
+    with pytest.raises(OSError, match="No space"):
+        async with first:
+            for _, sample in Script(7).steps(4, explore=False)[::4]:
+                acked.append((await first.submit(sample)).sample_id)
+            monkeypatch.setattr(container.os, "replace", disk_full)
+    monkeypatch.setattr(container.os, "replace", real)
+    assert acked == [6]
+    with pytest.raises(CheckpointDirError, match="another runtime continued"):
+        async with stale:
+            pass
+    rt = SonaRuntime.restore(d)
+    assert rt.restored is not None and rt.restored.replayed == (6,)
+
+
 async def test_checkpoint_into_the_directory_before_start_and_after_stop(tmp_path: Path) -> None:
     """Outside start..stop, checkpoint() into checkpoint_dir takes the directory's lock for
     the write; the runtime then starts (or is restored) from the directory as usual."""
