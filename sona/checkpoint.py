@@ -318,7 +318,8 @@ def capture(
             "evicted": inst.evicted,
             "skip_reasons": dict(inst.skip_reasons),
             "latency_sum_us": inst.latency_sum_us,
-            "accumulated_quality": inst.accumulated_quality,
+            # with the quality a Deep run in progress took: restored, the run is due again
+            "accumulated_quality": inst.accumulated_quality + rt._deep_taken,
             "loop_state": loop_state,
             "explored": len(explored),
         },

@@ -237,6 +237,9 @@ class SonaRuntime:
         self.dead_lettered = 0
         self.deep_runs = 0
         self._deep_requested = False
+        # quality a Deep run took when it started, until its result is installed: a checkpoint
+        # taken meanwhile stores it as still accumulated, so a restore runs it again
+        self._deep_taken = 0.0
         self._unfinished: HandOver | None = None  # handed over, not yet consolidated
         # odd while the hand-over or its commit is changing what forward reads; counts changes
         self._view = 0
@@ -646,8 +649,10 @@ class SonaRuntime:
     def _deep_dead_letter(self, message: Any, error: BaseException) -> None:
         """An automatic Deep run that failed twice is given up: the next threshold crossing
         must be able to request another one."""
-        if isinstance(message, RunDeep) and not message.on_demand:
-            self._deep_requested = False
+        if isinstance(message, RunDeep):
+            self._deep_taken = 0.0  # given up: not due again until the quality builds up again
+            if not message.on_demand:
+                self._deep_requested = False
 
     def _request_deep(self) -> None:
         """An automatic Deep run, once something is kept to replay: samples reach the replay
@@ -732,7 +737,7 @@ class SonaRuntime:
         try:
             job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
             if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
-                self._instant.take_deep_quality()
+                self._deep_taken += self._instant.take_deep_quality()
             outcome = await anyio.to_thread.run_sync(
                 _deep_in_thread, job, limiter=self._deep_thread
             )
@@ -741,8 +746,6 @@ class SonaRuntime:
         finally:
             if not msg.on_demand:
                 self._deep_requested = False
-        if outcome.epochs:  # a run that replayed nothing is reported, not counted
-            self.deep_runs += 1
         self.events.publish(
             DeepCompleted(
                 samples_used=outcome.samples_used,
@@ -761,6 +764,16 @@ class SonaRuntime:
             installed=bool(installed),
             evaluated_on=outcome.evaluated_on,
         )
+
+    def _install_deep(self, outcome: DeepOutcome, notes: list[str]) -> bool:
+        """Install a Deep run's result and count the run, in one Background turn: a checkpoint
+        (captured in another) sees the run either still due or done, never installed but
+        uncounted, nor started but forgotten."""
+        installed = self._background.install(outcome, notes)
+        self._deep_taken = 0.0
+        if outcome.epochs:  # a run that replayed nothing is reported, not counted
+            self.deep_runs += 1
+        return installed
 
     def _deep_snapshot(self, samples: Any) -> DeepJob:
         bg = self._background
@@ -987,7 +1000,7 @@ class _BackgroundActor(Actor):
             return job
         if isinstance(message, InstallDeep):
             outcome, notes = message.outcome
-            return rt._background.install(outcome, notes)
+            return rt._install_deep(outcome, notes)
         if isinstance(message, CaptureState):  # a consistent moment: no loop is mid-turn
             return rt._durable.capture_now()
         raise TypeError(f"background loop got an unknown message {type(message).__name__}")

@@ -3,6 +3,7 @@ same future under the same inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,46 @@ async def test_a_restore_into_a_new_directory_that_failed_to_start_can_be_retrie
     async with c:
         await c.drain()
         assert learning(c.stats()) == expected
+
+
+async def test_a_checkpoint_taken_during_a_deep_run_runs_it_again_after_restore(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The Deep run takes the accumulated quality that triggered it when it starts and
+    counts its run when its result is installed. A checkpoint taken in between holds neither:
+    restored from it (after a crash), the runtime forgot the run was due and waited for
+    another threshold's worth of quality."""
+    import threading
+
+    import sona.runtime as runtime_module
+    from sona.events import DeepCompleted
+
+    started, release = threading.Event(), threading.Event()
+    real = runtime_module._deep_in_thread
+
+    def held(job: Any) -> Any:
+        started.set()
+        release.wait(30)
+        return real(job)
+
+    monkeypatch.setattr(runtime_module, "_deep_in_thread", held)
+    steps = Script(14).steps(40, explore=False)
+    cfg = dataclasses.replace(config(), deep_trigger_threshold=10.0)
+    async with SonaRuntime(cfg, seed=3) as rt:
+        await play(rt, steps[:30])
+        await rt.consolidate()  # something kept to replay: a run is due
+        await play(rt, steps[30:31])
+        await anyio.to_thread.run_sync(started.wait, 30)
+        path = await rt.checkpoint(tmp_path / "mid-deep.sona")
+        release.set()
+    monkeypatch.setattr(runtime_module, "_deep_in_thread", real)
+    b = SonaRuntime.restore(path)
+    assert b.stats().deep_count == 0 and b.stats().accumulated_quality >= 10.0
+    async with b, b.subscribe(DeepCompleted) as events:
+        await play(b, steps[31:32])
+        with anyio.fail_after(30):
+            done = await events.__anext__()
+        assert done.epochs > 0 and b.stats().deep_count == 1
 
 
 async def test_crash_copy_replays_the_logged_samples(tmp_path: Path) -> None:
