@@ -66,7 +66,7 @@ from sona.checkpoint_store import (
     remove_temporaries,
 )
 from sona.errors import CheckpointDirError, InvalidInputError
-from sona.events import CheckpointWritten
+from sona.events import CheckpointFailed, CheckpointWritten
 from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.messages import Process
@@ -401,11 +401,11 @@ class Durability:
         async with self._write_lock:
             into_dir = target is None
             borrowed = None
-            if into_dir and self._lock is None:
-                borrowed = await anyio.to_thread.run_sync(
-                    self._lock_for_write, limiter=self._thread
-                )
             try:
+                if into_dir and self._lock is None:
+                    borrowed = await anyio.to_thread.run_sync(
+                        self._lock_for_write, limiter=self._thread
+                    )
                 seq = self.seq
                 captured = await self._capture(seq)
                 if target is None:
@@ -418,6 +418,10 @@ class Durability:
                 if into_dir:
                     self.kept.append(_Kept(seq, target, captured.log_sequence))
                     await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
+            except Exception as exc:
+                where = target if target is not None else self.dir
+                self.rt.events.publish(CheckpointFailed(path=str(where), error=str(exc)))
+                raise
             finally:
                 if borrowed is not None:
                     borrowed.release()

@@ -18,6 +18,7 @@ from sona.actors.events import (
 
 __all__ = [
     "BackgroundCompleted",
+    "CheckpointFailed",
     "CheckpointWritten",
     "DeadLettered",
     "DeepCompleted",
@@ -102,6 +103,16 @@ class CheckpointWritten(Event, frozen=True, kw_only=True):
     log_sequence: int = 0
 
 
+class CheckpointFailed(Event, frozen=True, kw_only=True):
+    """A checkpoint to ``path`` could not be written (``error`` says why: disk full,
+    permission denied, ...); the previous checkpoints and the sample log are as they were.
+    The periodic and final checkpoints have no caller to raise to: this is how the host hears
+    that checkpoints stopped, before the log (kept from the last good one on) fills the disk."""
+
+    path: str
+    error: str
+
+
 SonaEvent = (
     InstantApplied
     | InstantSkipped
@@ -116,4 +127,5 @@ SonaEvent = (
     | SupervisorGaveUpEvent
     | Lagged
     | CheckpointWritten
+    | CheckpointFailed
 )

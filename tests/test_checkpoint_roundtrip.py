@@ -313,6 +313,39 @@ async def test_periodic_checkpoints_prune_and_truncate_the_log(tmp_path: Path) -
     assert all(Path(e.path).parent == d and e.bytes > 0 for e in seen)
 
 
+async def test_a_periodic_checkpoint_that_fails_is_announced_and_the_runtime_serves_on(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Periodic checkpoints fail with nobody to raise to (disk full, permission denied): the
+    host must hear of it on the bus, as it hears of every written one, and the runtime goes
+    on accepting samples, which the log keeps until a checkpoint succeeds again."""
+    from sona.events import CheckpointFailed
+
+    d = tmp_path / "d"
+    real = container.os.replace
+
+    def disk_full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    steps = Script(15).steps(20, explore=False)
+    async with SonaRuntime(cfg_dir(checkpoint_interval_s=0.02), seed=5, checkpoint_dir=d) as rt:
+        async with rt.subscribe([CheckpointFailed, CheckpointWritten]) as events:
+            monkeypatch.setattr(container.os, "replace", disk_full)
+            with anyio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, CheckpointFailed):
+                        break
+            assert "No space left on device" in ev.error and Path(ev.path).parent == d
+            await play(rt, steps[:10])  # still serving
+            monkeypatch.setattr(container.os, "replace", real)
+            with anyio.fail_after(10):
+                async for ev in events:
+                    if isinstance(ev, CheckpointWritten):
+                        break
+        await play(rt, steps[10:])
+    assert SonaRuntime.restore(d).stats() == rt.stats()
+
+
 async def test_a_directory_holding_another_run_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "d"
     async with SonaRuntime(cfg_dir(), seed=1, checkpoint_dir=d) as rt:
