@@ -21,6 +21,8 @@ Guarantees, with ``checkpoint_dir`` set:
   samples acknowledged after the checkpoint were only there, and how many is not known.
   Restoring or starting such a directory raises ``CheckpointDirError`` naming the file and
   changes nothing; restoring the checkpoint file itself goes on without them, by choice.
+  So does restoring one whose log was truncated past its newest readable checkpoint (a copy
+  that missed the newer checkpoints): the samples in between are in neither.
 - Restoring writes nothing: the source's log is read without creating, changing or removing
   a file (:meth:`SampleLog.reading`), so a directory restored into another one, or restored
   and never started, stays as it was. The runtime writes into its ``checkpoint_dir`` only once
@@ -546,6 +548,22 @@ def _missing_log(directory: Path, checkpoint: Path) -> CheckpointDirError:
     )
 
 
+def _truncated_past(
+    log_path: Path, checkpoint: Path, log_sequence: int, truncated: int
+) -> CheckpointDirError:
+    """The newest readable checkpoint is older than the log's truncation: the directory was
+    copied while it was being pruned (a backup that missed the newer checkpoints), or they
+    were deleted. The samples between were only in those checkpoints and the rows deleted."""
+    return CheckpointDirError(
+        f"{log_path}: the sample log is truncated through sample {truncated}, past the log "
+        f"sequence {log_sequence} of {checkpoint.name}, the newest readable checkpoint: the "
+        f"samples acknowledged in between are in neither, and restoring would lose them "
+        f"uncounted. Put the newer checkpoints back, or, to go on from this one and give "
+        f"those samples up, restore the checkpoint file itself: "
+        f"SonaRuntime.restore({str(checkpoint)!r}, checkpoint_dir=<an empty directory>)"
+    )
+
+
 def _not_a_directory(directory: Path) -> CheckpointDirError:
     return CheckpointDirError(
         f"checkpoint_dir {directory} is not a directory (a file is in the way)"
@@ -595,6 +613,10 @@ def restore_runtime(
                 )
             log_items = log.samples_after(state.log_sequence, modules=micro.target_modules)
             outcomes = log.outcomes_after(state.log_sequence)
+            # read after the rows: a runtime truncating meanwhile has recorded it by then
+            truncated = log.truncated_through()
+            if truncated > state.log_sequence:
+                raise _truncated_past(log_path, Path(state.path), state.log_sequence, truncated)
         if checkpoint_dir is _SAME:
             checkpoint_dir = source
     elif source.is_file():

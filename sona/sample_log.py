@@ -57,6 +57,11 @@ _OUTCOMES_TABLE = (
 # logs written before outcomes were recorded have no such table
 _HAS_OUTCOMES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'"
 OUTCOMES = frozenset({"dropped", "dead_lettered"})
+_TRUNCATED = "truncated_through"  # meta key: every row with an id at or below it is deleted
+_RECORD_TRUNCATION = (  # never lowered (meta values are TEXT: compare them as numbers)
+    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+    "value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))"
+)
 _T = TypeVar("_T")
 
 
@@ -287,9 +292,22 @@ class SampleLog:
             out[sid] = str(outcome)
         return out
 
+    def truncated_through(self) -> int:
+        """The highest id through which rows have been deleted (0 if none, or for a log
+        written before this was recorded): a checkpoint whose log sequence is below it needs
+        rows the log no longer holds."""
+        value = self.get_meta(_TRUNCATED)
+        if value is None:
+            return 0
+        try:
+            return int(value)
+        except ValueError:
+            raise FormatError(f"{self.path}: {_TRUNCATED} is {value!r}, not an id") from None
+
     def truncate_through(self, sequence: int, *, chunk: int = 256) -> int:
         """Delete the rows (and recorded outcomes) with an id at or below ``sequence``; how
-        many rows went.
+        many rows went. Each transaction also records how far the log is truncated
+        (:meth:`truncated_through`), so a restore can tell when it lacks rows it needs.
 
         In transactions of at most ``chunk`` ids (about 3 ms each for 2 KB rows, against ~70 ms
         for 4096), pausing between them, so appends (and the submitters waiting on them) never
@@ -318,6 +336,7 @@ class SampleLog:
                     cur = self._db.execute("DELETE FROM samples WHERE id <= ?", (upto,))
                     if outcomes:
                         self._db.execute("DELETE FROM outcomes WHERE id <= ?", (upto,))
+                    self._db.execute(_RECORD_TRUNCATION, (_TRUNCATED, upto))
                     self._db.execute("COMMIT")
                 except sqlite3.Error as exc:
                     self._rollback()

@@ -251,6 +251,40 @@ def test_a_checkpoint_dir_that_lost_its_sample_log_is_refused_and_left_as_it_is(
     assert SonaRuntime.restore(tmp_path / "fresh").stats().submitted_count == 4
 
 
+def test_a_checkpoint_older_than_the_log_truncation_is_refused(tmp_path: Path) -> None:
+    """A copy of a running directory (a backup) can hold an old checkpoint and a log already
+    truncated past it, when the newer checkpoints were pruned before the copy reached them.
+    Restoring that checkpoint would replay the rows after the truncation only, and lose the
+    samples in between without a count: refused, naming both files and the way out."""
+    d = tmp_path / "d"
+
+    async def run() -> Path:
+        async with SonaRuntime(
+            small_config(checkpoint_interval_s=3600.0), seed=2, checkpoint_dir=d
+        ) as rt:
+            for s in samples(3):
+                await rt.submit(s)
+            old = await rt.checkpoint()
+            shutil.copy(old, tmp_path / old.name)
+            for k in range(3):  # the log is truncated past ``old``
+                for s in samples(3, k + 1):
+                    await rt.submit(s)
+                await rt.checkpoint()
+        return old
+
+    old = anyio.run(run)
+    for _, path in list_checkpoints(d):
+        path.unlink()
+    shutil.copy(tmp_path / old.name, old)
+    before = directory_state(d)
+    with pytest.raises(CheckpointDirError, match="truncated") as info:
+        SonaRuntime.restore(d)
+    assert str(old) in str(info.value) and LOG_FILE in str(info.value)
+    assert directory_state(d) == before
+    chosen = SonaRuntime.restore(old, checkpoint_dir=tmp_path / "fresh")  # giving them up
+    assert chosen.stats().submitted_count == 3
+
+
 def test_a_checkpoint_written_before_the_first_start_has_its_log_beside_it(
     tmp_path: Path,
 ) -> None:

@@ -121,9 +121,14 @@ def test_log_rows_survive_reopening_and_truncation_is_exact(tmp_path: Path) -> N
     got = again.samples_after(12, modules=(TargetModule.Q_PROJ, TargetModule.V_PROJ))
     assert [i for i, _, _ in got] == [13, 14, 15, 16]
     assert all(same_sample(a[1], b[1]) for a, b in zip(items[3:], got, strict=True))
+    assert again.truncated_through() == 0
     assert again.truncate_through(13) == 4
     assert [i for i, _ in again.records_after(0)] == [14, 15, 16]
     assert log_summary(path, 14) == (3, 14, 16, 2)
+    again.truncate_through(9)  # nothing left below: the record never goes back
+    assert again.truncated_through() == 13
+    assert again.truncate_through(100, chunk=1) == 3
+    assert again.truncated_through() == 16  # through the last row deleted
     again.close()
 
 
