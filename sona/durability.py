@@ -315,14 +315,23 @@ class Durability:
         self._replay.items = []
 
     async def replay(self) -> None:
-        """Deliver what a restore brought back to the Instant loop, in id order, before the
-        runtime accepts anything new (so the Instant loop keeps handling samples in id order)."""
+        """Deliver what a restore brought back to the Instant loop, in id order, and wait
+        until it has handled it, before the runtime accepts anything new (so the Instant loop
+        keeps handling samples in id order).
+
+        Waiting matters under ``DROP_OLDEST``: a new sample finding the pending buffer full
+        drops the oldest sample not yet handled, and a replayed one was acknowledged as
+        applied before the crash; dropped now, it would never be applied."""
         rt = self.rt
         ref = rt._instant_ref
         assert ref is not None
+        replayed = False
         for t in list(rt._queued.values()):
             if not t.done:
                 await ref.tell(Process(t.sample_id, t.sample, t.module, t))
+                replayed = True
+        if replayed:
+            await rt.drain()
 
     # ------------------------------------------------------------------ the durable-log step
     def log_step(self, ticket: Ticket) -> bool:

@@ -597,6 +597,42 @@ async def test_crash_copy_replays_the_logged_samples(tmp_path: Path) -> None:
             assert same_outputs(a, kept)
 
 
+async def test_replayed_samples_are_handled_before_new_ones_can_drop_them(tmp_path: Path) -> None:
+    """Samples logged after the newest checkpoint were acknowledged as applied before the
+    crash. Under DROP_OLDEST, a new sample arriving when the restored runtime is full must
+    not drop one of them as "the oldest not yet handled": the caller was told it was
+    applied, and the restored runtime would never apply it."""
+    from sona.actors import OverflowPolicy
+
+    from sona.events import InstantApplied
+
+    cfg = dataclasses.replace(  # no consolidation before the bound: every sample stays pending
+        cfg_dir(),
+        max_pending_samples=8,
+        background_min_samples=8,
+        overflow=OverflowPolicy.DROP_OLDEST,
+    )
+    script = Script(16)
+    samples = [TrainingSample(script.vec(), script.vec(), 0.9) for _ in range(9)]
+    d = tmp_path / "d"
+    async with SonaRuntime(cfg, seed=8, checkpoint_dir=d) as a:
+        for sample in samples[:3]:
+            await a.submit(sample)
+        await a.checkpoint()
+        acked = [(await a.submit(sample)).sample_id for sample in samples[3:7]]
+        assert a.stats().instant_count == a.stats().pending_samples == 7
+        shutil.copytree(d, tmp_path / "crash")
+    b = SonaRuntime.restore(tmp_path / "crash")
+    assert b.restored is not None and list(b.restored.replayed) == acked
+    async with b.subscribe(InstantApplied, buffer=64) as events:
+        async with b:
+            for sample in samples[7:]:  # the second finds the pending buffer full
+                b.submit_nowait(sample)
+            await b.drain()
+        applied = {event.sample_id async for event in events}  # ends with the runtime
+    assert set(acked) <= applied
+
+
 async def test_samples_accepted_when_the_host_fails_are_kept(tmp_path: Path) -> None:
     """No drain when the host's block raises: what was accepted but not yet handled (or not
     yet logged) goes into the final checkpoint and is replayed by restore."""
