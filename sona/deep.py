@@ -54,7 +54,6 @@ class DeepJob:
     bank_state: tuple[dict[str, Any], dict[str, np.ndarray]]
     version: int
     rng_state: Mapping[str, Any]  # the run's random stream, after drawing ``train``
-    repeats: int = 0  # training copies of held-out samples left out of ``train``
     task_count: int = 0  # the pipeline's, at the snapshot
 
 
@@ -96,10 +95,9 @@ def snapshot(
     if len(train) > MAX_REPLAY:
         keep = np.sort(rng.choice(len(train), MAX_REPLAY, replace=False)).tolist()
         train = [train[i] for i in keep]
-    fresh = _without_repeats_of(train, held)
     return DeepJob(
-        config, copy, fresh, held, pipeline.state_dict(), bank.state(), version,
-        rng.bit_generator.state, len(train) - len(fresh), pipeline.task_count,
+        config, copy, train, held, pipeline.state_dict(), bank.state(), version,
+        rng.bit_generator.state, pipeline.task_count,
     )  # fmt: skip
 
 
@@ -150,11 +148,13 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     t0 = time.perf_counter()
     cfg = job.config
     notes: list[str] = []
-    if job.repeats:
-        notes.append(f"{job.repeats} training copies of held-out samples left out")
-    train = [s for s in job.train if _within_float32(s)]
+    # here, in the run's own thread, not in the snapshot the event loop takes
+    fresh = _without_repeats_of(job.train, job.held)
+    if len(fresh) < len(job.train):
+        notes.append(f"{len(job.train) - len(fresh)} training copies of held-out samples left out")
+    train = [s for s in fresh if _within_float32(s)]
     held = [s for s in job.held if _within_float32(s)]
-    skipped = len(job.train) + len(job.held) - len(train) - len(held)
+    skipped = len(fresh) + len(job.held) - len(train) - len(held)
     if skipped:
         notes.append(f"{skipped} samples too large for float32 arithmetic skipped")
     pipeline = TrainingPipeline(cfg.training)
