@@ -95,8 +95,9 @@ class UpdateRejected(Event, frozen=True, kw_only=True):
 
 
 class CheckpointWritten(Event, frozen=True, kw_only=True):
-    """A checkpoint of ``bytes`` bytes was written atomically to ``path``; the sample log
-    was truncated through ``log_sequence`` (0 without a log)."""
+    """A checkpoint of ``bytes`` bytes was written atomically to ``path``; it covers the
+    sample log through ``log_sequence`` (0 without a log). The log itself is truncated only
+    through the older of the checkpoints kept, so a restore can fall back on that one."""
 
     path: str
     bytes: int
