@@ -75,6 +75,23 @@ def stall_background(rt: Any) -> threading.Event:
     return gate
 
 
+def hold_deep_runs(monkeypatch: Any) -> tuple[threading.Event, threading.Event]:
+    """Make every Deep run wait in its worker thread, its snapshot taken, until the second
+    event is set; the first is set once a run has got there. Once released, runs go through."""
+    import sona.runtime as runtime_module
+
+    started, release = threading.Event(), threading.Event()
+    real = runtime_module.run_deep
+
+    def held(job: Any) -> Any:
+        started.set()
+        release.wait(30)
+        return real(job)
+
+    monkeypatch.setattr(runtime_module, "run_deep", held)
+    return started, release
+
+
 @contextlib.asynccontextmanager
 async def consolidating(rt: Any) -> AsyncIterator[None]:
     """The body runs while a consolidation is handed over and held in its worker thread; the

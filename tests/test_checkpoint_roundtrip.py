@@ -534,20 +534,11 @@ async def test_a_checkpoint_taken_during_a_deep_run_runs_it_again_after_restore(
     counts its run when its result is installed. A checkpoint taken in between holds neither:
     restored from it (after a crash), the runtime forgot the run was due and waited for
     another threshold's worth of quality."""
-    import threading
+    from runtime_helpers import hold_deep_runs
 
-    import sona.runtime as runtime_module
     from sona.events import DeepCompleted
 
-    started, release = threading.Event(), threading.Event()
-    real = runtime_module._deep_in_thread
-
-    def held(job: Any) -> Any:
-        started.set()
-        release.wait(30)
-        return real(job)
-
-    monkeypatch.setattr(runtime_module, "_deep_in_thread", held)
+    started, release = hold_deep_runs(monkeypatch)
     steps = Script(14).steps(40, explore=False)
     cfg = dataclasses.replace(config(), deep_trigger_threshold=10.0)
     async with SonaRuntime(cfg, seed=3) as rt:
@@ -556,8 +547,7 @@ async def test_a_checkpoint_taken_during_a_deep_run_runs_it_again_after_restore(
         await play(rt, steps[30:31])
         await anyio.to_thread.run_sync(started.wait, 30)
         path = await rt.checkpoint(tmp_path / "mid-deep.sona")
-        release.set()
-    monkeypatch.setattr(runtime_module, "_deep_in_thread", real)
+        release.set()  # the restored runtime's run goes through
     b = SonaRuntime.restore(path)
     assert b.stats().deep_count == 0 and b.stats().accumulated_quality >= 10.0
     async with b, b.subscribe(DeepCompleted) as events:

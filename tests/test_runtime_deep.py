@@ -5,7 +5,6 @@ worker thread."""
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from runtime_helpers import Q, small_config, target_samples
+from runtime_helpers import Q, hold_deep_runs, small_config, target_samples
 from sona.actors import MessageFailed
 
 import sona.runtime as runtime_module
@@ -43,15 +42,7 @@ async def deep_running(
 ) -> AsyncIterator[dict[str, DeepResult]]:
     """The body runs while an on-demand Deep run is held in its worker thread (its snapshot
     taken); on leaving, the run goes on and its result is in the yielded dict's "result"."""
-    gate, started = threading.Event(), threading.Event()
-    real = runtime_module.run_deep
-
-    def held(job: DeepJob) -> DeepOutcome:
-        started.set()
-        gate.wait(30)
-        return real(job)
-
-    monkeypatch.setattr(runtime_module, "run_deep", held)
+    started, gate = hold_deep_runs(monkeypatch)
     out: dict[str, DeepResult] = {}
 
     async def run() -> None:
