@@ -47,6 +47,15 @@ class Stream:
             x /= np.linalg.norm(x)
             engine.adapt(x, AdaptFeedback.from_quality(q).with_target(self.w @ x))
 
+    def samples(self, n: int) -> list[TrainingSample]:
+        """``n`` target samples (unnormalised inputs, quality 0.9), for explicit replays."""
+        out = []
+        for _ in range(n):
+            x = self.rng.standard_normal(D).astype(np.float32)
+            fb = AdaptFeedback.from_quality(0.9).with_target(self.w @ x)
+            out.append(TrainingSample(x, self.w @ x, 0.9).with_feedback(fb))
+        return out
+
 
 PROBE = np.random.default_rng(77).standard_normal((8, D)).astype(np.float32)
 
@@ -142,12 +151,7 @@ def test_replays_explicit_samples_when_given() -> None:
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
     Stream(3).feed(engine, 20)
     engine.run_background()
-    other = Stream(4)
-    samples = []
-    for _ in range(30):
-        x = other.rng.standard_normal(D).astype(np.float32)
-        fb = AdaptFeedback.from_quality(0.9).with_target(other.w @ x)
-        samples.append(TrainingSample(x, other.w @ x, 0.9).with_feedback(fb))
+    samples = Stream(4).samples(30)
     result = engine.deep_optimize(samples)
     assert result.samples_used == 30 - 3
     assert result.evaluated_on == 3
@@ -484,12 +488,7 @@ def test_held_out_samples_are_not_also_trained_on_when_the_samples_repeat(copy: 
     (the same object, or an equal one) used to be held out as the newest and replayed as an
     older one as well, so the reported delta was partly a training loss."""
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
-    stream = Stream(16)
-    samples = []
-    for _ in range(20):
-        x = stream.rng.standard_normal(D).astype(np.float32)
-        fb = AdaptFeedback.from_quality(0.9).with_target(stream.w @ x)
-        samples.append(TrainingSample(x, stream.w @ x, 0.9).with_feedback(fb))
+    samples = Stream(16).samples(20)
     again = [TrainingSample(s.input_embedding.copy(), s.output_embedding.copy(), 0.9)
              .with_feedback(s.to_feedback()) for s in samples] if copy else samples  # fmt: skip
     job = engine.deep_job(samples + again)
