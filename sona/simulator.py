@@ -12,11 +12,12 @@ same factors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from sona.validation import check_seed, config_int, config_number
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -154,26 +155,15 @@ def _check_arguments(
     """``ValueError`` naming the first argument no world can be built from: these would
     otherwise build a meaningless world silently (no held-out inputs give a NaN quality, a
     rank-0 correction nothing to learn) or fail inside numpy with a message about shapes."""
-    if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
-    if domains < 1:
-        raise ValueError(f"domains must be >= 1, got {domains}")
-    if not 1 <= subspace <= dim:
-        raise ValueError(f"subspace must be between 1 and dim ({dim}), got {subspace}")
-    if not 0 <= shared <= subspace:
-        raise ValueError(f"shared must be between 0 and subspace ({subspace}), got {shared}")
-    if not 1 <= correction_rank <= subspace:
-        raise ValueError(
-            f"correction_rank must be between 1 and subspace ({subspace}), got {correction_rank}"
-        )
-    if held_out < 1:
-        raise ValueError(f"held_out must be >= 1, got {held_out}")
-    if not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be finite and >= 0, got {noise}")
-    if not 0.0 < base_quality < 1.0:
-        raise ValueError(f"base_quality must be between 0 and 1 (exclusive), got {base_quality}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    config_int(dim, "dim", lo=1)
+    config_int(domains, "domains", lo=1)
+    config_int(subspace, "subspace", lo=1, hi=dim)
+    config_int(shared, "shared", lo=0, hi=subspace)
+    config_int(correction_rank, "correction_rank", lo=1, hi=subspace)
+    config_int(held_out, "held_out", lo=1)
+    config_number(noise, "noise", lo=0.0)
+    config_number(base_quality, "base_quality", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    check_seed(seed)
 
 
 def _rate(base: np.ndarray, corr: np.ndarray, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
