@@ -428,7 +428,10 @@ class Durability:
                 )
                 if into_dir:
                     self.kept.append(_Kept(seq, target, captured.log_sequence))
-                    await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
+                    # Shielded: once written, a checkpoint is pruned behind and announced even
+                    # when a timeout (the final checkpoint's) expired while it was written.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self._prune, limiter=self._thread)
             except Exception as exc:
                 where = target if target is not None else self.dir
                 self.rt.events.publish(CheckpointFailed(path=str(where), error=str(exc)))
@@ -478,12 +481,18 @@ class Durability:
         self._loops_active = False
         if self.dir is None:
             return
+        timeout = max(self.rt.config.supervision.shutdown_timeout_s, 1.0)
         try:
             # Samples still waiting for the (now stopped) log writer are accepted and unhandled:
             # the checkpoint stores them as queued, so they are not lost either.
+            written = None
             with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(max(self.rt.config.supervision.shutdown_timeout_s, 1.0)):
-                    await self.checkpoint()
+                with anyio.move_on_after(timeout):
+                    written = await self.checkpoint()
+            if written is None:  # the log still holds every sample since the last checkpoint
+                error = f"the final checkpoint did not finish within {timeout:g} s"
+                _log.warning("final_checkpoint_timed_out", timeout_s=timeout)
+                self.rt.events.publish(CheckpointFailed(path=str(self.dir), error=error))
         except Exception as exc:
             _log.warning("final_checkpoint_failed", error=repr(exc))
             if raise_errors:

@@ -346,6 +346,87 @@ async def test_a_periodic_checkpoint_that_fails_is_announced_and_the_runtime_ser
     assert SonaRuntime.restore(d).stats() == rt.stats()
 
 
+QUICK_STOP = SupervisionConfig(shutdown_timeout_s=0.5)  # the final checkpoint gets 1 s
+
+
+async def _events_of_a_stop(
+    rt: SonaRuntime, steps: list[tuple[str, Any]], checkpoints: int = 0
+) -> list[Any]:
+    """The checkpoint events published while ``rt`` runs ``steps``, writes ``checkpoints``
+    more checkpoints and stops."""
+    from sona.events import CheckpointFailed
+
+    async with rt:
+        subscription = rt.subscribe([CheckpointFailed, CheckpointWritten])
+        events = await subscription.__aenter__()
+        await play(rt, steps)
+        for _ in range(checkpoints):
+            await rt.checkpoint()
+    seen = [ev async for ev in events]  # the bus is closed: what it buffered, then the end
+    await subscription.__aexit__(None, None, None)
+    return seen
+
+
+async def test_a_final_checkpoint_that_times_out_is_announced(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The stop bounds the final checkpoint by a timeout; one that expires before anything is
+    written leaves the previous checkpoint and the log, and the host hears of it."""
+    from sona import durability
+    from sona.events import CheckpointFailed
+
+    d = tmp_path / "d"
+    rt = SonaRuntime(cfg_dir(supervision=QUICK_STOP), seed=5, checkpoint_dir=d)
+    stuck = anyio.Event()
+
+    async def capture_forever(self: Any, seq: int) -> Any:
+        if not rt._stopped:
+            return self.capture_now(seq)
+        await stuck.wait()  # the stop's checkpoint never gets its state
+
+    monkeypatch.setattr(durability.Durability, "_capture", capture_forever)
+    steps = Script(16).steps(12, explore=False)
+    seen = await _events_of_a_stop(rt, steps)
+    failed = [ev for ev in seen if isinstance(ev, CheckpointFailed)]
+    assert len(failed) == 1 and "did not finish within 1 s" in failed[0].error
+    assert Path(failed[0].path) == d and not any(isinstance(ev, CheckpointWritten) for ev in seen)
+    monkeypatch.undo()
+    restored = SonaRuntime.restore(d).restored  # from the first checkpoint and the log
+    assert restored is not None and restored.replayed == tuple(range(1, 13))
+
+
+async def test_a_final_checkpoint_written_past_its_timeout_is_still_pruned_and_announced(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A write in progress is not interrupted by the stop's timeout; the checkpoint it wrote
+    is then pruned behind (older ones removed, the log truncated) and announced, not left as
+    though it had failed."""
+    import time
+
+    from sona import durability
+    from sona.checkpoint_store import list_checkpoints
+    from sona.events import CheckpointFailed
+
+    d = tmp_path / "d"
+    rt = SonaRuntime(cfg_dir(supervision=QUICK_STOP), seed=6, checkpoint_dir=d)
+    real = durability._write_verified
+
+    def slow_write(*args: Any) -> int:
+        if rt._stopped:  # the stop's checkpoint: outlasts the 1 s timeout
+            time.sleep(1.5)
+        return real(*args)
+
+    monkeypatch.setattr(durability, "_write_verified", slow_write)
+    steps = Script(17).steps(12, explore=False)
+    seen = await _events_of_a_stop(rt, steps, checkpoints=2)  # three on disk before the stop
+    assert not any(isinstance(ev, CheckpointFailed) for ev in seen)
+    written = [ev for ev in seen if isinstance(ev, CheckpointWritten)]
+    files = list_checkpoints(d)
+    assert written and Path(written[-1].path) == files[0][1]  # the newest, announced
+    assert len(files) == 2  # pruned behind it
+    assert SonaRuntime.restore(d).stats() == rt.stats()
+
+
 async def test_a_directory_holding_another_run_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "d"
     async with SonaRuntime(cfg_dir(), seed=1, checkpoint_dir=d) as rt:
