@@ -141,7 +141,7 @@ class BackgroundLoop:
         on, so its ``quality_delta`` is None, with a note."""
         t0 = time.perf_counter()
         notes: list[str] = []
-        samples = self.carry + hand.samples
+        samples = [*self.carry, *hand.samples]
         train, held = _split_eval(samples) if hold_back else (samples, [])
         if not hold_back:
             notes.append(

@@ -8,9 +8,10 @@ folded twice and nothing is lost between the two.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -19,12 +20,13 @@ import numpy as np
 from sona.config import SonaLlmConfig
 from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
-from sona.lora import MicroLoRA
+from sona.lora import _UNHELD, MicroLoRA
 from sona.lora_config import TargetModule
 from sona.published import Published
 from sona.sample import TrainingSample
 
 _clock = time.perf_counter_ns
+_refcount = sys.getrefcount
 _GATED = (FeedbackKind.TARGET, FeedbackKind.GRADIENT)
 _REGRESSION = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)
 
@@ -45,7 +47,7 @@ class HandOver:
     """What Background receives: the live adapter as it was, and the samples behind it."""
 
     live: MicroLoRA
-    samples: list[tuple[int, TrainingSample]]
+    samples: Sequence[tuple[int, TrainingSample]]
 
 
 class InstantLoop:
@@ -85,6 +87,9 @@ class InstantLoop:
         self._threshold = config.training.quality_threshold
         self._fresh_start = False
         self._restarts = 0
+        # The last hand-over's snapshot: the next hand-over copies into it once nothing else
+        # holds it (its consolidation has committed), instead of allocating a new adapter.
+        self._spare: MicroLoRA | None = None
 
     def process(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
@@ -164,9 +169,14 @@ class InstantLoop:
         they would rotate only slowly, so the new task would be learned through the old one's
         inputs (and overwrite them). With B = 0 the effective delta is unchanged either way.
         """
-        snapshot = self.live.clone()
-        samples = list(self.pending)
-        self.pending.clear()
+        spare = self._spare
+        if spare is not None and _refcount(spare) != _UNHELD:  # still held: a new one
+            spare = None
+        snapshot = self._spare = self.live.clone(into=spare)
+        # The queue itself is handed over: copying it would touch every entry, cold by now,
+        # on the request path; the consolidation goes through them anyway.
+        samples = self.pending
+        self.pending = deque()
         self.live.reset_b()
         if self._fresh_start:
             self._fresh_start = False

@@ -1139,9 +1139,22 @@ class MicroLoRA:
         self._pending = 0
 
     # ------------------------------------------------------------------ copies and state
-    def clone(self) -> MicroLoRA:
-        """An independent copy: weights, baseline and RNG position (not pending gradients)."""
-        twin = MicroLoRA._blank(self.config, self.seed)
+    def clone(self, *, into: MicroLoRA | None = None) -> MicroLoRA:
+        """An independent copy: weights, baseline and RNG position (not pending gradients).
+
+        ``into``: an earlier clone of this adapter that nothing uses any more. When its
+        configuration and seed still match, it becomes the copy, in the memory it already has:
+        a new adapter's arrays are fresh pages, and faulting them in costs more than the copy.
+        """
+        twin = into
+        if twin is None or twin.seed != self.seed or twin.config != self.config:
+            twin = MicroLoRA._blank(self.config, self.seed)
+        else:
+            if twin._pending:  # gradients are zero whenever none is pending
+                twin.clear_gradients()
+            twin._explored.clear()
+            twin.last_note = None
+            twin.last_update_norm = None
         twin._copy_state_from(self)
         return twin
 
