@@ -54,7 +54,10 @@ def _project(a: np.ndarray, ut: np.ndarray, q: np.ndarray) -> None:
 
 @inline
 def _dots64(m: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-    """out[r, j] = m[r]·rows[j] summed in float64, four rows of ``rows`` per pass over m[r]."""
+    """out[r, j] = m[r]·rows[j] in float64, four rows of ``rows`` per pass over m[r].
+
+    Elements are widened with np.float64, not float(): Numba's float() keeps a float32 a
+    float32, so each product would be rounded to float32 before the float64 sum."""
     n_m, n = m.shape
     k = rows.shape[0]
     k4 = k - k % 4
@@ -65,11 +68,11 @@ def _dots64(m: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
             acc2 = 0.0
             acc3 = 0.0
             for i in range(n):
-                mi = float(m[r, i])
-                acc0 += mi * float(rows[j, i])
-                acc1 += mi * float(rows[j + 1, i])
-                acc2 += mi * float(rows[j + 2, i])
-                acc3 += mi * float(rows[j + 3, i])
+                mi = np.float64(m[r, i])
+                acc0 += mi * np.float64(rows[j, i])
+                acc1 += mi * np.float64(rows[j + 1, i])
+                acc2 += mi * np.float64(rows[j + 2, i])
+                acc3 += mi * np.float64(rows[j + 3, i])
             out[r, j] = acc0
             out[r, j + 1] = acc1
             out[r, j + 2] = acc2
@@ -77,7 +80,7 @@ def _dots64(m: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         for j in range(k4, k):
             acc = 0.0
             for i in range(n):
-                acc += float(m[r, i]) * float(rows[j, i])
+                acc += np.float64(m[r, i]) * np.float64(rows[j, i])
             out[r, j] = acc
 
 
@@ -127,28 +130,6 @@ def _solve_vec(lower: np.ndarray, v: np.ndarray) -> None:
         for p in range(i + 1, n):
             acc -= lower[p, i] * v[p]
         v[i] = acc / lower[i, i]
-
-
-@inline
-def _solve_rows(lower: np.ndarray, rows: np.ndarray) -> None:
-    """rows ← (lower·lowerᵀ)⁻¹·rows in place, for an (r, n) block, row-vectorised."""
-    r, n = rows.shape
-    for i in range(r):
-        for p in range(i):
-            f = np.float32(lower[i, p])
-            for t in range(n):
-                rows[i, t] -= f * rows[p, t]
-        inv = np.float32(1.0 / lower[i, i])
-        for t in range(n):
-            rows[i, t] *= inv
-    for i in range(r - 1, -1, -1):
-        for p in range(i + 1, r):
-            f = np.float32(lower[p, i])
-            for t in range(n):
-                rows[i, t] -= f * rows[p, t]
-        inv = np.float32(1.0 / lower[i, i])
-        for t in range(n):
-            rows[i, t] *= inv
 
 
 @inline
@@ -233,8 +214,8 @@ def prox_step(
     Scratch: q, dq (rank, k) float32; w (rank, k), gram, kmat, lower (rank, rank) and vec
     (rank,) float64; bt_new (rank, out) float32. Each solve is written for the increment,
     (I/τ + H)·Δ = −∇, so no entry grows with τ: in float32, (I + τ·H)·x = rhs would lose every
-    significant digit once τ reaches ~1e4. The r×r systems are float64 because for large τ a
-    direction H does not constrain has a pivot of only 1/τ.
+    significant digit once τ reaches ~1e4. The r×r systems are float64, products included,
+    because for large τ a direction H does not constrain has a pivot of only 1/τ.
     Returns the penalty (without λ) after the step, or −1.0 with A and Bᵀ untouched when the
     step would not be finite.
     """
@@ -249,7 +230,7 @@ def prox_step(
     _dots64(bt, bt, gram)
     _dots64(bt, mt, w)
     for j in range(k):
-        cj = float(c[j])
+        cj = np.float64(c[j])
         if cj == 0.0:
             for r in range(rank):
                 dq[r, j] = 0.0
@@ -258,7 +239,7 @@ def prox_step(
             grad = -w[r1, j]
             for r2 in range(rank):
                 kmat[r1, r2] = s * s * cj * gram[r1, r2]
-                grad += s * gram[r1, r2] * float(q[r2, j])
+                grad += s * gram[r1, r2] * np.float64(q[r2, j])
             kmat[r1, r1] += inv_tau
             vec[r1] = -s * cj * grad
         _cholesky(kmat, lower, inv_tau)
@@ -266,16 +247,34 @@ def prox_step(
         for r in range(rank):
             dq[r, j] = vec[r]
             q[r, j] = q[r, j] + np.float32(vec[r])
-    # B-part with the new Q: (I/τ + s²·Q·diag(c)·Qᵀ)·ΔBᵀ = −s·Σ_j c_j·q_j·d_jᵀ
-    #   = −s²·(Q·diag(c)·Qᵀ)·Bᵀ + s·Σ_j c_j·q_j·m_jᵀ.
+    # B-part with the new Q: (I/τ + G)·ΔBᵀ = −s·Σ_j c_j·q_j·d_jᵀ with G = s²·Q·diag(c)·Qᵀ.
+    # The solve is applied to the coefficients, not to a float32 right-hand side: with
+    # W = s·(I/τ + G)⁻¹·Q·diag(c) (r × k), ΔBᵀ = −s·W·D = −(s·W·Qᵀ)·Bᵀ + W·M, where
+    # s·W·Qᵀ = (I/τ + G)⁻¹·G has norm at most 1. Round-off of a right-hand side formed in
+    # float32 (a difference of terms of size s²·‖Q‖²·‖B‖) has a component along G's null
+    # space, which the solve multiplies by τ; W has none, so nothing is amplified.
     for r1 in range(rank):
         for r2 in range(rank):
             acc = 0.0
             for j in range(k):
-                acc += float(c[j]) * float(q[r1, j]) * float(q[r2, j])
-            gram[r1, r2] = s * s * acc
+                acc += np.float64(c[j]) * np.float64(q[r1, j]) * np.float64(q[r2, j])
             kmat[r1, r2] = s * s * acc
         kmat[r1, r1] += inv_tau
+    _cholesky(kmat, lower, inv_tau)
+    for j in range(k):
+        cj = np.float64(c[j])
+        for r in range(rank):
+            vec[r] = s * cj * np.float64(q[r, j])
+        if cj != 0.0:
+            _solve_vec(lower, vec)
+        for r in range(rank):
+            w[r, j] = vec[r]
+    for r1 in range(rank):
+        for r2 in range(rank):
+            acc = 0.0
+            for j in range(k):
+                acc += w[r1, j] * np.float64(q[r2, j])
+            gram[r1, r2] = s * acc
     for r1 in range(rank):
         for o in range(n_out):
             bt_new[r1, o] = 0.0
@@ -285,12 +284,10 @@ def prox_step(
                 for o in range(n_out):
                     bt_new[r1, o] += f * bt[r2, o]
         for j in range(k):
-            f = np.float32(s * float(c[j]) * float(q[r1, j]))
+            f = np.float32(w[r1, j])
             if f != 0.0:
                 for o in range(n_out):
                     bt_new[r1, o] += f * mt[j, o]
-    _cholesky(kmat, lower, inv_tau)
-    _solve_rows(lower, bt_new)
     ok = np.float32(0.0)
     for r in range(rank):
         for j in range(k):

@@ -163,7 +163,10 @@ def _prox_all(
     vec: np.ndarray,
     bt_new: np.ndarray,
 ) -> None:
-    """``EwcImportance.step``: each module in turn, stopping at the first that is skipped."""
+    """``EwcImportance.step``: each module in turn, stopping at the first that is skipped.
+
+    Numba's on-disk cache does not track the import of ``prox_step``: the cached kernels of
+    this file keep the step they were compiled with until this file itself changes."""
     for i in range(a.shape[0]):
         p = prox_step(
             a[i], bt[i], scale, ut, c, mt[i], tau, q, dq, w, gram, kmat, lower, vec, bt_new

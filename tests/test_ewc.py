@@ -171,6 +171,36 @@ def test_prox_step_is_taken_for_collinear_rows_of_b_at_any_lambda(tau: float) ->
     np.testing.assert_allclose(a @ free, a_before @ free, atol=1e-5)
 
 
+@pytest.mark.parametrize("tau", [1e4, 1e6])
+@pytest.mark.parametrize("seed", range(6))
+def test_prox_step_matches_the_float64_reference_for_large_nearly_collinear_rows_of_a(
+    tau: float, seed: int
+) -> None:
+    """Large, nearly collinear rows of A (as training with a huge λ leaves them) make the
+    B-part's s²·Q·diag(c)·Qᵀ ill-conditioned (eigenvalues ~1e8 apart). Its entries were
+    float32 products (Numba's float() keeps float32), and its right-hand side a float32
+    difference of terms of size s²·‖Q‖²·‖B‖ whose round-off the solve multiplied by up to τ
+    along the small eigenvector: Bᵀ came out up to 100× its norm away from the exact step and
+    the penalty rose. The residual here is orthogonal to B's columns, so the A-part has
+    nothing to do and the B-part meets exactly this Q."""
+    a, bt, ut, c, mt, s = _problem(seed, 2, 40, 24, 6)
+    a[1] = 0.5 * a[0] + 1e-4 * a[1]
+    a *= 1000.0
+    u = ut.T.astype(np.float64)
+    fit = s * bt.T.astype(np.float64) @ a.astype(np.float64) @ u  # ΔW·u_j, (out, k)
+    basis, _ = np.linalg.qr(bt.T.astype(np.float64))
+    off = np.random.default_rng(seed).standard_normal(fit.shape)
+    off -= basis @ (basis.T @ off)
+    mt = np.ascontiguousarray((fit - off).T, dtype=F32)
+    before = _dense_penalty(a, bt, s, ut, c, mt)
+    want_a, want_bt = _reference_prox(a, bt, s, ut, c, mt, tau)
+    after = k_ewc.prox_step(a, bt, s, ut, c, mt, tau, *_scratch(2, 6, 24))
+    assert after <= before
+    np.testing.assert_allclose(bt, want_bt, atol=2e-3 * np.abs(want_bt).max())
+    np.testing.assert_allclose(a, want_a, atol=1e-4 * np.abs(want_a).max())
+    assert after == pytest.approx(_dense_penalty(want_a, want_bt, s, ut, c, mt), rel=1e-3)
+
+
 def test_prox_step_leaves_unprotected_directions_of_a_alone() -> None:
     a, bt, ut, c, mt, s = _problem(5, 2, 40, 16, 4)
     a_before = a.copy()
