@@ -154,8 +154,9 @@ def _residual_sq(
                 row[t] += f * bt[r, t]
         acc = 0.0
         for t in range(n_out):
-            acc += float(row[t]) * float(row[t])
-        total += float(cj) * acc
+            v = np.float64(row[t])  # float() would keep it float32: v·v could overflow
+            acc += v * v
+        total += np.float64(cj) * acc
     return total
 
 

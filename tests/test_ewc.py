@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -75,6 +76,17 @@ def _reference_prox(
     lhs = np.eye(rank) + tau * s * s * (qn * c) @ qn.T
     bt_new = np.linalg.solve(lhs, bt64 + tau * s * (qn * c) @ m.T)
     return a_new, bt_new
+
+
+def test_penalty_of_a_residual_whose_squares_overflow_float32_is_finite_and_exact() -> None:
+    """A residual entry of 1e20 is a finite float32, its square is not: the penalty sums in
+    float64 and must not report inf for an adapter that is far from, but not beyond, float32."""
+    a, bt, ut, c, mt, s = _problem(3, 2, 12, 8, 3)
+    mt = (mt + np.float32(1e20)).astype(F32)
+    q = np.zeros((2, ut.shape[0]), F32)
+    got = k_ewc.penalty(a, bt, s, ut, c, mt, q)
+    want = _dense_penalty(a, bt, s, ut, c, mt)
+    assert math.isfinite(got) and got == pytest.approx(want, rel=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
