@@ -391,7 +391,9 @@ def jacobi_svd(a: np.ndarray, u: np.ndarray, s: np.ndarray, v: np.ndarray) -> bo
                     alpha += w[i, p] * w[i, p]
                     beta += w[i, q] * w[i, q]
                     gamma += w[i, p] * w[i, q]
-                if gamma == 0.0 or abs(gamma) <= _EPS * np.sqrt(alpha * beta):
+                # √α·√β: α·β overflows for columns beyond ~1e77 (every pair then looked
+                # orthogonal) and underflows below ~1e-77 (no pair ever did)
+                if gamma == 0.0 or abs(gamma) <= _EPS * (np.sqrt(alpha) * np.sqrt(beta)):
                     continue
                 rotated = True
                 zeta = (beta - alpha) / (2.0 * gamma)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sona.kernels import linalg as k_linalg
 
@@ -125,6 +125,25 @@ def test_jacobi_svd_matches_numpy(seed: int, n: int, rank: int) -> None:
     np.testing.assert_allclose(v.T @ v, np.eye(n), atol=1e-12)
     big = s > 1e-9 * scale
     np.testing.assert_allclose(u[:, big].T @ u[:, big], np.eye(int(big.sum())), atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 8), e=st.integers(-450, 450))
+@example(seed=0, n=4, e=300)  # α·β of two columns overflows float64
+@example(seed=0, n=4, e=-300)  # and underflows
+def test_jacobi_svd_at_any_magnitude(seed: int, n: int, e: int) -> None:
+    """A scaled by 2**e (exact) has singular values scaled by 2**e, from 2**-450 to 2**450:
+    the merge's core reaches ~1e82 from float32 factors (tiny adapter scaling, huge weights)
+    and ~1e-90 from the smallest ones."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n))
+    u = np.empty((n, n))
+    s = np.empty(n)
+    v = np.empty((n, n))
+    assert k_linalg.jacobi_svd(np.ldexp(a, e), u, s, v)
+    np.testing.assert_allclose(np.ldexp(s, -e), np.linalg.svd(a, compute_uv=False), rtol=1e-10)
+    np.testing.assert_allclose(u.T @ u, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(np.ldexp(u * s @ v.T, -e), a, atol=1e-12)
 
 
 def _principal_reference(
