@@ -33,7 +33,13 @@ from sona.kernels.lora import (
     step_one,
     step_sums,
 )
-from sona.kernels.update import _all_finite, apply_step, candidate_sq_norms, grad_sq_norm
+from sona.kernels.update import (
+    MAX_INPUT_SQ_NORM,
+    apply_step,
+    candidate_sq_norms,
+    grad_sq_norm,
+    sq_norm64,
+)
 
 F32_MAX = 3.4028234663852886e38
 MIN_STD = 1e-4  # RunningBaseline.MIN_STD
@@ -58,9 +64,10 @@ DECLINED_RATING = 17  # quality-only feedback: a rating of noise this adapter ne
 @strict_inline
 def _declined(x: np.ndarray, rating_only: bool) -> int:
     """0, or the ``DECLINED_*`` code of a sample ``step`` and ``adapt`` decline: a zero input
-    (it has no gradient; checked up to the first non-zero element) or, for a finite one,
-    quality-only feedback. A quality-only sample with a non-finite input returns
-    ``DECLINED_RATING`` + 1: the per-sample path refuses it as not finite."""
+    (it has no gradient; checked up to the first non-zero element) or, for a valid one,
+    quality-only feedback. A quality-only sample with a non-finite input, or one with ‖x‖²
+    beyond ``MAX_INPUT_SQ_NORM``, returns ``DECLINED_RATING`` + 1: the per-sample path
+    refuses it."""
     zero = True
     for e in x:
         if e != 0.0:
@@ -69,7 +76,8 @@ def _declined(x: np.ndarray, rating_only: bool) -> int:
     if zero:
         return DECLINED_ZERO
     if rating_only:
-        return DECLINED_RATING if _all_finite(x) else DECLINED_RATING + 1
+        # NaN or inf in x makes the float64 sum NaN or inf
+        return DECLINED_RATING if sq_norm64(x) <= MAX_INPUT_SQ_NORM else DECLINED_RATING + 1
     return 0
 
 
@@ -118,13 +126,18 @@ def _joint_step(
     out: np.ndarray,
 ) -> int:
     """One sample's step on every module with the clip on their joint norm (the several-module
-    branch of ``MicroLoRA._step_general``); statuses as ``step_one``'s."""
+    branch of ``MicroLoRA._step_general``); statuses as ``step_one``'s, ``STEP_INPUT_NORM``
+    included."""
     m = a.shape[0]
     for i in range(m):
         key = np.uint64(0)
         if not prepare_grad(a[i], bt[i], scale, x, vec, weight, mode, key, h[i], u[i], g[i]):
             return 1
         step_sums(a[i], bt[i], x, h[i], u[i], g[i], sums[i])
+    # ‖x‖² (float64, sums[i, 0]) beyond the limit: step refuses x, as step_one does; g was
+    # divided by it in float32 and is ~0 or, once that overflowed, exactly 0
+    if not sums[0, 0] <= MAX_INPUT_SQ_NORM:
+        return STEP_INPUT_NORM
     total = 0.0
     for i in range(m):
         total += sums[i, 4] * sums[i, 0] + sums[i, 5] * sums[i, 1]
@@ -380,7 +393,8 @@ def relearn(
 
     ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
     (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
-    finite, where it stops (the per-sample path raises there). Samples ``adapt`` declines are
+    finite or whose ‖x‖² is beyond ``MAX_INPUT_SQ_NORM``, where it stops (the per-sample path
+    raises there). Samples ``adapt`` declines are
     passed over as in ``replay_epoch``.
     """
     m = a.shape[0]
@@ -399,6 +413,8 @@ def relearn(
             x = xs[k]
             declined = _declined(x, rating_only[k])
             if declined > DECLINED_RATING:
+                return r
+            if not declined and not sq_norm64(x) <= MAX_INPUT_SQ_NORM:  # adapt refuses x
                 return r
             if declined:
                 out[RE_LAST] = declined

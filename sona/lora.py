@@ -1060,6 +1060,7 @@ class MicroLoRA:
         self._set_replay_state(a, bt, baseline, out, _BATCH_OUTCOMES)
         notes = [_BATCH_REJECTIONS[int(c)] for c in codes if c > 0]
         if failed >= 0:
+            _check_input(batch.xs[rows[failed]])  # ‖x‖² beyond the limit says so
             raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
         return notes
 

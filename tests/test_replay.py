@@ -70,14 +70,17 @@ def _loop(
     max_norm: float | None,
     pipe: TrainingPipeline | None,
     lam: float,
+    xs: np.ndarray | None = None,
 ) -> None:
-    """What the Deep loop did before replay existed, sample by sample."""
+    """What the Deep loop did before replay existed, sample by sample (inputs from ``xs``
+    when given)."""
     since = 0
     for i in rows.tolist():
         s = samples[i]
+        x = s.input_embedding if xs is None else xs[i]
         try:
             fb = s.to_feedback()
-            if not lora.step(s.input_embedding, fb, lr, max_norm=max_norm, module=s.module):
+            if not lora.step(x, fb, lr, max_norm=max_norm, module=s.module):
                 continue
         except InvalidInputError:
             continue
@@ -310,8 +313,10 @@ def _relearn_loop(
     mini: int,
     pipe: TrainingPipeline | None,
     lam: float,
+    xs: np.ndarray | None = None,
 ) -> list[str]:
-    """The Background loop's mini-batch strategies, sample by sample."""
+    """The Background loop's mini-batch strategies, sample by sample (inputs from ``xs``
+    when given)."""
     notes: list[str] = []
 
     def apply(k: int) -> None:
@@ -323,7 +328,8 @@ def _relearn_loop(
     batch = 0
     for i, w in zip(rows.tolist(), weights.tolist(), strict=True):
         s = samples[i]
-        if lora.adapt(s.input_embedding, s.to_feedback(), s.module, weight=w):
+        x = s.input_embedding if xs is None else xs[i]
+        if lora.adapt(x, s.to_feedback(), s.module, weight=w):
             batch += 1
         if batch == mini:
             apply(batch)
@@ -412,6 +418,59 @@ def test_relearn_raises_where_adapt_would_with_the_batches_before_applied() -> N
     with pytest.raises(InvalidInputError, match="gradient overflows"):
         fast.relearn(batch, rows, np.ones(40), 0.05, max_norm=1.0, mini_batch=16)
     for m in lora.modules:  # the first mini-batch of 16 was applied, nothing after it
+        for got, want in zip(fast.factors(m), ref.factors(m), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def _too_large(xs: np.ndarray, rows: list[int], sq: float) -> None:
+    """Rows of ``xs`` with ‖x‖² = ``sq`` (entries of 1e19), beyond ``MAX_INPUT_SQ_NORM``:
+    finite, and a TrainingSample refuses them, but a ReplayBatch is built from any rows."""
+    for r in rows:
+        xs[r] = 0.0
+        xs[r, : round(sq / 1e38)] = 1e19
+
+
+# 2e38: the float32 ‖x‖² the gradient is divided by is finite and the step tiny; 4e38: it
+# overflows and the step is exactly zero. Rows 1, 4, 5: target, quality-only, rated output.
+@pytest.mark.parametrize("sq", [2e38, 4e38])
+@pytest.mark.parametrize("modules", [1, 2, 3])
+def test_replay_refuses_inputs_beyond_the_norm_limit_as_step_does(sq: float, modules: int) -> None:
+    dim = 16
+    lora = _adapter(dim, 4, modules, 0)
+    samples = _samples(dim, 10, 1, "otgpq")
+    xs = stack_rows([s.input_embedding for s in samples], dim)
+    _too_large(xs, [1, 4, 5], sq)
+    with pytest.raises(InvalidInputError, match="too large"):
+        lora.clone().step(xs[1], samples[1].to_feedback(), 0.05)
+    rows = np.array([*range(10), 1, 0, 5, 4])  # the last ones refused or declined
+    ref, fast = lora.clone(), lora.clone()
+    _loop(ref, samples, rows, 0.05, 1.0, None, 0.0, xs)
+    batch = ReplayBatch.of(samples, xs, lora.modules)
+    assert batch is not None
+    assert fast.replay(batch, rows, 0.05, max_norm=1.0)
+    _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize("sq", [2e38, 4e38])
+@pytest.mark.parametrize("row", [1, 4, 5])  # target, quality-only, rated output
+def test_relearn_raises_where_adapt_would_on_inputs_beyond_the_norm_limit(
+    sq: float, row: int
+) -> None:
+    dim = 16
+    lora = _adapter(dim, 4, 2, 0)
+    samples = _samples(dim, 10, 1, "otgpq")
+    xs = stack_rows([s.input_embedding for s in samples], dim)
+    _too_large(xs, [row], sq)
+    rows = np.array([0, 2, 3, 6, 7, 8, 9, row, 1])  # mini-batches of 3 applied first
+    ref, fast = lora.clone(), lora.clone()
+    with pytest.raises(InvalidInputError, match="too large"):
+        _relearn_loop(ref, samples, rows, np.ones(9), 0.05, 1.0, 3, None, 0.0, xs)
+    batch = ReplayBatch.of(samples, xs, lora.modules)
+    assert batch is not None
+    with pytest.raises(InvalidInputError, match="too large"):
+        fast.relearn(batch, rows, np.ones(9), 0.05, max_norm=1.0, mini_batch=3)
+    assert fast.version == ref.version > lora.version
+    for m in lora.modules:
         for got, want in zip(fast.factors(m), ref.factors(m), strict=True):
             np.testing.assert_array_equal(got, want)
 
