@@ -208,7 +208,10 @@ class EwcImportance:
         for m in self.modules:
             st = self.anchors[m]
             shift = _on_directions(after, m, self.ut) - _on_directions(before, m, self.ut)
-            st.mt += shift.astype(_F32)
+            # added in float64: the shift alone can exceed float32's range (2·3e38 for deltas
+            # near it) while the shifted anchor, ΔW·uⱼ of a valid adapter when the anchor was
+            # taken from ``before``, does not
+            st.mt[...] = st.mt + shift
 
     def penalty(self, lora: MicroLoRA) -> float:
         """‖(ΔW − ΔW*)·C^½‖² summed over modules (without λ)."""

@@ -277,6 +277,27 @@ def test_fold_protects_old_subspaces_with_gamma_decay() -> None:
     assert abs(cov[4:, 4:]).max() < 1e-6  # directions no task used stay free
 
 
+def test_shifting_the_anchor_by_a_change_beyond_float32s_range_keeps_it_exact() -> None:
+    """The change of ΔW·u (−3e38 to 3e38) is beyond float32's range; the shifted anchor, the
+    later adapter's ΔW·u, is not."""
+    m = TargetModule.Q_PROJ
+    lora = _lora(4)
+    a = np.zeros((2, 4), F32)
+    a[0, 0] = 1.0
+    bt = np.zeros((2, 4), F32)
+    bt[0, :2] = (3e38 / lora.scaling, 1.0)
+    before, after = lora.clone(), lora.clone()
+    before.set_factors(m, a, -bt)
+    after.set_factors(m, a, bt)
+    ewc = EwcImportance.for_lora(lora, rank=1, gamma=0.5)
+    ewc.ut = np.eye(1, 4, dtype=F32)
+    ewc.c = np.ones(1, F32)
+    ewc.reanchor(before)
+    ewc.shift_anchor(before, after)
+    want = lora.scaling * bt[:1].astype(np.float64)  # ΔW·e₀ of ``after``
+    np.testing.assert_allclose(ewc.anchors[m].mt, want, rtol=1e-6)
+
+
 def test_input_window_keeps_the_newest_rows_in_order() -> None:
     w = InputWindow(3, 2)
     for i in range(5):
