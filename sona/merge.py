@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_MAX_MANT, _F32_MAX_EXP = math.frexp(_F32_MAX)
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, 2**-126
 # A source's nonzero B entries are at least 2**-149 (float32's smallest), so an entry of the
 # scaled Bᵀ below this comes from a weight·scale more than 2**250 times smaller than the
 # largest one's: flushing it changes nothing float32 can show next to that source.
@@ -127,7 +128,10 @@ def _weighted_concat(
 def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The concatenated factors of 2**e · Bᵀᵀ·A as float32, the sources' rows of A unchanged
     (a row whose B is zero still steers what the merged adapter learns next); None when the
-    scaled Bᵀ or s·‖A‖·‖B‖ would not fit float32.
+    scaled Bᵀ or s·‖A‖·‖B‖ would not fit float32, or when a non-zero entry of the scaled Bᵀ
+    would fall below float32's normal range: there it loses bits or becomes zero, and a
+    source with a tiny scaling (1e-49, A near 1e30) lost its whole delta, which float32
+    shows.
 
     The caller then takes the sum's SVD at the same rank instead: the same sum, exactly, with
     √σ on each side, which is the factorization with the smallest ‖A‖·‖B‖ (the nuclear norm).
@@ -136,6 +140,10 @@ def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np
     """
     largest = float(np.max(np.abs(bt))) if bt.size else 0.0
     if not (_fits(delta_bound(1.0, a, bt), e) and _fits(largest, e)):
+        return None
+    nonzero = np.abs(bt[bt != 0.0])
+    # below `largest`, so this ldexp stays below float32's max
+    if nonzero.size and math.ldexp(float(nonzero.min()), e) < _F32_TINY:
         return None
     return a.astype(np.float32), np.ldexp(bt, e).astype(np.float32)
 

@@ -246,6 +246,22 @@ def test_weights_of_any_magnitude_merge_without_warnings(
             np.testing.assert_allclose(got, expected, atol=1e-5 * scale + 1e-44)
 
 
+@pytest.mark.parametrize("tiny", [2.0**-140, 2.0**-160, 2.0**-200])
+def test_a_source_with_a_tiny_scaling_keeps_its_delta(tiny: float) -> None:
+    """s = alpha/rank below float32's range, A near 1e30: the delta (1e-12 to 1e-31) fits
+    float32, so the exact merge keeps it, though s folded into B would be subnormal or zero."""
+    lora = MicroLoRA(config(alpha=2.0 * tiny), seed=0)
+    rng = np.random.default_rng(1)
+    for m, a, bt in list(lora.iter_factors()):
+        lora.set_factors(m, np.ldexp(a, 100), rng.standard_normal(bt.shape))
+    merged = MicroLoRA.merge_adapters([(lora, 1.0)])
+    assert merged.config.rank == 2
+    for m in (Q, V):
+        expected = delta64(lora, m)
+        assert float(np.abs(expected).min()) > 1e-36  # normal float32 numbers
+        np.testing.assert_allclose(merged.delta_weight(m), expected, rtol=1e-5)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     exps=st.lists(st.floats(15.0, 20.0), min_size=4, max_size=4),
