@@ -397,7 +397,9 @@ def jacobi_svd(a: np.ndarray, u: np.ndarray, s: np.ndarray, v: np.ndarray) -> bo
                     continue
                 rotated = True
                 zeta = (beta - alpha) / (2.0 * gamma)
-                t = 1.0 / (abs(zeta) + np.sqrt(1.0 + zeta * zeta))
+                # hypot: ζ² overflows for columns ~1e140 apart, t became 0 and the pair was
+                # rotated by nothing in every sweep
+                t = 1.0 / (abs(zeta) + np.hypot(1.0, zeta))
                 if zeta < 0.0:
                     t = -t
                 c = 1.0 / np.sqrt(1.0 + t * t)

@@ -146,6 +146,27 @@ def test_jacobi_svd_at_any_magnitude(seed: int, n: int, e: int) -> None:
     np.testing.assert_allclose(np.ldexp(u * s @ v.T, -e), a, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "a",
+    [
+        [[1e100, 1e-60], [0.0, 1e-60]],
+        [[1e100, 1e-60, 0.0], [0.0, 1e-60, 1.0], [1.0, 0.0, 1e-50]],
+    ],
+)
+def test_jacobi_svd_of_columns_far_apart_in_size(a: list[list[float]]) -> None:
+    """Columns 1e100 and 1e-60 long, not orthogonal: ζ² of their rotation overflows, yet the
+    sweeps converge to the singular values, the smallest ones included."""
+    m = np.array(a)
+    n = m.shape[0]
+    u = np.empty((n, n))
+    s = np.empty(n)
+    v = np.empty((n, n))
+    assert k_linalg.jacobi_svd(m, u, s, v)
+    np.testing.assert_allclose(s, np.linalg.svd(m, compute_uv=False), rtol=1e-10)
+    np.testing.assert_allclose(u * s @ v.T, m, rtol=0.0, atol=1e-12)
+    np.testing.assert_allclose(v.T @ v, np.eye(n), atol=1e-12)
+
+
 def _principal_reference(
     z: np.ndarray, weights: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
