@@ -394,8 +394,7 @@ def relearn(
     ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
     (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
     finite or whose ‖x‖² is beyond ``MAX_INPUT_SQ_NORM``, where it stops (the per-sample path
-    raises there). Samples ``adapt`` declines are
-    passed over as in ``replay_epoch``.
+    raises there). Samples ``adapt`` declines are passed over as in ``replay_epoch``.
     """
     m = a.shape[0]
     out[RE_APPLIED] = 0.0
