@@ -9,13 +9,19 @@ from sona.kernels import linalg as k_linalg
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _kept(ev: np.ndarray) -> int:
+    """How many of the descending eigenvalues ``ev`` are not zero up to round-off."""
+    return int(np.count_nonzero(ev > max(float(ev[0]), 0.0) * 1e-12)) if ev.size else 0
+
+
 def principal_directions(
     z: np.ndarray, *, top: int | None = None, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending) and unit eigenvectors (rows) of zᵀ·diag(weights)·z, z (n, d).
 
-    Directions with zero eigenvalue are dropped; ``top`` limits how many eigenvectors are
-    formed (every kept eigenvalue is still returned). Negative weights count as zero.
+    Eigenvalues that are zero up to round-off (at most 1e-12 of the largest) are dropped with
+    their directions, whichever way they are computed; ``top`` limits how many eigenvectors
+    are formed (every kept eigenvalue is still returned). Negative weights count as zero.
 
     Inputs are wide (a window of ~100 embeddings of width 4096): an SVD of z costs O(n·d²)
     memory traffic for vectors nobody uses, while the n × n Gram matrix gives the same top
@@ -34,7 +40,10 @@ def principal_directions(
     if n >= d:
         zw = z.astype(np.float64) if root is None else z * root[:, None]
         _, sv, vt = np.linalg.svd(zw, full_matrices=False)
-        return sv**2, vt[:top]
+        ev = sv**2
+        count = _kept(ev)
+        t = count if top is None else max(0, min(int(top), count))
+        return ev[:count], vt[:t]
     gram = np.empty((n, n))
     k_linalg.gram(z, gram)
     if root is not None:
@@ -45,7 +54,7 @@ def principal_directions(
     if not k_linalg.sym_eig(gram, ev, vecs):
         return np.full(n, np.nan), np.zeros((0, d))
     ev, vecs = ev[::-1], vecs[::-1]
-    count = int(np.count_nonzero(ev > max(float(ev[0]), 0.0) * 1e-12))
+    count = _kept(ev)
     ev = ev[:count].copy()
     t = count if top is None else max(0, min(int(top), count))
     coef = vecs[:t] / np.sqrt(ev[:t])[:, None]

@@ -190,11 +190,14 @@ def _principal_reference(
     rank=st.integers(1, 20),
     weighted=st.booleans(),
     top=st.one_of(st.none(), st.integers(0, 8)),
+    tall=st.booleans(),  # n >= d: the SVD branch
 )
 def test_principal_directions_match_the_numpy_reference(
-    seed: int, n: int, d: int, rank: int, weighted: bool, top: int | None
+    seed: int, n: int, d: int, rank: int, weighted: bool, top: int | None, tall: bool
 ) -> None:
-    z = _rows(seed, n, d, rank=min(rank, n))
+    if tall:
+        n, d = d, n
+    z = _rows(seed, n, d, rank=min(rank, n, d))
     rng = np.random.default_rng(seed + 1)
     weights = rng.uniform(-0.2, 2.0, n) if weighted else None
     ev, vt = principal_directions(z, top=top, weights=weights)
