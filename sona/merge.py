@@ -138,10 +138,11 @@ def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np
     Cancelling sources (X and -X) or lopsided factors (A tiny, B huge) can exceed the bound
     when concatenated and fit that way.
     """
-    largest = float(np.max(np.abs(bt))) if bt.size else 0.0
+    magnitudes = np.abs(bt)
+    largest = float(magnitudes.max()) if bt.size else 0.0
     if not (_fits(delta_bound(1.0, a, bt), e) and _fits(largest, e)):
         return None
-    nonzero = np.abs(bt[bt != 0.0])
+    nonzero = magnitudes[magnitudes != 0.0]
     # below `largest`, so this ldexp stays below float32's max
     if nonzero.size and math.ldexp(float(nonzero.min()), e) < _F32_TINY:
         return None
