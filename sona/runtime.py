@@ -81,7 +81,7 @@ from sona.messages import (
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
 from sona.validation import as_f32, check_seed
-from sona.worker_threads import release_free_memory, run_single_blas
+from sona.worker_threads import find_blas, release_free_memory, run_single_blas
 
 _thread_id = threading.get_ident
 _log = get_logger("sona.runtime")
@@ -259,6 +259,7 @@ class SonaRuntime:
         self._started = True
         self._loop = _asyncio_loop()
         self._thread = _thread_id()
+        find_blas()
         await self._durable.open()  # checkpoint_dir: lock, sample log, first checkpoint
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()

@@ -44,13 +44,25 @@ def run_single_blas(fn: Callable[..., T], *args: Any) -> T:
         _exit()
 
 
+def find_blas() -> None:
+    """Look up the process's BLAS libraries now rather than in the first loop's work.
+
+    The look-up resolves the path of every loaded shared library, a few hundred system calls
+    that each give the GIL up. Done in a worker thread beside a busy event loop, every one of
+    them waits to get the GIL back; the runtime does it once at start, on its own thread."""
+    global _controller
+    with _lock:
+        if _controller is None:
+            _controller = ThreadpoolController()
+
+
 def _enter() -> None:
-    global _active, _controller, _limiter
+    global _active, _limiter
+    find_blas()
     with _lock:
         _active += 1
         if _active == 1:
-            if _controller is None:
-                _controller = ThreadpoolController()
+            assert _controller is not None
             _release_control()
             _limiter = _controller.limit(limits=1, user_api="blas")
             _release_control()

@@ -85,3 +85,21 @@ async def test_free_memory_is_handed_back_after_each_deep_run() -> None:
         await rt.deep_optimize()
         assert rt.stats().deep_count == 2
     assert worker_threads.trims - before == 2
+
+
+@pytest.mark.anyio
+async def test_runtime_looks_up_blas_at_start_not_in_its_first_consolidation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runtime_helpers import small_config
+
+    from sona import worker_threads
+    from sona.runtime import SonaRuntime
+
+    monkeypatch.setattr(worker_threads, "_controller", None)
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        assert worker_threads._controller is not None
+        assert rt.stats().background_count == 0  # found before any loop work ran
+    found = worker_threads._controller
+    run_single_blas(lambda: None)
+    assert worker_threads._controller is found  # looked up once, then reused
