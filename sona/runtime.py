@@ -50,7 +50,7 @@ from sona.actors import (
     SupervisorGaveUp,
     SupervisorGaveUpEvent,
 )
-from sona.background import BackgroundLoop
+from sona.background import BackgroundLoop, Consolidation
 from sona.checkpoint import CaptureState, SampleIds
 from sona.config import Chaos, SonaLlmConfig
 from sona.deep import DeepJob, DeepOutcome, run_deep, snapshot
@@ -81,7 +81,7 @@ from sona.messages import (
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
 from sona.validation import as_f32, check_seed
-from sona.worker_threads import find_blas, release_free_memory, run_single_blas
+from sona.worker_threads import LoopThread, find_blas, release_free_memory, run_single_blas
 
 _thread_id = threading.get_ident
 _log = get_logger("sona.runtime")
@@ -227,8 +227,8 @@ class SonaRuntime:
         self._room: anyio.Event | None = None  # created only while a submitter waits
         self._idle: anyio.Event | None = None  # created only while drain() waits
         # threads of the loops' own, never slots of the host's default thread limiter
-        self._background_thread = anyio.CapacityLimiter(1)
-        self._deep_thread = anyio.CapacityLimiter(1)
+        self._background_thread = LoopThread("sona-background")
+        self._deep_thread = LoopThread("sona-deep")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0  # the event loop's thread, the only one that may change the state
         self._new_task_queued = False
@@ -341,6 +341,8 @@ class SonaRuntime:
             with anyio.CancelScope(shield=True):
                 await self._durable.close(raise_errors=exc_type is None)  # the final checkpoint
         finally:
+            self._background_thread.close()
+            self._deep_thread.close()
             self._settle_at_stop()
             self.events.close()  # every subscription ends once it has read what is buffered
         _log.info("runtime_stopped", gave_up=self._supervisor.gave_up)
@@ -696,8 +698,8 @@ class SonaRuntime:
             await ref.ask(HandOverRequest())  # the Instant loop records it (_take_hand_over)
         hand = self._unfinished
         assert hand is not None
-        outcome = await anyio.to_thread.run_sync(
-            run_single_blas, bg.prepare, hand, hold_back, limiter=self._background_thread
+        outcome: Consolidation = await self._background_thread.run(
+            run_single_blas, bg.prepare, hand, hold_back
         )
         self._view += 1
         try:
@@ -739,9 +741,7 @@ class SonaRuntime:
             job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
             if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
                 self._deep_taken += self._instant.take_deep_quality()
-            outcome = await anyio.to_thread.run_sync(
-                _deep_in_thread, job, limiter=self._deep_thread
-            )
+            outcome = await self._deep_thread.run(_deep_in_thread, job)
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:

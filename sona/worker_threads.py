@@ -11,19 +11,25 @@ worker starts, restored when the last one finishes, whichever threads those are.
 lets only the thread that first set an OpenBLAS limit change it again; the loops' work runs on
 whichever pool thread is free, so control is released around every change.
 
-Every loop, the checkpoint writer and the durable log run their thread work under a capacity
-limiter of their own (one thread each), never anyio's default one: that one (40 threads) is the
-host application's too, and a host keeping it busy with its own blocking calls would hold back
-consolidations, Deep runs and the log commits every durable ``submit`` waits for.
+Every loop, the checkpoint writer and the durable log run their thread work on a thread of their
+own, never in anyio's default pool: that one (40 threads) is the host application's too, and a
+host keeping it busy with its own blocking calls would hold back consolidations, Deep runs and
+the log commits every durable ``submit`` waits for. The Background and Deep loops reach theirs
+through :class:`LoopThread`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import ctypes
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
+import anyio
+import anyio.lowlevel
 import threadpoolctl
 from threadpoolctl import ThreadpoolController
 
@@ -42,6 +48,44 @@ def run_single_blas(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     finally:
         _exit()
+
+
+class LoopThread:
+    """One loop's worker thread, handed its work without waiting for the event loop.
+
+    ``anyio.to_thread.run_sync`` yields to the event loop twice before it queues the work (its
+    checkpoint, then its capacity limiter's). Each such turn runs on the time of whichever
+    request yields next: under load, two more slow requests per consolidation. On asyncio the
+    work is queued at once, on a thread of this loop's own; other backends take anyio's path
+    with a limiter of one. Either way the caller waits, shielded from cancellation, until the
+    work is done: the thread cannot be stopped, and what it returns must not be lost.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in this loop's thread, in a copy of the caller's context."""
+        await anyio.lowlevel.checkpoint_if_cancelled()  # yields only when cancelled
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # another anyio backend
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        ctx = contextvars.copy_context()
+        done = loop.run_in_executor(self._executor, ctx.run, fn, *args)
+        with anyio.CancelScope(shield=True):
+            result = await done
+        return result
+
+    def close(self) -> None:
+        """Let the thread end once its current work (if any) is done."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
 
 def find_blas() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
+import time
 
+import anyio
 import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
-from sona.worker_threads import blas_limited, run_single_blas
+from sona.worker_threads import LoopThread, blas_limited, run_single_blas
 
 
 def _blas_threads() -> int:
@@ -103,3 +107,81 @@ async def test_runtime_looks_up_blas_at_start_not_in_its_first_consolidation(
     found = worker_threads._controller
     run_single_blas(lambda: None)
     assert worker_threads._controller is found  # looked up once, then reused
+
+
+@pytest.mark.anyio
+async def test_loop_thread_starts_the_work_before_the_event_loop_goes_round() -> None:
+    """The work is queued in the caller's own step: a busy event loop goes round rarely, and
+    a consolidation must not wait for it to start."""
+    thread = LoopThread("sona-test")
+    started = threading.Event()
+    coro = thread.run(started.set)
+    try:
+        pending = coro.send(None)  # the caller's first step; the event loop does not turn
+        assert started.wait(2)  # the thread started while the event loop was held here
+        while not pending.done():
+            await asyncio.sleep(0.001)
+        with pytest.raises(StopIteration):
+            coro.send(None)
+    finally:
+        coro.close()
+        thread.close()
+
+
+@pytest.mark.anyio
+async def test_loop_thread_runs_in_the_callers_context_and_raises_its_errors() -> None:
+    thread = LoopThread("sona-test")
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    var.set("caller")
+    try:
+        assert await thread.run(var.get) == "caller"
+        name = await thread.run(lambda: threading.current_thread().name)
+        assert name.startswith("sona-test")
+
+        def boom() -> None:
+            raise ValueError("in the thread")
+
+        with pytest.raises(ValueError, match="in the thread"):
+            await thread.run(boom)
+        assert await thread.run(lambda: 7) == 7  # still serving after an error
+    finally:
+        thread.close()
+    ours = [t for t in threading.enumerate() if t.name == name]
+    for t in ours:
+        t.join(5)
+    assert not any(t.is_alive() for t in ours)
+
+
+@pytest.mark.anyio
+async def test_loop_thread_never_starts_work_for_a_cancelled_caller() -> None:
+    thread = LoopThread("sona-test")
+    ran: list[int] = []
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await thread.run(ran.append, 1)
+    assert scope.cancelled_caught
+    assert ran == []
+    thread.close()
+
+
+@pytest.mark.anyio
+async def test_loop_thread_caller_cancelled_meanwhile_waits_for_the_work() -> None:
+    """The thread cannot be stopped: a cancelled caller still waits for it to finish, so what
+    the work returns or changes is never left behind by a stop."""
+    thread = LoopThread("sona-test")
+    started = threading.Event()
+    finished: list[int] = []
+
+    def work() -> int:
+        started.set()
+        time.sleep(0.2)
+        finished.append(1)
+        return 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(thread.run, work)
+        while not started.is_set():
+            await anyio.sleep(0.001)
+        tg.cancel_scope.cancel()
+    assert finished == [1]
+    thread.close()
