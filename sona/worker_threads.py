@@ -11,11 +11,11 @@ worker starts, restored when the last one finishes, whichever threads those are.
 lets only the thread that first set an OpenBLAS limit change it again; the loops' work runs on
 whichever pool thread is free, so control is released around every change.
 
-Every loop, the checkpoint writer and the durable log run their thread work on a thread of their
-own, never in anyio's default pool: that one (40 threads) is the host application's too, and a
-host keeping it busy with its own blocking calls would hold back consolidations, Deep runs and
-the log commits every durable ``submit`` waits for. The Background and Deep loops reach theirs
-through :class:`LoopThread`.
+No loop, nor the checkpoint writer or the durable log, takes a slot of anyio's default thread
+limiter: that one (40 threads) is the host application's too, and a host keeping it busy with its
+own blocking calls would hold back consolidations, Deep runs and the log commits every durable
+``submit`` waits for. The Background and Deep loops each run on a thread of their own
+(:class:`LoopThread`); the checkpoint writer and the log under a capacity limiter of one.
 """
 
 from __future__ import annotations
