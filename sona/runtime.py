@@ -487,20 +487,15 @@ class SonaRuntime:
         self._accept(sample, module)
 
     def _overflow(self, policy: OverflowPolicy) -> AdaptationResult | None:
-        """REJECT raises; DROP_NEWEST returns the dropped result; DROP_OLDEST makes room."""
+        """REJECT raises; DROP_NEWEST returns the dropped result; DROP_OLDEST makes room, or
+        returns the dropped result when there is nothing it may drop (see below)."""
         if policy is OverflowPolicy.REJECT:
             raise Backpressure(
                 f"pending buffer full ({self.config.max_pending_samples} samples); "
                 "the Background loop has not caught up"
             )
         if policy is OverflowPolicy.DROP_NEWEST:
-            sid = next(self._ids)
-            self.submitted += 1
-            self.dropped += 1
-            # with a sample log, recorded too: a restore counts it (and never reuses its id)
-            self._durable.settled(sid, "dropped")
-            self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
-            return _unhandled(sid, "dropped: pending buffer full (DROP_NEWEST)")
+            return self._drop_incoming(policy, "dropped: pending buffer full (DROP_NEWEST)")
         # DROP_OLDEST: the oldest sample not yet handled, else the oldest awaiting consolidation
         if self._queued:
             _, victim = self._queued.popitem(last=False)
@@ -518,7 +513,22 @@ class SonaRuntime:
         elif self._instant.evict_oldest() is not None:
             self._pending -= 1
             self.events.publish(SamplesDropped(count=1, stage="consolidation", policy=policy.name))
+        else:  # every pending sample is in a consolidation under way: the bound still holds
+            return self._drop_incoming(
+                policy,
+                "dropped: pending buffer full (DROP_OLDEST) and every pending sample is in a "
+                "consolidation under way, where none can be evicted",
+            )
         return None
+
+    def _drop_incoming(self, policy: OverflowPolicy, note: str) -> AdaptationResult:
+        sid = next(self._ids)
+        self.submitted += 1
+        self.dropped += 1
+        # with a sample log, recorded too: a restore counts it (and never reuses its id)
+        self._durable.settled(sid, "dropped")
+        self.events.publish(SamplesDropped(count=1, stage="ingress", policy=policy.name))
+        return _unhandled(sid, note)
 
     def _accept(self, sample: TrainingSample, module: TargetModule | None) -> Ticket:
         """Count the sample in and deliver it: handled right here when the Instant loop is idle

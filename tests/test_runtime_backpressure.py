@@ -78,8 +78,8 @@ async def test_drop_newest_drops_and_announces_each_incoming_sample() -> None:
         assert identity_holds(st)
 
 
-async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
-    samples = rated_samples(LIMIT + 30)
+async def test_drop_oldest_drops_unhandled_samples_first() -> None:
+    samples = rated_samples(LIMIT + 10)
     async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
         gate = stall_background(rt)
         async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
@@ -87,29 +87,75 @@ async def test_drop_oldest_drops_unhandled_first_then_evicts_pending() -> None:
             # it is not idle: until it has restarted, samples wait in its mailbox, and the
             # oldest of those are the ones dropped (the first, being retried, among them).
             crash_instant_once(rt)
-            for s in samples[: LIMIT + 10]:
+            for s in samples:
                 rt.submit_nowait(s)
             assert rt.stats().dropped_samples == 10
             await rt.drain()
-            # Now everything is handled: further overflow evicts the oldest pending samples.
-            for s in samples[LIMIT + 10 :]:
-                assert (await rt.submit(s)).applied
-            await rt.drain()
-            stages: dict[str, int] = {}
-            while sub.pending:  # type: ignore[attr-defined]
-                ev = sub.receive_nowait()  # type: ignore[attr-defined]
-                if isinstance(ev, SamplesDropped):
-                    stages[ev.stage] = stages.get(ev.stage, 0) + ev.count
+            stages = _drops_by_stage(sub)
         st = rt.stats()
         gate.set()
-        assert st.dropped_samples == 10
-        assert st.evicted_samples == 20
-        assert stages == {"ingress": 10, "consolidation": 20}
-        assert st.pending_samples == LIMIT
-        assert st.submitted_count == (
-            st.instant_count + st.skipped_count + st.dropped_samples + st.dead_lettered
-        )
+        assert st.dropped_samples == 10 and st.evicted_samples == 0
+        assert stages == {"ingress": 10}
+        assert st.instant_count == LIMIT and st.pending_samples == LIMIT
         assert identity_holds(st)
+
+
+async def test_drop_oldest_evicts_the_oldest_sample_not_yet_handed_over() -> None:
+    samples = rated_samples(LIMIT + 20)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)  # its first hand-over (at half the bound) hangs
+        async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
+            for s in samples:
+                assert (await rt.submit(s)).applied
+            await rt.drain()
+            stages = _drops_by_stage(sub)
+        st = rt.stats()
+        gate.set()
+        assert st.evicted_samples == 20 and st.dropped_samples == 0
+        assert stages == {"consolidation": 20}
+        assert st.pending_samples == LIMIT
+        assert identity_holds(st)
+
+
+async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolidated() -> None:
+    """Samples already handed over to a consolidation under way cannot be evicted: the bound
+    still holds, by dropping the incoming sample, counted and announced like any drop."""
+    samples = rated_samples(LIMIT + 5)
+    cfg = small_config(
+        max_pending_samples=LIMIT,
+        overflow=OverflowPolicy.DROP_OLDEST,
+        background_interval_ms=STALLED,
+        background_min_samples=LIMIT,  # the first hand-over takes every pending sample
+    )
+    async with SonaRuntime(cfg, seed=0) as rt:
+        gate = stall_background(rt)
+        async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
+            for s in samples[:LIMIT]:
+                assert (await rt.submit(s)).applied
+            with anyio.fail_after(5):
+                while rt._unfinished is None:  # handed over, hanging in its thread
+                    await anyio.sleep(0.001)
+            assert len(rt._unfinished.samples) == LIMIT
+            late = [await rt.submit(s) for s in samples[LIMIT:-1]]
+            rt.submit_nowait(samples[-1])
+            stages = _drops_by_stage(sub)
+        st = rt.stats()
+        gate.set()
+        assert not any(r.applied for r in late)
+        assert all("every pending sample is in a consolidation" in r.notes[0] for r in late)
+        assert st.dropped_samples == 5 and st.evicted_samples == 0
+        assert stages == {"ingress": 5}
+        assert st.pending_samples == LIMIT
+        assert identity_holds(st)
+
+
+def _drops_by_stage(sub: object) -> dict[str, int]:
+    stages: dict[str, int] = {}
+    while sub.pending:  # type: ignore[attr-defined]
+        ev = sub.receive_nowait()  # type: ignore[attr-defined]
+        if isinstance(ev, SamplesDropped):
+            stages[ev.stage] = stages.get(ev.stage, 0) + ev.count
+    return stages
 
 
 async def test_reject_raises_backpressure_and_counts_nothing() -> None:
