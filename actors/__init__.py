@@ -8,7 +8,7 @@ supervisor announces crashes, restarts, dead letters, drops and giving up on an
 Every exception that reaches a caller is a single plain exception, never an exception group.
 """
 
-from sona.actors.actor import Actor
+from sona.actors.actor import DECLINED, Actor
 from sona.actors.backoff import Backoff
 from sona.actors.bus import EventBus, Subscription
 from sona.actors.errors import (
@@ -35,6 +35,7 @@ from sona.actors.ref import ActorRef
 from sona.actors.supervisor import RestartStrategy, Supervisor
 
 __all__ = [
+    "DECLINED",
     "Actor",
     "ActorError",
     "ActorEvent",

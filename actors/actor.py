@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
+
+
+class _Declined:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DECLINED"
+
+
+DECLINED: Final = _Declined()
+"""What :meth:`Actor.answer_inline` returns to leave a message to :meth:`Actor.handle`."""
 
 
 class Actor:
@@ -36,6 +47,17 @@ class Actor:
         for :meth:`handle`). It must not await: only handlers that never wait belong here.
         """
         return False
+
+    def answer_inline(self, message: Any) -> object:
+        """Optionally answer an asked message synchronously, in the asker's task.
+
+        :meth:`ActorRef.ask_inline` calls this only while the actor is idle, as
+        :meth:`ActorRef.tell_inline` calls :meth:`handle_inline`; what it returns is the answer.
+        Return :data:`DECLINED` to have the message queued and answered by :meth:`handle`.
+        Raising counts as a crash on this message: the actor's own loop retries it, and the
+        asker gets that answer or failure, as for :meth:`ActorRef.ask`. It must not await.
+        """
+        return DECLINED
 
     async def on_stop(self) -> None:
         """Called once on a graceful stop (after the drain), never after a crash."""

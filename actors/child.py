@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from sona.actors._log import get_logger
-from sona.actors.actor import Actor, Ask
+from sona.actors.actor import DECLINED, Actor, Ask
 from sona.actors.errors import MessageDropped, MessageFailed
 from sona.actors.events import DeadLettered, SamplesDropped
 from sona.actors.mailbox import Mailbox, OverflowPolicy
@@ -182,6 +182,50 @@ class Child:
         actor's own loop, so the crash takes the usual path: ``on_failure``, restart with
         backoff, one retry, dead letter.
         """
+        actor = self._inline_actor()
+        if actor is None:
+            return False
+        self.idle = False  # a message the handler sends to this actor is queued, not nested
+        try:
+            handled = actor.handle_inline(message)
+        except Exception as exc:
+            self._inline_crashed(message, exc)
+            return True
+        finally:
+            self.idle = True  # the loop is still parked; it clears this when it wakes
+        if not handled:
+            return False
+        self.processed += 1
+        self.inline += 1
+        return True
+
+    def answer_inline(self, message: Any) -> tuple[object, Ask | None]:
+        """Hand an asked message to the idle actor's ``answer_inline`` in the caller's task.
+
+        ``(answer, None)`` when it answered; ``(DECLINED, None)`` when the actor is not idle
+        or declines, and the caller then asks through the mailbox; ``(DECLINED, envelope)``
+        when answering raised: the envelope waits in the retry slot, as for ``handle_inline``,
+        and the caller awaits the answer the actor's own loop gives it."""
+        actor = self._inline_actor()
+        if actor is None:
+            return DECLINED, None
+        self.idle = False
+        try:
+            answer = actor.answer_inline(message)
+        except Exception as exc:
+            envelope = Ask(message, anyio.Event())
+            self._inline_crashed(envelope, exc)
+            return DECLINED, envelope
+        finally:
+            self.idle = True
+        if answer is not DECLINED:
+            self.processed += 1
+            self.inline += 1
+        return answer, None
+
+    def _inline_actor(self) -> Actor | None:
+        """The actor, when it may handle a message in the sender's task: idle, nothing queued
+        or to retry, not stopping."""
         actor = self.actor
         if (
             actor is None
@@ -192,22 +236,13 @@ class Child:
             or self.stop_requested
             or self.inline_failure is not None
         ):
-            return False
-        self.idle = False  # a message the handler sends to this actor is queued, not nested
-        try:
-            handled = actor.handle_inline(message)
-        except Exception as exc:
-            self.retry = message
-            self.inline_failure = exc
-            self.mailbox.wake_receivers()
-            return True
-        finally:
-            self.idle = True  # the loop is still parked; it clears this when it wakes
-        if not handled:
-            return False
-        self.processed += 1
-        self.inline += 1
-        return True
+            return None
+        return actor
+
+    def _inline_crashed(self, item: Any, exc: Exception) -> None:
+        self.retry = item
+        self.inline_failure = exc
+        self.mailbox.wake_receivers()
 
     # -- accounting ----------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from sona.actors.actor import Ask
+from sona.actors.actor import DECLINED, Ask
 from sona.actors.backoff import is_number
 from sona.actors.child import Child
 
@@ -71,12 +71,30 @@ class ActorRef:
         number could never see an answer, yet would still send the message, so they are refused
         before anything is sent.
         """
-        if timeout is not None and (not is_number(timeout) or math.isnan(timeout) or timeout <= 0):
-            raise ValueError(f"ask timeout must be None or a number > 0, got {timeout!r}")
-        envelope = Ask(message, anyio.Event())
+        _check_timeout(timeout)
+        return await self._answer(Ask(message, anyio.Event()), timeout, send=True)
+
+    async def ask_inline(self, message: Any, *, timeout: float | None = None) -> object:
+        """:meth:`ask`, answered right here when the actor is idle.
+
+        When nothing is queued or in flight and the actor's :meth:`Actor.answer_inline` answers,
+        the answer comes back in the caller's task without a task switch; otherwise the message
+        is asked as by :meth:`ask`. If answering raised, the actor's own loop retries the
+        message and this waits for that answer, with the crash semantics of :meth:`ask`.
+        """
+        _check_timeout(timeout)
+        answer, envelope = self._child.answer_inline(message)
+        if envelope is not None:
+            return await self._answer(envelope, timeout, send=False)
+        if answer is not DECLINED:
+            return answer
+        return await self._answer(Ask(message, anyio.Event()), timeout, send=True)
+
+    async def _answer(self, envelope: Ask, timeout: float | None, *, send: bool) -> object:
         try:
             with anyio.fail_after(timeout):
-                await self._mailbox.put(envelope)
+                if send:
+                    await self._mailbox.put(envelope)
                 await envelope.done.wait()
         except TimeoutError:
             # When the loop was held up (a long synchronous step), the deadline can cancel this
@@ -126,3 +144,8 @@ class ActorRef:
     def leftovers(self) -> list[Any]:
         """Messages still queued when the actor stopped for good (none handled), oldest first."""
         return list(self._child.leftovers)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (not is_number(timeout) or math.isnan(timeout) or timeout <= 0):
+        raise ValueError(f"ask timeout must be None or a number > 0, got {timeout!r}")

@@ -38,6 +38,7 @@ import anyio.lowlevel
 import numpy as np
 
 from sona.actors import (
+    DECLINED,
     Actor,
     ActorRef,
     Backoff,
@@ -705,7 +706,8 @@ class SonaRuntime:
         if self._unfinished is None:
             ref = self._instant_ref
             assert ref is not None
-            await ref.ask(HandOverRequest())  # the Instant loop records it (_take_hand_over)
+            # the Instant loop records it (_take_hand_over), in this task when it is idle
+            await ref.ask_inline(HandOverRequest())
         hand = self._unfinished
         assert hand is not None
         outcome: Consolidation = await self._background_thread.run(
@@ -988,14 +990,22 @@ class _InstantActor(Actor):
             return True
         return False
 
+    def answer_inline(self, message: Any) -> object:
+        if type(message) is HandOverRequest:
+            return self._hand_over()
+        return DECLINED
+
     async def handle(self, message: Any) -> object | None:
         if type(message) is Process:
             self.rt._handle_process(message)
             return None
         if type(message) is HandOverRequest:
-            self.rt._chaos_check("instant")
-            return self.rt._take_hand_over()
+            return self._hand_over()
         raise TypeError(f"instant loop got an unknown message {type(message).__name__}")
+
+    def _hand_over(self) -> HandOver:
+        self.rt._chaos_check("instant")
+        return self.rt._take_hand_over()
 
 
 class _BackgroundActor(Actor):

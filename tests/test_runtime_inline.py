@@ -115,3 +115,49 @@ async def test_a_crash_while_handling_inline_is_retried_by_the_restarted_loop() 
         assert st.restarts == 1 and st.instant_count == 5 and st.dead_lettered == 0
         assert identity_holds(st)
         assert rt.supervisor_stats()["instant"]["inline"] == 4
+
+
+async def test_an_idle_instant_loop_hands_over_in_the_background_loops_task() -> None:
+    """The hand-over is asked inline: no turn of the Instant loop's own task, and none for
+    the Background loop to resume in, between the request and the consolidation."""
+    samples = rated_samples(50)
+    async with SonaRuntime(small_config(), seed=0) as rt:
+        for s in samples:
+            assert (await rt.submit(s)).applied
+        await rt.consolidate()
+        inst = rt.supervisor_stats()["instant"]
+        assert inst["inline"] == 51 and inst["processed"] == 51  # the samples and the hand-over
+        st = rt.stats()
+        assert st.background_count == 1 and identity_holds(st)
+
+
+async def test_a_crash_while_handing_over_inline_is_retried_and_loses_nothing() -> None:
+    samples = rated_samples(50)
+    async with SonaRuntime(small_config(), seed=0) as rt:
+        real = rt._take_hand_over
+        calls = 0
+
+        def take() -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("hand-over crashed on purpose")
+            return real()
+
+        rt._take_hand_over = take  # type: ignore[method-assign]
+        for s in samples:
+            assert (await rt.submit(s)).applied
+        async with rt.subscribe(kinds=[LoopCrashed, LoopRestarted], buffer=10) as sub:
+            await rt.consolidate()  # answered by the restarted Instant loop's retry
+            events = []
+            while sub.pending:  # type: ignore[attr-defined]
+                events.append(sub.receive_nowait())  # type: ignore[attr-defined]
+        assert [(type(e), e.actor) for e in events] == [
+            (LoopCrashed, "instant"),
+            (LoopRestarted, "instant"),
+        ]
+        assert calls == 2
+        await rt.drain()
+        st = rt.stats()
+        assert st.background_count == 1 and st.restarts == 1 and st.dead_lettered == 0
+        assert st.consolidated_count + st.pending_samples == 50 and identity_holds(st)
