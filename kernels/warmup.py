@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sona.kernels import batch, ewc, gather, linalg, lora, random, replay, update
+from sona.kernels import batch, ewc, gather, linalg, lora, merge, random, replay, update
 from sona.kernels.jit import entry_point
 
 
@@ -100,6 +100,7 @@ def warm_up(*, force: bool = False) -> float:
     _warm_replay(a, bt, s)
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
     linalg.warm_up()  # its eigen-decomposition, QR and small SVD
+    merge.warm_up()  # EWC_MERGE's weighted concatenation and truncated SVD
     gather.warm_up()  # the Instant loop's input addresses, the Background loop's rows
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
     lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)

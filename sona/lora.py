@@ -178,9 +178,7 @@ def delta_bound(scale: float, a: np.ndarray, bt: np.ndarray) -> float:
     inf: every way of installing factors from outside (:meth:`MicroLoRA.set_factors`, the
     import paths) compares it with float32's max too.
     """
-    na = float(np.sum(np.square(a, dtype=np.float64)))
-    nb = float(np.sum(np.square(bt, dtype=np.float64)))
-    return scale * math.sqrt(na) * math.sqrt(nb)
+    return scale * math.sqrt(k_update.sq_norm(a)) * math.sqrt(k_update.sq_norm(bt))
 
 
 def check_delta_fits(
@@ -192,7 +190,11 @@ def check_delta_fits(
 ) -> None:
     """Refuse factors unless :func:`delta_bound` stays below float32's max, with ``error`` (a
     :class:`FormatError` for factors read from a file) whose message starts with ``what``."""
-    bound = delta_bound(scale, a, bt)
+    _refuse_beyond_f32(delta_bound(scale, a, bt), what, error)
+
+
+def _refuse_beyond_f32(bound: float, what: str, error: type[ValueError] = FormatError) -> None:
+    """:func:`check_delta_fits` on a bound already computed."""
     if not bound < _F32_MAX:
         raise error(
             f"{what} give s·‖A‖·‖B‖ = {bound:.4g}, not below float32's max {_F32_MAX:.4g}: "
@@ -1186,10 +1188,16 @@ class MicroLoRA:
                 f"factors must have shapes {st.a.shape} and {st.bt.shape}, "
                 f"got {a_arr.shape} and {bt_arr.shape}"
             )
-        if not (k_update.all_finite(a_arr) and k_update.all_finite(bt_arr)):
+        # one pass each: float32 entries square to at most ~1e77, so a float64 sum of squares
+        # is finite exactly when every entry is
+        na = k_update.sq_norm(a_arr)
+        nb = k_update.sq_norm(bt_arr)
+        if not (math.isfinite(na) and math.isfinite(nb)):
             raise InvalidInputError("factors contain NaN or inf")
-        check_delta_fits(
-            self._scale, a_arr, bt_arr, f"factors for {st.module.value}", InvalidInputError
+        _refuse_beyond_f32(
+            self._scale * math.sqrt(na) * math.sqrt(nb),
+            f"factors for {st.module.value}",
+            InvalidInputError,
         )
         np.copyto(st.a, a_arr)
         np.copyto(st.bt, bt_arr)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sona.errors import InvalidInputError
-from sona.kernels import linalg as k_linalg
+from sona.kernels import merge as k_merge
 from sona.lora import delta_bound
 from sona.lora_config import TargetModule
 from sona.validation import real_number
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from sona.lora import MicroLoRA
 
 _F32_MAX = float(np.finfo(np.float32).max)
-_F32_MAX_MANT, _F32_MAX_EXP = math.frexp(_F32_MAX)
 _F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, 2**-126
 # A source's nonzero B entries are at least 2**-149 (float32's smallest), so an entry of the
 # scaled Bᵀ below this comes from a weight·scale more than 2**250 times smaller than the
@@ -82,7 +81,7 @@ def merge_adapters(
         a_cat, bt_cat, e = _weighted_concat(items, m)
         factors = _concatenated(a_cat, bt_cat, e) if exact_concat else None
         if factors is None:
-            factors = _with_exponent(*_low_rank(a_cat, bt_cat, new_rank), e)
+            factors = _low_rank(a_cat, bt_cat, new_rank, e)
         if factors is not None and _install(merged, m, factors, rng):
             continue
         at_rank = f" at rank {new_rank}" if rank is not None else ""
@@ -113,15 +112,15 @@ def _weighted_concat(
         ms, es = math.frexp(adapter.scaling)
         parts.append((mw * ms, ew + es))
     e = max(x for _, x in parts)
-    a_cat = np.concatenate([a.factors(module)[0] for a, _ in items], axis=0).astype(np.float64)
-    bt_cat = np.concatenate(
-        [
-            math.ldexp(mant, x - e) * a.factors(module)[1].astype(np.float64)
-            for (a, _), (mant, x) in zip(items, parts, strict=True)
-        ],
-        axis=0,
-    )
-    bt_cat[np.abs(bt_cat) < _FLUSH] = 0.0
+    first = items[0][0]
+    total = sum(a.config.rank for a, _ in items)
+    a_cat = np.empty((total, first.config.in_features))
+    bt_cat = np.empty((total, first.config.out_features))
+    row = 0
+    for (adapter, _), (mant, x) in zip(items, parts, strict=True):
+        a, bt = adapter.factors(module)
+        k_merge.weighted_rows(a, bt, math.ldexp(mant, x - e), _FLUSH, a_cat, bt_cat, row)
+        row += adapter.config.rank
     return a_cat, bt_cat, e
 
 
@@ -140,7 +139,7 @@ def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np
     """
     magnitudes = np.abs(bt)
     largest = float(magnitudes.max()) if bt.size else 0.0
-    if not (_fits(delta_bound(1.0, a, bt), e) and _fits(largest, e)):
+    if not (k_merge.fits(delta_bound(1.0, a, bt), e) and k_merge.fits(largest, e)):
         return None
     nonzero = magnitudes[magnitudes != 0.0]
     # below `largest`, so this ldexp stays below float32's max
@@ -154,7 +153,7 @@ def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, n
     side), the power of two split between the sides; None when 2**e·‖A‖·‖Bᵀ‖ reaches float32's
     max. Below it, each side's norm is under √2 times the bound's square root, so the scaling
     cannot overflow either."""
-    if not _fits(delta_bound(1.0, a, bt), e):
+    if not k_merge.fits(delta_bound(1.0, a, bt), e):
         return None
     half = e // 2
     return np.ldexp(a, half).astype(np.float32), np.ldexp(bt, e - half).astype(np.float32)
@@ -186,56 +185,38 @@ def _revived(
     row are both zero, so their gradients are zero too and no update could ever move them,
     while ``apply_updates`` reports success. A random A row learns like a fresh adapter's.
     """
-    dead = ~(a.any(axis=1) | bt.any(axis=1))
-    if not dead.any():
+    dead = np.empty(a.shape[0], np.bool_)
+    count = k_merge.dead_rows(a, bt, dead)
+    if not count:
         return a, bt
     a = a.copy()
-    fresh = rng.standard_normal((int(dead.sum()), a.shape[1])) / math.sqrt(a.shape[1])
+    fresh = rng.standard_normal((count, a.shape[1])) / math.sqrt(a.shape[1])
     a[dead] = fresh.astype(np.float32)
     return a, bt
 
 
-def _fits(value: float, e: int) -> bool:
-    """value·2**e < float32's max, decided on the exponents so neither side overflows."""
-    if value == 0.0:
-        return True
-    if not math.isfinite(value):
-        return False
-    mant, exp = math.frexp(value)
-    return exp + e < _F32_MAX_EXP or (exp + e == _F32_MAX_EXP and mant < _F32_MAX_MANT)
-
-
-def _low_rank(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, Bᵀ) of the best rank-``rank`` approximation of Btᵀ·A, balanced between the factors.
+def _low_rank(
+    a: np.ndarray, bt: np.ndarray, rank: int, e: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """float32 (A, Bᵀ) of the best rank-``rank`` approximation of 2**e · Btᵀ·A, balanced
+    between the factors (√σ on each side); None when they would not keep the bound.
 
     Works on the factors (QR of each side, SVD of the small core), so it costs O(d·R²) for a
-    total rank R instead of an SVD of the full d × d matrix. The QRs and the core's SVD are
-    single-threaded GIL-free kernels (Householder, one-sided Jacobi): numpy's LAPACK would run
-    them on a multi-threaded BLAS whose helper threads wait for a busy core (see
-    :mod:`sona.kernels.linalg`). Tiny shapes where R exceeds a side keep numpy's reduced QR.
+    total rank R instead of an SVD of the full d × d matrix, in one single-threaded GIL-free
+    kernel (:func:`sona.kernels.merge.low_rank_into`): numpy's LAPACK would run on a
+    multi-threaded BLAS whose helper threads wait for a busy core (see
+    :mod:`sona.kernels.linalg`). Tiny shapes where R exceeds a side, and a core whose Jacobi
+    sweeps do not converge, take numpy's QR and SVD.
     """
-    total = a.shape[0]
-    if total > min(a.shape[1], bt.shape[1]):
-        return _low_rank_numpy(a, bt, rank)
-    qa = np.empty((total, a.shape[1]))
-    ra = np.empty((total, total))
-    k_linalg.householder_rows(np.array(a, np.float64), qa, ra)  # aᵀ = qaᵀ·ra
-    qb = np.empty((total, bt.shape[1]))
-    rb = np.empty((total, total))
-    k_linalg.householder_rows(np.array(bt, np.float64), qb, rb)
-    core = rb @ ra.T  # btᵀ·a = qbᵀ·core·qa
-    u = np.empty((total, total))
-    s = np.empty(total)
-    v = np.empty((total, total))
-    if not k_linalg.jacobi_svd(core, u, s, v):
-        return _low_rank_numpy(a, bt, rank)
-    k = min(rank, total)
-    root = np.sqrt(s[:k])
-    a_new = np.zeros((rank, a.shape[1]))
-    bt_new = np.zeros((rank, bt.shape[1]))
-    k_linalg.combine_rows(np.ascontiguousarray(root[:, None] * v[:, :k].T), qa, a_new[:k])
-    k_linalg.combine_rows(np.ascontiguousarray(root[:, None] * u[:, :k].T), qb, bt_new[:k])
-    return a_new, bt_new
+    if a.shape[0] <= min(a.shape[1], bt.shape[1]):
+        out_a = np.empty((rank, a.shape[1]), np.float32)
+        out_bt = np.empty((rank, bt.shape[1]), np.float32)
+        status = k_merge.low_rank_into(a, bt, rank, e, out_a, out_bt)
+        if status == k_merge.LOW_RANK_OK:
+            return out_a, out_bt
+        if status == k_merge.LOW_RANK_TOO_LARGE:
+            return None
+    return _with_exponent(*_low_rank_numpy(a, bt, rank), e)
 
 
 def _low_rank_numpy(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

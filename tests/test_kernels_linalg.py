@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from sona.kernels import linalg as k_linalg
 
 from sona.linalg import principal_directions
-from sona.merge import _low_rank, _low_rank_numpy
 
 F32 = np.float32
 
@@ -217,36 +216,3 @@ def test_principal_directions_match_the_numpy_reference(
         if clear and want_ev[i] > 1e-8 * want_ev[0]:
             dot = abs(float(vt[i] @ want_vt[i]))
             assert dot == pytest.approx(1.0, abs=1e-6)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    parts=st.lists(st.integers(1, 4), min_size=1, max_size=4),
-    rank=st.integers(1, 6),
-    n_in=st.integers(16, 48),
-    n_out=st.integers(16, 48),
-    dependent=st.booleans(),
-)
-def test_low_rank_merge_is_as_good_as_the_numpy_one(
-    seed: int, parts: list[int], rank: int, n_in: int, n_out: int, dependent: bool
-) -> None:
-    rng = np.random.default_rng(seed)
-    total = sum(parts)
-    a = rng.standard_normal((total, n_in)).astype(F32)
-    bt = rng.standard_normal((total, n_out)).astype(F32)
-    if dependent and total > 1:  # a merged-away copy, as in re-applying a Deep run's change
-        a[-1] = a[0]
-        bt[-1] = -bt[0]
-    a_new, bt_new = _low_rank(a, bt, rank)
-    a_ref, bt_ref = _low_rank_numpy(a, bt, rank)
-    assert a_new.shape == a_ref.shape and bt_new.shape == bt_ref.shape
-    got = bt_new.T @ a_new
-    want = bt_ref.T @ a_ref
-    # relative to the factors: with a cancelled pair the exact sum itself can be ~0
-    scale = float(np.linalg.norm(a) * np.linalg.norm(bt))
-    np.testing.assert_allclose(got, want, atol=1e-9 * scale)
-    # balanced factors: both carry the square roots of the same singular values
-    np.testing.assert_allclose(
-        np.linalg.norm(a_new, axis=1), np.linalg.norm(bt_new, axis=1), rtol=1e-9, atol=1e-9
-    )
