@@ -40,6 +40,7 @@ class FastKernels:
     input_status_vec: Callable[..., Any]
     ewc_prox_step: Callable[..., Any]
     ewc_penalty: Callable[..., Any]
+    record_address: Callable[..., Any]
 
 
 fast = FastKernels()
@@ -101,7 +102,9 @@ def warm_up(*, force: bool = False) -> float:
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
     linalg.warm_up()  # its eigen-decomposition, QR and small SVD
     merge.warm_up()  # EWC_MERGE's weighted concatenation and truncated SVD
-    gather.warm_up()  # the Instant loop's input addresses, the Background loop's rows
+    gather.warm_up()  # the Background loop's rows
+    row = np.frombuffer(x.tobytes(), f32)  # a sample's embedding: a read-only copy
+    fast.record_address = entry_point(gather.record_address, row, 3, np.zeros(1, np.int64), 0)
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
     lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)
     for accumulate in (False, True):

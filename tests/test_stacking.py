@@ -48,13 +48,27 @@ def test_stack_rows_matches_numpy(
 
 @pytest.mark.parametrize(
     "bad",
-    [np.zeros(8, np.float64), np.zeros(4, np.float32), np.zeros((2, 8), np.float32)],
-    ids=["float64", "short", "2-d"],
+    [
+        np.zeros(8, np.float64),
+        np.zeros(8, np.int32),  # float32's width: only its dtype tells it apart
+        np.zeros(4, np.float32),
+        np.zeros((2, 8), np.float32),
+        np.zeros((), np.float32),
+    ],
+    ids=["float64", "int32", "short", "2-d", "0-d"],
 )
 def test_a_row_of_another_dtype_or_shape_is_refused(bad: np.ndarray) -> None:
     rows = [np.ones(8, np.float32), bad]
     with pytest.raises(InvalidInputError, match="float32 of shape"):
         stack_rows(rows, 8)
+
+
+def test_rows_of_an_array_subclass_are_copied_as_they_read() -> None:
+    class Tagged(np.ndarray):
+        pass
+
+    rows = [np.arange(8, dtype=np.float32).view(Tagged) + i for i in range(3)]
+    np.testing.assert_array_equal(stack_rows(rows, 8), np.stack([np.asarray(r) for r in rows]))
 
 
 def test_a_wrong_out_is_refused() -> None:
