@@ -149,7 +149,7 @@ def _concatenated(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np
 
 
 def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """float32 factors of 2**e · Bᵀᵀ·A for :func:`_low_rank`'s balanced (A, Bᵀ) (√σ on each
+    """float32 factors of 2**e · Bᵀᵀ·A for :func:`_low_rank_numpy`'s balanced (A, Bᵀ) (√σ on each
     side), the power of two split between the sides; None when 2**e·‖A‖·‖Bᵀ‖ reaches float32's
     max. Below it, each side's norm is under √2 times the bound's square root, so the scaling
     cannot overflow either."""
@@ -220,7 +220,8 @@ def _low_rank(
 
 
 def _low_rank_numpy(a: np.ndarray, bt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_low_rank` with numpy's QR and SVD (any shape)."""
+    """The balanced float64 (A, Bᵀ) of Btᵀ·A's best rank-``rank`` approximation with numpy's
+    QR and SVD (any shape): :func:`_low_rank`'s fallback, before :func:`_with_exponent`."""
     a = np.asarray(a, np.float64)
     bt = np.asarray(bt, np.float64)
     qb, rb = np.linalg.qr(bt.T)  # (out, R), (R, R)

@@ -7,8 +7,9 @@ to a switch interval (5 ms): stacking 1,000 embeddings of width 4096 took ~0.8 s
 1.5 ms, and the Background loop fell behind. Copying each row with a ``memcpy`` that keeps the
 GIL avoids the waits but holds the GIL for the whole copy (~3 ms for rows that come from
 memory), and every request the event loop serves meanwhile waits. So the GIL is held only to
-note where each row starts (through a dispatch-free entry point: Numba's dispatch tripled the
-time, ~0.5 ms for 1,000 rows in one stretch), and one kernel copies them all without it
+note where each row starts (through a dispatch-free entry point: with Numba's dispatch and a
+shape check per row that loop took three times as long, ~0.6 ms for 1,000 rows in one
+stretch), and one kernel copies them all without it
 (:mod:`sona.kernels.gather`).
 """
 
