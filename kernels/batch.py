@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 from sona.kernels.jit import inline, kernel
-from sona.kernels.update import sq_norm64
 
 # Shift detector phases as the kernel sees them (the detector keeps names).
 CALIBRATING = 1
@@ -150,6 +149,48 @@ def _cusum_step(e: float, sf: np.ndarray, si: np.ndarray, params: np.ndarray) ->
     return False
 
 
+@inline
+def _fingerprint(x: np.ndarray) -> tuple[float, float]:
+    """‖x‖² and Σ (i + 1)·x[i], both in float64, in one pass: the energy the residual fraction
+    divides by, and with it what tells a repeated input from another of the same norm (a
+    normalised embedding's energy takes only a few values)."""
+    energy = 0.0
+    moment = 0.0
+    for i in range(x.shape[0]):
+        w = np.float64(x[i])
+        energy += w * w
+        moment += w * np.float64(i + 1)
+    return energy, moment
+
+
+@kernel
+def reference_fingerprints(rows: np.ndarray, energy: np.ndarray, moment: np.ndarray) -> None:
+    """What :func:`residual_cusum` recognises a reference row by (:func:`_fingerprint`), into
+    ``energy`` and ``moment`` (n,). The caller sorts both by energy."""
+    for r in range(rows.shape[0]):
+        energy[r], moment[r] = _fingerprint(rows[r])
+
+
+@inline
+def _is_reference(
+    energy: float, moment: float, ref_energy: np.ndarray, ref_moment: np.ndarray
+) -> bool:
+    """Whether a row's fingerprint is a reference row's (``ref_energy`` sorted)."""
+    i = np.searchsorted(ref_energy, energy)
+    while i < ref_energy.shape[0] and ref_energy[i] == energy:
+        if ref_moment[i] == moment:
+            return True
+        i += 1
+    return False
+
+
+@kernel
+def is_reference(x: np.ndarray, ref_energy: np.ndarray, ref_moment: np.ndarray) -> bool:
+    """Whether ``x`` repeats a reference row, decided as in :func:`residual_cusum`."""
+    energy, moment = _fingerprint(x)
+    return _is_reference(energy, moment, ref_energy, ref_moment)
+
+
 @kernel
 def residual_cusum(
     xs: np.ndarray,
@@ -157,14 +198,17 @@ def residual_cusum(
     sf: np.ndarray,
     si: np.ndarray,
     params: np.ndarray,
+    ref_energy: np.ndarray,
+    ref_moment: np.ndarray,
 ) -> int:
     """Feed rows of ``xs`` in order through the shift detector; the row that fired, else -1.
 
     For each row: its energy ‖x‖² (float64) and its projection on the reference ``basis``
     (m, d) (float32 sums), the residual fraction max(0, 1 − ‖basis·x‖²/‖x‖²) (float64), then
     one CUSUM step on the state ``sf`` (float64) / ``si`` (int64) (slots F_*, I_*; phase
-    CALIBRATING or WATCHING). A zero row counts as seen and steps nothing. Rows after the one
-    that fired are neither projected nor counted.
+    CALIBRATING or WATCHING). A zero row, and a repeat of one of the reference rows the basis
+    was fitted to (recognised by :func:`reference_fingerprints`), counts as seen and steps
+    nothing. Rows after the one that fired are neither projected nor counted.
     """
     n = xs.shape[0]
     m = basis.shape[0]
@@ -174,8 +218,9 @@ def residual_cusum(
         _project(xs, r0, r1, basis, proj)
         for r in range(r0, r1):
             si[I_SEEN] += 1
-            energy = sq_norm64(xs[r])  # float32 would overflow from ‖x‖ ≈ 1.8e19
-            if energy <= 0.0:
+            # float64: in float32 ‖x‖² overflows from ‖x‖ ≈ 1.8e19
+            energy, moment = _fingerprint(xs[r])
+            if energy <= 0.0 or _is_reference(energy, moment, ref_energy, ref_moment):
                 continue
             captured = 0.0
             for j in range(m):
@@ -378,7 +423,11 @@ def warm_up() -> None:
     sf = np.zeros(6)
     si = np.array([CALIBRATING, 0, 0, 0, 0, 0], np.int64)
     params = np.array([64.0, 1.0, 48.0, 8.0, 0.02])
-    residual_cusum(xs, c, sf, si, params)
+    ref_energy = np.empty(3)
+    ref_moment = np.empty(3)
+    reference_fingerprints(xs, ref_energy, ref_moment)
+    is_reference(xs[0], ref_energy, ref_moment)
+    residual_cusum(xs, c, sf, si, params, ref_energy, ref_moment)
     seed_slots(xs, c.copy(), counts.copy(), 0, labels, 0.01)
     nearest(xs, c, labels, sums, counts, True, True)
     move_toward_means(c.copy(), counts.copy(), sums, counts, 0.01)

@@ -7,6 +7,11 @@ it, and then runs a two-sided CUSUM on that residual fraction, standardised by i
 spread. Each input's contribution is capped, so one odd input cannot fire a boundary: a shift
 has to persist for several inputs in a row. The residual fraction does not depend on the input
 scale, and its calibration happens per task, so a stationary stream of any shape stays quiet.
+
+An input that repeats one of the reference inputs is counted but not measured: the subspace
+was fitted to it, so its residual is smaller than any new input's (in-sample, not out of
+sample), and a run of such repeats (a replayed dataset, a client resending the same feedback)
+read as a sustained shift. Repeats are recognised by their energy and an index-weighted sum.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class ShiftDetector:
         k_linalg.warm_up()
         self._reference = np.zeros((self.reference_samples, dim), _F32)
         self._basis = np.zeros((0, dim), _F32)
+        self._ref_energy = np.zeros(0)
+        self._ref_moment = np.zeros(0)
         self.restart()
 
     def restart(self, recent: np.ndarray | None = None) -> None:
@@ -66,6 +73,7 @@ class ShiftDetector:
         self.phase = REFERENCE
         self._filled = 0
         self._basis = np.zeros((0, self.dim), _F32)
+        self._fingerprint(0)
         self._cal_n = 0
         self._cal_mean = 0.0
         self._cal_m2 = 0.0
@@ -106,7 +114,9 @@ class ShiftDetector:
                 self._learn_basis()
             return False
         e = self.residual_fraction(x)
-        if e is None:
+        if e is None or k_batch.is_reference(
+            np.ascontiguousarray(x, dtype=_F32), self._ref_energy, self._ref_moment
+        ):
             return False
         return self._step(e)
 
@@ -149,7 +159,11 @@ class ShiftDetector:
             [self.calibration_samples, self.drift, self.threshold, self.z_cap, self.min_spread],
             np.float64,
         )
-        hit = int(k_batch.residual_cusum(rows, self._basis, sf, si, params))
+        hit = int(
+            k_batch.residual_cusum(
+                rows, self._basis, sf, si, params, self._ref_energy, self._ref_moment
+            )
+        )
         self._cal_mean, self._cal_m2, self.mean, self.spread, self.up, self.down = (
             float(v) for v in sf
         )
@@ -208,7 +222,17 @@ class ShiftDetector:
         m = int(np.searchsorted(np.cumsum(ev) / total, self.energy) + 1)
         m = min(m, self.max_directions)
         self._basis = np.ascontiguousarray(vt[:m], dtype=_F32)
+        self._fingerprint(self._filled)
         self.phase = CALIBRATING
+
+    def _fingerprint(self, rows: int) -> None:
+        """Note the first ``rows`` reference inputs so that repeats of them are recognised."""
+        energy = np.empty(rows)
+        moment = np.empty(rows)
+        k_batch.reference_fingerprints(self._reference[:rows], energy, moment)
+        order = np.argsort(energy, kind="stable")
+        self._ref_energy = np.ascontiguousarray(energy[order])
+        self._ref_moment = np.ascontiguousarray(moment[order])
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -256,6 +280,7 @@ class ShiftDetector:
         self._filled = filled
         self._reference[:filled] = ref
         self._basis = np.ascontiguousarray(basis, dtype=_F32)
+        self._fingerprint(filled if phase != REFERENCE else 0)
         self._cal_mean = numbers["cal_mean"]
         self._cal_m2 = numbers["cal_m2"]
         self.mean = numbers["mean"]

@@ -152,3 +152,52 @@ def test_detector_state_round_trip_continues_identically() -> None:
     tail = np.concatenate([seq.inputs(0, 100, rng), seq.inputs(2, 30, rng)])
     assert [det.update(x) for x in tail] == [twin.update(x) for x in tail]
     assert det.shift_age == twin.shift_age > 0
+
+
+def _replayed_streams(seed: int) -> dict[str, np.ndarray]:
+    """Streams that present the detector's reference inputs again: a dataset replayed in a
+    loop (isotropic inputs, where the fitted subspace explains its own inputs most unlike any
+    new one), and a burst of one early input of a task resent many times in a row."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((1000, 96))
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    seq = SubspaceSequence.make(seed=seed, held_out=16)
+    x = seq.inputs(seed % seq.n_tasks, 900, rng)
+    burst = np.concatenate([x[:600], np.repeat(x[5:6], 80, axis=0), x[600:]])
+    return {"replayed pool": np.concatenate([pool] * 3).astype(np.float32), "resent": burst}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_repeats_of_the_reference_inputs_do_not_fire(seed: int) -> None:
+    """The subspace was fitted to the reference inputs, so their residual is smaller than a
+    new input's: measured again, a run of them read as a sustained shift (the replayed pool
+    fired ~10 inputs into its second pass, the resent input after ~45 copies). They are
+    counted, not measured, on both paths."""
+    for name, stream in _replayed_streams(seed).items():
+        one = ShiftDetector(96, reference_samples=100, max_directions=16)
+        fired = [i for i, x in enumerate(stream) if one.update(x)]
+        assert fired == [], name
+        batch = ShiftDetector(96, reference_samples=100, max_directions=16)
+        assert batch.update_many(stream) == -1, name
+        assert one.seen == batch.seen == len(stream)
+        assert one.phase == batch.phase == WATCHING
+
+
+def test_a_restored_detector_still_knows_its_reference_inputs() -> None:
+    rng = np.random.default_rng(7)
+    pool = rng.standard_normal((400, 96)).astype(np.float32)
+    det = ShiftDetector(96, reference_samples=100, max_directions=16)
+    assert det.update_many(pool) == -1
+    meta, arrays = det.state()
+    twin = ShiftDetector(96, reference_samples=100, max_directions=16)
+    twin.load(meta, arrays)
+    assert twin.update_many(np.concatenate([pool[:100]] * 2)) == -1
+
+
+def test_a_shift_after_a_replay_is_still_seen() -> None:
+    seq = SubspaceSequence.make(seed=8, held_out=16)
+    rng = np.random.default_rng(8)
+    x = seq.inputs(0, 400, rng)
+    det = ShiftDetector(96, reference_samples=100, max_directions=16)
+    assert det.update_many(np.concatenate([x, x[:100], x])) == -1
+    assert 0 <= det.update_many(seq.inputs(1, 50, rng)) < 20
