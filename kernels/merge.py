@@ -44,7 +44,7 @@ def weighted_rows(
             a_cat[row0 + r, j] = np.float64(a[r, j])
         for j in range(n_out):
             v = factor * np.float64(bt[r, j])
-            bt_cat[row0 + r, j] = v if abs(v) >= flush else 0.0
+            bt_cat[row0 + r, j] = 0.0 if abs(v) < flush else v
 
 
 @gil_kernel
