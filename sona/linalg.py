@@ -9,9 +9,11 @@ from sona.kernels import linalg as k_linalg
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _kept(ev: np.ndarray) -> int:
-    """How many of the descending eigenvalues ``ev`` are not zero up to round-off."""
-    return int(np.count_nonzero(ev > max(float(ev[0]), 0.0) * 1e-12)) if ev.size else 0
+def _kept(ev: np.ndarray, top: int | None) -> tuple[int, int]:
+    """How many of the descending eigenvalues ``ev`` are not zero up to round-off, and how
+    many of their directions to form (at most ``top``)."""
+    count = int(np.count_nonzero(ev > max(float(ev[0]), 0.0) * 1e-12)) if ev.size else 0
+    return count, count if top is None else max(0, min(int(top), count))
 
 
 def principal_directions(
@@ -41,8 +43,7 @@ def principal_directions(
         zw = z.astype(np.float64) if root is None else z * root[:, None]
         _, sv, vt = np.linalg.svd(zw, full_matrices=False)
         ev = sv**2
-        count = _kept(ev)
-        t = count if top is None else max(0, min(int(top), count))
+        count, t = _kept(ev, top)
         return ev[:count], vt[:t]
     gram = np.empty((n, n))
     k_linalg.gram(z, gram)
@@ -54,9 +55,8 @@ def principal_directions(
     if not k_linalg.sym_eig(gram, ev, vecs):
         return np.full(n, np.nan), np.zeros((0, d))
     ev, vecs = ev[::-1], vecs[::-1]
-    count = _kept(ev)
+    count, t = _kept(ev, top)
     ev = ev[:count].copy()
-    t = count if top is None else max(0, min(int(top), count))
     coef = vecs[:t] / np.sqrt(ev[:t])[:, None]
     if root is not None:
         coef *= root[None, :]
