@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sona.kernels.jit import gil_kernel, inline, kernel
+from sona.kernels.jit import gil_kernel, kernel
 from sona.kernels.linalg import combine_rows, householder_rows, jacobi_svd
+from sona.kernels.update import sq_norm
 
 # low_rank_into's outcomes
 LOW_RANK_OK = 0
@@ -108,7 +109,7 @@ def low_rank_into(
     bt_new = np.zeros((rank, n_out))
     combine_rows(coef_a, qa, a_new[:k])
     combine_rows(coef_b, qb, bt_new[:k])
-    if not fits(_norm(a_new) * _norm(bt_new), e):
+    if not fits(np.sqrt(sq_norm(a_new)) * np.sqrt(sq_norm(bt_new)), e):
         return LOW_RANK_TOO_LARGE
     half = e // 2
     for r in range(rank):
@@ -118,7 +119,7 @@ def low_rank_into(
             out_bt[r, j] = np.float32(math.ldexp(bt_new[r, j], e - half))
     # rounding to float32 can carry the bound across float32's max: the factors as installed
     # must keep it (as MicroLoRA.set_factors requires)
-    if not _norm(out_a) * _norm(out_bt) < _F32_MAX:
+    if not np.sqrt(sq_norm(out_a)) * np.sqrt(sq_norm(out_bt)) < _F32_MAX:
         return LOW_RANK_TOO_LARGE
     return LOW_RANK_OK
 
@@ -142,15 +143,6 @@ def dead_rows(a: np.ndarray, bt: np.ndarray, dead: np.ndarray) -> int:
         if zero:
             count += 1
     return count
-
-
-@inline
-def _norm(x: np.ndarray) -> float:
-    """‖x‖ (Frobenius), summed in float64."""
-    acc = 0.0
-    for w in x.flat:
-        acc += np.float64(w) * np.float64(w)
-    return float(np.sqrt(acc))
 
 
 def warm_up() -> None:
