@@ -103,7 +103,7 @@ async def test_drop_oldest_drops_unhandled_samples_first() -> None:
 async def test_drop_oldest_evicts_the_oldest_sample_not_yet_handed_over() -> None:
     samples = rated_samples(LIMIT + 20)
     async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
-        gate = stall_background(rt)  # its first hand-over (at half the bound) hangs
+        gate = stall_background(rt)  # its first hand-over (near the bound) hangs
         async with rt.subscribe(kinds=[SamplesDropped], buffer=1000) as sub:
             for s in samples:
                 assert (await rt.submit(s)).applied
