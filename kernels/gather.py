@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numba import carray, types  # type: ignore[attr-defined]
 from numba.extending import intrinsic
-from sona.kernels.jit import gil_kernel, kernel
+from sona.kernels.jit import gil_kernel, inline, kernel
 
 
 @intrinsic
@@ -45,14 +45,44 @@ def record_address(x: np.ndarray, dim: int, addresses: np.ndarray, i: int) -> bo
 @kernel
 def gather_rows(addresses: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = `` the ``out.shape[1]`` float32 values at ``addresses[i]``, for every i
-    whose address is not 0."""
+    whose address is not 0.
+
+    Rows are copied four at a time, element by element across the four: the rows usually come
+    from memory, not cache (samples kept since they arrived), and four streams keep more reads
+    in flight than one (900 rows of width 4096 after a 64 MB cache flush: ~1.7 ms instead of
+    ~2.0 ms one row at a time).
+    """
     dim = out.shape[1]
-    for i in range(addresses.shape[0]):
-        if addresses[i] == 0:  # no address recorded: the caller fills the row
-            continue
-        src = carray(_f32_at(addresses[i]), (dim,))  # type: ignore[call-arg]
-        for j in range(dim):
-            out[i, j] = src[j]
+    n = addresses.shape[0]
+    i = 0
+    while i + 4 <= n:
+        if addresses[i] and addresses[i + 1] and addresses[i + 2] and addresses[i + 3]:
+            s0 = carray(_f32_at(addresses[i]), (dim,))  # type: ignore[call-arg]
+            s1 = carray(_f32_at(addresses[i + 1]), (dim,))
+            s2 = carray(_f32_at(addresses[i + 2]), (dim,))
+            s3 = carray(_f32_at(addresses[i + 3]), (dim,))
+            o0, o1, o2, o3 = out[i], out[i + 1], out[i + 2], out[i + 3]
+            for j in range(dim):
+                o0[j] = s0[j]
+                o1[j] = s1[j]
+                o2[j] = s2[j]
+                o3[j] = s3[j]
+        else:
+            for r in range(i, i + 4):
+                _gather_one(addresses, out, r)
+        i += 4
+    for r in range(i, n):
+        _gather_one(addresses, out, r)
+
+
+@inline
+def _gather_one(addresses: np.ndarray, out: np.ndarray, i: int) -> None:
+    if addresses[i] == 0:  # no address recorded: the caller fills the row
+        return
+    src = carray(_f32_at(addresses[i]), (out.shape[1],))  # type: ignore[call-arg]
+    row = out[i]
+    for j in range(out.shape[1]):
+        row[j] = src[j]
 
 
 def warm_up() -> None:
