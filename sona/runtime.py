@@ -3,9 +3,10 @@
 - **instant** owns the live adapter: it learns from each accepted sample and answers the caller.
   While it is idle, a sample is handled in the submitting task itself (``tell_inline``): same
   order, same crash semantics, without the two task switches of a mailbox hop.
-- **background** owns the consolidated state: every ``background_interval_ms`` it takes the live
-  adapter and the samples behind it (a hand-over), consolidates in a worker thread and
-  publishes the result by swapping one reference.
+- **background** owns the consolidated state: every ``background_interval_ms``, and at once when
+  pending samples come within a tenth of ``max_pending_samples``, it takes the live adapter and
+  the samples behind it (a hand-over), consolidates in a worker thread and publishes the result
+  by swapping one reference.
 - **deep** replays kept samples on copies in a worker thread (GIL-releasing kernels, short
   Python steps) and hands a replacement back to background.
 
