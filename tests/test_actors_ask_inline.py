@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from event_helpers import buffered
 from sona.actors import (
     DECLINED,
     Actor,
@@ -94,10 +95,7 @@ async def test_inline_crash_restarts_the_actor_and_the_asker_gets_the_retry_answ
         assert [(how, n) for how, n, _ in log] == [("loop", 7)]  # retried by the successor
         stats = ref.stats()
         assert stats["crashes"] == 1 and stats["restarts"] == 1 and stats["dead_letters"] == 0
-        kinds = []
-        while events.pending:  # type: ignore[attr-defined]
-            kinds.append(type(events.receive_nowait()))  # type: ignore[attr-defined]
-        assert kinds == [LoopCrashed, LoopRestarted]
+        assert [type(e) for e in buffered(events)] == [LoopCrashed, LoopRestarted]
         assert await ref.ask_inline(8) == 16  # idle again, and inline again
         assert log[-1][:2] == ("inline", 8)
 
@@ -113,9 +111,7 @@ async def test_an_ask_failing_inline_and_on_retry_fails_the_asker() -> None:
             await ref.ask_inline(5)
         assert isinstance(info.value.__cause__, RuntimeError)
         assert dead == [5] and log == []
-        seen = []
-        while events.pending:  # type: ignore[attr-defined]
-            seen.append(events.receive_nowait())  # type: ignore[attr-defined]
+        seen = buffered(events)
         assert any(isinstance(e, DeadLettered) and e.message_type == "int" for e in seen)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from event_helpers import buffered
 from sona.actors import (
     Actor,
     ActorStopped,
@@ -108,10 +109,7 @@ async def test_inline_crash_restarts_the_actor_and_retries_the_message() -> None
         assert failures == ["boom on 7"]  # on_failure ran on the crashed incarnation
         stats = ref.stats()
         assert stats["crashes"] == 1 and stats["restarts"] == 1 and stats["dead_letters"] == 0
-        kinds = []
-        while events.pending:  # type: ignore[attr-defined]
-            kinds.append(type(events.receive_nowait()))  # type: ignore[attr-defined]
-        assert kinds == [LoopCrashed, LoopRestarted]
+        assert [type(e) for e in buffered(events)] == [LoopCrashed, LoopRestarted]
 
 
 async def test_a_message_failing_inline_and_on_retry_is_dead_lettered() -> None:
@@ -125,9 +123,7 @@ async def test_a_message_failing_inline_and_on_retry_is_dead_lettered() -> None:
         await ref.join()
         assert dead == [5]
         assert ref.stats()["dead_letters"] == 1 and ref.stats()["crashes"] == 2
-        seen = []
-        while events.pending:  # type: ignore[attr-defined]
-            seen.append(events.receive_nowait())  # type: ignore[attr-defined]
+        seen = buffered(events)
         assert any(isinstance(e, DeadLettered) and e.message_type == "int" for e in seen)
         assert ref.tell_inline(6) is True  # idle again, and inline again
         assert log == [("inline", 6)]

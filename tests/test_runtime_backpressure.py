@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from event_helpers import buffered
 from runtime_helpers import (
     crash_instant_once,
     identity_holds,
@@ -62,11 +63,7 @@ async def test_drop_newest_drops_and_announces_each_incoming_sample() -> None:
             results = [await rt.submit(s) for s in samples]
             await rt.drain()
             gate.set()
-            dropped_events = 0
-            while sub.pending:  # type: ignore[attr-defined]
-                ev = sub.receive_nowait()  # type: ignore[attr-defined]
-                if isinstance(ev, SamplesDropped):
-                    dropped_events += ev.count
+            dropped_events = sum(ev.count for ev in buffered(sub) if isinstance(ev, SamplesDropped))
         assert [r.applied for r in results[LIMIT:]] == [False] * 37
         assert all("DROP_NEWEST" in r.notes[0] for r in results[LIMIT:])
         assert all(r.applied for r in results[:LIMIT])
@@ -151,8 +148,7 @@ async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolid
 
 def _drops_by_stage(sub: object) -> dict[str, int]:
     stages: dict[str, int] = {}
-    while sub.pending:  # type: ignore[attr-defined]
-        ev = sub.receive_nowait()  # type: ignore[attr-defined]
+    for ev in buffered(sub):
         if isinstance(ev, SamplesDropped):
             stages[ev.stage] = stages.get(ev.stage, 0) + ev.count
     return stages

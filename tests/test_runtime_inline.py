@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from event_helpers import buffered
 from runtime_helpers import crash_instant_once, identity_holds, rated_samples, small_config
 
 from sona.events import BackgroundCompleted, InstantApplied, LoopCrashed, LoopRestarted
@@ -20,9 +21,7 @@ async def test_an_idle_instant_loop_handles_samples_inline() -> None:
             for s in samples:
                 result = await rt.submit(s)
                 assert result.applied
-            seqs = []
-            while sub.pending:  # type: ignore[attr-defined]
-                seqs.append(sub.receive_nowait().sample_id)  # type: ignore[attr-defined]
+            seqs = [e.sample_id for e in buffered(sub)]
         inst = rt.supervisor_stats()["instant"]
         assert inst["inline"] == 50 and inst["processed"] == 50
         assert seqs == sorted(seqs) and len(seqs) == 50
@@ -90,9 +89,7 @@ async def test_reaching_the_pressure_mark_lets_the_background_loop_start_at_once
         for i in range(3000):
             await rt.submit(samples[i % len(samples)])
         await rt.drain()
-        used = []
-        while sub.pending:  # type: ignore[attr-defined]
-            used.append(sub.receive_nowait().samples_used)  # type: ignore[attr-defined]
+        used = [e.samples_used for e in buffered(sub)]
     assert len(used) >= 5
     # the first hand-over (later ones can wait for a consolidation still in its thread): the
     # samples up to the mark, a tenth of them held back to measure the consolidation
@@ -109,9 +106,7 @@ async def test_a_crash_while_handling_inline_is_retried_by_the_restarted_loop() 
             assert first.applied
             rest = [await rt.submit(s) for s in samples[1:]]
             assert all(r.applied for r in rest)
-            kinds = []
-            while sub.pending:  # type: ignore[attr-defined]
-                kinds.append(type(sub.receive_nowait()))  # type: ignore[attr-defined]
+            kinds = [type(e) for e in buffered(sub)]
         await rt.drain()
         st = rt.stats()
         assert kinds == [LoopCrashed, LoopRestarted]
@@ -152,9 +147,7 @@ async def test_a_crash_while_handing_over_inline_is_retried_and_loses_nothing() 
             assert (await rt.submit(s)).applied
         async with rt.subscribe(kinds=[LoopCrashed, LoopRestarted], buffer=10) as sub:
             await rt.consolidate()  # answered by the restarted Instant loop's retry
-            events = []
-            while sub.pending:  # type: ignore[attr-defined]
-                events.append(sub.receive_nowait())  # type: ignore[attr-defined]
+            events = buffered(sub)
         assert [(type(e), e.actor) for e in events] == [
             (LoopCrashed, "instant"),
             (LoopRestarted, "instant"),

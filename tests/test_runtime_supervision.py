@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from event_helpers import buffered
 from runtime_helpers import Q, identity_holds, small_config, target_samples
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SupervisorGaveUp
 
@@ -45,8 +46,7 @@ async def test_chaos_on_all_loops_keeps_accounting_and_learning() -> None:
             await rt.drain()
             await rt.consolidate()
             await rt.deep_optimize()
-            while sub.pending:  # type: ignore[attr-defined]
-                ev = sub.receive_nowait()  # type: ignore[attr-defined]
+            for ev in buffered(sub):
                 if isinstance(ev, LoopRestarted):
                     restarts[ev.actor] = restarts.get(ev.actor, 0) + 1
                 elif isinstance(ev, LoopCrashed):
