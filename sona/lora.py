@@ -178,7 +178,12 @@ def delta_bound(scale: float, a: np.ndarray, bt: np.ndarray) -> float:
     inf: every way of installing factors from outside (:meth:`MicroLoRA.set_factors`, the
     import paths) compares it with float32's max too.
     """
-    return scale * math.sqrt(k_update.sq_norm(a)) * math.sqrt(k_update.sq_norm(bt))
+    return _bound_from_sq_norms(scale, k_update.sq_norm(a), k_update.sq_norm(bt))
+
+
+def _bound_from_sq_norms(scale: float, sq_a: float, sq_b: float) -> float:
+    """:func:`delta_bound` from the factors' squared norms, for a caller that has them."""
+    return scale * math.sqrt(sq_a) * math.sqrt(sq_b)
 
 
 def check_delta_fits(
@@ -952,7 +957,7 @@ class MicroLoRA:
             na, nb = fast.candidate_sq_norms(st.a, st.grad_a, st.bt, st.grad_bt, step)
             if not (math.isfinite(na) and math.isfinite(nb)):
                 return self._reject(_BATCH_REJECTIONS[k_replay.BATCH_WEIGHTS])
-            if self._scale * math.sqrt(na) * math.sqrt(nb) >= _F32_MAX:
+            if _bound_from_sq_norms(self._scale, na, nb) >= _F32_MAX:
                 return self._reject(_BATCH_REJECTIONS[k_replay.BATCH_OVERFLOW])
         for st in states:
             fast.apply_step(st.a, st.grad_a, st.bt, st.grad_bt, step)
@@ -1195,7 +1200,7 @@ class MicroLoRA:
         if not (math.isfinite(na) and math.isfinite(nb)):
             raise InvalidInputError("factors contain NaN or inf")
         _refuse_beyond_f32(
-            self._scale * math.sqrt(na) * math.sqrt(nb),
+            _bound_from_sq_norms(self._scale, na, nb),
             f"factors for {st.module.value}",
             InvalidInputError,
         )
