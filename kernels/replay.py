@@ -292,6 +292,8 @@ def replay_epoch(
 RE_APPLIED = OUT_APPLIED  # mini-batches applied
 RE_NORM = OUT_NORM  # the last applied batch's clipped norm (MicroLoRA.last_update_norm)
 RE_LAST = OUT_LAST  # code of the last batch (-1: none)
+RE_PASSED = 3  # samples passed over because their gradient overflows float32
+RE_SLOTS = 4
 BATCH_NOT_FINITE = 1  # the accumulated gradient is not finite
 BATCH_WEIGHTS = 2  # the update would make the weights non-finite
 BATCH_OVERFLOW = 3  # the update would make delta_weight overflow
@@ -392,13 +394,18 @@ def relearn(
     lr·k·max_norm; then, when applied and ``lam`` > 0, an EWC++ step of 2·lr·k·lam.
 
     ``codes`` receives each mini-batch's outcome (0 or a ``BATCH_*`` code), ``out`` the counts
-    (``RE_*``). Returns -1, or the position in ``rows`` of a sample whose gradient is not
-    finite or whose ‖x‖² is beyond ``MAX_INPUT_SQ_NORM``, where it stops (the per-sample path
-    raises there). Samples ``adapt`` declines are passed over as in ``replay_epoch``.
+    (``RE_*``, ``RE_SLOTS`` of them). Returns -1, or the position in ``rows`` of a sample whose
+    x is not finite or whose ‖x‖² is beyond ``MAX_INPUT_SQ_NORM``, where it stops (the
+    per-sample path raises there). Samples ``adapt`` declines are passed over as in
+    ``replay_epoch``; so are finite samples whose gradient overflows float32 (a target near
+    float32's largest value, say), counted in ``out[RE_PASSED]``: what the adapter has become
+    since the Instant loop applied them decides that, not the input, and one such sample must
+    not stop the rest from being learned.
     """
     m = a.shape[0]
     out[RE_APPLIED] = 0.0
     out[RE_LAST] = -1.0
+    out[RE_PASSED] = 0.0
     batch = 0
     done = 0
     key = np.uint64(0)
@@ -424,12 +431,17 @@ def relearn(
             wk = wk * sample_weights[r]
             mode = modes[k]
             t = targets[k]  # the one module the sample is for, or -1: all
-            for i in range(m):
+            overflow = False
+            for i in range(m):  # scratch only: nothing is accumulated unless every module is finite
                 skip = t >= 0 and i != t
                 if not skip and not prepare_grad(
                     a[i], bt[i], scale, x, target, wk, mode, key, h[i], u[i], g[i]
                 ):
-                    return r
+                    overflow = True
+                    break
+            if overflow:
+                out[RE_PASSED] += 1.0
+                continue
             for i in range(m):
                 if t < 0 or i == t:
                     commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)

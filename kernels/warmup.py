@@ -169,5 +169,5 @@ def _warm_replay(a: np.ndarray, bt: np.ndarray, s: float) -> None:
         a3, bt3, s, xs, vecs, ints, ints, ints, floats, floats.copy(), flags, np.ones(2),
         np.zeros(3),
         0.9, 1.0, 20.0, 0.1, 1.0, 16, False, *scratch, np.zeros_like(a3), np.zeros_like(bt3),
-        0.0, *replay.no_ewc(m, rank, n_out), np.zeros(2, np.int64), np.zeros(3),
+        0.0, *replay.no_ewc(m, rank, n_out), np.zeros(2, np.int64), np.zeros(replay.RE_SLOTS),
     )  # fmt: skip

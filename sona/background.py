@@ -27,7 +27,7 @@ from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.deep import DeepOutcome
 from sona.errors import InvalidInputError
 from sona.instant import HandOver
-from sona.lora import MicroLoRA
+from sona.lora import MicroLoRA, passed_over_note
 from sona.lora_config import TargetModule
 from sona.objective import LossTerms, hold_out_newest, relative_improvement
 from sona.pattern_bank import PatternBank
@@ -157,6 +157,7 @@ class BackgroundLoop:
         xs = rows[: len(train_samples)] if train_samples else None
         fired = self._track(xs, notes)
         published, rejected = self._fold(old, hand.live, train_samples, xs, notes)
+        notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
         quality_delta = self._delta(eval_samples, eval_rows, old.predict, published.predict, notes)
         self.replay.extend(train_samples)
@@ -265,7 +266,7 @@ class BackgroundLoop:
             if notes is not None:
                 rejected.extend(notes)
                 return
-        batch = 0
+        batch = passed = 0
         for i, w in zip(idx.tolist(), weights.tolist(), strict=True):
             s = pool.samples[i]
             if w <= 0.0:
@@ -273,13 +274,18 @@ class BackgroundLoop:
             fb = s.to_feedback()
             if fb.kind.value in ("target", "gradient") and fb.quality < threshold:
                 continue
-            if adapter.adapt(s.input_embedding, fb, s.module, weight=w):
-                batch += 1
+            try:
+                if adapter.adapt(s.input_embedding, fb, s.module, weight=w):
+                    batch += 1
+            except InvalidInputError:  # finite, but its gradient overflows: as relearn does
+                passed += 1
             if batch == k:
                 self._apply(adapter, batch, rejected, protect)
                 batch = 0
         if batch:
             self._apply(adapter, batch, rejected, protect)
+        if passed:
+            rejected.append(passed_over_note(passed))
 
     def _apply(self, adapter: MicroLoRA, batch: int, rejected: list[str], protect: bool) -> None:
         cfg = self.config

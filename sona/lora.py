@@ -224,6 +224,27 @@ def _forward_error(x: np.ndarray) -> InvalidInputError:
     return InvalidInputError("x is finite but so large that s·A·x overflows float32")
 
 
+def passed_over_note(n: int) -> str:
+    """The note for samples a consolidation passed over because their gradient overflows."""
+    return (
+        f"rejected: passed over {n} sample{'s' if n > 1 else ''} whose gradient overflows "
+        "float32 against the adapter as it is now"
+    )
+
+
+def _gradient_error(x: np.ndarray) -> InvalidInputError:
+    """Why a gradient was not finite: NaN or inf in x, or finite values whose product with
+    the weights or the feedback vector overflows float32 (a target near float32's largest
+    value, or weights grown that large): the second is no fault of x, so it is not blamed."""
+    if not k_update.all_finite(x):
+        return InvalidInputError("x contains NaN or inf")
+    return InvalidInputError(
+        "the gradient overflows float32: x and the feedback are finite, but their product with "
+        "the adapter's weights is not, as with a feedback vector near float32's largest value "
+        "or weights grown that large"
+    )
+
+
 class MicroLoRA:
     """A low-rank (1 <= rank <= min(in, out)) LoRA adapter over one or more target modules of the
     same shape; the request path is tuned for ranks 1-2."""
@@ -703,7 +724,7 @@ class MicroLoRA:
                 -1.0 if max_norm is None else max_norm, st.h, st.u, st.g, st.sums,
             )  # fmt: skip
             if status == 1:
-                raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+                raise _gradient_error(xu)
             if status == k_lora.STEP_INPUT_NORM:
                 raise InvalidInputError(_INPUT_TOO_LARGE)
             if status == 0 and st.sums[7] == 0.0 and not xu.any():  # a zero update was written
@@ -845,7 +866,7 @@ class MicroLoRA:
             if not fast.prepare_grad(
                 st.a, st.bt, self._scale, xu, target, w, mode, _NO_KEY, st.h, st.u, st.g
             ):
-                raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+                raise _gradient_error(xu)
             if with_sums:
                 fast.step_sums(st.a, st.bt, xu, st.h, st.u, st.g, st.sums)
 
@@ -916,7 +937,7 @@ class MicroLoRA:
                 st.u,
                 st.g,
             ):
-                raise InvalidInputError("the gradient overflows")
+                raise _gradient_error(x)
         self._commit([st for st, _, _ in found], x)
         for st, key, _ in found:
             del self._explored[(st.index, key)]
@@ -1033,12 +1054,15 @@ class MicroLoRA:
         GIL-free call: a mini-batch of k samples at ``learning_rate``·k with its mean gradient
         clipped at ``max_norm`` (so it moves no further than k clipped steps could), each
         applied one followed by an EWC++ step of 2·lr·k·λ when ``ewc`` is given. Returns the
-        rejection notes (one per rejected mini-batch), or None, changing nothing, for adapters
-        with dropout or gradients already accumulated.
+        rejection notes (one per rejected mini-batch, and one for the samples passed over), or
+        None, changing nothing, for adapters with dropout or gradients already accumulated.
 
-        Raises ``InvalidInputError`` where ``adapt`` would (a gradient that is not finite), with
-        the mini-batches before it applied and the unfinished one discarded. Like
-        :meth:`replay`, it is for adapters no other thread reads meanwhile.
+        A finite sample whose gradient overflows float32 (where ``adapt`` raises) is passed
+        over: whether it overflows depends on what the adapter has become, and one such sample
+        must not keep a consolidation from learning the rest. An x that ``adapt`` refuses
+        (NaN, inf, ‖x‖² beyond the limit) raises ``InvalidInputError``, with the mini-batches
+        before it applied and the unfinished one discarded. Like :meth:`replay`, it is for
+        adapters no other thread reads meanwhile.
         """
         cfg = self.config
         if cfg.dropout > 0.0 or self._pending:
@@ -1053,7 +1077,7 @@ class MicroLoRA:
         a, bt, baseline = self._replay_state()
         m, rank, n_out = bt.shape
         codes = np.full(rows.shape[0] // mini_batch + 1, -1, np.int64)
-        out = np.zeros(3)
+        out = np.zeros(k_replay.RE_SLOTS)
         failed = k_replay.relearn(
             a, bt, self._scale, batch.xs, batch.vecs, rows, batch.modes, batch.targets,
             batch.weights, batch.qualities, batch.rating_only, weights, baseline,
@@ -1066,9 +1090,12 @@ class MicroLoRA:
         )  # fmt: skip
         self._set_replay_state(a, bt, baseline, out, _BATCH_OUTCOMES)
         notes = [_BATCH_REJECTIONS[int(c)] for c in codes if c > 0]
+        passed = int(out[k_replay.RE_PASSED])
+        if passed:
+            notes.append(passed_over_note(passed))
         if failed >= 0:
-            _check_input(batch.xs[rows[failed]])  # ‖x‖² beyond the limit says so
-            raise InvalidInputError("x contains NaN or inf, or the gradient overflows")
+            _check_input(batch.xs[rows[failed]])  # NaN, inf or ‖x‖² beyond the limit says so
+            raise _gradient_error(batch.xs[rows[failed]])
         return notes
 
     def _replay_rows(self, batch: ReplayBatch, rows: np.ndarray) -> np.ndarray:

@@ -389,3 +389,36 @@ def test_the_consolidation_that_closes_a_task_keeps_nothing_back() -> None:
     assert spy.held[-1] == [] and engine.background.carry == []
     assert engine.stats().consolidated_count == 51
     assert engine.stats().pending_samples == 0
+
+
+# ---------------------------------------------------------------------- failures
+@pytest.mark.parametrize("strategy", list(CS))
+def test_a_sample_whose_gradient_overflows_is_passed_over_and_the_rest_consolidated(
+    strategy: CS,
+) -> None:
+    """Targets near float32's largest value are finite and the Instant loop applies them; in
+    a later consolidation a gradient can overflow against the adapter as it has become (here
+    with QUALITY_WEIGHTED, which relearns every sample). Such a sample is passed over, with a
+    note; the others are learned and every count adds up."""
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(16),
+        consolidation_strategy=strategy,
+        background_min_samples=2,
+    )
+    engine = SonaLlm(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    notes: list[str] = []
+    for i in range(4):
+        x = rng.standard_normal(16).astype(np.float32)
+        y = (3e38 * np.sign(rng.standard_normal(16))).astype(np.float32)
+        engine.submit(TrainingSample(x, y, float(rng.uniform())))
+        if i % 2:
+            notes += engine.run_background().notes
+    stats = engine.stats()
+    assert stats.instant_count == 4
+    assert stats.consolidated_count + stats.pending_samples == 4
+    x = rng.standard_normal(16).astype(np.float32)
+    for m in cfg.micro_lora.target_modules:
+        assert np.isfinite(engine.forward(x, m)).all()
+    passed = [n for n in notes if "whose gradient overflows" in n]
+    assert len(passed) == (strategy is CS.QUALITY_WEIGHTED), notes

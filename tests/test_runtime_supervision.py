@@ -13,9 +13,11 @@ from event_helpers import buffered
 from runtime_helpers import Q, identity_holds, small_config, target_samples
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SupervisorGaveUp
 
-from sona.config import Chaos, SupervisionConfig
-from sona.events import CheckpointWritten
+from sona.config import Chaos, ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
+from sona.events import CheckpointWritten, UpdateRejected
+from sona.lora_config import MicroLoraConfig
 from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
 from sona.simulator import DomainWorld
 
 pytestmark = pytest.mark.anyio
@@ -135,6 +137,38 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
     assert st.instant_count == 200
     assert st.consolidated_count + st.pending_samples == 200
     assert identity_holds(st)
+
+
+async def test_a_sample_whose_gradient_overflows_in_consolidation_is_passed_over() -> None:
+    """Finite targets near float32's largest value: the Instant loop applies them, and a later
+    consolidation passes over the one whose gradient overflows, says so, and goes on, rather
+    than failing on it again and again while BLOCK holds every submitter."""
+    cfg = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(16),
+        consolidation_strategy=ConsolidationStrategy.QUALITY_WEIGHTED,
+        background_min_samples=2,
+        background_interval_ms=3_600_000,
+        max_pending_samples=10,
+    )
+    rng = np.random.default_rng(0)
+    async with SonaRuntime(cfg, seed=1) as rt:
+        async with rt.subscribe(kinds=[UpdateRejected], buffer=100) as sub:
+            with anyio.fail_after(30):
+                for i in range(4):
+                    x = rng.standard_normal(16).astype(np.float32)
+                    y = (3e38 * np.sign(rng.standard_normal(16))).astype(np.float32)
+                    await rt.submit(TrainingSample(x, y, float(rng.uniform())))
+                    if i % 2:
+                        await rt.consolidate()
+                for _ in range(30):
+                    one = np.ones(16, np.float32)
+                    await rt.submit(TrainingSample(one, one, 0.9))
+                await rt.drain()
+            rejected = [e.reason for e in buffered(sub)]
+        st = rt.stats()
+    assert any("whose gradient overflows" in r for r in rejected), rejected
+    assert st.restarts == 0 and st.dead_lettered == 0
+    assert st.instant_count == 34 and identity_holds(st)
 
 
 async def test_background_chaos_never_loses_pending_samples() -> None:
