@@ -168,7 +168,11 @@ class SonaLlm:
     def _consolidate(self, *, hold_back: bool) -> BackgroundResult:
         self._last_background = self._now()
         hand = self.instant.hand_over()
-        outcome = self.background.consolidate(hand, hold_back=hold_back)
+        try:
+            outcome = self.background.consolidate(hand, hold_back=hold_back)
+        except BaseException:
+            self.instant.take_back(hand)
+            raise
         if outcome.boundaries:
             self.instant.new_task()
         return outcome.result

@@ -186,6 +186,14 @@ class InstantLoop:
                 self.live.set_factors(module, a, bt)
         return HandOver(snapshot, samples)
 
+    def take_back(self, hand: HandOver) -> None:
+        """Undo :meth:`hand_over` when its consolidation raised in the synchronous engine,
+        where nothing has touched the live adapter since: the snapshot's weights become the
+        live ones again (the explorations still to be rated stay) and its samples are pending
+        again, ahead of any newer ones, so none of them is lost or counted twice."""
+        self.live._copy_state_from(hand.live)
+        self.pending.extendleft(reversed(hand.samples))
+
     def new_task(self) -> None:
         """A new task began: the live adapter restarts from fresh A at the next hand-over."""
         self._fresh_start = True
