@@ -242,6 +242,7 @@ class SonaRuntime:
         # taken meanwhile stores it as still accumulated, so a restore runs it again
         self._deep_taken = 0.0
         self._unfinished: HandOver | None = None  # handed over, not yet consolidated
+        self._unfinished_failures = 0  # consolidations of it that raised
         # odd while the hand-over or its commit is changing what forward reads; counts changes
         self._view = 0
         self._last_background = time.monotonic()
@@ -718,9 +719,13 @@ class SonaRuntime:
             await ref.ask_inline(HandOverRequest())
         hand = self._unfinished
         assert hand is not None
-        outcome: Consolidation = await self._background_thread.run(
-            run_single_blas, bg.prepare, hand, hold_back
-        )
+        try:
+            outcome: Consolidation = await self._background_thread.run(
+                run_single_blas, bg.prepare, hand, hold_back
+            )
+        except Exception as exc:
+            self._consolidation_failed(hand, exc)
+            raise
         self._view += 1
         try:
             bg.commit(outcome)  # on the event loop: stats and forward see it all at once
@@ -975,10 +980,38 @@ class SonaRuntime:
                 self._view += 1
         return hand
 
+    def _consolidation_failed(self, hand: HandOver, exc: Exception) -> None:
+        """The first time a hand-over's consolidation raises, it is kept for the restarted
+        Background loop to finish, so a crash loses none of its samples. The second time it is
+        given up on, as a message is dead-lettered after its retry: consolidating the same
+        samples again would fail again, and meanwhile pending samples stay at the bound and
+        BLOCK would hold every submitter forever. Its samples, and those held back from the
+        consolidation before, stay applied but are never consolidated: counted as evicted and
+        announced (``SamplesDropped``, stage "consolidation", policy "failed")."""
+        if self._unfinished is not hand:
+            return
+        self._unfinished_failures += 1
+        if self._unfinished_failures < 2:
+            return
+        bg = self._background
+        n = len(hand.samples) + len(bg.carry)
+        self._view += 1
+        try:
+            bg.carry = []
+            self._set_unfinished(None)
+        finally:
+            self._view += 1
+        self._instant.evicted += n
+        self._pending -= n
+        self._signal()
+        _log.error("consolidation_given_up", samples=n, error=repr(exc))
+        self.events.publish(SamplesDropped(count=n, stage="consolidation", policy="failed"))
+
     def _set_unfinished(self, hand: HandOver | None) -> None:
         """Record the hand-over a consolidation works on (None once committed); until then
         the Instant loop learns relative to it as well as to the published state."""
         self._unfinished = hand
+        self._unfinished_failures = 0
         self._instant.in_transit = hand.live if hand is not None else None
 
     def _unfinished_count(self) -> int:
@@ -1019,6 +1052,16 @@ class _InstantActor(Actor):
 class _BackgroundActor(Actor):
     def __init__(self, rt: SonaRuntime) -> None:
         self.rt = rt
+
+    async def on_start(self) -> None:
+        """A restarted loop takes up the consolidation that ingress asked for while it was
+        down: pending samples reached the pressure mark then, and with every submitter waiting
+        at the bound, no applied sample would ask again before the next tick."""
+        rt = self.rt
+        ref = rt._background_ref
+        if ref is not None and rt._pending >= rt._pressure and not ref.gave_up:
+            with contextlib.suppress(Backpressure):  # a full mailbox has work queued already
+                ref.tell_nowait(Tick())
 
     async def handle(self, message: Any) -> object | None:
         rt = self.rt

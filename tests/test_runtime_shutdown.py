@@ -5,6 +5,7 @@ every caller gets an answer and every subscription ends."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,13 @@ async def test_submitters_waiting_for_room_get_the_not_running_error() -> None:
         except RuntimeError as exc:
             errors.append(str(exc))
 
+    def failing(*args: Any) -> Any:
+        time.sleep(0.5)  # still failing when the runtime stops: room never comes
+        raise RuntimeError("x")
+
     with anyio.fail_after(10):
         async with anyio.create_task_group() as outer, rt:
-            rt._background.prepare = lambda *a: (_ for _ in ()).throw(RuntimeError("x"))
+            rt._background.prepare = failing
             for s in _samples(30):
                 outer.start_soon(producer, s)
             await anyio.sleep(0.05)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from event_helpers import buffered
 from runtime_helpers import Q, identity_holds, small_config, target_samples
-from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SupervisorGaveUp
+from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SamplesDropped, SupervisorGaveUp
 
 from sona.config import Chaos, ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
 from sona.events import CheckpointWritten, UpdateRejected
@@ -136,6 +136,42 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
     assert st.restarts >= 1
     assert st.instant_count == 200
     assert st.consolidated_count + st.pending_samples == 200
+    assert identity_holds(st)
+
+
+async def test_a_consolidation_that_fails_again_is_given_up_on_and_announced() -> None:
+    """Its retry fails too: rather than holding pending samples at the bound for good (BLOCK
+    would keep every submitter waiting), its samples stay applied, are counted as evicted and
+    announced, and later consolidations go on."""
+    world = DomainWorld(dim=32, domains=1, seed=7)
+    samples = target_samples(world, 0, 300)
+    cfg = small_config(background_interval_ms=3_600_000, max_pending_samples=100)
+    async with SonaRuntime(cfg, seed=2) as rt:
+        bg = rt._background
+        real = bg.prepare
+        poisoned: list[Any] = []
+
+        def failing(hand: Any, *rest: Any) -> Any:
+            if not poisoned:
+                poisoned.append(hand)
+            if hand is poisoned[0]:
+                raise RuntimeError("this hand-over cannot be consolidated")
+            return real(hand, *rest)
+
+        bg.prepare = failing  # type: ignore[method-assign]
+        async with rt.subscribe(kinds=[SamplesDropped], buffer=100) as sub:
+            with anyio.fail_after(60):
+                for s in samples:
+                    await rt.submit(s)
+                await rt.drain()
+                await rt.consolidate()
+            drops = buffered(sub)
+        st = rt.stats()
+    assert [(d.stage, d.policy) for d in drops] == [("consolidation", "failed")]
+    assert drops[0].count == len(poisoned[0].samples) > 0
+    assert st.evicted_samples == drops[0].count
+    assert st.instant_count == 300 and st.background_count >= 1
+    assert st.consolidated_count == 300 - drops[0].count - st.pending_samples
     assert identity_holds(st)
 
 
