@@ -126,8 +126,10 @@ def decode(
 
 def file_target(path: Any) -> Path:
     """``path`` as the file an atomic write replaces, refused before anything is captured or
-    written when it cannot be one: an empty path (``Path("")`` is the current directory) or a
-    directory (the rename onto it would fail naming only the temporary file)."""
+    written when it cannot be one: an empty path (``Path("")`` is the current directory), a
+    directory (the rename onto it would fail naming only the temporary file), or an existing
+    FIFO, socket or device (the rename would silently replace it, ``/dev/null`` included, with
+    a regular file)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a path, got {type(path).__name__}")
     if os.fspath(path) == "":
@@ -135,6 +137,10 @@ def file_target(path: Any) -> Path:
     target = Path(path)
     if target.is_dir():
         raise InvalidInputError(f"path {target} is a directory; pass a file name")
+    if target.exists() and not target.is_file():
+        raise InvalidInputError(
+            f"path {target} is not a regular file (a FIFO, socket or device); pass a file name"
+        )
     for ancestor in target.parents:  # the nearest one that exists must be a directory
         if ancestor.exists():
             if not ancestor.is_dir():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sona import container
-from sona.errors import FormatError
+from sona.errors import FormatError, InvalidInputError
 
 MAGIC = b"TESTMAGC"
 PREFIX = struct.Struct("<8sHHIQ")
@@ -137,3 +139,13 @@ def test_write_atomic_creates_parents_replaces_and_cleans_up(tmp_path: Path) -> 
         container.read_file(target, limit=2)
     with pytest.raises(FormatError, match="directory"):
         container.read_file(tmp_path)
+
+
+def test_a_fifo_is_not_replaced_by_an_atomic_write(tmp_path: Path) -> None:
+    """The rename would swap a FIFO (or a device: ``/dev/null``) for a regular file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidInputError, match="not a regular file"):
+        container.file_target(fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert container.file_target(tmp_path / "new.bin") == tmp_path / "new.bin"
