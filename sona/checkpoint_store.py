@@ -36,6 +36,7 @@ __all__ = [
     "in_use",
     "list_checkpoints",
     "newest_valid",
+    "next_number",
     "remove_temporaries",
 ]
 
@@ -56,6 +57,13 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         if m is not None and entry.is_file():
             found.append((int(m.group(1)), entry))
     return sorted(found, reverse=True)
+
+
+def next_number(directory: Path) -> int:
+    """One past the highest number of any entry named like a checkpoint, a directory or
+    other non-file among them: the next checkpoint must not be written onto one of those."""
+    numbers = [int(m.group(1)) for e in directory.iterdir() if (m := _NAME.match(e.name))]
+    return max(numbers, default=-1) + 1
 
 
 def newest_valid(directory: Path) -> tuple[CheckpointState, list[str]]:

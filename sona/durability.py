@@ -64,6 +64,7 @@ from sona.checkpoint_store import (
     checkpoint_name,
     list_checkpoints,
     newest_valid,
+    next_number,
     remove_others,
     remove_temporaries,
 )
@@ -221,7 +222,8 @@ class Durability:
 
     def _claim(self, directory: Path) -> None:
         """With the directory locked: check that this runtime may write the next checkpoint
-        into it, and number that checkpoint after every one the directory holds.
+        into it, and number that checkpoint after every one the directory holds (and after
+        anything else named like one, such as a directory).
 
         A runtime that has no checkpoint in the directory (it neither restored from it nor
         wrote into it) may claim it only empty. One that has may continue it only if no other
@@ -233,16 +235,15 @@ class Durability:
         if not self.kept:
             if existing:
                 raise _earlier_run(directory)
-            return
-        own = max(k.seq for k in self.kept)
-        newer = [n for n, _ in existing if n > own and n not in self._passed_over]
-        if newer:
-            raise CheckpointDirError(
-                f"{directory}: another runtime continued checkpoint_dir after this one (it "
-                f"wrote {checkpoint_name(max(newer))}); restore the directory to continue it"
-            )
-        if existing:
-            self.seq = max(self.seq, existing[0][0] + 1)
+        else:
+            own = max(k.seq for k in self.kept)
+            newer = [n for n, _ in existing if n > own and n not in self._passed_over]
+            if newer:
+                raise CheckpointDirError(
+                    f"{directory}: another runtime continued checkpoint_dir after this one (it "
+                    f"wrote {checkpoint_name(max(newer))}); restore the directory to continue it"
+                )
+        self.seq = max(self.seq, next_number(directory))
 
     def _lock_for_write(self) -> DirectoryLock:
         """Lock and claim the directory for one checkpoint written before start or after stop,

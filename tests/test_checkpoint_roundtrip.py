@@ -472,6 +472,27 @@ async def test_checkpoint_into_a_directory_another_runtime_took_over_is_refused(
     assert await a.checkpoint(tmp_path / "a.sona") == tmp_path / "a.sona"  # a file: allowed
 
 
+async def test_a_directory_named_like_the_next_checkpoint_is_stepped_over(tmp_path: Path) -> None:
+    """Restore passes over what is not a checkpoint file; the runtime it gives then numbers
+    its checkpoints past it instead of failing to write onto it."""
+    from sona.checkpoint_store import checkpoint_name, list_checkpoints
+
+    d = tmp_path / "d"
+    async with SonaRuntime(cfg_dir(), seed=8, checkpoint_dir=d) as a:
+        await play(a, Script(6).steps(5))
+        await a.checkpoint()
+        await play(a, Script(7).steps(5))
+    newest = list_checkpoints(d)[0][0]
+    (d / checkpoint_name(newest)).unlink()
+    (d / checkpoint_name(newest)).mkdir()
+    b = SonaRuntime.restore(d)
+    async with b:
+        await play(b, Script(8).steps(5))
+    assert (d / checkpoint_name(newest)).is_dir()
+    assert list_checkpoints(d)[0][0] > newest
+    assert SonaRuntime.restore(d).stats() == b.stats()
+
+
 async def test_a_restore_the_directory_moved_on_from_is_refused_at_start(tmp_path: Path) -> None:
     """A runtime restored from a directory that another runtime restored and continued
     before this one started would go on from the older state and prune the newer one."""
