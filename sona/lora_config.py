@@ -139,7 +139,8 @@ class MicroLoraConfig:
 
 # The real-valued fields' bounds, as config_number takes them.
 _NUMBER_BOUNDS: dict[str, dict[str, Any]] = {
-    "alpha": {"lo": 0.0, "lo_open": True},
+    # the kernels compute in float32: a scaling beyond its range would turn every delta to inf
+    "alpha": {"lo": 0.0, "lo_open": True, "hi": 3.4028234663852886e38},
     "dropout": {"lo": 0.0, "hi": 1.0, "hi_open": True},
     "explore_std": {"lo": 0.0, "lo_open": True},
     "advantage_temperature": {"lo": 0.0, "lo_open": True},

@@ -97,6 +97,7 @@ def test_config_is_frozen() -> None:
         ("alpha", float("inf"), ConfigError),
         ("alpha", "4", TypeError),
         pytest.param("alpha", 10**400, ConfigError, id="alpha-beyond-float"),
+        pytest.param("alpha", 1e308, ConfigError, id="alpha-beyond-float32"),
         ("dropout", -0.1, ConfigError),
         ("dropout", 1.0, ConfigError),
         ("dropout", float("nan"), ConfigError),

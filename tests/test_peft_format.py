@@ -388,8 +388,11 @@ def test_finite_factors_whose_delta_overflows_float32_are_refused(exported: Path
 
 
 def test_the_scale_counts_towards_the_overflow_bound(exported: Path) -> None:
-    rewrite_config(exported, lora_alpha=1e39)
-    with pytest.raises(FormatError, match=r"scale 5e\+38.*overflow"):
+    rewrite_config(exported, lora_alpha=3e38)  # within float32, but not times the weights
+    with pytest.raises(FormatError, match=r"scale 1.5e\+38.*overflow"):
+        MicroLoRA.from_peft(exported)
+    rewrite_config(exported, lora_alpha=1e39)  # beyond float32 itself
+    with pytest.raises(FormatError, match=r"alpha must be a finite number in"):
         MicroLoRA.from_peft(exported)
     rewrite_config(exported, lora_alpha=1e30)
     lora = MicroLoRA.from_peft(exported)
