@@ -147,7 +147,7 @@ def _kinds_tuple(kinds: Any) -> tuple[type[Any], ...] | None:
     if kinds is None:
         return None
     if isinstance(kinds, type):
-        return (kinds,)
+        kinds = (kinds,)
     if isinstance(kinds, (str, bytes)):
         raise TypeError(f"kinds must be event classes, got the string {kinds!r}")
     try:
@@ -157,8 +157,12 @@ def _kinds_tuple(kinds: Any) -> tuple[type[Any], ...] | None:
             f"kinds must be an event class or an iterable of them, got {type(kinds).__name__}"
         ) from None
     for kind in items:
-        if not isinstance(kind, type):
-            raise TypeError(f"kinds must be event classes, got {kind!r} ({type(kind).__name__})")
+        # events are msgspec Structs: any other class would match nothing, silently
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            raise TypeError(
+                f"kinds must be event classes (msgspec Structs), got {kind!r} "
+                f"({type(kind).__name__})"
+            )
     return items
 
 

@@ -78,6 +78,11 @@ class Chaos:
         p = config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
         _set(self, "crash_probability", p)
         _set(self, "seed", check_seed(self.seed))
+        if not isinstance(self.loops, (tuple, list)):
+            raise TypeError(
+                "Chaos.loops must be a tuple of loop names such as ('instant', 'deep'), "
+                f"got {type(self.loops).__name__} {self.loops!r}"
+            )
         loops = tuple(self.loops)
         unknown = set(loops) - {"instant", "background", "deep"}
         if unknown:

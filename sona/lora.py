@@ -35,7 +35,7 @@ from sona.kernels import update as k_update
 from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
 from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.validation import as_f32, check_positive, check_seed
+from sona.validation import as_f32, as_list, check_positive, check_seed
 
 if TYPE_CHECKING:
     from sona.peft_format import PeftNaming
@@ -1375,7 +1375,7 @@ class ComposedAdapter:
     """
 
     def __init__(self, adapters: Sequence[MicroLoRA], mode: str) -> None:
-        items = list(adapters)
+        items: list[MicroLoRA] = as_list(adapters, "adapters", "MicroLoRA instances")
         if not items:
             raise InvalidInputError("adapters must not be empty")
         for a in items:

@@ -23,7 +23,7 @@ from sona.errors import InvalidInputError
 from sona.kernels import merge as k_merge
 from sona.lora import delta_bound
 from sona.lora_config import TargetModule
-from sona.validation import real_number
+from sona.validation import as_list, real_number
 
 if TYPE_CHECKING:
     from sona.lora import MicroLoRA
@@ -47,7 +47,7 @@ def merge_adapters(
     """
     from sona.lora import MicroLoRA
 
-    items = list(adapters)
+    items = as_list(adapters, "adapters", "(MicroLoRA, weight) pairs")
     if not items:
         raise InvalidInputError("adapters must not be empty")
     for i, item in enumerate(items):

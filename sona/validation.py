@@ -207,3 +207,15 @@ def config_int(value: object, name: str, *, lo: int, hi: int | None = None) -> i
     if hi is not None and v > hi:
         raise ConfigError(f"{name} must be <= {hi}, got {v}")
     return v
+
+
+def as_list(value: Any, name: str, what: str) -> list[Any]:
+    """``value``'s items as a list, or a TypeError saying what ``name`` should have been
+    instead of ``list()``'s "'NoneType' object is not iterable"."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {what}, got a string")
+    try:
+        return list(value)
+    except TypeError:
+        got = type(value).__name__
+        raise TypeError(f"{name} must be a sequence of {what}, got {got}") from None

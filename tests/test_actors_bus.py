@@ -146,6 +146,8 @@ async def test_kinds_filter_and_close_ends_iteration() -> None:
         (["LoopCrashed"], "event classes"),
         ((LoopCrashed, None), "event classes"),
         (3, "iterable"),
+        ([int], "msgspec Structs"),  # would match nothing, silently
+        (dict, "msgspec Structs"),
     ],
 )
 async def test_kinds_that_are_not_classes_are_refused_at_subscribe(

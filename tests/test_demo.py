@@ -229,6 +229,17 @@ def test_an_unusable_out_is_refused_before_anything_runs(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("out", ["", "  "])
+@pytest.mark.usefixtures("nothing_runs")
+def test_an_empty_out_is_refused_rather_than_taken_as_the_current_directory(
+    out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sona.demo.run(_args(tmp_path, "--out", out)) == 2
+    assert capsys.readouterr().err == "sona demo: --out must name a directory, got an empty path\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.usefixtures("nothing_runs")
 def test_an_out_that_cannot_take_files_is_refused_and_not_left_behind(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -17,6 +17,7 @@ import pytest
 
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.engine import SonaLlm
+from sona.errors import ConfigError
 from sona.feedback import AdaptFeedback
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.sample import TrainingSample
@@ -253,6 +254,24 @@ def test_seeds_are_checked_for_every_engine(seed: object, error: type[Exception]
         with pytest.raises(error, match="seed"):
             build()
     assert SonaLlm(cfg, seed=np.int32(3)).seed == 3
+
+
+@pytest.mark.parametrize(
+    ("loops", "error", "message"),
+    [
+        ("instant", TypeError, "tuple of loop names"),  # not the letters of "instant"
+        (None, TypeError, "tuple of loop names"),
+        (("instant", "later"), ConfigError, "unknown loops"),
+    ],
+)
+def test_chaos_loops_must_be_a_tuple_of_loop_names(
+    loops: object, error: type[Exception], message: str
+) -> None:
+    from sona.config import Chaos
+
+    with pytest.raises(error, match=message):
+        Chaos(crash_probability=0.1, loops=loops)  # type: ignore[arg-type]
+    assert Chaos(crash_probability=0.1, loops=["deep"]).loops == ("deep",)
 
 
 def test_text_and_list_inputs_of_the_right_width_are_accepted() -> None:

@@ -132,6 +132,18 @@ def test_merge_rejects_bad_arguments(pairs: Any, kw: dict[str, Any], error: type
         MicroLoRA.merge_adapters(pairs, **kw)
 
 
+@pytest.mark.parametrize(
+    "combine",
+    [MicroLoRA.merge_adapters, MicroLoRA.compose_sequential, MicroLoRA.compose_parallel],
+)
+@pytest.mark.parametrize("adapters", [None, 3, "ab"])
+def test_adapters_that_are_not_a_sequence_are_named_in_the_error(
+    combine: Any, adapters: object
+) -> None:
+    with pytest.raises(TypeError, match=r"^adapters must be a sequence of "):
+        combine(adapters)
+
+
 def test_numpy_weights_are_weights() -> None:
     src = trained(config())
     merged = MicroLoRA.merge_adapters([(src, np.float32(0.5)), (src, np.int64(1))])

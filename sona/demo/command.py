@@ -114,6 +114,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         settings = settings_from(args)
+        if not str(args.out).strip():  # Path("") is the current directory
+            raise OutputError("--out must name a directory, got an empty path")
         output = Output(Path(args.out))
         output.prepare()
     except (UsageError, OutputError) as exc:
