@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import structlog
 
 from sona.bench import BENCHES
+from sona.errors import InvalidInputError
 
 DESCRIPTION = (
     "sona: online adaptation of language models from user feedback. "
@@ -118,7 +119,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if getattr(args, "unavailable", False):
             print(f"sona bench {args.bench}: not available in this build", file=sys.stderr)
             return 2
-        result: int = importlib.import_module(BENCHES[args.bench]).run(args)
+        try:
+            result: int = importlib.import_module(BENCHES[args.bench]).run(args)
+        except InvalidInputError as exc:
+            # settings that drive an adapter past float32 (a learning rate of 1e30, say): the
+            # adapter refuses to go on, which is the answer, not a crash to show a trace of
+            print(f"sona bench {args.bench}: stopped: {exc}", file=sys.stderr)
+            return 1
         return result
     if args.command == "demo":
         demo_mod = importlib.import_module("sona.demo")

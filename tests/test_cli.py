@@ -270,3 +270,15 @@ def test_a_closed_pipe_met_inside_a_task_group_ends_quietly_too(
     monkeypatch.setattr(sona.inspect, "run", reader_gone)
     assert main(["inspect", "anything"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_bench_whose_settings_overflow_the_adapter_stops_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A learning rate of 1e30 drives the adapter past float32; the adapter refuses to go on,
+    and the bench says so instead of showing a traceback."""
+    args = ["--lr-target", "1e30", "--forms", "target", "--updates", "50", "--every", "25"]
+    assert main(["bench", "learning", *args, "--seeds", "1", "--dim", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sona bench learning: stopped: the gradient overflows float32"), err
+    assert err.count("\n") == 1
