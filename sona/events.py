@@ -6,6 +6,8 @@ subscriber sees gaps only where a ``Lagged`` event reports them.
 
 from __future__ import annotations
 
+import msgspec
+
 from sona.actors.events import (
     DeadLettered,
     Event,
@@ -59,12 +61,14 @@ class InstantSkipped(Event, frozen=True, kw_only=True):
 
 class BackgroundCompleted(Event, frozen=True, kw_only=True):
     """A consolidation committed: ``samples_used`` samples folded in by ``strategy``;
-    ``quality_delta`` is measured on held-back samples (None when it cannot be)."""
+    ``quality_delta`` is measured on held-back samples (None when it cannot be: ``notes``
+    says why, as the result's notes do)."""
 
     samples_used: int
     strategy: str
     quality_delta: float | None
     latency_ms: float
+    notes: list[str] = msgspec.field(default_factory=list)
 
 
 class DeepCompleted(Event, frozen=True, kw_only=True):
@@ -76,6 +80,7 @@ class DeepCompleted(Event, frozen=True, kw_only=True):
     quality_delta: float | None
     latency_ms: float
     installed: bool
+    notes: list[str] = msgspec.field(default_factory=list)  # why quality_delta is None, ...
 
 
 class TaskBoundary(Event, frozen=True, kw_only=True):

@@ -749,6 +749,7 @@ class SonaRuntime:
                 strategy=res.strategy.value,
                 quality_delta=res.quality_delta,
                 latency_ms=res.latency_ms,
+                notes=list(res.notes),
             )
         )
         for _ in range(outcome.boundaries):
@@ -779,6 +780,7 @@ class SonaRuntime:
                 quality_delta=outcome.quality_delta,
                 latency_ms=outcome.latency_ms,
                 installed=bool(installed),
+                notes=list(notes),
             )
         )
         return DeepResult(

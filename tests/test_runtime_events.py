@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from event_helpers import buffered
 from runtime_helpers import Q, consolidating, identity_holds, small_config, target_samples
 
 from sona.events import (
@@ -158,3 +159,30 @@ async def test_bad_kinds_raise_at_subscribe_and_the_runtime_goes_on() -> None:
         st = rt.stats()
         assert st.restarts == 0 and not st.gave_up
         assert identity_holds(st)
+
+
+async def test_completion_events_carry_the_notes_that_say_why_quality_delta_is_none() -> None:
+    """A subscriber learns what a caller of consolidate or deep_optimize reads in the
+    result's notes: here, a consolidation that closes a task keeps no sample back to measure
+    on, and a Deep run with nothing held out cannot be measured either."""
+    world = DomainWorld(dim=32, domains=1, seed=3)
+    cfg = small_config(background_interval_ms=3_600_000)
+    kinds = [BackgroundCompleted, DeepCompleted]
+    async with SonaRuntime(cfg, seed=1) as rt, rt.subscribe(kinds=kinds) as sub:
+        for s in target_samples(world, 0, 40):
+            await rt.submit(s)
+        measured = await rt.consolidate()
+        for s in target_samples(world, 0, 20):
+            await rt.submit(s)
+        rt.start_new_task()
+        deep = await rt.deep_optimize(target_samples(world, 0, 1))
+        with anyio.fail_after(10):
+            while sub.pending < 3:
+                await anyio.sleep(0.01)
+        first, closing, deep_event = buffered(sub)
+    assert measured.quality_delta is not None and first.notes == measured.notes
+    assert closing.quality_delta is None
+    assert any("not measured" in n for n in closing.notes), closing.notes
+    assert deep.quality_delta is None and deep_event.quality_delta is None
+    assert deep_event.notes == deep.notes
+    assert any("no held-out sample" in n for n in deep_event.notes), deep_event.notes
