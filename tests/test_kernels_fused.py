@@ -161,8 +161,10 @@ def test_step_fused_matches_the_reference_and_step_one(
     )
     u_mag = s * np.abs(f64(bt)) @ g_mag
     terms = n_in + n_out + rank
-    assert_f32_close(fa, ref_a, np.abs(f64(a)) + c * np.outer(u_mag, np.abs(f64(x))), terms)
-    assert_f32_close(fbt, ref_bt, np.abs(f64(bt)) + c * np.outer(h_mag, g_mag), terms)
+    a_mag = np.abs(f64(a)) + c * np.outer(u_mag, np.abs(f64(x)))
+    bt_mag = np.abs(f64(bt)) + c * np.outer(h_mag, g_mag)
+    assert_f32_close(fa, ref_a, a_mag, terms)
+    assert_f32_close(fbt, ref_bt, bt_mag, terms)
     # the multi-pass kernel, on the residual target where it has no offset mode
     oa, obt = a.copy(), bt.copy()
     target = (vec - off) if mode == kl.MODE_RESIDUAL else vec
@@ -171,8 +173,10 @@ def test_step_fused_matches_the_reference_and_step_one(
     status = kl.step_one(oa, obt, s, x, target, weight, one_mode, lr, max_norm, h, u, g, sums)
     assert status == 0
     assert r == pytest.approx(sums[7], rel=1e-4, abs=1e-30)
-    np.testing.assert_allclose(fa, oa, rtol=1e-5, atol=1e-6 * float(np.abs(oa).max()))
-    np.testing.assert_allclose(fbt, obt, rtol=1e-5, atol=1e-6 * float(np.abs(obt).max()) + 1e-30)
+    # both within rounding of the reference, so of each other: measured on the magnitudes of
+    # the terms, as a result that cancels (a − c·da ≈ 0) can differ by more than 1e-5 of itself
+    assert_f32_close(fa, oa, 2.0 * a_mag, terms)
+    assert_f32_close(fbt, obt, 2.0 * bt_mag, terms)
 
 
 @settings(max_examples=120, deadline=None)
