@@ -48,6 +48,7 @@ class HandOver:
 
     live: MicroLoRA
     samples: Sequence[tuple[int, TrainingSample]]
+    redrew_a: bool = False  # the live adapter started the new task's fresh A at this hand-over
 
 
 class InstantLoop:
@@ -178,21 +179,25 @@ class InstantLoop:
         samples = self.pending
         self.pending = deque()
         self.live.reset_b()
-        if self._fresh_start:
+        redraw = self._fresh_start
+        if redraw:
             self._fresh_start = False
             self._restarts += 1
             fresh = MicroLoRA(self.config.micro_lora, seed=self.live.seed + self._restarts)
             for module, a, bt in fresh.iter_factors():
                 self.live.set_factors(module, a, bt)
-        return HandOver(snapshot, samples)
+        return HandOver(snapshot, samples, redraw)
 
     def take_back(self, hand: HandOver) -> None:
         """Undo :meth:`hand_over` when its consolidation raised in the synchronous engine,
         where nothing has touched the live adapter since: the snapshot's weights become the
         live ones again (the explorations still to be rated stay) and its samples are pending
-        again, ahead of any newer ones, so none of them is lost or counted twice."""
+        again, ahead of any newer ones, so none of them is lost or counted twice; a fresh A
+        for a new task is drawn at the next hand-over instead."""
         self.live._copy_state_from(hand.live)
         self.pending.extendleft(reversed(hand.samples))
+        if hand.redrew_a:
+            self._fresh_start = True
 
     def new_task(self) -> None:
         """A new task began: the live adapter restarts from fresh A at the next hand-over."""
