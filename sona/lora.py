@@ -216,12 +216,21 @@ def _check_input(x: np.ndarray) -> None:
         raise InvalidInputError(_INPUT_TOO_LARGE)
 
 
-def _forward_error(x: np.ndarray) -> InvalidInputError:
-    """Why a forward failed: the kernels report NaN or inf in x and an overflow of s·A·x alike
-    (both leave a non-finite hidden value), and only the error path tells them apart."""
+_FORWARD_OVERFLOW = "x is finite but so large that s·A·x overflows float32"
+_GRADIENT_OVERFLOW = (
+    "the gradient overflows float32: x and the feedback are finite, but their product with "
+    "the adapter's weights is not, as with a feedback vector near float32's largest value "
+    "or weights grown that large"
+)
+
+
+def _not_finite_error(x: np.ndarray, overflow: str) -> InvalidInputError:
+    """Why a kernel's result was not finite: the kernels report NaN or inf in x and an
+    overflow of finite values (``overflow`` says which) alike, and only the error path tells
+    them apart, so that a finite x is not blamed."""
     if not k_update.all_finite(x):
         return InvalidInputError("x contains NaN or inf")
-    return InvalidInputError("x is finite but so large that s·A·x overflows float32")
+    return InvalidInputError(overflow)
 
 
 def passed_over_note(n: int) -> str:
@@ -229,19 +238,6 @@ def passed_over_note(n: int) -> str:
     return (
         f"rejected: passed over {n} sample{'s' if n > 1 else ''} whose gradient overflows "
         "float32 against the adapter as it is now"
-    )
-
-
-def _gradient_error(x: np.ndarray) -> InvalidInputError:
-    """Why a gradient was not finite: NaN or inf in x, or finite values whose product with
-    the weights or the feedback vector overflows float32 (a target near float32's largest
-    value, or weights grown that large): the second is no fault of x, so it is not blamed."""
-    if not k_update.all_finite(x):
-        return InvalidInputError("x contains NaN or inf")
-    return InvalidInputError(
-        "the gradient overflows float32: x and the feedback are finite, but their product with "
-        "the adapter's weights is not, as with a feedback vector near float32's largest value "
-        "or weights grown that large"
     )
 
 
@@ -395,7 +391,7 @@ class MicroLoRA:
             if not status:
                 return out
             if status == k_lora.FORWARD_NOT_FINITE:
-                raise _forward_error(x)
+                raise _not_finite_error(x, _FORWARD_OVERFLOW)
             if status == k_lora.FORWARD_BAD_OUT:
                 st.out = np.empty(self._out, _F32)
         return self._forward_general(x, module, explore)
@@ -411,7 +407,7 @@ class MicroLoRA:
             )
         out = np.empty(self._out, _F32)
         if fast.forward_into(st.a, st.bt, self._scale, x, out):
-            raise _forward_error(x)
+            raise _not_finite_error(x, _FORWARD_OVERFLOW)
         if explore:
             self._explore(st, x, out)
         return out
@@ -447,7 +443,7 @@ class MicroLoRA:
         else:
             raise InvalidInputError(f"x must be 1- or 2-dimensional, got shape {x.shape}")
         if not ok:
-            raise _forward_error(x)
+            raise _not_finite_error(x, _FORWARD_OVERFLOW)
 
     def _forward_batch(self, st: _Module, x: np.ndarray, explore: bool) -> np.ndarray:
         if x.shape[1] != self._in:
@@ -456,7 +452,7 @@ class MicroLoRA:
         out = np.empty((n, self._out), _F32)
         h = np.empty((n, self.config.rank), _F32)
         if not k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, False):
-            raise _forward_error(x)
+            raise _not_finite_error(x, _FORWARD_OVERFLOW)
         if explore:
             self._explore(st, x, out)
         return out
@@ -724,7 +720,7 @@ class MicroLoRA:
                 -1.0 if max_norm is None else max_norm, st.h, st.u, st.g, st.sums,
             )  # fmt: skip
             if status == 1:
-                raise _gradient_error(xu)
+                raise _not_finite_error(xu, _GRADIENT_OVERFLOW)
             if status == k_lora.STEP_INPUT_NORM:
                 raise InvalidInputError(_INPUT_TOO_LARGE)
             if status == 0 and st.sums[7] == 0.0 and not xu.any():  # a zero update was written
@@ -866,7 +862,7 @@ class MicroLoRA:
             if not fast.prepare_grad(
                 st.a, st.bt, self._scale, xu, target, w, mode, _NO_KEY, st.h, st.u, st.g
             ):
-                raise _gradient_error(xu)
+                raise _not_finite_error(xu, _GRADIENT_OVERFLOW)
             if with_sums:
                 fast.step_sums(st.a, st.bt, xu, st.h, st.u, st.g, st.sums)
 
@@ -937,7 +933,7 @@ class MicroLoRA:
                 st.u,
                 st.g,
             ):
-                raise _gradient_error(x)
+                raise _not_finite_error(x, _GRADIENT_OVERFLOW)
         self._commit([st for st, _, _ in found], x)
         for st, key, _ in found:
             del self._explored[(st.index, key)]
@@ -1094,8 +1090,9 @@ class MicroLoRA:
         if passed:
             notes.append(passed_over_note(passed))
         if failed >= 0:
-            _check_input(batch.xs[rows[failed]])  # NaN, inf or ‖x‖² beyond the limit says so
-            raise _gradient_error(batch.xs[rows[failed]])
+            # the kernel stops only at an x adapt refuses: NaN, inf or ‖x‖² beyond the limit
+            _check_input(batch.xs[rows[failed]])
+            raise InvalidInputError(_INPUT_TOO_LARGE)
         return notes
 
     def _replay_rows(self, batch: ReplayBatch, rows: np.ndarray) -> np.ndarray:
