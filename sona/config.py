@@ -13,7 +13,7 @@ from sona.actors.mailbox import OverflowPolicy
 from sona.errors import ConfigError
 from sona.lora_config import MAX_RANK, MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
-from sona.validation import check_seed, config_int, config_number
+from sona.validation import as_list, check_seed, config_int, config_number
 
 
 class ConsolidationStrategy(enum.Enum):
@@ -78,12 +78,7 @@ class Chaos:
         p = config_number(self.crash_probability, "crash_probability", lo=0.0, hi=1.0)
         _set(self, "crash_probability", p)
         _set(self, "seed", check_seed(self.seed))
-        if not isinstance(self.loops, (tuple, list)):
-            raise TypeError(
-                "Chaos.loops must be a tuple of loop names such as ('instant', 'deep'), "
-                f"got {type(self.loops).__name__} {self.loops!r}"
-            )
-        loops = tuple(self.loops)
+        loops = tuple(as_list(self.loops, "Chaos.loops", "loop names such as ('instant', 'deep')"))
         unknown = set(loops) - {"instant", "background", "deep"}
         if unknown:
             raise ConfigError(f"Chaos.loops has unknown loops {sorted(unknown)}")

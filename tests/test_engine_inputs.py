@@ -259,12 +259,12 @@ def test_seeds_are_checked_for_every_engine(seed: object, error: type[Exception]
 @pytest.mark.parametrize(
     ("loops", "error", "message"),
     [
-        ("instant", TypeError, "tuple of loop names"),  # not the letters of "instant"
-        (None, TypeError, "tuple of loop names"),
+        ("instant", TypeError, "sequence of loop names"),  # not the letters of "instant"
+        (None, TypeError, "sequence of loop names"),
         (("instant", "later"), ConfigError, "unknown loops"),
     ],
 )
-def test_chaos_loops_must_be_a_tuple_of_loop_names(
+def test_chaos_loops_must_be_a_sequence_of_loop_names(
     loops: object, error: type[Exception], message: str
 ) -> None:
     from sona.config import Chaos
@@ -272,6 +272,7 @@ def test_chaos_loops_must_be_a_tuple_of_loop_names(
     with pytest.raises(error, match=message):
         Chaos(crash_probability=0.1, loops=loops)  # type: ignore[arg-type]
     assert Chaos(crash_probability=0.1, loops=["deep"]).loops == ("deep",)
+    assert Chaos(crash_probability=0.1, loops={"deep"}).loops == ("deep",)
 
 
 def test_text_and_list_inputs_of_the_right_width_are_accepted() -> None:
