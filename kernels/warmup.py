@@ -21,7 +21,8 @@ class FastKernels:
 
     forward_vec: Callable[..., Any]
     forward_into: Callable[..., Any]
-    forward_packed: Callable[..., Any]
+    forward_reused: Callable[..., Any]
+    forward_reused_packed: Callable[..., Any]
     forward_add_vec: Callable[..., Any]
     prepare_grad: Callable[..., Any]
     step_sums: Callable[..., Any]
@@ -71,7 +72,9 @@ def warm_up(*, force: bool = False) -> float:
     fast.forward_vec = entry_point(lora.forward_vec, a, bt, s, x, h, out)
     fast.forward_add_vec = entry_point(lora.forward_add_vec, a, bt, s, x, h, out)
     fast.forward_into = entry_point(lora.forward_into, a, bt, s, x, out)
-    fast.forward_packed = entry_point(lora.forward_packed, np.ones((2, 2, 3), f32), s, x, x.copy())
+    fast.forward_reused = entry_point(lora.forward_reused, a, bt, s, x, out)
+    w = np.ones((2, 2, 3), f32)
+    fast.forward_reused_packed = entry_point(lora.forward_reused_packed, w, s, x, x.copy())
     fast.prepare_grad = entry_point(lora.prepare_grad, a, bt, s, x, g, 1.0, 0, key, h, u, g)
     fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
     fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(8))

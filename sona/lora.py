@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from sona.kernels import lora as k_lora
 from sona.kernels import random as k_random
 from sona.kernels import replay as k_replay
 from sona.kernels import update as k_update
+from sona.kernels.ownership import COUNTS_PROVE_FREE
 from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
 from sona.lora_config import MicroLoraConfig, TargetModule
@@ -59,6 +59,8 @@ _NO_KEY = np.uint64(0)
 _F32_MAX_SQ = _F32_MAX * _F32_MAX
 # Hot-path constants as module globals: cheaper to load than attributes of np or an Enum.
 _ND = np.ndarray
+_BAD_OUT = k_lora.FORWARD_BAD_OUT
+_NOT_FINITE = k_lora.FORWARD_NOT_FINITE
 _INF = math.inf
 _TARGET = FeedbackKind.TARGET
 _GRADIENT = FeedbackKind.GRADIENT
@@ -67,13 +69,10 @@ _GROUP = FeedbackKind.GROUP
 _MODE_REGRESS = k_lora.MODE_REGRESS
 _MODE_GRADIENT = k_lora.MODE_GRADIENT
 _MODE_RESIDUAL = k_lora.MODE_RESIDUAL
-_refcount = sys.getrefcount
-# What sys.getrefcount(out) reports in forward() when nobody but the module holds its output
-# buffer: the module's slot, forward's local and the call's argument. Up to 3.13 (with the GIL)
-# a higher count proves another holder; later versions may borrow references on the stack, so
-# there the buffer is never reused (-1 matches no count).
-_GIL = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
-_UNHELD = 3 if sys.version_info < (3, 14) and _GIL else -1
+# What sys.getrefcount(buf) reports when nobody but its owner holds a reused buffer: the
+# owner's slot, the caller's local and getrefcount's argument (-1, matching no count, where
+# counts prove nothing; see kernels.ownership).
+_UNHELD = 3 if COUNTS_PROVE_FREE else -1
 _BATCH_REJECTIONS = {
     k_replay.BATCH_NOT_FINITE: "rejected: the accumulated gradient is not finite",
     k_replay.BATCH_WEIGHTS: "rejected: the update would make the weights non-finite",
@@ -132,13 +131,13 @@ class _Module:
         self.module = module
         self.scale = scale
         # A square adapter keeps A and Bᵀ in one (2, rank, n) array, which forward passes as
-        # one argument (see kernels.lora.forward_packed); a and bt are views of it.
+        # one argument (see kernels.lora.forward_reused_packed); a and bt are views of it.
         self.w: np.ndarray | None = None
-        self.forward = fast.forward_into
+        self.forward = fast.forward_reused
         if a.shape == bt.shape:
             self.w = np.stack([a, bt])
             a, bt = self.w[0], self.w[1]
-            self.forward = fast.forward_packed
+            self.forward = fast.forward_reused_packed
         self.a = a
         self.bt = bt
         self.grad_a = np.zeros_like(a)
@@ -373,15 +372,11 @@ class MicroLoRA:
         # contiguous; anything else takes the general path.
         if st is not None and not explore and type(x) is _ND and x.dtype is _F32 and x.ndim == 1:
             # The previous result is reused when only the module holds it: a caller that keeps
-            # it, a view of it or a memoryview raises the count. The other checks (and the
-            # kernel's) refuse a buffer whose former holder changed its dtype, shape or flags.
+            # it, a view of it or a memoryview raises the count, which the kernel reads, as it
+            # reads whether a former holder froze it. The dtype and ndim are checked here, as
+            # Numba's conversion of the argument relies on them.
             out = st.out
-            if (
-                _refcount(out) != _UNHELD
-                or out.dtype is not _F32
-                or out.ndim != 1
-                or not out.flags.writeable
-            ):
+            if out.ndim != 1 or out.dtype is not _F32:
                 out = st.out = np.empty(self._out, _F32)
             w = st.w
             if w is not None:
@@ -390,10 +385,13 @@ class MicroLoRA:
                 status = st.forward(st.a, st.bt, st.scale, x, out)
             if not status:
                 return out
-            if status == k_lora.FORWARD_NOT_FINITE:
+            if status == _BAD_OUT:  # held elsewhere, frozen or resized: a new buffer
+                out = st.out = np.empty(self._out, _F32)
+                status = fast.forward_into(st.a, st.bt, st.scale, x, out)
+                if not status:
+                    return out
+            if status == _NOT_FINITE:
                 raise _not_finite_error(x, _FORWARD_OVERFLOW)
-            if status == k_lora.FORWARD_BAD_OUT:
-                st.out = np.empty(self._out, _F32)
         return self._forward_general(x, module, explore)
 
     def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:

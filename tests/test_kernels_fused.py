@@ -1,4 +1,4 @@
-"""The scratch-free hot-path kernels: ``forward_into`` / ``forward_packed`` and ``step_fused``.
+"""The scratch-free hot-path kernels: ``forward_into`` / ``forward_reused`` and ``step_fused``.
 
 Each is compared with a float64 numpy reference and with the multi-pass kernels it replaces on
 the hot path (``forward_vec``, ``step_one``), including their status codes, the untouched
@@ -8,13 +8,30 @@ weights of a refused step and the float64 fallback for norms that overflow float
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
+from typing import Any
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lora_reference import assert_f32_close, f64, ref_forward, ref_magnitude, step_weight
 from sona.kernels import lora as kl
+from sona.kernels import ownership
+from sona.kernels.warmup import fast, warm_up
+
+from sona.lora import _UNHELD
+
+REUSES = ownership.UNHELD_REFS > 0 and _UNHELD > 0
+warm_up()
+
+
+@numba.njit
+def _header(arr: np.ndarray) -> tuple[int, int]:
+    return ownership.references(arr), ownership.flags(arr)
+
 
 F32 = np.float32
 
@@ -46,11 +63,15 @@ def test_forward_into_matches_the_reference(
     same = np.empty(n_out, F32)  # the same sums as the kernel with a scratch h
     assert kl.forward_vec(a, bt, scale, x, np.empty(rank, F32), same)
     np.testing.assert_allclose(out, same, rtol=1e-6, atol=1e-6 * float(np.abs(same).max()))
-    if n_in == n_out:
-        w = np.stack([a, bt])
-        packed = np.full(n_out, np.nan, F32)
-        assert kl.forward_packed(w, scale, x, packed) == kl.FORWARD_OK
-        np.testing.assert_array_equal(packed, out)
+    if REUSES:
+        slot = _Slot(np.full(n_out, np.nan, F32))
+        assert _reused(fast.forward_reused, (a, bt, scale, x), slot) == kl.FORWARD_OK
+        np.testing.assert_array_equal(slot.out, out)
+        if n_in == n_out:
+            slot = _Slot(np.full(n_out, np.nan, F32))
+            packed = (np.stack([a, bt]), scale, x)
+            assert _reused(fast.forward_reused_packed, packed, slot) == kl.FORWARD_OK
+            np.testing.assert_array_equal(slot.out, out)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -66,9 +87,75 @@ def test_forward_into_refuses_wrong_lengths_and_strides_before_writing(rank: int
     assert kl.forward_into(a, bt, 1.0, rand(rng, 6), strided_out) == kl.FORWARD_BAD_OUT
     assert kl.forward_into(a, bt, 1.0, rand(rng, 6), np.full(4, 7.0, F32)) == kl.FORWARD_BAD_OUT
     assert np.all(strided_out == 7.0)
-    square = np.stack([rand(rng, rank, 5), rand(rng, rank, 5)])
-    assert kl.forward_packed(square, 1.0, rand(rng, 6), out) == kl.FORWARD_BAD_X
-    assert kl.forward_packed(square, 1.0, rand(rng, 5), np.empty(6, F32)) == kl.FORWARD_BAD_OUT
+    if REUSES:
+        square = np.stack([rand(rng, rank, 5), rand(rng, rank, 5)])
+        free = _Slot(np.full(5, 7.0, F32))
+        bad_x = (square, 1.0, rand(rng, 6))
+        assert _reused(fast.forward_reused_packed, bad_x, free) == kl.FORWARD_BAD_X
+        assert np.all(free.out == 7.0)
+        long_out = _Slot(np.empty(6, F32))
+        good_x = (square, 1.0, rand(rng, 5))
+        assert _reused(fast.forward_reused_packed, good_x, long_out) == kl.FORWARD_BAD_OUT
+
+
+class _Slot:
+    """Holds a result buffer as a MicroLoRA module does."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: np.ndarray) -> None:
+        self.out = out
+
+
+def _reused(kernel: Callable[..., int], args: tuple[Any, ...], slot: _Slot) -> int:
+    """Calls a ``forward_reused`` kernel as ``MicroLoRA.forward`` does: the buffer is held by
+    the slot and a local, and passed as the last of the arguments listed at the call."""
+    out = slot.out
+    if len(args) == 3:
+        return int(kernel(args[0], args[1], args[2], out))
+    return int(kernel(args[0], args[1], args[2], args[3], out))
+
+
+@pytest.mark.skipif(not REUSES, reason="no reference count proves a buffer free here")
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_reused_writes_only_a_free_writeable_buffer(packed: bool) -> None:
+    rng = np.random.default_rng(5)
+    a, bt, x = rand(rng, 2, 6), rand(rng, 2, 6), rand(rng, 6)
+    kernel, args = (
+        (fast.forward_reused_packed, (np.stack([a, bt]), 1.5, x))
+        if packed
+        else (fast.forward_reused, (a, bt, 1.5, x))
+    )
+    expected = np.empty(6, F32)
+    assert kl.forward_into(a, bt, 1.5, x, expected) == kl.FORWARD_OK
+    free = _Slot(np.full(6, 7.0, F32))
+    assert _reused(kernel, args, free) == kl.FORWARD_OK
+    np.testing.assert_array_equal(free.out, expected)
+    held = _Slot(np.full(6, 7.0, F32))
+    for hold in (np.asarray, lambda o: o[1:], memoryview):
+        holder = hold(held.out)
+        assert _reused(kernel, args, held) == kl.FORWARD_BAD_OUT
+        del holder
+    frozen = _Slot(np.full(6, 7.0, F32))
+    frozen.out.flags.writeable = False
+    assert _reused(kernel, args, frozen) == kl.FORWARD_BAD_OUT
+    assert np.all(held.out == 7.0) and np.all(frozen.out == 7.0)
+    assert _reused(kernel, args, held) == kl.FORWARD_OK  # its holders are gone
+
+
+def test_the_kernels_read_an_arrays_reference_count_and_flags_as_python_does() -> None:
+    base = np.arange(12, dtype=F32)
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    arrays = [base, base[::2], base[2:5], frozen, np.frombuffer(base.tobytes(), F32)]
+    first = _header(base)[0] - sys.getrefcount(base)  # what the call itself adds
+    for arr in arrays:
+        refs, flags = _header(arr)
+        assert flags == arr.flags.num
+        assert refs - sys.getrefcount(arr) == first
+        extra = [arr, arr]
+        assert _header(arr)[0] == refs + 2
+        del extra
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
