@@ -329,3 +329,11 @@ def test_step_raises_the_general_paths_errors_and_changes_nothing() -> None:
             )  # fmt: skip
         assert Snapshot.of(lora) == before
         assert lora.baseline.state() == baseline
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (24, 16)])
+def test_factors_and_their_gradients_start_on_a_cache_line(shape: tuple[int, int]) -> None:
+    lora = MicroLoRA(config(n_in=shape[0], n_out=shape[1]), seed=1)
+    for mod in lora._states:
+        for arr in (mod.a, mod.bt, mod.grad_a, mod.grad_bt):
+            assert arr.ctypes.data % 64 == 0 and arr.flags.c_contiguous and arr.flags.writeable
