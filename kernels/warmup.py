@@ -42,6 +42,8 @@ class FastKernels:
     ewc_prox_step: Callable[..., Any]
     ewc_penalty: Callable[..., Any]
     record_address: Callable[..., Any]
+    # whether the forward_reused kernels tell a free result buffer from a held one here
+    reuses_results: bool = False
 
 
 fast = FastKernels()
@@ -75,6 +77,9 @@ def warm_up(*, force: bool = False) -> float:
     fast.forward_reused = entry_point(lora.forward_reused, a, bt, s, x, out)
     w = np.ones((2, 2, 3), f32)
     fast.forward_reused_packed = entry_point(lora.forward_reused_packed, w, s, x, x.copy())
+    fast.reuses_results = _reuse_is_sound(w, x)
+    if not fast.reuses_results:
+        fast.forward_reused = fast.forward_reused_packed = _never_free
     fast.prepare_grad = entry_point(lora.prepare_grad, a, bt, s, x, g, 1.0, 0, key, h, u, g)
     fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
     fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(8))
@@ -126,6 +131,51 @@ def warm_up(*, force: bool = False) -> float:
         update.vec_input_status(vec)  # MicroLoRA's check of x on its general paths
     _done = True
     return time.perf_counter() - t0
+
+
+class _Slot:
+    """Holds a result buffer as a MicroLoRA module does."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: np.ndarray) -> None:
+        self.out = out
+
+
+def _call_packed(w: np.ndarray, x: np.ndarray, slot: _Slot) -> int:
+    out = slot.out  # as MicroLoRA.forward calls it: the slot, a local, positional arguments
+    return int(fast.forward_reused_packed(w, 0.5, x, out))
+
+
+def _call_split(w: np.ndarray, x: np.ndarray, slot: _Slot) -> int:
+    out = slot.out
+    return int(fast.forward_reused(w[0], w[1], 0.5, x, out))
+
+
+def _reuse_is_sound(w: np.ndarray, x: np.ndarray) -> bool:
+    """Whether the reference counts the ``forward_reused`` kernels expect hold on this
+    interpreter and Numba: a buffer only its slot holds is written, one held elsewhere or
+    frozen is refused. Where they do not (another calling convention counts differently),
+    reusing could overwrite a result its caller kept, so forward then always allocates."""
+    for call in (_call_packed, _call_split):
+        free = _Slot(np.zeros(3, np.float32))
+        held = _Slot(np.zeros(3, np.float32))
+        frozen = _Slot(np.zeros(3, np.float32))
+        frozen.out.flags.writeable = False
+        holder = held.out
+        if (
+            call(w, x, free) != lora.FORWARD_OK
+            or call(w, x, held) != lora.FORWARD_BAD_OUT
+            or call(w, x, frozen) != lora.FORWARD_BAD_OUT
+            or holder[0] != 0.0
+        ):
+            return False
+    return True
+
+
+def _never_free(*args: Any) -> int:
+    """Stands in for the ``forward_reused`` kernels where reference counts prove nothing."""
+    return int(lora.FORWARD_BAD_OUT)
 
 
 def _warm_ewc(a: np.ndarray, bt: np.ndarray, s: float) -> None:

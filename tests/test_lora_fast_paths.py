@@ -30,6 +30,7 @@ from lora_reference import (
     trained,
     vec,
 )
+from sona.kernels.warmup import _never_free, fast
 
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
@@ -70,6 +71,30 @@ def test_a_kept_result_view_or_memoryview_is_never_overwritten(shape: tuple[int,
     np.testing.assert_array_equal(view, view_copy)
     np.testing.assert_array_equal(np.asarray(mem), mem_copy)
     check(lora, kept, x1)
+
+
+def test_the_reuse_kernels_pass_their_self_check_where_counts_prove_a_buffer_free() -> None:
+    assert fast.reuses_results == REUSES
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (24, 16)])
+def test_without_reuse_every_result_is_a_new_correct_buffer(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What forward does where the self-check fails: the kernels stand-in refuses every
+    buffer, so nothing is ever written twice."""
+    monkeypatch.setattr(fast, "forward_reused", _never_free)
+    monkeypatch.setattr(fast, "forward_reused_packed", _never_free)
+    lora = trained(config(n_in=shape[0], n_out=shape[1]), seed=4)
+    rng = np.random.default_rng(3)
+    xs = [vec(rng, shape[0]) for _ in range(4)]
+    for x in xs:
+        check(lora, lora.forward(x, Q), x)
+    kept = [lora.forward(x, Q) for x in xs]
+    for x, y in zip(xs, kept, strict=True):
+        check(lora, y, x)
+    with pytest.raises(InvalidInputError):
+        lora.forward(np.full(shape[0], np.nan, F32), Q)
 
 
 @pytest.mark.skipif(not REUSES, reason="the buffer is reused only where refcounts prove it free")
