@@ -47,28 +47,22 @@ def _object_address(typingctx: Any, ary: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic
-def _load_intp(typingctx: Any, address: Any) -> Any:
-    """The pointer-sized integer stored at ``address``."""
-    sig = types.intp(types.intp)
+def _loader(kind: Any) -> Any:
+    """An intrinsic returning the ``kind`` (a Numba integer type) stored at an address."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.intp).as_pointer())
-        return builder.load(ptr)
+    @intrinsic
+    def load(typingctx: Any, address: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            ptr = builder.inttoptr(args[0], context.get_value_type(kind).as_pointer())
+            return builder.load(ptr)
 
-    return sig, codegen
+        return kind(types.intp), codegen
+
+    return load
 
 
-@intrinsic
-def _load_int32(typingctx: Any, address: Any) -> Any:
-    """The C int stored at ``address``."""
-    sig = types.int32(types.intp)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.int32).as_pointer())
-        return builder.load(ptr)
-
-    return sig, codegen
+_load_intp = _loader(types.intp)
+_load_int32 = _loader(types.int32)
 
 
 @inline
