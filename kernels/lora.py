@@ -15,6 +15,7 @@ import numpy as np
 from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.ownership import is_free
 from sona.kernels.random import normal, uniform01
+from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits, sq_norm64
 
 
@@ -430,9 +431,6 @@ def apply_rank_one(
 def _factors_finite(c: float, uu: float, hh: float) -> bool:
     """c·‖u‖ and c·‖h‖ are finite in float64, so ``apply_rank_one`` can form its factors."""
     return bool(np.isfinite(c * np.sqrt(uu)) and np.isfinite(c * np.sqrt(hh)))
-
-
-_F32_MAX = 3.4028234663852886e38
 
 
 # Releases the GIL: the Deep loop steps its private copies (rank 8) with it in a worker thread.

@@ -14,6 +14,7 @@ import math
 import numpy as np
 from sona.kernels.jit import gil_kernel, kernel
 from sona.kernels.linalg import combine_rows, householder_rows, jacobi_svd
+from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.update import sq_norm
 
 # low_rank_into's outcomes
@@ -21,7 +22,6 @@ LOW_RANK_OK = 0
 LOW_RANK_DIVERGED = -1  # the SVD sweeps did not converge: numpy's SVD decides instead
 LOW_RANK_TOO_LARGE = -2  # no factors of the sum keep s·‖A‖·‖B‖ below float32's max
 
-_F32_MAX = float(np.finfo(np.float32).max)
 _F32_MAX_MANT, _F32_MAX_EXP = math.frexp(_F32_MAX)
 
 

@@ -34,6 +34,7 @@ from sona.kernels.lora import (
     step_sums,
 )
 from sona.kernels.update import (
+    F32_MAX,
     MAX_INPUT_SQ_NORM,
     apply_step,
     candidate_sq_norms,
@@ -41,7 +42,6 @@ from sona.kernels.update import (
     sq_norm64,
 )
 
-F32_MAX = 3.4028234663852886e38
 MIN_STD = 1e-4  # RunningBaseline.MIN_STD
 
 # replay_epoch's EWC++ arguments: ut, c, mt (one anchor per module), then one module's scratch

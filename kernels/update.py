@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from sona.kernels.jit import gil_kernel, inline, kernel
 
+F32_MAX = float(np.finfo(np.float32).max)  # the bound every published delta stays below
+
 
 @kernel
 def sq_norm(x: np.ndarray) -> float:

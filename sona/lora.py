@@ -32,6 +32,7 @@ from sona.kernels import random as k_random
 from sona.kernels import replay as k_replay
 from sona.kernels import update as k_update
 from sona.kernels.ownership import COUNTS_PROVE_FREE
+from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.warmup import fast, warm_up
 from sona.log import get_logger
 from sona.lora_config import MicroLoraConfig, TargetModule
@@ -51,7 +52,6 @@ __all__ = [
 
 _log = get_logger("sona.lora")
 _F32 = np.dtype(np.float32)
-_F32_MAX = float(np.finfo(np.float32).max)
 _MAGIC = b"SONALORA"
 _KIND = "micro_lora"
 _MAX_EXPLORED = 4096

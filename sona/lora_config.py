@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sona.errors import ConfigError
+from sona.kernels.update import F32_MAX
 from sona.validation import config_int, config_number
 
 
@@ -140,7 +141,7 @@ class MicroLoraConfig:
 # The real-valued fields' bounds, as config_number takes them.
 _NUMBER_BOUNDS: dict[str, dict[str, Any]] = {
     # the kernels compute in float32: a scaling beyond its range would turn every delta to inf
-    "alpha": {"lo": 0.0, "lo_open": True, "hi": 3.4028234663852886e38},
+    "alpha": {"lo": 0.0, "lo_open": True, "hi": F32_MAX},
     "dropout": {"lo": 0.0, "hi": 1.0, "hi_open": True},
     "explore_std": {"lo": 0.0, "lo_open": True},
     "advantage_temperature": {"lo": 0.0, "lo_open": True},

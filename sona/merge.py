@@ -21,6 +21,7 @@ import numpy as np
 
 from sona.errors import InvalidInputError
 from sona.kernels import merge as k_merge
+from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.lora import delta_bound
 from sona.lora_config import TargetModule
 from sona.validation import as_list, real_number
@@ -28,7 +29,6 @@ from sona.validation import as_list, real_number
 if TYPE_CHECKING:
     from sona.lora import MicroLoRA
 
-_F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, 2**-126
 # A source's nonzero B entries are at least 2**-149 (float32's smallest), so an entry of the
 # scaled Bᵀ below this comes from a weight·scale more than 2**250 times smaller than the
