@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -726,12 +726,9 @@ class SonaRuntime:
         except Exception as exc:
             self._consolidation_failed(hand, exc)
             raise
-        self._view += 1
-        try:
+        with self._changing_view():
             bg.commit(outcome)  # on the event loop: stats and forward see it all at once
             self._set_unfinished(None)
-        finally:
-            self._view += 1
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
             self._instant.new_task()
         self._last_background = time.monotonic()
@@ -974,13 +971,20 @@ class SonaRuntime:
         one unfinished (asked by a run that was interrupted) gets that one."""
         hand = self._unfinished
         if hand is None:
-            self._view += 1
-            try:
+            with self._changing_view():
                 hand = self._instant.hand_over()
                 self._set_unfinished(hand)
-            finally:
-                self._view += 1
         return hand
+
+    @contextlib.contextmanager
+    def _changing_view(self) -> Iterator[None]:
+        """Marks what ``forward`` reads as changing (``_view`` odd) for the duration, so that
+        a reader on another thread that overlaps it reads again."""
+        self._view += 1
+        try:
+            yield
+        finally:
+            self._view += 1
 
     def _consolidation_failed(self, hand: HandOver, exc: Exception) -> None:
         """The first time a hand-over's consolidation raises, it is kept for the restarted
@@ -997,12 +1001,9 @@ class SonaRuntime:
             return
         bg = self._background
         n = len(hand.samples) + len(bg.carry)
-        self._view += 1
-        try:
+        with self._changing_view():
             bg.carry = []
             self._set_unfinished(None)
-        finally:
-            self._view += 1
         self._instant.evicted += n
         self._pending -= n
         self._signal()
