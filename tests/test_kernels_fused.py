@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lora_reference import assert_f32_close, f64, ref_forward, ref_magnitude, step_weight
 from sona.kernels import lora as kl
 from sona.kernels import ownership
-from sona.kernels.warmup import fast, warm_up
+from sona.kernels.warmup import _Slot, fast, warm_up
 
 warm_up()
 REUSES = fast.reuses_results  # the forward_reused kernels' self-check passed
@@ -94,15 +94,6 @@ def test_forward_into_refuses_wrong_lengths_and_strides_before_writing(rank: int
         long_out = _Slot(np.empty(6, F32))
         good_x = (square, 1.0, rand(rng, 5))
         assert _reused(fast.forward_reused_packed, good_x, long_out) == kl.FORWARD_BAD_OUT
-
-
-class _Slot:
-    """Holds a result buffer as a MicroLoRA module does."""
-
-    __slots__ = ("out",)
-
-    def __init__(self, out: np.ndarray) -> None:
-        self.out = out
 
 
 def _reused(kernel: Callable[..., int], args: tuple[Any, ...], slot: _Slot) -> int:
