@@ -72,6 +72,7 @@ class InstantLoop:
         # live adapter re-learns what is in transit, and the commit then counts it twice.
         self.in_transit: MicroLoRA | None = None
         self._modules = config.micro_lora.target_modules
+        self._only = self._modules[0] if len(self._modules) == 1 else None
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
@@ -97,29 +98,33 @@ class InstantLoop:
     ) -> InstantOutcome:
         """One update; a sample that changes nothing is counted as skipped with its reason."""
         t0 = _clock()
-        fb = sample.to_feedback()
-        kind = fb.kind
         live = self.live
-        if kind in _GATED and fb.quality < self._threshold:
-            return self._skip(t0, "below_quality_threshold", (
-                f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
-                f"quality_threshold {self._threshold:.3f}"
-            ))  # fmt: skip
-        try:
-            offsets = None
-            if self._consolidated is not None and kind in _REGRESSION:
-                offsets = self._consolidated_outputs(sample.input_embedding, module)
-            stepped = live.step(
-                sample.input_embedding,
-                fb,
-                self._lr,
-                max_norm=self._max_norm,
-                module=module,
-                offsets=offsets,
-            )
-        except InvalidInputError as exc:  # finite values whose outputs or gradient overflow
-            self.rejected += 1
-            return self._skip(t0, "update_rejected", f"rejected: {exc}", rejected=True)
+        stepped = None
+        if sample.feedback is None and (module is None or module is self._only):
+            stepped = self._step_rated(sample)
+        if stepped is None:
+            fb = sample.to_feedback()
+            kind = fb.kind
+            if kind in _GATED and fb.quality < self._threshold:
+                return self._skip(t0, "below_quality_threshold", (
+                    f"skipped: {fb.kind.value} feedback quality {fb.quality:.3f} is below "
+                    f"quality_threshold {self._threshold:.3f}"
+                ))  # fmt: skip
+            try:
+                offsets = None
+                if self._consolidated is not None and kind in _REGRESSION:
+                    offsets = self._consolidated_outputs(sample.input_embedding, module)
+                stepped = live.step(
+                    sample.input_embedding,
+                    fb,
+                    self._lr,
+                    max_norm=self._max_norm,
+                    module=module,
+                    offsets=offsets,
+                )
+            except InvalidInputError as exc:  # finite values whose outputs or gradient overflow
+                self.rejected += 1
+                return self._skip(t0, "update_rejected", f"rejected: {exc}", rejected=True)
         if not stepped:
             note = live.last_note or "declined by the adapter"
             if note.startswith("rejected"):
@@ -132,6 +137,29 @@ class InstantLoop:
         dt = (_clock() - t0) / 1e3
         self.latency_sum_us += dt
         return InstantOutcome(True, dt)
+
+    def _step_rated(self, sample: TrainingSample) -> bool | None:
+        """The common case, a rated sample on a one-module adapter over one consolidated
+        adapter, without the feedback object and the offsets mapping: the same kernels in the
+        same order as the general path (``_consolidated_outputs``, then ``step``), into a
+        buffer of this loop's. None, with nothing changed, where a kernel refused: the general
+        path then repeats the work and decides or raises."""
+        module = self._only
+        if module is None or self._consolidated is None:
+            return None
+        published = self._consolidated()
+        if published.ensemble:
+            return None
+        x = sample.input_embedding
+        offset = self._offsets[module]
+        if not published.base._delta_into(x, module, offset, False):
+            return None
+        transit = self.in_transit
+        if transit is not None and not transit._delta_into(x, module, offset, True):
+            return None
+        return self.live._step_rated(
+            x, sample.output_embedding, sample.quality, self._lr, self._max_norm, offset
+        )
 
     def _consolidated_outputs(
         self, x: np.ndarray, module: TargetModule | None

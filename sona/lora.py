@@ -69,6 +69,7 @@ _GROUP = FeedbackKind.GROUP
 _MODE_REGRESS = k_lora.MODE_REGRESS
 _MODE_GRADIENT = k_lora.MODE_GRADIENT
 _MODE_RESIDUAL = k_lora.MODE_RESIDUAL
+_NONE_ID = id(None)
 # What sys.getrefcount(buf) reports when nobody but its owner holds a reused buffer: the
 # owner's slot, the caller's local and getrefcount's argument (-1, matching no count, where
 # counts prove nothing; see kernels.ownership).
@@ -408,6 +409,18 @@ class MicroLoRA:
                 raise _not_finite_error(x, _FORWARD_OVERFLOW)
         return self._forward_general(x, module, explore)
 
+    def _delta_into(self, x: np.ndarray, module: TargetModule, out: np.ndarray, add: bool) -> bool:
+        """out = μ(x) (or out += μ(x) with ``add``) for a checked float32 vector and a float32
+        buffer the caller owns: ``forward`` or ``forward_add`` without their argument checks
+        and result buffer, for the Instant loop's per-sample offsets. False when the kernel
+        refused (a length or stride, or an overflow): ``forward_add`` then says why."""
+        st = self._first if module is self._first_module else self._by_id[id(module)]
+        if add:  # this kernel trusts its caller with lengths and strides
+            if x.shape[0] != self._in or x.strides[0] != 4 or out.shape[0] != self._out:
+                return False
+            return bool(fast.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out))
+        return not fast.forward_into(st.a, st.bt, self._scale, x, out)
+
     def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:
         st = self._state(module)
         x = as_f32(x, "x")
@@ -623,18 +636,57 @@ class MicroLoRA:
                     st.a, st.bt, self._scale, x, vec, off, w, mode, learning_rate,
                     -1.0 if max_norm is None else max_norm,
                 )  # fmt: skip
-                if r >= 0.0:
-                    if r == 0.0 and not x.any():  # the kernel wrote a zero update
-                        return self._zero_input()
-                    if kind is _OUTPUT:
-                        self._baseline.update(feedback._quality)
-                    return self._stepped(r)
-                status = int(-r)
-                if status in _STEP_REJECTIONS:
-                    if kind is _OUTPUT:
-                        self._baseline.update(feedback._quality)
-                    return self._reject(_STEP_REJECTIONS[status])
+                done = self._fused_outcome(r, x, feedback._quality if kind is _OUTPUT else None)
+                if done is not None:
+                    return done
         return self._step_general(x, feedback, learning_rate, max_norm, module, weight, offsets)
+
+    def _step_rated(
+        self,
+        x: np.ndarray,
+        output: np.ndarray,
+        quality: float,
+        learning_rate: float,
+        max_norm: float,
+        offset: np.ndarray,
+    ) -> bool | None:
+        """``step(x, rated output, learning_rate, max_norm=max_norm, offsets={m: offset})`` for
+        a one-module adapter, without building the feedback and the offsets mapping: the
+        Instant loop's update for a rated sample, whose arrays are the sample's checked float32
+        copies. The same kernel, weights and outcome as ``step``; None, with nothing changed,
+        wherever ``step`` would take its general path (which then decides or raises)."""
+        st = self._fused_by_id.get(_NONE_ID)
+        if (
+            st is None
+            or self._pending
+            or type(learning_rate) is not float
+            or not 0.0 < learning_rate < _INF
+            or type(max_norm) is not float
+            or not 0.0 < max_norm < _INF
+        ):
+            return None
+        r = fast.step_fused(
+            st.a, st.bt, self._scale, x, output, offset, self._output_weight(quality),
+            _MODE_RESIDUAL, learning_rate, max_norm,
+        )  # fmt: skip
+        return self._fused_outcome(r, x, quality)
+
+    def _fused_outcome(self, r: float, x: np.ndarray, rated: float | None) -> bool | None:
+        """What a fused step's kernel result ``r`` means: the step's result, or None (nothing
+        written) when the general path must decide or raise. ``rated`` is the rating of
+        rated-output feedback, which enters the running baseline once the step is decided."""
+        if r >= 0.0:
+            if r == 0.0 and not x.any():  # the kernel wrote a zero update
+                return self._zero_input()
+            if rated is not None:
+                self._baseline.update(rated)
+            return self._stepped(r)
+        status = int(-r)
+        if status not in _STEP_REJECTIONS:
+            return None  # x or the gradient not finite, or unsupported: nothing written
+        if rated is not None:
+            self._baseline.update(rated)
+        return self._reject(_STEP_REJECTIONS[status])
 
     def _step_modules(
         self,
@@ -685,18 +737,7 @@ class MicroLoRA:
                     apply = fast.step_fused_apply
                     for st, off, md in zip(states, offs, modes, strict=True):
                         apply(st.a, st.bt, x, vec, off, md, st.fused)
-        if r < 0.0:
-            status = int(-r)
-            if status not in _STEP_REJECTIONS:
-                return None  # x or the gradient not finite, or unsupported: nothing written
-            if feedback._kind is _OUTPUT:
-                self._baseline.update(feedback._quality)
-            return self._reject(_STEP_REJECTIONS[status])
-        if r == 0.0 and not x.any():  # the kernels wrote a zero update
-            return self._zero_input()
-        if feedback._kind is _OUTPUT:
-            self._baseline.update(feedback._quality)
-        return self._stepped(r)
+        return self._fused_outcome(r, x, feedback._quality if feedback._kind is _OUTPUT else None)
 
     def _stepped(self, norm: float) -> bool:
         """Record an applied step of gradient norm ``norm`` (after clipping, per unit of rate)."""
