@@ -76,6 +76,7 @@ class InstantLoop:
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
+        self._offset_list = list(self._offsets.values())
         self.pending: deque[tuple[int, TrainingSample]] = deque()
         self.applied = 0
         self.skipped = 0
@@ -139,26 +140,26 @@ class InstantLoop:
         return InstantOutcome(True, dt)
 
     def _step_rated(self, sample: TrainingSample) -> bool | None:
-        """The common case, a rated sample on a one-module adapter over one consolidated
-        adapter, without the feedback object and the offsets mapping: the same kernels in the
-        same order as the general path (``_consolidated_outputs``, then ``step``), into a
-        buffer of this loop's. None, with nothing changed, where a kernel refused: the general
-        path then repeats the work and decides or raises."""
-        module = self._only
-        if module is None or self._consolidated is None:
+        """The common case, a rated sample for every module over one consolidated adapter,
+        without the feedback object and the offsets mapping: the same kernels as the general
+        path (``_consolidated_outputs``, then ``step``), into buffers of this loop's. None,
+        with nothing changed, where a kernel refused: the general path then repeats the work
+        and decides or raises."""
+        if self._consolidated is None:
             return None
         published = self._consolidated()
         if published.ensemble:
             return None
         x = sample.input_embedding
-        offset = self._offsets[module]
-        if not published.base._delta_into(x, module, offset, False):
-            return None
+        base = published.base
         transit = self.in_transit
-        if transit is not None and not transit._delta_into(x, module, offset, True):
-            return None
+        for module, offset in self._offsets.items():
+            if not base._delta_into(x, module, offset, False):
+                return None
+            if transit is not None and not transit._delta_into(x, module, offset, True):
+                return None
         return self.live._step_rated(
-            x, sample.output_embedding, sample.quality, self._lr, self._max_norm, offset
+            x, sample.output_embedding, sample.quality, self._lr, self._max_norm, self._offset_list
         )
 
     def _consolidated_outputs(

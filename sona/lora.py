@@ -313,6 +313,7 @@ class MicroLoRA:
                 self._fused_by_id[id(None)] = self._states[0]
             else:
                 self._fused_all = self._states
+        self._residual_modes = [_MODE_RESIDUAL] * len(self._states)
         self._xd = np.zeros(self._in, np.float32)
         self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
         self._dropout_counter = 0
@@ -648,16 +649,18 @@ class MicroLoRA:
         quality: float,
         learning_rate: float,
         max_norm: float,
-        offset: np.ndarray,
+        offsets: Sequence[np.ndarray],
     ) -> bool | None:
-        """``step(x, rated output, learning_rate, max_norm=max_norm, offsets={m: offset})`` for
-        a one-module adapter, without building the feedback and the offsets mapping: the
-        Instant loop's update for a rated sample, whose arrays are the sample's checked float32
-        copies. The same kernel, weights and outcome as ``step``; None, with nothing changed,
-        wherever ``step`` would take its general path (which then decides or raises)."""
+        """``step(x, rated output, learning_rate, max_norm=max_norm, offsets=...)`` on every
+        module, without building the feedback and the offsets mapping: the Instant loop's
+        update for a rated sample, whose arrays are the sample's checked float32 copies, with
+        one offset per module in the order of ``modules``. The same kernels, weights and
+        outcome as ``step``; None, with nothing changed, wherever ``step`` would take its
+        general path (which then decides or raises)."""
         st = self._fused_by_id.get(_NONE_ID)
+        states = self._fused_all
         if (
-            st is None
+            (st is None and states is None)
             or self._pending
             or type(learning_rate) is not float
             or not 0.0 < learning_rate < _INF
@@ -665,9 +668,16 @@ class MicroLoRA:
             or not 0.0 < max_norm < _INF
         ):
             return None
+        w = self._output_weight(quality)
+        if states is not None:
+            return self._step_states(
+                states, x, output, offsets, self._residual_modes, w, learning_rate, max_norm,
+                quality,
+            )  # fmt: skip
+        assert st is not None
         r = fast.step_fused(
-            st.a, st.bt, self._scale, x, output, offset, self._output_weight(quality),
-            _MODE_RESIDUAL, learning_rate, max_norm,
+            st.a, st.bt, self._scale, x, output, offsets[0], w, _MODE_RESIDUAL, learning_rate,
+            max_norm,
         )  # fmt: skip
         return self._fused_outcome(r, x, quality)
 
@@ -717,8 +727,24 @@ class MicroLoRA:
                     return None  # converted and checked by the general path
                 offs[i] = o
                 modes[i] = _MODE_RESIDUAL
-        s = self._scale
+        rated = feedback._quality if feedback._kind is _OUTPUT else None
         mn = -1.0 if max_norm is None else max_norm
+        return self._step_states(states, x, vec, offs, modes, w, learning_rate, mn, rated)
+
+    def _step_states(
+        self,
+        states: list[_Module],
+        x: np.ndarray,
+        vec: np.ndarray | None,
+        offs: Sequence[np.ndarray | None],
+        modes: Sequence[int],
+        w: float,
+        learning_rate: float,
+        mn: float,
+        rated: float | None,
+    ) -> bool | None:
+        """The kernels of a multi-module fused step, then ``_fused_outcome``."""
+        s = self._scale
         if len(states) == 2:  # the default configuration: all three phases in one call
             q, v = states
             r = fast.step_fused_pair(
@@ -737,7 +763,7 @@ class MicroLoRA:
                     apply = fast.step_fused_apply
                     for st, off, md in zip(states, offs, modes, strict=True):
                         apply(st.a, st.bt, x, vec, off, md, st.fused)
-        return self._fused_outcome(r, x, feedback._quality if feedback._kind is _OUTPUT else None)
+        return self._fused_outcome(r, x, rated)
 
     def _stepped(self, norm: float) -> bool:
         """Record an applied step of gradient norm ``norm`` (after clipping, per unit of rate)."""

@@ -1,4 +1,4 @@
-"""InstantLoop's path for rated samples on a one-module adapter (``_step_rated``).
+"""InstantLoop's path for rated samples (``_step_rated``).
 
 It skips the feedback object, the offsets mapping and ``forward``'s result buffer, but must
 learn exactly what the general path (``_consolidated_outputs`` then ``MicroLoRA.step``) learns:
@@ -76,11 +76,12 @@ def _step_calls(inst: InstantLoop, monkeypatch: pytest.MonkeyPatch) -> list[int]
     seed=st.integers(0, 2**32 - 1),
     rounds=st.integers(1, 4),
     scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    modules=st.sampled_from([(Q,), (Q, V), (V, Q)]),
 )
 def test_rated_samples_learn_exactly_what_the_general_path_learns(
-    seed: int, rounds: int, scale: float
+    seed: int, rounds: int, scale: float, modules: tuple[TargetModule, ...]
 ) -> None:
-    (fast, fast_bg), (general, general_bg) = _pair()
+    (fast, fast_bg), (general, general_bg) = _pair(modules)
     rng = np.random.default_rng(seed)
     sid = 0
     for r in range(rounds):
@@ -102,10 +103,11 @@ def test_rated_samples_learn_exactly_what_the_general_path_learns(
             assert np.array_equal(wa, wb)
 
 
-def test_the_rated_path_is_taken_for_one_module_and_skips_step(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("modules", [(Q,), (Q, V)])
+def test_the_rated_path_is_taken_and_skips_step(
+    modules: tuple[TargetModule, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (fast, _), _ = _pair()
+    (fast, _), _ = _pair(modules)
     rng = np.random.default_rng(0)
     calls = _step_calls(fast, monkeypatch)
     for i in range(5):
@@ -113,13 +115,13 @@ def test_the_rated_path_is_taken_for_one_module_and_skips_step(
         assert fast.process(i, sample).applied
     fast.in_transit = fast.hand_over().live
     sample = TrainingSample(rng.standard_normal(DIM), rng.standard_normal(DIM), 0.7)
-    assert fast.process(5, sample, Q).applied  # the only module, named
+    assert fast.process(5, sample, Q if len(modules) == 1 else None).applied
     assert not calls and fast.applied == 6
 
 
-@pytest.mark.parametrize("case", ["two modules", "ensemble", "explicit feedback"])
+@pytest.mark.parametrize("case", ["one of two modules", "ensemble", "explicit feedback"])
 def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if case == "two modules":
+    if case == "one of two modules":
         (inst, bg), _ = _pair((Q, V))
     elif case == "ensemble":
         (inst, bg), _ = _pair(consolidation_strategy=ConsolidationStrategy.ENSEMBLE)
@@ -138,12 +140,13 @@ def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.Monkey
         )
     if case == "ensemble":
         assert inst._consolidated is not None and inst._consolidated().ensemble
-    assert inst.process(12, sample).applied
+    assert inst.process(12, sample, V if case == "one of two modules" else None).applied
     assert calls == [1]
 
 
-def test_a_zero_input_is_declined_on_both_paths() -> None:
-    (fast, _), (general, _) = _pair()
+@pytest.mark.parametrize("modules", [(Q,), (Q, V)])
+def test_a_zero_input_is_declined_on_both_paths(modules: tuple[TargetModule, ...]) -> None:
+    (fast, _), (general, _) = _pair(modules)
     sample = TrainingSample(np.zeros(DIM), np.ones(DIM), 0.9)
     a, b = fast.process(0, sample), general.process(0, sample)
     _same_outcome(a, b)
@@ -151,12 +154,15 @@ def test_a_zero_input_is_declined_on_both_paths() -> None:
     _same_state(fast, general)
 
 
+@pytest.mark.parametrize("modules", [(Q,), (Q, V)])
 @pytest.mark.parametrize("where", ["live gradient", "consolidated delta"])
-def test_an_overflow_falls_back_to_the_general_path_which_rejects(where: str) -> None:
+def test_an_overflow_falls_back_to_the_general_path_which_rejects(
+    where: str, modules: tuple[TargetModule, ...]
+) -> None:
     """Finite inputs whose gradient (huge live weights) or consolidated delta (huge
     consolidated weights) overflows float32: the rated path changes nothing and the general
     path rejects the sample as it always did, with the same note."""
-    (fast, fast_bg), (general, general_bg) = _pair()
+    (fast, fast_bg), (general, general_bg) = _pair(modules)
     for inst, bg in ((fast, fast_bg), (general, general_bg)):
         if where == "live gradient":
             a, bt = inst.live.factors(Q)
