@@ -414,7 +414,9 @@ class MicroLoRA:
         """out = μ(x) (or out += μ(x) with ``add``) for a checked float32 vector and a float32
         buffer the caller owns: ``forward`` or ``forward_add`` without their argument checks
         and result buffer, for the Instant loop's per-sample offsets. False when the kernel
-        refused (a length or stride, or an overflow): ``forward_add`` then says why."""
+        refused (a length, a stride, or x·A beyond float32), and the caller's general path
+        then says why; a delta that overflows only in B·h is left in ``out`` as inf, which
+        ``step`` refuses as a non-finite offset."""
         st = self._first if module is self._first_module else self._by_id[id(module)]
         if add:  # this kernel trusts its caller with lengths and strides
             if x.shape[0] != self._in or x.strides[0] != 4 or out.shape[0] != self._out:
