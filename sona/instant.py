@@ -76,6 +76,7 @@ class InstantLoop:
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
+        self._offset_pairs = tuple(self._offsets.items())  # iterated per sample: no new tuples
         self._offset_list = list(self._offsets.values())
         self.pending: deque[tuple[int, TrainingSample]] = deque()
         self.applied = 0
@@ -153,7 +154,7 @@ class InstantLoop:
         x = sample.input_embedding
         base = published.base
         transit = self.in_transit
-        for module, offset in self._offsets.items():
+        for module, offset in self._offset_pairs:
             if not base._delta_into(x, module, offset, False):
                 return None
             if transit is not None and not transit._delta_into(x, module, offset, True):
