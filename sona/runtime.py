@@ -470,6 +470,9 @@ class SonaRuntime:
                 if self._inline_turn == turn:
                     self._inline_turn = turn + 1
                     self._inline_budget = _INLINE_BUDGET
+        result = ticket.result
+        if result is not None:  # handled inline and answered: no coroutine to wait on
+            return result
         return await ticket.wait()
 
     def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
