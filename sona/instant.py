@@ -73,6 +73,7 @@ class InstantLoop:
         self.in_transit: MicroLoRA | None = None
         self._modules = config.micro_lora.target_modules
         self._only = self._modules[0] if len(self._modules) == 1 else None
+        self._rated = self.live._fused_step_covers_all  # see _step_rated
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
@@ -102,7 +103,7 @@ class InstantLoop:
         t0 = _clock()
         live = self.live
         stepped = None
-        if sample.feedback is None and (module is None or module is self._only):
+        if sample.feedback is None and self._rated and (module is None or module is self._only):
             stepped = self._step_rated(sample)
         if stepped is None:
             fb = sample.to_feedback()

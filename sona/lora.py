@@ -314,6 +314,8 @@ class MicroLoRA:
             else:
                 self._fused_all = self._states
         self._residual_modes = [_MODE_RESIDUAL] * len(self._states)
+        # whether step(module=None) can take the fused kernels (_step_rated relies on it)
+        self._fused_step_covers_all = self._fused_all is not None or _NONE_ID in self._fused_by_id
         self._xd = np.zeros(self._in, np.float32)
         self._key = np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF)
         self._dropout_counter = 0

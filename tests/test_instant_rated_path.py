@@ -27,10 +27,12 @@ DIM = 24
 
 
 def _pair(
-    modules: tuple[TargetModule, ...] = (Q,), **kw: Any
+    modules: tuple[TargetModule, ...] = (Q,), *, rank: int = 2, dropout: float = 0.0, **kw: Any
 ) -> tuple[tuple[InstantLoop, BackgroundLoop], tuple[InstantLoop, BackgroundLoop]]:
     """Two identical loops; the second always takes the general path."""
-    micro = MicroLoraConfig.for_hidden_dim(DIM, rank=2, target_modules=modules)
+    micro = MicroLoraConfig.for_hidden_dim(DIM, rank=rank, target_modules=modules).replace(
+        dropout=dropout
+    )
     cfg = SonaLlmConfig(micro_lora=micro, background_min_samples=1, **kw)
     loops = []
     for _ in range(2):
@@ -119,12 +121,18 @@ def test_the_rated_path_is_taken_and_skips_step(
     assert not calls and fast.applied == 6
 
 
-@pytest.mark.parametrize("case", ["one of two modules", "ensemble", "explicit feedback"])
+@pytest.mark.parametrize(
+    "case", ["one of two modules", "ensemble", "explicit feedback", "rank 4", "dropout"]
+)
 def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if case == "one of two modules":
         (inst, bg), _ = _pair((Q, V))
     elif case == "ensemble":
         (inst, bg), _ = _pair(consolidation_strategy=ConsolidationStrategy.ENSEMBLE)
+    elif case == "rank 4":
+        (inst, bg), _ = _pair(rank=4)
+    elif case == "dropout":
+        (inst, bg), _ = _pair(dropout=0.1)
     else:
         (inst, bg), _ = _pair()
     rng = np.random.default_rng(1)
@@ -133,6 +141,8 @@ def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.Monkey
         inst.process(i, TrainingSample(x, y, 0.8))
     bg.consolidate(inst.hand_over())
     calls = _step_calls(inst, monkeypatch)
+    deltas: list[int] = []  # the rated path's kernels for the offsets: none, not twice
+    monkeypatch.setattr(MicroLoRA, "_delta_into", lambda *a: deltas.append(1))
     sample = TrainingSample(rng.standard_normal(DIM), rng.standard_normal(DIM), 0.8)
     if case == "explicit feedback":
         sample = sample.with_feedback(
@@ -141,7 +151,7 @@ def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.Monkey
     if case == "ensemble":
         assert inst._consolidated is not None and inst._consolidated().ensemble
     assert inst.process(12, sample, V if case == "one of two modules" else None).applied
-    assert calls == [1]
+    assert calls == [1] and not deltas
 
 
 @pytest.mark.parametrize("modules", [(Q,), (Q, V)])
