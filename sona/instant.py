@@ -73,7 +73,6 @@ class InstantLoop:
         self.in_transit: MicroLoRA | None = None
         self._modules = config.micro_lora.target_modules
         self._only = self._modules[0] if len(self._modules) == 1 else None
-        self._rated = self.live._fused_step_covers_all  # see _step_rated
         self._offsets = {
             m: np.zeros(config.micro_lora.out_features, np.float32) for m in self._modules
         }
@@ -89,6 +88,14 @@ class InstantLoop:
         self.accumulated_quality = 0.0
         self._lr = config.instant_lr
         self._max_norm = config.training.max_grad_norm
+        # Whether _step_rated can apply: the fused step covers every module and takes these
+        # rates as they are (a config keeps an int it was given, which step takes through its
+        # general path); otherwise the offsets it computes would be computed again.
+        self._rated = (
+            self.live._fused_step_covers_all
+            and type(self._lr) is float
+            and type(self._max_norm) is float
+        )
         self._threshold = config.training.quality_threshold
         self._fresh_start = False
         self._restarts = 0

@@ -122,7 +122,8 @@ def test_the_rated_path_is_taken_and_skips_step(
 
 
 @pytest.mark.parametrize(
-    "case", ["one of two modules", "ensemble", "explicit feedback", "rank 4", "dropout"]
+    "case",
+    ["one of two modules", "ensemble", "explicit feedback", "rank 4", "dropout", "integer rate"],
 )
 def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if case == "one of two modules":
@@ -133,6 +134,8 @@ def test_other_cases_take_the_general_path(case: str, monkeypatch: pytest.Monkey
         (inst, bg), _ = _pair(rank=4)
     elif case == "dropout":
         (inst, bg), _ = _pair(dropout=0.1)
+    elif case == "integer rate":  # kept as an int by the config: step's general path
+        (inst, bg), _ = _pair(instant_lr=1)
     else:
         (inst, bg), _ = _pair()
     rng = np.random.default_rng(1)
