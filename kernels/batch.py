@@ -13,6 +13,7 @@ was measured faster than a single-threaded OpenBLAS sgemm at these shapes).
 from __future__ import annotations
 
 import numpy as np
+from sona.kernels.gather import gather_range
 from sona.kernels.jit import inline, kernel
 
 # Shift detector phases as the kernel sees them (the detector keeps names).
@@ -191,6 +192,30 @@ def is_reference(x: np.ndarray, ref_energy: np.ndarray, ref_moment: np.ndarray) 
     return _is_reference(energy, moment, ref_energy, ref_moment)
 
 
+@inline
+def _residual_step(
+    p: np.ndarray,
+    energy: float,
+    moment: float,
+    sf: np.ndarray,
+    si: np.ndarray,
+    params: np.ndarray,
+    ref_energy: np.ndarray,
+    ref_moment: np.ndarray,
+) -> bool:
+    """One row through the detector, from its projection ``p`` on the basis and its
+    fingerprint: counted as seen, then its residual fraction max(0, 1 − ‖p‖²/‖x‖²) (float64)
+    takes one CUSUM step, unless the row is zero or repeats a reference row."""
+    si[I_SEEN] += 1
+    if energy <= 0.0 or _is_reference(energy, moment, ref_energy, ref_moment):
+        return False
+    captured = 0.0
+    for j in range(p.shape[0]):
+        v = np.float64(p[j])
+        captured += v * v
+    return _cusum_step(max(0.0, 1.0 - captured / energy), sf, si, params)
+
+
 @kernel
 def residual_cusum(
     xs: np.ndarray,
@@ -212,24 +237,102 @@ def residual_cusum(
     """
     n = xs.shape[0]
     m = basis.shape[0]
-    proj = np.empty((_BLOCK, max(m, 1)), np.float32)
+    proj = np.empty((_BLOCK, m), np.float32)
     for r0 in range(0, n, _BLOCK):
         r1 = min(n, r0 + _BLOCK)
         _project(xs, r0, r1, basis, proj)
         for r in range(r0, r1):
-            si[I_SEEN] += 1
             # float64: in float32 ‖x‖² overflows from ‖x‖ ≈ 1.8e19
             energy, moment = _fingerprint(xs[r])
-            if energy <= 0.0 or _is_reference(energy, moment, ref_energy, ref_moment):
-                continue
-            captured = 0.0
-            for j in range(m):
-                p = np.float64(proj[r - r0, j])
-                captured += p * p
-            e = max(0.0, 1.0 - captured / energy)
-            if _cusum_step(e, sf, si, params):
+            p = proj[r - r0]
+            if _residual_step(p, energy, moment, sf, si, params, ref_energy, ref_moment):
                 return r
     return -1
+
+
+@kernel
+def projected_cusum(
+    proj: np.ndarray,
+    energy: np.ndarray,
+    moment: np.ndarray,
+    sf: np.ndarray,
+    si: np.ndarray,
+    params: np.ndarray,
+    ref_energy: np.ndarray,
+    ref_moment: np.ndarray,
+) -> int:
+    """:func:`residual_cusum` on rows :func:`scan_rows` has already projected and
+    fingerprinted (``proj`` (n, m), ``energy`` and ``moment`` (n,)): the same steps and the
+    same result, bit for bit, when the scan started at the same row."""
+    for r in range(proj.shape[0]):
+        if _residual_step(proj[r], energy[r], moment[r], sf, si, params, ref_energy, ref_moment):
+            return r
+    return -1
+
+
+@inline
+def _sq_norms(centroids: np.ndarray) -> np.ndarray:
+    k, d = centroids.shape
+    cc = np.empty(k, np.float32)
+    for j in range(k):
+        acc = np.float32(0.0)
+        cj = centroids[j]
+        for i in range(d):
+            acc += cj[i] * cj[i]
+        cc[j] = acc
+    return cc
+
+
+@inline
+def _clear(sums: np.ndarray, members: np.ndarray) -> None:
+    for j in range(members.shape[0]):
+        members[j] = 0
+        s = sums[j]
+        for i in range(s.shape[0]):
+            s[i] = 0.0
+
+
+@inline
+def _label_block(
+    xs: np.ndarray,
+    r0: int,
+    r1: int,
+    dots: np.ndarray,
+    cc: np.ndarray,
+    labels: np.ndarray,
+    sums: np.ndarray,
+    members: np.ndarray,
+    accumulate: bool,
+    skip_zero: bool,
+) -> None:
+    """:func:`nearest` for rows r0..r1-1, whose dot products with the centroids are in
+    ``dots[r - r0]``."""
+    k = cc.shape[0]
+    d = xs.shape[1]
+    two = np.float32(2.0)
+    for r in range(r0, r1):
+        best = 0
+        best_d = cc[0] - two * dots[r - r0, 0]
+        for j in range(1, k):
+            dist = cc[j] - two * dots[r - r0, j]
+            if dist < best_d:
+                best_d = dist
+                best = j
+        labels[r] = best
+        if not accumulate:
+            continue
+        row = xs[r]
+        s = sums[best]
+        for i in range(d):
+            s[i] += row[i]
+        real = not skip_zero
+        for j in range(k):  # a row with a non-zero dot product is not all zero
+            real = real or dots[r - r0, j] != 0.0
+        if not real:
+            for i in range(d):
+                real = real or row[i] != 0.0
+        if real:
+            members[best] += 1
 
 
 @kernel
@@ -249,53 +352,68 @@ def nearest(
     numpy's ``mean(axis=0)``) and counted in ``members[label]`` (both zeroed first); with
     ``skip_zero``, all-zero rows are labelled but not counted (adding them changes no sum).
     """
-    n, d = xs.shape
+    n = xs.shape[0]
     k = centroids.shape[0]
     if k == 0:
         for r in range(n):
             labels[r] = -1
         return
-    cc = np.empty(k, np.float32)
-    for j in range(k):
-        acc = np.float32(0.0)
-        cj = centroids[j]
-        for i in range(d):
-            acc += cj[i] * cj[i]
-        cc[j] = acc
+    cc = _sq_norms(centroids)
     if accumulate:
-        for j in range(k):
-            members[j] = 0
-            s = sums[j]
-            for i in range(d):
-                s[i] = 0.0
+        _clear(sums, members)
     dots = np.empty((_BLOCK, k), np.float32)
-    two = np.float32(2.0)
     for r0 in range(0, n, _BLOCK):
         r1 = min(n, r0 + _BLOCK)
         _project(xs, r0, r1, centroids, dots)
-        for r in range(r0, r1):
-            best = 0
-            best_d = cc[0] - two * dots[r - r0, 0]
-            for j in range(1, k):
-                dist = cc[j] - two * dots[r - r0, j]
-                if dist < best_d:
-                    best_d = dist
-                    best = j
-            labels[r] = best
-            if not accumulate:
-                continue
-            row = xs[r]
-            s = sums[best]
-            for i in range(d):
-                s[i] += row[i]
-            real = not skip_zero
-            for j in range(k):  # a row with a non-zero dot product is not all zero
-                real = real or dots[r - r0, j] != 0.0
-            if not real:
-                for i in range(d):
-                    real = real or row[i] != 0.0
-            if real:
-                members[best] += 1
+        _label_block(xs, r0, r1, dots, cc, labels, sums, members, accumulate, skip_zero)
+
+
+@kernel
+def scan_rows(
+    addresses: np.ndarray,
+    rows: np.ndarray,
+    scanned: int,
+    basis: np.ndarray,
+    proj: np.ndarray,
+    energy: np.ndarray,
+    moment: np.ndarray,
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    sums: np.ndarray,
+    members: np.ndarray,
+) -> None:
+    """Gather ``rows`` from ``addresses`` (as :func:`sona.kernels.gather.gather_rows`) and,
+    in the same pass over the first ``scanned`` of them while they are in cache, compute what
+    a consolidation's first two passes read them for: the shift detector's projections on
+    ``basis`` and fingerprints (into ``proj``, ``energy``, ``moment``, as
+    :func:`residual_cusum` computes them) and the pattern bank's nearest ``centroids`` with
+    per-cluster sums and member counts (into ``labels``, ``sums``, ``members``, as
+    :func:`nearest` with ``accumulate`` and ``skip_zero``). Both are blocked as those kernels
+    block rows from the first one, so their results are the same bit for bit.
+
+    One long call instead of three: the worker thread that runs it needs the GIL once
+    before and once after, rather than twice more in between.
+    """
+    n = rows.shape[0]
+    m = basis.shape[0]
+    k = centroids.shape[0]
+    cc = _sq_norms(centroids)
+    _clear(sums, members)
+    pb = np.empty((_BLOCK, m), np.float32)
+    dots = np.empty((_BLOCK, k), np.float32)
+    for r0 in range(0, n, _BLOCK):
+        r1 = min(n, r0 + _BLOCK)
+        gather_range(addresses, rows, r0, r1)
+        s1 = min(r1, scanned)
+        if r0 >= s1:
+            continue
+        _project(rows, r0, s1, basis, pb)
+        for r in range(r0, s1):
+            proj[r] = pb[r - r0]
+            energy[r], moment[r] = _fingerprint(rows[r])
+        if k:
+            _project(rows, r0, s1, centroids, dots)
+            _label_block(rows, r0, s1, dots, cc, labels, sums, members, True, True)
 
 
 @kernel
@@ -430,6 +548,10 @@ def warm_up() -> None:
     residual_cusum(xs, c, sf, si, params, ref_energy, ref_moment)
     seed_slots(xs, c.copy(), counts.copy(), 0, labels, 0.01)
     nearest(xs, c, labels, sums, counts, True, True)
+    at = np.zeros(3, np.int64)
+    proj = np.empty((3, 2), f32)
+    scan_rows(at, xs.copy(), 3, c, proj, sf[:3].copy(), sf[:3].copy(), c, labels, sums, counts)
+    projected_cusum(proj, sf[:3].copy(), sf[:3].copy(), sf, si, params, ref_energy, ref_moment)
     move_toward_means(c.copy(), counts.copy(), sums, counts, 0.01)
     weighted_sq_error(xs, xs, np.ones(3))
     _warmed = True

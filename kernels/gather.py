@@ -45,7 +45,13 @@ def record_address(x: np.ndarray, dim: int, addresses: np.ndarray, i: int) -> bo
 @kernel
 def gather_rows(addresses: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = `` the ``out.shape[1]`` float32 values at ``addresses[i]``, for every i
-    whose address is not 0.
+    whose address is not 0."""
+    gather_range(addresses, out, 0, addresses.shape[0])
+
+
+@inline
+def gather_range(addresses: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """:func:`gather_rows` for rows r0..r1-1.
 
     Rows are copied four at a time, element by element across the four: the rows usually come
     from memory, not cache (samples kept since they arrived), and four streams keep more reads
@@ -53,9 +59,8 @@ def gather_rows(addresses: np.ndarray, out: np.ndarray) -> None:
     ~2.0 ms one row at a time).
     """
     dim = out.shape[1]
-    n = addresses.shape[0]
-    i = 0
-    while i + 4 <= n:
+    i = r0
+    while i + 4 <= r1:
         if addresses[i] and addresses[i + 1] and addresses[i + 2] and addresses[i + 3]:
             s0 = carray(_f32_at(addresses[i]), (dim,))  # type: ignore[call-arg]
             s1 = carray(_f32_at(addresses[i + 1]), (dim,))
@@ -71,7 +76,7 @@ def gather_rows(addresses: np.ndarray, out: np.ndarray) -> None:
             for r in range(i, i + 4):
                 _gather_one(addresses, out, r)
         i += 4
-    for r in range(i, n):
+    for r in range(i, r1):
         _gather_one(addresses, out, r)
 
 

@@ -34,8 +34,8 @@ from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
 from sona.results import BackgroundResult
+from sona.row_scan import Labelled, Projected, scan_rows
 from sona.sample import TrainingSample
-from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
 
 Predictor = Callable[[np.ndarray, TargetModule], np.ndarray]
@@ -153,10 +153,15 @@ class BackgroundLoop:
         train_samples: list[TrainingSample] = list(map(_second, train))
         eval_samples: list[TrainingSample] = list(map(_second, held))
         # every input row once, training rows first: later passes take views
-        rows = self._rows.gather(train_samples + eval_samples)
+        rows, projected, labelled = self._rows.scan(
+            train_samples + eval_samples,
+            len(train_samples),
+            self.pipeline.scan_basis(),
+            self.bank.scan_centroids(),
+        )
         xs = rows[: len(train_samples)] if train_samples else None
-        fired = self._track(xs, notes)
-        published, rejected = self._fold(old, hand.live, train_samples, xs, notes)
+        fired = self._track(xs, notes, projected)
+        published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled)
         notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
         quality_delta = self._delta(eval_samples, eval_rows, old.predict, published.predict, notes)
@@ -173,12 +178,15 @@ class BackgroundLoop:
         consumed: list[int] = list(map(_first, train))
         return Consolidation(result, consumed, len(fired), rejected, published, held)
 
-    def _track(self, xs: np.ndarray | None, notes: list[str]) -> list[int]:
+    def _track(
+        self, xs: np.ndarray | None, notes: list[str], projected: Projected | None
+    ) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
         consolidated state as it was before this batch's learning is folded in."""
         if xs is None:
             return []
-        fired = self.pipeline.track_many(self.published.base, xs, validated=True)
+        base = self.published.base
+        fired = self.pipeline.track_many(base, xs, validated=True, projected=projected)
         for i in fired:
             notes.append(f"task boundary detected at sample {i} of the batch")
         return fired
@@ -190,10 +198,11 @@ class BackgroundLoop:
         samples: Sequence[TrainingSample],
         xs: np.ndarray | None,
         notes: list[str],
+        labelled: Labelled | None,
     ) -> tuple[Published, list[str]]:
         cfg = self.config
         rejected: list[str] = []
-        labels = self.bank.update(xs) if xs is not None else np.empty(0, np.intp)
+        labels = self.bank.update(xs, labelled) if xs is not None else np.empty(0, np.intp)
         centroids = self.bank.centroids[: len(self.bank)].copy()
         strategy = self.strategy
         if strategy is ConsolidationStrategy.EWC_MERGE:
@@ -452,14 +461,22 @@ class _RowBuffer:
         self._flat = np.empty(rows * dim, np.float32)
         self._flat.fill(0.0)  # touch every page now, not during the first consolidation
 
-    def gather(self, samples: Sequence[TrainingSample]) -> np.ndarray:
-        """The samples' input embeddings as rows of an (n, dim) view of the buffer."""
+    def scan(
+        self,
+        samples: Sequence[TrainingSample],
+        scanned: int,
+        basis: np.ndarray | None,
+        centroids: np.ndarray | None,
+    ) -> tuple[np.ndarray, Projected | None, Labelled | None]:
+        """The samples' input embeddings as rows of an (n, dim) view of the buffer, and what
+        the first ``scanned`` rows give the detector and the bank (:func:`scan_rows`)."""
         dim = self.dim
         n = len(samples)
         if n * dim > self._flat.shape[0]:
             self._flat = np.empty(n * dim + n * dim // 4, np.float32)
         rows = self._flat[: n * dim].reshape(n, dim)
-        return stack_rows(list(map(_input_embedding, samples)), dim, out=rows)
+        inputs = list(map(_input_embedding, samples))
+        return rows, *scan_rows(inputs, rows, scanned, basis, centroids)
 
 
 def _strategy_weights(

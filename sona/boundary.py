@@ -25,6 +25,7 @@ from sona.kernels import batch as k_batch
 from sona.kernels import linalg as k_linalg
 from sona.kernels import update as k_update
 from sona.linalg import principal_directions
+from sona.row_scan import Projected
 
 _F32 = np.float32
 
@@ -120,14 +121,26 @@ class ShiftDetector:
             return False
         return self._step(e)
 
-    def update_many(self, xs: np.ndarray) -> int:
+    def update_many(self, xs: np.ndarray, projected: Projected | None = None) -> int:
         """Feed rows in order; the index of the row that confirmed a shift, else -1.
 
         Equivalent to calling :meth:`update` on each row and stopping at the first True (the
         rows after it are not consumed), but past the reference phase the whole run of rows
         goes through one GIL-free kernel (projection, residual fraction and CUSUM step per
         row); its float32 sums may differ from :meth:`update`'s in the last bits.
+
+        ``projected`` holds the rows' projections on :meth:`scan_basis` and their
+        fingerprints, taken while they were gathered (:func:`sona.kernels.batch.scan_rows`):
+        only the CUSUM steps are left to run, with the same result. It is used only if the
+        basis is still the one it was taken with.
         """
+        if (
+            projected is not None
+            and projected.basis is self._basis
+            and self.phase != REFERENCE
+            and projected.proj.shape[0] == xs.shape[0]
+        ):
+            return self._scan(xs, projected)
         xs = np.ascontiguousarray(xs, dtype=_F32)
         n = xs.shape[0]
         i = 0
@@ -145,8 +158,14 @@ class ShiftDetector:
             return i + hit if hit >= 0 else -1
         return -1
 
-    def _scan(self, rows: np.ndarray) -> int:
-        """:func:`sona.kernels.batch.residual_cusum` on this detector's state."""
+    def scan_basis(self) -> np.ndarray | None:
+        """The basis the next rows will be projected on, or None while the reference is still
+        being collected (the rows are then copied, not projected)."""
+        return None if self.phase == REFERENCE else self._basis
+
+    def _scan(self, rows: np.ndarray, projected: Projected | None = None) -> int:
+        """:func:`sona.kernels.batch.residual_cusum` on this detector's state (or
+        :func:`~sona.kernels.batch.projected_cusum` on ``projected``)."""
         sf = np.array(
             [self._cal_mean, self._cal_m2, self.mean, self.spread, self.up, self.down], np.float64
         )
@@ -159,11 +178,12 @@ class ShiftDetector:
             [self.calibration_samples, self.drift, self.threshold, self.z_cap, self.min_spread],
             np.float64,
         )
-        hit = int(
-            k_batch.residual_cusum(
-                rows, self._basis, sf, si, params, self._ref_energy, self._ref_moment
-            )
-        )
+        ref = self._ref_energy, self._ref_moment
+        if projected is None:
+            hit = int(k_batch.residual_cusum(rows, self._basis, sf, si, params, *ref))
+        else:
+            p = projected
+            hit = int(k_batch.projected_cusum(p.proj, p.energy, p.moment, sf, si, params, *ref))
         self._cal_mean, self._cal_m2, self.mean, self.spread, self.up, self.down = (
             float(v) for v in sf
         )

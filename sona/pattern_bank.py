@@ -15,6 +15,7 @@ import numpy as np
 
 from sona.errors import FormatError, InvalidInputError
 from sona.kernels import batch as k_batch
+from sona.row_scan import Labelled
 
 _MIN_STEP = 0.01
 
@@ -65,7 +66,12 @@ class PatternBank:
         k_batch.nearest(xs, centroids, labels, sums, members, accumulate, skip_zero)
         return sums, members
 
-    def update(self, xs: np.ndarray) -> np.ndarray:
+    def scan_centroids(self) -> np.ndarray | None:
+        """The centroids the next batch's labels are taken against, once every slot is in use
+        (before that, slot filling changes them row by row): see :meth:`update`."""
+        return self.centroids if self.size == self.k else None
+
+    def update(self, xs: np.ndarray, labelled: Labelled | None = None) -> np.ndarray:
         """Fold a batch of inputs in; returns each input's cluster index after the update.
 
         Empty slots take the first inputs that differ from every centroid; the rest move their
@@ -75,8 +81,15 @@ class PatternBank:
         bank) and moves nothing, so no centroid is ever zero.
 
         Slot filling, the batch's labels and per-cluster sums, and the moves are three GIL-free
-        kernels (:mod:`sona.kernels.batch`).
+        kernels (:mod:`sona.kernels.batch`). ``labelled``, taken against
+        :meth:`scan_centroids` while the rows were gathered, stands for the labels and sums
+        (the same, bit for bit) as long as the centroids have not changed since.
         """
+        if labelled is not None and labelled.centroids is self.centroids and self.size == self.k:
+            k_batch.move_toward_means(
+                self.centroids, self.counts, labelled.sums, labelled.members, _MIN_STEP
+            )
+            return labelled.labels
         xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(-1, self.dim)
         labels = np.empty(xs.shape[0], np.intp)
         i = 0

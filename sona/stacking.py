@@ -40,14 +40,25 @@ def stack_rows(rows: Sequence[np.ndarray], width: int, out: np.ndarray | None = 
         raise ValueError(f"out must be C-contiguous float32 of shape ({n}, {width})")
     if n == 0:
         return out
+    at, strided = record_rows(rows, width)
+    gather.gather_rows(at, out)
+    for i in strided:
+        out[i] = rows[i]
+    return out
+
+
+def record_rows(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, list[int]]:
+    """Where each row's data starts (0 where it cannot be gathered from there), and the
+    indices of those rows: strided ones, which the caller copies itself while ``rows`` holds
+    them. A row of another dtype or shape raises InvalidInputError."""
     warm_up()  # at once when already done (the runtime does it at start)
-    at = np.zeros(n, np.int64)
+    at = np.zeros(len(rows), np.int64)
     record = fast.record_address
     strided: list[int] = []
     for i, row in enumerate(rows):
         # ~0.2 µs a row, the GIL held: the entry point skips Numba's dispatch, so only 1-D
         # float32 arrays may reach it (anything else, or a row it cannot gather from its
-        # address, is checked and copied below)
+        # address, is checked here and left to the caller)
         if (
             type(row) is not _ND
             or row.dtype is not _F32
@@ -58,8 +69,5 @@ def stack_rows(rows: Sequence[np.ndarray], width: int, out: np.ndarray | None = 
                 raise InvalidInputError(
                     f"embeddings must be float32 of shape ({width},), got {row.dtype} {row.shape}"
                 )
-            strided.append(i)  # rows are held by ``rows`` until the copy is done
-    gather.gather_rows(at, out)
-    for i in strided:
-        out[i] = rows[i]
-    return out
+            strided.append(i)
+    return at, strided

@@ -28,6 +28,7 @@ from sona.kernels.replay import EwcArrays
 from sona.log import get_logger
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
+from sona.row_scan import Projected
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
 from sona.validation import as_f32
@@ -293,14 +294,22 @@ class TrainingPipeline:
         row = self._input(x, lora.config.in_features)
         return self._track(lora, self._ready(lora), row)
 
-    def track_many(self, lora: MicroLoRA, xs: Any, *, validated: bool = False) -> list[int]:
+    def track_many(
+        self,
+        lora: MicroLoRA,
+        xs: Any,
+        *,
+        validated: bool = False,
+        projected: Projected | None = None,
+    ) -> list[int]:
         """:meth:`track` for the rows of ``xs`` in order; the row indices that began a task.
 
         Vectorised for the Background loop, which tracks whole batches: the same boundaries and
         window as tracking the rows one by one (the detector's sums may differ in the last bits).
         ``validated=True`` skips the pass that checks every row as :meth:`track` does (finite,
         ‖x‖² within ``MAX_INPUT_SQ_NORM``), for rows taken from :class:`TrainingSample` inputs,
-        which were checked when the samples were built.
+        which were checked when the samples were built. ``projected``: the rows' projections
+        on :meth:`scan_basis`, taken while they were gathered (see ``ShiftDetector.update_many``).
         """
         self._check_match(lora)
         dim = lora.config.in_features
@@ -320,7 +329,10 @@ class TrainingPipeline:
         n = rows.shape[0]
         while pos < n:
             rest = rows[pos:]
-            hit = detector.update_many(rest) if self.config.boundary_detection else -1
+            if not self.config.boundary_detection:
+                hit = -1
+            else:  # the projections are of the rows from the first one on
+                hit = detector.update_many(rest, projected if pos == 0 else None)
             if hit < 0:
                 window.push_many(rest)
                 self._samples_seen += rest.shape[0]
@@ -342,6 +354,13 @@ class TrainingPipeline:
             )
             pos += hit + 1
         return fired
+
+    def scan_basis(self) -> np.ndarray | None:
+        """The basis :meth:`track_many` will project the next rows on, if any (boundary
+        detection on, past the detector's reference phase): see ``ShiftDetector.scan_basis``."""
+        if not self.config.boundary_detection or self._detector is None:
+            return None
+        return self._detector.scan_basis()
 
     def prox_step(self, lora: MicroLoRA, tau: float) -> float:
         """One EWC++ proximal step of strength ``tau`` (2·η·λ for a step of size η) on every

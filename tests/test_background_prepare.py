@@ -51,7 +51,8 @@ def test_row_buffer_gathers_like_stack_and_grows() -> None:
     buf = _RowBuffer(5, 3)
     for n in (0, 2, 3, 11, 4):
         samples = [TrainingSample(rng.standard_normal(5), np.ones(2), 0.5) for _ in range(n)]
-        rows = buf.gather(samples)
+        rows, projected, labelled = buf.scan(samples, n, None, None)
+        assert projected is None and labelled is None
         assert rows.shape == (n, 5) and rows.dtype == np.float32 and rows.flags.c_contiguous
         want = np.stack([s.input_embedding for s in samples]) if n else np.empty((0, 5))
         np.testing.assert_array_equal(rows, want)
@@ -61,7 +62,7 @@ def test_row_buffer_refuses_an_input_of_another_width() -> None:
     buf = _RowBuffer(5, 4)
     samples = [TrainingSample(np.ones(5), np.ones(2), 0.5), TrainingSample(np.ones(6), [1, 1], 0.5)]
     with pytest.raises(InvalidInputError, match=r"shape \(5,\)"):
-        buf.gather(samples)
+        buf.scan(samples, 2, None, None)
 
 
 def test_a_consolidation_compiles_no_kernel_after_the_loop_is_built() -> None:

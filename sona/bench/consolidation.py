@@ -38,6 +38,7 @@ Case = tuple[BackgroundLoop, HandOver]
 # (module path, owner attribute or "", function name, label) of each stage timed by --stages
 _STAGES = (
     ("sona.background", "", "_split_eval", "split held-back samples"),
+    ("sona.background", "_RowBuffer", "scan", "gather + scan input rows (one kernel)"),
     ("sona.training", "TrainingPipeline", "track_many", "track: importance window + boundary"),
     ("sona.boundary", "ShiftDetector", "_learn_basis", "  of which: learn reference subspace"),
     ("sona.pattern_bank", "PatternBank", "update", "pattern bank update"),
