@@ -4,7 +4,7 @@
   While it is idle, a sample is handled in the submitting task itself (``tell_inline``): same
   order, same crash semantics, without the two task switches of a mailbox hop.
 - **background** owns the consolidated state: every ``background_interval_ms``, and at once when
-  pending samples come within a tenth of ``max_pending_samples``, it takes the live adapter and
+  pending samples come within a quarter of ``max_pending_samples``, it takes the live adapter and
   the samples behind it (a hand-over), consolidates in a worker thread and publishes the result
   by swapping one reference.
 - **deep** replays kept samples on copies in a worker thread (GIL-releasing kernels, short
@@ -220,7 +220,7 @@ class SonaRuntime:
         )
         self._ids = SampleIds(1)
         bound = self.config.max_pending_samples
-        self._pressure = max(self.config.background_min_samples, bound - bound // 10)
+        self._pressure = max(self.config.background_min_samples, bound - bound // 4)
         self._queued: OrderedDict[int, Ticket] = OrderedDict()  # accepted, not yet handled
         self._pending = 0  # accepted and not yet consolidated, evicted, dropped or skipped
         self._inline_budget = _INLINE_BUDGET
@@ -636,16 +636,18 @@ class SonaRuntime:
             self._request_deep()
 
     def _consolidate_early(self) -> None:
-        """Pending samples came within a tenth of the bound: consolidate now rather than at the
-        next tick, before the bound stops ingress.
+        """Pending samples came within a quarter of the bound: consolidate now rather than at
+        the next tick, before the bound stops ingress.
 
-        Not earlier: a consolidation's worker thread gets the GIL mostly while the event loop
-        waits (see the README), so under sustained load it barely overlaps ingress wherever it
-        starts. Starting at half the bound only split the same samples over twice as many
-        consolidations, each with its fixed cost (measured steady: ~8.4 ms for 500 samples,
-        ~10.3 ms for 1,000) and its hand-over and commit turns on the event loop; near the bound,
-        the 1,000-sample bound's benchmark accepted ~10 % more samples per second, with a lower
-        ``instant_adapt`` p50 and a lower p99 while Deep runs."""
+        The consolidation's worker thread is handed the GIL as it starts (unless a Deep run
+        keeps the other core busy), and its first kernel, about two thirds of the work, runs
+        beside ingress; the rest needs the GIL several times and gets it mostly once producers
+        wait at the bound. A quarter of the bound leaves room for that first kernel at full
+        ingress (sustained throughput at a 1,000-sample bound, 10 s runs in turn: 29.2 k/s
+        handing over at half the bound, 32.3 at two thirds, 33.5 at four fifths, 31.4 at nine
+        tenths). Without the hand-off the thread waited for the loop to idle wherever it
+        started, and handing over at half the bound only split the same samples over twice as
+        many consolidations, each with its fixed cost."""
         ref = self._background_ref
         if ref is not None and ref.idle and not self._supervisor.gave_up:
             with contextlib.suppress(Exception):
@@ -723,8 +725,11 @@ class SonaRuntime:
         hand = self._unfinished
         assert hand is not None
         try:
+            # handed the GIL at once, to overlap ingress (see LoopThread), unless a Deep run
+            # keeps the other core busy: three threads on two cores made requests wait for one
+            # (instant_adapt p99 while Deep ran: ~150-165 µs instead of ~110 µs)
             outcome: Consolidation = await self._background_thread.run(
-                run_single_blas, bg.prepare, hand, hold_back
+                run_single_blas, bg.prepare, hand, hold_back, hand_off=not self._deep_thread.busy
             )
         except Exception as exc:
             self._consolidation_failed(hand, exc)

@@ -59,33 +59,59 @@ class LoopThread:
     work is queued at once, on a thread of this loop's own; other backends take anyio's path
     with a limiter of one. Either way the caller waits, shielded from cancellation, until the
     work is done: the thread cannot be stopped, and what it returns must not be lost.
+
+    With ``hand_off``, the event loop also hands the GIL over as it queues the work: it waits
+    (GIL released, at most ``HAND_OFF_S``) until the thread has started, then for the GIL
+    until the work reaches its first GIL-free kernel. Without it, a thread that wakes while
+    the event loop is busy with requests gets the GIL only once the loop idles, which under
+    sustained load is once producers reach the pending bound: the Background loop's first
+    kernel (:func:`sona.kernels.batch.scan_rows`, about two thirds of a consolidation) then ran
+    while every submitter waited, instead of beside them. The loop pays the thread's wake-up
+    and the Python before that kernel, once per consolidation.
     """
+
+    HAND_OFF_S = 0.002
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.busy = 0  # runs in flight
         self._executor: ThreadPoolExecutor | None = None
         self._limiter = anyio.CapacityLimiter(1)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, hand_off: bool = False) -> T:
         """``fn(*args)`` in this loop's thread, in a copy of the caller's context."""
         await anyio.lowlevel.checkpoint_if_cancelled()  # yields only when cancelled
+        self.busy += 1
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # another anyio backend
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
-        ctx = contextvars.copy_context()
-        done = loop.run_in_executor(self._executor, ctx.run, fn, *args)
-        with anyio.CancelScope(shield=True):
-            result = await done
-        return result
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # another anyio backend
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+            ctx = contextvars.copy_context()
+            if hand_off:
+                started = threading.Event()
+                done = loop.run_in_executor(self._executor, ctx.run, _started, started, fn, *args)
+                started.wait(self.HAND_OFF_S)
+            else:
+                done = loop.run_in_executor(self._executor, ctx.run, fn, *args)
+            with anyio.CancelScope(shield=True):
+                result = await done
+            return result
+        finally:
+            self.busy -= 1
 
     def close(self) -> None:
         """Let the thread end once its current work (if any) is done."""
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+
+
+def _started(started: threading.Event, fn: Callable[..., T], *args: Any) -> T:
+    started.set()
+    return fn(*args)
 
 
 def find_blas() -> None:

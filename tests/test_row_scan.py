@@ -5,14 +5,18 @@ consolidation that uses them publishes exactly what one that does not would."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
+import anyio
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runtime_helpers import rated_samples, small_config
 from sona.kernels import batch as k_batch
 
+from sona import worker_threads
 from sona.background import BackgroundLoop
 from sona.boundary import ShiftDetector
 from sona.config import ConsolidationStrategy, SonaLlmConfig
@@ -20,8 +24,10 @@ from sona.instant import InstantLoop
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.pattern_bank import PatternBank
 from sona.row_scan import Labelled, Projected, scan_rows
+from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
+from sona.worker_threads import LoopThread
 
 F32 = np.float32
 
@@ -235,3 +241,75 @@ def _same_pipeline_state(a: BackgroundLoop, b: BackgroundLoop) -> None:
     assert ma == mb and xa.keys() == xb.keys()
     for key in xa:
         np.testing.assert_array_equal(xa[key], xb[key], err_msg=key)
+
+
+# ---------------------------------------------------------------------- the hand-off
+class _Started(threading.Event):
+    """The hand-off's event, noting every wait on it and whether it was set by then."""
+
+    waits: ClassVar[list[tuple[float | None, bool]]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        got = super().wait(timeout)
+        self.waits.append((timeout, got))
+        return got
+
+
+@pytest.mark.anyio
+async def test_a_hand_off_starts_the_work_before_the_event_loop_moves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(LoopThread, "HAND_OFF_S", 30.0)  # however slow the thread is to wake
+    monkeypatch.setattr(worker_threads.threading, "Event", _Started)
+    _Started.waits = []
+    thread = LoopThread("test-hand-off")
+    other_ran = threading.Event()
+    seen: list[tuple[bool, int]] = []
+
+    def work(x: int) -> int:
+        seen.append((other_ran.is_set(), thread.busy))
+        return x + 1
+
+    async def other() -> None:
+        other_ran.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)  # runs at the event loop's next turn
+            assert await thread.run(work, 1, hand_off=True) == 2
+        assert seen == [(False, 1)]  # started while the event loop waited for it
+        hand_offs = [w for w in _Started.waits if w[0] == LoopThread.HAND_OFF_S]
+        assert hand_offs == [(30.0, True)]  # (starting the thread waits on an event too)
+        assert thread.busy == 0
+        _Started.waits = []
+        assert await thread.run(work, 2) == 3  # no hand-off: the event loop does not wait
+        assert _Started.waits == [] and thread.busy == 0
+    finally:
+        thread.close()
+
+
+@pytest.mark.anyio
+async def test_the_runtime_hands_off_unless_a_deep_run_keeps_the_other_core_busy() -> None:
+    samples = rated_samples(40)
+    async with SonaRuntime(small_config(), seed=0) as rt:
+        thread = rt._background_thread
+        hand_offs: list[bool] = []
+        real = thread.run
+
+        async def spy(fn: Any, *args: Any, hand_off: bool = False) -> Any:
+            hand_offs.append(hand_off)
+            return await real(fn, *args, hand_off=hand_off)
+
+        thread.run = spy  # type: ignore[method-assign]
+        for s in samples[:20]:
+            await rt.submit(s)
+        await rt.consolidate()
+        rt._deep_thread.busy += 1  # as while a Deep run is in its thread
+        try:
+            for s in samples[20:]:
+                await rt.submit(s)
+            await rt.consolidate()
+        finally:
+            rt._deep_thread.busy -= 1
+        assert hand_offs == [True, False]
+        assert rt.stats().background_count == 2
