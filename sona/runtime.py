@@ -643,9 +643,9 @@ class SonaRuntime:
         keeps the other core busy), and its first kernel, about two thirds of the work, runs
         beside ingress; the rest needs the GIL several times and gets it mostly once producers
         wait at the bound. A quarter of the bound leaves room for that first kernel at full
-        ingress (sustained throughput at a 1,000-sample bound, 10 s runs in turn: 29.2 k/s
-        handing over at half the bound, 32.3 at two thirds, 33.5 at four fifths, 31.4 at nine
-        tenths). Without the hand-off the thread waited for the loop to idle wherever it
+        ingress (sustained throughput at a 1,000-sample bound, means of three 10 s runs each,
+        in turn: 29.2 k/s handing over at half the bound, 32.3 at two thirds, 33.5 at four
+        fifths, 31.4 at nine tenths). Without the hand-off the thread waited for the loop to idle wherever it
         started, and handing over at half the bound only split the same samples over twice as
         many consolidations, each with its fixed cost."""
         ref = self._background_ref
