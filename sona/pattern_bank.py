@@ -85,7 +85,12 @@ class PatternBank:
         :meth:`scan_centroids` while the rows were gathered, stands for the labels and sums
         (the same, bit for bit) as long as the centroids have not changed since.
         """
-        if labelled is not None and labelled.centroids is self.centroids and self.size == self.k:
+        if (
+            labelled is not None
+            and labelled.centroids is self.centroids
+            and self.size == self.k
+            and labelled.labels.shape[0] == len(xs)
+        ):
             k_batch.move_toward_means(
                 self.centroids, self.counts, labelled.sums, labelled.members, _MIN_STEP
             )

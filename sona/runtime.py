@@ -645,9 +645,9 @@ class SonaRuntime:
         wait at the bound. A quarter of the bound leaves room for that first kernel at full
         ingress (sustained throughput at a 1,000-sample bound, means of three 10 s runs each,
         in turn: 29.2 k/s handing over at half the bound, 32.3 at two thirds, 33.5 at four
-        fifths, 31.4 at nine tenths). Without the hand-off the thread waited for the loop to idle wherever it
-        started, and handing over at half the bound only split the same samples over twice as
-        many consolidations, each with its fixed cost."""
+        fifths, 31.4 at nine tenths). Without the hand-off the thread waited for the loop to
+        idle wherever it started, and handing over at half the bound only split the same
+        samples over twice as many consolidations, each with its fixed cost."""
         ref = self._background_ref
         if ref is not None and ref.idle and not self._supervisor.gave_up:
             with contextlib.suppress(Exception):

@@ -60,14 +60,14 @@ class LoopThread:
     with a limiter of one. Either way the caller waits, shielded from cancellation, until the
     work is done: the thread cannot be stopped, and what it returns must not be lost.
 
-    With ``hand_off``, the event loop also hands the GIL over as it queues the work: it waits
-    (GIL released, at most ``HAND_OFF_S``) until the thread has started, then for the GIL
-    until the work reaches its first GIL-free kernel. Without it, a thread that wakes while
-    the event loop is busy with requests gets the GIL only once the loop idles, which under
-    sustained load is once producers reach the pending bound: the Background loop's first
-    kernel (:func:`sona.kernels.batch.scan_rows`, about two thirds of a consolidation) then ran
-    while every submitter waited, instead of beside them. The loop pays the thread's wake-up
-    and the Python before that kernel, once per consolidation.
+    ``run(..., hand_off=True)`` (on asyncio) also hands the GIL over as it queues the work:
+    the event loop waits (GIL released, at most ``HAND_OFF_S``) until the thread has started,
+    then for the GIL until the work reaches its first GIL-free kernel. Without it, a thread
+    that wakes while the event loop is busy with requests gets the GIL only once the loop
+    idles, which under sustained load is once producers reach the pending bound: the
+    Background loop's first kernel (:func:`sona.kernels.batch.scan_rows`, about two thirds of
+    a consolidation) then ran while every submitter waited, instead of beside them. The loop
+    pays the thread's wake-up and the Python before that kernel, once per consolidation.
     """
 
     HAND_OFF_S = 0.002

@@ -159,9 +159,11 @@ def test_the_bank_uses_labels_only_once_full_and_unchanged() -> None:
     np.testing.assert_array_equal(bank.update(xs, labelled), plain.update(xs))
     np.testing.assert_array_equal(bank.centroids, plain.centroids)
     np.testing.assert_array_equal(bank.counts, plain.counts)
-    # labels taken against centroids that have moved since are not used
+    # labels taken against centroids that have moved since, or for other rows, are not used
     moved = Labelled(bank.centroids.copy(), labelled.labels, labelled.sums, labelled.members)
     np.testing.assert_array_equal(bank.update(xs, moved), plain.update(xs))
+    np.testing.assert_array_equal(bank.centroids, plain.centroids)
+    np.testing.assert_array_equal(bank.update(xs[:5], labelled), plain.update(xs[:5]))
     np.testing.assert_array_equal(bank.centroids, plain.centroids)
 
 
