@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sona.kernels import batch as k_batch
-from sona.kernels import gather
-from sona.stacking import record_rows
+from sona.stacking import fill_rows, record_rows
 
 _F32 = np.float32
 
@@ -62,9 +61,7 @@ def scan_rows(
     width = out.shape[1]
     at, strided = record_rows(rows, width)
     if strided or (basis is None and centroids is None):
-        for i in strided:
-            out[i] = rows[i]
-        gather.gather_rows(at, out)
+        fill_rows(rows, at, strided, out)
         return None, None
     b = basis if basis is not None else np.empty((0, width), _F32)
     c = centroids if centroids is not None else np.empty((0, width), _F32)

@@ -41,9 +41,7 @@ def stack_rows(rows: Sequence[np.ndarray], width: int, out: np.ndarray | None = 
     if n == 0:
         return out
     at, strided = record_rows(rows, width)
-    gather.gather_rows(at, out)
-    for i in strided:
-        out[i] = rows[i]
+    fill_rows(rows, at, strided, out)
     return out
 
 
@@ -71,3 +69,13 @@ def record_rows(rows: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, lis
                 )
             strided.append(i)
     return at, strided
+
+
+def fill_rows(
+    rows: Sequence[np.ndarray], at: np.ndarray, strided: list[int], out: np.ndarray
+) -> None:
+    """``out``'s rows from what :func:`record_rows` found: the recorded ones in one GIL-free
+    kernel, the strided ones copied here while ``rows`` holds them."""
+    gather.gather_rows(at, out)
+    for i in strided:
+        out[i] = rows[i]
