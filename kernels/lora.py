@@ -754,7 +754,25 @@ def step_fused(
     lr: float,
     max_norm: float,
 ) -> float:
-    """``step_one`` for rank 1 and 2 in three passes and no scratch: the Instant loop's step.
+    """``step_one`` for rank 1 and 2 in three passes and no scratch: the Instant loop's step
+    (see ``_step_fused``)."""
+    return _step_fused(a, bt, scale, x, vec, off, weight, mode, lr, max_norm)
+
+
+@inline
+def _step_fused(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+) -> float:
+    """``step_one`` for rank 1 and 2 in three passes and no scratch.
 
     ``mode`` is ``MODE_REGRESS``, ``MODE_GRADIENT`` or ``MODE_RESIDUAL`` (``off`` is read only
     by the last; pass ``vec`` otherwise). The caller guarantees float32 vectors; lengths and
@@ -805,6 +823,57 @@ def step_fused(
         return -status
     _apply_pass(a, bt, x, vec, off, mode, w, h0, h1, u0, u1, c)
     return float(norm * c / lr)
+
+
+@gil_kernel
+def step_rated_over(
+    ca: np.ndarray,
+    cbt: np.ndarray,
+    cscale: float,
+    ta: np.ndarray,
+    tbt: np.ndarray,
+    tscale: float,
+    th: np.ndarray,
+    transit: bool,
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    off: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+) -> float:
+    """The Instant loop's rated step on one module in one call: off = the consolidated delta
+    (``forward_into`` with ``ca``, ``cbt``), plus, with ``transit``, the delta of the adapter
+    in transit (``forward_add_vec`` with ``ta``, ``tbt`` and its scratch ``th``), then
+    ``step_fused`` with ``mode`` (``MODE_RESIDUAL``). The same code as those three calls, so
+    the same offsets and weights; one call instead of three saves their dispatch and the
+    Python between them on every request. ``mode`` is an argument rather than a constant
+    because a constant lets the compiler specialise the step's loops, and then their float32
+    sums round differently from ``step_fused``'s.
+
+    Returns what ``step_fused`` returns, or ``-STEP_UNSUPPORTED`` with no weight written when
+    an offset could not be computed (a length, a stride, or x·A beyond float32): the caller's
+    general path then says why."""
+    if _forward(ca, cbt, cscale, x, off) != FORWARD_OK:
+        return -STEP_UNSUPPORTED
+    if transit:
+        if (
+            ta.shape[1] != x.shape[0]
+            or tbt.shape[1] != off.shape[0]
+            or tbt.shape[0] != ta.shape[0]
+            or th.shape[0] < ta.shape[0]
+            or not _hidden(ta, tscale, x, th)
+        ):
+            return -STEP_UNSUPPORTED
+        for k in range(ta.shape[0]):
+            hk = th[k]
+            for j in range(off.shape[0]):
+                off[j] += hk * tbt[k, j]
+    return _step_fused(a, bt, scale, x, vec, off, weight, mode, lr, max_norm)
 
 
 # step_fused_grad's scratch row, per module (float64): what the decision and the update need

@@ -29,6 +29,7 @@ class FastKernels:
     apply_rank_one: Callable[..., Any]
     step_one: Callable[..., Any]
     step_fused: Callable[..., Any]
+    step_rated_over: Callable[..., Any]
     step_fused_grad: Callable[..., Any]
     step_fused_decide: Callable[..., Any]
     step_fused_apply: Callable[..., Any]
@@ -89,6 +90,10 @@ def warm_up(*, force: bool = False) -> float:
     fast.step_fused = entry_point(
         lora.step_fused, a.copy(), bt.copy(), s, x, g, g, 1.0, 0, 0.1, 1.0
     )
+    fast.step_rated_over = entry_point(
+        lora.step_rated_over, a, bt, s, a, bt, s, h, True, a.copy(), bt.copy(), s, x, g,
+        out.copy(), 1.0, lora.MODE_RESIDUAL, 0.1, 1.0,
+    )  # fmt: skip
     rows = np.zeros((2, lora.FUSED_SCRATCH))
     fast.step_fused_grad = entry_point(lora.step_fused_grad, a, bt, s, x, g, g, 1.0, 0, rows[0])
     fast.step_fused_decide = entry_point(lora.step_fused_decide, rows, s, 0.1, 1.0)

@@ -656,34 +656,59 @@ class MicroLoRA:
         offsets: Sequence[np.ndarray],
     ) -> bool | None:
         """``step(x, rated output, learning_rate, max_norm=max_norm, offsets=...)`` on every
-        module, without building the feedback and the offsets mapping: the Instant loop's
-        update for a rated sample, whose arrays are the sample's checked float32 copies, with
-        one offset per module in the order of ``modules``. The same kernels, weights and
-        outcome as ``step``; None, with nothing changed, wherever ``step`` would take its
-        general path (which then decides or raises)."""
-        st = self._fused_by_id.get(_NONE_ID)
+        module of an adapter with several, without building the feedback and the offsets
+        mapping: the Instant loop's update for a rated sample, whose arrays are the sample's
+        checked float32 copies, with one offset per module in the order of ``modules``. The
+        same kernels, weights and outcome as ``step``; None, with nothing changed, wherever
+        ``step`` would take its general path (which then decides or raises). One module takes
+        :meth:`_step_rated_over`."""
         states = self._fused_all
-        if (
-            (st is None and states is None)
-            or self._pending
-            or type(learning_rate) is not float
-            or not 0.0 < learning_rate < _INF
-            or type(max_norm) is not float
-            or not 0.0 < max_norm < _INF
-        ):
+        if states is None or not self._fused_rates(learning_rate, max_norm):
             return None
+        return self._step_states(
+            states, x, output, offsets, self._residual_modes, self._output_weight(quality),
+            learning_rate, max_norm, quality,
+        )  # fmt: skip
+
+    def _step_rated_over(
+        self,
+        base: MicroLoRA,
+        transit: MicroLoRA | None,
+        x: np.ndarray,
+        output: np.ndarray,
+        quality: float,
+        learning_rate: float,
+        max_norm: float,
+        off: np.ndarray,
+    ) -> bool | None:
+        """:meth:`_step_rated` for an adapter with one module, whose offset is the delta of
+        the one-module adapter ``base`` plus that of ``transit`` (when given): the offset goes
+        into ``off``, and the offset and the step take one kernel call
+        (``kernels.lora.step_rated_over``). The same code, weights and outcome as
+        ``_delta_into`` on each adapter and then ``step``; None, with no weight changed, where
+        an offset kernel refused or ``step`` would take its general path."""
+        st = self._fused_by_id.get(_NONE_ID)
+        if st is None or not self._fused_rates(learning_rate, max_norm):
+            return None
+        c = base._first
+        t = st if transit is None else transit._first  # unread without a transit
         w = self._output_weight(quality)
-        if states is not None:
-            return self._step_states(
-                states, x, output, offsets, self._residual_modes, w, learning_rate, max_norm,
-                quality,
-            )  # fmt: skip
-        assert st is not None
-        r = fast.step_fused(
-            st.a, st.bt, self._scale, x, output, offsets[0], w, _MODE_RESIDUAL, learning_rate,
-            max_norm,
+        r = fast.step_rated_over(
+            c.a, c.bt, base._scale, t.a, t.bt, t.scale, t.h, transit is not None, st.a, st.bt,
+            self._scale, x, output, off, w, _MODE_RESIDUAL, learning_rate, max_norm,
         )  # fmt: skip
         return self._fused_outcome(r, x, quality)
+
+    def _fused_rates(self, learning_rate: float, max_norm: float) -> bool:
+        """Whether the rated paths' kernels take these rates as they are, with no gradient
+        pending (``step`` takes anything else through its general path)."""
+        return (
+            not self._pending
+            and type(learning_rate) is float
+            and 0.0 < learning_rate < _INF
+            and type(max_norm) is float
+            and 0.0 < max_norm < _INF
+        )
 
     def _fused_outcome(self, r: float, x: np.ndarray, rated: float | None) -> bool | None:
         """What a fused step's kernel result ``r`` means: the step's result, or None (nothing

@@ -402,3 +402,107 @@ def test_step_fused_leaves_other_shapes_ranks_and_modes_to_the_general_path() ->
     assert run(a, bt, x, v, v, kl.MODE_NOISE) == unsupported
     assert run(rand(rng, 3, 6), rand(rng, 3, 5), x, v, v, kl.MODE_REGRESS) == unsupported
     assert run(a, bt, x, v, rand(rng, 4), kl.MODE_REGRESS) >= 0.0  # off is read only as residual
+
+
+# ---------------------------------------------------------------------------- offsets + step
+
+
+def _three_calls(
+    c: tuple[np.ndarray, np.ndarray, float],
+    t: tuple[np.ndarray, np.ndarray, float] | None,
+    a: np.ndarray,
+    bt: np.ndarray,
+    args: tuple[np.ndarray, np.ndarray, float, float, float],
+    off: np.ndarray,
+) -> float:
+    """What ``step_rated_over`` replaces: ``forward_into``, ``forward_add_vec``, then
+    ``step_fused`` (None where an offset kernel refused)."""
+    x, vec, weight, lr, max_norm = args
+    if kl.forward_into(c[0], c[1], c[2], x, off) != kl.FORWARD_OK:
+        return -kl.STEP_UNSUPPORTED
+    if t is not None and not kl.forward_add_vec(t[0], t[1], t[2], x, np.empty(len(t[0]), F32), off):
+        return -kl.STEP_UNSUPPORTED
+    return float(kl.step_fused(a, bt, 1.5, x, vec, off, weight, kl.MODE_RESIDUAL, lr, max_norm))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    c_rank=st.integers(1, 9),
+    t_rank=st.sampled_from([0, 1, 2]),
+    n_in=st.integers(1, 70),
+    n_out=st.integers(1, 70),
+    c_scale=st.sampled_from([0.0, 1.0, 1e19, 1e30]),
+    x_scale=st.sampled_from([0.05, 1.0, 1e20]),
+    lr=st.sampled_from([1e-3, 0.1, 1e30]),
+    max_norm=st.sampled_from([-1.0, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_rated_over_is_the_three_calls_it_replaces(
+    rank: int,
+    c_rank: int,
+    t_rank: int,
+    n_in: int,
+    n_out: int,
+    c_scale: float,
+    x_scale: float,
+    lr: float,
+    max_norm: float,
+    seed: int,
+) -> None:
+    """Same status, offsets and weights bit for bit, at magnitudes where an offset overflows,
+    the step is rejected or the step is clipped; a refused call writes no weight."""
+    rng = np.random.default_rng(seed)
+    c = (rand(rng, c_rank, n_in), rand(rng, c_rank, n_out, scale=c_scale), 0.7)
+    t = (rand(rng, t_rank, n_in), rand(rng, t_rank, n_out), 2.0) if t_rank else None
+    a, bt = rand(rng, rank, n_in), rand(rng, rank, n_out, scale=0.5)
+    args = (rand(rng, n_in, scale=x_scale), rand(rng, n_out), 0.8, lr, max_norm)
+    ea, ebt, e_off = a.copy(), bt.copy(), np.zeros(n_out, F32)
+    expected = _three_calls(c, t, ea, ebt, args, e_off)
+    fa, fbt, f_off = a.copy(), bt.copy(), np.zeros(n_out, F32)
+    ta, tbt, ts = t if t is not None else (a, bt, 1.0)
+    x, vec, weight, _, _ = args
+    got = fast.step_rated_over(
+        *c, ta, tbt, ts, np.empty(max(t_rank, 1), F32), t is not None, fa, fbt, 1.5, x, vec,
+        f_off, weight, kl.MODE_RESIDUAL, lr, max_norm,
+    )  # fmt: skip
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+    assert fa.tobytes() == ea.tobytes() and fbt.tobytes() == ebt.tobytes()
+    if expected != -kl.STEP_UNSUPPORTED:
+        assert f_off.tobytes() == e_off.tobytes()
+    if got < 0.0:
+        assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+
+
+def test_step_rated_over_refuses_mismatched_adapters_before_writing_weights() -> None:
+    rng = np.random.default_rng(3)
+    a, bt, x, v = rand(rng, 2, 6), rand(rng, 2, 5), rand(rng, 6), rand(rng, 5)
+    c = (rand(rng, 8, 6), rand(rng, 8, 5), 1.0)
+
+    def run(cc: tuple[np.ndarray, ...], t: tuple[np.ndarray, ...] | None, x_: np.ndarray,
+            off: np.ndarray, h: np.ndarray | None = None) -> float:  # fmt: skip
+        fa, fbt = a.copy(), bt.copy()
+        ta, tbt = t if t is not None else (a, bt)
+        r = float(fast.step_rated_over(
+            cc[0], cc[1], 1.0, ta, tbt, 1.0, np.empty(2, F32) if h is None else h,
+            t is not None, fa, fbt, 1.0, x_, v, off, 1.0, kl.MODE_RESIDUAL, 0.1, 1.0,
+        ))  # fmt: skip
+        if r < 0.0:
+            assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+        return r
+
+    off = np.zeros(5, F32)
+    unsupported = -kl.STEP_UNSUPPORTED
+    assert run(c, None, x, off) >= 0.0
+    assert run(c, (rand(rng, 2, 6), rand(rng, 2, 5)), x, off) >= 0.0
+    assert run(c, None, rand(rng, 7), off) == unsupported  # x longer than A's rows
+    assert run(c, None, rand(rng, 6, 2)[:, 0], off) == unsupported  # strided x
+    assert run(c, None, x, np.zeros(4, F32)) == unsupported  # off of another length
+    assert run((rand(rng, 8, 7), c[1]), None, x, off) == unsupported  # consolidated's width
+    assert run(c, (rand(rng, 2, 7), rand(rng, 2, 5)), x, off) == unsupported  # transit's A
+    assert run(c, (rand(rng, 2, 6), rand(rng, 2, 4)), x, off) == unsupported  # transit's Bᵀ
+    assert run(c, (rand(rng, 2, 6), rand(rng, 1, 5)), x, off) == unsupported  # ranks differ
+    assert run(c, (rand(rng, 2, 6), rand(rng, 2, 5)), x, off, np.empty(1, F32)) == unsupported
+    bad = x.copy()
+    bad[2] = np.nan
+    assert run(c, None, bad, off) == unsupported  # the offset is not finite: the general path
