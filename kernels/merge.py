@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sona.kernels.jit import gil_kernel, kernel
+from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.linalg import combine_rows, householder_rows, jacobi_svd
 from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.update import sq_norm
@@ -58,6 +58,21 @@ def fits(value: float, e: int) -> bool:
         return False
     mant, exp = math.frexp(value)
     return exp + e < _F32_MAX_EXP or (exp + e == _F32_MAX_EXP and mant < _F32_MAX_MANT)
+
+
+@inline
+def _scaled_into(src: np.ndarray, e: int, out: np.ndarray) -> None:
+    """out = float32(2**e·src). A product with a power of two that is a normal float64 rounds
+    exactly as ``ldexp`` does, and it vectorises; beyond that range, ``ldexp`` per entry."""
+    if -1022 <= e <= 1023:
+        factor = math.ldexp(1.0, e)
+        for r in range(src.shape[0]):
+            for j in range(src.shape[1]):
+                out[r, j] = np.float32(src[r, j] * factor)
+        return
+    for r in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            out[r, j] = np.float32(math.ldexp(src[r, j], e))
 
 
 @kernel
@@ -112,11 +127,8 @@ def low_rank_into(
     if not fits(np.sqrt(sq_norm(a_new)) * np.sqrt(sq_norm(bt_new)), e):
         return LOW_RANK_TOO_LARGE
     half = e // 2
-    for r in range(rank):
-        for j in range(n_in):
-            out_a[r, j] = np.float32(math.ldexp(a_new[r, j], half))
-        for j in range(n_out):
-            out_bt[r, j] = np.float32(math.ldexp(bt_new[r, j], e - half))
+    _scaled_into(a_new, half, out_a)
+    _scaled_into(bt_new, e - half, out_bt)
     # rounding to float32 can carry the bound across float32's max: the factors as installed
     # must keep it (as MicroLoRA.set_factors requires)
     if not np.sqrt(sq_norm(out_a)) * np.sqrt(sq_norm(out_bt)) < _F32_MAX:
