@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -176,3 +177,26 @@ def test_a_rank_limited_merge_takes_the_kernel_path(monkeypatch: pytest.MonkeyPa
     sv = np.linalg.svd(want, compute_uv=False)
     err = float(np.linalg.norm(merged.delta_weight(Q) - want))
     assert err <= float(np.sqrt(np.sum(sv[8:] ** 2))) + 1e-5 * float(sv[0])
+
+
+@numba.njit(cache=False)
+def _scaled(src: np.ndarray, e: int, out: np.ndarray) -> None:
+    k_merge._scaled_into(src, e, out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    e=st.one_of(st.integers(-1100, 1100), st.sampled_from([-1075, -1023, -1022, 1023, 1024])),
+)
+def test_factors_are_scaled_exactly_as_ldexp_scales_them(seed: int, e: int) -> None:
+    """The final scaling rounds like ldexp then float32, for any power of two: entries whose
+    scaled value lands anywhere from below float32's subnormals to beyond its max."""
+    rng = np.random.default_rng(seed)
+    exps = np.clip(-e + rng.integers(-160, 141, (3, 37)), -1070, 1020)
+    src = rng.standard_normal((3, 37)) * np.exp2(exps.astype(np.float64))
+    out = np.empty(src.shape, F32)
+    with np.errstate(over="ignore"):
+        expected = np.ldexp(src, e).astype(F32)
+    _scaled(src, e, out)
+    assert out.tobytes() == expected.tobytes()
