@@ -428,7 +428,9 @@ class SonaRuntime:
     # ------------------------------------------------------------------ ingress
     async def instant_adapt(self, query: Any, response: Any, quality: float) -> AdaptationResult:
         """Learn from a rated (query, response) pair: text or embeddings."""
-        return await self._submit_valid(self._factory.rated(query, response, quality), None)
+        sample = self._factory.rated(query, response, quality)
+        self._check_running()
+        return await self._submit_checked(sample, None)
 
     async def adapt(
         self, x: Any, feedback: AdaptFeedback, module: TargetModule | None = None
@@ -444,12 +446,12 @@ class SonaRuntime:
         one takes it from its mailbox. Ingress applies ``overflow`` first."""
         self._check_running()
         sample = self._factory.check(sample, module)
-        return await self._submit_valid(sample, sample.module)
+        return await self._submit_checked(sample, sample.module)
 
-    async def _submit_valid(
+    async def _submit_checked(
         self, sample: TrainingSample, module: TargetModule | None
     ) -> AdaptationResult:
-        self._check_running()
+        """Ingress for a valid sample, once the caller checked that the runtime runs."""
         policy = self.config.overflow
         while self._pending >= self.config.max_pending_samples:
             if policy is OverflowPolicy.BLOCK:
