@@ -28,7 +28,21 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def measurable(sample: TrainingSample) -> bool:
-    return sample.to_feedback().kind in _MEASURABLE
+    fb = sample.feedback
+    return fb is None or fb.kind in _MEASURABLE
+
+
+def _term(sample: TrainingSample) -> tuple[np.ndarray, float] | None:
+    """The target and weight of ``sample``'s squared error; None when its feedback defines no
+    loss value. A rated sample (no explicit feedback, the common case) is rated-output
+    feedback on its own output embedding, read here without building that feedback."""
+    fb = sample.feedback
+    if fb is None:
+        return sample.output_embedding, sample.quality
+    if fb.kind not in _MEASURABLE:
+        return None
+    assert fb.vector is not None
+    return fb.vector, 1.0 if fb.kind is FeedbackKind.GROUP else fb.quality
 
 
 def hold_out_newest(
@@ -90,13 +104,12 @@ class LossTerms:
         for i, s in enumerate(samples):
             if module is not None and s.module is not None and s.module is not module:
                 continue
-            fb = s.to_feedback()
-            if fb.kind not in _MEASURABLE:
+            term = _term(s)
+            if term is None:
                 continue
-            assert fb.vector is not None
             rows.append(i)
-            targets.append(fb.vector)
-            weights.append(1.0 if fb.kind is FeedbackKind.GROUP else fb.quality)
+            targets.append(term[0])
+            weights.append(term[1])
         if not rows:
             return None
         if x is None or len(rows) != len(samples):
