@@ -64,6 +64,46 @@ def test_forward_kernels_match_the_reference(
     assert_f32_close(accb, baseb + ref_forward(a, bt, scale, xb), magb, terms)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rank=st.integers(1, 11),
+    n=st.integers(1, 7),
+    n_in=st.sampled_from([1, 7, 300, 1100]),
+    n_out=st.sampled_from([1, 9, 511, 512, 513, 1300]),
+    accumulate=st.booleans(),
+    bad_row=st.none() | st.integers(0, 6),
+    seed=st.integers(0, 999),
+)
+def test_forward_batch_blocks_match_the_reference(
+    rank: int,
+    n: int,
+    n_in: int,
+    n_out: int,
+    accumulate: bool,
+    bad_row: int | None,
+    seed: int,
+) -> None:
+    """Every block shape: inputs in pairs and an odd one left, ranks in fours, twos and ones,
+    output columns in whole and partial tiles. A non-finite input in any row, of a pair or
+    the odd one, leaves ``out`` untouched."""
+    rng = np.random.default_rng(seed)
+    a, bt, xb = rand(rng, rank, n_in), rand(rng, rank, n_out), rand(rng, n, n_in)
+    base = rand(rng, n, n_out)
+    out = base.copy() if accumulate else np.full((n, n_out), 7.0, F32)
+    before = out.copy()
+    hb = np.empty((n, rank), F32)
+    if bad_row is not None and bad_row < n:
+        xb[bad_row, n_in // 2] = np.nan
+        assert not kl.forward_batch(a, bt, 0.75, xb, hb, out, accumulate)
+        assert out.tobytes() == before.tobytes()
+        return
+    assert kl.forward_batch(a, bt, 0.75, xb, hb, out, accumulate)
+    expected = ref_forward(a, bt, 0.75, xb) + (f64(base) if accumulate else 0.0)
+    mag = ref_magnitude(a, bt, 0.75, xb) + (np.abs(f64(base)) if accumulate else 0.0)
+    assert_f32_close(out, expected, mag, n_in + rank)
+    assert_f32_close(hb, 0.75 * f64(xb) @ f64(a).T, 0.75 * np.abs(f64(xb)) @ np.abs(f64(a)).T, n_in)
+
+
 def test_forward_kernels_take_strided_inputs() -> None:
     rng = np.random.default_rng(0)
     a, bt = rand(rng, 2, 6), rand(rng, 2, 5)
