@@ -957,8 +957,29 @@ def step_rated_over(
     Returns what ``step_fused`` returns, or ``-STEP_UNSUPPORTED`` with no weight written when
     an offset could not be computed (a length, a stride, or x·A beyond float32): the caller's
     general path then says why."""
-    if _forward(ca, cbt, cscale, x, off) != FORWARD_OK:
+    if not _rated_offset(ca, cbt, cscale, ta, tbt, tscale, th, transit, x, off):
         return -STEP_UNSUPPORTED
+    return _step_fused(a, bt, scale, x, vec, off, weight, mode, lr, max_norm)
+
+
+@inline
+def _rated_offset(
+    ca: np.ndarray,
+    cbt: np.ndarray,
+    cscale: float,
+    ta: np.ndarray,
+    tbt: np.ndarray,
+    tscale: float,
+    th: np.ndarray,
+    transit: bool,
+    x: np.ndarray,
+    off: np.ndarray,
+) -> bool:
+    """off = the consolidated delta of x, plus, with ``transit``, the delta of the adapter in
+    transit: ``forward_into``, then ``forward_add_vec``'s code. False where either refuses (a
+    length, a stride, or x·A beyond float32)."""
+    if _forward(ca, cbt, cscale, x, off) != FORWARD_OK:
+        return False
     if transit:
         if (
             ta.shape[1] != x.shape[0]
@@ -967,12 +988,12 @@ def step_rated_over(
             or th.shape[0] < ta.shape[0]
             or not _hidden(ta, tscale, x, th)
         ):
-            return -STEP_UNSUPPORTED
+            return False
         for k in range(ta.shape[0]):
             hk = th[k]
             for j in range(off.shape[0]):
                 off[j] += hk * tbt[k, j]
-    return _step_fused(a, bt, scale, x, vec, off, weight, mode, lr, max_norm)
+    return True
 
 
 # step_fused_grad's scratch row, per module (float64): what the decision and the update need
@@ -1334,6 +1355,29 @@ def step_fused_pair(
     configuration): ``step_fused``'s result and ``STEP_*`` codes, with the clip on the joint
     norm and both modules guarded before either is written. ``sums`` is (2, FUSED_SCRATCH).
     """
+    return _step_fused_pair(
+        a0, bt0, off0, mode0, a1, bt1, off1, mode1, scale, x, vec, weight, lr, max_norm, sums
+    )
+
+
+@inline
+def _step_fused_pair(
+    a0: np.ndarray,
+    bt0: np.ndarray,
+    off0: np.ndarray,
+    mode0: int,
+    a1: np.ndarray,
+    bt1: np.ndarray,
+    off1: np.ndarray,
+    mode1: int,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    lr: float,
+    max_norm: float,
+    sums: np.ndarray,
+) -> float:
     if sums.shape[0] != 2:
         return -STEP_UNSUPPORTED
     if a0.shape[0] == 2 and a1.shape[0] == 2:
@@ -1352,6 +1396,49 @@ def step_fused_pair(
     _fused_apply(a0, bt0, x, vec, off0, mode0, sums[0])
     _fused_apply(a1, bt1, x, vec, off1, mode1, sums[1])
     return r
+
+
+@gil_kernel
+def step_rated_over_pair(
+    ca0: np.ndarray,
+    cbt0: np.ndarray,
+    ca1: np.ndarray,
+    cbt1: np.ndarray,
+    cscale: float,
+    ta0: np.ndarray,
+    tbt0: np.ndarray,
+    ta1: np.ndarray,
+    tbt1: np.ndarray,
+    tscale: float,
+    th: np.ndarray,
+    transit: bool,
+    a0: np.ndarray,
+    bt0: np.ndarray,
+    off0: np.ndarray,
+    a1: np.ndarray,
+    bt1: np.ndarray,
+    off1: np.ndarray,
+    mode: int,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    lr: float,
+    max_norm: float,
+    sums: np.ndarray,
+) -> float:
+    """``step_rated_over`` for two modules (the default configuration): each module's offset
+    from the consolidated adapter (``ca0``, ``cbt0`` for the first) plus, with ``transit``,
+    the adapter in transit (``ta0``, ``tbt0``; ``th`` its scratch), then ``step_fused_pair``
+    with ``mode`` for both. The same code as those calls, so the same offsets and weights;
+    ``-STEP_UNSUPPORTED`` with no weight written where an offset could not be computed."""
+    if not _rated_offset(ca0, cbt0, cscale, ta0, tbt0, tscale, th, transit, x, off0):
+        return -STEP_UNSUPPORTED
+    if not _rated_offset(ca1, cbt1, cscale, ta1, tbt1, tscale, th, transit, x, off1):
+        return -STEP_UNSUPPORTED
+    return _step_fused_pair(
+        a0, bt0, off0, mode, a1, bt1, off1, mode, scale, x, vec, weight, lr, max_norm, sums
+    )
 
 
 @kernel

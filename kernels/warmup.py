@@ -30,6 +30,7 @@ class FastKernels:
     step_one: Callable[..., Any]
     step_fused: Callable[..., Any]
     step_rated_over: Callable[..., Any]
+    step_rated_over_pair: Callable[..., Any]
     step_fused_grad: Callable[..., Any]
     step_fused_decide: Callable[..., Any]
     step_fused_apply: Callable[..., Any]
@@ -100,6 +101,11 @@ def warm_up(*, force: bool = False) -> float:
     fast.step_fused_apply = entry_point(
         lora.step_fused_apply, a.copy(), bt.copy(), x, g, g, 0, rows[0]
     )
+    fast.step_rated_over_pair = entry_point(
+        lora.step_rated_over_pair, a, bt, a, bt, s, a, bt, a, bt, s, h, True, a.copy(),
+        bt.copy(), out.copy(), a.copy(), bt.copy(), out.copy(), lora.MODE_RESIDUAL, s, x, g,
+        1.0, 0.1, 1.0, rows,
+    )  # fmt: skip
     fast.step_fused_pair = entry_point(
         lora.step_fused_pair, a.copy(), bt.copy(), g, 0, a.copy(), bt.copy(), g, 0,
         s, x, g, 1.0, 0.1, 1.0, rows,

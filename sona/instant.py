@@ -162,10 +162,10 @@ class InstantLoop:
         x = sample.input_embedding
         base = published.base
         transit = self.in_transit
-        if self._only is not None:  # offsets and step in one kernel call
+        if len(self._offset_list) <= 2:  # offsets and step in one kernel call
             return self.live._step_rated_over(
                 base, transit, x, sample.output_embedding, sample.quality, self._lr,
-                self._max_norm, self._offset_list[0],
+                self._max_norm, self._offset_list,
             )  # fmt: skip
         for module, offset in self._offset_pairs:
             if not base._delta_into(x, module, offset, False):

@@ -660,8 +660,8 @@ class MicroLoRA:
         mapping: the Instant loop's update for a rated sample, whose arrays are the sample's
         checked float32 copies, with one offset per module in the order of ``modules``. The
         same kernels, weights and outcome as ``step``; None, with nothing changed, wherever
-        ``step`` would take its general path (which then decides or raises). One module takes
-        :meth:`_step_rated_over`."""
+        ``step`` would take its general path (which then decides or raises). One or two
+        modules take :meth:`_step_rated_over`."""
         states = self._fused_all
         if states is None or not self._fused_rates(learning_rate, max_norm):
             return None
@@ -679,23 +679,43 @@ class MicroLoRA:
         quality: float,
         learning_rate: float,
         max_norm: float,
-        off: np.ndarray,
+        offs: Sequence[np.ndarray],
     ) -> bool | None:
-        """:meth:`_step_rated` for an adapter with one module, whose offset is the delta of
-        the one-module adapter ``base`` plus that of ``transit`` (when given): the offset goes
-        into ``off``, and the offset and the step take one kernel call
-        (``kernels.lora.step_rated_over``). The same code, weights and outcome as
-        ``_delta_into`` on each adapter and then ``step``; None, with no weight changed, where
-        an offset kernel refused or ``step`` would take its general path."""
-        st = self._fused_by_id.get(_NONE_ID)
-        if st is None or not self._fused_rates(learning_rate, max_norm):
+        """:meth:`_step_rated` for an adapter with one module or two, whose offsets are the
+        deltas of ``base`` (an adapter on the same modules) plus those of ``transit`` (when
+        given): they go into ``offs`` (one buffer per module, in the order of ``modules``),
+        and the offsets and the step take one kernel call (``kernels.lora.step_rated_over``,
+        ``step_rated_over_pair``). The same code, weights and outcome as ``_delta_into`` on
+        each adapter and then ``step``; None, with no weight changed, where an offset kernel
+        refused or ``step`` would take its general path."""
+        if not self._fused_rates(learning_rate, max_norm):
             return None
-        c = base._first
-        t = st if transit is None else transit._first  # unread without a transit
         w = self._output_weight(quality)
-        r = fast.step_rated_over(
-            c.a, c.bt, base._scale, t.a, t.bt, t.scale, t.h, transit is not None, st.a, st.bt,
-            self._scale, x, output, off, w, _MODE_RESIDUAL, learning_rate, max_norm,
+        st = self._fused_by_id.get(_NONE_ID)
+        if st is not None:
+            c = base._first
+            t = st if transit is None else transit._first  # unread without a transit
+            if c.module is not st.module or t.module is not st.module:
+                return None
+            r = fast.step_rated_over(
+                c.a, c.bt, base._scale, t.a, t.bt, t.scale, t.h, transit is not None, st.a,
+                st.bt, self._scale, x, output, offs[0], w, _MODE_RESIDUAL, learning_rate,
+                max_norm,
+            )  # fmt: skip
+            return self._fused_outcome(r, x, quality)
+        states = self._fused_all
+        if states is None or len(states) != 2:
+            return None
+        trans = states if transit is None else transit._states  # unread without a transit
+        if len(base._states) != 2 or len(trans) != 2:
+            return None
+        (q, v), (cq, cv), (tq, tv) = states, base._states, trans
+        if not (cq.module is tq.module is q.module and cv.module is tv.module is v.module):
+            return None
+        r = fast.step_rated_over_pair(
+            cq.a, cq.bt, cv.a, cv.bt, base._scale, tq.a, tq.bt, tv.a, tv.bt, tq.scale, tq.h,
+            transit is not None, q.a, q.bt, offs[0], v.a, v.bt, offs[1], _MODE_RESIDUAL,
+            self._scale, x, output, w, learning_rate, max_norm, self._fused,
         )  # fmt: skip
         return self._fused_outcome(r, x, quality)
 

@@ -506,3 +506,68 @@ def test_step_rated_over_refuses_mismatched_adapters_before_writing_weights() ->
     bad = x.copy()
     bad[2] = np.nan
     assert run(c, None, bad, off) == unsupported  # the offset is not finite: the general path
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rank=st.integers(1, 2),
+    c_rank=st.integers(1, 9),
+    transit=st.booleans(),
+    n_in=st.integers(1, 70),
+    n_out=st.integers(1, 70),
+    c_scale=st.sampled_from([0.0, 1.0, 1e19, 1e30]),
+    x_scale=st.sampled_from([0.05, 1.0, 1e20]),
+    lr=st.sampled_from([1e-3, 0.1, 1e30]),
+    max_norm=st.sampled_from([-1.0, 1.0]),
+    seed=st.integers(0, 9999),
+)
+def test_step_rated_over_pair_is_the_calls_it_replaces(
+    rank: int,
+    c_rank: int,
+    transit: bool,
+    n_in: int,
+    n_out: int,
+    c_scale: float,
+    x_scale: float,
+    lr: float,
+    max_norm: float,
+    seed: int,
+) -> None:
+    """Two modules: both offsets, then ``step_fused_pair``; same status, offsets and weights
+    bit for bit, and a refused call writes no weight."""
+    rng = np.random.default_rng(seed)
+    cs = [(rand(rng, c_rank, n_in), rand(rng, c_rank, n_out, scale=c_scale)) for _ in range(2)]
+    ts = [(rand(rng, 2, n_in), rand(rng, 2, n_out)) for _ in range(2)]
+    ws = [(rand(rng, rank, n_in), rand(rng, rank, n_out, scale=0.5)) for _ in range(2)]
+    x, vec = rand(rng, n_in, scale=x_scale), rand(rng, n_out)
+    mode = kl.MODE_RESIDUAL
+
+    # the calls it replaces
+    e = [(a.copy(), bt.copy()) for a, bt in ws]
+    e_offs = [np.zeros(n_out, F32) for _ in range(2)]
+    expected: float = -kl.STEP_UNSUPPORTED
+    for (ca, cbt), (ta, tbt), off in zip(cs, ts, e_offs, strict=True):
+        if kl.forward_into(ca, cbt, 0.7, x, off) != kl.FORWARD_OK or (
+            transit and not kl.forward_add_vec(ta, tbt, 2.0, x, np.empty(2, F32), off)
+        ):
+            break
+    else:
+        expected = float(kl.step_fused_pair(
+            e[0][0], e[0][1], e_offs[0], mode, e[1][0], e[1][1], e_offs[1], mode, 1.5, x, vec,
+            0.8, lr, max_norm, np.zeros((2, kl.FUSED_SCRATCH)),
+        ))  # fmt: skip
+
+    f = [(a.copy(), bt.copy()) for a, bt in ws]
+    f_offs = [np.zeros(n_out, F32) for _ in range(2)]
+    got = fast.step_rated_over_pair(
+        cs[0][0], cs[0][1], cs[1][0], cs[1][1], 0.7, ts[0][0], ts[0][1], ts[1][0], ts[1][1],
+        2.0, np.empty(2, F32), transit, f[0][0], f[0][1], f_offs[0], f[1][0], f[1][1],
+        f_offs[1], mode, 1.5, x, vec, 0.8, lr, max_norm, np.zeros((2, kl.FUSED_SCRATCH)),
+    )  # fmt: skip
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+    for (fa, fbt), (ea, ebt), (a, bt) in zip(f, e, ws, strict=True):
+        assert fa.tobytes() == ea.tobytes() and fbt.tobytes() == ebt.tobytes()
+        if got < 0.0:
+            assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+    if expected != -kl.STEP_UNSUPPORTED:
+        assert all(fo.tobytes() == eo.tobytes() for fo, eo in zip(f_offs, e_offs, strict=True))
