@@ -1415,10 +1415,11 @@ def step_rated_over_pair(
     a0: np.ndarray,
     bt0: np.ndarray,
     off0: np.ndarray,
+    mode0: int,
     a1: np.ndarray,
     bt1: np.ndarray,
     off1: np.ndarray,
-    mode: int,
+    mode1: int,
     scale: float,
     x: np.ndarray,
     vec: np.ndarray,
@@ -1430,14 +1431,17 @@ def step_rated_over_pair(
     """``step_rated_over`` for two modules (the default configuration): each module's offset
     from the consolidated adapter (``ca0``, ``cbt0`` for the first) plus, with ``transit``,
     the adapter in transit (``ta0``, ``tbt0``; ``th`` its scratch), then ``step_fused_pair``
-    with ``mode`` for both. The same code as those calls, so the same offsets and weights;
-    ``-STEP_UNSUPPORTED`` with no weight written where an offset could not be computed."""
+    with ``mode0`` and ``mode1``. The same code as those calls, so the same offsets and
+    weights; ``-STEP_UNSUPPORTED`` with no weight written where an offset could not be
+    computed. Each module gets its own mode argument, as in ``step_fused_pair``: one value
+    for both lets the compiler merge the modules' branches, and the sums then round
+    differently (see ``step_rated_over``)."""
     if not _rated_offset(ca0, cbt0, cscale, ta0, tbt0, tscale, th, transit, x, off0):
         return -STEP_UNSUPPORTED
     if not _rated_offset(ca1, cbt1, cscale, ta1, tbt1, tscale, th, transit, x, off1):
         return -STEP_UNSUPPORTED
     return _step_fused_pair(
-        a0, bt0, off0, mode, a1, bt1, off1, mode, scale, x, vec, weight, lr, max_norm, sums
+        a0, bt0, off0, mode0, a1, bt1, off1, mode1, scale, x, vec, weight, lr, max_norm, sums
     )
 
 

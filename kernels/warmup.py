@@ -103,8 +103,8 @@ def warm_up(*, force: bool = False) -> float:
     )
     fast.step_rated_over_pair = entry_point(
         lora.step_rated_over_pair, a, bt, a, bt, s, a, bt, a, bt, s, h, True, a.copy(),
-        bt.copy(), out.copy(), a.copy(), bt.copy(), out.copy(), lora.MODE_RESIDUAL, s, x, g,
-        1.0, 0.1, 1.0, rows,
+        bt.copy(), out.copy(), lora.MODE_RESIDUAL, a.copy(), bt.copy(), out.copy(),
+        lora.MODE_RESIDUAL, s, x, g, 1.0, 0.1, 1.0, rows,
     )  # fmt: skip
     fast.step_fused_pair = entry_point(
         lora.step_fused_pair, a.copy(), bt.copy(), g, 0, a.copy(), bt.copy(), g, 0,

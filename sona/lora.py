@@ -714,8 +714,8 @@ class MicroLoRA:
             return None
         r = fast.step_rated_over_pair(
             cq.a, cq.bt, cv.a, cv.bt, base._scale, tq.a, tq.bt, tv.a, tv.bt, tq.scale, tq.h,
-            transit is not None, q.a, q.bt, offs[0], v.a, v.bt, offs[1], _MODE_RESIDUAL,
-            self._scale, x, output, w, learning_rate, max_norm, self._fused,
+            transit is not None, q.a, q.bt, offs[0], _MODE_RESIDUAL, v.a, v.bt, offs[1],
+            _MODE_RESIDUAL, self._scale, x, output, w, learning_rate, max_norm, self._fused,
         )  # fmt: skip
         return self._fused_outcome(r, x, quality)
 
