@@ -45,13 +45,17 @@ def gil_kernel(fn: F) -> F:
 
 def strict_kernel(fn: F) -> F:
     """Compiled like :func:`kernel` but without fast-math flags, for scalar bookkeeping that
-    must round exactly like the Python floats it mirrors. Kernels it calls keep their flags."""
-    return cast(F, numba.njit(cache=True, nogil=True)(fn))
+    must round exactly like the Python floats it mirrors. Kernels it calls keep their flags.
+
+    ``fastmath=False`` is set, not left out: a function that leaves it out takes the flags of
+    whichever caller compiles it first, and keeps them in its cache entry for every caller,
+    so a fast-math kernel calling it would change how it rounds from then on."""
+    return cast(F, numba.njit(cache=True, nogil=True, fastmath=False)(fn))
 
 
 def strict_inline(fn: F) -> F:
     """A helper of a :func:`strict_kernel`, inlined into it."""
-    return cast(F, numba.njit(cache=True, nogil=True, inline="always")(fn))
+    return cast(F, numba.njit(cache=True, nogil=True, fastmath=False, inline="always")(fn))
 
 
 def inline(fn: F) -> F:

@@ -12,6 +12,7 @@ than of x: NaN or inf anywhere in x reaches h through the dot products.
 from __future__ import annotations
 
 import numpy as np
+from sona.kernels.baseline import output_weight, update_baseline
 from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.ownership import is_free
 from sona.kernels.random import normal, uniform01
@@ -940,7 +941,11 @@ def step_rated_over(
     x: np.ndarray,
     vec: np.ndarray,
     off: np.ndarray,
-    weight: float,
+    quality: float,
+    rating: np.ndarray,
+    decay: float,
+    temperature: float,
+    cap: float,
     mode: int,
     lr: float,
     max_norm: float,
@@ -948,18 +953,44 @@ def step_rated_over(
     """The Instant loop's rated step on one module in one call: off = the consolidated delta
     (``forward_into`` with ``ca``, ``cbt``), plus, with ``transit``, the delta of the adapter
     in transit (``forward_add_vec`` with ``ta``, ``tbt`` and its scratch ``th``), then
-    ``step_fused`` with ``mode`` (``MODE_RESIDUAL``). The same code as those three calls, so
-    the same offsets and weights; one call instead of three saves their dispatch and the
-    Python between them on every request. ``mode`` is an argument rather than a constant
-    because a constant lets the compiler specialise the step's loops, and then their float32
-    sums round differently from ``step_fused``'s.
+    ``step_fused`` with ``mode`` (``MODE_RESIDUAL``) on the output ``vec`` rated ``quality``.
+    The same code as those three calls, so the same offsets and weights; one call instead of
+    three saves their dispatch and the Python between them on every request. ``mode`` is an
+    argument rather than a constant because a constant lets the compiler specialise the
+    step's loops, and then their float32 sums round differently from ``step_fused``'s.
+
+    The rating's weight comes from the baseline ``rating`` ([count, mean, var], see
+    :mod:`sona.kernels.baseline`, with ``decay``, ``temperature`` and ``cap``), which the
+    rating then joins as ``MicroLoRA.step`` has it join (:func:`_rating_joins`).
 
     Returns what ``step_fused`` returns, or ``-STEP_UNSUPPORTED`` with no weight written when
     an offset could not be computed (a length, a stride, or x·A beyond float32): the caller's
     general path then says why."""
     if not _rated_offset(ca, cbt, cscale, ta, tbt, tscale, th, transit, x, off):
         return -STEP_UNSUPPORTED
-    return _step_fused(a, bt, scale, x, vec, off, weight, mode, lr, max_norm)
+    w = output_weight(rating, quality, temperature, cap)
+    r = _step_fused(a, bt, scale, x, vec, off, w, mode, lr, max_norm)
+    if _rating_joins(r, x):
+        update_baseline(rating, quality, decay)
+    return r
+
+
+@inline
+def _rating_joins(r: float, x: np.ndarray) -> bool:
+    """Whether a fused step's result ``r`` folds its rating into the baseline, as
+    ``MicroLoRA._fused_outcome`` decides: once the step is decided, applied or refused by a
+    guard; not for a zero input (declined), nor where the general path decides (x or the
+    gradient not finite, shapes it does not take)."""
+    if r > 0.0:
+        return True
+    if r == 0.0:  # a zero input is declined; a zero gradient for another one is a step
+        nonzero = False
+        for e in x:
+            if e != 0.0:
+                nonzero = True
+                break
+        return nonzero
+    return -r == STEP_GRAD_NORM or -r == STEP_WEIGHTS or -r == STEP_OVERFLOW
 
 
 @inline
@@ -1423,7 +1454,11 @@ def step_rated_over_pair(
     scale: float,
     x: np.ndarray,
     vec: np.ndarray,
-    weight: float,
+    quality: float,
+    rating: np.ndarray,
+    decay: float,
+    temperature: float,
+    cap: float,
     lr: float,
     max_norm: float,
     sums: np.ndarray,
@@ -1440,9 +1475,13 @@ def step_rated_over_pair(
         return -STEP_UNSUPPORTED
     if not _rated_offset(ca1, cbt1, cscale, ta1, tbt1, tscale, th, transit, x, off1):
         return -STEP_UNSUPPORTED
-    return _step_fused_pair(
-        a0, bt0, off0, mode0, a1, bt1, off1, mode1, scale, x, vec, weight, lr, max_norm, sums
+    w = output_weight(rating, quality, temperature, cap)
+    r = _step_fused_pair(
+        a0, bt0, off0, mode0, a1, bt1, off1, mode1, scale, x, vec, w, lr, max_norm, sums
     )
+    if _rating_joins(r, x):
+        update_baseline(rating, quality, decay)
+    return r
 
 
 @kernel

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from sona.kernels.baseline import output_weight, update_baseline
 from sona.kernels.ewc import prox_step
 from sona.kernels.jit import strict_inline, strict_kernel
 from sona.kernels.lora import (
@@ -41,8 +42,6 @@ from sona.kernels.update import (
     grad_sq_norm,
     sq_norm64,
 )
-
-MIN_STD = 1e-4  # RunningBaseline.MIN_STD
 
 # replay_epoch's EWC++ arguments: ut, c, mt (one anchor per module), then one module's scratch
 # q, dq, w, gram, kmat, lower, vec, bt_new (see kernels.ewc.prox_step)
@@ -79,33 +78,6 @@ def _declined(x: np.ndarray, rating_only: bool) -> int:
         # NaN or inf in x makes the float64 sum NaN or inf
         return DECLINED_RATING if sq_norm64(x) <= MAX_INPUT_SQ_NORM else DECLINED_RATING + 1
     return 0
-
-
-@strict_inline
-def _output_weight(baseline: np.ndarray, quality: float, temperature: float, cap: float) -> float:
-    """``MicroLoRA._output_weight``: exp(advantage / temperature), capped."""
-    adv = 0.0
-    if baseline[0] > 0.0:  # count
-        adv = (quality - baseline[1]) / max(math.sqrt(baseline[2]), MIN_STD)
-    z = adv / temperature
-    if z >= math.log(cap):
-        return cap
-    return math.exp(z)
-
-
-@strict_inline
-def _update_baseline(baseline: np.ndarray, quality: float, decay: float) -> None:
-    """``RunningBaseline.update`` on [count, mean, var]."""
-    count = baseline[0] + 1.0
-    baseline[0] = count
-    if count == 1.0:
-        baseline[1] = quality
-        baseline[2] = 0.0
-        return
-    d = min(decay, 1.0 - 1.0 / count)
-    delta = quality - baseline[1]
-    baseline[1] += (1.0 - d) * delta
-    baseline[2] = d * (baseline[2] + (1.0 - d) * delta * delta)
 
 
 @strict_inline
@@ -253,7 +225,7 @@ def replay_epoch(
             continue
         target = vecs[k]
         rated = math.isnan(weights[k])
-        wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
+        wk = output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
         t = targets[k]
         if m == 1 or t >= 0:
             i = max(t, 0)
@@ -271,7 +243,7 @@ def replay_epoch(
         if status == 1 or status == STEP_INPUT_NORM:
             continue
         if rated:
-            _update_baseline(baseline, qualities[k], decay)
+            update_baseline(baseline, qualities[k], decay)
         out[OUT_LAST] = status
         if status != 0:
             continue
@@ -427,7 +399,7 @@ def relearn(
                 continue
             target = vecs[k]
             rated = math.isnan(weights[k])
-            wk = _output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
+            wk = output_weight(baseline, qualities[k], temperature, cap) if rated else weights[k]
             wk = wk * sample_weights[r]
             mode = modes[k]
             t = targets[k]  # the one module the sample is for, or -1: all
@@ -446,7 +418,7 @@ def relearn(
                 if t < 0 or i == t:
                     commit_grad(a[i], scale, x, h[i], u[i], g[i], ga[i], gbt[i], recompute)
             if rated:
-                _update_baseline(baseline, qualities[k], decay)
+                update_baseline(baseline, qualities[k], decay)
             batch += 1
             if batch < mini_batch:
                 continue

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sona.kernels import batch, ewc, gather, linalg, lora, merge, random, replay, update
+from sona.kernels import baseline, batch, ewc, gather, linalg, lora, merge, random, replay, update
 from sona.kernels.jit import entry_point
 
 
@@ -93,7 +93,7 @@ def warm_up(*, force: bool = False) -> float:
     )
     fast.step_rated_over = entry_point(
         lora.step_rated_over, a, bt, s, a, bt, s, h, True, a.copy(), bt.copy(), s, x, g,
-        out.copy(), 1.0, lora.MODE_RESIDUAL, 0.1, 1.0,
+        out.copy(), 0.5, np.zeros(3), 0.9, 1.0, 4.0, lora.MODE_RESIDUAL, 0.1, 1.0,
     )  # fmt: skip
     rows = np.zeros((2, lora.FUSED_SCRATCH))
     fast.step_fused_grad = entry_point(lora.step_fused_grad, a, bt, s, x, g, g, 1.0, 0, rows[0])
@@ -104,7 +104,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.step_rated_over_pair = entry_point(
         lora.step_rated_over_pair, a, bt, a, bt, s, a, bt, a, bt, s, h, True, a.copy(),
         bt.copy(), out.copy(), lora.MODE_RESIDUAL, a.copy(), bt.copy(), out.copy(),
-        lora.MODE_RESIDUAL, s, x, g, 1.0, 0.1, 1.0, rows,
+        lora.MODE_RESIDUAL, s, x, g, 0.5, np.zeros(3), 0.9, 1.0, 4.0, 0.1, 1.0, rows,
     )  # fmt: skip
     fast.step_fused_pair = entry_point(
         lora.step_fused_pair, a.copy(), bt.copy(), g, 0, a.copy(), bt.copy(), g, 0,
@@ -118,6 +118,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.input_status_vec = entry_point(update.vec_input_status, x)
     _warm_ewc(a, bt, s)
     _warm_replay(a, bt, s)
+    baseline.warm_up()  # the rating baseline, for the general path's steps
     batch.warm_up()  # the Background loop's detector, pattern bank and objective
     linalg.warm_up()  # its eigen-decomposition, QR and small SVD
     merge.warm_up()  # EWC_MERGE's weighted concatenation and truncated SVD

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
+
+from sona.kernels import baseline as k_baseline
+
 _FIELDS = frozenset({"count", "mean", "var"})
 _MAX_COUNT = 2**53
 
@@ -15,34 +19,45 @@ class RunningBaseline:
     The effective decay is min(decay, 1 − 1/n), so the first ratings are averaged exactly rather
     than biased toward the first one. Advantages are z-scores against this baseline, so one step
     size works whether ratings spread over 0.5 or over 0.005.
+
+    The state lives in :attr:`values`, [count, mean, var] as float64: the rated-step and replay
+    kernels read the weight from it and move it in the same call as the step
+    (:mod:`sona.kernels.baseline`), and :meth:`update` runs that same kernel code.
     """
 
-    __slots__ = ("count", "decay", "mean", "var")
+    __slots__ = ("decay", "values")
 
-    MIN_STD = 1e-4
+    MIN_STD = k_baseline.MIN_STD
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self.count = 0
-        self.mean = 0.0
-        self.var = 0.0
+        self.values = np.zeros(3, np.float64)
+
+    @property
+    def count(self) -> int:
+        return int(self.values[k_baseline.COUNT])
+
+    @property
+    def mean(self) -> float:
+        return float(self.values[k_baseline.MEAN])
+
+    @property
+    def var(self) -> float:
+        return float(self.values[k_baseline.VAR])
 
     def advantage(self, quality: float) -> float:
         """(quality − mean) / std, or 0 before any rating was seen."""
-        if self.count == 0:
+        count, mean, var = self.values.tolist()
+        if count == 0.0:
             return 0.0
-        return (quality - self.mean) / max(math.sqrt(self.var), self.MIN_STD)
+        return float((quality - mean) / max(math.sqrt(var), self.MIN_STD))
+
+    def weight(self, quality: float, temperature: float, cap: float) -> float:
+        """A rated output's regression weight: min(exp(advantage / temperature), cap)."""
+        return float(k_baseline.output_weight(self.values, quality, temperature, cap))
 
     def update(self, quality: float) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.mean = quality
-            self.var = 0.0
-            return
-        d = min(self.decay, 1.0 - 1.0 / self.count)
-        delta = quality - self.mean
-        self.mean += (1.0 - d) * delta
-        self.var = d * (self.var + (1.0 - d) * delta * delta)
+        k_baseline.update_baseline(self.values, quality, self.decay)
 
     def state(self) -> dict[str, float]:
         return {"count": float(self.count), "mean": self.mean, "var": self.var}
@@ -51,9 +66,8 @@ class RunningBaseline:
         """Restore a :meth:`state`; anything it could not have produced raises ValueError naming
         the field, and changes nothing.
 
-        The count is stored as a float, so it must be a whole number no larger than 2**53, the
-        last one a float (and the replay kernels, which count in float64) still counts exactly;
-        a bool is not a number here.
+        The count is kept as a float64, so it must be a whole number no larger than 2**53, the
+        last one a float64 still counts exactly; a bool is not a number here.
         """
         if set(state) != _FIELDS:
             raise ValueError(f"baseline must hold exactly {sorted(_FIELDS)}, got {sorted(state)}")
@@ -68,9 +82,7 @@ class RunningBaseline:
             raise ValueError(f"baseline.count must be a whole number in [0, 2**53], got {count!r}")
         if var < 0:
             raise ValueError(f"baseline.var must be >= 0, got {var!r}")
-        self.count = int(count)
-        self.mean = float(values["mean"])
-        self.var = float(var)
+        self.values[:] = (float(count), float(values["mean"]), float(var))
 
 
 def _finite(value: int | float) -> bool:

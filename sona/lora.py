@@ -321,6 +321,8 @@ class MicroLoRA:
         self._dropout_counter = 0
         self._explored: OrderedDict[tuple[int, int], float] = OrderedDict()
         self._baseline = RunningBaseline(config.baseline_decay)
+        # what the rated-step kernels weigh a rating with, besides the baseline's state
+        self._rating = (config.baseline_decay, config.advantage_temperature, config.advantage_cap)
         self._pending = 0
         self.version = 0
         self.last_note: str | None = None
@@ -690,7 +692,8 @@ class MicroLoRA:
         refused or ``step`` would take its general path."""
         if not self._fused_rates(learning_rate, max_norm):
             return None
-        w = self._output_weight(quality)
+        rating = self._baseline.values
+        decay, temperature, cap = self._rating
         st = self._fused_by_id.get(_NONE_ID)
         if st is not None:
             c = base._first
@@ -699,10 +702,10 @@ class MicroLoRA:
                 return None
             r = fast.step_rated_over(
                 c.a, c.bt, base._scale, t.a, t.bt, t.scale, t.h, transit is not None, st.a,
-                st.bt, self._scale, x, output, offs[0], w, _MODE_RESIDUAL, learning_rate,
-                max_norm,
+                st.bt, self._scale, x, output, offs[0], quality, rating, decay, temperature,
+                cap, _MODE_RESIDUAL, learning_rate, max_norm,
             )  # fmt: skip
-            return self._fused_outcome(r, x, quality)
+            return self._fused_outcome(r, x, None)
         states = self._fused_all
         if states is None or len(states) != 2:
             return None
@@ -715,9 +718,10 @@ class MicroLoRA:
         r = fast.step_rated_over_pair(
             cq.a, cq.bt, cv.a, cv.bt, base._scale, tq.a, tq.bt, tv.a, tv.bt, tq.scale, tq.h,
             transit is not None, q.a, q.bt, offs[0], _MODE_RESIDUAL, v.a, v.bt, offs[1],
-            _MODE_RESIDUAL, self._scale, x, output, w, learning_rate, max_norm, self._fused,
+            _MODE_RESIDUAL, self._scale, x, output, quality, rating, decay, temperature, cap,
+            learning_rate, max_norm, self._fused,
         )  # fmt: skip
-        return self._fused_outcome(r, x, quality)
+        return self._fused_outcome(r, x, None)
 
     def _fused_rates(self, learning_rate: float, max_norm: float) -> bool:
         """Whether the rated paths' kernels take these rates as they are, with no gradient
@@ -969,12 +973,8 @@ class MicroLoRA:
 
     def _output_weight(self, quality: float) -> float:
         """Rated-output feedback's regression weight: exp(advantage / temperature), capped."""
-        adv = self._baseline.advantage(quality)
         c = self.config
-        # min(exp(z), cap) without math.exp overflowing: right after the first ratings the
-        # spread is tiny and z-scores reach thousands.
-        z = adv / c.advantage_temperature
-        return c.advantage_cap if z >= math.log(c.advantage_cap) else math.exp(z)
+        return self._baseline.weight(quality, c.advantage_temperature, c.advantage_cap)
 
     def _kernels(
         self,
@@ -1246,8 +1246,7 @@ class MicroLoRA:
         """Copies of every module's factors, stacked, and the rating baseline as an array."""
         a = np.stack([st.a for st in self._states])
         bt = np.stack([st.bt for st in self._states])
-        base = self._baseline
-        return a, bt, np.array([base.count, base.mean, base.var], np.float64)
+        return a, bt, self._baseline.values.copy()
 
     def _set_replay_state(
         self,
@@ -1263,8 +1262,7 @@ class MicroLoRA:
         for st, ai, bi in zip(self._states, a, bt, strict=True):
             st.a[...] = ai
             st.bt[...] = bi
-        base = self._baseline
-        base.count, base.mean, base.var = int(baseline[0]), float(baseline[1]), float(baseline[2])
+        self._baseline.values[:] = baseline
         applied = int(out[k_replay.OUT_APPLIED])
         if applied:
             self.version += applied
@@ -1323,7 +1321,7 @@ class MicroLoRA:
             src = other._modules[m]
             np.copyto(st.a, src.a)
             np.copyto(st.bt, src.bt)
-        self._baseline.load(other._baseline.state())
+        np.copyto(self._baseline.values, other._baseline.values)
         self._dropout_counter = other._dropout_counter
         self.version = other.version
 

@@ -22,6 +22,8 @@ from sona.kernels import lora as kl
 from sona.kernels import ownership
 from sona.kernels.warmup import _Slot, fast, warm_up
 
+from sona.baseline import RunningBaseline
+
 warm_up()
 REUSES = fast.reuses_results  # the forward_reused kernels' self-check passed
 
@@ -425,6 +427,27 @@ def _three_calls(
     return float(kl.step_fused(a, bt, 1.5, x, vec, off, weight, kl.MODE_RESIDUAL, lr, max_norm))
 
 
+# the rating baseline's parameters (decay, temperature, cap) and a state with some history
+RATING = (0.9, 0.5, 4.0)
+RATING_STATE = (7.0, 0.55, 0.04)
+
+
+def _rated(quality: float, x: np.ndarray, step: Callable[[float], float]) -> tuple[float, bytes]:
+    """What ``MicroLoRA`` does around a fused step on a rated output: the rating's weight from
+    the baseline, the step, then the rating joins the baseline once the step is decided
+    (applied, or refused by a guard; not for a zero input, nor where the general path
+    decides). The step's result and the baseline's bytes after it."""
+    b = RunningBaseline(RATING[0])
+    b.values[:] = RATING_STATE
+    r = step(b.weight(quality, RATING[1], RATING[2]))
+    if r > 0.0 or (r == 0.0 and x.any()) or -r in _GUARDS:
+        b.update(quality)
+    return r, b.values.tobytes()
+
+
+_GUARDS = (kl.STEP_GRAD_NORM, kl.STEP_WEIGHTS, kl.STEP_OVERFLOW)
+
+
 # the rated steps' cases: live rank, consolidated rank, widths, and magnitudes at which an
 # offset overflows, the step is rejected or the step is clipped
 RATED_CASES = {
@@ -437,6 +460,8 @@ RATED_CASES = {
     "lr": st.sampled_from([1e-3, 0.1, 1e30]),
     "max_norm": st.sampled_from([-1.0, 1.0]),
     "seed": st.integers(0, 9999),
+    "quality": st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    "zero_x": st.booleans(),
 }
 
 
@@ -453,24 +478,31 @@ def test_step_rated_over_is_the_three_calls_it_replaces(
     lr: float,
     max_norm: float,
     seed: int,
+    quality: float,
+    zero_x: bool,
 ) -> None:
-    """Same status, offsets and weights bit for bit, at magnitudes where an offset overflows,
-    the step is rejected or the step is clipped; a refused call writes no weight."""
+    """Same status, offsets, weights and baseline bit for bit, at magnitudes where an offset
+    overflows, the step is rejected or the step is clipped, and for a zero input; a refused
+    call writes no weight."""
     rng = np.random.default_rng(seed)
     c = (rand(rng, c_rank, n_in), rand(rng, c_rank, n_out, scale=c_scale), 0.7)
     t = (rand(rng, t_rank, n_in), rand(rng, t_rank, n_out), 2.0) if t_rank else None
     a, bt = rand(rng, rank, n_in), rand(rng, rank, n_out, scale=0.5)
-    args = (rand(rng, n_in, scale=x_scale), rand(rng, n_out), 0.8, lr, max_norm)
+    x = np.zeros(n_in, F32) if zero_x else rand(rng, n_in, scale=x_scale)
+    vec = rand(rng, n_out)
     ea, ebt, e_off = a.copy(), bt.copy(), np.zeros(n_out, F32)
-    expected = _three_calls(c, t, ea, ebt, args, e_off)
+    expected, e_rating = _rated(
+        quality, x, lambda w: _three_calls(c, t, ea, ebt, (x, vec, w, lr, max_norm), e_off)
+    )
     fa, fbt, f_off = a.copy(), bt.copy(), np.zeros(n_out, F32)
     ta, tbt, ts = t if t is not None else (a, bt, 1.0)
-    x, vec, weight, _, _ = args
+    rating = np.array(RATING_STATE)
     got = fast.step_rated_over(
         *c, ta, tbt, ts, np.empty(max(t_rank, 1), F32), t is not None, fa, fbt, 1.5, x, vec,
-        f_off, weight, kl.MODE_RESIDUAL, lr, max_norm,
+        f_off, quality, rating, *RATING, kl.MODE_RESIDUAL, lr, max_norm,
     )  # fmt: skip
     assert got == expected or (math.isnan(got) and math.isnan(expected))
+    assert rating.tobytes() == e_rating
     assert fa.tobytes() == ea.tobytes() and fbt.tobytes() == ebt.tobytes()
     if expected != -kl.STEP_UNSUPPORTED:
         assert f_off.tobytes() == e_off.tobytes()
@@ -487,12 +519,15 @@ def test_step_rated_over_refuses_mismatched_adapters_before_writing_weights() ->
             off: np.ndarray, h: np.ndarray | None = None) -> float:  # fmt: skip
         fa, fbt = a.copy(), bt.copy()
         ta, tbt = t if t is not None else (a, bt)
+        rating = np.array(RATING_STATE)
         r = float(fast.step_rated_over(
             cc[0], cc[1], 1.0, ta, tbt, 1.0, np.empty(2, F32) if h is None else h,
-            t is not None, fa, fbt, 1.0, x_, v, off, 1.0, kl.MODE_RESIDUAL, 0.1, 1.0,
+            t is not None, fa, fbt, 1.0, x_, v, off, 0.5, rating, *RATING, kl.MODE_RESIDUAL,
+            0.1, 1.0,
         ))  # fmt: skip
         if r < 0.0:
             assert fa.tobytes() == a.tobytes() and fbt.tobytes() == bt.tobytes()
+            assert rating.tolist() == list(RATING_STATE)  # the general path rates it
         return r
 
     off = np.zeros(5, F32)
@@ -526,6 +561,8 @@ def test_step_rated_over_refuses_mismatched_adapters_before_writing_weights() ->
     lr=0.1,
     max_norm=-1.0,
     seed=142,
+    quality=0.9,
+    zero_x=False,
 )
 def test_step_rated_over_pair_is_the_calls_it_replaces(
     rank: int,
@@ -538,39 +575,46 @@ def test_step_rated_over_pair_is_the_calls_it_replaces(
     lr: float,
     max_norm: float,
     seed: int,
+    quality: float,
+    zero_x: bool,
 ) -> None:
-    """Two modules: both offsets, then ``step_fused_pair``; same status, offsets and weights
-    bit for bit, and a refused call writes no weight."""
+    """Two modules: both offsets, then ``step_fused_pair``; same status, offsets, weights and
+    baseline bit for bit, and a refused call writes no weight."""
     rng = np.random.default_rng(seed)
     cs = [(rand(rng, c_rank, n_in), rand(rng, c_rank, n_out, scale=c_scale)) for _ in range(2)]
     ts = [(rand(rng, 2, n_in), rand(rng, 2, n_out)) for _ in range(2)]
     ws = [(rand(rng, rank, n_in), rand(rng, rank, n_out, scale=0.5)) for _ in range(2)]
-    x, vec = rand(rng, n_in, scale=x_scale), rand(rng, n_out)
+    x = np.zeros(n_in, F32) if zero_x else rand(rng, n_in, scale=x_scale)
+    vec = rand(rng, n_out)
     mode = kl.MODE_RESIDUAL
 
     # the calls it replaces
     e = [(a.copy(), bt.copy()) for a, bt in ws]
     e_offs = [np.zeros(n_out, F32) for _ in range(2)]
-    expected: float = -kl.STEP_UNSUPPORTED
-    for (ca, cbt), (ta, tbt), off in zip(cs, ts, e_offs, strict=True):
-        if kl.forward_into(ca, cbt, 0.7, x, off) != kl.FORWARD_OK or (
-            transit and not kl.forward_add_vec(ta, tbt, 2.0, x, np.empty(2, F32), off)
-        ):
-            break
-    else:
-        expected = float(kl.step_fused_pair(
+
+    def calls(w: float) -> float:
+        for (ca, cbt), (ta, tbt), off in zip(cs, ts, e_offs, strict=True):
+            if kl.forward_into(ca, cbt, 0.7, x, off) != kl.FORWARD_OK or (
+                transit and not kl.forward_add_vec(ta, tbt, 2.0, x, np.empty(2, F32), off)
+            ):
+                return -kl.STEP_UNSUPPORTED
+        return float(kl.step_fused_pair(
             e[0][0], e[0][1], e_offs[0], mode, e[1][0], e[1][1], e_offs[1], mode, 1.5, x, vec,
-            0.8, lr, max_norm, np.zeros((2, kl.FUSED_SCRATCH)),
+            w, lr, max_norm, np.zeros((2, kl.FUSED_SCRATCH)),
         ))  # fmt: skip
 
+    expected, e_rating = _rated(quality, x, calls)
     f = [(a.copy(), bt.copy()) for a, bt in ws]
     f_offs = [np.zeros(n_out, F32) for _ in range(2)]
+    rating = np.array(RATING_STATE)
     got = fast.step_rated_over_pair(
         cs[0][0], cs[0][1], cs[1][0], cs[1][1], 0.7, ts[0][0], ts[0][1], ts[1][0], ts[1][1],
         2.0, np.empty(2, F32), transit, f[0][0], f[0][1], f_offs[0], mode, f[1][0], f[1][1],
-        f_offs[1], mode, 1.5, x, vec, 0.8, lr, max_norm, np.zeros((2, kl.FUSED_SCRATCH)),
+        f_offs[1], mode, 1.5, x, vec, quality, rating, *RATING, lr, max_norm,
+        np.zeros((2, kl.FUSED_SCRATCH)),
     )  # fmt: skip
     assert got == expected or (math.isnan(got) and math.isnan(expected))
+    assert rating.tobytes() == e_rating
     for (fa, fbt), (ea, ebt), (a, bt) in zip(f, e, ws, strict=True):
         assert fa.tobytes() == ea.tobytes() and fbt.tobytes() == ebt.tobytes()
         if got < 0.0:

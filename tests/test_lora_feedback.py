@@ -260,6 +260,48 @@ def test_baseline_advantage_is_a_z_score() -> None:
     assert b.advantage(0.3) == pytest.approx(-2.0)
 
 
+def _python_baseline(
+    qs: list[float], decay: float, temperature: float, cap: float
+) -> tuple[list[float], tuple[int, float, float]]:
+    """The baseline in Python floats: each rating's weight before it joins, then the state."""
+    count, mean, var = 0, 0.0, 0.0
+    weights = []
+    for q in qs:
+        adv = 0.0 if count == 0 else (q - mean) / max(math.sqrt(var), 1e-4)
+        z = adv / temperature
+        weights.append(cap if z >= math.log(cap) else math.exp(z))
+        count += 1
+        if count == 1:
+            mean, var = q, 0.0
+            continue
+        d = min(decay, 1.0 - 1.0 / count)
+        delta = q - mean
+        mean += (1.0 - d) * delta
+        var = d * (var + (1.0 - d) * delta * delta)
+    return weights, (count, mean, var)
+
+
+@given(
+    qs=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=80),
+    decay=st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+    temperature=st.sampled_from([0.05, 0.5, 1.0, 3.0]),
+    cap=st.sampled_from([1.5, 4.0, 1e6]),
+)
+def test_baseline_rounds_like_python_floats(
+    qs: list[float], decay: float, temperature: float, cap: float
+) -> None:
+    """The kernels that keep the baseline are compiled without fast-math: weights and state are
+    those of the same arithmetic in Python floats, bit for bit."""
+    b = RunningBaseline(decay)
+    got = []
+    for q in qs:
+        got.append(b.weight(q, temperature, cap))
+        b.update(q)
+    weights, state = _python_baseline(qs, decay, temperature, cap)
+    assert got == weights
+    assert (b.count, b.mean, b.var) == state
+
+
 def test_baseline_state_round_trip_and_validation() -> None:
     b = RunningBaseline(0.9)
     for q in (0.1, 0.5, 0.8):
