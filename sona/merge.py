@@ -76,7 +76,7 @@ def merge_adapters(
     # alpha = rank gives scaling 1, so every source's weight·scale is folded into B.
     config = first.replace(rank=new_rank, alpha=float(new_rank))
     merged = MicroLoRA._blank(config, items[0][0].seed)
-    rng = np.random.default_rng(merged.seed)
+    rng = _Draws(merged.seed)
     for m in modules:
         a_cat, bt_cat, e = _weighted_concat(items, m)
         factors = _concatenated(a_cat, bt_cat, e) if exact_concat else None
@@ -159,11 +159,26 @@ def _with_exponent(a: np.ndarray, bt: np.ndarray, e: int) -> tuple[np.ndarray, n
     return np.ldexp(a, half).astype(np.float32), np.ldexp(bt, e - half).astype(np.float32)
 
 
+class _Draws:
+    """The merged adapter's random stream, created at its first draw: most merges revive no
+    rank, and creating the generator was ~20 µs of a ~185 µs merge (rank 2 + 2 → 2, width
+    4096), which the Background loop runs at every consolidation."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+
+    def standard_normal(self, shape: tuple[int, int]) -> np.ndarray:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng.standard_normal(shape)
+
+
 def _install(
     merged: MicroLoRA,
     module: TargetModule,
     factors: tuple[np.ndarray, np.ndarray],
-    rng: np.random.Generator,
+    rng: _Draws,
 ) -> bool:
     """Set the factors, with their dead ranks revived (:func:`_revived`) unless the fresh rows
     of A would take s·‖A‖·‖B‖ to float32's max; False when even the factors as they are do."""
@@ -174,9 +189,7 @@ def _install(
     return False
 
 
-def _revived(
-    a: np.ndarray, bt: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _revived(a: np.ndarray, bt: np.ndarray, rng: _Draws) -> tuple[np.ndarray, np.ndarray]:
     """The factors with every rank whose rows of A and Bᵀ are both zero given a fresh random
     row of A, drawn as a new adapter's is; Bᵀ stays zero there, so the delta is the same.
 
