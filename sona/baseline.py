@@ -50,7 +50,7 @@ class RunningBaseline:
         count, mean, var = self.values.tolist()
         if count == 0.0:
             return 0.0
-        return float((quality - mean) / max(math.sqrt(var), self.MIN_STD))
+        return (quality - mean) / max(math.sqrt(var), self.MIN_STD)
 
     def weight(self, quality: float, temperature: float, cap: float) -> float:
         """A rated output's regression weight: min(exp(advantage / temperature), cap)."""

@@ -322,7 +322,11 @@ class MicroLoRA:
         self._explored: OrderedDict[tuple[int, int], float] = OrderedDict()
         self._baseline = RunningBaseline(config.baseline_decay)
         # what the rated-step kernels weigh a rating with, besides the baseline's state
-        self._rating = (config.baseline_decay, config.advantage_temperature, config.advantage_cap)
+        self._rating_params = (
+            config.baseline_decay,
+            config.advantage_temperature,
+            config.advantage_cap,
+        )
         self._pending = 0
         self.version = 0
         self.last_note: str | None = None
@@ -693,7 +697,7 @@ class MicroLoRA:
         if not self._fused_rates(learning_rate, max_norm):
             return None
         rating = self._baseline.values
-        decay, temperature, cap = self._rating
+        decay, temperature, cap = self._rating_params
         st = self._fused_by_id.get(_NONE_ID)
         if st is not None:
             c = base._first
