@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import reprlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sona.actors._log import get_logger
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from sona.actors.bus import EventBus
 
 _log = get_logger("sona.actors.child")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 120
 _repr.maxlevel = 2
@@ -198,6 +200,33 @@ class Child:
         self.processed += 1
         self.inline += 1
         return True
+
+    def call_inline(
+        self,
+        handle: Callable[..., _T],
+        args: tuple[Any, ...],
+        crashed: Callable[..., tuple[Any, _R]],
+    ) -> _T | _R | None:
+        """``handle(*args)`` in the caller's task as the idle actor's handling of a told
+        message that is built only if it is needed (see :meth:`ActorRef.call_inline`).
+
+        None when the actor is not idle. When ``handle`` raises, ``crashed(*args)`` returns
+        the message and what to return instead, and the message takes
+        :meth:`handle_inline`'s crash path."""
+        if self._inline_actor() is None:
+            return None
+        self.idle = False  # a message the handler sends to this actor is queued, not nested
+        try:
+            result = handle(*args)
+        except Exception as exc:
+            message, instead = crashed(*args)
+            self._inline_crashed(message, exc)
+            return instead
+        finally:
+            self.idle = True  # the loop is still parked; it clears this when it wakes
+        self.processed += 1
+        self.inline += 1
+        return result
 
     def answer_inline(self, message: Any) -> tuple[object, Ask | None]:
         """Hand an asked message to the idle actor's ``answer_inline`` in the caller's task.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sona.actors.actor import DECLINED, Ask
@@ -12,6 +13,9 @@ from sona.actors.child import Child
 
 if TYPE_CHECKING:
     from sona.actors.supervisor import Supervisor
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class ActorRef:
@@ -56,6 +60,26 @@ class ActorRef:
             return True
         self._mailbox.put_nowait(message)
         return False
+
+    def call_inline(
+        self,
+        handle: Callable[..., _T],
+        args: tuple[Any, ...],
+        crashed: Callable[..., tuple[Any, _R]],
+    ) -> _T | _R | None:
+        """Handle a message in the caller's task without building it, when the actor is idle.
+
+        For a sender whose message costs a noticeable part of handling it: ``handle(*args)``
+        must do exactly what the actor's own handling of that message does, and return
+        something other than None. While the actor is idle (as for :meth:`tell_inline`) this
+        runs it here and returns what it returns; otherwise it returns None with nothing
+        done, and the caller sends the message as usual. If ``handle`` raises,
+        ``crashed(*args)`` returns ``(message, instead)``: the message takes
+        :meth:`tell_inline`'s crash path (replayed in the actor's own task, retried once,
+        dead-lettered), and this returns ``instead``, through which the caller follows that
+        message's fate.
+        """
+        return self._child.call_inline(handle, args, crashed)
 
     async def ask(self, message: Any, *, timeout: float | None = None) -> object:
         """Send ``message`` and wait for what ``handle`` returns for it.

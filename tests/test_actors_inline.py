@@ -156,3 +156,92 @@ async def test_a_stopping_actor_takes_nothing_inline() -> None:
     with pytest.raises(ActorStopped):
         ref.tell_inline(1)
     assert log == []
+
+
+# ---------------------------------------------------------------------------- call_inline
+
+
+class Calls:
+    """What a sender hands ``call_inline``: a handler doing what the actor's own handling of
+    the message does (here, Recorder's), and the builder of the message for a crash."""
+
+    def __init__(self, log: list[tuple[str, int]], fail: dict[int, int]) -> None:
+        self.log = log
+        self.fail = fail
+        self.built: list[int] = []
+
+    def handle(self, message: int) -> str:
+        if self.fail.get(message, 0) > 0:
+            self.fail[message] -= 1
+            raise RuntimeError(f"boom on {message}")
+        self.log.append(("call", message))
+        return f"handled {message}"
+
+    def crashed(self, message: int) -> tuple[int, str]:
+        self.built.append(message)
+        return message, f"follow {message}"
+
+
+async def test_call_inline_runs_the_handler_here_without_a_message() -> None:
+    log: list[tuple[str, int]] = []
+    calls = Calls(log, {})
+    sup = Supervisor(backoff=NO_WAIT, seed=0)
+    ref = _spawn(sup, log)
+    async with sup:
+        await ref.join()
+        for i in range(3):
+            assert ref.call_inline(calls.handle, (i,), calls.crashed) == f"handled {i}"
+        assert log == [("call", 0), ("call", 1), ("call", 2)] and calls.built == []
+        stats = ref.stats()
+        assert stats["processed"] == 3 and stats["inline"] == 3
+
+
+async def test_call_inline_declines_while_the_actor_is_not_idle() -> None:
+    log: list[tuple[str, int]] = []
+    calls = Calls(log, {})
+    sup = Supervisor(backoff=NO_WAIT, seed=0)
+    ref = _spawn(sup, log)
+    async with sup:
+        await ref.join()
+        ref.tell_nowait(1)  # queued: the loop has not run yet
+        assert ref.call_inline(calls.handle, (2,), calls.crashed) is None
+        await ref.join()
+        assert log == [("loop", 1)] and calls.built == []  # nothing done for the declined one
+        assert ref.stats()["inline"] == 0
+    # stopped: declined too, and the caller's send is what reports it
+    assert ref.call_inline(calls.handle, (3,), calls.crashed) is None
+    assert log == [("loop", 1)]
+
+
+async def test_a_crash_in_call_inline_sends_the_built_message_down_the_crash_path() -> None:
+    log: list[tuple[str, int]] = []
+    failures: list[str] = []
+    calls = Calls(log, {7: 1})
+    sup = Supervisor(backoff=NO_WAIT, seed=0)
+    ref = _spawn(sup, log, failures=failures)
+    async with sup, sup.events.subscribe(buffer=64) as events:
+        await ref.join()
+        assert ref.call_inline(calls.handle, (7,), calls.crashed) == "follow 7"
+        assert calls.built == [7] and log == []
+        assert ref.call_inline(calls.handle, (8,), calls.crashed) is None  # a retry is due
+        await ref.join()
+        assert log == [("loop", 7)]  # the built message, retried by the successor
+        assert failures == ["boom on 7"]
+        stats = ref.stats()
+        assert stats["crashes"] == 1 and stats["restarts"] == 1 and stats["inline"] == 0
+        assert [type(e) for e in buffered(events)] == [LoopCrashed, LoopRestarted]
+
+
+async def test_a_message_failing_in_call_inline_and_on_retry_is_dead_lettered() -> None:
+    log: list[tuple[str, int]] = []
+    dead: list[Any] = []
+    calls = Calls(log, {5: 1})
+    sup = Supervisor(backoff=NO_WAIT, seed=0)
+    ref = _spawn(sup, log, fail={5: 1}, dead=dead)  # the actor's own handling fails once too
+    async with sup:
+        await ref.join()
+        assert ref.call_inline(calls.handle, (5,), calls.crashed) == "follow 5"
+        await ref.join()
+        assert dead == [5] and log == []
+        assert ref.stats()["dead_letters"] == 1 and ref.stats()["crashes"] == 2
+        assert ref.call_inline(calls.handle, (6,), calls.crashed) == "handled 6"
