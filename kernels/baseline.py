@@ -21,17 +21,22 @@ COUNT, MEAN, VAR = 0, 1, 2  # the array's slots
 
 
 @strict_kernel
-def output_weight(baseline: np.ndarray, quality: float, temperature: float, cap: float) -> float:
-    """A rated output's regression weight: exp(advantage / temperature), capped at ``cap``.
-
-    The advantage is the rating's z-score against the baseline (0 before the first rating), so
-    one step size works whether ratings spread over 0.5 or over 0.005. The cap is compared in
-    the exponent: right after the first ratings the spread is tiny and z-scores reach
-    thousands, beyond what exp can return."""
+def advantage(baseline: np.ndarray, quality: float) -> float:
+    """The rating's z-score against the baseline, (quality − mean) / std, or 0 before the
+    first rating: one step size then works whether ratings spread over 0.5 or over 0.005."""
     adv = 0.0
     if baseline[COUNT] > 0.0:
         adv = (quality - baseline[MEAN]) / max(math.sqrt(baseline[VAR]), MIN_STD)
-    z = adv / temperature
+    return adv
+
+
+@strict_kernel
+def output_weight(baseline: np.ndarray, quality: float, temperature: float, cap: float) -> float:
+    """A rated output's regression weight: exp(advantage / temperature), capped at ``cap``.
+
+    The cap is compared in the exponent: right after the first ratings the spread is tiny and
+    z-scores reach thousands, beyond what exp can return."""
+    z = advantage(baseline, quality) / temperature
     if z >= math.log(cap):
         return cap
     return math.exp(z)
@@ -58,4 +63,5 @@ def update_baseline(baseline: np.ndarray, quality: float, decay: float) -> None:
 def warm_up() -> None:
     b = np.zeros(3)
     update_baseline(b, 0.5, 0.9)
+    advantage(b, 0.5)
     output_weight(b, 0.5, 1.0, 4.0)

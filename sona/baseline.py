@@ -47,10 +47,7 @@ class RunningBaseline:
 
     def advantage(self, quality: float) -> float:
         """(quality − mean) / std, or 0 before any rating was seen."""
-        count, mean, var = self.values.tolist()
-        if count == 0.0:
-            return 0.0
-        return (quality - mean) / max(math.sqrt(var), self.MIN_STD)
+        return float(k_baseline.advantage(self.values, quality))
 
     def weight(self, quality: float, temperature: float, cap: float) -> float:
         """A rated output's regression weight: min(exp(advantage / temperature), cap)."""
