@@ -84,7 +84,7 @@ from sona.messages import (
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
 from sona.validation import as_f32, check_seed
-from sona.worker_threads import LoopThread, find_blas, release_free_memory, run_single_blas
+from sona.worker_threads import LoopThread, find_blas, release_free_memory, single_blas
 
 _thread_id = threading.get_ident
 _log = get_logger("sona.runtime")
@@ -766,9 +766,10 @@ class SonaRuntime:
             # handed the GIL at once, to overlap ingress (see LoopThread), unless a Deep run
             # keeps the other core busy: three threads on two cores made requests wait for one
             # (instant_adapt p99 while Deep ran: ~150-165 µs instead of ~110 µs)
-            outcome: Consolidation = await self._background_thread.run(
-                run_single_blas, bg.prepare, hand, hold_back, hand_off=not self._deep_thread.busy
-            )
+            with single_blas():  # set here, not in the thread (see sona.worker_threads)
+                outcome: Consolidation = await self._background_thread.run(
+                    bg.prepare, hand, hold_back, hand_off=not self._deep_thread.busy
+                )
         except Exception as exc:
             self._consolidation_failed(hand, exc)
             raise
@@ -810,7 +811,8 @@ class SonaRuntime:
             job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
             if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
                 self._deep_taken += self._instant.take_deep_quality()
-            outcome = await self._deep_thread.run(_deep_in_thread, job)
+            with single_blas():
+                outcome = await self._deep_thread.run(_deep_in_thread, job)
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:
@@ -1134,7 +1136,7 @@ class _DeepActor(Actor):
 def _deep_in_thread(job: DeepJob) -> DeepOutcome:
     """A Deep run in its worker thread, then its scratch memory handed back to the system."""
     try:
-        return run_single_blas(run_deep, job)
+        return run_deep(job)
     finally:
         release_free_memory()
 

@@ -70,6 +70,49 @@ def test_overlapping_workers_keep_the_limit_until_the_last_one_ends() -> None:
 
 
 @pytest.mark.anyio
+async def test_runtime_loops_work_with_blas_limited_and_give_the_setting_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runtime sets the limit from the event loop, around its loops' work: inside a
+    consolidation and a Deep run BLAS has one thread; between them, the host's setting."""
+    from runtime_helpers import small_config, target_samples
+
+    from sona import runtime as runtime_module
+    from sona.background import BackgroundLoop
+    from sona.runtime import SonaRuntime
+    from sona.simulator import DomainWorld
+
+    np.ones((4, 4)) @ np.ones((4, 4))
+    before = _blas_threads()
+    if before == 1:
+        pytest.skip("BLAS runs one thread already: a limit would not show")
+    seen: dict[str, list[int]] = {"background": [], "deep": []}
+    prepare = BackgroundLoop.prepare
+    run_deep = runtime_module.run_deep
+
+    def watched_prepare(self: BackgroundLoop, *args: object, **kw: object) -> object:
+        seen["background"].append(_blas_threads())
+        return prepare(self, *args, **kw)  # type: ignore[arg-type]
+
+    def watched_deep(job: object) -> object:
+        seen["deep"].append(_blas_threads())
+        return run_deep(job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BackgroundLoop, "prepare", watched_prepare)
+    monkeypatch.setattr(runtime_module, "run_deep", watched_deep)
+    world = DomainWorld(dim=32, domains=1, seed=4)
+    async with SonaRuntime(small_config(), seed=1) as rt:
+        for s in target_samples(world, 0, 64):
+            await rt.submit(s)
+        await rt.consolidate()
+        assert _blas_threads() == before and not blas_limited()
+        await rt.deep_optimize()
+        assert _blas_threads() == before and not blas_limited()
+    assert seen["background"] and set(seen["background"]) == {1}
+    assert seen["deep"] == [1]
+
+
+@pytest.mark.anyio
 async def test_free_memory_is_handed_back_after_each_deep_run() -> None:
     from runtime_helpers import small_config, target_samples
 
