@@ -58,12 +58,6 @@ def single_blas() -> Iterator[None]:
         _exit()
 
 
-def run_single_blas(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` with BLAS limited to one thread for its duration."""
-    with single_blas():
-        return fn(*args)
-
-
 class LoopThread:
     """One loop's worker thread, handed its work without waiting for the event loop.
 

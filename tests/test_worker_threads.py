@@ -6,13 +6,22 @@ import asyncio
 import contextvars
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
-from sona.worker_threads import LoopThread, blas_limited, run_single_blas
+from sona.worker_threads import LoopThread, blas_limited, single_blas
+
+T = TypeVar("T")
+
+
+def run_single_blas(fn: Callable[[], T]) -> T:
+    with single_blas():
+        return fn()
 
 
 def _blas_threads() -> int:
