@@ -796,8 +796,10 @@ class SonaRuntime:
                 notes=list(res.notes),
             )
         )
-        for _ in range(outcome.boundaries):
-            self.events.publish(TaskBoundary(task_count=bg.task_count, reason="detected"))
+        # each boundary began one task: the count each of them reached, in order
+        first = bg.task_count - outcome.boundaries
+        for i in range(1, outcome.boundaries + 1):
+            self.events.publish(TaskBoundary(task_count=first + i, reason="detected"))
         for note in outcome.rejected:
             self.events.publish(UpdateRejected(loop="background", reason=note))
         return res

@@ -9,16 +9,19 @@ import anyio
 import numpy as np
 import pytest
 from event_helpers import buffered
-from runtime_helpers import Q, consolidating, identity_holds, small_config, target_samples
+from runtime_helpers import DIM, Q, consolidating, identity_holds, small_config, target_samples
 
 from sona.events import (
     BackgroundCompleted,
     DeepCompleted,
     InstantApplied,
     Lagged,
+    TaskBoundary,
 )
 from sona.runtime import SonaRuntime
+from sona.sample import TrainingSample
 from sona.simulator import DomainWorld
+from sona.training import TrainingConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -186,3 +189,39 @@ async def test_completion_events_carry_the_notes_that_say_why_quality_delta_is_n
     assert deep.quality_delta is None and deep_event.quality_delta is None
     assert deep_event.notes == deep.notes
     assert any("no held-out sample" in n for n in deep_event.notes), deep_event.notes
+
+
+async def test_task_boundaries_found_in_one_consolidation_announce_each_task_count() -> None:
+    """Inputs from three separated subspaces in one batch: the consolidation detects two
+    boundaries, and each event names the task count it began, in order, as a requested one
+    after them does."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(3):
+        basis = np.linalg.qr(rng.standard_normal((DIM, 4)))[0]
+        for _ in range(150):
+            x = (basis @ rng.standard_normal(4)).astype(np.float32)
+            y = (0.1 * rng.standard_normal(DIM)).astype(np.float32)
+            samples.append(TrainingSample(x, y, 0.9))
+    cfg = small_config(
+        background_interval_ms=3_600_000,
+        background_min_samples=1000,
+        max_pending_samples=2000,
+        training=TrainingConfig(fisher_samples=20, boundary_detection=True),
+    )
+    async with SonaRuntime(cfg, seed=0) as rt, rt.subscribe(kinds=TaskBoundary) as sub:
+        for s in samples:
+            await rt.submit(s)
+        await rt.consolidate()
+        detected = rt.stats().task_count
+        rt.start_new_task()
+        with anyio.fail_after(10):
+            while sub.pending < detected + 1:
+                await anyio.sleep(0.01)
+        events = buffered(sub)
+    assert detected == 2
+    assert [(e.task_count, e.reason) for e in events] == [
+        (1, "detected"),
+        (2, "detected"),
+        (3, "requested"),
+    ]
