@@ -247,6 +247,10 @@ def _not_finite_error(x: np.ndarray, overflow: str) -> InvalidInputError:
     return InvalidInputError(overflow)
 
 
+def _out_not_finite() -> InvalidInputError:
+    return InvalidInputError("out contains NaN or inf; forward_add would add the delta to it")
+
+
 def passed_over_note(n: int) -> str:
     """The note for samples a consolidation passed over because their gradient overflows."""
     return (
@@ -449,7 +453,10 @@ class MicroLoRA:
         return out
 
     def forward_add(self, x: Any, module: TargetModule, out: np.ndarray) -> None:
-        """out += μ(x) in place, without allocating; ``out`` is float32 (out,) or (n, out)."""
+        """out += μ(x) in place, without allocating; ``out`` is float32 (out,) or (n, out).
+
+        NaN or inf already in ``out`` is refused like one in ``x``: the sum would carry it on
+        as if the delta had produced it."""
         st = self._by_id.get(id(module))
         if st is None:
             st = self._state(module)
@@ -464,8 +471,12 @@ class MicroLoRA:
                     f"got {x.shape} and {out.shape}"
                 )
             if x.flags.c_contiguous and out.flags.c_contiguous:
+                if not fast.all_finite_vec(out):
+                    raise _out_not_finite()
                 ok = fast.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
             else:
+                if not np.isfinite(out).all():
+                    raise _out_not_finite()
                 ok = k_lora.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
         elif x.ndim == 2:
             n = x.shape[0]
@@ -474,6 +485,8 @@ class MicroLoRA:
                     f"x must have shape (n, {self._in}) and out (n, {self._out}), "
                     f"got {x.shape} and {out.shape}"
                 )
+            if not np.isfinite(out).all():
+                raise _out_not_finite()
             h = np.empty((n, self.config.rank), _F32)
             ok = k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, True)
         else:

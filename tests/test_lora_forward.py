@@ -256,6 +256,25 @@ def test_forward_add_rejects_a_bad_out(out: Any) -> None:
         lora.forward_add(np.ones(12, np.float32), Q, frozen)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape", [(10,), (3, 10), "strided"])
+def test_forward_add_refuses_nan_or_inf_already_in_out_and_leaves_it_as_it_was(
+    bad: float, shape: tuple[int, ...] | str
+) -> None:
+    lora = trained(config())
+    if shape == "strided":
+        out = np.zeros(20, np.float32)[::2]
+        x: np.ndarray = np.ones(12, np.float32)
+    else:
+        out = np.zeros(shape, np.float32)
+        x = np.ones((*shape[:-1], 12), np.float32)
+    out.flat[-1] = bad
+    before = out.copy()
+    with pytest.raises(InvalidInputError, match="out contains NaN or inf"):
+        lora.forward_add(x, Q, out)
+    np.testing.assert_array_equal(out, before)
+
+
 @pytest.mark.parametrize(
     ("module", "error"),
     [
