@@ -19,6 +19,8 @@ from sona.kernels.random import normal, uniform01
 from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits, sq_norm64
 
+_INF = np.float32(np.inf)  # |v| < _INF: v is finite (False for NaN and inf alike)
+
 
 @inline
 def _hidden(a: np.ndarray, scale: float, x: np.ndarray, h: np.ndarray) -> bool:
@@ -167,46 +169,61 @@ def _hidden_pair(
 
 
 @inline
-def _expand_tile(tile: np.ndarray, h: np.ndarray, out: np.ndarray, first: bool) -> None:
+def _expand_tile(tile: np.ndarray, h: np.ndarray, out: np.ndarray, first: bool) -> np.float32:
     """out (+)= tileᵀ·h (``first``: =) for a tile of Bᵀ's columns (its first len(out) columns
-    are read), its rows four at a time, then two, then one: one pass over ``out`` per group."""
+    are read), its rows four at a time, then two, then one: one pass over ``out`` per group.
+    Returns the sum of the values written (see ``_forward``)."""
     rank = tile.shape[0]
     width = out.shape[0]
+    chk = np.float32(0.0)
     k = 0
     while k + 4 <= rank:
         h0, h1, h2, h3 = h[k], h[k + 1], h[k + 2], h[k + 3]
         if first:
             for j in range(width):
-                out[j] = (
+                v = (
                     h0 * tile[k, j] + h1 * tile[k + 1, j] + h2 * tile[k + 2, j]
                     + h3 * tile[k + 3, j]
                 )  # fmt: skip
+                out[j] = v
+                chk += v
         else:
             for j in range(width):
-                out[j] += (
+                v = out[j] + (
                     h0 * tile[k, j] + h1 * tile[k + 1, j] + h2 * tile[k + 2, j]
                     + h3 * tile[k + 3, j]
                 )  # fmt: skip
+                out[j] = v
+                chk += v
         first = False
         k += 4
     if k + 2 <= rank:
         h0, h1 = h[k], h[k + 1]
         if first:
             for j in range(width):
-                out[j] = h0 * tile[k, j] + h1 * tile[k + 1, j]
+                v = h0 * tile[k, j] + h1 * tile[k + 1, j]
+                out[j] = v
+                chk += v
         else:
             for j in range(width):
-                out[j] += h0 * tile[k, j] + h1 * tile[k + 1, j]
+                v = out[j] + (h0 * tile[k, j] + h1 * tile[k + 1, j])
+                out[j] = v
+                chk += v
         first = False
         k += 2
     if k < rank:
         h0 = h[k]
         if first:
             for j in range(width):
-                out[j] = h0 * tile[k, j]
+                v = h0 * tile[k, j]
+                out[j] = v
+                chk += v
         else:
             for j in range(width):
-                out[j] += h0 * tile[k, j]
+                v = out[j] + h0 * tile[k, j]
+                out[j] = v
+                chk += v
+    return chk
 
 
 # forward_batch's tile: this many columns of every row of Bᵀ, copied together, stay in L1
@@ -228,7 +245,9 @@ def forward_batch(
     """out[n] (+)= s·B·A·x[n] for a batch; h is (batch, rank) scratch.
 
     All hidden vectors are computed and checked before ``out`` is written, so a non-finite row
-    leaves ``out`` untouched. Inputs go in pairs (an odd last one paired with itself) and
+    leaves ``out`` untouched; a delta beyond float32 from finite hidden vectors (weights near
+    its largest value) shows as ``out`` is written, and returns False with ``out`` written.
+    Inputs go in pairs (an odd last one paired with itself) and
     ranks four at a time through A, and the output in column tiles (rank 8, batch 32, width
     4096: 147 µs one row and one rank at a time, 71 µs so).
     """
@@ -243,20 +262,30 @@ def forward_batch(
             return False
     rank = bt.shape[0]
     tile = np.empty((rank, min(_TILE, n_out)), np.float32)
+    chk = np.float32(0.0)
     for j0 in range(0, n_out, _TILE):
         width = min(_TILE, n_out - j0)
         for k in range(rank):
             tile[k, :width] = bt[k][j0 : j0 + width]
         for r in range(n):
-            _expand_tile(tile, h[r], out[r][j0 : j0 + width], not accumulate)
-    return True
+            chk += _expand_tile(tile, h[r], out[r][j0 : j0 + width], not accumulate)
+    return bool(abs(chk) < _INF) or _all_below_inf(out)
 
 
 # forward_into's status codes
 FORWARD_OK = 0
-FORWARD_NOT_FINITE = 1  # x is not finite, or A·x overflows
+FORWARD_NOT_FINITE = 1  # x is not finite, or A·x or the delta overflows
 FORWARD_BAD_X = 2  # x has the wrong length or is not contiguous
 FORWARD_BAD_OUT = 3  # out has the wrong length, is not contiguous or (reused) is not free
+
+
+@inline
+def _all_below_inf(v: np.ndarray) -> bool:
+    """Whether every entry is finite: the exact check behind a running sum that was not."""
+    bad = 0
+    for e in v.flat:
+        bad += not abs(e) < _INF
+    return bad == 0
 
 
 @inline
@@ -270,6 +299,12 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
     # Rows of A four at a time, then in pairs: one pass over x and one over out per group
     # (rank 2: one each; the consolidated rank 8: two). A non-finite x already shows in the
     # first h (NaN·0 is NaN), so a later failure is an overflow; out may then be partly written.
+    # Finite factors and h can still give a delta beyond float32 (weights near its largest
+    # value). Each pass over out also sums what it writes, one add in a loop that waits on
+    # the loads of Bᵀ; a sum that is not finite (an inf or NaN written, or only large values)
+    # sends out through an exact check. (A sum of v·0 or v - v would not do: fast-math may
+    # reassociate h·b·0 into h·(b·0), and c + v - v into c.)
+    chk = np.float32(0.0)
     k4 = rank - rank % 4
     for k in range(0, k4, 4):
         acc0 = np.float32(0.0)
@@ -290,10 +325,16 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
             return FORWARD_NOT_FINITE
         if k == 0:
             for j in range(n_out):
-                out[j] = h0 * bt[0, j] + h1 * bt[1, j] + h2 * bt[2, j] + h3 * bt[3, j]
+                v = h0 * bt[0, j] + h1 * bt[1, j] + h2 * bt[2, j] + h3 * bt[3, j]
+                out[j] = v
+                chk += v
         else:
             for j in range(n_out):
-                out[j] += h0 * bt[k, j] + h1 * bt[k + 1, j] + h2 * bt[k + 2, j] + h3 * bt[k + 3, j]
+                v = out[j] + (
+                    h0 * bt[k, j] + h1 * bt[k + 1, j] + h2 * bt[k + 2, j] + h3 * bt[k + 3, j]
+                )
+                out[j] = v
+                chk += v
     for k in range(k4, rank - 1, 2):
         acc0 = np.float32(0.0)
         acc1 = np.float32(0.0)
@@ -307,10 +348,14 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
             return FORWARD_NOT_FINITE
         if k == 0:
             for j in range(n_out):
-                out[j] = h0 * bt[0, j] + h1 * bt[1, j]
+                v = h0 * bt[0, j] + h1 * bt[1, j]
+                out[j] = v
+                chk += v
         else:
             for j in range(n_out):
-                out[j] += h0 * bt[k, j] + h1 * bt[k + 1, j]
+                v = out[j] + (h0 * bt[k, j] + h1 * bt[k + 1, j])
+                out[j] = v
+                chk += v
     if rank % 2:
         k = rank - 1
         acc = np.float32(0.0)
@@ -321,10 +366,16 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
             return FORWARD_NOT_FINITE
         if k == 0:
             for j in range(n_out):
-                out[j] = hk * bt[0, j]
+                v = hk * bt[0, j]
+                out[j] = v
+                chk += v
         else:
             for j in range(n_out):
-                out[j] += hk * bt[k, j]
+                v = out[j] + hk * bt[k, j]
+                out[j] = v
+                chk += v
+    if not abs(chk) < _INF and not _all_below_inf(out):
+        return FORWARD_NOT_FINITE
     return FORWARD_OK
 
 

@@ -44,6 +44,22 @@ def vec_all_finite(x: np.ndarray) -> bool:
     return _all_finite(x)
 
 
+@gil_kernel
+def add_if_finite(out: np.ndarray, delta: np.ndarray) -> bool:
+    """out += delta when every sum is finite, else False with ``out`` untouched: a first pass
+    counts the sums that are not, a second writes them. Each entry is one addition, so both
+    passes round it alike and the check holds for what is written."""
+    inf = np.float32(np.inf)
+    bad = 0
+    for j in range(out.shape[0]):
+        bad += not (abs(out[j] + delta[j]) < inf)
+    if bad:
+        return False
+    for j in range(out.shape[0]):
+        out[j] += delta[j]
+    return True
+
+
 # The largest ‖x‖² an input embedding may have. Updates divide the gradient by ‖x‖² (see
 # ``kernels.lora``), and beyond float32's range (3.4e38) that quotient is 0: the step would be
 # counted as learned while changing nothing, and every distance or energy taken from the input

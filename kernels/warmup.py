@@ -40,6 +40,7 @@ class FastKernels:
     candidate_sq_norms: Callable[..., Any]
     apply_step: Callable[..., Any]
     all_finite_vec: Callable[..., Any]
+    add_if_finite: Callable[..., Any]
     input_status_vec: Callable[..., Any]
     ewc_prox_step: Callable[..., Any]
     ewc_penalty: Callable[..., Any]
@@ -115,6 +116,7 @@ def warm_up(*, force: bool = False) -> float:
     fast.candidate_sq_norms = entry_point(update.candidate_sq_norms, a, ga, bt, gbt, 0.0)
     fast.apply_step = entry_point(update.apply_step, a, ga, bt, gbt, 0.0)
     fast.all_finite_vec = entry_point(update.vec_all_finite, x)
+    fast.add_if_finite = entry_point(update.add_if_finite, out.copy(), g)
     fast.input_status_vec = entry_point(update.vec_input_status, x)
     _warm_ewc(a, bt, s)
     _warm_replay(a, bt, s)

@@ -189,14 +189,14 @@ class InstantLoop:
             }
             if transit is not None:  # into the buffers forward returned: held, never reused
                 for m, out in offsets.items():
-                    transit.forward_add(x, m, out)
+                    transit._add_delta(x, m, out)
             return offsets
         for m, buf in self._offsets.items():
             if module is None or m is module:
                 buf.fill(0.0)
                 published.add_into(x, m, buf)
                 if transit is not None:
-                    transit.forward_add(x, m, buf)
+                    transit._add_delta(x, m, buf)
         return self._offsets
 
     def _skip(self, t0: int, reason: str, note: str, *, rejected: bool = False) -> InstantOutcome:

@@ -230,7 +230,10 @@ def _check_input(x: np.ndarray) -> None:
         raise InvalidInputError(_INPUT_TOO_LARGE)
 
 
-_FORWARD_OVERFLOW = "x is finite but so large that s·A·x overflows float32"
+_FORWARD_OVERFLOW = (
+    "x is finite but so large that the delta overflows float32 (s·A·x, or s·B·A·x with "
+    "weights near float32's largest value)"
+)
 _GRADIENT_OVERFLOW = (
     "the gradient overflows float32: x and the feedback are finite, but their product with "
     "the adapter's weights is not, as with a feedback vector near float32's largest value "
@@ -426,15 +429,24 @@ class MicroLoRA:
         """out = μ(x) (or out += μ(x) with ``add``) for a checked float32 vector and a float32
         buffer the caller owns: ``forward`` or ``forward_add`` without their argument checks
         and result buffer, for the Instant loop's per-sample offsets. False when the kernel
-        refused (a length, a stride, or x·A beyond float32), and the caller's general path
-        then says why; a delta that overflows only in B·h is left in ``out`` as inf, which
-        ``step`` refuses as a non-finite offset."""
+        refused (a length, a stride, or a delta beyond float32), and the caller's general
+        path then says why; with ``add``, a delta that overflows only in B·h is left in ``out``
+        as inf, which ``step`` refuses as a non-finite offset."""
         st = self._first if module is self._first_module else self._by_id[id(module)]
         if add:  # this kernel trusts its caller with lengths and strides
             if x.shape[0] != self._in or x.strides[0] != 4 or out.shape[0] != self._out:
                 return False
             return bool(fast.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out))
         return not fast.forward_into(st.a, st.bt, self._scale, x, out)
+
+    def _add_delta(self, x: np.ndarray, module: TargetModule, out: np.ndarray) -> None:
+        """out += μ(x) for a checked float32 vector and a buffer the caller owns, with the
+        kernel and rounding of the Instant loop's rated path (``forward_add_vec``), so its
+        general path computes the same offsets bit for bit. s·A·x beyond float32 raises as in
+        ``forward``; a delta that overflows only in B·h is left in ``out`` as inf, which
+        ``step`` refuses as a non-finite offset."""
+        if not self._delta_into(x, module, out, True):
+            raise _not_finite_error(x, _FORWARD_OVERFLOW)
 
     def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:
         st = self._state(module)
@@ -453,10 +465,12 @@ class MicroLoRA:
         return out
 
     def forward_add(self, x: Any, module: TargetModule, out: np.ndarray) -> None:
-        """out += μ(x) in place, without allocating; ``out`` is float32 (out,) or (n, out).
+        """out += μ(x) in place; ``out`` is float32 (out,) or (n, out). A vector's delta goes
+        through the adapter's reused result buffer (see :meth:`forward`), so nothing is
+        allocated while the previous result is not held.
 
-        NaN or inf already in ``out`` is refused like one in ``x``: the sum would carry it on
-        as if the delta had produced it."""
+        NaN or inf already in ``out`` is refused like one in ``x``, and so is a sum that would
+        overflow float32: ``out`` is then left as it was."""
         st = self._by_id.get(id(module))
         if st is None:
             st = self._state(module)
@@ -470,14 +484,6 @@ class MicroLoRA:
                     f"x must have shape ({self._in},) and out ({self._out},), "
                     f"got {x.shape} and {out.shape}"
                 )
-            if x.flags.c_contiguous and out.flags.c_contiguous:
-                if not fast.all_finite_vec(out):
-                    raise _out_not_finite()
-                ok = fast.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
-            else:
-                if not np.isfinite(out).all():
-                    raise _out_not_finite()
-                ok = k_lora.forward_add_vec(st.a, st.bt, self._scale, x, st.h, out)
         elif x.ndim == 2:
             n = x.shape[0]
             if x.shape[1] != self._in or out.shape != (n, self._out):
@@ -485,14 +491,26 @@ class MicroLoRA:
                     f"x must have shape (n, {self._in}) and out (n, {self._out}), "
                     f"got {x.shape} and {out.shape}"
                 )
-            if not np.isfinite(out).all():
-                raise _out_not_finite()
-            h = np.empty((n, self.config.rank), _F32)
-            ok = k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, True)
         else:
             raise InvalidInputError(f"x must be 1- or 2-dimensional, got shape {x.shape}")
-        if not ok:
-            raise _not_finite_error(x, _FORWARD_OVERFLOW)
+        if out.flags.c_contiguous:
+            flat = out.reshape(-1)
+            if not fast.all_finite_vec(flat):
+                raise _out_not_finite()
+            delta = self.forward(x, st.module).reshape(-1)
+            added = fast.add_if_finite(flat, delta)
+        else:
+            if not np.isfinite(out).all():
+                raise _out_not_finite()
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = out + self.forward(x, st.module)
+            added = bool(np.isfinite(total).all())
+            if added:
+                out[...] = total
+        if not added:
+            raise InvalidInputError(
+                "out + the delta overflows float32: out holds values too large to add to"
+            )
 
     def _forward_batch(self, st: _Module, x: np.ndarray, explore: bool) -> np.ndarray:
         if x.shape[1] != self._in:

@@ -52,6 +52,12 @@ class Published:
                 dest[mask] += adapter.forward(rows[mask], module)
 
     def predict(self, x: np.ndarray, module: TargetModule) -> np.ndarray:
-        out = np.zeros((x.shape[0], self.base.config.out_features), np.float32)
-        self.add_into(x, module, out)
+        """The consolidated delta for each row of ``x`` (2-D), in a new array."""
+        out = self.base.forward(x, module)
+        if self.ensemble:
+            labels = self.route(x)
+            for label, adapter in self.ensemble.items():
+                mask = labels == label
+                if mask.any():
+                    out[mask] += adapter.forward(x[mask], module)
         return out

@@ -85,6 +85,61 @@ def test_a_finite_x_whose_hidden_value_overflows_is_named_as_such(batch: bool) -
     assert Snapshot.of(lora) == before
 
 
+def _near_the_largest_delta(rank: int) -> tuple[MicroLoRA, np.ndarray]:
+    """An adapter whose delta_weight is finite (1.2e38 at [0, 0], s·‖A‖·‖B‖ within float32)
+    and an input of norm 3 whose delta is not (3.6e38 at row 0): every hidden value is
+    finite, only s·B·A·x overflows."""
+    cfg = config(rank=rank, alpha=float(rank))  # scaling 1
+    lora = MicroLoRA(cfg, seed=0)
+    a = np.zeros((rank, 12), np.float32)
+    bt = np.zeros((rank, 10), np.float32)
+    a[0, 0], bt[0, 0] = 1e19, 1.2e19
+    lora.set_factors(Q, a, bt)
+    assert np.isfinite(lora.delta_weight(Q)).all()
+    x = np.zeros(12, np.float32)
+    x[0] = 3.0
+    return lora, x
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 8])
+def test_a_delta_beyond_float32_from_finite_weights_and_input_is_refused_not_returned(
+    rank: int,
+) -> None:
+    """forward never returns inf for a finite x: vector and batch raise, as a composition of
+    the same adapter does; forward_add raises with out as it was."""
+    lora, x = _near_the_largest_delta(rank)
+    before = Snapshot.of(lora)
+    for arg in (x, np.stack([x, x])):
+        with pytest.raises(InvalidInputError, match="delta overflows float32"):
+            lora.forward(arg, Q)
+        out = np.ones((*arg.shape[:-1], 10), np.float32)
+        with pytest.raises(InvalidInputError, match="delta overflows float32"):
+            lora.forward_add(arg, Q, out)
+        assert np.all(out == 1.0)
+    with pytest.raises(InvalidInputError, match="overflows float32"):
+        MicroLoRA.compose_parallel([lora]).forward(x, Q)
+    assert np.isfinite(lora.forward(x / 2, Q)).all()  # 1.8e38 fits
+    assert Snapshot.of(lora) == before
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_forward_add_refuses_a_sum_beyond_float32_and_leaves_out_as_it_was(
+    strided: bool,
+) -> None:
+    lora, x = _near_the_largest_delta(2)
+    half = x / 2  # a delta of 1.8e38 at row 0, finite
+    out = np.zeros(20, np.float32)[::2] if strided else np.zeros(10, np.float32)
+    out[0] = 2e38
+    out[1] = 5.0
+    before = out.copy()
+    with pytest.raises(InvalidInputError, match="out \\+ the delta overflows"):
+        lora.forward_add(half, Q, out)
+    np.testing.assert_array_equal(out, before)
+    out[0] = -1e38
+    lora.forward_add(half, Q, out)
+    assert out[0] == np.float32(np.float32(-1e38) + lora.forward(half, Q)[0])
+
+
 def test_sizes_are_counted_from_the_arrays() -> None:
     cfg = config(n_in=30, n_out=20, rank=3, modules=(Q, V, K))
     lora = MicroLoRA(cfg, seed=0)
