@@ -276,6 +276,8 @@ def open_file(path: str | os.PathLike[str]) -> BinaryIO:
 
 
 def read_file(path: str | os.PathLike[str], *, limit: int = 1 << 34) -> bytes:
+    if not isinstance(path, (str, os.PathLike)):  # as file_target refuses it for writing
+        raise TypeError(f"path must be a path, got {type(path).__name__}")
     p = Path(path)
     with open_file(p) as fh:
         size = os.fstat(fh.fileno()).st_size

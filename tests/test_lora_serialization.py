@@ -147,6 +147,8 @@ def test_save_refuses_an_empty_path_or_a_directory_and_writes_nothing(
         lora.save("")
     with pytest.raises(TypeError, match="path must be a path"):
         lora.save(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="path must be a path, got int"):
+        MicroLoRA.load(3)  # type: ignore[arg-type]
     a_file = directory / "f"
     a_file.write_bytes(b"")
     for under_a_file in (a_file / "x.sona", a_file / "sub" / "x.sona"):
