@@ -41,23 +41,21 @@ class Published:
     def add_into(self, x: np.ndarray, module: TargetModule, out: np.ndarray) -> None:
         """out += the consolidated delta for ``x`` (1-D or 2-D)."""
         self.base.forward_add(x, module, out)
-        if not self.ensemble:
-            return
-        rows = x[None, :] if x.ndim == 1 else x
-        dest = out[None, :] if out.ndim == 1 else out
-        labels = self.route(rows)
-        for label, adapter in self.ensemble.items():
-            mask = labels == label
-            if mask.any():
-                dest[mask] += adapter.forward(rows[mask], module)
+        if self.ensemble:
+            rows = x[None, :] if x.ndim == 1 else x
+            self._add_routed(rows, module, out[None, :] if out.ndim == 1 else out)
 
     def predict(self, x: np.ndarray, module: TargetModule) -> np.ndarray:
         """The consolidated delta for each row of ``x`` (2-D), in a new array."""
         out = self.base.forward(x, module)
         if self.ensemble:
-            labels = self.route(x)
-            for label, adapter in self.ensemble.items():
-                mask = labels == label
-                if mask.any():
-                    out[mask] += adapter.forward(x[mask], module)
+            self._add_routed(x, module, out)
         return out
+
+    def _add_routed(self, rows: np.ndarray, module: TargetModule, dest: np.ndarray) -> None:
+        """dest += each row's cluster adapter's delta (2-D ``rows`` and ``dest``)."""
+        labels = self.route(rows)
+        for label, adapter in self.ensemble.items():
+            mask = labels == label
+            if mask.any():
+                dest[mask] += adapter.forward(rows[mask], module)
