@@ -490,7 +490,9 @@ def move_toward_means(
     """Mini-batch k-means step of every centroid with members (PatternBank._move).
 
     counts[j] += m; step = max(m / counts[j], 1 − (1 − min_step)^m); centroid += step·(mean −
-    centroid), the mean (sums / m) and the update in float32.
+    centroid), the mean (sums / m) and the update in float32. A step that would leave the
+    centroid at exactly zero (members that cancel it, -x onto x) is not taken: a zero centroid
+    is nearest to nearly every input. A first pass finds whether any entry stays nonzero.
     """
     k, d = centroids.shape
     for j in range(k):
@@ -503,6 +505,11 @@ def move_toward_means(
         c = centroids[j]
         s = sums[j]
         inv = np.float32(1.0 / m)
+        nonzero = 0
+        for i in range(d):
+            nonzero += (c[i] + sf * (s[i] * inv - c[i])) != 0.0
+        if nonzero == 0:
+            continue
         for i in range(d):
             mean = s[i] * inv
             c[i] += sf * (mean - c[i])

@@ -78,7 +78,8 @@ class PatternBank:
         nearest centroid toward their mean by (members / count), floored at ``_MIN_STEP`` per
         member, which equals the sequential running mean while counts are small. A zero input
         (empty text) has no direction to cluster on: it gets its nearest cluster (-1 on an empty
-        bank) and moves nothing, so no centroid is ever zero.
+        bank) and moves nothing, and a move onto zero (members that cancel their centroid, -x
+        onto x) is not taken, so no centroid is ever zero.
 
         Slot filling, the batch's labels and per-cluster sums, and the moves are three GIL-free
         kernels (:mod:`sona.kernels.batch`). ``labelled``, taken against

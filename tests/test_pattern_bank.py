@@ -8,6 +8,7 @@ import pytest
 
 from sona.errors import FormatError, InvalidInputError
 from sona.pattern_bank import PatternBank
+from sona.row_scan import Labelled
 
 DIM = 24
 
@@ -161,6 +162,30 @@ def test_refine_keeps_a_centroid_whose_members_cancel_out() -> None:
     _assert_no_zero_centroid(bank)
     np.testing.assert_array_equal(bank.centroids[0], before)
     assert bank.assign(10.0 * eye[1]) == 1 and bank.assign(eye[0]) == 0
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_update_takes_no_centroid_onto_zero_when_its_members_cancel_it(scanned: bool) -> None:
+    """A centroid x seeded by one input, then -x as its only member: the running mean is zero,
+    and a zero centroid would take nearly every later input. The move is not taken; the
+    member is still counted, and the other clusters move as before. ``scanned``: the labels
+    and sums come from the row scan (``labelled``), as in the Background loop."""
+    eye = np.eye(DIM, dtype=np.float32)
+    bank = PatternBank(2, DIM)
+    bank.update(np.stack([eye[0], 5.0 * eye[1]]))
+    before = bank.centroids.copy()
+    batch = np.stack([-eye[0], 6.0 * eye[1]])
+    if scanned:
+        labels = np.empty(2, np.intp)
+        sums, members = bank._nearest(batch, labels, accumulate=True, skip_zero=True)
+        got = bank.update(batch, Labelled(bank.centroids, labels, sums, members))
+    else:
+        got = bank.update(batch)
+    assert got.tolist() == [0, 1]
+    _assert_no_zero_centroid(bank)
+    np.testing.assert_array_equal(bank.centroids[0], before[0])
+    assert bank.centroids[1][1] == 5.5  # the other cluster moved to its running mean
+    assert bank.counts[:2].tolist() == [2, 2]
 
 
 def test_merge_and_prune_never_leaves_a_zero_centroid_and_maps_every_slot() -> None:
