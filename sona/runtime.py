@@ -317,13 +317,18 @@ class SonaRuntime:
         if stack is None:
             return
         self._stack = None
+        # the loops' mailboxes then drain in what is left of the same budget
+        budget = self.config.supervision.shutdown_timeout_s
+        deadline = time.monotonic() + budget
         try:
             if exc_type is None and not self._supervisor.gave_up:
-                with anyio.move_on_after(self.config.supervision.shutdown_timeout_s):
+                with anyio.move_on_after(budget):
                     await self.drain()
         except BaseException as error:
+            self._supervisor.shorten_drain(deadline - time.monotonic())
             await self._stop(stack, type(error), error, error.__traceback__)
             raise
+        self._supervisor.shorten_drain(deadline - time.monotonic())
         await self._stop(stack, exc_type, exc, tb)
 
     async def _stop(
@@ -813,8 +818,8 @@ class SonaRuntime:
             job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
             if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
                 self._deep_taken += self._instant.take_deep_quality()
-            with single_blas():
-                outcome = await self._deep_thread.run(_deep_in_thread, job)
+            with single_blas():  # a cancelled run (shutdown, host timeout) is dropped
+                outcome = await self._deep_thread.run(_deep_in_thread, job, shield=False)
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:

@@ -66,7 +66,10 @@ class LoopThread:
     request yields next: under load, two more slow requests per consolidation. On asyncio the
     work is queued at once, on a thread of this loop's own; other backends take anyio's path
     with a limiter of one. Either way the caller waits, shielded from cancellation, until the
-    work is done: the thread cannot be stopped, and what it returns must not be lost.
+    work is done: the thread cannot be stopped, and what it returns must not be lost. Work
+    whose result may be dropped (a Deep run, whose replacement the state does without) passes
+    ``shield=False``: a cancelled caller (a shutdown past its drain timeout, a host's own
+    timeout) then returns at once, and the thread finishes the work for nobody.
 
     ``run(..., hand_off=True)`` (on asyncio) also hands the GIL over as it queues the work:
     the event loop waits (GIL released, at most ``HAND_OFF_S``) until the thread has started,
@@ -86,7 +89,9 @@ class LoopThread:
         self._executor: ThreadPoolExecutor | None = None
         self._limiter = anyio.CapacityLimiter(1)
 
-    async def run(self, fn: Callable[..., T], *args: Any, hand_off: bool = False) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, hand_off: bool = False, shield: bool = True
+    ) -> T:
         """``fn(*args)`` in this loop's thread, in a copy of the caller's context."""
         await anyio.lowlevel.checkpoint_if_cancelled()  # yields only when cancelled
         self.busy += 1
@@ -94,7 +99,9 @@ class LoopThread:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # another anyio backend
-                return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+                return await anyio.to_thread.run_sync(
+                    fn, *args, limiter=self._limiter, abandon_on_cancel=not shield
+                )
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
             ctx = contextvars.copy_context()
@@ -104,7 +111,7 @@ class LoopThread:
                 started.wait(self.HAND_OFF_S)
             else:
                 done = loop.run_in_executor(self._executor, ctx.run, fn, *args)
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=shield):
                 result = await done
             return result
         finally:

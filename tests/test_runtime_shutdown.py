@@ -5,6 +5,8 @@ every caller gets an answer and every subscription ends."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,9 @@ from runtime_helpers import (
     stall_background,
     target_samples,
 )
-from sona.actors import OverflowPolicy
+from sona.actors import ActorStopped, OverflowPolicy
 
+from sona import runtime as runtime_module
 from sona.config import Chaos, SupervisionConfig
 from sona.events import SamplesDropped
 from sona.runtime import SonaRuntime
@@ -261,3 +264,67 @@ async def test_deep_optimize_refuses_what_is_not_an_iterable_of_samples(samples:
         for bad in (samples, one):
             with pytest.raises(TypeError, match="samples must be an iterable"):
                 await rt.deep_optimize(bad)  # type: ignore[arg-type]
+
+
+async def test_the_loops_drain_in_what_is_left_of_the_shutdown_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runtime drains accepted samples first, then the supervisor drains the loops'
+    mailboxes: in what is left of one ``shutdown_timeout_s``, not in a second one. Here the
+    first drain times out (an Instant loop that crashes on every message), so the mailboxes
+    get no time at all."""
+    cfg, chaos = _slow_instant()
+    caplog.set_level(logging.WARNING, logger="sona.actors.supervisor")
+    async with SonaRuntime(cfg, seed=1, chaos=chaos) as rt:
+        for s in _samples(20):
+            rt.submit_nowait(s)
+        await anyio.sleep(0.05)
+    timed_out = [
+        r.msg for r in caplog.records
+        if isinstance(r.msg, dict) and r.msg.get("event") == "drain_timed_out"
+    ]  # fmt: skip
+    assert [m["timeout_s"] for m in timed_out] == [0.0]
+    assert identity_holds(rt.stats())
+
+
+async def test_leaving_does_not_wait_for_a_deep_run_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Deep run cannot be stopped in its thread. Past the drain timeout the runtime stops
+    without its result, which the state does without (the on-demand caller gets
+    ActorStopped), and the thread finishes it for nobody: leaving returns while the run is
+    still held in its thread here."""
+    entered, release = threading.Event(), threading.Event()
+    original = runtime_module._deep_in_thread
+
+    def held(job: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return original(job)
+
+    monkeypatch.setattr(runtime_module, "_deep_in_thread", held)
+    cfg = small_config(supervision=SupervisionConfig(shutdown_timeout_s=0.2))
+    errors: list[BaseException] = []
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                async with SonaRuntime(cfg, seed=1) as rt:
+                    for s in _samples(50):
+                        await rt.submit(s)
+                    await rt.consolidate()
+
+                    async def deep() -> None:
+                        try:
+                            await rt.deep_optimize()
+                        except ActorStopped as error:
+                            errors.append(error)
+
+                    tg.start_soon(deep)
+                    while not entered.is_set():
+                        await anyio.sleep(0.01)
+                assert not release.is_set()
+    finally:
+        release.set()
+    assert len(errors) == 1
+    st = rt.stats()
+    assert st.deep_count == 0 and identity_holds(st)
