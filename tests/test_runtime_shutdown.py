@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from runtime_helpers import (
+    hold_deep_runs,
     identity_holds,
     rated_samples,
     small_config,
@@ -22,7 +22,6 @@ from runtime_helpers import (
 )
 from sona.actors import ActorStopped, OverflowPolicy
 
-from sona import runtime as runtime_module
 from sona.config import Chaos, SupervisionConfig
 from sona.events import SamplesDropped
 from sona.runtime import SonaRuntime
@@ -294,15 +293,7 @@ async def test_leaving_does_not_wait_for_a_deep_run_in_flight(
     without its result, which the state does without (the on-demand caller gets
     ActorStopped), and the thread finishes it for nobody: leaving returns while the run is
     still held in its thread here."""
-    entered, release = threading.Event(), threading.Event()
-    original = runtime_module._deep_in_thread
-
-    def held(job: Any) -> Any:
-        entered.set()
-        release.wait(60)
-        return original(job)
-
-    monkeypatch.setattr(runtime_module, "_deep_in_thread", held)
+    entered, release = hold_deep_runs(monkeypatch)
     cfg = small_config(supervision=SupervisionConfig(shutdown_timeout_s=0.2))
     errors: list[BaseException] = []
     try:
