@@ -818,8 +818,8 @@ class SonaRuntime:
             job = cast(DeepJob, await bg_ref.ask(DeepSnapshot(msg.samples)))
             if job.train or job.held:  # a run with nothing to look at leaves the trigger's count
                 self._deep_taken += self._instant.take_deep_quality()
-            with single_blas():  # a cancelled run (shutdown, host timeout) is dropped
-                outcome = await self._deep_thread.run(_deep_in_thread, job, shield=False)
+            # a cancelled wait (shutdown, host timeout) drops the run; its thread finishes it
+            outcome = await self._deep_thread.run(_deep_in_thread, job, shield=False)
             notes = list(outcome.notes)
             installed = await bg_ref.ask(InstallDeep((outcome, notes)))
         finally:
@@ -1141,9 +1141,14 @@ class _DeepActor(Actor):
 
 
 def _deep_in_thread(job: DeepJob) -> DeepOutcome:
-    """A Deep run in its worker thread, then its scratch memory handed back to the system."""
+    """A Deep run in its worker thread, then its scratch memory handed back to the system.
+
+    The BLAS limit is set here, not around the wait on the event loop as for a consolidation:
+    a dropped run (see ``_handle_deep``) goes on after nobody waits for it, and keeps the limit
+    until it ends; the few foreign calls that set it are nothing beside a run."""
     try:
-        return run_deep(job)
+        with single_blas():
+            return run_deep(job)
     finally:
         release_free_memory()
 

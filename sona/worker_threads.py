@@ -11,11 +11,13 @@ worker starts, restored when the last one finishes, whichever threads those are.
 lets only the thread that first set an OpenBLAS limit change it again; the loops' work runs on
 whichever pool thread is free, so control is released around every change.
 
-The runtime sets the limit on the event loop, around the wait for its loops' work
+The runtime sets the limit for a consolidation on the event loop, around the wait for it
 (:func:`single_blas`), not in the worker thread: setting and restoring it are a few foreign
 calls, each of which gives the GIL up. In a worker thread beside a busy event loop, each
 take-back waited for the loop (measured under sustained ingress: the Background loop reached its
-first kernel 1.2 ms after being handed its work, on average, instead of 0.83 ms).
+first kernel 1.2 ms after being handed its work, on average, instead of 0.83 ms). A Deep run,
+whose wait may be dropped while its thread goes on (``LoopThread.run(shield=False)``), sets it
+in its thread, for exactly as long as the run.
 
 No loop, nor the checkpoint writer or the durable log, takes a slot of anyio's default thread
 limiter: that one (40 threads) is the host application's too, and a host keeping it busy with its

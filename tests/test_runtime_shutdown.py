@@ -27,6 +27,7 @@ from sona.events import SamplesDropped
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.simulator import DomainWorld
+from sona.worker_threads import blas_limited
 
 pytestmark = pytest.mark.anyio
 
@@ -292,7 +293,7 @@ async def test_leaving_does_not_wait_for_a_deep_run_in_flight(
     """A Deep run cannot be stopped in its thread. Past the drain timeout the runtime stops
     without its result, which the state does without (the on-demand caller gets
     ActorStopped), and the thread finishes it for nobody: leaving returns while the run is
-    still held in its thread here."""
+    still held in its thread here, and BLAS stays limited to one thread until it ends."""
     entered, release = hold_deep_runs(monkeypatch)
     cfg = small_config(supervision=SupervisionConfig(shutdown_timeout_s=0.2))
     errors: list[BaseException] = []
@@ -314,8 +315,12 @@ async def test_leaving_does_not_wait_for_a_deep_run_in_flight(
                     while not entered.is_set():
                         await anyio.sleep(0.01)
                 assert not release.is_set()
+                assert blas_limited()
     finally:
         release.set()
+    with anyio.fail_after(30):
+        while blas_limited():
+            await anyio.sleep(0.01)
     assert len(errors) == 1
     st = rt.stats()
     assert st.deep_count == 0 and identity_holds(st)

@@ -82,8 +82,8 @@ def test_overlapping_workers_keep_the_limit_until_the_last_one_ends() -> None:
 async def test_runtime_loops_work_with_blas_limited_and_give_the_setting_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The runtime sets the limit from the event loop, around its loops' work: inside a
-    consolidation and a Deep run BLAS has one thread; between them, the host's setting."""
+    """Inside a consolidation (limit set from the event loop) and a Deep run (set in its
+    thread) BLAS has one thread; between them, the host's setting."""
     from runtime_helpers import small_config, target_samples
 
     from sona import runtime as runtime_module
