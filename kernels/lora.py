@@ -17,7 +17,7 @@ from sona.kernels.jit import gil_kernel, inline, kernel
 from sona.kernels.ownership import is_free
 from sona.kernels.random import normal, uniform01
 from sona.kernels.update import F32_MAX as _F32_MAX
-from sona.kernels.update import MAX_INPUT_SQ_NORM, input_norm_fits, sq_norm64
+from sona.kernels.update import MAX_INPUT_SQ_NORM, _all_finite, input_norm_fits, sq_norm64
 
 _INF = np.float32(np.inf)  # |v| < _INF: v is finite (False for NaN and inf alike)
 
@@ -269,7 +269,7 @@ def forward_batch(
             tile[k, :width] = bt[k][j0 : j0 + width]
         for r in range(n):
             chk += _expand_tile(tile, h[r], out[r][j0 : j0 + width], not accumulate)
-    return bool(abs(chk) < _INF) or _all_below_inf(out)
+    return bool(abs(chk) < _INF) or _all_finite(out)
 
 
 # forward_into's status codes
@@ -277,15 +277,6 @@ FORWARD_OK = 0
 FORWARD_NOT_FINITE = 1  # x is not finite, or A·x or the delta overflows
 FORWARD_BAD_X = 2  # x has the wrong length or is not contiguous
 FORWARD_BAD_OUT = 3  # out has the wrong length, is not contiguous or (reused) is not free
-
-
-@inline
-def _all_below_inf(v: np.ndarray) -> bool:
-    """Whether every entry is finite: the exact check behind a running sum that was not."""
-    bad = 0
-    for e in v.flat:
-        bad += not abs(e) < _INF
-    return bad == 0
 
 
 @inline
@@ -374,7 +365,7 @@ def _forward(a: np.ndarray, bt: np.ndarray, scale: float, x: np.ndarray, out: np
                 v = out[j] + hk * bt[k, j]
                 out[j] = v
                 chk += v
-    if not abs(chk) < _INF and not _all_below_inf(out):
+    if not abs(chk) < _INF and not _all_finite(out):
         return FORWARD_NOT_FINITE
     return FORWARD_OK
 
