@@ -94,6 +94,9 @@ _log = get_logger("sona.runtime")
 # Background loop's included. The budget is shared by all submitters, so a turn stays short
 # however many there are; sending the Background loop work spends it at once.
 _INLINE_BUDGET = 128
+# How long a submitter's turn lasts at a full buffer while a consolidation runs in its worker
+# thread (see SonaRuntime._next_turn)
+_WORKER_TURN_S = 0.001
 
 
 class InjectedCrash(RuntimeError):
@@ -448,8 +451,9 @@ class SonaRuntime:
         self, sample: TrainingSample, *, module: TargetModule | None = None
     ) -> AdaptationResult:
         """Returns once the Instant loop has handled the sample: an idle loop handles it in
-        this task, without a task switch (submitters yield once per 128 such samples); a busy
-        one takes it from its mailbox. Ingress applies ``overflow`` first."""
+        this task, without a task switch (submitters yield once per 128 such samples, or
+        samples dropped or refused at a full buffer); a busy one takes it from its mailbox.
+        Ingress applies ``overflow`` first."""
         self._check_running()
         sample = self._factory.check(sample, module)
         return await self._submit_checked(sample, sample.module)
@@ -459,28 +463,54 @@ class SonaRuntime:
     ) -> AdaptationResult:
         """Ingress for a valid sample, once the caller checked that the runtime runs."""
         policy = self.config.overflow
+        answer: AdaptationResult | None = None
+        full = False
         while self._pending >= self.config.max_pending_samples:
             if policy is OverflowPolicy.BLOCK:
                 await self._wait_for_room()
                 self._check_running()
                 continue
-            dropped = self._overflow(policy)
-            if dropped is not None:
-                return dropped
+            full = True
+            try:
+                answer = self._overflow(policy)  # the sample's result if it was dropped
+            except Backpressure:  # REJECT: refused here, so it spends the budget too
+                if self._inline_budget:
+                    self._inline_budget -= 1
+                else:
+                    await self._next_turn(full)
+                raise
             break
-        handled = self._accept(sample, module)
-        if not isinstance(handled, AdaptationResult):  # queued, logged first, or crashed
-            return await handled.wait()
-        # handled in this task: no task switch happened
+        if answer is None:
+            handled = self._accept(sample, module)
+            if not isinstance(handled, AdaptationResult):  # queued, logged first, or crashed
+                return await handled.wait()
+            answer = handled
+        # answered in this task, handled or dropped: no task switch happened. A producer
+        # that never waits must still let the event loop run, or nothing ever makes room.
         if self._inline_budget:
             self._inline_budget -= 1
-        else:  # spent: every inline submitter yields; the first back, a turn later, refills
-            turn = self._inline_turn
+        else:
+            await self._next_turn(full)
+        return answer
+
+    async def _next_turn(self, full: bool) -> None:
+        """The budget is spent: every submitter answered in its own task yields; the first
+        back, a turn later, refills it.
+
+        At a full buffer while a consolidation runs in its worker thread, the turn lasts
+        ``_WORKER_TURN_S`` instead: the worker takes the GIL only when this thread gives it
+        up, and a checkpoint gives it up for an instant, which the worker seldom catches
+        before this thread takes it back. Producers that never wait for anything else then
+        kept the consolidation, and so any room, off for seconds (measured: 0.25 to over 12 s
+        per consolidation while one producer kept submitting into a full DROP_NEWEST buffer)."""
+        turn = self._inline_turn
+        if full and self._unfinished is not None:
+            await anyio.sleep(_WORKER_TURN_S)
+        else:
             await anyio.lowlevel.checkpoint()
-            if self._inline_turn == turn:
-                self._inline_turn = turn + 1
-                self._inline_budget = _INLINE_BUDGET
-        return handled
+        if self._inline_turn == turn:
+            self._inline_turn = turn + 1
+            self._inline_budget = _INLINE_BUDGET
 
     def submit_nowait(self, sample: TrainingSample, *, module: TargetModule | None = None) -> None:
         """Accept without waiting for the Instant loop (an idle one handles the sample right

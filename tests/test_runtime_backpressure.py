@@ -14,7 +14,7 @@ from runtime_helpers import (
 )
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
 
-from sona.runtime import SonaRuntime
+from sona.runtime import _INLINE_BUDGET, SonaRuntime
 
 pytestmark = pytest.mark.anyio
 
@@ -144,6 +144,74 @@ async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolid
         assert stages == {"ingress": 5}
         assert st.pending_samples == LIMIT
         assert identity_holds(st)
+
+
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_NEWEST, OverflowPolicy.REJECT])
+async def test_a_producer_that_never_waits_for_drops_still_lets_other_tasks_run(
+    policy: OverflowPolicy,
+) -> None:
+    """A drop (or a refusal) is answered in the submitting task, like a sample handled
+    inline, and spends the same budget: the event loop still turns, once per budget."""
+    samples = rated_samples(LIMIT)
+    n = 10 * _INLINE_BUDGET
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async def submit(s: object) -> bool:
+        try:
+            return (await rt.submit(s)).applied  # type: ignore[arg-type]
+        except Backpressure:
+            return False
+
+    async with SonaRuntime(_config(policy), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
+        for s in samples:
+            rt.submit_nowait(s)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0)
+            start, turns = ticks, rt._inline_turn
+            results = [await submit(samples[i % LIMIT]) for i in range(n)]
+            during, turns = ticks - start, rt._inline_turn - turns
+            tg.cancel_scope.cancel()
+        gate.set()
+        assert not any(results)
+        # one turn per budget, not one per drop; other tasks ran in each, many times: with a
+        # consolidation in its worker thread (here held there), a turn at a full buffer lasts
+        # a while, so that the worker gets the GIL
+        assert n // _INLINE_BUDGET - 1 <= turns <= n // _INLINE_BUDGET + 1
+        assert during >= 5 * turns
+        dropped = n if policy is OverflowPolicy.DROP_NEWEST else 0
+        assert rt.stats().dropped_samples == dropped
+
+
+async def test_drop_newest_recovers_once_the_background_loop_makes_room() -> None:
+    """A producer submitting in a loop that never waits, into a full buffer: the Background
+    loop gets its turns, and its worker thread the GIL, so it consolidates and samples are
+    applied again, a whole buffer of them, rather than every one from the first drop on
+    being dropped."""
+    samples = rated_samples(LIMIT)
+    cfg = small_config(
+        max_pending_samples=LIMIT, overflow=OverflowPolicy.DROP_NEWEST, background_interval_ms=5
+    )
+    async with SonaRuntime(cfg, seed=0) as rt:
+        dropped_before = applied_after = 0
+        for i in range(5_000_000):  # bounded: without turns this never ends on its own
+            result = await rt.submit(samples[i % LIMIT])
+            if not result.applied:
+                dropped_before += 1
+            elif dropped_before:
+                applied_after += 1
+                if applied_after == LIMIT:
+                    break
+        await rt.drain()
+        assert dropped_before > 0 and applied_after == LIMIT
+        assert identity_holds(rt.stats())
 
 
 def _drops_by_stage(sub: object) -> dict[str, int]:
