@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from sona.kernels import baseline as k_baseline
+from sona.validation import MAX_COUNT
 
 _FIELDS = frozenset({"count", "mean", "var"})
-_MAX_COUNT = 2**53
 
 
 class RunningBaseline:
@@ -75,7 +75,7 @@ class RunningBaseline:
                 raise ValueError(f"baseline.{name} must be a finite number, got {v!r}")
             values[name] = v
         count, var = values["count"], values["var"]
-        if not (0 <= count <= _MAX_COUNT and float(count).is_integer()):
+        if not (0 <= count <= MAX_COUNT and float(count).is_integer()):
             raise ValueError(f"baseline.count must be a whole number in [0, 2**53], got {count!r}")
         if var < 0:
             raise ValueError(f"baseline.var must be >= 0, got {var!r}")

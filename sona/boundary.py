@@ -26,6 +26,7 @@ from sona.kernels import linalg as k_linalg
 from sona.kernels import update as k_update
 from sona.linalg import principal_directions
 from sona.row_scan import Projected
+from sona.validation import MAX_COUNT
 
 _F32 = np.float32
 
@@ -286,8 +287,10 @@ class ShiftDetector:
                 k: float(meta[k]) for k in ("cal_mean", "cal_m2", "mean", "spread", "up", "down")
             }
             counters = {k: int(meta[k]) for k in ("cal_n", "up_start", "down_start", "seen")}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise FormatError(f"boundary detector state is malformed: {exc}") from None
+        if not all(0 <= v <= MAX_COUNT for v in counters.values()):
+            raise FormatError(f"boundary detector counters must be in [0, 2**53], got {counters}")
         if phase not in _PHASES or not 0 <= filled <= self.reference_samples:
             raise FormatError(f"boundary detector state has phase {phase!r}, filled {filled}")
         if ref.shape != (filled, self.dim) or basis.ndim != 2 or basis.shape[1] != self.dim:

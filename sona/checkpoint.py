@@ -47,6 +47,7 @@ from sona.sample import TrainingSample
 from sona.sample_codec import encode_sample, sample_ids, unpack_samples
 from sona.training import TrainingPipeline
 from sona.training_config import TrainingConfig
+from sona.validation import MAX_COUNT, RUN_SEED_BITS
 
 if TYPE_CHECKING:
     from sona.runtime import SonaRuntime
@@ -163,8 +164,9 @@ def _obj(value: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the header, typed
-_Count = Annotated[int, msgspec.Meta(ge=0)]
-_Id = Annotated[int, msgspec.Meta(ge=1)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+_Id = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+_Seed = Annotated[int, msgspec.Meta(ge=0, lt=2**RUN_SEED_BITS)]
 
 
 class _Counters(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -200,7 +202,7 @@ class _Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     created_unix: float
     run_id: str
     checkpoint_seq: _Count
-    seed: _Count
+    seed: _Seed
     config: dict[str, Any]
     log_sequence: _Count
     next_sample_id: _Id
@@ -466,7 +468,7 @@ def _from_container(
     except FormatError as exc:
         text = str(exc)
         raise FormatError(text if text.startswith(what) else f"{what}: {text}") from None
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         raise FormatError(f"{what}: invalid checkpoint content: {exc!r}") from None
 
 
@@ -544,8 +546,6 @@ def _decode_state(
         bank.load(meta.bank, bank_arrays)
     except FormatError as exc:
         raise FormatError(f"pattern bank: {exc}") from None
-    if (bank.counts < 0).any():
-        raise FormatError("pattern bank counts must be >= 0")
     samples: dict[str, list[Item]] = {}
     ids: dict[str, list[int]] = {}
     for name in SAMPLE_LISTS:

@@ -31,7 +31,7 @@ from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32, check_seed, real_number
+from sona.validation import RUN_SEED_BITS, as_f32, check_seed, real_number
 
 _log = get_logger("sona.engine")
 _DROPPED_NEWEST = "dropped: pending buffer full (DROP_NEWEST)"
@@ -53,8 +53,8 @@ class SonaLlm:
             raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
         self._factory = SampleFactory(self.config, embedder)
         self.embedder = self._factory.embedder
-        checked = check_seed(seed, bits=62)  # adapter seeds are derived as seed + small offsets
-        self.seed = checked if checked is not None else secrets.randbits(62)
+        checked = check_seed(seed, bits=RUN_SEED_BITS)
+        self.seed = checked if checked is not None else secrets.randbits(RUN_SEED_BITS)
         if not callable(clock):
             raise TypeError(
                 f"clock must be a callable returning seconds, got {type(clock).__name__}"

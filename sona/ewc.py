@@ -27,6 +27,7 @@ from sona.kernels.warmup import fast, warm_up
 from sona.linalg import principal_directions
 from sona.lora import MicroLoRA
 from sona.lora_config import TargetModule
+from sona.validation import MAX_COUNT
 
 _F32 = np.float32
 # Eigenvalues below this fraction of the largest carry no information worth protecting.
@@ -287,8 +288,10 @@ class EwcImportance:
             mts = {m: np.asarray(arrays[f"ewc.anchor.{m.value}"]) for m in self.anchors}
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"EWC state is incomplete or malformed: {exc}") from None
-        if rank != self.rank or folded < 0:
+        if rank != self.rank:
             raise FormatError(f"EWC state has rank {rank}, this pipeline keeps {self.rank}")
+        if not 0 <= folded <= MAX_COUNT:
+            raise FormatError(f"EWC state has folded {folded}, outside [0, 2**53]")
         expect = {"ewc.ut": (ut, (self.rank, self.in_features)), "ewc.c": (c, (self.rank,))}
         for m, mt in mts.items():
             expect[f"ewc.anchor.{m.value}"] = (mt, (self.rank, self.out_features))

@@ -16,6 +16,7 @@ import numpy as np
 from sona.errors import FormatError, InvalidInputError
 from sona.kernels import batch as k_batch
 from sona.row_scan import Labelled
+from sona.validation import MAX_COUNT
 
 _MIN_STEP = 0.01
 
@@ -189,6 +190,8 @@ class PatternBank:
             raise FormatError("pattern bank state does not match this bank's shape")
         if centroids.shape != (k, dim) or counts.shape != (k,) or not np.isfinite(centroids).all():
             raise FormatError("pattern bank arrays have the wrong shape or hold NaN/inf")
+        if ((counts < 0) | (counts > MAX_COUNT)).any():
+            raise FormatError("pattern bank counts must be in [0, 2**53]")
         self.centroids = centroids.copy()
         self.counts = counts.copy()
         self.size = size

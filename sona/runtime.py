@@ -83,7 +83,7 @@ from sona.messages import (
 )
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
 from sona.sample import TrainingSample
-from sona.validation import as_f32, check_seed
+from sona.validation import RUN_SEED_BITS, as_f32, check_seed
 from sona.worker_threads import LoopThread, find_blas, release_free_memory, single_blas
 
 _thread_id = threading.get_ident
@@ -198,8 +198,8 @@ class SonaRuntime:
             raise TypeError(f"config must be a SonaLlmConfig, got {type(config).__name__}")
         if chaos is not None and not isinstance(chaos, Chaos):
             raise TypeError(f"chaos must be a Chaos or None, got {type(chaos).__name__}")
-        checked = check_seed(seed, bits=62)  # adapter seeds are derived as seed + small offsets
-        self.seed = checked if checked is not None else secrets.randbits(62)
+        checked = check_seed(seed, bits=RUN_SEED_BITS)
+        self.seed = checked if checked is not None else secrets.randbits(RUN_SEED_BITS)
         self._factory = SampleFactory(self.config, embedder)
         self.checkpoint_dir = checkpoint_dir
         self._durable = Durability(self, checkpoint_dir)  # checkpoints, sample log, replay

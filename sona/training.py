@@ -31,7 +31,7 @@ from sona.lora_config import TargetModule
 from sona.row_scan import Projected
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
-from sona.validation import as_f32
+from sona.validation import MAX_COUNT, as_f32
 
 __all__ = [
     "StepResult",
@@ -458,8 +458,8 @@ class TrainingPipeline:
             raise ConfigMismatchError(
                 f"training state was saved with {config}, this pipeline has {self.config}"
             )
-        if task_count < 0 or samples_seen < 0:
-            raise FormatError("training state has a negative counter")
+        if not all(0 <= v <= MAX_COUNT for v in (task_count, samples_seen, *boundaries)):
+            raise FormatError("training state has a counter outside [0, 2**53]")
         if shape is None:
             self._ewc = self._window = self._detector = None
             self._task_count, self._samples_seen = task_count, samples_seen

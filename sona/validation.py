@@ -16,6 +16,13 @@ from sona.errors import ConfigError, InvalidInputError
 from sona.kernels.update import all_finite
 
 F32 = np.float32
+# The largest count or id a saved state may hold: no run reaches it, a float64 still counts
+# exactly up to it (averages and sums over counts stay exact), and sums of a few such numbers
+# stay within the int64 that kernels and SQLite take.
+MAX_COUNT = 2**53
+# The bits of an engine's or runtime's seed: its adapters' seeds are derived as seed + small
+# offsets, which must stay below numpy's 2**63.
+RUN_SEED_BITS = 62
 
 
 def as_f32(value: Any, name: str) -> np.ndarray:

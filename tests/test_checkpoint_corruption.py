@@ -146,6 +146,65 @@ def test_absurd_array_shapes_with_a_valid_checksum_are_refused() -> None:
         assert peak < 64 * 1024
 
 
+def _with_header_number(data: bytes, field: str, value: int) -> bytes:
+    """The checkpoint with one header number replaced and the checksum made valid again, as
+    anyone editing the file can do."""
+    meta, arrays = container.decode(data, ckpt.MAGIC, ckpt.KIND)
+    node = meta
+    *path, last = field.split(".")
+    for key in path:
+        node = node[key]
+    assert last in node
+    node[last] = value
+    return container.encode(ckpt.MAGIC, ckpt.KIND, meta, dict(arrays))
+
+
+COUNTS = (
+    "seed",
+    "next_sample_id",
+    "counters.submitted",
+    "instant.applied",
+    "background.runs",
+    "pipeline.samples_seen",
+    "pipeline.ewc.folded",
+    "pipeline.detector.cal_n",
+    "pipeline.detector.up_start",
+    "pipeline.detector.down_start",
+    "pipeline.detector.seen",
+)
+BEYOND = {"-1": -1, "2**70": 2**70, "1e400": 10**400}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [pytest.param(f, v, id=f"{f}={label}") for f in COUNTS for label, v in BEYOND.items()]
+    + [pytest.param("seed", 2**62, id="seed=2**62")]
+    + [pytest.param("pipeline.detector.seen", 2**63 - 1, id="seen=2**63-1")]
+    + [
+        pytest.param(f, -(10**400), id=f"{f}=-1e400")
+        for f in ("pipeline.detector.cal_mean", "pipeline.detector.up")
+    ],
+)
+def test_header_numbers_no_run_could_write_are_refused(
+    checkpoint_bytes: bytes, field: str, value: int
+) -> None:
+    """Counts beyond 2**53 (or past the int64 a kernel takes them in) and numbers beyond
+    float range were taken as they were and raised OverflowError later, at restore or on the
+    Background loop's every message."""
+    with pytest.raises(FormatError, match=r"^forged"):
+        ckpt.decode(_with_header_number(checkpoint_bytes, field, value), what="forged")
+
+
+def test_pattern_bank_counts_no_run_could_write_are_refused(checkpoint_bytes: bytes) -> None:
+    meta, arrays = container.decode(checkpoint_bytes, ckpt.MAGIC, ckpt.KIND)
+    for bad in (-1, 2**53 + 1, 2**63 - 1):  # the last wrapped round to negative counts
+        counts = np.array(arrays["bank.counts"])
+        counts[0] = bad
+        data = container.encode(ckpt.MAGIC, ckpt.KIND, meta, {**arrays, "bank.counts": counts})
+        with pytest.raises(FormatError, match="pattern bank counts"):
+            ckpt.decode(data, what="forged")
+
+
 def test_an_adapter_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     from sona.lora import MicroLoRA
 
