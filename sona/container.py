@@ -149,12 +149,16 @@ def file_target(path: Any) -> Path:
     return target
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes, *, before_replace: Path | None = None
+) -> Path:
     """Write ``data`` so that ``path`` holds either the old or the new content, never a mix.
 
     Temporary file in the same directory, fsync, rename over the target, fsync the directory.
+    ``before_replace``: a file removed (durably) once the new content is safely on disk and
+    before it replaces the old, for a file whose old content must not outlive the old ``path``.
     """
-    return _write_parts_atomic(path, [data])
+    return _write_parts_atomic(path, [data], before_replace)
 
 
 def write_encoded_atomic(
@@ -212,7 +216,11 @@ def write_encoded_atomic(
     return _PREFIX.size + len(header) + payload_len + _DIGEST
 
 
-def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | memoryview]) -> Path:
+def _write_parts_atomic(
+    path: str | os.PathLike[str],
+    parts: Iterable[bytes | memoryview],
+    before_replace: Path | None = None,
+) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(target)
@@ -222,17 +230,25 @@ def _write_parts_atomic(path: str | os.PathLike[str], parts: Iterable[bytes | me
                 fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(before_replace)
+                _sync_directory(before_replace.parent)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
+    _sync_directory(target.parent)
+    return target
+
+
+def _sync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return target
 
 
 def _create_temporary(target: Path) -> tuple[int, str]:

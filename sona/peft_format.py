@@ -153,8 +153,12 @@ def export_peft(
 ) -> Path:
     """Write ``lora`` as a PEFT LoRA adapter applied identically to each of ``layers``.
 
-    Each file is replaced atomically; the weights are written before the config, so a reader
-    never sees a config announcing tensors that are not there yet. Returns the directory.
+    The two files cannot be replaced at once, so an export cut short (a crash, a kill) must not
+    leave new weights beside the old config, which would read as one adapter with the other's
+    rank or scale. The new weights are first written to disk in full; then the old config is
+    removed, the weights replaced and the new config written, each atomically. An interrupted
+    export leaves the old adapter whole, or a directory without ``adapter_config.json``, which
+    :func:`from_peft` refuses. Returns the directory.
     """
     layer_list = _check_layers(layers)
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
@@ -207,7 +211,7 @@ def export_peft(
         "revision": None,
     }
     weights = safetensors.numpy.save(tensors, metadata={"format": "pt"})
-    container.write_atomic(weights_path, weights)
+    container.write_atomic(weights_path, weights, before_replace=config_path)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     container.write_atomic(config_path, text.encode())
     return target

@@ -254,6 +254,53 @@ def test_export_refuses_a_directory_where_a_file_goes_and_writes_nothing(
     assert [p.name for p in (tmp_path / "a").iterdir()] == [blocked]
 
 
+def _fail_once(monkeypatch: pytest.MonkeyPatch, name: str, when: Any) -> None:
+    """Make ``os.<name>`` in the file writer raise once, on the first call ``when`` accepts."""
+    import sona.container
+
+    real = getattr(os, name)
+    armed = [True]
+
+    def failing(*args: Any) -> Any:
+        if armed[0] and when(*args):
+            armed[0] = False
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(sona.container.os, name, failing)
+
+
+def test_an_export_cut_short_never_leaves_a_mixed_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same rank, other alpha: new weights read with the old config would load without an
+    error, at the wrong scale."""
+    old, new = trained(alpha=4.0, seed=0), trained(alpha=8.0, seed=5)
+    old.export_peft(tmp_path / "a")
+    _fail_once(monkeypatch, "replace", lambda src, dst: Path(dst).name == ADAPTER_CONFIG)
+    with pytest.raises(OSError):
+        new.export_peft(tmp_path / "a")
+    with pytest.raises(FormatError, match=ADAPTER_CONFIG):
+        MicroLoRA.from_peft(tmp_path / "a")
+    new.export_peft(tmp_path / "a")  # the next export completes it
+    assert MicroLoRA.from_peft(tmp_path / "a").config.alpha == 8.0
+
+
+def test_an_export_that_cannot_write_its_weights_leaves_the_old_adapter_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = trained(alpha=4.0, seed=0), trained(alpha=8.0, seed=5)
+    old.export_peft(tmp_path / "a")
+    _fail_once(monkeypatch, "fsync", lambda fd: True)  # the weights' temporary file
+    with pytest.raises(OSError):
+        new.export_peft(tmp_path / "a")
+    back = MicroLoRA.from_peft(tmp_path / "a")
+    assert back.config.alpha == 4.0
+    for m in (Q, V):
+        assert np.array_equal(back.factors(m)[1], old.factors(m)[1])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
 def test_export_under_a_file_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InvalidInputError, match=r"file is a file, not a directory"):
