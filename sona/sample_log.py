@@ -11,6 +11,12 @@ being handled (dropped, dead-lettered, failed at a give-up): their callers were 
 restore must not replay them. It is created with its first row, so a log in which nothing was
 dropped has the layout older versions wrote and read.
 
+Each row also holds a CRC-32 of its id and record (column ``crc``), checked when the row is read
+back: SQLite checks the pages of its write-ahead log, but not the rows of its database file, so
+without it a flipped bit in a stored sample would be replayed as a different sample. Rows that
+versions before it wrote have none (NULL) and are read unchecked; opening such a log to write
+adds the column.
+
 Writes never run on the event loop. :class:`LogWriter` collects the samples submitted while the
 previous transaction was being written and commits them together in a worker thread (group
 commit), so one fsync is shared by every concurrent submitter; each sample is handed on to the
@@ -29,6 +35,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
@@ -48,8 +55,10 @@ LOG_FILE = "samples.sqlite3"
 _FORMAT = "sona.sample_log/1"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS samples "
+    "(id INTEGER PRIMARY KEY, record BLOB NOT NULL, crc INTEGER)",
 )
+_ADD_CRC = "ALTER TABLE samples ADD COLUMN crc INTEGER"
 _TABLES = frozenset({"meta", "samples"})
 _OUTCOMES_TABLE = (
     "CREATE TABLE IF NOT EXISTS outcomes (id INTEGER PRIMARY KEY, outcome TEXT NOT NULL)"
@@ -139,6 +148,7 @@ class SampleLog:
                 if not tables or self._blank():
                     self._initialise()
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            self._checked = self._has_crc()
         except sqlite3.Error as exc:
             raise FormatError(f"{self.path}: not a usable sona sample log: {exc}") from None
         if mode is not None and str(mode).lower() != "wal":
@@ -151,6 +161,18 @@ class SampleLog:
                 f"{self.path}: the log holds samples of widths {widths}, this runtime uses "
                 f"({self.in_features}, {self.out_features})"
             )
+        if not self._checked and not self.read_only:  # a log older versions wrote
+            try:
+                self._db.execute(_ADD_CRC)  # one statement: a transaction of its own
+            except sqlite3.Error as exc:
+                raise FormatError(
+                    f"{self.path}: cannot add CRCs to the sample log: {exc}"
+                ) from None
+            self._checked = True
+
+    def _has_crc(self) -> bool:
+        columns = self._db.execute("PRAGMA table_info(samples)").fetchall()
+        return any(column[1] == "crc" for column in columns)
 
     def _tables(self) -> set[str]:
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -207,7 +229,12 @@ class SampleLog:
             return
         statements: list[tuple[str, Sequence[tuple[Any, ...]] | None]] = []
         if rows:
-            statements.append(("INSERT OR IGNORE INTO samples (id, record) VALUES (?, ?)", rows))
+            statements.append(
+                (
+                    "INSERT OR IGNORE INTO samples (id, record, crc) VALUES (?, ?, ?)",
+                    [(sid, record, record_crc(sid, record)) for sid, record in rows],
+                )
+            )
         if outcomes:
             statements.append((_OUTCOMES_TABLE, None))
             statements.append(
@@ -227,18 +254,19 @@ class SampleLog:
         Rows no runtime writes are refused with a FormatError naming the file and row, whatever
         ``sequence`` is: an id below 1 (sample ids start at 1, so the row was never a sample
         anyone was told is logged; passing over it, as an id at or below ``sequence`` is, would
-        hide that the log was altered), and a record SQLite does not hold as a BLOB (text or a
+        hide that the log was altered), a record SQLite does not hold as a BLOB (text or a
         number is not the bytes that were logged, and would reach the decoder as something
-        else, or not at all for text that is not UTF-8).
+        else, or not at all for text that is not UTF-8), and a row whose CRC does not match.
         """
+        crc = "crc" if self._checked else "NULL"
         with self._lock:
             rows = self._rows(
-                "SELECT id, typeof(record), CAST(record AS BLOB) FROM samples "
+                f"SELECT id, typeof(record), CAST(record AS BLOB), {crc} FROM samples "
                 "WHERE id > ? OR id < 1 ORDER BY id",
                 (int(sequence),),
             )
         out = []
-        for sid, kind, record in rows:
+        for sid, kind, record, stored in rows:
             if sid < 1:
                 raise FormatError(
                     f"{self.path} (sample {sid}): not a sample id (sample ids start at 1)"
@@ -247,6 +275,11 @@ class SampleLog:
                 raise FormatError(
                     f"{self.path} (sample {sid}): the record is stored as SQLite {kind}, "
                     "expected a blob"
+                )
+            if stored is not None and stored != record_crc(sid, record):
+                raise FormatError(
+                    f"{self.path} (sample {sid}): the row does not match its CRC; the log is "
+                    "damaged"
                 )
             out.append((int(sid), bytes(record)))
         return out
@@ -400,6 +433,11 @@ class SampleLog:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+
+
+def record_crc(sample_id: int, record: bytes) -> int:
+    """CRC-32 of a row's id (8 bytes, little-endian, signed) and record."""
+    return zlib.crc32(record, zlib.crc32(sample_id.to_bytes(8, "little", signed=True)))
 
 
 def log_summary(path: str | Path, after: int = 0) -> tuple[int, int, int, int]:

@@ -20,7 +20,7 @@ from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.sample_codec import decode_sample, encode_sample, pack_samples, unpack_samples
-from sona.sample_log import LOG_FILE, SampleLog, SampleLogError, log_summary
+from sona.sample_log import LOG_FILE, SampleLog, SampleLogError, log_summary, record_crc
 
 DIM_IN, DIM_OUT = 5, 4
 
@@ -328,7 +328,9 @@ def test_a_row_id_below_1_is_refused_on_restore(tmp_path: Path, sid: int) -> Non
     d = tmp_path / "d"
     ids = restorable(d)
     db = sqlite3.connect(d / LOG_FILE)
-    db.execute("INSERT INTO samples SELECT ?, record FROM samples WHERE id = ?", (sid, ids[0]))
+    db.execute(
+        "INSERT INTO samples (id, record) SELECT ?, record FROM samples WHERE id = ?", (sid, ids[0])
+    )
     db.commit()
     db.close()
     with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {sid}\): not a sample id"):
@@ -344,10 +346,11 @@ def test_a_logged_sample_for_a_module_not_targeted_is_refused_on_restore(tmp_pat
     d = tmp_path / "d"
     ids = restorable(d)
     sample, _ = every_kind()[0]
+    record = encode_sample(sample, TargetModule.K_PROJ)
     db = sqlite3.connect(d / LOG_FILE)
     db.execute(
-        "UPDATE samples SET record = ? WHERE id = ?",
-        (encode_sample(sample, TargetModule.K_PROJ), ids[2]),
+        "UPDATE samples SET record = ?, crc = ? WHERE id = ?",
+        (record, record_crc(ids[2], record), ids[2]),
     )
     db.commit()
     db.close()
@@ -355,6 +358,64 @@ def test_a_logged_sample_for_a_module_not_targeted_is_refused_on_restore(tmp_pat
         FormatError, match=rf"{LOG_FILE} \(sample {ids[2]}\): names module k_proj, not targeted"
     ):
         SonaRuntime.restore(d)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_bit_flipped_in_a_stored_row_is_named_on_restore(tmp_path: Path, where: str) -> None:
+    """SQLite checks its write-ahead log's frames, not the rows of its database file: a flipped
+    bit there decoded as a different sample (a float of its input changed) or as none."""
+    d = tmp_path / "d"
+    ids = restorable(d)
+    db = sqlite3.connect(d / LOG_FILE)
+    (record,) = db.execute("SELECT record FROM samples WHERE id = ?", (ids[1],)).fetchone()
+    flipped = bytearray(record)
+    flipped[len(flipped) // 2 if where == "first" else -1] ^= 0x04
+    db.execute("UPDATE samples SET record = ? WHERE id = ?", (bytes(flipped), ids[1]))
+    db.commit()
+    db.close()
+    before = directory_state(d)
+    with pytest.raises(FormatError, match=rf"{LOG_FILE} \(sample {ids[1]}\): .*CRC"):
+        SonaRuntime.restore(d)
+    assert directory_state(d) == before
+
+
+def test_a_log_older_versions_wrote_is_read_and_gains_crcs(tmp_path: Path) -> None:
+    """Rows without a CRC (NULL) are read unchecked; opening the log to write adds the column,
+    and the rows written from then on are checked."""
+    path = tmp_path / LOG_FILE
+    (old, _), (new, _) = every_kind()[:2]
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, record BLOB NOT NULL)")
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [
+            ("format", "sona.sample_log/1"),
+            ("in_features", str(DIM_IN)),
+            ("out_features", str(DIM_OUT)),
+        ],
+    )
+    db.execute("INSERT INTO samples VALUES (1, ?)", (encode_sample(old),))
+    db.commit()
+    db.close()
+    with SampleLog.reading(path, in_features=DIM_IN, out_features=DIM_OUT) as reader:
+        assert [sid for sid, _ in reader.records_after(0)] == [1]
+    assert "crc" not in [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(samples)")]
+    log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+    log.append([(2, encode_sample(new))])
+    assert [sid for sid, _ in log.records_after(0)] == [1, 2]
+    log.close()
+    db = sqlite3.connect(path)
+    stored = dict(db.execute("SELECT id, crc FROM samples").fetchall())
+    assert stored == {1: None, 2: record_crc(2, encode_sample(new))}
+    db.execute("UPDATE samples SET crc = crc + 1 WHERE id = 2")
+    db.commit()
+    db.close()
+    log = SampleLog(path, in_features=DIM_IN, out_features=DIM_OUT)
+    with pytest.raises(FormatError, match=r"\(sample 2\): .*CRC"):
+        log.records_after(0)
+    log.close()
 
 
 def test_an_unknown_outcome_is_named_on_restore(tmp_path: Path) -> None:
