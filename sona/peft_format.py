@@ -54,6 +54,8 @@ __all__ = [
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PICKLED_WEIGHTS = "adapter_model.bin"
+# safetensors metadata an export adds: the adapter's module order (a MicroLoRA config keeps one)
+_ORDER_KEY = "sona.target_modules"
 _ATTENTION = frozenset(
     {TargetModule.Q_PROJ, TargetModule.K_PROJ, TargetModule.V_PROJ, TargetModule.O_PROJ}
 )
@@ -210,7 +212,8 @@ def export_peft(
         "inference_mode": True,
         "revision": None,
     }
-    weights = safetensors.numpy.save(tensors, metadata={"format": "pt"})
+    order = ",".join(m.value for m in c.target_modules)
+    weights = safetensors.numpy.save(tensors, metadata={"format": "pt", _ORDER_KEY: order})
     container.write_atomic(weights_path, weights, before_replace=config_path)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     container.write_atomic(config_path, text.encode())
@@ -294,7 +297,7 @@ def from_peft(
             )
 
     weights_path = root / ADAPTER_WEIGHTS
-    factors = _read_layer(weights_path, layer, naming)
+    factors, order = _read_layer(weights_path, layer, naming)
     shapes = {m: (a.shape[0], a.shape[1], b.shape[0]) for m, (a, b) in factors.items()}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{m.value} (r={r}, in={i}, out={o})" for m, (r, i, o) in shapes.items())
@@ -307,12 +310,12 @@ def from_peft(
     alphas: dict[TargetModule, float] = {}
     for m in factors:
         path = naming.module_path(layer, m)
-        eff_rank = pattern_value(config.get("rank_pattern"), path, rank)
+        eff_rank = pattern_value(config.get("rank_pattern"), path, rank, where=cfg_path)
         if eff_rank != got_rank:
             raise FormatError(
                 f"{weights_path}: {path} has rank {got_rank} but the config gives it r={eff_rank}"
             )
-        eff_alpha = pattern_value(config.get("alpha_pattern"), path, alpha)
+        eff_alpha = pattern_value(config.get("alpha_pattern"), path, alpha, where=cfg_path)
         alphas[m] = _positive_float(eff_alpha, f"alpha_pattern's lora_alpha for {path}", cfg_path)
     if len(set(alphas.values())) > 1:
         listed = ", ".join(f"{m.value} {a:g}" for m, a in alphas.items())
@@ -329,7 +332,7 @@ def from_peft(
         # rsLoRA scales by alpha / sqrt(r); sona by alpha / r, so the same scale needs
         # alpha·sqrt(r).
         alpha = alpha * math.sqrt(got_rank)
-    modules = tuple(m for m in TargetModule if m in factors)
+    modules = _listed_order(order, factors)
     try:
         micro = MicroLoraConfig(
             in_features=n_in,
@@ -354,7 +357,9 @@ def from_peft(
     return lora
 
 
-def pattern_value(patterns: object, module_path: str, default: Any) -> Any:
+def pattern_value(
+    patterns: object, module_path: str, default: Any, *, where: Path | None = None
+) -> Any:
     """The value PEFT's ``rank_pattern``/``alpha_pattern`` assigns to ``module_path``.
 
     PEFT takes the first key that matches the end of the module's name at a dot boundary. It
@@ -364,16 +369,27 @@ def pattern_value(patterns: object, module_path: str, default: Any) -> Any:
     """
     if not patterns:
         return default
+    at = "" if where is None else f"{where}: "
     if not isinstance(patterns, Mapping):
-        raise FormatError(f"rank_pattern/alpha_pattern must be an object, got {patterns!r}")
+        raise FormatError(f"{at}rank_pattern/alpha_pattern must be an object, got {patterns!r}")
     name = module_path.removeprefix(_WRAPPER_PREFIX)
     for key, value in patterns.items():
         try:
             if re.match(rf"(.*\.)?({key})$", name):
                 return value
         except re.error as exc:
-            raise FormatError(f"invalid pattern {key!r}: {exc}") from None
+            raise FormatError(f"{at}invalid pattern {key!r}: {exc}") from None
     return default
+
+
+def _listed_order(listed: list[str], found: Iterable[TargetModule]) -> tuple[TargetModule, ...]:
+    """``found`` in the order :func:`export_peft` recorded (the adapter's own), so that an
+    exported adapter reads back with an equal config; else in the enum's order (PEFT keeps
+    ``target_modules`` as a set, and saves it in no fixed order)."""
+    by_value = {m.value: m for m in found}
+    if sorted(listed) == sorted(by_value):
+        return tuple(by_value[v] for v in listed)
+    return tuple(m for m in TargetModule if m.value in by_value)
 
 
 def _check_options(config: Mapping[str, Any], where: Path) -> None:
@@ -491,7 +507,8 @@ def _check_excluded(excluded: object, paths: Mapping[TargetModule, str], where: 
 
 def _read_layer(
     path: Path, layer: int, naming: PeftNaming
-) -> dict[TargetModule, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[dict[TargetModule, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """The layer's factors by module, and the module order an export by sona recorded."""
     hint = ""
     if (path.parent / _PICKLED_WEIGHTS).is_file():
         hint = (
@@ -502,6 +519,7 @@ def _read_layer(
     _check_regular_file(path, hint)
     try:
         with safe_open(str(path), framework="numpy") as fh:
+            listed = str((fh.metadata() or {}).get(_ORDER_KEY, "")).split(",")
             keys = list(fh.keys())
             wanted = _layer_keys(path, keys, layer, naming)
             factors: dict[TargetModule, tuple[np.ndarray, np.ndarray]] = {}
@@ -516,7 +534,7 @@ def _read_layer(
                 factors[module] = (a, b)
     except SafetensorError as exc:
         raise FormatError(f"{path}: not a valid safetensors file: {exc}") from None
-    return factors
+    return factors, listed
 
 
 def _check_regular_file(path: Path, when_missing: str) -> None:

@@ -75,7 +75,7 @@ def test_export_writes_peft_tensor_names_shapes_and_metadata(tmp_path: Path) -> 
     out = lora.export_peft(tmp_path / "a", layers=(0, 1))
     assert out == tmp_path / "a"
     with safe_open(str(out / ADAPTER_WEIGHTS), framework="numpy") as fh:
-        assert fh.metadata() == {"format": "pt"}
+        assert fh.metadata() == {"format": "pt", "sona.target_modules": "q_proj,v_proj"}
         names = set(fh.keys())
     expected = {
         f"{PREFIX}.{i}.self_attn.{m}.lora_{f}.weight"
@@ -155,6 +155,26 @@ def test_round_trip_reproduces_forward_for_every_layer(exported: Path) -> None:
         assert back.config.target_modules == (Q, V)
         for m in (Q, V):
             np.testing.assert_array_equal(back.forward(x, m), lora.forward(x, m))
+
+
+@pytest.mark.parametrize("modules", [(V, Q), (TargetModule.O_PROJ, Q, TargetModule.K_PROJ)])
+def test_round_trip_keeps_the_adapters_module_order(tmp_path: Path, modules: Any) -> None:
+    """The config comes back equal, so the adapter's own bytes import into the read one."""
+    lora = trained(modules=modules)
+    lora.export_peft(tmp_path / "a")
+    back = MicroLoRA.from_peft(tmp_path / "a")
+    assert back.config == lora.config
+    back.import_weights(lora.export_weights())
+    rewrite_tensors(tmp_path / "a", read_tensors(tmp_path / "a"))  # as PEFT writes them
+    assert MicroLoRA.from_peft(tmp_path / "a").config.target_modules == tuple(
+        m for m in TargetModule if m in modules
+    )  # PEFT keeps target_modules as a set: the enum's order
+
+
+def test_an_invalid_pattern_names_the_config_file(exported: Path) -> None:
+    rewrite_config(exported, alpha_pattern={"q_proj(": 4})
+    with pytest.raises(FormatError, match=rf"{ADAPTER_CONFIG}: invalid pattern"):
+        MicroLoRA.from_peft(exported)
 
 
 def test_round_trip_keeps_dropout_and_takes_a_seed(tmp_path: Path) -> None:
