@@ -270,6 +270,19 @@ class Mailbox(Generic[T]):
             while waiters:
                 waiters.popleft().set()
 
+    def withdraw(self, match: Callable[[T], bool]) -> T | None:
+        """Remove and return the oldest queued item ``match`` accepts, or None: a message its
+        sender took back before it was handled, which must stop taking a place in the mailbox
+        (a sender blocked on a full one is let in)."""
+        items = self._items
+        for i, item in enumerate(items):
+            if match(item):
+                del items[i]
+                if self._putters:
+                    self._putters.popleft().set()
+                return item
+        return None
+
     def queued(self) -> list[T]:
         """Every queued item, oldest first, left in place."""
         return list(self._items)

@@ -132,6 +132,11 @@ class ActorRef:
             raise envelope.error
         return envelope.result
 
+    def withdraw(self, match: Callable[[Any], bool]) -> Any | None:
+        """Take back the oldest queued message ``match`` accepts (None if there is none); one
+        already taken by the actor, or held for a retry after a crash, stays where it is."""
+        return self._mailbox.withdraw(match)
+
     def qsize(self) -> int:
         """Messages waiting, including one waiting to be retried after a crash."""
         return self._child.queued()

@@ -540,7 +540,10 @@ class SonaRuntime:
             return self._drop_incoming(policy, "dropped: pending buffer full (DROP_NEWEST)")
         # DROP_OLDEST: the oldest sample not yet handled, else the oldest awaiting consolidation
         if self._queued:
-            _, victim = self._queued.popitem(last=False)
+            sid, victim = self._queued.popitem(last=False)
+            ref = self._instant_ref
+            if ref is not None:  # its message too, or dropped samples fill the mailbox
+                ref.withdraw(lambda m: type(m) is Process and m.sample_id == sid)
             self.dropped += 1
             self._pending -= 1
             victim.resolve(

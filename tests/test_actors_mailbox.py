@@ -48,6 +48,27 @@ async def test_block_suspends_the_sender_until_space_frees() -> None:
     assert [box.get_nowait(), box.get_nowait()] == [2, 3]
 
 
+async def test_a_withdrawn_message_frees_its_place() -> None:
+    box: Mailbox[int] = Mailbox(3, OverflowPolicy.BLOCK)
+    for i in (1, 2, 3):
+        await box.put(i)
+    finished: list[int] = []
+
+    async def sender() -> None:
+        await box.put(4)
+        finished.append(4)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        await settle()
+        assert finished == []
+        assert box.withdraw(lambda m: m % 2 == 0) == 2  # the oldest it accepts, only that one
+        assert box.withdraw(lambda m: m > 10) is None
+        await settle()
+        assert finished == [4]
+    assert box.take_all() == [1, 3, 4]
+
+
 async def test_block_nowait_and_reject_raise_backpressure() -> None:
     for policy in (OverflowPolicy.BLOCK, OverflowPolicy.REJECT):
         box: Mailbox[int] = Mailbox(2, policy)

@@ -97,6 +97,24 @@ async def test_drop_oldest_drops_unhandled_samples_first() -> None:
         assert identity_holds(st)
 
 
+async def test_drop_oldest_takes_back_the_message_of_each_sample_it_drops() -> None:
+    """Far more samples than the Instant mailbox's margin over the bound arrive while the loop
+    restarts: each drop takes its message out of the mailbox, so no caller ever gets
+    Backpressure (the mailbox is BLOCK), and the mailbox holds no more than the bound."""
+    samples = rated_samples(LIMIT + 300)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
+        crash_instant_once(rt)
+        for s in samples:
+            rt.submit_nowait(s)
+        assert rt._instant_ref.qsize() <= LIMIT + 1  # and the message held for its retry
+        await rt.drain()
+        st = rt.stats()
+        gate.set()
+        assert st.dropped_samples == 300 and st.instant_count == LIMIT
+        assert identity_holds(st)
+
+
 async def test_drop_oldest_evicts_the_oldest_sample_not_yet_handed_over() -> None:
     samples = rated_samples(LIMIT + 20)
     async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
