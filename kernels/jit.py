@@ -3,7 +3,8 @@
 ``cache=True`` keeps start-up at ~0.2 s once the on-disk cache is warm; ``nogil=True`` lets the
 Deep loop run kernels in a worker thread without stealing the event loop. Two kinds hold the GIL
 instead (:func:`gil_kernel`): those that update a live adapter's weights in place, and the
-vector-sized ones that handle one embedding.
+vector-sized ones that handle one embedding; :func:`held_kernel` twins of GIL-free kernels do
+the same where those work on a live adapter.
 ``fastmath`` is limited to reassociation-style flags so float32 reductions vectorise while NaN
 and inf still propagate (the finiteness checks depend on that).
 """
@@ -41,6 +42,15 @@ def gil_kernel(fn: F) -> F:
     forward call."""
     options: dict[str, Any] = {"_nrt": False}  # not in Numba's typed signature
     return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH), **options)(fn))
+
+
+def held_kernel(fn: F) -> F:
+    """Compiled like :func:`kernel`, Numba's runtime included, but holding the GIL: the twin
+    of a GIL-free kernel, for when it reads or writes a live adapter, which the event loop
+    updates in place while a reader in another thread may read it. Holding the GIL, the two
+    never overlap: the reader sees the adapter before or after a step, never during one. The
+    GIL-free original stays for private copies, which worker threads step and read."""
+    return cast(F, numba.njit(cache=True, nogil=False, fastmath=set(FASTMATH))(fn))
 
 
 def strict_kernel(fn: F) -> F:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from sona.kernels.baseline import output_weight, update_baseline
-from sona.kernels.jit import gil_kernel, inline, kernel
+from sona.kernels.jit import gil_kernel, held_kernel, inline, kernel
 from sona.kernels.ownership import is_free
 from sona.kernels.random import normal, uniform01
 from sona.kernels.update import F32_MAX as _F32_MAX
@@ -270,6 +270,20 @@ def forward_batch(
         for r in range(n):
             chk += _expand_tile(tile, h[r], out[r][j0 : j0 + width], not accumulate)
     return bool(abs(chk) < _INF) or _all_finite(out)
+
+
+@held_kernel
+def forward_batch_held(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    h: np.ndarray,
+    out: np.ndarray,
+    accumulate: bool,
+) -> bool:
+    """:func:`forward_batch` holding the GIL, to read a live adapter (``held_kernel``)."""
+    return forward_batch(a, bt, scale, x, h, out, accumulate)
 
 
 # forward_into's status codes
@@ -575,7 +589,8 @@ def _factors_finite(c: float, uu: float, hh: float) -> bool:
     return bool(np.isfinite(c * np.sqrt(uu)) and np.isfinite(c * np.sqrt(hh)))
 
 
-# Releases the GIL: the Deep loop steps its private copies (rank 8) with it in a worker thread.
+# Releases the GIL: the Deep loop steps its private copies (rank 8) with it in a worker thread
+# (MicroLoRA.step takes step_one_held).
 @kernel
 def step_one(
     a: np.ndarray,
@@ -627,6 +642,27 @@ def step_one(
     apply_rank_one(a, bt, x, h, u, g, c)
     sums[7] = norm * c / lr
     return 0
+
+
+@held_kernel
+def step_one_held(
+    a: np.ndarray,
+    bt: np.ndarray,
+    scale: float,
+    x: np.ndarray,
+    vec: np.ndarray,
+    weight: float,
+    mode: int,
+    lr: float,
+    max_norm: float,
+    h: np.ndarray,
+    u: np.ndarray,
+    g: np.ndarray,
+    sums: np.ndarray,
+) -> int:
+    """:func:`step_one` holding the GIL, for ``MicroLoRA.step``: the adapter it writes in
+    place may be the live one (``held_kernel``)."""
+    return step_one(a, bt, scale, x, vec, weight, mode, lr, max_norm, h, u, g, sums)
 
 
 # step_fused's rejections, returned negated (a non-negative result is the applied step's norm)

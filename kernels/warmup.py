@@ -27,7 +27,7 @@ class FastKernels:
     prepare_grad: Callable[..., Any]
     step_sums: Callable[..., Any]
     apply_rank_one: Callable[..., Any]
-    step_one: Callable[..., Any]
+    step_one: Callable[..., Any]  # step_one_held: MicroLoRA.step's, on its own weights
     step_fused: Callable[..., Any]
     step_rated_over: Callable[..., Any]
     step_rated_over_pair: Callable[..., Any]
@@ -87,8 +87,9 @@ def warm_up(*, force: bool = False) -> float:
     fast.commit_grad = entry_point(lora.commit_grad, a, s, x, h, u, g, ga, gbt, False)
     fast.step_sums = entry_point(lora.step_sums, a, bt, x, h, u, g, np.zeros(8))
     fast.step_one = entry_point(
-        lora.step_one, a.copy(), bt.copy(), s, x, g, 1.0, 0, 0.1, 1.0, h, u, g.copy(), np.zeros(8)
-    )
+        lora.step_one_held, a.copy(), bt.copy(), s, x, g, 1.0, 0, 0.1, 1.0, h, u, g.copy(),
+        np.zeros(8),
+    )  # fmt: skip
     fast.step_fused = entry_point(
         lora.step_fused, a.copy(), bt.copy(), s, x, g, g, 1.0, 0, 0.1, 1.0
     )
@@ -129,8 +130,10 @@ def warm_up(*, force: bool = False) -> float:
     fast.record_address = entry_point(gather.record_address, row, 3, np.zeros(1, np.int64), 0)
     lora.forward_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)  # strided input layout
     lora.forward_add_vec(a, bt, s, np.ones((3, 2), f32)[:, 0], h, out)
+    lora.step_one(a.copy(), bt.copy(), s, x, g, 1.0, 0, 0.1, 1.0, h, u, g.copy(), np.zeros(8))
     for accumulate in (False, True):
         lora.forward_batch(a, bt, s, xb, hb, outb, accumulate)
+        lora.forward_batch_held(a, bt, s, xb, hb, outb, accumulate)
     lora.apply_dropout(x, 0.1, key, np.uint64(0), x.copy())
     random.fill_normal(key, 1.0, out)
     random.add_normal(key, 1.0, out)

@@ -92,7 +92,7 @@ class InstantLoop:
         # rates as they are (a config keeps an int it was given, which step takes through its
         # general path); otherwise the offsets it computes would be computed again.
         self._rated = (
-            self.live._fused_step_covers_all
+            self._live._fused_step_covers_all
             and type(self._lr) is float
             and type(self._max_norm) is float
         )
@@ -103,12 +103,22 @@ class InstantLoop:
         # holds it (its consolidation has committed), instead of allocating a new adapter.
         self._spare: MicroLoRA | None = None
 
+    @property
+    def live(self) -> MicroLoRA:
+        """The live adapter, stepped in place on the request path."""
+        return self._live
+
+    @live.setter
+    def live(self, adapter: MicroLoRA) -> None:
+        adapter.written_in_place = True
+        self._live = adapter
+
     def process(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
     ) -> InstantOutcome:
         """One update; a sample that changes nothing is counted as skipped with its reason."""
         t0 = _clock()
-        live = self.live
+        live = self._live
         stepped = None
         if sample.feedback is None and self._rated and (module is None or module is self._only):
             stepped = self._step_rated(sample)
@@ -163,7 +173,7 @@ class InstantLoop:
         base = published.base
         transit = self.in_transit
         if len(self._offset_list) <= 2:  # offsets and step in one kernel call
-            return self.live._step_rated_over(
+            return self._live._step_rated_over(
                 base, transit, x, sample.output_embedding, sample.quality, self._lr,
                 self._max_norm, self._offset_list,
             )  # fmt: skip
@@ -172,7 +182,7 @@ class InstantLoop:
                 return None
             if transit is not None and not transit._delta_into(x, module, offset, True):
                 return None
-        return self.live._step_rated(
+        return self._live._step_rated(
             x, sample.output_embedding, sample.quality, self._lr, self._max_norm, self._offset_list
         )
 
@@ -216,19 +226,19 @@ class InstantLoop:
         spare = self._spare
         if spare is not None and _refcount(spare) != _UNHELD:  # still held: a new one
             spare = None
-        snapshot = self._spare = self.live.clone(into=spare)
+        snapshot = self._spare = self._live.clone(into=spare)
         # The queue itself is handed over: copying it would touch every entry, cold by now,
         # on the request path; the consolidation goes through them anyway.
         samples = self.pending
         self.pending = deque()
-        self.live.reset_b()
+        self._live.reset_b()
         redraw = self._fresh_start
         if redraw:
             self._fresh_start = False
             self._restarts += 1
-            fresh = MicroLoRA(self.config.micro_lora, seed=self.live.seed + self._restarts)
+            fresh = MicroLoRA(self.config.micro_lora, seed=self._live.seed + self._restarts)
             for module, a, bt in fresh.iter_factors():
-                self.live.set_factors(module, a, bt)
+                self._live.set_factors(module, a, bt)
         return HandOver(snapshot, samples, redraw)
 
     def take_back(self, hand: HandOver) -> None:
@@ -237,7 +247,7 @@ class InstantLoop:
         live ones again (the explorations still to be rated stay) and its samples are pending
         again, ahead of any newer ones, so none of them is lost or counted twice; a fresh A
         for a new task is drawn at the next hand-over instead."""
-        self.live._copy_state_from(hand.live)
+        self._live._copy_state_from(hand.live)
         self.pending.extendleft(reversed(hand.samples))
         if hand.redrew_a:
             self._fresh_start = True

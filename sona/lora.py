@@ -286,6 +286,9 @@ class MicroLoRA:
         self.seed = seed
         self._scale = float(config.scaling)
         self._in = config.in_features
+        # Set on a live adapter, which an event loop steps in place while readers in other
+        # threads may read it: batch reads then hold the GIL too (single vectors always do).
+        self.written_in_place = False
         self._out = config.out_features
         rng = np.random.default_rng(self.seed) if draw else None
         self._modules: dict[TargetModule, _Module] = {}
@@ -518,7 +521,8 @@ class MicroLoRA:
         n = x.shape[0]
         out = np.empty((n, self._out), _F32)
         h = np.empty((n, self.config.rank), _F32)
-        if not k_lora.forward_batch(st.a, st.bt, self._scale, x, h, out, False):
+        batch = k_lora.forward_batch_held if self.written_in_place else k_lora.forward_batch
+        if not batch(st.a, st.bt, self._scale, x, h, out, False):
             raise _not_finite_error(x, _FORWARD_OVERFLOW)
         if explore:
             self._explore(st, x, out)

@@ -16,6 +16,13 @@ from sona.kernels import lora, update
 from sona.kernels.jit import gil_kernel
 from sona.kernels.warmup import warm_up
 
+from sona.config import SonaLlmConfig
+from sona.feedback import AdaptFeedback
+from sona.instant import InstantLoop
+from sona.lora_config import MicroLoraConfig, TargetModule
+
+Q = TargetModule.Q_PROJ
+
 N = 8_000_000  # one call takes long enough for the other thread to try many times
 
 
@@ -91,6 +98,27 @@ def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it(
     assert _seen(check, holds_gil=False)
 
 
+def test_held_twins_hold_the_gil_their_originals_release_it() -> None:
+    """``MicroLoRA.step``'s single-module step writes the adapter in place, and a live
+    adapter's batch forward reads one that the event loop writes: both must hold the GIL,
+    while the originals, which worker threads run on private copies, release it."""
+    warm_up()
+    rng = np.random.default_rng(1)
+    a = 1e-3 * rng.standard_normal((2, N), dtype=np.float32)
+    bt = 1e-3 * rng.standard_normal((2, N), dtype=np.float32)
+    x = rng.standard_normal(N, dtype=np.float32) / np.float32(np.sqrt(N))
+    vec = rng.standard_normal(N, dtype=np.float32)
+    h, u, g, sums = np.zeros(2, np.float32), np.zeros(2, np.float32), np.zeros_like(x), np.zeros(8)
+    xs = np.ascontiguousarray(np.stack([x, x]))
+    hb, outb = np.zeros((2, 2), np.float32), np.zeros((2, N), np.float32)
+    step_args = (a, bt, 1.0, x, vec, 1.0, lora.MODE_REGRESS, 1e-9, 1.0, h, u, g, sums)
+
+    assert _seen(lambda: lora.step_one_held(*step_args), holds_gil=True)
+    assert _seen(lambda: lora.step_one(*step_args), holds_gil=False)
+    assert _seen(lambda: lora.forward_batch_held(a, bt, 1.0, xs, hb, outb, False), holds_gil=True)
+    assert _seen(lambda: lora.forward_batch(a, bt, 1.0, xs, hb, outb, False), holds_gil=False)
+
+
 def test_gil_kernels_cannot_allocate() -> None:
     """Compiled without Numba's runtime: an allocation on the request path is a compile error."""
 
@@ -99,3 +127,25 @@ def test_gil_kernels_cannot_allocate() -> None:
 
     with pytest.raises(numba.core.errors.TypingError, match="zeros"):
         gil_kernel(allocates)(3)
+
+
+def test_a_live_adapter_is_stepped_and_read_in_batches_holding_the_gil() -> None:
+    """End to end, through ``MicroLoRA``: the Instant loop's adapter (``written_in_place``)
+    reads a batch holding the GIL, and ``step`` on one module (rank 4 takes ``step_one``)
+    always holds it; a snapshot handed over for consolidation reads without it."""
+    width = 1 << 20  # the widest MicroLoRA: each call lasts long enough to be seen
+    config = SonaLlmConfig(
+        micro_lora=MicroLoraConfig.for_hidden_dim(width, rank=4, target_modules=(Q,))
+    )
+    loop = InstantLoop(config, seed=0)
+    live = loop.live
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(width, dtype=np.float32) / np.float32(1024.0)
+    xs = np.ascontiguousarray(np.stack([x] * 8))
+    target = AdaptFeedback.from_quality(1.0).with_target(rng.standard_normal(width))
+    assert live.written_in_place
+    assert _seen(lambda: live.step(x, target, 0.01, module=Q), holds_gil=True)
+    assert _seen(lambda: live.forward(xs, Q), holds_gil=True)
+    snapshot = loop.hand_over().live
+    assert not snapshot.written_in_place
+    assert _seen(lambda: snapshot.forward(xs, Q), holds_gil=False)
