@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import anyio.lowlevel
 import numpy as np
 
@@ -87,6 +88,7 @@ from sona.validation import RUN_SEED_BITS, as_f32, check_seed
 from sona.worker_threads import LoopThread, find_blas, release_free_memory, single_blas
 
 _thread_id = threading.get_ident
+_running_loop = asyncio._get_running_loop  # None outside a running loop, without raising
 _log = get_logger("sona.runtime")
 
 # Samples handled inline per turn of the event loop before submit() yields anyway, like tokio's
@@ -235,6 +237,7 @@ class SonaRuntime:
         self._background_thread = LoopThread("sona-background")
         self._deep_thread = LoopThread("sona-deep")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
         self._thread = 0  # the event loop's thread, the only one that may change the state
         self._new_task_queued = False
         self.submitted = 0
@@ -264,6 +267,7 @@ class SonaRuntime:
             raise RuntimeError("a SonaRuntime can only be started once")
         self._started = True
         self._loop = _asyncio_loop()
+        self._token = anyio.lowlevel.current_token()
         self._thread = _thread_id()
         find_blas()
         await self._durable.open()  # checkpoint_dir: lock, sample log, first checkpoint
@@ -432,6 +436,14 @@ class SonaRuntime:
                 "SonaRuntime was called from another thread than its event loop's: from a "
                 "worker thread use asyncio.run_coroutine_threadsafe(rt.submit(sample), loop) "
                 "(or anyio.from_thread.run(rt.submit, sample) in a thread anyio started)"
+            )
+        running = _running_loop()
+        if running is not None and self._loop is not None and running is not self._loop:
+            # its tickets and events belong to the loop it started in: awaited here they
+            # fail, or wait for ever
+            raise RuntimeError(
+                "SonaRuntime was called from another event loop than the one it started in "
+                "(leave `async with SonaRuntime(...)` before that loop ends)"
             )
 
     # ------------------------------------------------------------------ ingress
@@ -1025,6 +1037,20 @@ class SonaRuntime:
         return self._supervisor.gave_up
 
     def stats(self) -> LearningStats:
+        """The counters, as one snapshot in which the accounting identities hold.
+
+        From another thread while the runtime runs, the snapshot is taken on the event loop,
+        between two of its steps (the call waits for the loop's next turn): read from there
+        directly, a commit or a sample handled meanwhile could land between two counters."""
+        token = self._token
+        if token is not None and not self._stopped and _thread_id() != self._thread:
+            try:
+                return anyio.from_thread.run_sync(self._stats, token=token)
+            except RuntimeError:  # the loop has ended: nothing changes the counters now
+                pass
+        return self._stats()
+
+    def _stats(self) -> LearningStats:
         inst = self._instant
         bg = self._background
         sup = self._supervisor.stats()

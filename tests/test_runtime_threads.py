@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -157,3 +158,65 @@ async def test_subscribe_from_another_thread_is_refused() -> None:
             with anyio.fail_after(10):
                 await rt.submit(samples[0])
         assert got
+
+
+async def test_stats_from_another_thread_is_a_snapshot_taken_on_the_loop() -> None:
+    """Read directly from another thread, a consolidation's commit (or a sample handled)
+    could land between two counters, and the accounting identities broke in the snapshot;
+    the snapshot is taken on the event loop instead."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=5), 0, 40)
+    cfg = small_config(background_interval_ms=1, background_min_samples=2)
+    async with SonaRuntime(cfg, seed=1) as rt:
+        taken_on: list[int] = []
+        real = rt._stats
+
+        def spy() -> Any:
+            taken_on.append(threading.get_ident())
+            return real()
+
+        rt._stats = spy  # type: ignore[method-assign]
+        stop = threading.Event()
+
+        def poll() -> list[bool]:
+            held = []
+            while not stop.is_set() or not held:
+                held.append(identity_holds(rt.stats()))
+            return held
+
+        async with anyio.create_task_group() as tg:
+            results: list[list[bool]] = []
+
+            async def reader() -> None:
+                results.append(await anyio.to_thread.run_sync(poll))
+
+            tg.start_soon(reader)
+            for i in range(3000):
+                await rt.submit(samples[i % len(samples)])
+                if i % 50 == 0:
+                    await anyio.sleep(0)
+            stop.set()
+        assert set(taken_on) == {threading.get_ident()}
+        assert all(results[0]) and rt.stats().background_count > 1
+    assert rt.stats().submitted_count == 3000  # stopped: read directly, from any thread
+    assert await anyio.to_thread.run_sync(rt.stats) == rt.stats()
+
+
+def test_a_runtime_used_from_a_second_event_loop_refuses_with_a_clear_error() -> None:
+    """Entered in one ``asyncio.run`` that ended without leaving ``async with``, then called
+    from another: its tickets belong to the first loop, so a submit there failed with
+    asyncio's 'attached to a different loop' or waited for ever."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=5), 0, 3)
+    rt = SonaRuntime(small_config(), seed=1)
+
+    async def enter() -> None:
+        await rt.__aenter__()
+        await rt.submit(samples[0])
+
+    async def use() -> None:
+        with pytest.raises(RuntimeError, match="another event loop"):
+            await rt.submit(samples[1])
+        with pytest.raises(RuntimeError, match="another event loop"):
+            rt.submit_nowait(samples[2])
+
+    asyncio.run(enter())
+    asyncio.run(use())
