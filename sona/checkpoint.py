@@ -167,6 +167,8 @@ def _obj(value: Any) -> dict[str, Any]:
 _Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 _Id = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
 _Seed = Annotated[int, msgspec.Meta(ge=0, lt=2**RUN_SEED_BITS)]
+# a Unix time up to the last second of year 9999, the last one a datetime can show
+_Time = Annotated[float, msgspec.Meta(ge=0.0, le=253_402_300_799.0)]
 
 
 class _Counters(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -199,7 +201,7 @@ class _BackgroundMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class _Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: str
-    created_unix: float
+    created_unix: _Time
     run_id: str
     checkpoint_seq: _Count
     seed: _Seed

@@ -124,7 +124,7 @@ def run(path: str, *, out: TextIO | None = None, err: TextIO | None = None) -> i
     err = sys.stderr if err is None else err
     try:
         report = describe(path)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, OverflowError) as exc:
         print(f"sona inspect: error: {exc}", file=err)
         return 2
     print(report.render(), file=out)

@@ -179,6 +179,7 @@ BEYOND = {"-1": -1, "2**70": 2**70, "1e400": 10**400}
     ("field", "value"),
     [pytest.param(f, v, id=f"{f}={label}") for f in COUNTS for label, v in BEYOND.items()]
     + [pytest.param("seed", 2**62, id="seed=2**62")]
+    + [pytest.param("created_unix", t, id=f"created_unix={t:g}") for t in (-1.0, 1e20)]
     + [pytest.param("pipeline.detector.seen", 2**63 - 1, id="seen=2**63-1")]
     + [
         pytest.param(f, -(10**400), id=f"{f}=-1e400")
