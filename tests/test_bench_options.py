@@ -77,6 +77,13 @@ def refused(capsys: pytest.CaptureFixture[str], call: Any, *args: Any) -> str:
         ("soak", ["--seed", "-1"], "--seed"),
         ("soak", ["--seed", str(2**62)], "--seed"),
         ("soak", ["--rate", "nan"], "--rate"),
+        # wider than any adapter or dense task: a traceback, some after earlier parts had run
+        ("kernels", ["--dims", "16,2000000"], "--dims"),
+        ("runtime", ["--dim", "2000000"], "--dim"),
+        ("soak", ["--dim", "2000000"], "--dim"),
+        ("learning", ["--dim", "8193"], "--dim"),
+        ("forgetting", ["--dim", "8193"], "--dim"),
+        ("soak", ["--minutes", "1e300"], "--minutes"),
     ],
 )
 def test_bad_values_are_refused_while_parsing(
@@ -134,6 +141,16 @@ def test_soak_refuses_a_window_longer_than_the_run(
     _, parser = parser_for("soak")
     line = refused(capsys, soak.run, parser.parse_args(["--minutes", "0.01", "--window", "1"]))
     assert "argument --window: 1 s is longer than the run" in line
+
+
+def test_soak_refuses_more_report_rows_than_it_can_show(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny window made a list of ~10⁸ rows once the runtime ran (MemoryError)."""
+    monkeypatch.setattr(soak, "_soak", _never)
+    _, parser = parser_for("soak")
+    argv = ["--minutes", "0.01", "--window", "1e-9"]
+    assert "report rows" in refused(capsys, soak.run, parser.parse_args(argv))
 
 
 def test_soak_refuses_no_log_with_a_directory(

@@ -238,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=options.positive_float, default=0.05, help="learning rate")
     parser.add_argument(
         "--dim",
-        type=count,
+        type=options.dense_dim,
         default=96,
         help="hidden size; at least --tasks × --subspace-dim (the tasks' input subspaces are "
         "mutually orthogonal)",

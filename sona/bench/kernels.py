@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dims",
-        type=options.positive_ints,
+        type=options.adapter_dims,
         default="768,4096",
         help="comma-separated hidden sizes (each at least the largest rank)",
     )

@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dim",
-        type=options.int_in(2),
+        type=options.dense_dim,
         default=256,
         help="hidden size of the task and of the rank-2 adapter",
     )

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from sona.lora_config import MAX_FEATURES
+
 _PARSER_KEY = "_bench_parser"
 
 
@@ -126,6 +128,13 @@ def _inside(value: float, lo: float, hi: float | None, lo_open: bool, hi_open: b
 positive_int = int_in(1)
 positive_ints = ints_in(1)
 positive_float = float_in(0.0)
+# A MicroLoRA's widest projection: a wider --dim ended in a ConfigError traceback, after any
+# earlier part of the bench had run
+adapter_dim = int_in(2, MAX_FEATURES)
+adapter_dims = ints_in(1, MAX_FEATURES)
+# Benches whose simulated task is a dense dim × dim matrix: 512 MiB of float64 at this width
+# (and a MemoryError traceback from numpy far beyond it)
+dense_dim = int_in(2, 8192)
 # SonaRuntime takes seeds in [0, 2**62) (it derives its adapters' seeds by adding to them)
 seed = int_in(0, 2**62 - 1)
 

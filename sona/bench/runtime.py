@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rounds", type=count, default=3, help="best of this many rounds")
     parser.add_argument(
-        "--dim", type=options.int_in(2), default=4096, help="hidden size for SonaRuntime (rank 2)"
+        "--dim", type=options.adapter_dim, default=4096, help="hidden size for SonaRuntime (rank 2)"
     )
     parser.add_argument(
         "--latency-samples",

@@ -54,12 +54,19 @@ COLUMNS = (
 )
 POOL = 4096  # distinct samples, drawn from at random (no generation on the measured path)
 STUCK_S = 60.0
+# a week, and as many report rows as a table can show: beyond these, the windows list alone
+# took all the memory there is (--minutes 1e300) before anything was reported
+_MAX_MINUTES = 7 * 24 * 60.0
+_MAX_WINDOWS = 10_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.remember_parser(parser)
     parser.add_argument(
-        "--minutes", type=options.positive_float, default=5.0, help="how long to run"
+        "--minutes",
+        type=options.float_in(0.0, _MAX_MINUTES),
+        default=5.0,
+        help="how long to run (at most a week)",
     )
     parser.add_argument(
         "--rate", type=options.positive_float, default=1000.0, help="samples per second offered"
@@ -68,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--producers", type=options.positive_int, default=16, help="concurrent submitters"
     )
     parser.add_argument(
-        "--dim", type=options.int_in(2), default=256, help="hidden size of the adapter (rank 2)"
+        "--dim", type=options.adapter_dim, default=256, help="hidden size of the adapter (rank 2)"
     )
     parser.add_argument(
         "--chaos",
@@ -375,6 +382,12 @@ def run(args: argparse.Namespace) -> int:
             args,
             f"argument --window: {window:g} s is longer than the run (--minutes {args.minutes:g}"
             f" = {duration:g} s)",
+        )
+    if duration / window > _MAX_WINDOWS:
+        options.refuse(
+            args,
+            f"argument --window: {window:g} s makes {duration / window:.3g} report rows of a "
+            f"{duration:g} s run; at most {_MAX_WINDOWS:,}",
         )
     if args.rate * duration < 1:
         options.refuse(
