@@ -404,7 +404,13 @@ class MicroLoRA:
         st = self._first if module is self._first_module else self._by_id.get(id(module))
         # The hot path: a float32 vector. The kernel checks its length and that it is
         # contiguous; anything else takes the general path.
-        if st is not None and not explore and type(x) is _ND and x.dtype is _F32 and x.ndim == 1:
+        if (
+            st is not None
+            and explore is False
+            and type(x) is _ND
+            and x.dtype is _F32
+            and x.ndim == 1
+        ):
             # The previous result is reused when only the module holds it: a caller that keeps
             # it, a view of it or a memoryview raises the count, which the kernel reads, as it
             # reads whether a former holder froze it. The dtype and ndim are checked here, as
@@ -452,6 +458,9 @@ class MicroLoRA:
             raise _not_finite_error(x, _FORWARD_OVERFLOW)
 
     def _forward_general(self, x: Any, module: TargetModule, explore: bool) -> np.ndarray:
+        if not isinstance(explore, (bool, np.bool_)):  # a truthy "no" or NaN would explore
+            raise TypeError(f"explore must be a bool, got {type(explore).__name__}")
+        explore = bool(explore)
         st = self._state(module)
         x = as_f32(x, "x")
         if x.ndim == 2:

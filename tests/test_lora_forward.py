@@ -278,6 +278,20 @@ def test_forward_rejects_bad_x_naming_it_and_changes_nothing(
     assert not lora.adapt(np.ones(12, np.float32), _quality(0.5), Q)  # nothing was explored
 
 
+@pytest.mark.parametrize("explore", ["no", float("nan"), 1, 0, None])
+def test_forward_refuses_an_explore_that_is_not_a_bool(explore: Any) -> None:
+    """A truthy non-bool ("no", NaN) explored, adding noise the caller asked not to get."""
+    lora = trained(config())
+    before = Snapshot.of(lora)
+    x = np.ones(12, np.float32)
+    with pytest.raises(TypeError, match="explore must be a bool"):
+        lora.forward(x, Q, explore=explore)
+    assert Snapshot.of(lora) == before
+    assert not lora.adapt(x, _quality(0.5), Q)  # nothing was explored
+    noisy = lora.forward(x, Q, explore=np.True_)  # numpy's bools are bools
+    assert not np.array_equal(noisy, lora.forward(x, Q, explore=np.False_))
+
+
 def _quality(q: float) -> AdaptFeedback:
     return AdaptFeedback.from_quality(q)
 
