@@ -221,8 +221,11 @@ class PeftAdapterInspector:
             a, b = factors["A"], factors["B"]
             rank, n_in, n_out = a[0], a[1], b[0]
             params += math.prod(a) + math.prod(b)
-            eff_r = pattern_value(config.get("rank_pattern"), module, r)
-            eff_alpha = pattern_value(config.get("alpha_pattern"), module, alpha)
+            if b[-1] != rank:
+                notes.append(f"{module}: lora_A has rank {rank}, lora_B has rank {b[-1]}")
+            cfg = root / ADAPTER_CONFIG
+            eff_r = pattern_value(config.get("rank_pattern"), module, r, where=cfg)
+            eff_alpha = pattern_value(config.get("alpha_pattern"), module, alpha, where=cfg)
             if eff_r != rank:
                 notes.append(f"{module}: tensors have rank {rank}, the config says {eff_r}")
             scale = _peft_scale(eff_alpha, rank, rslora)

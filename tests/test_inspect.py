@@ -190,6 +190,31 @@ def test_peft_config_with_an_integer_beyond_float_range_is_described(tmp_path: P
     assert "must be finite" in fields(out)["sona from_peft"]
 
 
+def test_peft_factors_of_different_ranks_are_noted(tmp_path: Path) -> None:
+    import safetensors.numpy
+
+    adapter().export_peft(tmp_path / "p")
+    weights = tmp_path / "p" / ADAPTER_WEIGHTS
+    tensors = safetensors.numpy.load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    tensors[key] = np.zeros((tensors[key].shape[0], 3), np.float32)
+    safetensors.numpy.save_file(tensors, str(weights))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    module = key.removesuffix(".lora_B.weight")
+    assert f"note: {module}: lora_A has rank 2, lora_B has rank 3" in out
+
+
+def test_an_invalid_peft_pattern_names_the_config_file(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config.update(rank_pattern=[1])
+    config_path.write_text(json.dumps(config))
+    code, _, err = run(tmp_path / "p")
+    assert code == 2 and f"{config_path}: rank_pattern/alpha_pattern must be an object" in err
+
+
 def test_deeply_nested_peft_config_exits_2(tmp_path: Path) -> None:
     adapter().export_peft(tmp_path / "p")
     (tmp_path / "p" / ADAPTER_CONFIG).write_text("[" * 100_000)
