@@ -480,7 +480,8 @@ def _decode_state(
     for name, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise FormatError(f"array {name} holds NaN or inf")
-    for value in (meta.created_unix, meta.instant.latency_sum_us, meta.instant.accumulated_quality):
+    # (created_unix is bounded by its type; these two only from below, which lets inf through)
+    for value in (meta.instant.latency_sum_us, meta.instant.accumulated_quality):
         if not math.isfinite(value):
             raise FormatError("a header number is not finite")
     config = config_from_dict(meta.config, what="config")

@@ -213,6 +213,7 @@ class PeftAdapterInspector:
         groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
         params = 0
         notes: list[str] = []
+        cfg = root / ADAPTER_CONFIG
         for module, factors in sorted(modules.items()):
             if set(factors) != {"A", "B"}:
                 missing = "B" if "A" in factors else "A"
@@ -223,7 +224,6 @@ class PeftAdapterInspector:
             params += math.prod(a) + math.prod(b)
             if b[-1] != rank:
                 notes.append(f"{module}: lora_A has rank {rank}, lora_B has rank {b[-1]}")
-            cfg = root / ADAPTER_CONFIG
             eff_r = pattern_value(config.get("rank_pattern"), module, r, where=cfg)
             eff_alpha = pattern_value(config.get("alpha_pattern"), module, alpha, where=cfg)
             if eff_r != rank:
