@@ -254,3 +254,13 @@ async def test_publish_refuses_what_is_not_an_event_and_takes_no_number(event: o
         with pytest.raises(TypeError, match="publish\\(\\) takes a msgspec Struct"):
             bus.publish(event)  # type: ignore[type-var]
         assert bus.last_seq == 0 and sub.pending == 0
+
+
+async def test_publish_keeps_a_time_the_publisher_set_and_stamps_the_bus_clock_otherwise() -> None:
+    bus = EventBus(clock=lambda: 42.0)
+    async with bus.subscribe() as sub:
+        bus.publish(Tick(n=1, at=7.5))
+        bus.publish(Tick(n=2))
+        first, second = sub.receive_nowait(), sub.receive_nowait()
+    assert (first.at, first.seq) == (7.5, 1)
+    assert (second.at, second.seq) == (42.0, 2)

@@ -333,3 +333,32 @@ def _open() -> anyio.Event:
     event = anyio.Event()
     event.set()
     return event
+
+
+async def test_a_sender_woken_after_its_cancellation_hands_the_free_slot_on() -> None:
+    """A blocked sender whose cancellation arrived before the slot it was woken for: it raises
+    without enqueuing, and the next blocked sender must get that slot instead of waiting on
+    with room free."""
+    box: Mailbox[str] = Mailbox(1, OverflowPolicy.BLOCK)
+    await box.put("first")
+    scopes: dict[str, anyio.CancelScope] = {}
+    done: list[str] = []
+
+    async def sender(item: str) -> None:
+        with anyio.CancelScope() as scope:
+            scopes[item] = scope
+            await box.put(item)
+            done.append(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender, "a")
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(sender, "b")
+        await anyio.wait_all_tasks_blocked()
+        scopes["a"].cancel()  # delivered to "a" while it still waits ...
+        assert box.get_nowait() == "first"  # ... and then the slot wakes it, first in line
+        await anyio.wait_all_tasks_blocked()
+        queued = box.queued()
+        tg.cancel_scope.cancel()
+    assert done == ["b"]
+    assert queued == ["b"]

@@ -553,3 +553,149 @@ async def test_cancelling_the_host_stops_in_reverse_order_and_keeps_the_message(
     assert refs["b"].leftovers() == ["hang", "next"]
     stats = refs["b"].stats()
     assert stats["interrupted"] == 1 and stats["processed"] == 0 and stats["crashes"] == 0
+
+
+def test_jitter_spreads_delays_both_ways_below_the_cap_and_never_past_it() -> None:
+    backoff = Backoff(min_s=1.0, max_s=2.0, jitter=0.5)
+    rng = random.Random(0)
+    first = [backoff.delay(1, rng) for _ in range(200)]  # 1.0 s, below the cap
+    assert min(first) < 0.8 and max(first) > 1.2  # shortened as often as lengthened
+    assert all(0.5 <= d <= 1.5 for d in first)
+    at_cap = [backoff.delay(k, rng) for k in (5, 30) for _ in range(200)]  # 16 s, 2**29 s
+    assert all(d <= 2.0 for d in at_cap)  # capped again after the jitter
+    assert min(at_cap) < 1.5  # and still spread, so crashed siblings do not restart in step
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="jitter"):
+            Backoff(jitter=bad)
+
+
+async def test_restart_intensity_counts_only_crashes_within_the_window() -> None:
+    now = [0.0]
+    seen: list[Any] = []
+    failed: set[Any] = set()
+    sup = Supervisor(
+        max_restarts=2,
+        within_s=10.0,
+        backoff=NO_WAIT,
+        raise_on_give_up=False,
+        clock=lambda: now[0],
+    )
+    ref = sup.spawn(lambda: Once(seen, failed), name="x")
+    async with sup:
+        for m in ["once-a", "once-b"]:  # two restarts at t=0: the limit, not past it
+            assert await ref.ask(m) == f"ok {m}"
+        now[0] = 11.0  # both have left the 10 s window
+        for m in ["once-c", "once-d"]:
+            assert await ref.ask(m) == f"ok {m}"
+        assert not sup.gave_up
+        with pytest.raises(SupervisorGaveUp):
+            await ref.ask("once-e")  # the third within the window
+    assert sup.gave_up
+    assert sup.cause is not None and sup.cause.restarts == 3
+    assert seen == ["once-a", "once-b", "once-c", "once-d"]
+
+
+async def test_a_give_up_stops_every_child_in_reverse_start_order() -> None:
+    log: list[str] = []
+    sup = Supervisor(max_restarts=0, backoff=NO_WAIT, raise_on_give_up=False)
+    for n in "abc":
+        sup.spawn(functools.partial(Recorder, n, log), name=n)
+    bad = sup.spawn(AlwaysFails, name="bad")
+    async with sup.events.subscribe() as sub, sup:
+        await bad.tell(1)
+        async for event in sub:
+            if isinstance(event, SupervisorGaveUpEvent):
+                break
+    assert log == ["start a", "start b", "start c", "stop c", "stop b", "stop a"]
+
+
+async def test_a_drain_that_timed_out_stops_at_once_without_a_second_grace_period() -> None:
+    """The drain took the whole shutdown budget: a handler still running is interrupted then,
+    not given another ``shutdown_timeout_s`` to finish."""
+    log: list[str] = []
+
+    class Slow(Actor):
+        async def handle(self, message: str) -> None:
+            await anyio.sleep(1.5)  # past the drain (1 s), within a second grace (2 s)
+            log.append(f"finished {message}")
+
+    sup = Supervisor(shutdown_timeout_s=1.0)
+    ref = sup.spawn(Slow, name="slow")
+    async with sup:
+        await ref.tell("m")
+        await anyio.wait_all_tasks_blocked()
+    assert log == []
+    assert ref.stats()["interrupted"] == 1
+    assert ref.leftovers() == ["m"]
+
+
+async def test_a_message_waiting_for_its_retry_counts_as_queued() -> None:
+    seen: list[Any] = []
+    sup = Supervisor(backoff=Backoff(min_s=30.0, max_s=30.0, jitter=0.0), shutdown_timeout_s=0.05)
+    ref = sup.spawn(lambda: Once(seen, set()), name="x")
+    async with sup.events.subscribe() as sub, sup:
+        await ref.tell("once-a")
+        async for event in sub:
+            if isinstance(event, LoopCrashed):
+                break
+        # in the retry slot while the restart waits out its backoff
+        assert ref.qsize() == 1 and ref.stats()["queued"] == 1
+        assert not ref.idle
+    assert seen == []
+    assert ref.leftovers() == ["once-a"]
+
+
+async def test_a_busy_actor_with_an_empty_mailbox_is_not_idle() -> None:
+    release = anyio.Event()
+
+    class Waits(Actor):
+        async def handle(self, message: Any) -> None:
+            await release.wait()
+
+    sup = Supervisor(shutdown_timeout_s=0.05)
+    waits = sup.spawn(Waits, name="w")
+    async with sup:
+        await waits.tell("x")
+        await anyio.wait_all_tasks_blocked()
+        assert waits.qsize() == 0
+        assert not waits.idle  # handling "x"
+        release.set()
+        await waits.join()
+        assert waits.idle
+
+
+async def test_a_sibling_crashing_while_it_is_stopped_for_a_restart_is_restarted_once() -> None:
+    """REST_FOR_ONE: "a" crashes, so "b", started after it, is stopped and restarted with it.
+    "b" raises while it is being stopped; that report comes from an incarnation already
+    replaced and must not restart "b" a second time."""
+    log: list[str] = []
+    b_failed: list[str] = []
+
+    class B(Recorder):
+        async def handle(self, message: Any) -> None:
+            if message == "slow" and not b_failed:
+                await anyio.sleep(0.3)  # "a" crashes meanwhile: this instance is being stopped
+                b_failed.append(message)
+                raise Boom("b, while being stopped")
+            log.append(f"handled b {message}")
+
+    seen: list[Any] = []
+    failed: set[Any] = set()
+    sup = Supervisor(strategy=RestartStrategy.REST_FOR_ONE, backoff=NO_WAIT)
+    a = sup.spawn(lambda: Once(seen, failed), name="a")
+    b = sup.spawn(lambda: B("b", log), name="b")
+    async with sup:
+        await b.tell("slow")
+        await anyio.wait_all_tasks_blocked()
+        await a.tell("once-x")
+        await anyio.sleep(0.6)
+        for ref in (a, b):
+            await ref.join()
+        await anyio.sleep(0.05)
+        for ref in (a, b):
+            await ref.join()
+        stats = sup.stats()
+    assert b_failed == ["slow"]
+    assert stats["b"]["crashes"] == 1
+    assert stats["b"]["restarts"] == 1  # with "a", and only then
+    assert log.count("start b") == 2 and log.count("handled b slow") == 1

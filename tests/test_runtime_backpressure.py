@@ -14,6 +14,8 @@ from runtime_helpers import (
 )
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
 
+from sona.events import InstantApplied
+from sona.lora import AdaptFeedback
 from sona.runtime import _INLINE_BUDGET, SonaRuntime
 
 pytestmark = pytest.mark.anyio
@@ -97,6 +99,22 @@ async def test_drop_oldest_drops_unhandled_samples_first() -> None:
         assert identity_holds(st)
 
 
+async def test_drop_oldest_drops_exactly_the_oldest_waiting_samples() -> None:
+    """Which samples go matters, not only how many: the oldest accepted and not yet handled
+    (ids 1-10, the first one held for its retry), never the newest waiting ones."""
+    samples = rated_samples(LIMIT + 10)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
+        async with rt.subscribe(kinds=[InstantApplied], buffer=1000) as sub:
+            crash_instant_once(rt)  # from here on, samples wait in the mailbox
+            for s in samples:
+                rt.submit_nowait(s)
+            await rt.drain()
+            applied = [e.sample_id for e in buffered(sub) if isinstance(e, InstantApplied)]
+        gate.set()
+    assert applied == list(range(11, LIMIT + 11))
+
+
 async def test_drop_oldest_takes_back_the_message_of_each_sample_it_drops() -> None:
     """Far more samples than the Instant mailbox's margin over the bound arrive while the loop
     restarts: each drop takes its message out of the mailbox, so no caller ever gets
@@ -130,6 +148,41 @@ async def test_drop_oldest_evicts_the_oldest_sample_not_yet_handed_over() -> Non
         assert stages == {"consolidation": 20}
         assert st.pending_samples == LIMIT
         assert identity_holds(st)
+
+
+async def test_evicted_samples_give_their_room_back() -> None:
+    """An evicted sample is out of the buffer: once the consolidation that was stalled has
+    run, a buffer's worth less one fits again without a single further eviction."""
+    samples = rated_samples(2 * LIMIT + 20)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
+        for s in samples[: LIMIT + 20]:
+            await rt.submit(s)
+        assert rt.stats().evicted_samples == 20
+        gate.set()
+        while rt.stats().pending_samples:
+            await rt.consolidate()
+        for s in samples[LIMIT + 20 : 2 * LIMIT + 19]:
+            assert (await rt.submit(s)).applied
+        await rt.drain()
+        st = rt.stats()
+        assert st.evicted_samples == 20 and st.dropped_samples == 0
+        assert identity_holds(st)
+
+
+async def test_skipped_samples_take_no_room_in_the_buffer() -> None:
+    """A skipped sample changed nothing and is never consolidated: it must not count against
+    ``max_pending_samples``, or after a buffer's worth of them REJECT refuses (and BLOCK
+    waits for ever) with nothing pending."""
+    x = rated_samples(1)[0].input_embedding
+    async with SonaRuntime(_config(OverflowPolicy.REJECT), seed=0) as rt:  # type: ignore[arg-type]
+        for _ in range(3 * LIMIT):
+            assert not (await rt.adapt(x, AdaptFeedback.from_quality(0.5))).applied
+        st = rt.stats()
+        assert st.skipped_count == 3 * LIMIT and st.pending_samples == 0
+        for s in rated_samples(LIMIT - 1, seed=1):
+            assert (await rt.submit(s)).applied
+        assert rt.stats().pending_samples == LIMIT - 1
 
 
 async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolidated() -> None:
