@@ -128,6 +128,45 @@ def test_a_shift_is_seen_whatever_the_spread_of_input_norms(seed: int) -> None:
     assert 0 <= det.update_many(_subspace_stream(rng, new, 500)) < 20
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_shift_into_a_narrower_subspace_is_seen_too(batched: bool) -> None:
+    """The CUSUM is two-sided: inputs that suddenly lie almost wholly inside the reference
+    subspace (traffic narrowing to a few of the old directions) are a shift as much as inputs
+    leaving it."""
+    rng = np.random.default_rng(9)
+    d, wide = 48, 16
+    q, _ = np.linalg.qr(rng.standard_normal((d, wide)))
+    det = ShiftDetector(d, reference_samples=100, max_directions=8)  # keeps 8 of the 16
+    old = (rng.standard_normal((600, wide)) @ q.T).astype(np.float32)
+    assert det.update_many(old) == -1
+    assert det.phase == WATCHING
+    basis = det.scan_basis()
+    assert basis is not None
+    narrow = (rng.standard_normal((200, basis.shape[0])) @ basis).astype(np.float32)
+    if batched:
+        fired = det.update_many(narrow)
+    else:
+        fired = next((i for i, x in enumerate(narrow) if det.update(x)), -1)
+    assert 0 <= fired < 60
+
+
+def test_a_restart_learns_its_reference_from_the_recent_inputs_it_is_given() -> None:
+    """After a boundary the detector restarts from the inputs that already belong to the new
+    task, so it is ready to watch for the next shift that many inputs sooner."""
+    seq = SubspaceSequence.make(seed=7, held_out=16)
+    xs = seq.inputs(0, 150, np.random.default_rng(7))
+    restarted = ShiftDetector(96, reference_samples=100, max_directions=16)
+    restarted.restart(xs)
+    fed = ShiftDetector(96, reference_samples=100, max_directions=16)
+    for x in xs[-100:]:
+        fed.update(x)
+    assert restarted.scan_basis() is not None
+    (meta_r, arrays_r), (meta_f, arrays_f) = restarted.state(), fed.state()
+    assert meta_r == meta_f
+    for name, arr in arrays_f.items():
+        np.testing.assert_array_equal(arrays_r[name], arr)
+
+
 def test_detection_off_never_starts_a_task() -> None:
     seq = SubspaceSequence.make(seed=5, held_out=16)
     lora = _lora(seq.dim, 5)

@@ -172,6 +172,38 @@ def test_samples_below_the_quality_threshold_are_not_replayed() -> None:
     assert any("below quality_threshold" in n for n in result.notes), result.notes
 
 
+def test_samples_at_exactly_the_quality_threshold_are_replayed() -> None:
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    threshold = engine.config.training.quality_threshold
+    other = Stream(5)
+    samples = []
+    for i in range(20):
+        x = other.rng.standard_normal(D).astype(np.float32)
+        q = threshold if i % 2 else 0.2
+        fb = AdaptFeedback.from_quality(q).with_target(other.w @ x)
+        samples.append(TrainingSample(x, other.w @ x, q).with_feedback(fb))
+    result = engine.deep_optimize(samples)
+    assert result.samples_used == 9  # 18 trained on, the 9 rated 0.2 left out
+
+
+def test_a_run_over_more_samples_than_it_replays_draws_them_from_all_the_older_ones() -> None:
+    """At most MAX_REPLAY samples are trained on, drawn at random from every sample not held
+    out (kept in their order), not the oldest MAX_REPLAY: newer traffic takes part too."""
+    from sona import deep
+
+    engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
+    samples = Stream(6).samples(deep.MAX_REPLAY + 400)
+    position = {s.input_embedding.tobytes(): i for i, s in enumerate(samples)}
+    job = engine.deep_job(samples)
+    assert len(job.train) == deep.MAX_REPLAY
+    train = [position[s.input_embedding.tobytes()] for s in job.train]
+    held = [position[s.input_embedding.tobytes()] for s in job.held]
+    assert train == sorted(train) and not set(train) & set(held)
+    assert min(held) > max(train)  # the newest are held out
+    assert max(train) >= deep.MAX_REPLAY  # drawn beyond the oldest MAX_REPLAY
+    assert train != list(range(deep.MAX_REPLAY))
+
+
 def test_nothing_kept_means_nothing_replayed_measured_installed_or_counted() -> None:
     engine = SonaLlm(_config(), seed=1, clock=lambda: 0.0)
     before = _published(engine)
@@ -372,6 +404,48 @@ def test_ewc_lambda_zero_is_plain_replay() -> None:
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_replay_after_a_boundary_runs_under_ewc() -> None:
+    """Deep replays the kept samples of the ended task and the new one under EWC++: with a
+    large λ its result moves ΔW back toward the ended task's anchor on the directions that
+    task used, rather than replaying freely over it."""
+    engine = SonaLlm(_config(training=TrainingConfig(ewc_lambda=1e4)), seed=5, clock=lambda: 0.0)
+    Stream(13).feed(engine, 30)
+    engine.run_background()
+    engine.start_new_task()
+    Stream(14).feed(engine, 30)
+    engine.run_background()
+    pipeline = engine.background.pipeline
+    before = pipeline.ewc_penalty(engine.background.published.base)
+    assert before > 0.0
+    result = engine.deep_optimize()
+    assert result.installed, result.notes
+    assert pipeline.ewc_penalty(engine.background.published.base) < 0.1 * before
+
+
+def test_the_sample_by_sample_replay_takes_the_same_ewc_steps_as_the_one_call_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the replay kernel cannot take an epoch, Deep steps sample by sample with an EWC++
+    proximal step of strength 2·lr·λ per applied step every EWC_EVERY steps, as the kernel
+    does: the two paths give the same adapter."""
+    from sona.lora import MicroLoRA
+
+    engine = SonaLlm(_config(training=TrainingConfig(ewc_lambda=10.0)), seed=5, clock=lambda: 0.0)
+    Stream(13).feed(engine, 30)
+    engine.run_background()
+    engine.start_new_task()
+    Stream(14).feed(engine, 40)
+    engine.run_background()
+    job = engine.deep_job()
+    one_call = run_deep(job).published.base
+    monkeypatch.setattr(MicroLoRA, "replay", lambda *a, **k: False)
+    per_sample = run_deep(job).published.base
+    for m in (Q, V):
+        np.testing.assert_allclose(
+            per_sample.delta_weight(m), one_call.delta_weight(m), rtol=1e-5, atol=1e-7
+        )
+
+
 def test_an_outcome_is_installed_at_most_once() -> None:
     """Installing the same outcome again (a retried message, a host's double call) would
     apply the Deep run's change twice; it is refused and nothing changes."""
@@ -517,6 +591,8 @@ def test_merged_clusters_adapters_are_weighted_by_their_counts() -> None:
     trained = MicroLoRA(lcfg, seed=2)
     for m, a, bt in trained.iter_factors():
         trained.set_factors(m, a, (0.3 * rng.standard_normal(bt.shape)).astype(np.float32))
+    for q in (0.3, 0.9, 0.6):  # the big cluster's ratings, which its merged adapter keeps
+        trained.baseline.update(q)
     eye = np.eye(D, dtype=np.float32)
     centroids = np.zeros((3, D), np.float32)
     centroids[0], centroids[1], centroids[2] = eye[0], eye[0] + 0.05 * eye[3], eye[1]
@@ -540,6 +616,7 @@ def test_merged_clusters_adapters_are_weighted_by_their_counts() -> None:
     for m in (Q, V):
         want = trained.delta_weight(m) * (1000 / 1002)
         np.testing.assert_allclose(merged.delta_weight(m), want, rtol=1e-4, atol=1e-6)
+    assert merged.baseline.state() == trained.baseline.state()
 
 
 def test_a_task_boundary_during_a_run_anchors_the_ended_task_on_what_deep_installs() -> None:

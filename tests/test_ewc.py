@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sona.kernels import ewc as k_ewc
 
+from sona.errors import FormatError
 from sona.ewc import EwcImportance, InputWindow, covariance_sketch
 from sona.lora import MicroLoRA, MicroLoraConfig, TargetModule
 
@@ -275,6 +276,44 @@ def test_fold_protects_old_subspaces_with_gamma_decay() -> None:
     new = np.trace(cov[2:4, 2:4])
     assert new == pytest.approx(2 * old, rel=0.15)  # the first task decayed by gamma = 0.5
     assert abs(cov[4:, 4:]).max() < 1e-6  # directions no task used stay free
+
+
+def _two_module_lora(n: int = 24) -> MicroLoRA:
+    q, v = TargetModule.Q_PROJ, TargetModule.V_PROJ
+    cfg = MicroLoraConfig(in_features=n, out_features=n, rank=2, target_modules=(q, v))
+    lora = MicroLoRA(cfg, seed=0)
+    rng = np.random.default_rng(2)
+    for m, a, bt in lora.iter_factors():
+        lora.set_factors(m, a, rng.standard_normal(bt.shape).astype(F32))
+    return lora
+
+
+def test_a_step_that_would_not_be_finite_is_reported_and_leaves_that_module_alone() -> None:
+    """step promises −1.0 when some module's step would not be finite, so the pipeline says
+    the EWC++ step was skipped instead of reporting a penalty for a step not taken."""
+    q = TargetModule.Q_PROJ
+    lora = _two_module_lora()
+    ewc = EwcImportance.for_lora(lora, rank=4, gamma=0.5)
+    ewc.fold(lora, np.random.default_rng(3).standard_normal((30, 24)).astype(F32))
+    ewc.anchors[q].mt[0, 0] = np.inf
+    a0, bt0 = (arr.copy() for arr in lora.factors(q))
+    assert ewc.step(lora, 1.0, lora.modules) == -1.0
+    a, bt = lora.factors(q)
+    assert np.array_equal(a, a0) and np.array_equal(bt, bt0)
+
+
+def test_load_refuses_negative_importance_and_changes_nothing() -> None:
+    """A negative weight in C would turn the penalty into a reward for leaving the anchor."""
+    lora = _two_module_lora()
+    ewc = EwcImportance.for_lora(lora, rank=4, gamma=0.5)
+    ewc.fold(lora, np.random.default_rng(4).standard_normal((30, 24)).astype(F32))
+    meta, arrays = ewc.state()
+    c_before, ut_before = ewc.c.copy(), ewc.ut.copy()
+    arrays["ewc.c"] = arrays["ewc.c"].copy()
+    arrays["ewc.c"][1] = -0.5
+    with pytest.raises(FormatError, match=r"ewc\.c"):
+        ewc.load(meta, arrays)
+    assert np.array_equal(ewc.c, c_before) and np.array_equal(ewc.ut, ut_before)
 
 
 def test_shifting_the_anchor_by_a_change_beyond_float32s_range_keeps_it_exact() -> None:

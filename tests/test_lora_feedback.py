@@ -91,6 +91,18 @@ def test_equality_compares_kind_quality_and_values() -> None:
     assert a != AdaptFeedback.from_quality(0.5)
 
 
+def test_group_feedback_with_the_same_pull_but_other_ratings_is_not_equal() -> None:
+    """Identical candidates give the same pull target and mean whatever their ratings; the
+    ratings themselves are still part of the feedback."""
+    same = [[1.0, 2.0], [1.0, 2.0]]
+    a = AdaptFeedback.from_group(same, [0.2, 0.8])
+    b = AdaptFeedback.from_group(same, [0.8, 0.2])
+    assert a.vector is not None and b.vector is not None
+    assert np.array_equal(a.vector, b.vector) and a.quality == b.quality
+    assert a != b
+    assert a == AdaptFeedback.from_group(same, [0.2, 0.8])
+
+
 @pytest.mark.parametrize(
     "fb",
     [

@@ -88,6 +88,20 @@ def test_merge_beyond_the_full_rank_stays_exact() -> None:
     np.testing.assert_allclose(merged.delta_weight(Q), exact, atol=1e-5)
 
 
+def test_ranks_adding_up_to_the_full_rank_are_concatenated_keeping_every_sources_a() -> None:
+    """2 + 2 = min(6, 4): the ranks still add (no SVD), so an untrained source's rows of A,
+    whose B is still zero, stay in the merged adapter and steer what it learns next."""
+    cfg = config(n_in=6, n_out=4, rank=2)
+    learned = trained(cfg, seed=1)
+    fresh = MicroLoRA(cfg, seed=2)
+    merged = MicroLoRA.merge_adapters([(learned, 1.0), (fresh, 1.0)])
+    assert merged.config.rank == 4
+    for m in (Q, V):
+        want = np.concatenate([learned.factors(m)[0], fresh.factors(m)[0]])
+        np.testing.assert_array_equal(merged.factors(m)[0], want)
+        np.testing.assert_allclose(merged.delta_weight(m), delta64(learned, m), atol=1e-6)
+
+
 def test_merge_of_one_with_unit_weight_reproduces_it() -> None:
     src = trained(config(rank=3, alpha=6.0), seed=7)
     merged = MicroLoRA.merge_adapters([(src, 1.0)])
@@ -239,7 +253,8 @@ def test_a_sum_that_fits_is_merged_even_when_its_concatenated_factors_do_not() -
 
 @pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize(
-    "weights", [(1.0, 1e-200), (1.0, 1e-158), (7e-141, 2e-313), (1e-300, -1e-300)]
+    "weights",
+    [(1.0, 1e-200), (1.0, 1e-158), (7e-141, 2e-313), (1e-300, -1e-300), (1.0, 1e-310)],
 )
 def test_weights_of_any_magnitude_merge_without_warnings(
     weights: tuple[float, float], rank: int | None

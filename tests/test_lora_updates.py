@@ -200,6 +200,27 @@ def test_an_update_that_would_overflow_delta_weight_is_rejected() -> None:
     assert np.isfinite(dw).all() and dw.any()
 
 
+@pytest.mark.parametrize("side", [0, 1], ids=["A", "Bt"])
+def test_an_update_that_shrinks_an_adapter_near_the_bound_is_accepted(side: int) -> None:
+    """The overflow check is on the weights the update leaves, A − step·dA and Bᵀ − step·dBᵀ:
+    an adapter at 0.6 of float32's max whose step takes one factor to zero ends with no delta,
+    while the same step taken the other way (that factor doubled) would pass the max."""
+    cfg = config(n_in=1, n_out=1, rank=1, modules=(Q,), alpha=1.0)
+    lora = MicroLoRA(cfg, seed=0)
+    small, large = 1e10, 0.6 * F32_MAX / 1e10
+    start = [small, large] if side == 0 else [large, small]
+    lora.set_factors(Q, *(np.full((1, 1), w, np.float32) for w in start))
+    fb = AdaptFeedback.from_quality(1.0).with_gradient(np.ones(1, np.float32))
+    assert lora.adapt(np.ones(1, np.float32), fb, Q)
+    grad = f64(lora.gradients(Q)[side])[0, 0]
+    assert grad > 0.0
+    assert lora.apply_updates(small / grad, max_norm=None), lora.last_note
+    after = [f64(w)[0, 0] for w in lora.factors(Q)]
+    assert abs(after[side]) < 1e-3 * small
+    assert after[1 - side] == pytest.approx(large, rel=1e-5)
+    assert np.abs(lora.delta_weight(Q)).max() < 1e-3 * 0.6 * F32_MAX
+
+
 def test_delta_weight_stays_finite_when_only_the_scale_brings_it_into_range() -> None:
     """With s < 1, an accepted update can leave B·A beyond float32 while s·B·A fits."""
     cfg = config(n_in=1, n_out=1, rank=1, modules=(Q,), alpha=0.25)

@@ -8,12 +8,13 @@ no term for gradient or quality-only feedback.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sona.feedback import AdaptFeedback, FeedbackKind
 from sona.lora_config import TargetModule
-from sona.objective import LossTerms, measurable
+from sona.objective import LossTerms, hold_out_newest, measurable, relative_improvement
 from sona.sample import TrainingSample
 
 Q, V = TargetModule.Q_PROJ, TargetModule.V_PROJ
@@ -76,3 +77,28 @@ def test_terms_are_the_feedback_each_sample_stands_for(
     assert terms.x.tobytes() == np.stack([samples[i].input_embedding for i in rows]).tobytes()
     assert terms.target.tobytes() == np.stack(targets).tobytes()
     assert terms.weight.tolist() == weights
+
+
+def _identity(sample: TrainingSample) -> TrainingSample:
+    return sample
+
+
+def test_the_oldest_sample_is_never_held_out() -> None:
+    """Something must be left to train on: when only the oldest sample is measurable, nothing
+    is held out (and the run reports that it cannot measure) rather than training on the rest
+    and evaluating on the oldest."""
+    rng = np.random.default_rng(0)
+    oldest = _sample(rng, "target", None)
+    newer = [_sample(rng, "gradient", None) for _ in range(3)]
+    items = [oldest, *newer]
+    train, held = hold_out_newest(items, 1, _identity)
+    assert train == items and held == []
+    train, held = hold_out_newest([*items, _sample(rng, "target", None)], 2, _identity)
+    assert len(held) == 1 and held[0] is not oldest and train[0] is oldest
+
+
+@pytest.mark.parametrize("after", [0.0, 1.0])
+def test_an_improvement_relative_to_a_zero_objective_is_undefined(after: float) -> None:
+    assert relative_improvement(0.0, after) is None
+    assert relative_improvement(None, after) is None
+    assert relative_improvement(2.0, 0.5) == 0.75

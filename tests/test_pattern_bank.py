@@ -226,6 +226,48 @@ def test_merge_and_prune_keeps_the_largest_group_when_everything_is_rare() -> No
     _assert_no_zero_centroid(bank)
 
 
+def _bank_of(centroids: np.ndarray, counts: list[int]) -> PatternBank:
+    bank = PatternBank(len(counts), DIM)
+    bank.update(centroids)
+    assert len(bank) == len(counts)
+    bank.counts[: len(counts)] = counts
+    return bank
+
+
+def test_merge_and_prune_keeps_the_group_holding_most_inputs_when_all_are_below_the_share() -> None:
+    rng = np.random.default_rng(16)
+    centroids = rng.standard_normal((3, DIM)).astype(np.float32)
+    bank = _bank_of(centroids, [1, 5, 2])  # shares 1/8, 5/8, 2/8: none reaches 0.9
+    mapping = bank.merge_and_prune(min_share=0.9)
+    assert mapping == [-1, 0, -1]
+    assert len(bank) == 1 and int(bank.counts[0]) == 5
+    np.testing.assert_array_equal(bank.centroids[0], centroids[1])
+
+
+def test_a_clusters_share_is_of_all_inputs_the_bank_has_seen() -> None:
+    rng = np.random.default_rng(17)
+    centroids = rng.standard_normal((3, DIM)).astype(np.float32)
+    bank = _bank_of(centroids, [100, 100, 1])  # 1/201 < 0.006 <= 1/100
+    assert bank.merge_and_prune(min_share=0.006) == [0, 1, -1]
+    assert len(bank) == 2
+
+
+def test_merged_near_duplicates_move_to_the_mean_of_their_inputs() -> None:
+    """A merged centroid is the count-weighted mean of the centroids it replaces: the mean of
+    every input they held, not a midpoint that a barely used duplicate drags as far as a
+    large cluster."""
+    rng = np.random.default_rng(18)
+    base = rng.standard_normal(DIM)
+    other = rng.standard_normal(DIM)
+    centroids = np.stack([base, base + 0.05 * other, -base]).astype(np.float32)
+    bank = _bank_of(centroids, [90, 10, 50])
+    mapping = bank.merge_and_prune()
+    assert mapping == [0, 0, 1]
+    want = (90 * centroids[0].astype(np.float64) + 10 * centroids[1]) / 100
+    np.testing.assert_allclose(bank.centroids[0], want, rtol=1e-5, atol=1e-6)
+    assert bank.counts[:2].tolist() == [100, 50]
+
+
 def test_freed_slots_are_reseeded_from_real_inputs() -> None:
     rng = np.random.default_rng(7)
     bank = PatternBank(4, DIM)

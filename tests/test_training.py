@@ -288,6 +288,60 @@ def test_huge_lambda_stays_finite_and_holds_old_task_exactly(
     assert seq.adapter_quality(lora, 0, Q) == pytest.approx(before, abs=1e-3)
 
 
+def test_a_step_after_a_boundary_is_a_gradient_step_then_a_proximal_step_of_2_lr_lambda() -> None:
+    """τ = 2·η·λ (the proximal step of η·λ·‖(ΔW − ΔW*)·C^½‖²), and the reported penalty is λ
+    times the raw one the step leaves: checked on a clone stepped by hand, with λ ≠ 1."""
+    seq = _seq()
+    lr, lam = 0.05, 3.0
+    lora = _lora()
+    config = TrainingConfig(learning_rate=lr, ewc_lambda=lam, boundary_detection=False)
+    pipe = TrainingPipeline(config)
+    _train(pipe, lora, seq, 0, 100, seed=1)
+    pipe.start_new_task(lora)
+    rng = np.random.default_rng(2)
+    x = seq.inputs(1, 20, rng)
+    y = seq.target_delta(1, x)
+    for i in range(20):
+        ref = lora.clone()
+        assert ref.adapt(x[i], _target(y[i]))
+        assert ref.apply_updates(lr, max_norm=config.max_grad_norm)
+        raw = pipe.prox_step(ref, 2.0 * lr * lam)
+        res = pipe.train_step(lora, x[i], _target(y[i]))
+        assert res.applied and not res.notes
+        for got, want in zip(_weights(lora), _weights(ref), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert raw > 0.0
+        assert res.ewc_penalty == pytest.approx(lam * raw, rel=1e-6)
+        assert pipe.ewc_penalty(lora) == pytest.approx(res.ewc_penalty, rel=1e-5)
+
+
+def test_start_new_task_empties_the_window_so_a_task_is_folded_in_once() -> None:
+    """The next task's importance comes from its own inputs: the ended task's inputs count
+    once, decayed by gamma at each later boundary, not again at the next boundary."""
+    rng = np.random.default_rng(1)
+    config = TrainingConfig(online_ewc_gamma=0.5, boundary_detection=False, ewc_rank=8)
+    lora = _lora()
+    pipe = TrainingPipeline(config)
+    pipe.init_for_lora(lora)
+    first = np.zeros((50, 32), F32)
+    first[:, :2] = rng.standard_normal((50, 2))
+    second = np.zeros((20, 32), F32)  # fewer than fisher_samples: the window is not full
+    second[:, 2:4] = rng.standard_normal((20, 2))
+    for x in first:
+        pipe.observe(x)
+    pipe.start_new_task(lora)
+    for x in second:
+        pipe.observe(x)
+    pipe.start_new_task(lora)
+    _, arrays = pipe.state_dict()
+    ut = arrays["ewc.ut"].astype(np.float64)
+    cov = ut.T @ np.diag(arrays["ewc.c"]) @ ut
+    old = np.linalg.eigvalsh(cov[:2, :2]).max()  # each task's importance is normalised to max 1
+    new = np.linalg.eigvalsh(cov[2:4, 2:4]).max()
+    assert new == pytest.approx(1.0, rel=1e-4)
+    assert old == pytest.approx(0.5, rel=1e-4)  # the first task decayed by gamma once
+
+
 # ---------------------------------------------------------------------- gating
 @pytest.mark.parametrize("kind", ["target", "gradient"])
 def test_quality_threshold_gates_target_and_gradient_feedback(kind: str) -> None:
@@ -338,6 +392,20 @@ def test_declined_feedback_is_reported_and_changes_nothing() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
 
 
+def test_a_replayed_sample_at_exactly_the_threshold_is_learned_from() -> None:
+    """Replay skips samples *below* quality_threshold, as train_step gates feedback below it."""
+    lora = _lora()
+    pipe = TrainingPipeline(TrainingConfig(learning_rate=0.05, quality_threshold=0.6))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(32).astype(F32)
+    out = rng.standard_normal(32).astype(F32)
+    target = AdaptFeedback.from_quality(0.6).with_target(out)
+    before = _weights(lora)
+    (res,) = pipe.replay(lora, [TrainingSample(x, out, 0.6).with_feedback(target)])
+    assert res.applied, res.notes
+    assert not all(np.array_equal(a, b) for a, b in zip(_weights(lora), before, strict=True))
+
+
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_raises_naming_the_argument_and_changes_nothing() -> None:
     lora = _lora()
@@ -358,6 +426,8 @@ def test_bad_input_raises_naming_the_argument_and_changes_nothing() -> None:
         pipe.train_step(lora, np.ones(32, F32), 0.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="module"):
         pipe.train_step(lora, np.ones(32, F32), good, module=V)
+    with pytest.raises(InvalidInputError, match="module"):  # refused even when gated
+        pipe.train_step(lora, np.ones(32, F32), _target(np.ones(32, F32), 0.1), module=V)
     with pytest.raises(TypeError, match="lora"):
         pipe.train_step(object(), np.ones(32, F32), good)  # type: ignore[arg-type]
     with pytest.raises(ConfigMismatchError):
@@ -419,6 +489,31 @@ def test_a_gradient_the_adapter_refuses_is_not_counted_as_traffic() -> None:
         pipe.train_step(lora, np.ones(32, F32), huge)
     assert _state(pipe, lora) == before
     assert pipe.samples_seen == 4 and lora.pending_updates == 0
+
+
+def test_tracking_rows_one_by_one_or_as_a_batch_starts_the_same_tasks_at_the_same_samples() -> None:
+    """track_many promises the boundaries and window of track called row by row: which inputs
+    belong to the ended task (and so to its importance), and where each new task began."""
+    seq = _seq()
+    rng = np.random.default_rng(3)
+    xs = np.concatenate([seq.inputs(0, 300, rng), seq.inputs(1, 300, rng)])
+    config = TrainingConfig(fisher_samples=40)
+    one, many = TrainingPipeline(config), TrainingPipeline(config)
+    lora_one, lora_many = _lora(), _lora()
+    one.init_for_lora(lora_one)
+    many.init_for_lora(lora_many)
+    fired_one = [i for i, x in enumerate(xs) if one.track(lora_one, x)]
+    fired_many = many.track_many(lora_many, xs)
+    assert fired_one == fired_many and len(fired_one) >= 1
+    assert one.boundary_samples == many.boundary_samples
+    assert one.samples_seen == many.samples_seen == len(xs)
+    (meta_one, arr_one), (meta_many, arr_many) = one.state_dict(), many.state_dict()
+    assert meta_one["window"] == meta_many["window"]
+    np.testing.assert_array_equal(arr_one["window.inputs"], arr_many["window.inputs"])
+    ut_one, ut_many = arr_one["ewc.ut"].astype(np.float64), arr_many["ewc.ut"].astype(np.float64)
+    cov_one = ut_one.T @ np.diag(arr_one["ewc.c"]) @ ut_one
+    cov_many = ut_many.T @ np.diag(arr_many["ewc.c"]) @ ut_many
+    np.testing.assert_allclose(cov_one, cov_many, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- observe and checkpoints
