@@ -215,7 +215,7 @@ def test_merge_and_prune_never_leaves_a_zero_centroid_and_maps_every_slot() -> N
         assert len(set(labels[truth == b].tolist())) == 1
 
 
-def test_merge_and_prune_keeps_the_largest_group_when_everything_is_rare() -> None:
+def test_merge_and_prune_keeps_a_cluster_when_no_cluster_holds_any_input() -> None:
     bank = PatternBank(3, DIM)
     rng = np.random.default_rng(6)
     bank.update(rng.standard_normal((3, DIM)).astype(np.float32))
