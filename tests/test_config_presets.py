@@ -139,6 +139,20 @@ def test_consolidated_rank_defaults_to_four_times_the_micro_rank_capped() -> Non
     assert fixed.consolidated_lora.target_modules == wide.micro_lora.target_modules
 
 
+def test_consolidated_rank_is_capped_by_the_narrower_side_of_the_adapter() -> None:
+    """in_features and out_features may differ: the default consolidated rank and an explicit
+    one are both bounded by the smaller, as a MicroLoraConfig's rank is."""
+    narrow_out = MicroLoraConfig(in_features=16, out_features=4, rank=2)
+    narrow_in = MicroLoraConfig(in_features=4, out_features=16, rank=2)
+    for micro in (narrow_out, narrow_in):
+        config = SonaLlmConfig(micro_lora=micro)
+        assert config.consolidated_lora.rank == 4  # 8 capped at min(16, 4)
+        with pytest.raises(ConfigError, match="consolidated_rank"):
+            SonaLlmConfig(micro_lora=micro, consolidated_rank=5)
+    engine = SonaLlm(SonaLlmConfig(micro_lora=narrow_out), seed=0)
+    assert engine.forward(np.ones(16, np.float32), TargetModule.Q_PROJ).shape == (4,)
+
+
 # ---------------------------------------------------------------------- presets
 Q, K, V, OP = (TargetModule.Q_PROJ, TargetModule.K_PROJ, TargetModule.V_PROJ, TargetModule.O_PROJ)
 
@@ -178,7 +192,7 @@ def test_presets_target_the_expected_modules() -> None:
 def test_minimal_memory_keeps_less_than_the_defaults() -> None:
     m, d = SonaLlmConfig.minimal_memory(), SonaLlmConfig()
     assert m.replay_capacity < d.replay_capacity
-    assert m.pattern_clusters <= d.pattern_clusters
+    assert m.pattern_clusters < d.pattern_clusters
     assert m.max_pending_samples < d.max_pending_samples
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -281,3 +282,42 @@ def test_words_whose_features_cancel_still_give_a_unit_vector(text: str, dim: in
     v = HashingEmbedder().embed(text, dim)
     assert v.dtype == np.float32
     assert float(np.linalg.norm(v)) == pytest.approx(1.0, abs=1e-6)
+
+
+def _reference_features(words: list[str]) -> list[str]:
+    """The documented features: words, word bigrams, character 3/4-grams of ``<word>``."""
+    feats = [f"w:{w}" for w in words]
+    feats += [f"w2:{a} {b}" for a, b in itertools.pairwise(words)]
+    for w in words:
+        padded = f"<{w}>"
+        feats += [f"c:{padded[i : i + n]}" for n in (3, 4) for i in range(len(padded) - n + 1)]
+    return feats
+
+
+@given(st.lists(st.text("abcxyz", min_size=1, max_size=6), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_features_are_every_word_bigram_and_padded_character_ngram(words: list[str]) -> None:
+    got = HashingEmbedder().features(" ".join(words))
+    assert sorted(got) == sorted(_reference_features(words))
+
+
+def test_word_order_changes_the_vector() -> None:
+    """Two words share unigrams and character n-grams in either order: only the bigram of the
+    last pair tells "dog bites" from "bites dog"."""
+    e = HashingEmbedder()
+    assert not np.array_equal(e.embed("dog bites", 64), e.embed("bites dog", 64))
+
+
+@pytest.mark.parametrize(
+    "text", ["\u1f80\u0300", "\u1f80\u0301 word", "\u1f80\u0342", "\u1fb3\u0301"]
+)
+def test_iota_subscript_folds_alike_in_every_canonically_equivalent_spelling(text: str) -> None:
+    """Case folding turns the iota subscript (U+0345) into ι. Folded in a partly composed
+    spelling (ᾀ then a grave accent) it would land before the accent, in the decomposed one
+    after it; folding the decomposed form gives all spellings one vector."""
+    e = HashingEmbedder()
+    spellings = [text, *(unicodedata.normalize(f, text) for f in ("NFC", "NFD"))]
+    assert len(set(spellings)) > 1
+    for other in spellings[1:]:
+        assert e.words(other) == e.words(text)
+        np.testing.assert_array_equal(e.embed(other, 64), e.embed(text, 64))

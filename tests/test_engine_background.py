@@ -357,6 +357,33 @@ def test_quality_delta_equals_an_independent_recomputation(strategy: CS) -> None
     assert len(set(deltas)) == len(deltas)  # a measurement, not a constant
 
 
+@pytest.mark.parametrize("strategy", [CS.EWC_MERGE, CS.AVERAGE])
+def test_quality_delta_judges_each_module_on_the_samples_about_it(strategy: CS) -> None:
+    """Samples that name a module teach only that module: V, untouched, is not judged on
+    samples about Q (which would average a 0 into every measurement)."""
+    engine = SonaLlm(_config(consolidation_strategy=strategy), seed=4, clock=lambda: 0.0)
+    world = World(8)
+    samples: dict[int, TrainingSample] = {}
+    for _ in range(30):
+        x = world.x()
+        sample = TrainingSample(x, world.w @ x, 0.9).with_feedback(
+            AdaptFeedback.from_quality(0.9).with_target(world.w @ x)
+        )
+        res = engine.submit(sample.with_module(Q))
+        assert res.applied and res.sample_id is not None
+        samples[res.sample_id] = sample
+    offered = [sid for sid, _ in engine.instant.pending]
+    rows = [samples[sid] for sid in offered[-3:]]  # the newest 10 % are held back
+    v_before = engine.background.published.base.delta_weight(V)
+    before = _loss(_consolidated(engine), rows, Q)
+    result = engine.run_background()
+    after = _loss(_consolidated(engine), rows, Q)
+    np.testing.assert_array_equal(engine.background.published.base.delta_weight(V), v_before)
+    assert result.evaluated_on == 3
+    assert result.quality_delta is not None and result.quality_delta > 0.0
+    assert result.quality_delta == pytest.approx((before - after) / before, rel=1e-4, abs=1e-6)
+
+
 def test_quality_delta_is_negative_when_consolidation_makes_the_held_back_samples_worse() -> None:
     """Train on one map, hold back samples that want the opposite: the consolidated state
     (which never saw them) serves them worse than the live adapter that had learned them."""

@@ -87,6 +87,15 @@ def test_fires_when_accumulated_quality_passes_the_threshold_and_resets_after_a_
     assert engine.should_trigger_deep()
 
 
+def test_fires_once_accumulated_quality_reaches_the_threshold_exactly() -> None:
+    engine = SonaLlm(_config(deep_trigger_threshold=1.5), seed=0, clock=lambda: 0.0)
+    stream = Stream(0)
+    stream.feed(engine, 3, q=0.5)  # 1.5 exactly: halves add up without rounding
+    engine.run_background()
+    assert engine.stats().accumulated_quality == 1.5
+    assert engine.should_trigger_deep()
+
+
 # ---------------------------------------------------------------------- what it does
 def _held_out(samples: list[TrainingSample]) -> list[TrainingSample]:
     """The newest 10 % (at least one) measurable samples, never the oldest one."""

@@ -18,6 +18,7 @@ from sona.config import ConsolidationStrategy as CS
 from sona.config import SonaLlmConfig
 from sona.engine import SonaLlm
 from sona.feedback import AdaptFeedback
+from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.training_config import TrainingConfig
 
@@ -286,6 +287,30 @@ def test_ewc_merge_folds_the_live_adapter_without_changing_the_effective_delta()
         )
         assert not engine.instant.live.delta_weight(Q).any()
         assert not engine.instant.live.forward(PROBE, Q).any()
+
+
+def test_ewc_merge_pulls_back_with_the_strength_of_every_sample_it_folds_in() -> None:
+    """The fold stands for one Instant step per consolidated sample, so its EWC++ proximal
+    step has the strength of all of them, 2·lr·n·λ: equal to the fold followed by the
+    pipeline's own proximal step at that strength."""
+    lam = 0.5
+    x, y, q = _stream()
+    cfg = _config(CS.EWC_MERGE, consolidated_rank=8, training=TrainingConfig(ewc_lambda=lam))
+    engine = SonaLlm(cfg, seed=7, clock=lambda: 0.0)
+    _feed(engine, x, y, q)
+    engine.start_new_task()  # task 1 consolidated and protected
+    _feed(engine, x, -y, q)  # task 2 pulls the same inputs the other way
+    bg = engine.background
+    folded = MicroLoRA.merge_adapters(
+        [(bg.published.base, 1.0), (engine.instant.live, 1.0)], rank=8
+    )
+    result = engine.run_background()
+    assert not result.task_boundary
+    assert result.samples_used == N - HELD
+    assert bg.pipeline.prox_step(folded, 2.0 * cfg.instant_lr * (N - HELD) * lam) > 0.0
+    for m in (Q, V):
+        got, want = bg.published.base.delta_weight(m), folded.delta_weight(m)
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
 def test_ewc_merge_beyond_the_consolidated_rank_is_the_best_truncation() -> None:

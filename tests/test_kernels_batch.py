@@ -187,6 +187,27 @@ def test_nearest_labels_sums_and_members(seed: int, n: int, k: int) -> None:
         assert members[j] == int(np.sum((labels == j) & real))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 70), k=st.integers(1, 6))
+def test_nearest_breaks_ties_toward_the_first_centroid(seed: int, n: int, k: int) -> None:
+    """Duplicated centroids are exactly as near as their originals: the first one wins, as
+    numpy's argmin picks it, and the copies get no members. Small integers keep every
+    distance exact whatever the order of the sums, so the ties are real ties."""
+    rng = np.random.default_rng(seed)
+    dim = 19
+    xs = rng.integers(-3, 4, (n, dim)).astype(F32)
+    c = rng.integers(-3, 4, (k, dim)).astype(F32)
+    c = np.concatenate([c, c[::-1]])  # centroid j is repeated at 2k - 1 - j
+    labels = np.empty(n, np.intp)
+    sums = np.zeros((2 * k, dim), F32)
+    members = np.zeros(2 * k, np.int64)
+    k_batch.nearest(xs, c, labels, sums, members, True, True)
+    d = np.einsum("ij,ij->i", c, c)[None, :] - 2.0 * (xs @ c.T)
+    np.testing.assert_array_equal(labels, np.argmin(d, axis=1))
+    assert (labels < k).all()
+    assert not members[k:].any()
+
+
 def test_move_toward_means_is_the_sequential_mini_batch_step() -> None:
     rng = np.random.default_rng(4)
     ref = _ReferenceBank(4, 10)

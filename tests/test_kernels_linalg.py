@@ -107,6 +107,24 @@ def test_householder_qr_reconstructs_with_orthonormal_q(
     np.testing.assert_allclose(np.abs(r), np.abs(r_np), atol=1e-10 * scale)
 
 
+@pytest.mark.parametrize("tail", [1e-7, 1e-8, 1e-9])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_householder_qr_is_accurate_for_rows_nearly_along_the_axes(
+    tail: float, sign: float
+) -> None:
+    """A column already almost along its axis is the case where a reflector built with the
+    wrong sign cancels (v = x − ‖x‖·e₁ loses every digit): the QR must stay as accurate as
+    for any other input."""
+    k, d = 3, 6
+    rng = np.random.default_rng(1)
+    m = np.eye(k, d) * sign + tail * rng.standard_normal((k, d))
+    q = np.empty((k, d))
+    r = np.empty((k, k))
+    k_linalg.householder_rows(m.copy(), q, r)
+    np.testing.assert_allclose(q.T @ r, m.T, atol=1e-14)
+    np.testing.assert_allclose(q @ q.T, np.eye(k), atol=1e-14)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 12), rank=st.integers(0, 12))
 def test_jacobi_svd_matches_numpy(seed: int, n: int, rank: int) -> None:

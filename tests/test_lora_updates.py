@@ -331,14 +331,14 @@ def test_set_factors_replaces_one_module_and_validates() -> None:
     before = Snapshot.of(lora)
     nan_a = np.ones((2, 12))
     nan_a[1, 3] = np.nan
-    for bad_a, bad_bt, error in (
-        (np.ones((3, 12)), bt, InvalidInputError),
-        (np.ones((2, 12)), np.ones((2, 11)), InvalidInputError),
-        (nan_a, bt, InvalidInputError),
-        (np.ones((2, 12)), np.full((2, 10), np.inf), InvalidInputError),
-        (np.ones((2, 12), complex), bt, TypeError),
+    for bad_a, bad_bt, error, reason in (
+        (np.ones((3, 12)), bt, InvalidInputError, "shapes"),
+        (np.ones((2, 12)), np.ones((2, 11)), InvalidInputError, "shapes"),
+        (nan_a, bt, InvalidInputError, "NaN or inf"),
+        (np.ones((2, 12)), np.full((2, 10), np.inf), InvalidInputError, "NaN or inf"),
+        (np.ones((2, 12), complex), bt, TypeError, "real"),
     ):
-        with pytest.raises(error):
+        with pytest.raises(error, match=reason):  # says what is wrong, not "would overflow"
             lora.set_factors(Q, bad_a, bad_bt)
         assert Snapshot.of(lora) == before
 

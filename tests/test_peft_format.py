@@ -216,6 +216,15 @@ def test_alpha_pattern_for_another_layer_leaves_this_one_readable(exported: Path
         MicroLoRA.from_peft(exported, layer=1)
 
 
+@pytest.mark.parametrize("key", ["proj", "_proj", "elf_attn.q_proj", "s.0.self_attn.v_proj"])
+def test_patterns_match_whole_name_parts_only(exported: Path, key: str) -> None:
+    """PEFT matches a pattern key against the end of the module's name at a dot boundary:
+    ``proj`` names no module (``q_proj`` is one name part), so the default alpha stays."""
+    rewrite_config(exported, alpha_pattern={key: 8})
+    assert MicroLoRA.from_peft(exported, layer=0).scaling == 2.0
+    assert MicroLoRA.from_peft(exported, layer=1).scaling == 2.0
+
+
 def test_anchored_patterns_match_the_name_inside_the_base_model(exported: Path) -> None:
     """PEFT matches patterns against ``model.layers.0.self_attn.q_proj``, the name inside the
     base model: a ``^``-anchored key (the form PEFT's documentation shows) names that, not the
