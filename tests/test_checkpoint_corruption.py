@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import shutil
@@ -21,9 +22,10 @@ from sona import container
 from sona.checkpoint_store import list_checkpoints
 from sona.config import SonaLlmConfig
 from sona.errors import CheckpointDirError, FormatError
-from sona.lora_config import MicroLoraConfig
+from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
+from sona.sample_codec import decode_sample, encode_sample
 from sona.sample_log import LOG_FILE
 
 DIM = 6
@@ -253,6 +255,25 @@ def test_restore_skips_an_unreadable_newest_checkpoint_and_loses_nothing(tmp_pat
     assert all(ckpt.read(p) for _, p in list_checkpoints(d))
 
 
+def test_a_temporary_file_a_kill_left_mid_write_is_removed_at_start(tmp_path: Path) -> None:
+    """A process killed between writing a checkpoint's temporary file and renaming it leaves
+    that file behind; the next runtime in the directory deletes it, and only it."""
+    d = tmp_path / "d"
+
+    async def run(rt: SonaRuntime) -> None:
+        async with rt:
+            for s in samples(3):
+                await rt.submit(s)
+
+    anyio.run(run, SonaRuntime(small_config(), seed=1, checkpoint_dir=d))
+    stray = d / ".checkpoint-000000000009.sona.4f2a.tmp"
+    stray.write_bytes(b"SONACKPT half of a checkpoint")
+    other = d / "notes.tmp"
+    other.write_bytes(b"the host's")
+    anyio.run(run, SonaRuntime.restore(d))
+    assert not stray.exists() and other.exists()
+
+
 def test_no_readable_checkpoint_is_an_error_naming_each_file(tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()
@@ -405,3 +426,153 @@ def test_the_streamed_file_is_the_encoded_bytes_and_bad_state_is_never_written(
         ckpt.write(captured, tmp_path / "bad.sona")
     assert not (tmp_path / "bad.sona").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["c.sona"]  # no temporary file left either
+
+
+# ---------------------------------------------------------------------- forged states
+def _sample_list(arrays: dict[str, np.ndarray], name: str) -> tuple[list[int], list[bytes]]:
+    ids = [int(i) for i in arrays[f"samples.{name}.ids"]]
+    blob = arrays[f"samples.{name}.records"].tobytes()
+    records, offset = [], 0
+    for n in map(int, arrays[f"samples.{name}.lengths"]):
+        records.append(blob[offset : offset + n])
+        offset += n
+    return ids, records
+
+
+def _set_sample_list(
+    arrays: dict[str, np.ndarray], name: str, ids: list[int], records: list[bytes]
+) -> None:
+    arrays[f"samples.{name}.ids"] = np.array(ids, np.int64)
+    arrays[f"samples.{name}.lengths"] = np.array([len(r) for r in records], np.int64)
+    arrays[f"samples.{name}.records"] = np.frombuffer(b"".join(records), np.uint8)
+
+
+def _pending_to_queued(keep: int, skip: int = 0) -> Any:
+    """The newest pending samples moved to the queued list (the ``keep`` oldest stay pending,
+    the next ``skip`` are left out) and the log sequence set just past the pending ones."""
+
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        ids, records = _sample_list(arrays, "pending")
+        _set_sample_list(arrays, "pending", ids[:keep], records[:keep])
+        _set_sample_list(arrays, "queued", ids[keep + skip :], records[keep + skip :])
+        meta["log_sequence"] = ids[keep] - 1
+
+    return edit
+
+
+def _forged(checkpoint_bytes: bytes, edit: Any) -> bytes:
+    """The checkpoint with ``edit`` applied to its header and arrays and the checksum made
+    valid again, as anyone editing the file can do."""
+    meta, arrays = container.decode(checkpoint_bytes, ckpt.MAGIC, ckpt.KIND)
+    meta = copy.deepcopy(meta)
+    arrays = {name: np.array(arr) for name, arr in arrays.items()}
+    edit(meta, arrays)
+    return container.encode(ckpt.MAGIC, ckpt.KIND, meta, arrays)
+
+
+def _set(path: str, value: Any) -> Any:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        *parents, last = path.split(".")
+        node = meta
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
+
+
+def _add_array(name: str, value: np.ndarray) -> Any:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        arrays[name] = value
+
+    return edit
+
+
+def _both(*edits: Any) -> Any:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        for e in edits:
+            e(meta, arrays)
+
+    return edit
+
+
+def _module_not_targeted(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    ids, records = _sample_list(arrays, "pending")
+    sample, _ = decode_sample(records[0], in_features=DIM, out_features=DIM)
+    records[0] = encode_sample(sample, TargetModule.K_PROJ)  # the adapter targets q and v
+    _set_sample_list(arrays, "pending", ids, records)
+
+
+def _nan_in(name: str) -> Any:
+    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        arrays[name].flat[0] = np.nan
+
+    return edit
+
+
+FORGED = {
+    "a repeated ensemble label": (_set("background.ensemble", [0, 0]), "duplicate ensemble"),
+    "an ensemble label past the clusters": (
+        _set("background.ensemble", [2]),
+        "exceeds pattern_clusters",
+    ),
+    "more centroids than clusters": (
+        _both(
+            _set("background.centroids", True),
+            _add_array("published.centroids", np.zeros((3, DIM), np.float32)),
+        ),
+        "more published centroids",
+    ),
+    "centroids not announced": (
+        _add_array("published.centroids", np.zeros((1, DIM), np.float32)),
+        "not announced",
+    ),
+    "an unknown loop flag": (_set("instant.loop_state._someday", 1), "unknown Instant loop"),
+    "an exploration of a module past the adapter's": (
+        _both(
+            _set("instant.explored", 1),
+            _add_array("live.explored.keys", np.array([[2, 7]], np.uint64)),
+            _add_array("live.explored.sigma", np.array([0.1])),
+        ),
+        "exploration entries are out of range",
+    ),
+    "an array nothing reads": (_add_array("extra", np.zeros(2, np.float32)), "unexpected arrays"),
+    "a log sequence at the next id": (_set("log_sequence", 12), "log_sequence must be below"),
+    "a pending sample above the log sequence": (_set("log_sequence", 8), "contradicts"),
+    "a gap before the queued samples": (_pending_to_queued(1, skip=1), "must follow"),
+    "numbered replay samples": (
+        lambda meta, arrays: arrays["samples.replay.ids"].__setitem__(0, 5),
+        "replay samples carry no ids",
+    ),
+    "more replay samples than the capacity": (
+        _set("config.replay_capacity", 6),
+        "more replay samples than replay_capacity",
+    ),
+    "fewer submitted than queued": (
+        _both(_pending_to_queued(0), _set("counters.submitted", 2)),
+        "fewer samples submitted",
+    ),
+    "a sample for a module not targeted": (_module_not_targeted, "names module k_proj"),
+    "NaN in an array": (_nan_in("pipeline.ewc.c"), "NaN or inf"),
+    "an unfinished hand-over not announced": (
+        lambda meta, arrays: arrays.__setitem__("adapter.unfinished", arrays["adapter.live"]),
+        "unfinished hand-over present but not announced",
+    ),
+}
+
+
+def test_a_forged_state_the_checks_pass_is_restorable(checkpoint_bytes: bytes) -> None:
+    """The edits below are refused for what they change, not for being edits: moving the
+    pending samples to the queued list, as a checkpoint taken before they were handled holds
+    them, makes a checkpoint that decodes."""
+    state = ckpt.decode(_forged(checkpoint_bytes, _pending_to_queued(0)), what="forged")
+    assert [sid for sid, _, _ in state.queued] == [9, 10, 11]
+    assert state.samples["pending"] == [] and state.log_sequence == 8
+
+
+@pytest.mark.parametrize(("edit", "problem"), list(FORGED.values()), ids=list(FORGED))
+def test_a_state_no_run_could_write_is_refused_though_its_checksum_is_valid(
+    checkpoint_bytes: bytes, edit: Any, problem: str
+) -> None:
+    with pytest.raises(FormatError, match=rf"^forged: .*{re.escape(problem)}"):
+        ckpt.decode(_forged(checkpoint_bytes, edit), what="forged")

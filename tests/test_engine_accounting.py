@@ -340,6 +340,18 @@ def test_skips_are_counted_with_their_reasons() -> None:
     check_identities(s)
 
 
+def test_feedback_at_the_quality_threshold_is_learned_from() -> None:
+    """quality_threshold bounds from below: target feedback *below* it is skipped, feedback
+    rated exactly at it is learned from."""
+    cfg = _config(OverflowPolicy.BLOCK, 100)
+    engine = SonaLlm(cfg, seed=0, clock=lambda: 0.0)
+    t = cfg.training.quality_threshold
+    assert engine.adapt(X[0], AdaptFeedback.from_quality(t).with_target(X[1])).applied
+    below = AdaptFeedback.from_quality(math.nextafter(t, 0.0)).with_target(X[1])
+    assert not engine.adapt(X[0], below).applied
+    assert engine.stats().skip_reasons == {"below_quality_threshold": 1}
+
+
 def test_accumulated_quality_sums_applied_samples_and_resets_with_deep() -> None:
     engine = SonaLlm(_config(OverflowPolicy.BLOCK, 100), seed=0, clock=lambda: 0.0)
     qs = [0.9, 0.6, 0.75]

@@ -265,6 +265,32 @@ def test_ensemble_keeps_training_the_adapter_of_the_cluster_that_gets_new_sample
     )
 
 
+def test_ensemble_forward_adds_the_nearest_clusters_adapter_to_the_rest() -> None:
+    """The effective delta under ENSEMBLE is the live adapter's plus the consolidated base's
+    plus the adapter of each input's nearest centroid: the cluster's adapter adds to the
+    others, it does not replace them."""
+    rng = np.random.default_rng(23)
+    a, b = _two_clusters(rng, 30)
+    t = np.ones(D, np.float32) / math.sqrt(D)
+    engine = SonaLlm(_config(CS.ENSEMBLE, pattern_clusters=2), seed=7, clock=lambda: 0.0)
+    first = np.stack([v for pair in zip(a[:10], b[:10], strict=True) for v in pair])
+    _feed(engine, first, np.stack([t] * 20), np.full(20, 0.9))
+    engine.run_background()
+    _feed(engine, a[10:14], np.stack([-t] * 4), np.full(4, 0.9))  # the live adapter moves
+    live = engine.instant.live
+    pub = engine.background.published
+    assert pub.centroids is not None and len(pub.ensemble) == 2
+    x = np.concatenate([a[20:], b[20:]])
+    nearest = np.argmin(((x[:, None, :] - pub.centroids[None, :, :]) ** 2).sum(axis=2), axis=1)
+    expected = live.forward(x, Q) + pub.base.forward(x, Q)
+    for row, label in enumerate(nearest):
+        expected[row] += pub.ensemble[int(label)].forward(x[row], Q)
+    assert np.abs(live.forward(x, Q)).max() > 1e-4
+    np.testing.assert_allclose(engine.forward(x, Q), expected, rtol=1e-5, atol=1e-6)
+    for row in (0, len(x) - 1):  # one input at a time, too
+        np.testing.assert_allclose(engine.forward(x[row], Q), expected[row], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- EWC_MERGE
 def test_ewc_merge_folds_the_live_adapter_without_changing_the_effective_delta() -> None:
     x, y, q = _stream()

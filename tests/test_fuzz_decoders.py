@@ -369,6 +369,57 @@ def test_valid_events_decode() -> None:
         msgspec.json.decode(raw, type=SonaEvent)
 
 
+def _one_of_each_event() -> list[Any]:
+    import sona.events as ev
+
+    return [
+        ev.InstantApplied(at=1.0, seq=1, sample_id=3, latency_us=2.0, quality=0.5),
+        ev.InstantSkipped(at=1.0, seq=2, sample_id=4, reason="no_direction"),
+        ev.BackgroundCompleted(
+            at=1.0, seq=3, samples_used=5, strategy="ewc_merge", quality_delta=None, latency_ms=1.0
+        ),
+        ev.DeepCompleted(
+            at=1.0, seq=4, samples_used=0, epochs=0, quality_delta=0.1, latency_ms=2.0,
+            installed=True,
+        ),
+        ev.TaskBoundary(at=1.0, seq=5, task_count=2, reason="requested"),
+        ev.UpdateRejected(at=1.0, seq=6, loop="instant", reason="non-finite"),
+        ev.SamplesDropped(at=1.0, seq=7, count=2, stage="ingress", policy="DROP_OLDEST"),
+        ev.DeadLettered(
+            at=1.0, seq=8, actor="instant", message_type="Process", message="m",
+            error_type="RuntimeError", error="boom",
+        ),
+        ev.LoopCrashed(
+            at=1.0, seq=9, actor="deep", error_type="RuntimeError", error="boom", consecutive=1
+        ),
+        ev.LoopRestarted(at=1.0, seq=10, actor="deep", restarts=1, backoff_s=0.0, cause="deep"),
+        ev.SupervisorGaveUp(
+            at=1.0, seq=11, actor="instant", error_type="RuntimeError", error="boom",
+            restarts=6, within_s=10.0,
+        ),
+        ev.Lagged(at=1.0, seq=12, missed=3),
+        ev.CheckpointWritten(at=1.0, seq=13, path="x", bytes=9, log_sequence=4),
+        ev.CheckpointFailed(at=1.0, seq=14, path="x", error="disk full"),
+    ]  # fmt: skip
+
+
+def test_every_event_the_runtime_publishes_round_trips_through_the_union() -> None:
+    """A host that records the event stream reads it back with ``SonaEvent``: every kind the
+    runtime publishes must be in the union, or its records become undecodable."""
+    import sona.events as ev
+
+    events = _one_of_each_event()
+    kinds = {
+        cls
+        for name in ev.__all__
+        if isinstance(cls := getattr(ev, name), type) and issubclass(cls, ev.Event)
+    } - {ev.Event}
+    assert {type(e) for e in events} == kinds
+    for event in events:
+        for codec in (msgspec.json, msgspec.msgpack):
+            assert codec.decode(codec.encode(event), type=SonaEvent) == event
+
+
 @pytest.mark.parametrize("bad", [None, 3, "text", [1, 2], object()])
 def test_decoders_refuse_what_is_not_bytes(bad: Any) -> None:
     with pytest.raises(TypeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 from event_helpers import buffered
@@ -14,6 +16,7 @@ from runtime_helpers import (
 )
 from sona.actors import Backpressure, OverflowPolicy, SamplesDropped
 
+from sona import checkpoint as ckpt
 from sona.events import InstantApplied
 from sona.lora import AdaptFeedback
 from sona.runtime import _INLINE_BUDGET, SonaRuntime
@@ -215,6 +218,63 @@ async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolid
         assert stages == {"ingress": 5}
         assert st.pending_samples == LIMIT
         assert identity_holds(st)
+
+
+async def test_a_restored_consolidation_under_way_still_counts_against_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint taken while a consolidation holds every pending sample: restored, those
+    samples are still pending until that consolidation commits, so the buffer is full and
+    REJECT refuses the next sample."""
+    cfg = small_config(
+        max_pending_samples=LIMIT,
+        overflow=OverflowPolicy.REJECT,
+        background_interval_ms=STALLED,
+        background_min_samples=LIMIT,  # the first hand-over takes every pending sample
+    )
+    samples = rated_samples(LIMIT + 1)
+    async with SonaRuntime(cfg, seed=0) as rt:
+        gate = stall_background(rt)
+        for s in samples[:LIMIT]:
+            assert (await rt.submit(s)).applied
+        with anyio.fail_after(5):
+            while rt._unfinished is None:  # handed over, hanging in its thread
+                await anyio.sleep(0.001)
+        ckpt.write(rt._durable.capture_now(), tmp_path / "c.sona")
+        gate.set()
+    again = SonaRuntime.restore(tmp_path / "c.sona")
+    gate = stall_background(again)  # the restored hand-over is consolidated first: hold it
+    try:
+        async with again:
+            assert again.stats().pending_samples == LIMIT
+            with pytest.raises(Backpressure):
+                await again.submit(samples[LIMIT])
+            assert again.stats().submitted_count == LIMIT
+            gate.set()
+    finally:
+        gate.set()
+
+
+async def test_a_restored_runtime_keeps_its_eviction_count(tmp_path: Path) -> None:
+    """evicted_samples is a term of instant == consolidated + evicted + pending: a restore
+    that lost it would break the identity for the rest of the run."""
+    samples = rated_samples(LIMIT + 20)
+    async with SonaRuntime(_config(OverflowPolicy.DROP_OLDEST), seed=0) as rt:  # type: ignore[arg-type]
+        gate = stall_background(rt)
+        for s in samples:
+            assert (await rt.submit(s)).applied
+        await rt.drain()
+        gate.set()
+        path = await rt.checkpoint(tmp_path / "c.sona")
+        before = rt.stats()
+    st = SonaRuntime.restore(path).stats()
+    assert st.evicted_samples == before.evicted_samples == 20
+    assert (st.instant_count, st.consolidated_count, st.pending_samples) == (
+        before.instant_count,
+        before.consolidated_count,
+        before.pending_samples,
+    )
+    assert identity_holds(st)
 
 
 @pytest.mark.parametrize("policy", [OverflowPolicy.DROP_NEWEST, OverflowPolicy.REJECT])

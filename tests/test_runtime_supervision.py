@@ -151,10 +151,14 @@ async def test_a_consolidation_that_fails_again_is_given_up_on_and_announced() -
         real = bg.prepare
         poisoned: list[Any] = []
 
+        tries = 0
+
         def failing(hand: Any, *rest: Any) -> Any:
+            nonlocal tries
             if not poisoned:
                 poisoned.append(hand)
             if hand is poisoned[0]:
+                tries += 1
                 raise RuntimeError("this hand-over cannot be consolidated")
             return real(hand, *rest)
 
@@ -168,6 +172,7 @@ async def test_a_consolidation_that_fails_again_is_given_up_on_and_announced() -
             drops = buffered(sub)
         st = rt.stats()
     assert [(d.stage, d.policy) for d in drops] == [("consolidation", "failed")]
+    assert tries == 2  # tried once more by the restarted loop, then given up on
     assert drops[0].count == len(poisoned[0].samples) > 0
     assert st.evicted_samples == drops[0].count
     assert st.instant_count == 300 and st.background_count >= 1
@@ -292,6 +297,49 @@ async def test_dead_lettered_samples_are_not_replayed_after_a_crash(tmp_path: Pa
     assert st.instant_count == before.instant_count and identity_holds(st)
 
 
+async def test_a_sample_queued_in_the_checkpoint_then_dead_lettered_is_not_replayed(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint holds the samples it found waiting; one of them dead-lettered after it was
+    taken has its outcome in the log, and a restore from that checkpoint must honour it
+    rather than deliver the sample again from the checkpoint's queue."""
+    samples = target_samples(DomainWorld(dim=32, domains=1, seed=9), 0, 6)
+    state = tmp_path / "state"
+    async with SonaRuntime(small_config(), seed=1, checkpoint_dir=state) as rt:
+        for s in samples:
+            assert (await rt.submit(s)).applied
+        writer = rt._durable.writer
+        assert writer is not None
+        await writer.flush()
+        shutil.copytree(state, tmp_path / "crash")  # killed: the log holds samples 1-6
+    second = SonaRuntime.restore(tmp_path / "crash")
+    assert second.restored is not None and second.restored.replayed == (1, 2, 3, 4, 5, 6)
+    await second.checkpoint()  # before start: it holds the six as waiting
+    inst = second._instant
+    real = inst.process
+
+    def process(sample_id: int, *args: Any) -> Any:
+        if sample_id == 3:
+            raise RuntimeError("this sample crashes the Instant loop")
+        return real(sample_id, *args)
+
+    inst.process = process  # type: ignore[method-assign]
+    async with second:
+        await second.drain()  # the replay: sample 3 is dead-lettered
+        assert second.stats().dead_lettered == 1
+        writer = second._durable.writer
+        assert writer is not None
+        await writer.flush()
+        shutil.copytree(tmp_path / "crash", tmp_path / "again")  # killed again
+    third = SonaRuntime.restore(tmp_path / "again")
+    assert third.restored is not None and 3 not in third.restored.replayed
+    async with third:
+        await third.drain()
+        st = third.stats()
+    assert (st.submitted_count, st.instant_count, st.dead_lettered) == (6, 5, 1)
+    assert identity_holds(st)
+
+
 async def test_samples_failed_at_a_give_up_are_not_replayed_after_a_crash(tmp_path: Path) -> None:
     """Samples logged and then failed because the supervisor gave up were reported to their
     callers as failed: a restore after a crash must not learn from them."""
@@ -313,9 +361,15 @@ async def test_samples_failed_at_a_give_up_are_not_replayed_after_a_crash(tmp_pa
                     await anyio.sleep(0.01)
                 async for _ in written:  # the stopped state, written at the give-up
                     break
+            # refused at the call, as without a log: not logged, counted or given an id
+            with pytest.raises(SupervisorGaveUp):
+                await rt.submit(samples[0])
+            writer = rt._durable.writer
+            assert writer is not None
+            await writer.flush()
         shutil.copytree(state, tmp_path / "crash")  # what a crash now would leave
         before = rt.stats()
-    assert before.instant_count == 5
+    assert before.instant_count == 5 and before.submitted_count == 12
     again = SonaRuntime.restore(tmp_path / "crash")
     assert again.restored is not None and again.restored.replayed == ()
     async with again:

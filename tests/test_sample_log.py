@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import numpy as np
 import pytest
 from runtime_helpers import directory_state
@@ -19,8 +21,21 @@ from sona.feedback import AdaptFeedback
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
-from sona.sample_codec import decode_sample, encode_sample, pack_samples, unpack_samples
-from sona.sample_log import LOG_FILE, SampleLog, SampleLogError, log_summary, record_crc
+from sona.sample_codec import (
+    _Record,
+    decode_sample,
+    encode_sample,
+    pack_samples,
+    unpack_samples,
+)
+from sona.sample_log import (
+    LOG_FILE,
+    LogWriter,
+    SampleLog,
+    SampleLogError,
+    log_summary,
+    record_crc,
+)
 
 DIM_IN, DIM_OUT = 5, 4
 
@@ -103,6 +118,53 @@ def test_records_of_other_widths_or_with_bad_values_are_refused() -> None:
     bad = data.replace(sample.input_embedding.tobytes(), nan)
     with pytest.raises(FormatError, match="NaN"):
         decode_sample(bad, in_features=DIM_IN, out_features=DIM_OUT)
+
+
+def _edited(sample: TrainingSample, **changes: Any) -> bytes:
+    """``sample``'s record with fields replaced, as only a damaged or forged log holds it."""
+    fields = list(msgspec.msgpack.decode(encode_sample(sample)))
+    names = list(_Record.__struct_fields__)
+    for name, value in changes.items():
+        fields[names.index(name)] = value
+    return msgspec.msgpack.encode(fields)
+
+
+def _forged_records() -> dict[str, tuple[bytes, str]]:
+    kinds = every_kind()
+    plain, quality_only, target, group = (kinds[i][0] for i in (0, 2, 3, 6))
+    y = target.output_embedding.tobytes()
+    pair = np.array([0.2, 0.9]).tobytes()
+    return {
+        "a newer version": (_edited(plain, version=2), "record version 2"),
+        "a longer input": (_edited(plain, x=plain.input_embedding.tobytes() + b"\0" * 4), "holds"),
+        "feedback arrays without a kind": (_edited(plain, fb_vector=y), "without a feedback kind"),
+        "quality-only feedback with a vector": (
+            _edited(quality_only, fb_vector=y),
+            "carries no vector",
+        ),
+        "a group of one": (_edited(group, group=np.array([0.5]).tobytes()), "at least two"),
+        "a group quality above 1": (
+            _edited(group, group=np.array([0.2, 1.5]).tobytes()),
+            "in [0, 1]",
+        ),
+        "a group pulling towards NaN": (
+            _edited(group, group=pair, fb_vector=np.full(DIM_OUT, np.nan, np.float32).tobytes()),
+            "NaN",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_forged_records()))
+def test_a_record_no_encoder_writes_is_refused(case: str) -> None:
+    data, problem = _forged_records()[case]
+    with pytest.raises(FormatError, match=rf"^row 4: .*{re.escape(problem)}"):
+        decode_sample(data, in_features=DIM_IN, out_features=DIM_OUT, what="row 4")
+
+
+def test_a_sample_aimed_at_a_module_keeps_it_through_its_record() -> None:
+    sample = every_kind()[0][0].with_module(TargetModule.V_PROJ)
+    got, module = decode_sample(encode_sample(sample), in_features=DIM_IN, out_features=DIM_OUT)
+    assert module is TargetModule.V_PROJ and got.module is TargetModule.V_PROJ
 
 
 def test_log_rows_survive_reopening_and_truncation_is_exact(tmp_path: Path) -> None:
@@ -213,6 +275,43 @@ async def test_concurrent_submits_share_transactions(tmp_path: Path) -> None:
         assert writer is not None and writer.done_total == 200
         assert writer.batches < 100  # group commit: far fewer transactions than samples
         assert rt.stats().instant_count == 200
+
+
+@pytest.mark.anyio
+async def test_outcomes_of_a_failed_transaction_go_with_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction that failed took the outcomes recorded for it down with it: the next one
+    must commit them, or a restore replays a sample whose caller was told it was dropped."""
+    log = SampleLog(tmp_path / LOG_FILE, in_features=DIM_IN, out_features=DIM_OUT)
+    (plain, _), *_ = every_kind()
+    logged: list[list[str]] = []
+    failed: list[list[str]] = []
+    writer: LogWriter[str] = LogWriter(log, logged.append, lambda t, _exc: failed.append(t))
+    real = SampleLog.append
+    calls = 0
+
+    def full_once(self: SampleLog, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SampleLogError("database or disk is full")
+        real(self, *args)
+
+    monkeypatch.setattr(SampleLog, "append", full_once)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run)
+        writer.put(8, plain, None, "eight")
+        writer.record(7, "dropped")
+        await writer.flush()
+        assert failed == [["eight"]] and log.outcomes_after(0) == {}
+        writer.put(9, plain, None, "nine")
+        await writer.flush()
+        tg.cancel_scope.cancel()
+    assert logged == [["nine"]]
+    assert log.outcomes_after(0) == {7: "dropped"}
+    assert [sid for sid, _ in log.records_after(0)] == [9]
+    log.close()
 
 
 @pytest.mark.anyio
