@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
 from sona.bench import kernels
+from sona.bench.timing import Timing
 
 TINY = ["--samples", "10", "--ranks", "1", "--dims", "32", "--batches", "1", "--no-torch"]
 
@@ -41,3 +43,10 @@ def test_table_headers_are_not_truncated(capsys: pytest.CaptureFixture[str]) -> 
     for header in ("numpy/sona", "tuned/sona", "torch/sona", "sona p99", "torch p50"):
         assert header in text
     assert "…" not in text
+
+
+def test_a_speedup_is_the_peer_time_over_the_sona_time() -> None:
+    sona_t = Timing(median_us=0.5, p99_us=1.0, samples=10)
+    peer_t = Timing(median_us=2.0, p99_us=3.0, samples=10)
+    assert kernels._ratio(peer_t, sona_t) == 4.0
+    assert math.isnan(kernels._ratio(None, sona_t))

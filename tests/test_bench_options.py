@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sona.bench import forgetting, kernels, options, soak
+from sona.lora_config import MAX_FEATURES
 
 
 def parser_for(bench: str) -> tuple[ModuleType, argparse.ArgumentParser]:
@@ -193,3 +194,29 @@ def test_option_types_name_the_accepted_range() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
         options.positive_ints("1,,2")
     assert options.int_in(2)("2") == 2
+
+
+@pytest.mark.parametrize(
+    ("bench", "argv", "dest", "value"),
+    [
+        # the top of each range is accepted: a bound one too tight refused a setting that runs
+        ("soak", ["--seed", str(2**62 - 1)], "seed", 2**62 - 1),
+        ("soak", ["--seed", "0"], "seed", 0),
+        ("learning", ["--dim", "8192"], "dim", 8192),
+        ("forgetting", ["--dim", "8192"], "dim", 8192),
+        ("runtime", ["--dim", str(MAX_FEATURES)], "dim", MAX_FEATURES),
+        ("kernels", ["--dims", f"1,{MAX_FEATURES}"], "dims", [1, MAX_FEATURES]),
+    ],
+)
+def test_the_ends_of_each_range_are_accepted(
+    bench: str, argv: list[str], dest: str, value: object
+) -> None:
+    _, parser = parser_for(bench)
+    assert getattr(parser.parse_args(argv), dest) == value
+
+
+def test_closed_upper_bounds_include_their_end() -> None:
+    assert options.int_in(0, 5)("5") == 5
+    assert options.ints_in(1, 3)("1,3") == [1, 3]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 5\], got '6'"):
+        options.int_in(0, 5)("6")

@@ -439,3 +439,57 @@ def test_saved_plots_are_at_least_100_dpi(quiet_run: tuple[Path, str]) -> None:
     for name in ("quality.png", "latency.png"):
         with Image.open(out / name) as img:
             assert min(img.info["dpi"]) >= 100
+
+
+def _stats(**changes: int) -> Any:
+    """Runtime stats whose two accounting identities hold, with ``changes`` applied."""
+    fields = {
+        "submitted_count": 10,
+        "instant_count": 6,
+        "skipped_count": 1,
+        "dropped_samples": 1,
+        "dead_lettered": 1,
+        "in_flight": 1,
+        "consolidated_count": 4,
+        "evicted_samples": 1,
+        "pending_samples": 1,
+    }
+    return argparse.Namespace(**{**fields, **changes})
+
+
+def test_accounting_fails_when_either_identity_is_off_by_one() -> None:
+    ok = report.accounting(_stats())
+    assert ok["holds"] and ok["consolidation_holds"]
+    assert not report.accounting(_stats(submitted_count=11))["holds"]
+    assert report.accounting(_stats(submitted_count=11))["consolidation_holds"]
+    assert not report.accounting(_stats(consolidated_count=3))["consolidation_holds"]
+    assert report.accounting(_stats(consolidated_count=3))["holds"]
+
+
+@pytest.mark.parametrize(
+    ("holds", "consolidation_holds", "stopped_early", "status"),
+    [
+        (True, True, None, 0),
+        (False, True, None, 1),
+        (True, False, None, 1),
+        (True, True, "the runtime failed", 1),
+    ],
+)
+def test_exit_status_is_1_when_any_run_stopped_early_or_broke_an_identity(
+    capsys: pytest.CaptureFixture[str],
+    holds: bool,
+    consolidation_holds: bool,
+    stopped_early: str | None,
+    status: int,
+) -> None:
+    good = {"stopped_early": None, "accounting": {"holds": True, "consolidation_holds": True}}
+    bad = {
+        "stopped_early": stopped_early,
+        "accounting": {"holds": holds, "consolidation_holds": consolidation_holds},
+    }
+    doc = {"runs": {"sona": good, "no_ewc": bad}}
+    assert sona.demo.command._exit_status(doc, Path("report.json")) == status
+    err = capsys.readouterr().err
+    assert (err == "") == (status == 0)
+    if status:
+        assert "'no_ewc'" in err and "'sona'" not in err
