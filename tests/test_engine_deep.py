@@ -413,16 +413,25 @@ def test_ewc_lambda_zero_is_plain_replay() -> None:
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def _second_task_consolidated(ewc_lambda: float, samples: int) -> SonaLlm:
+    """An engine past a task boundary: 30 samples of one task consolidated and protected,
+    then ``samples`` of another consolidated."""
+    engine = SonaLlm(
+        _config(training=TrainingConfig(ewc_lambda=ewc_lambda)), seed=5, clock=lambda: 0.0
+    )
+    Stream(13).feed(engine, 30)
+    engine.run_background()
+    engine.start_new_task()
+    Stream(14).feed(engine, samples)
+    engine.run_background()
+    return engine
+
+
 def test_replay_after_a_boundary_runs_under_ewc() -> None:
     """Deep replays the kept samples of the ended task and the new one under EWC++: with a
     large λ its result moves ΔW back toward the ended task's anchor on the directions that
     task used, rather than replaying freely over it."""
-    engine = SonaLlm(_config(training=TrainingConfig(ewc_lambda=1e4)), seed=5, clock=lambda: 0.0)
-    Stream(13).feed(engine, 30)
-    engine.run_background()
-    engine.start_new_task()
-    Stream(14).feed(engine, 30)
-    engine.run_background()
+    engine = _second_task_consolidated(ewc_lambda=1e4, samples=30)
     pipeline = engine.background.pipeline
     before = pipeline.ewc_penalty(engine.background.published.base)
     assert before > 0.0
@@ -439,12 +448,7 @@ def test_the_sample_by_sample_replay_takes_the_same_ewc_steps_as_the_one_call_re
     does: the two paths give the same adapter."""
     from sona.lora import MicroLoRA
 
-    engine = SonaLlm(_config(training=TrainingConfig(ewc_lambda=10.0)), seed=5, clock=lambda: 0.0)
-    Stream(13).feed(engine, 30)
-    engine.run_background()
-    engine.start_new_task()
-    Stream(14).feed(engine, 40)
-    engine.run_background()
+    engine = _second_task_consolidated(ewc_lambda=10.0, samples=40)
     job = engine.deep_job()
     one_call = run_deep(job).published.base
     monkeypatch.setattr(MicroLoRA, "replay", lambda *a, **k: False)

@@ -243,14 +243,20 @@ def test_ensemble_routes_two_separated_clusters_to_two_adapters_each_trained(ord
     assert float(np.mean(engine.forward(b, Q) @ t)) < 0.0
 
 
-def test_ensemble_keeps_training_the_adapter_of_the_cluster_that_gets_new_samples() -> None:
-    rng = np.random.default_rng(22)
-    a, b = _two_clusters(rng, 30)
+def _ensemble_after_one_run(seed: int) -> tuple[SonaLlm, np.ndarray, np.ndarray, np.ndarray]:
+    """ENSEMBLE with two clusters, consolidated once over the first 10 inputs of each; the
+    two clusters' inputs and the target they were taught are returned for later feeds."""
+    a, b = _two_clusters(np.random.default_rng(seed), 30)
     t = np.ones(D, np.float32) / math.sqrt(D)
     engine = SonaLlm(_config(CS.ENSEMBLE, pattern_clusters=2), seed=7, clock=lambda: 0.0)
     first = np.stack([v for pair in zip(a[:10], b[:10], strict=True) for v in pair])
     _feed(engine, first, np.stack([t] * 20), np.full(20, 0.9))
     engine.run_background()
+    return engine, a, b, t
+
+
+def test_ensemble_keeps_training_the_adapter_of_the_cluster_that_gets_new_samples() -> None:
+    engine, a, b, t = _ensemble_after_one_run(22)
     pub = engine.background.published
     la, lb = int(pub.route(a[:1])[0]), int(pub.route(b[:1])[0])
     wa, wb = pub.ensemble[la].delta_weight(Q), pub.ensemble[lb].delta_weight(Q)
@@ -269,13 +275,7 @@ def test_ensemble_forward_adds_the_nearest_clusters_adapter_to_the_rest() -> Non
     """The effective delta under ENSEMBLE is the live adapter's plus the consolidated base's
     plus the adapter of each input's nearest centroid: the cluster's adapter adds to the
     others, it does not replace them."""
-    rng = np.random.default_rng(23)
-    a, b = _two_clusters(rng, 30)
-    t = np.ones(D, np.float32) / math.sqrt(D)
-    engine = SonaLlm(_config(CS.ENSEMBLE, pattern_clusters=2), seed=7, clock=lambda: 0.0)
-    first = np.stack([v for pair in zip(a[:10], b[:10], strict=True) for v in pair])
-    _feed(engine, first, np.stack([t] * 20), np.full(20, 0.9))
-    engine.run_background()
+    engine, a, b, t = _ensemble_after_one_run(23)
     _feed(engine, a[10:14], np.stack([-t] * 4), np.full(4, 0.9))  # the live adapter moves
     live = engine.instant.live
     pub = engine.background.published

@@ -265,21 +265,26 @@ async def test_dead_lettered_automatic_deep_run_does_not_stop_later_ones() -> No
     assert lost >= 3
 
 
+def _crash_instant_on(rt: SonaRuntime, sample_id: int) -> None:
+    """The Instant loop raises on ``sample_id`` each time it handles it: dead-lettered."""
+    inst = rt._instant
+    real = inst.process
+
+    def process(sid: int, *args: Any) -> Any:
+        if sid == sample_id:
+            raise RuntimeError("this sample crashes the Instant loop")
+        return real(sid, *args)
+
+    inst.process = process  # type: ignore[method-assign]
+
+
 async def test_dead_lettered_samples_are_not_replayed_after_a_crash(tmp_path: Path) -> None:
     """The caller of a dead-lettered sample was told it was not learned from: a restore after a
     crash counts it as dead-lettered again instead of feeding it to the Instant loop."""
     samples = target_samples(DomainWorld(dim=32, domains=1, seed=7), 0, 12)
     state = tmp_path / "state"
     async with SonaRuntime(small_config(), seed=1, checkpoint_dir=state) as rt:
-        inst = rt._instant
-        real = inst.process
-
-        def process(sample_id: int, *args: Any) -> Any:
-            if sample_id == 6:
-                raise RuntimeError("this sample crashes the Instant loop")
-            return real(sample_id, *args)
-
-        inst.process = process  # type: ignore[method-assign]
+        _crash_instant_on(rt, 6)
         results = [await rt.submit(s) for s in samples]
         assert [r.sample_id for r in results if not r.applied] == [6]
         assert "dead-lettered" in results[5].notes[0]
@@ -315,15 +320,7 @@ async def test_a_sample_queued_in_the_checkpoint_then_dead_lettered_is_not_repla
     second = SonaRuntime.restore(tmp_path / "crash")
     assert second.restored is not None and second.restored.replayed == (1, 2, 3, 4, 5, 6)
     await second.checkpoint()  # before start: it holds the six as waiting
-    inst = second._instant
-    real = inst.process
-
-    def process(sample_id: int, *args: Any) -> Any:
-        if sample_id == 3:
-            raise RuntimeError("this sample crashes the Instant loop")
-        return real(sample_id, *args)
-
-    inst.process = process  # type: ignore[method-assign]
+    _crash_instant_on(second, 3)
     async with second:
         await second.drain()  # the replay: sample 3 is dead-lettered
         assert second.stats().dead_lettered == 1
