@@ -61,6 +61,13 @@ def identity_holds(s: LearningStats) -> bool:
     return first and second
 
 
+async def flush_sample_log(rt: Any) -> None:
+    """Wait until everything the runtime has logged is committed: what a kill leaves now."""
+    writer = rt._durable.writer
+    assert writer is not None
+    await writer.flush()
+
+
 def stall_background(rt: Any) -> threading.Event:
     """Make the runtime's Background loop hang in its worker thread until the event is set."""
     gate = threading.Event()

@@ -10,7 +10,7 @@ import anyio
 import numpy as np
 import pytest
 from event_helpers import buffered
-from runtime_helpers import Q, identity_holds, small_config, target_samples
+from runtime_helpers import Q, flush_sample_log, identity_holds, small_config, target_samples
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SamplesDropped, SupervisorGaveUp
 
 from sona.config import Chaos, ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
@@ -288,9 +288,7 @@ async def test_dead_lettered_samples_are_not_replayed_after_a_crash(tmp_path: Pa
         results = [await rt.submit(s) for s in samples]
         assert [r.sample_id for r in results if not r.applied] == [6]
         assert "dead-lettered" in results[5].notes[0]
-        writer = rt._durable.writer
-        assert writer is not None
-        await writer.flush()
+        await flush_sample_log(rt)
         shutil.copytree(state, tmp_path / "crash")  # what a crash now would leave
         before = rt.stats()
     again = SonaRuntime.restore(tmp_path / "crash")
@@ -313,9 +311,7 @@ async def test_a_sample_queued_in_the_checkpoint_then_dead_lettered_is_not_repla
     async with SonaRuntime(small_config(), seed=1, checkpoint_dir=state) as rt:
         for s in samples:
             assert (await rt.submit(s)).applied
-        writer = rt._durable.writer
-        assert writer is not None
-        await writer.flush()
+        await flush_sample_log(rt)
         shutil.copytree(state, tmp_path / "crash")  # killed: the log holds samples 1-6
     second = SonaRuntime.restore(tmp_path / "crash")
     assert second.restored is not None and second.restored.replayed == (1, 2, 3, 4, 5, 6)
@@ -324,9 +320,7 @@ async def test_a_sample_queued_in_the_checkpoint_then_dead_lettered_is_not_repla
     async with second:
         await second.drain()  # the replay: sample 3 is dead-lettered
         assert second.stats().dead_lettered == 1
-        writer = second._durable.writer
-        assert writer is not None
-        await writer.flush()
+        await flush_sample_log(second)
         shutil.copytree(tmp_path / "crash", tmp_path / "again")  # killed again
     third = SonaRuntime.restore(tmp_path / "again")
     assert third.restored is not None and 3 not in third.restored.replayed
@@ -361,9 +355,7 @@ async def test_samples_failed_at_a_give_up_are_not_replayed_after_a_crash(tmp_pa
             # refused at the call, as without a log: not logged, counted or given an id
             with pytest.raises(SupervisorGaveUp):
                 await rt.submit(samples[0])
-            writer = rt._durable.writer
-            assert writer is not None
-            await writer.flush()
+            await flush_sample_log(rt)
         shutil.copytree(state, tmp_path / "crash")  # what a crash now would leave
         before = rt.stats()
     assert before.instant_count == 5 and before.submitted_count == 12
