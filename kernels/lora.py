@@ -15,6 +15,7 @@ import numpy as np
 from sona.kernels.baseline import output_weight, update_baseline
 from sona.kernels.jit import gil_kernel, held_kernel, inline, kernel
 from sona.kernels.ownership import is_free
+from sona.kernels.prefetch import prefetch
 from sona.kernels.random import normal, uniform01
 from sona.kernels.update import F32_MAX as _F32_MAX
 from sona.kernels.update import MAX_INPUT_SQ_NORM, _all_finite, input_norm_fits, sq_norm64
@@ -1043,7 +1044,10 @@ def step_rated_over(
 
     Returns what ``step_fused`` returns, or ``-STEP_UNSUPPORTED`` with no weight written when
     an offset could not be computed (a length, a stride, or x·A beyond float32): the caller's
-    general path then says why."""
+    general path then says why. The sample's vectors are prefetched first (see
+    :mod:`sona.kernels.prefetch`)."""
+    prefetch(x)
+    prefetch(vec)
     if not _rated_offset(ca, cbt, cscale, ta, tbt, tscale, th, transit, x, off):
         return -STEP_UNSUPPORTED
     w = output_weight(rating, quality, temperature, cap)
@@ -1548,7 +1552,9 @@ def step_rated_over_pair(
     weights; ``-STEP_UNSUPPORTED`` with no weight written where an offset could not be
     computed. Each module gets its own mode argument, as in ``step_fused_pair``: one value
     for both lets the compiler merge the modules' branches, and the sums then round
-    differently (see ``step_rated_over``)."""
+    differently (see ``step_rated_over``). The sample's vectors are prefetched first."""
+    prefetch(x)
+    prefetch(vec)
     if not _rated_offset(ca0, cbt0, cscale, ta0, tbt0, tscale, th, transit, x, off0):
         return -STEP_UNSUPPORTED
     if not _rated_offset(ca1, cbt1, cscale, ta1, tbt1, tscale, th, transit, x, off1):
