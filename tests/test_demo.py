@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ from rich.console import Console
 import sona.demo
 import sona.demo.command
 import sona.demo.output
+import sona.demo.users
 from sona.demo import plots, report
 from sona.demo.simulation import RunRecord
 from sona.demo.summary import print_summary
-from sona.demo.users import SimulatedUsers, UserModel
-from sona.demo.world import DemoWorld, schedule
-from sona.feedback import FeedbackKind
+from sona.demo.users import Feedback, SimulatedUsers, UserModel
+from sona.demo.world import DemoWorld, Traffic, schedule
+from sona.feedback import AdaptFeedback, FeedbackKind
 
 SONA = shutil.which("sona", path=str(Path(sys.executable).parent)) or "sona"
 SMALL = ["--dim", "48", "--domains", "2", "--steps", "1500"]
@@ -56,6 +58,14 @@ def test_schedule_visits_every_domain_then_returns_to_the_earlier_ones() -> None
 def test_schedule_refuses_fewer_steps_than_phases() -> None:
     with pytest.raises(ValueError, match="steps"):
         schedule(3, 4)
+    assert [p.length for p in schedule(3, 5)] == [1, 1, 1, 1, 1]  # one request each is enough
+
+
+def test_the_last_phase_takes_the_requests_that_do_not_divide_evenly() -> None:
+    """Every request is served by some phase: 1003 over five phases leaves three over."""
+    phases = schedule(3, 1003)
+    assert [p.length for p in phases] == [200, 200, 200, 200, 203]
+    assert phases[-1].stop == 1003
 
 
 def test_domains_conflict_what_one_teaches_is_wrong_for_another() -> None:
@@ -67,6 +77,26 @@ def test_domains_conflict_what_one_teaches_is_wrong_for_another() -> None:
     learned_0 = world.held_out_quality(1, lambda x: world.correction(0, x))
     assert learned_0 < world.base_quality[1] - 0.01
     assert x0.shape == x1.shape == (256, 64)
+
+
+def test_the_report_describes_the_world_that_was_built() -> None:
+    world = DemoWorld(24, 3, seed=5, subspace=6, shared=1, held_out=100)
+    assert world.describe() == {
+        "dim": 24,
+        "domains": 3,
+        "input_subspace_per_domain": 6,
+        "shared_input_directions": 1,
+        "correction_rank": 1,
+        "held_out_per_domain": 100,
+        "base_quality": [0.8, 0.8, 0.8],
+        "module": "q_proj",
+    }
+
+
+def test_a_world_as_wide_as_one_domain_subspace_is_built_a_narrower_one_refused() -> None:
+    assert DemoWorld(8, 1, seed=0).dim == 8
+    with pytest.raises(ValueError, match="dim must be >= 8"):
+        DemoWorld(7, 1, seed=0)
 
 
 def test_vectorised_rating_matches_the_simulator() -> None:
@@ -139,6 +169,137 @@ def test_users_give_noisy_delayed_and_missing_feedback_in_two_forms() -> None:
     assert fix.feedback.vector is not None
     err = np.linalg.norm(fix.feedback.vector - want) / np.linalg.norm(want)
     assert 0 < err < 3 * model.correction_noise
+
+
+@dataclass
+class _Served:
+    """Feedback on 20,000 requests answered with half the wanted correction, with the
+    candidates and ratings each rated group was built from."""
+
+    world: DemoWorld
+    traffic: Traffic
+    users: SimulatedUsers
+    arrived: list[Feedback]
+    shown: dict[int, tuple[np.ndarray, np.ndarray]]  # id(feedback) -> (candidates, ratings)
+
+
+SERVED_DELTA = 0.5  # the answers carry this share of the wanted correction
+
+
+@pytest.fixture(scope="module")
+def served() -> _Served:
+    world = DemoWorld(16, 1, seed=0)
+    n = 20000
+    traffic = world.traffic(schedule(1, n), seed=1)
+    users = SimulatedUsers(UserModel(), seed=0)
+    shown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    class Recorded:
+        from_quality = AdaptFeedback.from_quality
+
+        @staticmethod
+        def from_group(outputs: np.ndarray, qualities: np.ndarray) -> AdaptFeedback:
+            fb = AdaptFeedback.from_group(outputs, qualities)
+            shown[id(fb)] = (np.array(outputs), np.array(qualities))
+            return fb
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sona.demo.users, "AdaptFeedback", Recorded)
+        for step in range(0, n, 16):
+            deltas = SERVED_DELTA * traffic.correction(slice(step, step + 16))
+            users.serve(step, traffic, 16, deltas.astype(np.float32))
+    arrived = users.flush()
+    return _Served(world, traffic, users, arrived, shown)
+
+
+def test_each_form_of_feedback_arrives_after_the_mean_delay(served: _Served) -> None:
+    """Corrections are delayed like ratings; the report's mean delay is the one users had."""
+    mean = UserModel().mean_delay
+    delays = {
+        form: [item.due - item.served for item in served.arrived if item.form == form]
+        for form in ("group", "correction")
+    }
+    # about 14,000 rated groups (standard error of the mean 0.17) and 2,000 corrections (0.46)
+    assert abs(np.mean(delays["group"]) - mean) < 0.6
+    assert abs(np.mean(delays["correction"]) - mean) < 1.5
+    every = delays["group"] + delays["correction"]
+    told = served.users.counts.describe()["mean_delay_requests"]
+    assert told == pytest.approx(np.mean(every), abs=0.01)
+
+
+def test_feedback_is_about_the_request_it_was_given_on(served: _Served) -> None:
+    for item in served.arrived:
+        np.testing.assert_array_equal(item.x, served.traffic.x[item.served])
+    corrections = [item for item in served.arrived if item.form == "correction"]
+    assert corrections and all(item.feedback.quality == 1.0 for item in corrections)
+
+
+def test_candidates_spread_around_the_served_answer_and_are_rated_by_their_quality(
+    served: _Served,
+) -> None:
+    """The candidates shown are the served answer plus noise scaled to the base output, and
+    each rating is that candidate's true quality plus the users' small rating noise."""
+    model = UserModel()
+    t = served.traffic
+    dots, squares, spread, residuals = [], [], [], []
+    for item in served.arrived:
+        if item.form != "group":
+            continue
+        cands, ratings = served.shown[id(item.feedback)]
+        s = item.served
+        answer = SERVED_DELTA * t.correction(slice(s, s + 1))[0]
+        dots.append(cands.mean(axis=0) @ answer)
+        squares.append(answer @ answer)
+        spread.append(np.std(cands - answer) / np.sqrt(np.mean(t.base_out[s] ** 2)))
+        true = served.world.rate(t.base_out[s : s + 1], t.ideal_out[s : s + 1], cands[None])[0]
+        residuals.append(ratings - true)
+    # the candidates' mean, projected on the served answers: the answers themselves
+    assert np.sum(dots) / np.sum(squares) == pytest.approx(1.0, abs=0.1)
+    assert np.mean(spread) == pytest.approx(model.sampling_noise, rel=0.05)
+    res = np.concatenate(residuals)
+    assert abs(res.mean()) < 0.1 * model.rating_noise
+    assert res.std() == pytest.approx(model.rating_noise, rel=0.05)
+
+
+def test_feedback_due_at_a_step_arrives_at_that_step(served: _Served) -> None:
+    """``due(step)`` is inclusive, and what is still on its way is counted as such."""
+    world = served.world
+    traffic = world.traffic(schedule(1, 64), seed=3)
+    users = SimulatedUsers(UserModel(missing=0.0, mean_delay=5.0), seed=0)
+    users.serve(0, traffic, 64, np.zeros((64, 16), np.float32))
+    for step in range(200):
+        on_the_way = users.counts.awaiting
+        items = users.due(step)
+        assert all(item.due == step for item in items)
+        assert users.counts.awaiting == on_the_way - len(items)
+    assert users.counts.awaiting == 0 and users.counts.delivered == 64
+
+
+def test_a_rated_group_needs_two_candidates() -> None:
+    with pytest.raises(ValueError, match="2 candidates"):
+        SimulatedUsers(UserModel(candidates=1), seed=0)
+    SimulatedUsers(UserModel(candidates=2), seed=0)
+
+
+def test_the_report_describes_the_users_as_they_were_configured() -> None:
+    model = UserModel(
+        candidates=3,
+        sampling_noise=0.4,
+        rating_noise=0.02,
+        correction_noise=0.06,
+        missing=0.3,
+        corrections=0.15,
+        mean_delay=7.0,
+    )
+    assert model.describe() == {
+        "candidates_per_group": 3,
+        "sampling_noise_x_output_rms": 0.4,
+        "rating_noise_sd": 0.02,
+        "correction_noise": 0.06,
+        "missing_probability": 0.3,
+        "correction_probability": 0.15,
+        "mean_delay_requests": 7.0,
+    }
 
 
 def test_ratings_prefer_candidates_closer_to_the_ideal_output() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sona.simulator import DomainWorld
@@ -50,3 +51,19 @@ def test_a_base_quality_the_world_cannot_reach_is_refused() -> None:
 def test_the_base_quality_asked_for_is_the_one_built() -> None:
     world = DomainWorld(32, 3, shared=2, base_quality=0.7, seed=4)
     assert [round(world.base_quality(d), 3) for d in range(3)] == [0.7, 0.7, 0.7]
+
+
+def test_inputs_are_unit_vectors_in_their_domain_subspace_plus_the_noise_asked_for() -> None:
+    """An input is a draw in the domain's subspace (k directions) plus isotropic noise whose
+    energy is ``noise**2`` times the subspace part's: after scaling to unit length, the share
+    outside the subspace averages noise**2 (d - k) / d · k / (k - 2) (the last factor is the
+    mean of k over a chi-square with k degrees of freedom)."""
+    dim, k = 64, 6
+    for noise in (0.05, 0.2):
+        world = DomainWorld(dim, 1, subspace=k, noise=noise, seed=0)
+        x = world.inputs(0, 4000, np.random.default_rng(1))
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+        basis = world.domains[0].basis
+        outside = np.sum((x - x @ basis.T @ basis) ** 2, axis=1)
+        expected = noise**2 * (dim - k) / dim * k / (k - 2)
+        assert outside.mean() == pytest.approx(expected, rel=0.25)
