@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import itertools
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from rich.console import Console
 import sona.demo
 import sona.demo.command
 import sona.demo.output
+import sona.demo.simulation
 import sona.demo.users
 from sona.demo import plots, report
 from sona.demo.simulation import RunRecord
@@ -654,3 +657,117 @@ def test_exit_status_is_1_when_any_run_stopped_early_or_broke_an_identity(
     assert (err == "") == (status == 0)
     if status:
         assert "'no_ewc'" in err and "'sona'" not in err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--dim", "16"],
+        ["--dim", "4096", "--steps", "32768"],  # steps × dim exactly at its bound
+        ["--domains", "8", "--steps", "240"],  # 15 phases of one batch each
+        ["--domains", "3", "--steps", "80"],
+        ["--chaos", "0.5"],
+        ["--dim", "16", "--steps", "1000000"],
+        ["--seed", str(2**62 - 1)],
+    ],
+)
+def test_options_at_their_limits_are_accepted(options: list[str], tmp_path: Path) -> None:
+    """Every limit the help gives is inclusive."""
+    args = _args(tmp_path, *options)
+    settings = sona.demo.command.settings_from(args)
+    given = dict(zip(options[::2], options[1::2], strict=True))
+    for option, value in given.items():
+        assert str(getattr(settings, option.removeprefix("--"))) == value
+
+
+def test_the_command_line_in_the_report_runs_the_same_demo(tmp_path: Path) -> None:
+    args = _args(tmp_path, "--seed", "3", "--chaos", "0.02", "--no-ewc")
+    settings = sona.demo.command.settings_from(args)
+    line = sona.demo.command.command_line(settings, no_ewc=True)
+    assert line == "sona demo --steps 1500 --dim 48 --domains 2 --seed 3 --chaos 0.02 --no-ewc"
+    parser = argparse.ArgumentParser()
+    sona.demo.add_arguments(parser)
+    again = parser.parse_args(line.split()[2:])
+    assert sona.demo.command.settings_from(again) == settings and again.no_ewc
+
+
+def test_sona_runs_first_and_both_runs_answer_the_same_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan = sona.demo.command.run_plan(no_ewc=False)
+    assert [(label, ewc) for label, _, ewc in plan] == [("sona", True), ("no-ewc", False)]
+    seen: list[Any] = []
+
+    async def simulate(world: Any, phases: Any, traffic: Any, settings: Any, **kw: Any) -> Any:
+        seen.append(traffic)
+        return kw["label"]
+
+    monkeypatch.setattr(sona.demo.command, "simulate", simulate)
+    world = DemoWorld(16, 2, seed=0)
+    phases = schedule(2, 96)
+    settings = sona.demo.simulation.DemoSettings(steps=96, dim=16, domains=2, seed=4)
+    labels = asyncio.run(sona.demo.command.run_all(world, phases, settings, plan, None))  # type: ignore[arg-type]
+    assert labels == ["sona", "no-ewc"]
+    first, second = seen
+    np.testing.assert_array_equal(first.x, second.x)
+    np.testing.assert_array_equal(first.ideal_out, second.ideal_out)
+
+
+def test_the_world_is_built_from_the_seed_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    built: list[DemoWorld] = []
+
+    class Stop(Exception):
+        pass
+
+    async def run_all(world: DemoWorld, *args: object) -> None:
+        built.append(world)
+        raise Stop
+
+    monkeypatch.setattr(sona.demo.command, "run_all", run_all)
+    with pytest.raises(Stop):
+        sona.demo.run(_args(tmp_path / "out", "--seed", "5"))
+    np.testing.assert_array_equal(built[0].sim.base, DemoWorld(48, 2, seed=5).sim.base)
+    assert not (tmp_path / "out").exists()  # nothing is left of a demo that failed
+
+
+def test_a_quiet_demo_leaves_the_log_level_as_it_found_it(tmp_path: Path) -> None:
+    demo_logger = logging.getLogger("sona.demo")
+    before = demo_logger.level
+    demo_logger.setLevel(logging.WARNING)
+    try:
+        assert sona.demo.run(_args(tmp_path, "--no-ewc", "--steps", "48", "--domains", "1")) == 0
+        assert demo_logger.level == logging.WARNING
+    finally:
+        demo_logger.setLevel(before)
+
+
+def test_an_out_holding_a_directory_by_a_file_name_of_the_demo_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out"
+    out.mkdir(parents=True)
+    (out / "quality.png").mkdir()
+    output = sona.demo.output.Output(out)
+    with pytest.raises(sona.demo.output.OutputError, match=r"quality\.png there is a directory"):
+        output.prepare()
+
+
+def test_a_failed_demo_leaves_neither_its_staging_nor_the_directory_it_made(
+    tmp_path: Path,
+) -> None:
+    output = sona.demo.output.Output(tmp_path / "new" / "out")
+    output.prepare()
+    staging = output.staging()
+    (staging / "report.json").write_text("{}")
+    output.discard(staging)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_link_to_a_demo_file_is_removed_too(tmp_path: Path) -> None:
+    output = sona.demo.output.Output(tmp_path / "out")
+    output.prepare()
+    (output.path / "supervision.png").symlink_to(tmp_path / "gone.png")  # dangling
+    staging = output.staging()
+    (staging / "report.json").write_text("{}")
+    output.commit(staging)
+    assert sorted(p.name for p in output.path.iterdir()) == ["report.json"]
