@@ -17,7 +17,7 @@ from sona.config import SupervisionConfig
 from sona.demo import live, plots, report, simulation, world
 from sona.demo.output import Output
 from sona.demo.simulation import DemoSettings, RunRecord, Snapshot, simulate
-from sona.demo.summary import print_summary
+from sona.demo.summary import log_summary, print_summary
 from sona.demo.users import FeedbackCounts, SimulatedUsers
 from sona.demo.world import DemoWorld, schedule
 from sona.events import (
@@ -635,3 +635,15 @@ def test_only_updates_that_were_applied_are_timed() -> None:
     items = [SimpleNamespace(x=x, feedback=None) for x in world.held_out(0)[:4]]
     anyio.run(state.submit, Runtime(), items)
     assert record.latencies_us == [12.0, 30.0]
+
+
+def test_the_quiet_summary_logs_each_run_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="sona.demo")
+    log_summary(_three_domain_doc(), Path("out/report.json"))
+    events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    results = {e["run"]: e for e in events if e["event"] == "result"}
+    assert results["sona"]["restarts"] == 4
+    assert results["sona"]["returns"] == [(0, 0.9, 0.85), (1, 0.88, 0.88)]
+    assert results["no-ewc"]["final_quality"] == [0.9, 0.9, 0.85]
+    (comparison,) = [e for e in events if e["event"] == "comparison"]
+    assert comparison["verdict"] == "sona forgets less on every return: yes"
