@@ -46,6 +46,8 @@ def test_describe_boundaries() -> None:
     assert forgetting.describe_boundaries(ewc, switches, "detected") == "none detected (missed 6)"
     ewc.boundaries = [[105, 230, 310], [50, 104, 212, 301]]
     assert forgetting.describe_boundaries(ewc, switches, "detected") == "1–30 (extra 1)"
+    ewc.boundaries = [[100, 205, 399]]  # one right at its switch: a lag of 0, not an extra
+    assert forgetting.describe_boundaries(ewc, switches, "detected") == "0–99"
     ewc.boundaries = [[105, 310]]
     assert forgetting.describe_boundaries(ewc, switches, "detected") == "5–10 (missed 1)"
     assert forgetting.describe_boundaries(ewc, switches, "explicit") == "explicit"
@@ -61,3 +63,29 @@ def test_progress_goes_to_stderr_and_json_to_stdout(capsys: pytest.CaptureFixtur
     report = json.loads(out, parse_constant=strict)
     assert {r["method"] for r in report["results"]} == {"plain SGD", "EWC++", "joint (shuffled)"}
     assert "rank 2 seed 0 plain SGD" in err
+
+
+def test_seconds_add_up_over_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that moves 1 s per reading: each method's time is summed over its two seeds."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(forgetting.time, "perf_counter", lambda: float(next(ticks)))
+    setting = forgetting.Setting(dim=8, tasks=2, subspace_dim=2, steps_per_task=5)
+    outcomes = forgetting.evaluate(setting, [2], [], [0, 1], [])
+    assert [o.seconds for o in outcomes] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dim", "8", "--tasks", "3", "--subspace-dim", "3"], "= 9 exceeds --dim 8"),
+        (["--dim", "24", "--ranks", "2,25"], "argument --ranks: rank 25 exceeds --dim 24"),
+    ],
+)
+def test_settings_that_cannot_be_built_are_refused(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _run(*argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err

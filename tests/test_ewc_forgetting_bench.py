@@ -52,3 +52,21 @@ def test_default_sequence_meets_the_forgetting_targets() -> None:
     sgd4, ewc4, joint4 = by[(4, "plain SGD")], by[(4, "EWC++")], by[(4, "joint (shuffled)")]
     assert ewc4.acc().mean() >= sgd4.acc().mean() + 0.05
     assert ewc4.acc().mean() >= joint4.acc().mean() - 0.05
+
+
+def test_outcome_json_summarises_acc_and_bwt_over_seeds() -> None:
+    """Two seeds' R matrices in: ACC and BWT are means over seeds with sample sds, R_mean the
+    element-wise mean; a joint row, not sequential, has no BWT."""
+    r0 = np.array([[0.9, 0.1], [0.5, 0.8]])  # ACC 0.65, BWT -0.4
+    r1 = np.array([[0.7, 0.3], [0.7, 0.9]])  # ACC 0.8, BWT 0.0
+    row = forgetting.Outcome(2, "EWC++", 10.0, matrices=[r0, r1], boundaries=[[5], [7]])
+    out = row.to_json()
+    assert out["acc_mean"] == pytest.approx(0.725)
+    assert out["acc_sd"] == pytest.approx(np.std([0.65, 0.8], ddof=1))
+    assert out["bwt_mean"] == pytest.approx(-0.2)
+    assert out["bwt_sd"] == pytest.approx(0.4 / 2**0.5)
+    assert out["R_mean"] == [[0.8, 0.2], [0.6, 0.85]]
+    assert out["boundaries_fired"] == [[5], [7]]
+    joint = forgetting.Outcome(2, "joint (shuffled)", None, matrices=[r0, r1]).to_json()
+    assert joint["bwt_mean"] is None and joint["bwt_sd"] is None
+    assert joint["acc_mean"] == pytest.approx(0.725)
