@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 from pathlib import Path
 
 import anyio
+import msgspec
 import numpy as np
+import pytest
 from runtime_helpers import directory_state
 
+from sona import checkpoint
 from sona import inspect as sona_inspect
 from sona.checkpoint_store import list_checkpoints
 from sona.config import SonaLlmConfig
@@ -164,3 +168,93 @@ def test_a_checkpoint_dir_without_its_sample_log_is_described_as_missing_it(
     (d / LOG_FILE).unlink()
     code, out, _ = run(d)
     assert code == 0 and fields(out)["sample log"].startswith("missing")
+
+
+def test_every_field_shows_its_own_counter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose counters all differ: each line of the report carries the number it
+    names (applied is not submitted, pending is not queued, ...), and every adapter the
+    checkpoint holds, a cluster's included, has its rows."""
+    make(tmp_path / "d", tmp_path / "c.sona")
+    real = checkpoint.read(tmp_path / "c.sona")
+    assert len(real.bank) > 0
+    state = dataclasses.replace(
+        real,
+        run_id="run-abc",
+        checkpoint_seq=17,
+        counters=msgspec.structs.replace(
+            real.counters, submitted=41, dropped=3, dead_lettered=2, deep_runs=5
+        ),
+        instant=msgspec.structs.replace(real.instant, applied=30, skipped=6),
+        background=msgspec.structs.replace(real.background, runs=4, consolidated=25, version=9),
+        ensemble={3: real.live},
+        samples={
+            name: real.samples["replay"][:1] * size
+            for name, size in (
+                ("queued", 1),
+                ("pending", 2),
+                ("carry", 3),
+                ("unfinished", 4),
+                ("replay", 5),
+            )
+        },
+    )
+    monkeypatch.setattr(checkpoint, "read", lambda path: state)
+    code, out, _ = run(tmp_path / "c.sona")
+    assert code == 0
+    info = fields(out)
+    assert info["run"] == "run-abc" and info["checkpoint number"] == "17"
+    assert info["samples"] == ("submitted 41, applied 30, skipped 6, dropped 3, dead-lettered 2")
+    assert info["waiting"] == "queued 1, pending 2, held back 3, interrupted hand-over 4"
+    assert info["replay buffer"] == f"5 of {real.config.replay_capacity}"
+    assert info["consolidations"] == "4 (25 samples), version 9"
+    assert info["deep runs"] == "5"
+    assert info["pattern clusters"] == f"{len(real.bank)} of {real.config.pattern_clusters}"
+    table = out.split("\n\n", 1)[1].splitlines()[1:]  # adapter, module, rank, in, out, |ΔW|
+    adapters = {" ".join(line.split()[:-5]) for line in table}
+    assert adapters == {"live", "consolidated", "cluster 3"}
+
+
+def _with_log_rows(tmp_path: Path, rows: int) -> Path:
+    """A copy of the checkpoint_dir ``tmp_path / "d"`` whose sample log holds ``rows`` samples
+    (ids from 1000)."""
+    d = tmp_path / f"rows{rows}"
+    shutil.copytree(tmp_path / "d", d, ignore=shutil.ignore_patterns(f"{LOG_FILE}*"))
+    log = SampleLog(d / LOG_FILE, in_features=DIM, out_features=DIM)
+    sample = TrainingSample(np.ones(DIM), np.ones(DIM), 0.5)
+    if rows:
+        log.append([(1000 + i, encode_sample(sample)) for i in range(rows)])
+    log.close()
+    return d
+
+
+def test_a_log_of_one_sample_is_not_called_empty(tmp_path: Path) -> None:
+    make(tmp_path / "d", tmp_path / "c.sona")
+    code, out, _ = run(_with_log_rows(tmp_path, 1))
+    assert code == 0
+    assert fields(out)["sample log"] == (
+        "1 samples, ids 1000..1000; 1 after the checkpoint, to replay"
+    )
+    code, out, _ = run(_with_log_rows(tmp_path, 0))
+    assert code == 0 and fields(out)["sample log"] == "empty"
+
+
+def test_an_unreadable_sample_log_is_described_not_fatal(tmp_path: Path) -> None:
+    """The checkpoints can still be read: the report says what is wrong with the log."""
+    d = tmp_path / "d"
+    make(d, tmp_path / "c.sona")
+    (d / LOG_FILE).write_bytes(b"garbage" * 100)
+    code, out, _ = run(d)
+    assert code == 0
+    assert fields(out)["sample log"].startswith(f"unreadable: {d / LOG_FILE}: not a readable")
+
+
+def test_a_directory_with_a_sample_log_and_no_checkpoint_says_so(tmp_path: Path) -> None:
+    """Recognised as a checkpoint_dir by its log, refused for what it lacks, not as an input
+    sona inspect does not know."""
+    make(tmp_path / "d", tmp_path / "c.sona")
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(tmp_path / "d" / LOG_FILE, only / LOG_FILE)
+    code, out, err = run(only)
+    assert code == 2 and out == ""
+    assert err == f"sona inspect: error: {only}: no readable checkpoint\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,7 @@ def test_sona_adapter_file(tmp_path: Path) -> None:
     assert (info["in_features"], info["out_features"], info["rank"]) == ("24", "16", "2")
     assert info["scaling"].startswith("1.5")
     assert info["parameters"] == str(lora.param_count) == str(2 * 2 * (24 + 16))
+    assert info["version"] == str(lora.version) != "0"  # set_factors made a new version
     rows = table(out)
     assert rows[0] == ["module", "rank", "in", "out", "scale", "|ΔW|"]
     norms = {r[0]: float(r[5]) for r in rows[1:]}
@@ -85,7 +86,7 @@ def test_peft_directory_written_by_sona(tmp_path: Path) -> None:
     assert info["target_modules"] == "q_proj, v_proj"
     assert info["layers"] == "0-2,5"
     assert info["parameters"] == str(4 * 2 * 2 * (24 + 16))
-    assert info["sona from_peft"].startswith("yes")
+    assert info["sona from_peft"].startswith("yes (layer 0: in=24, out=16, rank=2,")
     rows = table(out)
     assert rows[0] == ["module", "layers", "rank", "in", "out", "scale"]
     assert ["base_model.model.model.layers.*.self_attn.q_proj", "0-2,5", "2", "24", "16", "2"] in (
@@ -277,3 +278,61 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(
     code, out, err = run("")
     assert code == 2 and out == ""
     assert err == "sona inspect: error: an empty path names no file or directory\n"
+
+
+def _edit_weights(directory: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
+    import safetensors.numpy
+
+    weights = directory / ADAPTER_WEIGHTS
+    tensors = safetensors.numpy.load_file(str(weights))
+    edit(tensors)
+    safetensors.numpy.save_file(tensors, str(weights))
+
+
+def test_peft_tensors_that_are_not_lora_factor_pairs_are_noted(tmp_path: Path) -> None:
+    """A factor without its partner, a 1-d tensor with a factor's name, extra tensors beyond
+    the five shown, an unlayered pair beside the layered ones: each is noted or kept out of
+    the layers, and the adapter is still described."""
+    adapter().export_peft(tmp_path / "p", layers=(2, 5))
+    lm_head = "base_model.model.lm_head"
+
+    def edit(tensors: dict[str, np.ndarray]) -> None:
+        del tensors[
+            next(k for k in tensors if "layers.5" in k and k.endswith("v_proj.lora_B.weight"))
+        ]
+        tensors["base_model.model.norm.lora_A.weight"] = np.zeros(4, np.float32)
+        for i in range(6):
+            tensors[f"base_model.model.extra{i}.weight"] = np.zeros((2, 2), np.float32)
+        tensors[f"{lm_head}.lora_A.weight"] = np.zeros((2, 24), np.float32)
+        tensors[f"{lm_head}.lora_B.weight"] = np.zeros((16, 2), np.float32)
+
+    _edit_weights(tmp_path / "p", edit)
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    info = fields(out)
+    assert info["layers"] == "2,5"
+    notes = [line.strip().removeprefix("note: ") for line in out.splitlines() if "note:" in line]
+    assert "base_model.model.model.layers.5.self_attn.v_proj: lora_B.weight is missing" in notes
+    (extra,) = [n for n in notes if "non-LoRA-factor" in n]
+    assert extra.startswith("7 non-LoRA-factor tensors: base_model.model.extra0.weight, ")
+    assert extra.endswith(" and 2 more")
+    assert [lm_head, "-", "2", "24", "16", "2"] in table(out)
+
+
+def test_peft_config_rank_that_differs_from_the_tensors_is_noted(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p")
+    config_path = tmp_path / "p" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config.update(r=4)
+    config_path.write_text(json.dumps(config))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert f"note: {module}: tensors have rank 2, the config says 4" in out
+
+
+def test_sona_reads_a_peft_adapter_from_its_first_layer(tmp_path: Path) -> None:
+    adapter().export_peft(tmp_path / "p", layers=(2, 5))
+    code, out, _ = run(tmp_path / "p")
+    assert code == 0
+    assert fields(out)["sona from_peft"].startswith("yes (layer 2: in=24, out=16, rank=2,")
