@@ -147,6 +147,20 @@ def test_ctrl_c_inside_a_task_group_is_one_line_too(
     assert capsys.readouterr().err == "sona inspect: interrupted\n"
 
 
+def test_ctrl_c_during_a_bench_names_the_bench(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which of several benchmarks a script ran was interrupted: the line says."""
+    import sona.bench.learning
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sona.bench.learning, "run", interrupted)
+    assert _main_or_fail(["bench", "learning"]) == 130
+    assert capsys.readouterr().err == "sona bench learning: interrupted\n"
+
+
 def test_a_group_without_an_interrupt_still_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(path: str) -> int:
         raise ExceptionGroup("unhandled errors in a TaskGroup", [RuntimeError("a bug")])
@@ -282,3 +296,14 @@ def test_a_bench_whose_settings_overflow_the_adapter_stops_with_one_line(
     err = capsys.readouterr().err
     assert err.startswith("sona bench learning: stopped: the gradient overflows float32"), err
     assert err.count("\n") == 1
+
+
+def test_a_bench_whose_module_cannot_be_imported_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A benchmark whose optional dependencies are missing still shows in the help; running it
+    is a usage error that says so, not a success that printed nothing."""
+    monkeypatch.setitem(BENCHES, "absent", "sona.bench._not_in_this_build")
+    assert main(["bench", "absent", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "sona bench absent: not available in this build\n"
