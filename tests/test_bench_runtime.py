@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -241,3 +242,31 @@ def test_throughput_divides_by_the_time_the_producers_took(
     assert row["samples_per_s"] * float(label[1]) == pytest.approx(8, rel=1e-2)
     assert row["max_pending"] == 9
     assert (row["handler_avg_us"], row["handler_samples"]) == (7.0, 5)
+
+
+def test_deep_runs_counts_only_the_runs_in_flight_while_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs that ended before the first timed request do not count; every run that started
+    before the last one did, the one still in flight included, does."""
+    started: list[int] = []
+    finished: list[int] = []
+    timing_from: list[int] = []  # runs finished when the first timed request was sent
+    original = runtime_sona.SonaRuntime.deep_optimize
+
+    async def deep_optimize(self: Any, samples: Any = None) -> Any:
+        started.append(1)
+        result = await original(self, samples)
+        finished.append(1)
+        return result
+
+    def clock() -> int:
+        if not timing_from:
+            timing_from.append(len(finished))
+        return time.perf_counter_ns()
+
+    monkeypatch.setattr(runtime_sona.SonaRuntime, "deep_optimize", deep_optimize)
+    monkeypatch.setattr(runtime_sona, "time", SimpleNamespace(perf_counter_ns=clock))
+    row = anyio.run(runtime_sona._latency, 16, 200, True)
+    assert timing_from[0] >= 1  # a first run ended before timing began
+    assert row["deep_runs"] == len(started) - timing_from[0] >= 1
