@@ -15,6 +15,7 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
+from container_edits import set_at
 from runtime_helpers import directory_state
 
 from sona import checkpoint as ckpt
@@ -470,17 +471,6 @@ def _forged(checkpoint_bytes: bytes, edit: Any) -> bytes:
     return container.encode(ckpt.MAGIC, ckpt.KIND, meta, arrays)
 
 
-def _set(path: str, value: Any) -> Any:
-    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        *parents, last = path.split(".")
-        node = meta
-        for key in parents:
-            node = node[key]
-        node[last] = value
-
-    return edit
-
-
 def _add_array(name: str, value: np.ndarray) -> Any:
     def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         arrays[name] = value
@@ -511,14 +501,14 @@ def _nan_in(name: str) -> Any:
 
 
 FORGED = {
-    "a repeated ensemble label": (_set("background.ensemble", [0, 0]), "duplicate ensemble"),
+    "a repeated ensemble label": (set_at("background.ensemble", [0, 0]), "duplicate ensemble"),
     "an ensemble label past the clusters": (
-        _set("background.ensemble", [2]),
+        set_at("background.ensemble", [2]),
         "exceeds pattern_clusters",
     ),
     "more centroids than clusters": (
         _both(
-            _set("background.centroids", True),
+            set_at("background.centroids", True),
             _add_array("published.centroids", np.zeros((3, DIM), np.float32)),
         ),
         "more published centroids",
@@ -527,29 +517,29 @@ FORGED = {
         _add_array("published.centroids", np.zeros((1, DIM), np.float32)),
         "not announced",
     ),
-    "an unknown loop flag": (_set("instant.loop_state._someday", 1), "unknown Instant loop"),
+    "an unknown loop flag": (set_at("instant.loop_state._someday", 1), "unknown Instant loop"),
     "an exploration of a module past the adapter's": (
         _both(
-            _set("instant.explored", 1),
+            set_at("instant.explored", 1),
             _add_array("live.explored.keys", np.array([[2, 7]], np.uint64)),
             _add_array("live.explored.sigma", np.array([0.1])),
         ),
         "exploration entries are out of range",
     ),
     "an array nothing reads": (_add_array("extra", np.zeros(2, np.float32)), "unexpected arrays"),
-    "a log sequence at the next id": (_set("log_sequence", 12), "log_sequence must be below"),
-    "a pending sample above the log sequence": (_set("log_sequence", 8), "contradicts"),
+    "a log sequence at the next id": (set_at("log_sequence", 12), "log_sequence must be below"),
+    "a pending sample above the log sequence": (set_at("log_sequence", 8), "contradicts"),
     "a gap before the queued samples": (_pending_to_queued(1, skip=1), "must follow"),
     "numbered replay samples": (
         lambda meta, arrays: arrays["samples.replay.ids"].__setitem__(0, 5),
         "replay samples carry no ids",
     ),
     "more replay samples than the capacity": (
-        _set("config.replay_capacity", 6),
+        set_at("config.replay_capacity", 6),
         "more replay samples than replay_capacity",
     ),
     "fewer submitted than queued": (
-        _both(_pending_to_queued(0), _set("counters.submitted", 2)),
+        _both(_pending_to_queued(0), set_at("counters.submitted", 2)),
         "fewer samples submitted",
     ),
     "a sample for a module not targeted": (_module_not_targeted, "names module k_proj"),

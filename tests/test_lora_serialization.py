@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from container_edits import Edit, set_at
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lora_reference import Q, Snapshot, V, config, trained, vec, weights_bytes
@@ -207,7 +208,7 @@ def test_import_accepts_buffers_and_rejects_non_bytes() -> None:
         dst.import_weights(data.decode("latin-1"))  # type: ignore[arg-type]
 
 
-def rebuild(data: bytes, edit: Callable[[dict[str, Any], dict[str, np.ndarray]], None]) -> bytes:
+def rebuild(data: bytes, edit: Edit) -> bytes:
     """Decode, edit, and re-encode with a valid checksum: tests the checks behind the checksum."""
     magic = data[:8]
     meta, arrays = container.decode(data, magic, KIND)
@@ -215,18 +216,7 @@ def rebuild(data: bytes, edit: Callable[[dict[str, Any], dict[str, np.ndarray]],
     return container.encode(magic, KIND, meta, arrays)
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
-    def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        *parents, last = path.split(".")
-        node = meta
-        for p in parents:
-            node = node[p]
-        node[last] = value
-
-    return edit
-
-
-def _drop(path: str) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
+def _drop(path: str) -> Edit:
     def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         del meta[path]
 
@@ -253,20 +243,20 @@ def _with_nan(a: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     "edit",
     [
-        _set("seed", -1),
-        _set("seed", "x"),
-        _set("version", -2),
+        set_at("seed", -1),
+        set_at("seed", "x"),
+        set_at("version", -2),
         _drop("version"),
         _drop("baseline"),
-        _set("baseline", {"count": 1.0, "mean": 0.5, "var": -1.0}),
-        _set("baseline", {"count": "many"}),
-        _set("dropout_counter", None),
-        _set("config.rank", 0),
-        _set("config.rank", 64),
-        _set("config.target_modules", ["lm_head"]),
-        _set("config.target_modules", 3),
-        _set("config.extra", 1),
-        _set("config", None),
+        set_at("baseline", {"count": 1.0, "mean": 0.5, "var": -1.0}),
+        set_at("baseline", {"count": "many"}),
+        set_at("dropout_counter", None),
+        set_at("config.rank", 0),
+        set_at("config.rank", 64),
+        set_at("config.target_modules", ["lm_head"]),
+        set_at("config.target_modules", 3),
+        set_at("config.extra", 1),
+        set_at("config", None),
         _array("q_proj.A", _with_nan),
         _array("v_proj.Bt", lambda a: np.full_like(a, np.inf)),
         _array("q_proj.A", lambda a: a[:, :-1].copy()),
@@ -294,7 +284,7 @@ def test_unchanged_rebuild_is_accepted() -> None:
     # the count is written as a float; an int of the same value is the same count
     assert src.baseline.count > 0
     dst = trained(src.config, seed=8)
-    dst.import_weights(rebuild(src.export_weights(), _set("baseline.count", src.baseline.count)))
+    dst.import_weights(rebuild(src.export_weights(), set_at("baseline.count", src.baseline.count)))
     assert dst.baseline.state() == src.baseline.state()
 
 
@@ -331,7 +321,7 @@ def test_crafted_metadata_is_refused_naming_the_field(
     """Values a lenient reader would coerce (a float to an int or a bool) are refused instead,
     as invalid rather than as another adapter's config."""
     src = busy_adapter()
-    data = rebuild(src.export_weights(), _set(path, value))
+    data = rebuild(src.export_weights(), set_at(path, value))
     dst = trained(src.config, seed=8)
     before = Snapshot.of(dst)
     with pytest.raises(FormatError, match=field) as info:
@@ -353,7 +343,7 @@ def test_a_tensor_of_another_dtype_is_named_as_such() -> None:
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _fill(value: float) -> Callable[[dict[str, Any], dict[str, np.ndarray]], None]:
+def _fill(value: float) -> Edit:
     def edit(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         for name, arr in arrays.items():
             arrays[name] = np.full_like(arr, value)
