@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,20 +115,26 @@ async def consolidating(rt: Any) -> AsyncIterator[None]:
                 gate.set()
 
 
+class FailsOnce:
+    """Stands in for ``fn``: the first call raises ``error``, every later one is ``fn``'s.
+    ``calls`` counts them all."""
+
+    def __init__(self, fn: Callable[..., Any], error: BaseException) -> None:
+        self.fn = fn
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+        return self.fn(*args, **kwargs)
+
+
 def crash_instant_once(rt: Any) -> None:
     """Make the Instant loop raise on the next sample it handles (the retry then succeeds)."""
     inst = rt._instant
-    real = inst.process
-    crashed = False
-
-    def process(*args: Any, **kwargs: Any) -> Any:
-        nonlocal crashed
-        if not crashed:
-            crashed = True
-            raise RuntimeError("instant loop crashed on purpose")
-        return real(*args, **kwargs)
-
-    inst.process = process
+    inst.process = FailsOnce(inst.process, RuntimeError("instant loop crashed on purpose"))
 
 
 def directory_state(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import anyio
 import pytest
 from event_helpers import buffered
-from runtime_helpers import crash_instant_once, identity_holds, rated_samples, small_config
+from runtime_helpers import (
+    FailsOnce,
+    crash_instant_once,
+    identity_holds,
+    rated_samples,
+    small_config,
+)
 
 from sona.events import BackgroundCompleted, InstantApplied, LoopCrashed, LoopRestarted
 from sona.runtime import _INLINE_BUDGET, SonaRuntime
@@ -132,16 +138,7 @@ async def test_an_idle_instant_loop_hands_over_in_the_background_loops_task() ->
 async def test_a_crash_while_handing_over_inline_is_retried_and_loses_nothing() -> None:
     samples = rated_samples(50)
     async with SonaRuntime(small_config(), seed=0) as rt:
-        real = rt._take_hand_over
-        calls = 0
-
-        def take() -> object:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("hand-over crashed on purpose")
-            return real()
-
+        take = FailsOnce(rt._take_hand_over, RuntimeError("hand-over crashed on purpose"))
         rt._take_hand_over = take  # type: ignore[method-assign]
         for s in samples:
             assert (await rt.submit(s)).applied
@@ -152,7 +149,7 @@ async def test_a_crash_while_handing_over_inline_is_retried_and_loses_nothing() 
             (LoopCrashed, "instant"),
             (LoopRestarted, "instant"),
         ]
-        assert calls == 2
+        assert take.calls == 2
         await rt.drain()
         st = rt.stats()
         assert st.background_count == 1 and st.restarts == 1 and st.dead_lettered == 0

@@ -10,7 +10,14 @@ import anyio
 import numpy as np
 import pytest
 from event_helpers import buffered
-from runtime_helpers import Q, flush_sample_log, identity_holds, small_config, target_samples
+from runtime_helpers import (
+    FailsOnce,
+    Q,
+    flush_sample_log,
+    identity_holds,
+    small_config,
+    target_samples,
+)
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SamplesDropped, SupervisorGaveUp
 
 from sona.config import Chaos, ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
@@ -118,21 +125,12 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
         for s in samples:
             await rt.submit(s)
         bg = rt._background
-        real = bg.prepare
-        calls = 0
-
-        def flaky(hand: object, *rest: object) -> object:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise RuntimeError("consolidation failed half-way")
-            return real(hand, *rest)  # type: ignore[arg-type]
-
+        flaky = FailsOnce(bg.prepare, RuntimeError("consolidation failed half-way"))
         bg.prepare = flaky  # type: ignore[method-assign]
         result = await rt.consolidate()  # crashes once; the retry after the restart succeeds
         st = rt.stats()
     assert result is not None and result.samples_used > 0
-    assert calls == 2
+    assert flaky.calls == 2
     assert st.restarts >= 1
     assert st.instant_count == 200
     assert st.consolidated_count + st.pending_samples == 200

@@ -12,7 +12,7 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
-from runtime_helpers import directory_state
+from runtime_helpers import FailsOnce, directory_state
 
 from sona.checkpoint_store import in_use, list_checkpoints
 from sona.config import SonaLlmConfig
@@ -288,17 +288,9 @@ async def test_outcomes_of_a_failed_transaction_go_with_the_next_one(
     logged: list[list[str]] = []
     failed: list[list[str]] = []
     writer: LogWriter[str] = LogWriter(log, logged.append, lambda t, _exc: failed.append(t))
-    real = SampleLog.append
-    calls = 0
-
-    def full_once(self: SampleLog, *args: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise SampleLogError("database or disk is full")
-        real(self, *args)
-
-    monkeypatch.setattr(SampleLog, "append", full_once)
+    monkeypatch.setattr(
+        log, "append", FailsOnce(log.append, SampleLogError("database or disk is full"))
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer.run)
         writer.put(8, plain, None, "eight")
