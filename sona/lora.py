@@ -153,8 +153,9 @@ class _Module:
         # this module's row of MicroLoRA._fused (step_fused_grad's scratch), set by the adapter
         self.fused: np.ndarray = np.zeros(k_lora.FUSED_SCRATCH, np.float64)
         self.target = np.zeros(n_out, np.float32)
-        # forward's result, reused while nobody else holds it
-        self.out: np.ndarray = np.zeros(n_out, np.float32)
+        # forward's result, reused while nobody else holds it; 64-byte aligned like the
+        # factors: stores straddling cache lines made a forward at d = 4096 ~3 % slower
+        self.out: np.ndarray = _aligned(np.zeros(n_out, np.float32))
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return (

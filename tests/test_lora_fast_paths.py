@@ -140,8 +140,13 @@ def test_a_former_holders_changes_to_the_result_do_not_leak(
 ) -> None:
     lora = trained(config(n_in=32, n_out=32), seed=3)
     rng = np.random.default_rng(2)
-    x1, x2 = vec(rng, 32), vec(rng, 32)
+    x0, x1, x2 = vec(rng, 32), vec(rng, 32), vec(rng, 32)
+    # the module's first buffer is a view of an aligned allocation, which cannot be resized;
+    # with it held, forward takes a new buffer of its own, which the module reuses next
+    held = lora.forward(x0, Q)
     y = lora.forward(x1, Q)
+    assert y.flags.owndata
+    del held
     change(y)
     del y
     for x in (x2, x1):
@@ -357,8 +362,10 @@ def test_step_raises_the_general_paths_errors_and_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("shape", [(24, 24), (24, 16)])
-def test_factors_and_their_gradients_start_on_a_cache_line(shape: tuple[int, int]) -> None:
+def test_factors_gradients_and_result_buffer_start_on_a_cache_line(
+    shape: tuple[int, int],
+) -> None:
     lora = MicroLoRA(config(n_in=shape[0], n_out=shape[1]), seed=1)
     for mod in lora._states:
-        for arr in (mod.a, mod.bt, mod.grad_a, mod.grad_bt):
+        for arr in (mod.a, mod.bt, mod.grad_a, mod.grad_bt, mod.out):
             assert arr.ctypes.data % 64 == 0 and arr.flags.c_contiguous and arr.flags.writeable
