@@ -134,20 +134,27 @@ def _shrink(y: np.ndarray) -> None:
     y.resize(y.shape[0] // 2, refcheck=False)
 
 
+@pytest.mark.parametrize("reallocated", [False, True])
 @pytest.mark.parametrize("change", [_set_dtype, _set_shape, _freeze, _grow, _shrink])
 def test_a_former_holders_changes_to_the_result_do_not_leak(
-    change: Callable[[np.ndarray], None],
+    change: Callable[[np.ndarray], None], reallocated: bool
 ) -> None:
     lora = trained(config(n_in=32, n_out=32), seed=3)
     rng = np.random.default_rng(2)
     x0, x1, x2 = vec(rng, 32), vec(rng, 32), vec(rng, 32)
-    # the module's first buffer is a view of an aligned allocation, which cannot be resized;
-    # with it held, forward takes a new buffer of its own, which the module reuses next
-    held = lora.forward(x0, Q)
-    y = lora.forward(x1, Q)
-    assert y.flags.owndata
-    del held
-    change(y)
+    if reallocated:  # with the module's buffer held, forward takes a new one of its own
+        held = lora.forward(x0, Q)
+        y = lora.forward(x1, Q)
+        assert y.flags.owndata
+        del held
+    else:
+        y = lora.forward(x1, Q)
+    if change in (_grow, _shrink) and not reallocated:
+        # the module's first buffer is a view of an aligned allocation: it cannot be resized
+        with pytest.raises(ValueError, match="does not own its data"):
+            change(y)
+    else:
+        change(y)
     del y
     for x in (x2, x1):
         check(lora, lora.forward(x, Q), x)
