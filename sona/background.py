@@ -27,9 +27,17 @@ from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.deep import DeepOutcome
 from sona.errors import InvalidInputError
 from sona.instant import HandOver
+from sona.live_copies import SNAPSHOT_EVERY
 from sona.lora import MicroLoRA, passed_over_note
 from sona.lora_config import TargetModule
-from sona.objective import LossTerms, hold_out_newest, relative_improvement
+from sona.objective import (
+    MAX_EVAL,
+    LossTerms,
+    held_out_count,
+    hold_out_newest,
+    measurable,
+    relative_improvement,
+)
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
@@ -56,8 +64,7 @@ def mini_batch(instant_lr: float) -> int:
 
 
 BEST_FRACTION = 0.2
-EVAL_FRACTION = 0.1
-MAX_EVAL = 64
+MAX_HELD = MAX_EVAL + SNAPSHOT_EVERY // 2  # EWC_MERGE: up to half a gap between copies more
 _PREALLOCATE = 64 << 20  # bytes of input rows kept ready at construction, at most
 _FOLD_OVERFLOW = (
     "rejected: folding the live adapter into the consolidated one would make delta_weight "
@@ -92,7 +99,7 @@ class BackgroundLoop:
         self.carry: list[tuple[int, TrainingSample]] = []
         # a full hand-over (the pending bound) plus the held-back carry
         self._rows = _RowBuffer(
-            config.micro_lora.in_features, config.max_pending_samples + MAX_EVAL
+            config.micro_lora.in_features, config.max_pending_samples + MAX_HELD
         )
         self.version = 0
         self.runs = 0
@@ -108,6 +115,12 @@ class BackgroundLoop:
     @property
     def held_back(self) -> int:
         return len(self.carry)
+
+    def held_out(self, pending: int) -> int:
+        """How many samples a consolidation of ``pending`` handed-over ones holds back to
+        measure itself on (what :meth:`InstantLoop.hand_over` is asked to leave after the
+        live adapter's copy)."""
+        return held_out_count(len(self.carry) + pending)
 
     def ready(self, pending: int) -> bool:
         """Enough samples to run: never on an empty or under-filled buffer."""
@@ -138,16 +151,28 @@ class BackgroundLoop:
         ``hold_back=False`` (the consolidation that closes a task) consumes every sample,
         those held back earlier included: they belong to the task that ends, and held back
         they would be tracked and consolidated as the next task's. Nothing is left to measure
-        on, so its ``quality_delta`` is None, with a note."""
+        on, so its ``quality_delta`` is None, with a note.
+
+        ``EWC_MERGE`` folds in the live adapter, which has learned every handed-over sample:
+        it holds back the samples after the hand-over's copy of the live adapter
+        (``before_held``) and measures on them the published state less what the live adapter
+        learned from them, so the measured state never learned them; without a copy it holds
+        nothing back and says why."""
         t0 = time.perf_counter()
         notes: list[str] = []
         samples = [*self.carry, *hand.samples]
-        train, held = _split_eval(samples) if hold_back else (samples, [])
-        if not hold_back:
-            notes.append(
-                "quality_delta: not measured: the consolidation that closes a task keeps no "
-                "sample back"
-            )
+        folds_live = self.strategy is ConsolidationStrategy.EWC_MERGE
+        unmeasured = self._unmeasured(hand, hold_back)
+        if unmeasured is not None:
+            train, held = samples, []
+            notes.append(unmeasured)
+        elif folds_live:  # measured on the samples the live adapter's copy had not learned
+            cut = len(self.carry) + hand.learned
+            train, held = samples[:cut], samples[cut:]
+            if not any(measurable(s) for _, s in held):  # nothing to measure on: keep none
+                train, held = samples, []
+        else:
+            train, held = _split_eval(samples)
         old = self.published
         # C-level loops (map with operator getters): these run once per sample
         train_samples: list[TrainingSample] = list(map(_second, train))
@@ -164,7 +189,13 @@ class BackgroundLoop:
         published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled)
         notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
-        quality_delta = self._delta(eval_samples, eval_rows, old.predict, published.predict, notes)
+        quality_delta = None
+        if unmeasured is None:
+            after: Predictor = published.predict
+            if folds_live and eval_samples and not rejected:  # (refused: the state stayed)
+                assert hand.before_held is not None
+                after = _without_held(published, hand.live, hand.before_held)
+            quality_delta = self._delta(eval_samples, eval_rows, old.predict, after, notes)
         self.replay.extend(train_samples)
         result = BackgroundResult(
             samples_used=len(train),
@@ -305,6 +336,22 @@ class BackgroundLoop:
         if protect:
             self._prox(adapter, cfg.instant_lr * batch, [])
 
+    def _unmeasured(self, hand: HandOver, hold_back: bool) -> str | None:
+        """Why this consolidation cannot measure its ``quality_delta``, if it cannot."""
+        if not hold_back:
+            return (
+                "quality_delta: not measured: the consolidation that closes a task keeps no "
+                "sample back"
+            )
+        if self.strategy is ConsolidationStrategy.EWC_MERGE and hand.before_held is None:
+            return (
+                "quality_delta: not measured: the Instant loop kept no copy of its live "
+                "adapter from before the newest samples (one sample, evictions past every "
+                "copy, or a checkpoint that kept none), and the live adapter has learned every "
+                "sample it handed over"
+            )
+        return None
+
     def _prox(self, adapter: MicroLoRA, lr_total: float, notes: list[str]) -> None:
         lam = self.config.training.ewc_lambda
         if lam <= 0.0:
@@ -435,14 +482,28 @@ class BackgroundLoop:
         return self.pipeline.task_count
 
 
+def _without_held(published: Published, live: MicroLoRA, before_held: MicroLoRA) -> Predictor:
+    """What ``published`` predicts less what ``live`` learned from the held-back samples
+    (its change since ``before_held``, its copy from before them): the fold as measured on
+    them, rank truncation and EWC++'s pull included."""
+
+    def predict(x: np.ndarray, module: TargetModule) -> np.ndarray:
+        out = published.predict(x, module)
+        out -= live.forward(x, module)
+        out += before_held.forward(x, module)
+        if not np.isfinite(out).all():  # each part finite, their sum beyond float32
+            raise InvalidInputError("the held-back samples' predictions overflow float32")
+        return out
+
+    return predict
+
+
 def _split_eval(
     samples: list[tuple[int, TrainingSample]],
 ) -> tuple[list[tuple[int, TrainingSample]], list[tuple[int, TrainingSample]]]:
     """Hold back the newest measurable samples (about 10 %, at most 64) for evaluation."""
-    if len(samples) < 2:
-        return samples, []
-    want = min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * len(samples))))
-    return hold_out_newest(samples, want, _second)
+    want = held_out_count(len(samples))
+    return hold_out_newest(samples, want, _second) if want else (samples, [])
 
 
 class _RowBuffer:

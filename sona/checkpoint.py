@@ -39,6 +39,7 @@ from sona.actors.mailbox import OverflowPolicy
 from sona.config import ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
 from sona.errors import ConfigMismatchError, FormatError
 from sona.instant import HandOver
+from sona.live_copies import COPIES_KEPT
 from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.pattern_bank import PatternBank
@@ -85,7 +86,7 @@ STATE_FIELDS = (
 
 # The Instant loop's own small counters and flags (a new task's fresh start): kept by name so
 # a checkpoint holds them whichever of them this version of the loop has.
-INSTANT_STATE = ("_fresh_start", "_restarts")
+INSTANT_STATE = ("_fresh_start", "_restarts", "_appended", "_evicted_since", "_next_copy")
 
 Item = tuple[int, TrainingSample, TargetModule | None]
 
@@ -188,6 +189,7 @@ class _InstantMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     accumulated_quality: Annotated[float, msgspec.Meta(ge=0.0)]
     loop_state: dict[str, _Count]
     explored: _Count
+    copies: list[_Count] = msgspec.field(default_factory=list)  # where each copy was taken
 
 
 class _BackgroundMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -214,6 +216,7 @@ class _Meta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pipeline: dict[str, Any]
     bank: dict[str, Any]
     unfinished: bool
+    unfinished_learned: _Count = 0  # of the unfinished hand-over's copy (0: none)
 
 
 # ---------------------------------------------------------------------- capture
@@ -282,8 +285,15 @@ def capture(
     bank_meta, bank_arrays = bg.bank.state()
     arrays.update({f"bank.{k}": v for k, v in bank_arrays.items()})
     unfinished = rt._unfinished
+    learned = 0
     if unfinished is not None:
         arrays["adapter.unfinished"] = _adapter_bytes(unfinished.live)
+        if unfinished.before_held is not None:
+            arrays["adapter.unfinished.before"] = _adapter_bytes(unfinished.before_held)
+            learned = unfinished.learned
+    copies = inst.copies
+    for i, (_, copy) in enumerate(copies):
+        arrays[f"adapter.copy.{i}"] = _adapter_bytes(copy)
     queued: list[Item] = [
         (sid, t.sample, t.module)
         for sid, t in rt._queued.items()
@@ -326,6 +336,7 @@ def capture(
             "accumulated_quality": inst.accumulated_quality + rt._deep_taken,
             "loop_state": loop_state,
             "explored": len(explored),
+            "copies": [at for at, _ in copies],
         },
         "background": {
             "version": bg.version,
@@ -338,6 +349,7 @@ def capture(
         "pipeline": pipe_meta,
         "bank": bank_meta,
         "unfinished": unfinished is not None,
+        "unfinished_learned": learned,
     }
     return Captured(meta, arrays, samples)
 
@@ -435,6 +447,7 @@ class CheckpointState:
     bank: PatternBank
     unfinished: HandOver | None
     samples: dict[str, list[Item]] = field(default_factory=dict)
+    copies: list[tuple[int, MicroLoRA]] = field(default_factory=list)  # InstantLoop.copies
 
     @property
     def queued(self) -> list[Item]:
@@ -569,11 +582,19 @@ def _decode_state(
             else []
         )
     unfinished = None
+    learned = meta.unfinished_learned
     if meta.unfinished:
         snap = adapter("adapter.unfinished", micro)
-        unfinished = HandOver(snap, [(sid, s) for sid, s, _ in samples["unfinished"]])
-    elif ids["unfinished"] or "adapter.unfinished" in arrays:
+        before = adapter("adapter.unfinished.before", micro) if learned else None
+        if learned and learned >= len(ids["unfinished"]):
+            raise FormatError("the unfinished hand-over's copy learned all its samples or more")
+        unfinished = HandOver(
+            snap, [(sid, s) for sid, s, _ in samples["unfinished"]], False, before, learned
+        )
+    elif ids["unfinished"] or "adapter.unfinished" in arrays or learned:
         raise FormatError("unfinished hand-over present but not announced")
+    copies = [(at, adapter(f"adapter.copy.{i}", micro)) for i, at in enumerate(meta.instant.copies)]
+    _check_copies(meta, config, len(ids["pending"]))
     extra = set(arrays) - used
     if extra:
         raise FormatError(f"unexpected arrays {sorted(extra)[:5]}")
@@ -600,6 +621,7 @@ def _decode_state(
         bank=bank,
         unfinished=unfinished,
         samples=samples,
+        copies=copies,
     )
 
 
@@ -635,6 +657,21 @@ def _check_ids(meta: _Meta, ids: dict[str, list[int]]) -> None:
         raise FormatError("queued samples must follow log_sequence in id order")
     if any(sid != 0 for sid in ids["replay"]):
         raise FormatError("replay samples carry no ids")
+
+
+def _check_copies(meta: _Meta, config: SonaLlmConfig, pending: int) -> None:
+    """The Instant loop's copies of its live adapter are ones it could have kept: only under
+    EWC_MERGE, at most COPIES_KEPT, in the order taken, none past the pending samples."""
+    at = meta.instant.copies
+    if not at:
+        return
+    if config.consolidation_strategy is not ConsolidationStrategy.EWC_MERGE:
+        raise FormatError("copies of the live adapter under a strategy that keeps none")
+    if len(at) > COPIES_KEPT:
+        raise FormatError(f"more than {COPIES_KEPT} copies of the live adapter")
+    evicted = meta.instant.loop_state.get("_evicted_since", 0)
+    if at != sorted(set(at)) or at[0] < 1 or at[-1] - evicted > pending:
+        raise FormatError("copies of the live adapter out of order or past the pending samples")
 
 
 def _check_counts(
@@ -691,6 +728,7 @@ def install(rt: SonaRuntime, state: CheckpointState) -> None:
     for name, value in im.loop_state.items():
         if hasattr(inst, name):
             setattr(inst, name, type(getattr(inst, name))(value))
+    inst.copies = state.copies
     bm = state.background
     bg.published = Published(
         state.base, dict(state.ensemble), state.centroids, bm.published_version

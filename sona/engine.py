@@ -167,7 +167,7 @@ class SonaLlm:
 
     def _consolidate(self, *, hold_back: bool) -> BackgroundResult:
         self._last_background = self._now()
-        hand = self.instant.hand_over()
+        hand = self.instant.hand_over(self.background.held_out(len(self.instant.pending)))
         try:
             outcome = self.background.consolidate(hand, hold_back=hold_back)
         except BaseException:

@@ -4,6 +4,9 @@ It owns the live adapter and the samples it applied that the Background loop has
 (``pending``). Handing over gives Background a snapshot of the live adapter together with
 exactly the samples that shaped it, and starts the live adapter afresh (B = 0), so nothing is
 folded twice and nothing is lost between the two.
+
+Under ``EWC_MERGE`` a hand-over also brings a copy of the live adapter from before the samples
+Background holds back, to measure the fold on (see :mod:`sona.live_copies`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from sona.config import SonaLlmConfig
+from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
+from sona.live_copies import LiveCopies, next_copy
 from sona.lora import _UNHELD, MicroLoRA
 from sona.lora_config import TargetModule
+from sona.objective import held_out_count
 from sona.published import Published
 from sona.sample import TrainingSample
 
@@ -49,6 +54,10 @@ class HandOver:
     live: MicroLoRA
     samples: Sequence[tuple[int, TrainingSample]]
     redrew_a: bool = False  # the live adapter started the new task's fresh A at this hand-over
+    # The live adapter's factors as they were after only the first ``learned`` samples
+    # (EWC_MERGE), or None when no copy was kept that leaves samples after it.
+    before_held: MicroLoRA | None = None
+    learned: int = 0
 
 
 class InstantLoop:
@@ -62,6 +71,14 @@ class InstantLoop:
         consolidated: Callable[[], Published] | None = None,
     ) -> None:
         self.config = config
+        # Copies of the live adapter since the last hand-over (EWC_MERGE), taken at positions
+        # in ``pending`` that count its evicted samples too
+        self._copies = LiveCopies()
+        self._copying = config.consolidation_strategy is ConsolidationStrategy.EWC_MERGE
+        self._appended = 0  # samples appended since the copies restarted
+        self._evicted_since = 0  # of pending's samples since the copies restarted
+        self._next_copy = 1 if self._copying else 0  # 0: never (counts start at 1)
+        self._before_spare: MicroLoRA | None = None  # the last hand-over's copy, reused
         self.live = MicroLoRA(config.micro_lora, seed=seed)
         # The live adapter learns what the consolidated state still gets wrong: regression
         # feedback is taken relative to the consolidated output (reused buffers, per module).
@@ -112,6 +129,9 @@ class InstantLoop:
     def live(self, adapter: MicroLoRA) -> None:
         adapter.written_in_place = True
         self._live = adapter
+        if self._copying:
+            self._copies.follow(adapter)
+        self._restart_copies()
 
     def process(
         self, sample_id: int, sample: TrainingSample, module: TargetModule | None = None
@@ -154,6 +174,9 @@ class InstantLoop:
         self.pending.append((sample_id, sample))
         self.applied += 1
         self.accumulated_quality += sample.quality
+        self._appended += 1
+        if self._appended == self._next_copy:
+            self._copy_live()
         dt = (_clock() - t0) / 1e3
         self.latency_sum_us += dt
         return InstantOutcome(True, dt)
@@ -215,8 +238,13 @@ class InstantLoop:
         dt = (_clock() - t0) / 1e3
         return InstantOutcome(False, dt, [note], reason, rejected)
 
-    def hand_over(self) -> HandOver:
+    def hand_over(self, hold_back: int | None = None) -> HandOver:
         """Snapshot the live adapter with its pending samples, then start afresh (B = 0).
+
+        ``hold_back``: how many of the newest samples Background will hold back to measure the
+        fold on (default: as many as it holds back of the pending samples alone); the copy of
+        the live adapter that leaves nearest that many after it goes along (``before_held``,
+        ``learned``).
 
         After a new task began (:meth:`new_task`), A is drawn afresh too: its rows still point
         at the old task's input directions, and with B restarting at zero at every hand-over
@@ -227,6 +255,9 @@ class InstantLoop:
         if spare is not None and _refcount(spare) != _UNHELD:  # still held: a new one
             spare = None
         snapshot = self._spare = self._live.clone(into=spare)
+        want = held_out_count(len(self.pending)) if hold_back is None else hold_back
+        before, learned = self._copy_before(want)
+        self._restart_copies()
         # The queue itself is handed over: copying it would touch every entry, cold by now,
         # on the request path; the consolidation goes through them anyway.
         samples = self.pending
@@ -239,7 +270,46 @@ class InstantLoop:
             fresh = MicroLoRA(self.config.micro_lora, seed=self._live.seed + self._restarts)
             for module, a, bt in fresh.iter_factors():
                 self._live.set_factors(module, a, bt)
-        return HandOver(snapshot, samples, redraw)
+        return HandOver(snapshot, samples, redraw, before, learned)
+
+    def _copy_live(self) -> None:
+        """Copy the live adapter, noting how many pending samples it has learned."""
+        self._next_copy = next_copy(self._appended)
+        self._copies.take(len(self.pending) + self._evicted_since)
+
+    @property
+    def copies(self) -> list[tuple[int, MicroLoRA]]:
+        """The kept copies of the live adapter, oldest first, each with the number of samples
+        appended to ``pending`` (evicted ones included) before it was taken."""
+        return self._copies.listed(self._live)
+
+    @copies.setter
+    def copies(self, kept: Sequence[tuple[int, MicroLoRA]]) -> None:
+        self._copies.restore(kept)
+
+    def _copy_before(self, want: int) -> tuple[MicroLoRA | None, int]:
+        """The live adapter as it was before about ``want`` of the newest pending samples (its
+        copy nearest that), and how many samples it had learned: at least one, the oldest
+        sample is never held back."""
+        if want <= 0:
+            return None, 0
+        found = self._copies.before(want, len(self.pending), self._evicted_since)
+        if found is None:
+            return None, 0
+        slot, learned = found
+        spare = self._before_spare
+        if spare is not None and _refcount(spare) != _UNHELD:  # still held: a new one
+            spare = None
+        before = self._before_spare = self._copies.write(slot, self._live.clone(into=spare))
+        return before, learned
+
+    def _restart_copies(self) -> None:
+        """Forget the copies: the live adapter no longer follows from them and the pending
+        samples."""
+        self._copies.clear()
+        self._appended = 0
+        self._evicted_since = 0
+        self._next_copy = 1 if self._copying else 0
 
     def take_back(self, hand: HandOver) -> None:
         """Undo :meth:`hand_over` when its consolidation raised in the synchronous engine,
@@ -249,6 +319,7 @@ class InstantLoop:
         for a new task is drawn at the next hand-over instead."""
         self._live._copy_state_from(hand.live)
         self.pending.extendleft(reversed(hand.samples))
+        self._restart_copies()  # the copies since learned the restored samples only after
         if hand.redrew_a:
             self._fresh_start = True
 
@@ -262,6 +333,7 @@ class InstantLoop:
             return None
         sid, _ = self.pending.popleft()
         self.evicted += 1
+        self._evicted_since += 1
         return sid
 
     def take_deep_quality(self) -> float:

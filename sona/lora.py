@@ -1407,6 +1407,15 @@ class MicroLoRA:
         np.copyto(st.bt, bt_arr)
         self.version += 1
 
+    def factor_buffers(self) -> list[np.ndarray]:
+        """The arrays that hold the factors (one per module where A and Bᵀ are packed, else
+        both), in module order. Every update writes them in place, so copying them copies the
+        weights."""
+        out: list[np.ndarray] = []
+        for st in self._modules.values():
+            out.extend((st.w,) if st.w is not None else (st.a, st.bt))
+        return out
+
     def iter_factors(self) -> Iterator[tuple[TargetModule, np.ndarray, np.ndarray]]:
         for m, st in self._modules.items():
             yield m, st.a, st.bt

@@ -8,6 +8,7 @@ feedback define no loss value to compare (only a direction), so they are left ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -21,6 +22,18 @@ from sona.stacking import stack_rows
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, in) -> (n, out) effective delta
 T = TypeVar("T")
+
+EVAL_FRACTION = 0.1  # of a consolidation's samples, held back to measure it on
+MAX_EVAL = 64
+
+
+def held_out_count(samples: int) -> int:
+    """How many of a consolidation's ``samples`` to hold back for its ``quality_delta``: about
+    10 %, at most ``MAX_EVAL``, at least one, and none of fewer than two (the oldest sample is
+    never held back)."""
+    if samples < 2:
+        return 0
+    return min(MAX_EVAL, max(1, math.ceil(EVAL_FRACTION * samples)))
 
 
 _MEASURABLE = (FeedbackKind.TARGET, FeedbackKind.OUTPUT, FeedbackKind.GROUP)

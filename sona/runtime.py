@@ -1086,7 +1086,8 @@ class SonaRuntime:
         hand = self._unfinished
         if hand is None:
             with self._changing_view():
-                hand = self._instant.hand_over()
+                inst = self._instant
+                hand = inst.hand_over(self._background.held_out(len(inst.pending)))
                 self._set_unfinished(hand)
         return hand
 

@@ -457,6 +457,12 @@ def _pending_to_queued(keep: int, skip: int = 0) -> Any:
         _set_sample_list(arrays, "pending", ids[:keep], records[:keep])
         _set_sample_list(arrays, "queued", ids[keep + skip :], records[keep + skip :])
         meta["log_sequence"] = ids[keep] - 1
+        # nor had the Instant loop copied its live adapter after the moved samples
+        copies = meta["instant"]["copies"]
+        kept = [at for at in copies if at <= keep]
+        for i in range(len(kept), len(copies)):
+            del arrays[f"adapter.copy.{i}"]
+        meta["instant"]["copies"] = kept
 
     return edit
 
@@ -544,6 +550,22 @@ FORGED = {
     ),
     "a sample for a module not targeted": (_module_not_targeted, "names module k_proj"),
     "NaN in an array": (_nan_in("pipeline.ewc.c"), "NaN or inf"),
+    "a copy of the live adapter past the pending samples": (
+        set_at("instant.copies", [1, 2, 4]),
+        "past the pending samples",
+    ),
+    "copies of the live adapter out of order": (
+        set_at("instant.copies", [2, 1, 3]),
+        "out of order",
+    ),
+    "a copy of the live adapter not stored": (
+        lambda meta, arrays: arrays.pop("adapter.copy.2"),
+        "missing array adapter.copy.2",
+    ),
+    "a copy of the live adapter not announced": (
+        set_at("instant.copies", [1, 2]),
+        "unexpected arrays ['adapter.copy.2']",
+    ),
     "an unfinished hand-over not announced": (
         lambda meta, arrays: arrays.__setitem__("adapter.unfinished", arrays["adapter.live"]),
         "unfinished hand-over present but not announced",
