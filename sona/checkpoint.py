@@ -1,8 +1,9 @@
 """Checkpoint files: everything a :class:`~sona.runtime.SonaRuntime` needs to continue exactly.
 
 A checkpoint holds the configuration and seed; the live adapter (with its rating baseline,
-dropout position and pending explorations) and the consolidated adapters, each as the
-adapter's own checksummed bytes (:meth:`MicroLoRA.export_weights`); the EWC++ state (importance
+dropout position and pending explorations), the Instant loop's copies of it
+(:mod:`sona.live_copies`) and the consolidated adapters, each as the adapter's own checksummed
+bytes (:meth:`MicroLoRA.export_weights`); the EWC++ state (importance
 sketch, anchors, task count, input window, boundary detector); the pattern bank; the replay
 buffer, the held-back and pending samples, the hand-over a crash interrupted and the samples
 accepted but not yet handled; every counter and the next sample id; and the log sequence number
