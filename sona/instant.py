@@ -274,8 +274,16 @@ class InstantLoop:
 
     def _copy_live(self) -> None:
         """Copy the live adapter, noting how many pending samples it has learned."""
-        self._next_copy = next_copy(self._appended)
+        self._next_copy = next_copy(self._appended, in_transit=self.in_transit is not None)
         self._copies.take(len(self.pending) + self._evicted_since)
+
+    def set_in_transit(self, adapter: MicroLoRA | None) -> None:
+        """Set ``in_transit``: the adapter a consolidation under way was handed, or None once
+        it committed, when a hand-over can come again and copies catch up at the next
+        sample."""
+        if adapter is None and self.in_transit is not None and self._copying:
+            self._next_copy = min(self._next_copy, self._appended + 1)
+        self.in_transit = adapter
 
     @property
     def copies(self) -> list[tuple[int, MicroLoRA]]:

@@ -10,7 +10,10 @@ change since the copy; Background measures the published state less that change.
 
 Copies follow every sample while fewer than 8 are pending, then every quarter of those pending,
 at most every ``SNAPSHOT_EVERY``, and a hand-over takes the copy that leaves the number of
-samples Background asks for nearest: up to half a gap more or fewer. Each copy is a plain array
+samples Background asks for nearest: up to half a gap more or fewer. While the previous
+hand-over is being consolidated (in the runtime, ~10 ms at full ingress), no hand-over can come,
+and copies follow every ``IN_TRANSIT_EVERY`` samples only; its commit takes one at the next
+sample and the usual gaps resume. Each copy is a plain array
 copy into one of ``COPIES_KEPT`` reused slots (3.5-11 µs at width 4096, rank 2, one module, as
 the slot is in cache or not); an adapter is built from one only at a hand-over.
 """
@@ -27,12 +30,19 @@ from sona.objective import MAX_EVAL
 
 SNAPSHOT_EVERY = 32
 """Most samples between two copies."""
+IN_TRANSIT_EVERY = 64
+"""Samples between two copies while a hand-over's consolidation is under way: the next
+hand-over waits for its commit, which the copies then catch up with (see ``next_copy``)."""
 COPIES_KEPT = MAX_EVAL // SNAPSHOT_EVERY + 2
 """Slots: enough for copies reaching back past MAX_EVAL samples at the widest gap."""
 
 
-def next_copy(appended: int) -> int:
-    """When to copy next, after a copy at ``appended`` samples."""
+def next_copy(appended: int, *, in_transit: bool = False) -> int:
+    """When to copy next, after a copy at ``appended`` samples; ``in_transit``: while the
+    previous hand-over is still being consolidated (no hand-over can come before its commit,
+    so copies taken meanwhile matter only for one right after it)."""
+    if in_transit:
+        return appended + IN_TRANSIT_EVERY
     return appended + min(SNAPSHOT_EVERY, max(1, appended // 4))
 
 

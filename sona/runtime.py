@@ -1130,7 +1130,7 @@ class SonaRuntime:
         the Instant loop learns relative to it as well as to the published state."""
         self._unfinished = hand
         self._unfinished_failures = 0
-        self._instant.in_transit = hand.live if hand is not None else None
+        self._instant.set_in_transit(hand.live if hand is not None else None)
 
     def _unfinished_count(self) -> int:
         return len(self._unfinished.samples) if self._unfinished is not None else 0

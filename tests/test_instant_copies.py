@@ -17,7 +17,7 @@ from sona import checkpoint as ckpt
 from sona.background import BackgroundLoop
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.instant import InstantLoop
-from sona.live_copies import SNAPSHOT_EVERY
+from sona.live_copies import IN_TRANSIT_EVERY, SNAPSHOT_EVERY
 from sona.lora import _UNHELD, MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.objective import held_out_count
@@ -175,3 +175,27 @@ def test_a_checkpoint_keeps_the_copies_and_an_unfinished_hand_overs_copy(tmp_pat
             return result.quality_delta
 
     assert delta is not None and anyio.run(restored) == delta
+
+
+def test_copies_are_sparse_while_a_consolidation_is_under_way_and_catch_up_at_its_commit() -> None:
+    """No hand-over comes before a consolidation under way commits: meanwhile copies follow
+    every IN_TRANSIT_EVERY samples, and the commit takes one at the next sample, so a hand-over
+    soon after it finds a copy about a tenth back."""
+    inst = _loop()
+    rng = np.random.default_rng(4)
+    for i in range(40):
+        inst.process(i, _sample(rng))
+    inst.set_in_transit(inst.hand_over(4).live)
+    for i in range(40, 240):
+        inst.process(i, _sample(rng))
+    assert [at for at, _ in inst.copies] == list(range(1, 200, IN_TRANSIT_EVERY))
+    inst.set_in_transit(None)
+    after = []
+    for i in range(240, 262):
+        inst.process(i, _sample(rng))
+        after.append(_factors(inst.live))
+    assert [at for at, _ in inst.copies][-2:] == [193, 201]  # caught up at the next sample
+    want = held_out_count(222)
+    hand = inst.hand_over(want)
+    assert hand.before_held is not None and hand.learned == 201
+    assert _same(hand.before_held, after[0])
