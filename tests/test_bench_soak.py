@@ -205,8 +205,10 @@ def test_the_report_is_computed_from_what_the_run_measured(
         # 100 scheduled in each, 2 of them failed: a sample counts where it was due
         assert abs(w["samples"] - 98) <= 2
         assert w["samples_per_s"] == pytest.approx(w["samples"] / 0.5)
-        # from its scheduled time, not the start of the run: no submit here takes over 0.15 s
-        assert w["max_ms"] < 1000
+        # from its scheduled time, not the start of the run: timed from the start, half the
+        # second window's submits would take over 0.75 s (the first submit's full collection
+        # can hold one up for a second on a slow machine, so the max would not tell)
+        assert w["p50_ms"] < 500
         assert 50 <= w["p50_ms"] <= w["p99_ms"] < w["p999_ms"] < w["max_ms"]
         assert w["p99_ms"] >= 150
         # a window the first submit's full collection held up may hold a single reading
