@@ -205,15 +205,16 @@ def test_the_report_is_computed_from_what_the_run_measured(
         # 100 scheduled in each, 2 of them failed: a sample counts where it was due
         assert abs(w["samples"] - 98) <= 2
         assert w["samples_per_s"] == pytest.approx(w["samples"] / 0.5)
-        # from its scheduled time, not the start of the run: timed from the start, half the
-        # second window's submits would take over 0.75 s (the first submit's full collection
-        # can hold one up for a second on a slow machine, so the max would not tell)
-        assert w["p50_ms"] < 500
         assert 50 <= w["p50_ms"] <= w["p99_ms"] < w["p999_ms"] < w["max_ms"]
         assert w["p99_ms"] >= 150
         # a window the first submit's full collection held up may hold a single reading
         assert w["rss_mb"] <= w["rss_max_mb"] and w["rss_max_mb"] in readings
         assert min(abs(w["rss_mb"] - m) for m in middles) < 1e-6 * w["rss_mb"]
+    # timed from each submit's scheduled time, not the start of the run, where a window's
+    # median would be half a second above the one before (the first submit's full collection
+    # can hold up the first window's submits by up to a second on a slow machine: the later
+    # windows' medians are no higher, whatever their maxima)
+    assert windows[-1]["p50_ms"] < windows[0]["p50_ms"] + 250
     # the first submit's full collection, in the window where it ended (later under load)
     assert sum(w["full_gcs"] for w in windows) >= 1
     assert max(w["full_gc_max_ms"] for w in windows) > 0
