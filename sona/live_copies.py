@@ -4,9 +4,9 @@
 every sample it hands over: measured on held-back samples it had learned, the fold looks better
 than it is on samples it never saw (pure-noise targets, where nothing carries over: +0.0101 to
 +0.0130 in sample against -0.0008 to +0.0007 out of sample). So the Instant loop copies the live
-adapter's factors every few samples, and a hand-over brings the newest copy that leaves at least
-the samples Background holds back after it. What the live adapter learned from those is its
-change since the copy; Background measures the published state less that change.
+adapter's factors every few samples, and a hand-over brings the copy that leaves nearest the
+samples Background holds back after it. What the live adapter learned from those is its change
+since the copy; Background measures the published state less that change.
 
 Copies follow every sample while fewer than 8 are pending, then every quarter of those pending,
 at most every ``SNAPSHOT_EVERY``, and a hand-over takes the copy that leaves the number of
@@ -14,7 +14,7 @@ samples Background asks for nearest: up to half a gap more or fewer. While the p
 hand-over is being consolidated (in the runtime, ~10 ms at full ingress), no hand-over can come,
 and copies follow every ``IN_TRANSIT_EVERY`` samples only; its commit takes one at the next
 sample and the usual gaps resume. Each copy is a plain array
-copy into one of ``COPIES_KEPT`` reused slots (3.5-11 µs at width 4096, rank 2, one module, as
+copy into one of ``COPIES_KEPT`` reused slots (3.5-22 µs at width 4096, rank 2, one module, as
 the slot is in cache or not); an adapter is built from one only at a hand-over.
 """
 
@@ -73,8 +73,7 @@ class LiveCopies:
         is reused once all are in use."""
         taken = self._taken
         slot = taken.popleft()[1] if len(taken) == len(self._slots) else self._free.pop()
-        for dst, src in zip(self._slots[slot], self._sources, strict=True):
-            np.copyto(dst, src)
+        _copy(self._slots[slot], self._sources)
         taken.append((position, slot))
 
     def before(self, want: int, pending: int, evicted: int) -> tuple[int, int] | None:
@@ -97,8 +96,7 @@ class LiveCopies:
 
     def write(self, slot: int, into: MicroLoRA) -> MicroLoRA:
         """``into`` (a clone of the live adapter) with the factors of the copy in ``slot``."""
-        for dst, src in zip(into.factor_buffers(), self._slots[slot], strict=True):
-            np.copyto(dst, src)
+        _copy(into.factor_buffers(), self._slots[slot])
         return into
 
     def listed(self, live: MicroLoRA) -> list[tuple[int, MicroLoRA]]:
@@ -110,6 +108,10 @@ class LiveCopies:
         self.clear()
         for at, adapter in copies:
             slot = self._free.pop()
-            for dst, src in zip(self._slots[slot], adapter.factor_buffers(), strict=True):
-                np.copyto(dst, src)
+            _copy(self._slots[slot], adapter.factor_buffers())
             self._taken.append((at, slot))
+
+
+def _copy(dst: list[np.ndarray], src: list[np.ndarray]) -> None:
+    for d, s in zip(dst, src, strict=True):
+        np.copyto(d, s)
