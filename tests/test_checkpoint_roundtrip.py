@@ -3,14 +3,19 @@ same future under the same inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sona import container
 from sona.checkpoint import STATE_FIELDS, config_from_dict, config_to_dict, read
@@ -19,6 +24,7 @@ from sona.errors import CheckpointDirError, ConfigMismatchError, FormatError, In
 from sona.events import CheckpointWritten
 from sona.feedback import AdaptFeedback
 from sona.lora_config import MicroLoraConfig, TargetModule
+from sona.results import BackgroundResult, DeepResult
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
@@ -180,6 +186,82 @@ async def test_restore_continues_exactly(tmp_path: Path, strategy: Consolidation
             na = a.forward(x, TargetModule.Q_PROJ, explore=True)
             nb = b.forward(x, TargetModule.Q_PROJ, explore=True)
             assert na.tobytes() == nb.tobytes()
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("play"), st.integers(1, 40)),
+        st.tuples(st.sampled_from(["consolidate", "deep", "new_task", "boundary"]), st.just(0)),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+async def _apply(rt: SonaRuntime, script: Script, op: tuple[str, int]) -> object:
+    """Run ``op`` on ``rt``; what it reported, wall times left out."""
+    kind, n = op
+    res: BackgroundResult | DeepResult | None = None
+    if kind == "play":
+        await play(rt, script.steps(n))
+    elif kind == "consolidate":
+        res = await rt.consolidate()
+    elif kind == "deep":
+        res = await rt.deep_optimize()
+    elif kind == "new_task":
+        rt.start_new_task()
+        res = await rt.consolidate()
+    else:  # as after a detected shift: the live adapter restarts at the next hand-over
+        rt._instant.new_task()
+    return None if res is None else msgspec.structs.replace(res, latency_ms=0.0)
+
+
+@pytest.mark.parametrize("strategy", list(ConsolidationStrategy))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    before=OPS,
+    after=st.lists(st.one_of(OPS, st.just("restore again")), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_restore_continues_exactly_after_any_calls(
+    before: list[tuple[str, int]],
+    after: list[list[tuple[str, int]] | str],
+    strategy: ConsolidationStrategy,
+    seed: int,
+) -> None:
+    """Whatever the calls before a checkpoint (samples pending or not, copies of the live
+    adapter at any point of their schedule, held-back samples, a task just begun), the
+    restored runtime and the original go on identically under the same calls, and so does a
+    restore of the restored one's own checkpoint."""
+
+    async def main(tmp: Path) -> None:
+        script = Script(seed).domain(seed)
+        async with SonaRuntime(config(strategy), seed=seed) as a:
+            for op in before:
+                await _apply(a, script, op)
+            b = SonaRuntime.restore(await a.checkpoint(tmp / "a.sona"))
+            assert b.stats() == a.stats() and same_outputs(a, b)
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(b)
+                for i, ops in enumerate(after):
+                    if ops == "restore again":
+                        await stack.aclose()
+                        b = SonaRuntime.restore(await b.checkpoint(tmp / f"b{i}.sona"))
+                        await stack.enter_async_context(b)
+                        assert learning(b.stats()) == learning(a.stats())
+                        continue
+                    for op in ops:
+                        state = script.rng.bit_generator.state
+                        reported = []
+                        for rt in (a, b):
+                            script.rng.bit_generator.state = state
+                            reported.append(await _apply(rt, script, op))
+                        assert reported[0] == reported[1], op
+                        assert same_outputs(a, b), op
+                        assert learning(a.stats()) == learning(b.stats()), op
+
+    with tempfile.TemporaryDirectory() as tmp:
+        anyio.run(main, Path(tmp))
 
 
 async def test_explorations_waiting_for_their_rating_survive(tmp_path: Path) -> None:
