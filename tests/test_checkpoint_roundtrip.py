@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scripted import DIM, OPS, PROBE, Script, apply, config, learning, play, same_outputs
 
 from sona import container
 from sona.checkpoint import STATE_FIELDS, config_from_dict, config_to_dict, read
@@ -24,114 +23,11 @@ from sona.errors import CheckpointDirError, ConfigMismatchError, FormatError, In
 from sona.events import CheckpointWritten
 from sona.feedback import AdaptFeedback
 from sona.lora_config import MicroLoraConfig, TargetModule
-from sona.results import BackgroundResult, DeepResult
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
 
 pytestmark = pytest.mark.anyio
-DIM = 12
-MODULES = (TargetModule.Q_PROJ, TargetModule.V_PROJ)
-
-
-def config(strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE, **kw: Any) -> Any:
-    """Loops run only when asked (no timer-driven consolidation or deep run), so two runtimes
-    given the same calls go through the same states."""
-    return SonaLlmConfig(
-        micro_lora=MicroLoraConfig.for_hidden_dim(DIM, dropout=0.1),
-        consolidation_strategy=strategy,
-        background_interval_ms=3_600_000,
-        background_min_samples=4,
-        deep_trigger_threshold=1e9,
-        deep_epochs=2,
-        pattern_clusters=3,
-        max_pending_samples=500,
-        replay_capacity=300,
-        training=TrainingConfig(ewc_lambda=0.5, fisher_samples=16),
-        **kw,
-    )
-
-
-class Script:
-    """A reproducible stream of mixed feedback: rated outputs with texts, targets, gradients,
-    groups and explored quality-only ratings."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.basis: np.ndarray | None = None
-
-    def vec(self) -> np.ndarray:
-        return self.rng.standard_normal(DIM).astype(np.float32)
-
-    def domain(self, seed: int) -> Script:
-        """From now on, inputs come from a 3-dimensional subspace of their own."""
-        self.basis = np.random.default_rng(seed).standard_normal((3, DIM)).astype(np.float32)
-        return self
-
-    def x(self) -> np.ndarray:
-        if self.basis is None:
-            return self.vec()
-        return (self.rng.standard_normal(3).astype(np.float32) @ self.basis).astype(np.float32)
-
-    def steps(self, n: int, *, explore: bool = True) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        for i in range(n):
-            x = self.x()
-            q = float(self.rng.uniform(0.55, 1.0))
-            kind = i % 5 if explore else i % 4
-            if kind == 0:
-                s = (
-                    TrainingSample(x, self.vec(), q)
-                    .with_query(f"q{i}")
-                    .with_response("r é ✓")
-                    .with_session("s")
-                    .with_tokens(i)
-                    .with_latency(1.5)
-                )
-                out.append(("submit", s))
-            elif kind == 1:
-                out.append(("adapt", (x, AdaptFeedback.from_quality(q).with_target(self.vec()))))
-            elif kind == 2:
-                fb = AdaptFeedback.from_quality(q).with_gradient(0.1 * self.vec())
-                out.append(("adapt", (x, fb)))
-            elif kind == 3:
-                outs = np.stack([self.vec() for _ in range(3)])
-                qs = self.rng.uniform(0, 1, 3)
-                out.append(("adapt", (x, AdaptFeedback.from_group(outs, qs))))
-            else:
-                out.append(("explore", (x, AdaptFeedback.from_quality(q))))
-        return out
-
-
-async def play(rt: SonaRuntime, steps: list[tuple[str, Any]]) -> None:
-    for kind, arg in steps:
-        if kind == "submit":
-            await rt.submit(arg)
-        elif kind == "adapt":
-            await rt.adapt(*arg)
-        else:
-            x, fb = arg
-            rt.forward(x, TargetModule.Q_PROJ, explore=True)
-            await rt.adapt(x, fb, TargetModule.Q_PROJ)
-    await rt.drain()
-
-
-PROBE = np.random.default_rng(99).standard_normal((7, DIM)).astype(np.float32)
-
-
-def outputs(rt: SonaRuntime) -> list[np.ndarray]:
-    return [rt.forward(PROBE, m) for m in MODULES] + [rt.forward(PROBE[0], MODULES[0])]
-
-
-def same_outputs(a: SonaRuntime, b: SonaRuntime) -> bool:
-    return all(x.tobytes() == y.tobytes() for x, y in zip(outputs(a), outputs(b), strict=True))
-
-
-def learning(stats: Any) -> dict[str, Any]:
-    """Statistics that do not depend on wall time."""
-    d = {k: getattr(stats, k) for k in stats.__struct_fields__}
-    d.pop("instant_avg_latency_us")
-    return d
 
 
 @pytest.mark.parametrize(
@@ -188,34 +84,6 @@ async def test_restore_continues_exactly(tmp_path: Path, strategy: Consolidation
             assert na.tobytes() == nb.tobytes()
 
 
-OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("play"), st.integers(1, 40)),
-        st.tuples(st.sampled_from(["consolidate", "deep", "new_task", "boundary"]), st.just(0)),
-    ),
-    min_size=1,
-    max_size=8,
-)
-
-
-async def _apply(rt: SonaRuntime, script: Script, op: tuple[str, int]) -> object:
-    """Run ``op`` on ``rt``; what it reported, wall times left out."""
-    kind, n = op
-    res: BackgroundResult | DeepResult | None = None
-    if kind == "play":
-        await play(rt, script.steps(n))
-    elif kind == "consolidate":
-        res = await rt.consolidate()
-    elif kind == "deep":
-        res = await rt.deep_optimize()
-    elif kind == "new_task":
-        rt.start_new_task()
-        res = await rt.consolidate()
-    else:  # as after a detected shift: the live adapter restarts at the next hand-over
-        rt._instant.new_task()
-    return None if res is None else msgspec.structs.replace(res, latency_ms=0.0)
-
-
 @pytest.mark.parametrize("strategy", list(ConsolidationStrategy))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -238,7 +106,7 @@ def test_restore_continues_exactly_after_any_calls(
         script = Script(seed).domain(seed)
         async with SonaRuntime(config(strategy), seed=seed) as a:
             for op in before:
-                await _apply(a, script, op)
+                await apply(a, script, op)
             b = SonaRuntime.restore(await a.checkpoint(tmp / "a.sona"))
             assert b.stats() == a.stats() and same_outputs(a, b)
             async with contextlib.AsyncExitStack() as stack:
@@ -255,7 +123,7 @@ def test_restore_continues_exactly_after_any_calls(
                         reported = []
                         for rt in (a, b):
                             script.rng.bit_generator.state = state
-                            reported.append(await _apply(rt, script, op))
+                            reported.append(await apply(rt, script, op))
                         assert reported[0] == reported[1], op
                         assert same_outputs(a, b), op
                         assert learning(a.stats()) == learning(b.stats()), op
