@@ -20,12 +20,14 @@ from sona.sample import TrainingSample
 from sona.training_config import TrainingConfig
 
 DIM = 12
+_WORDS = ("merge", "cache", "straße", "naïve", "token", "rank", "drift", "query", "日本", "ok")
 MODULES = (TargetModule.Q_PROJ, TargetModule.V_PROJ)
 
 
 def config(strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE, **kw: Any) -> Any:
-    """Loops run only when asked (no timer-driven consolidation or deep run), so two runtimes
-    given the same calls go through the same states."""
+    """Loops run only when asked (no timer-driven consolidation or deep run, and pending
+    samples never reach the mark, three quarters of the bound, at which a consolidation starts
+    on its own), so two runtimes given the same calls go through the same states."""
     return SonaLlmConfig(
         micro_lora=MicroLoraConfig.for_hidden_dim(DIM, dropout=0.1),
         consolidation_strategy=strategy,
@@ -34,7 +36,7 @@ def config(strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE, **
         deep_trigger_threshold=1e9,
         deep_epochs=2,
         pattern_clusters=3,
-        max_pending_samples=500,
+        max_pending_samples=2000,
         replay_capacity=300,
         training=TrainingConfig(ewc_lambda=0.5, fisher_samples=16),
         **kw,
@@ -43,7 +45,8 @@ def config(strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE, **
 
 class Script:
     """A reproducible stream of mixed feedback: rated outputs with texts, targets, gradients,
-    groups and explored quality-only ratings."""
+    groups, rated text pairs the embedder turns into vectors, targets about one module only,
+    and explored quality-only ratings."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -67,7 +70,7 @@ class Script:
         for i in range(n):
             x = self.x()
             q = float(self.rng.uniform(0.55, 1.0))
-            kind = i % 5 if explore else i % 4
+            kind = i % 7 if explore else i % 6
             if kind == 0:
                 s = (
                     TrainingSample(x, self.vec(), q)
@@ -87,6 +90,12 @@ class Script:
                 outs = np.stack([self.vec() for _ in range(3)])
                 qs = self.rng.uniform(0, 1, 3)
                 out.append(("adapt", (x, AdaptFeedback.from_group(outs, qs))))
+            elif kind == 4:  # text, embedded by the default embedder
+                words = " ".join(self.rng.choice(_WORDS, 4))
+                out.append(("instant", (f"how to {words}?", f"{words}, then ✓", q)))
+            elif kind == 5:  # feedback about one module only
+                fb = AdaptFeedback.from_quality(q).with_target(self.vec())
+                out.append(("adapt", (x, fb, TargetModule.V_PROJ)))
             else:
                 out.append(("explore", (x, AdaptFeedback.from_quality(q))))
         return out
@@ -98,6 +107,8 @@ async def play(rt: SonaRuntime, steps: list[tuple[str, Any]]) -> None:
             await rt.submit(arg)
         elif kind == "adapt":
             await rt.adapt(*arg)
+        elif kind == "instant":
+            await rt.instant_adapt(*arg)
         else:
             x, fb = arg
             rt.forward(x, TargetModule.Q_PROJ, explore=True)
@@ -112,6 +123,8 @@ def play_engine(engine: SonaLlm, steps: list[tuple[str, Any]]) -> None:
             engine.submit(arg)
         elif kind == "adapt":
             engine.adapt(*arg)
+        elif kind == "instant":
+            engine.instant_adapt(*arg)
         else:
             x, fb = arg
             engine.forward(x, TargetModule.Q_PROJ, explore=True)
