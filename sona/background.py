@@ -83,6 +83,7 @@ class Consolidation:
     rejected: list[str] = field(default_factory=list)
     published: Published | None = None  # what commit() installs
     carry: list[tuple[int, TrainingSample]] = field(default_factory=list)
+    bank: PatternBank | None = None  # the pattern bank with this run's inputs, for commit()
 
 
 class BackgroundLoop:
@@ -95,6 +96,7 @@ class BackgroundLoop:
         self.pipeline = TrainingPipeline(config.training)
         self.pipeline.init_for_lora(base)
         self.bank = PatternBank(config.pattern_clusters, config.micro_lora.in_features)
+        self._bank_spare: PatternBank | None = None  # the bank a consolidation updates
         self.replay: deque[TrainingSample] = deque(maxlen=config.replay_capacity)
         self.carry: list[tuple[int, TrainingSample]] = []
         # a full hand-over (the pending bound) plus the held-back carry
@@ -142,6 +144,8 @@ class BackgroundLoop:
         outcome.published.version = self.version
         self.published = outcome.published
         self.carry = outcome.carry
+        if outcome.bank is not None:
+            self._bank_spare, self.bank = self.bank, outcome.bank
         self.runs += 1
         self.consolidated += len(outcome.consumed)
 
@@ -177,16 +181,19 @@ class BackgroundLoop:
         # C-level loops (map with operator getters): these run once per sample
         train_samples: list[TrainingSample] = list(map(_second, train))
         eval_samples: list[TrainingSample] = list(map(_second, held))
+        # updated here, installed by commit: a run that fails half-way leaves the bank as it
+        # was, and its retry reads its inputs into the bank once
+        bank = self._bank_spare = self.bank.clone(into=self._bank_spare)
         # every input row once, training rows first: later passes take views
         rows, projected, labelled = self._rows.scan(
             train_samples + eval_samples,
             len(train_samples),
             self.pipeline.scan_basis(),
-            self.bank.scan_centroids(),
+            bank.scan_centroids(),
         )
         xs = rows[: len(train_samples)] if train_samples else None
         fired = self._track(xs, notes, projected)
-        published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled)
+        published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled, bank)
         notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
         quality_delta = None
@@ -207,7 +214,7 @@ class BackgroundLoop:
             evaluated_on=len(eval_samples),
         )
         consumed: list[int] = list(map(_first, train))
-        return Consolidation(result, consumed, len(fired), rejected, published, held)
+        return Consolidation(result, consumed, len(fired), rejected, published, held, bank)
 
     def _track(
         self, xs: np.ndarray | None, notes: list[str], projected: Projected | None
@@ -230,11 +237,12 @@ class BackgroundLoop:
         xs: np.ndarray | None,
         notes: list[str],
         labelled: Labelled | None,
+        bank: PatternBank,
     ) -> tuple[Published, list[str]]:
         cfg = self.config
         rejected: list[str] = []
-        labels = self.bank.update(xs, labelled) if xs is not None else np.empty(0, np.intp)
-        centroids = self.bank.centroids[: len(self.bank)].copy()
+        labels = bank.update(xs, labelled) if xs is not None else np.empty(0, np.intp)
+        centroids = bank.centroids[: len(bank)].copy()
         strategy = self.strategy
         if strategy is ConsolidationStrategy.EWC_MERGE:
             try:

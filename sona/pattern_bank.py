@@ -37,6 +37,17 @@ class PatternBank:
     def __len__(self) -> int:
         return self.size
 
+    def clone(self, *, into: PatternBank | None = None) -> PatternBank:
+        """An independent copy; ``into``: an earlier copy nothing uses any more, whose arrays
+        then hold it."""
+        twin = into
+        if twin is None or (twin.k, twin.dim) != (self.k, self.dim):
+            twin = PatternBank(self.k, self.dim)
+        np.copyto(twin.centroids, self.centroids)
+        np.copyto(twin.counts, self.counts)
+        twin.size = self.size
+        return twin
+
     def assign(self, x: np.ndarray) -> int:
         """Index of the nearest centroid (squared Euclidean); -1 when the bank is empty."""
         if self.size == 0:

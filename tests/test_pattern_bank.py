@@ -371,3 +371,23 @@ def test_constructor_refuses_non_positive_sizes() -> None:
         PatternBank(0, DIM)
     with pytest.raises(InvalidInputError):
         PatternBank(3, 0)
+
+
+def test_a_clone_is_independent_and_a_spare_is_reused() -> None:
+    rng = np.random.default_rng(3)
+    bank = PatternBank(4, 8)
+    bank.update(rng.standard_normal((20, 8)).astype(np.float32))
+    meta, arrays = bank.state()
+    twin = bank.clone()
+    assert len(twin) == len(bank) and twin.state()[0] == meta
+    twin.update(rng.standard_normal((20, 8)).astype(np.float32))
+    assert not np.array_equal(twin.centroids, arrays["centroids"])
+    after_meta, after = bank.state()  # the original did not move
+    assert after_meta == meta
+    assert all(np.array_equal(after[k], arrays[k]) for k in arrays)
+    spare = twin
+    again = bank.clone(into=spare)
+    assert again is spare and again.state()[0] == meta
+    assert all(np.array_equal(again.state()[1][k], arrays[k]) for k in arrays)
+    other = PatternBank(4, 9)
+    assert bank.clone(into=other) is not other  # another shape: a new bank
