@@ -97,6 +97,9 @@ class BackgroundLoop:
         self.pipeline.init_for_lora(base)
         self.bank = PatternBank(config.pattern_clusters, config.micro_lora.in_features)
         self._bank_spare: PatternBank | None = None  # the bank a consolidation updates
+        # the hand-over the pipeline last read the inputs of, with the boundaries it found,
+        # until that hand-over's consolidation commits
+        self._tracked: tuple[HandOver, list[int]] | None = None
         self.replay: deque[TrainingSample] = deque(maxlen=config.replay_capacity)
         self.carry: list[tuple[int, TrainingSample]] = []
         # a full hand-over (the pending bound) plus the held-back carry
@@ -146,6 +149,7 @@ class BackgroundLoop:
         self.carry = outcome.carry
         if outcome.bank is not None:
             self._bank_spare, self.bank = self.bank, outcome.bank
+        self._tracked = None
         self.runs += 1
         self.consolidated += len(outcome.consumed)
 
@@ -192,7 +196,7 @@ class BackgroundLoop:
             bank.scan_centroids(),
         )
         xs = rows[: len(train_samples)] if train_samples else None
-        fired = self._track(xs, notes, projected)
+        fired = self._track(hand, xs, notes, projected)
         published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled, bank)
         notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
@@ -217,14 +221,23 @@ class BackgroundLoop:
         return Consolidation(result, consumed, len(fired), rejected, published, held, bank)
 
     def _track(
-        self, xs: np.ndarray | None, notes: list[str], projected: Projected | None
+        self, hand: HandOver, xs: np.ndarray | None, notes: list[str], projected: Projected | None
     ) -> list[int]:
         """Feed importance and boundary detection; a detected shift re-anchors EWC++ on the
-        consolidated state as it was before this batch's learning is folded in."""
+        consolidated state as it was before this batch's learning is folded in.
+
+        Once per hand-over: a run that failed after this step (the runtime retries it after
+        restarting the loop) has left the pipeline as a run that went on would, so its retry
+        takes the boundaries found then instead of reading the inputs a second time."""
         if xs is None:
             return []
-        base = self.published.base
-        fired = self.pipeline.track_many(base, xs, validated=True, projected=projected)
+        tracked = self._tracked
+        if tracked is not None and tracked[0] is hand:
+            fired = tracked[1]
+        else:
+            base = self.published.base
+            fired = self.pipeline.track_many(base, xs, validated=True, projected=projected)
+            self._tracked = (hand, fired)
         for i in fired:
             notes.append(f"task boundary detected at sample {i} of the batch")
         return fired

@@ -142,28 +142,30 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
 async def test_a_consolidation_that_failed_half_way_is_retried_as_if_it_never_ran(
     strategy: ConsolidationStrategy,
 ) -> None:
-    """It failed after its inputs were read into the pattern bank: the restarted loop's retry
-    starts from the bank as it was, so a runtime whose consolidation failed once learns what
-    one whose consolidation never failed learns (under ENSEMBLE the bank routes inputs)."""
+    """It failed after its inputs were read into the pattern bank and the shift detector: the
+    restarted loop's retry reads them in once, so a runtime whose first consolidation failed
+    learns what one whose consolidation never failed learns, shifts of the input domain
+    detected alike (and, under ENSEMBLE, inputs routed alike)."""
     scripts = Script(5).domain(5), Script(5).domain(5)
-    async with (
-        SonaRuntime(config(strategy), seed=5) as a,
-        SonaRuntime(config(strategy), seed=5) as b,
-    ):
-        for rt, script in zip((a, b), scripts, strict=True):
-            for op in (("play", 60), ("consolidate", 0), ("play", 10)):
-                await apply(rt, script, op)
+    a, b = SonaRuntime(config(strategy), seed=5), SonaRuntime(config(strategy), seed=5)
+    pairs = list(zip((a, b), scripts, strict=True))
+    async with a, b:
+        for rt, script in pairs:
+            await apply(rt, script, ("play", 20))
         bg = b._background
         bg._delta = FailsOnce(bg._delta, RuntimeError("failed after folding"))  # type: ignore[method-assign]
-        pairs = list(zip((a, b), scripts, strict=True))
         reported = [await apply(rt, script, ("consolidate", 0)) for rt, script in pairs]
         assert bg._delta.calls == 2 and b.stats().restarts == 1
         assert reported[0] == reported[1]
-        for op in (("play", 40), ("consolidate", 0)):
-            reported = [await apply(rt, script, op) for rt, script in pairs]
-            assert reported[0] == reported[1]
+        for domain in (6, 7):
+            for _, script in pairs:
+                script.domain(domain)
+            for op in (("play", 40), ("consolidate", 0)) * 2:
+                reported = [await apply(rt, script, op) for rt, script in pairs]
+                assert reported[0] == reported[1], (domain, op)
         assert same_outputs(a, b)
         assert learning(a.stats()) == {**learning(b.stats()), "restarts": 0}
+        assert a.stats().task_count > 0  # the shifts were detected
 
 
 async def test_a_consolidation_that_fails_again_is_given_up_on_and_announced() -> None:
