@@ -97,9 +97,9 @@ class BackgroundLoop:
         self.pipeline.init_for_lora(base)
         self.bank = PatternBank(config.pattern_clusters, config.micro_lora.in_features)
         self._bank_spare: PatternBank | None = None  # the bank a consolidation updates
-        # the hand-over the pipeline last read the inputs of, with the boundaries it found,
-        # until that hand-over's consolidation commits
-        self._tracked: tuple[HandOver, list[int]] | None = None
+        # the hand-over the pipeline last read the inputs of, how many, and the boundaries it
+        # found, until that hand-over's consolidation commits
+        self._tracked: tuple[HandOver, int, list[int]] | None = None
         self.replay: deque[TrainingSample] = deque(maxlen=config.replay_capacity)
         self.carry: list[tuple[int, TrainingSample]] = []
         # a full hand-over (the pending bound) plus the held-back carry
@@ -232,12 +232,12 @@ class BackgroundLoop:
         if xs is None:
             return []
         tracked = self._tracked
-        if tracked is not None and tracked[0] is hand:
-            fired = tracked[1]
+        if tracked is not None and tracked[0] is hand and tracked[1] == len(xs):
+            fired = tracked[2]
         else:
             base = self.published.base
             fired = self.pipeline.track_many(base, xs, validated=True, projected=projected)
-            self._tracked = (hand, fired)
+            self._tracked = (hand, len(xs), fired)
         for i in fired:
             notes.append(f"task boundary detected at sample {i} of the batch")
         return fired
