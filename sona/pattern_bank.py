@@ -39,12 +39,20 @@ class PatternBank:
 
     def clone(self, *, into: PatternBank | None = None) -> PatternBank:
         """An independent copy; ``into``: an earlier copy nothing uses any more, whose arrays
-        then hold it."""
+        then hold it.
+
+        Copied holding the GIL (numpy's copy gives it up for arrays this large): a
+        consolidation clones the bank first thing in its worker thread, which the event loop
+        hands the GIL until its first kernel; a copy that gave it up ended that hand-off early,
+        and the thread then waited for the GIL while requests kept the loop busy (sustained
+        throughput, one module, 8 s runs alternated: 31.3 and 33.6 k/s, against 36.1 and
+        36.1 k/s without the copy; copied this way, 38.3, 39.1, 37.5 against 38.4, 39.4,
+        35.9 k/s)."""
         twin = into
         if twin is None or (twin.k, twin.dim) != (self.k, self.dim):
             twin = PatternBank(self.k, self.dim)
-        np.copyto(twin.centroids, self.centroids)
-        np.copyto(twin.counts, self.counts)
+        twin.centroids.data.cast("B")[:] = self.centroids.data.cast("B")
+        twin.counts.data.cast("B")[:] = self.counts.data.cast("B")
         twin.size = self.size
         return twin
 
