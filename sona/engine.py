@@ -26,7 +26,7 @@ from sona.embedding import Embedder
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.ingest import SampleFactory
-from sona.instant import InstantLoop
+from sona.instant import HandOver, InstantLoop
 from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
@@ -65,6 +65,9 @@ class SonaLlm:
         self.instant = InstantLoop(
             self.config, seed=self.seed, consolidated=lambda: self.background.published
         )
+        # the hand-over a consolidation works on until it commits, and how often it raised
+        self._unfinished: HandOver | None = None
+        self._unfinished_failures = 0
         self._ids = itertools.count(1)
         self.submitted = 0
         self.dropped = 0
@@ -140,7 +143,9 @@ class SonaLlm:
         return None
 
     def pending_samples(self) -> int:
-        return len(self.instant.pending) + self.background.held_back
+        unfinished = self._unfinished
+        held = len(unfinished.samples) if unfinished is not None else 0
+        return len(self.instant.pending) + self.background.held_back + held
 
     # ------------------------------------------------------------------ background loop
     def maybe_background(self) -> BackgroundResult | None:
@@ -156,7 +161,7 @@ class SonaLlm:
         # would otherwise skip every other run.
         if now - self._last_background < interval - 1e-9:
             return None
-        if not self.background.ready(len(self.instant.pending)):
+        if self._unfinished is None and not self.background.ready(len(self.instant.pending)):
             self.background_skipped += 1
             return None
         return self.run_background()
@@ -166,16 +171,48 @@ class SonaLlm:
         return self._consolidate(hold_back=True)
 
     def _consolidate(self, *, hold_back: bool) -> BackgroundResult:
+        """A hand-over whose consolidation raised is kept, its learning still part of the
+        effective delta, and consolidated first by the next call, so none of its samples is
+        lost and none of its inputs is read into the importance, the shift detector or the
+        pattern bank twice: the retry learns what a consolidation that never failed would (as
+        the runtime's restarted Background loop does). A second failure gives it up (see
+        :meth:`_consolidation_failed`)."""
         self._last_background = self._now()
-        hand = self.instant.hand_over(self.background.held_out(len(self.instant.pending)))
+        hand = self._unfinished
+        if hand is None:
+            hand = self.instant.hand_over(self.background.held_out(len(self.instant.pending)))
+            self._set_unfinished(hand)
         try:
             outcome = self.background.consolidate(hand, hold_back=hold_back)
-        except BaseException:
-            self.instant.take_back(hand)
+        except Exception as exc:
+            self._consolidation_failed(hand, exc)
             raise
+        self._set_unfinished(None)
         if outcome.boundaries:
             self.instant.new_task()
         return outcome.result
+
+    def _consolidation_failed(self, hand: HandOver, exc: Exception) -> None:
+        """The second time a hand-over's consolidation raises it is given up on, as the
+        runtime does: the same samples would fail again, and under BLOCK every submit would
+        raise with them. Its samples, and those held back before, stay applied but are never
+        consolidated: counted as evicted. An interruption (KeyboardInterrupt) is no failure
+        of the hand-over and is not counted."""
+        self._unfinished_failures += 1
+        if self._unfinished_failures < 2:
+            return
+        n = len(hand.samples) + self.background.held_back
+        self.background.carry = []
+        self._set_unfinished(None)
+        self.instant.evicted += n
+        _log.error("consolidation_given_up", samples=n, error=repr(exc))
+
+    def _set_unfinished(self, hand: HandOver | None) -> None:
+        """Until its consolidation commits, the Instant loop learns relative to the handed-over
+        adapter as well as to the published state, and ``forward`` adds it."""
+        self._unfinished = hand
+        self._unfinished_failures = 0
+        self.instant.set_in_transit(hand.live if hand is not None else None)
 
     def _now(self) -> float:
         """The clock's reading, checked: a NaN would compare false with everything and make
@@ -231,16 +268,20 @@ class SonaLlm:
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Any, module: TargetModule, *, explore: bool = False) -> np.ndarray:
-        """The effective delta: consolidated adapter(s) plus the live adapter."""
+        """The effective delta: consolidated adapter(s), the live adapter, and the adapter
+        handed over to a consolidation that raised and has not been retried yet."""
         out = self.instant.live.forward(x, module, explore=explore)
         xa = x if type(x) is np.ndarray and x.dtype == np.float32 else as_f32(x, "x")
         self.background.published.add_into(xa, module, out)
+        transit = self.instant.in_transit
+        if transit is not None:
+            transit.forward_add(xa, module, out)
         return out
 
     def start_new_task(self) -> None:
         """Consolidate what is pending into the old task, held-back samples included, then
         fold its importance (EWC++)."""
-        if self.instant.pending or self.background.carry:
+        if self.instant.pending or self.background.carry or self._unfinished is not None:
             self._consolidate(hold_back=False)
         self.background.start_new_task()
 

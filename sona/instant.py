@@ -319,18 +319,6 @@ class InstantLoop:
         self._evicted_since = 0
         self._next_copy = 1 if self._copying else 0
 
-    def take_back(self, hand: HandOver) -> None:
-        """Undo :meth:`hand_over` when its consolidation raised in the synchronous engine,
-        where nothing has touched the live adapter since: the snapshot's weights become the
-        live ones again (the explorations still to be rated stay) and its samples are pending
-        again, ahead of any newer ones, so none of them is lost or counted twice; a fresh A
-        for a new task is drawn at the next hand-over instead."""
-        self._live._copy_state_from(hand.live)
-        self.pending.extendleft(reversed(hand.samples))
-        self._restart_copies()  # the copies since learned the restored samples only after
-        if hand.redrew_a:
-            self._fresh_start = True
-
     def new_task(self) -> None:
         """A new task began: the live adapter restarts from fresh A at the next hand-over."""
         self._fresh_start = True

@@ -4,12 +4,16 @@ runs given the same calls go through the same states and can be compared bit for
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import numpy as np
 from hypothesis import strategies as st
+from runtime_helpers import FailsOnce
 
+from sona.background import BackgroundLoop
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.engine import SonaLlm
 from sona.feedback import AdaptFeedback
@@ -149,10 +153,20 @@ def learning(stats: Any) -> dict[str, Any]:
     return d
 
 
+_LOOP_OPS = ["consolidate", "deep", "new_task", "boundary"]
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("play"), st.integers(1, 40)),
-        st.tuples(st.sampled_from(["consolidate", "deep", "new_task", "boundary"]), st.just(0)),
+        st.tuples(st.sampled_from(_LOOP_OPS), st.just(0)),
+    ),
+    min_size=1,
+    max_size=8,
+)
+# and consolidations that raise once after folding, then are retried
+OPS_FAILING = st.lists(
+    st.one_of(
+        st.tuples(st.just("play"), st.integers(1, 40)),
+        st.tuples(st.sampled_from([*_LOOP_OPS, "failing"]), st.just(0)),
     ),
     min_size=1,
     max_size=8,
@@ -167,6 +181,9 @@ async def apply(rt: SonaRuntime, script: Script, op: tuple[str, int]) -> object:
         await play(rt, script.steps(n))
     elif kind == "consolidate":
         res = await rt.consolidate()
+    elif kind == "failing":  # the restarted Background loop retries it
+        with _failing_fold(rt._background):
+            res = await rt.consolidate()
     elif kind == "deep":
         res = await rt.deep_optimize()
     elif kind == "new_task":
@@ -185,6 +202,12 @@ def apply_engine(engine: SonaLlm, script: Script, op: tuple[str, int]) -> object
         play_engine(engine, script.steps(n))
     elif kind == "consolidate":
         res = engine.run_background() if engine.pending_samples() else None
+    elif kind == "failing":  # the next consolidation retries it
+        with _failing_fold(engine.background):
+            try:
+                res = engine.run_background() if engine.pending_samples() else None
+            except RuntimeError:
+                res = engine.run_background()
     elif kind == "deep":
         res = engine.deep_optimize()
     elif kind == "new_task":
@@ -192,6 +215,16 @@ def apply_engine(engine: SonaLlm, script: Script, op: tuple[str, int]) -> object
     else:
         engine.instant.new_task()
     return _reported(res)
+
+
+@contextlib.contextmanager
+def _failing_fold(bg: BackgroundLoop) -> Iterator[None]:
+    """The next consolidation raises after its inputs were tracked and its fold computed."""
+    bg._fold = FailsOnce(bg._fold, RuntimeError("failed after folding"), after=True)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del bg._fold
 
 
 def _reported(res: BackgroundResult | DeepResult | None) -> object:

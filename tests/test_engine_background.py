@@ -500,36 +500,6 @@ def test_the_consolidation_that_closes_a_task_keeps_nothing_back() -> None:
 
 
 # ---------------------------------------------------------------------- failures
-def test_a_consolidation_that_raises_gives_its_samples_and_weights_back() -> None:
-    """Nothing is lost to an error in the middle of a consolidation: the live adapter and
-    its samples are as before the call, and the next run consolidates them."""
-    t = [0.0]
-    engine = _engine(t)
-    world = World(5)
-    applied = [world.target(engine) for _ in range(30)]
-    probe = world.x()
-    before = {m: engine.forward(probe, m).copy() for m in (Q, V)}
-    pending = [sid for sid, _ in engine.instant.pending]
-    real = engine.background.prepare
-
-    def failing(*args: object, **kwargs: object) -> Consolidation:
-        raise MemoryError("no memory for the consolidation")
-
-    engine.background.prepare = failing  # type: ignore[method-assign]
-    with pytest.raises(MemoryError):
-        engine.run_background()
-    assert [sid for sid, _ in engine.instant.pending] == pending == applied
-    for m in (Q, V):
-        np.testing.assert_array_equal(engine.forward(probe, m), before[m])
-    stats = engine.stats()
-    assert stats.pending_samples == 30 and stats.consolidated_count == 0
-    engine.background.prepare = real  # type: ignore[method-assign]
-    result = engine.run_background()
-    assert result.samples_used + engine.background.held_back == 30
-    stats = engine.stats()
-    assert stats.instant_count == stats.consolidated_count + stats.pending_samples == 30
-
-
 @pytest.mark.parametrize("strategy", list(CS))
 def test_a_sample_whose_gradient_overflows_is_passed_over_and_the_rest_consolidated(
     strategy: CS,

@@ -117,27 +117,6 @@ def test_copies_are_reused_once_their_consolidation_let_go(
         assert made == []
 
 
-def test_take_back_restarts_the_copies() -> None:
-    """Undoing a hand-over restores samples the copies since never saw being learned: the
-    next hand-over's copy is the live adapter after all of them and the ones that followed."""
-    inst = _loop()
-    rng = np.random.default_rng(2)
-    for i in range(40):
-        inst.process(i, _sample(rng))
-    hand = inst.hand_over(4)
-    for i in range(40, 43):  # the engine's Instant loop runs on while it consolidates
-        inst.process(i, _sample(rng))
-    inst.take_back(hand)
-    assert inst.copies == []
-    after = []
-    for i in range(43, 90):
-        inst.process(i, _sample(rng))
-        after.append(_factors(inst.live))
-    again = inst.hand_over(9)
-    assert again.before_held is not None and again.learned > 43
-    assert _same(again.before_held, after[again.learned - 43 - 1])
-
-
 def test_a_checkpoint_keeps_the_copies_and_an_unfinished_hand_overs_copy(tmp_path: Path) -> None:
     """Restored, a hand-over that was under way is consolidated as it would have been: on the
     same held-back samples, measured on the same copy, to the same quality_delta."""

@@ -115,23 +115,3 @@ def test_clone_into_a_mismatched_adapter_allocates_a_new_one() -> None:
     matching = lora.clone()
     matching.last_note = "stale"
     assert lora.clone(into=matching) is matching and matching.last_note is None
-
-
-@pytest.mark.parametrize("new_task", [False, True])
-def test_take_back_undoes_a_hand_over_exactly(new_task: bool) -> None:
-    """The engine's way back from a consolidation that raised: the same live weights, the
-    same samples pending ahead of newer ones, and a new task's fresh A still to be drawn."""
-    inst, _ = _loop()
-    rng = np.random.default_rng(3)
-    ids = _feed(inst, rng, 0, 12)
-    if new_task:
-        inst.new_task()
-    live_before, version = _state(inst.live), inst.live.version
-    hand = inst.hand_over()
-    assert hand.redrew_a is new_task and not inst.pending
-    inst.take_back(hand)
-    assert _same(inst.live, live_before) and inst.live.version == version
-    assert [sid for sid, _ in inst.pending] == ids
-    again = inst.hand_over()
-    assert again.redrew_a is new_task
-    _check(again, ids, live_before, version)
