@@ -35,6 +35,10 @@ from sona.validation import RUN_SEED_BITS, as_f32, check_seed, real_number
 
 _log = get_logger("sona.engine")
 _DROPPED_NEWEST = "dropped: pending buffer full (DROP_NEWEST)"
+_DROPPED_HELD = (
+    "dropped: pending buffer full (DROP_OLDEST) and every pending sample is in a "
+    "consolidation that failed, where none can be evicted"
+)
 
 
 class SonaLlm:
@@ -104,7 +108,7 @@ class SonaLlm:
             room = self._make_room()  # before the sample is counted: REJECT leaves no trace
         sid = next(self._ids)
         self.submitted += 1
-        if room is _DROPPED_NEWEST:
+        if room is _DROPPED_NEWEST or room is _DROPPED_HELD:
             self.dropped += 1
             return AdaptationResult(
                 applied=False, loop="instant", latency_us=0.0, notes=[room], sample_id=sid
@@ -121,8 +125,9 @@ class SonaLlm:
     def _make_room(self) -> str | None:
         """Apply the overflow policy to a full pending buffer, before the new sample is counted
         or given an id, so a REJECT (or a BLOCK whose consolidation raised) changes nothing.
-        Returns what the new sample's result should say: ``_DROPPED_NEWEST`` drops it; the
-        eviction note announces a DROP_OLDEST eviction, as the runtime's SamplesDropped does."""
+        Returns what the new sample's result should say: ``_DROPPED_NEWEST`` and
+        ``_DROPPED_HELD`` drop it; the eviction note announces a DROP_OLDEST eviction, as the
+        runtime's SamplesDropped does."""
         policy = self.config.overflow
         if policy is OverflowPolicy.REJECT:
             raise Backpressure(
@@ -133,8 +138,8 @@ class SonaLlm:
             return _DROPPED_NEWEST
         if policy is OverflowPolicy.DROP_OLDEST:
             victim = self.instant.evict_oldest()
-            if victim is None:
-                return None
+            if victim is None:  # all held by a failed consolidation: the bound still holds
+                return _DROPPED_HELD
             return (
                 f"evicted sample {victim} (DROP_OLDEST): pending buffer full; it stays applied "
                 "but is never consolidated"

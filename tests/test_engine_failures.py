@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from runtime_helpers import FailsOnce
 from scripted import Script, apply_engine, config, learning, outputs, same_outputs
+from sona.actors import OverflowPolicy
 
 from sona.config import ConsolidationStrategy
 from sona.engine import SonaLlm
+from sona.feedback import AdaptFeedback
 
 
 def _engine(strategy: ConsolidationStrategy = ConsolidationStrategy.EWC_MERGE) -> SonaLlm:
@@ -136,3 +138,21 @@ def test_an_interrupted_consolidation_is_no_failure() -> None:
     result = engine.run_background()
     assert result.samples_used + bg.held_back == 30
     assert engine.stats().evicted_samples == 0
+
+
+def test_drop_oldest_keeps_the_bound_when_a_failed_consolidation_holds_every_sample() -> None:
+    """The kept hand-over's samples cannot be evicted: the incoming sample is dropped instead,
+    counted and said, as the runtime does."""
+    cfg = config(overflow=OverflowPolicy.DROP_OLDEST).replace(max_pending_samples=20)
+    engine = SonaLlm(cfg, seed=5, clock=lambda: 0.0)
+    script = Script(5).domain(5)
+    apply_engine(engine, script, ("play", 20))
+    bg = engine.background
+    bg.prepare = _Raising(bg.prepare, RuntimeError("cannot consolidate"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        engine.run_background()
+    x = script.x()
+    res = engine.adapt(x, AdaptFeedback.from_quality(0.9).with_target(x))
+    assert not res.applied and "consolidation that failed" in res.notes[0]
+    st = engine.stats()
+    assert (st.pending_samples, st.dropped_samples, st.submitted_count) == (20, 1, 21)
