@@ -69,8 +69,10 @@ class SonaLlm:
         self.instant = InstantLoop(
             self.config, seed=self.seed, consolidated=lambda: self.background.published
         )
-        # the hand-over a consolidation works on until it commits, and how often it raised
+        # the hand-over a consolidation works on until it commits, whether that one holds
+        # samples back, and how often it raised
         self._unfinished: HandOver | None = None
+        self._unfinished_hold_back = True
         self._unfinished_failures = 0
         self._ids = itertools.count(1)
         self.submitted = 0
@@ -187,6 +189,9 @@ class SonaLlm:
         if hand is None:
             hand = self.instant.hand_over(self.background.held_out(len(self.instant.pending)))
             self._set_unfinished(hand)
+            self._unfinished_hold_back = hold_back
+        else:  # retried as first asked: a retry on other rows would track its inputs again
+            hold_back = self._unfinished_hold_back
         try:
             outcome = self.background.consolidate(hand, hold_back=hold_back)
         except Exception as exc:
@@ -285,8 +290,11 @@ class SonaLlm:
 
     def start_new_task(self) -> None:
         """Consolidate what is pending into the old task, held-back samples included, then
-        fold its importance (EWC++)."""
-        if self.instant.pending or self.background.carry or self._unfinished is not None:
+        fold its importance (EWC++). A consolidation that raised is finished first, as it was
+        asked, as if it had never failed."""
+        if self._unfinished is not None:
+            self._consolidate(hold_back=self._unfinished_hold_back)
+        if self.instant.pending or self.background.carry:
             self._consolidate(hold_back=False)
         self.background.start_new_task()
 

@@ -156,3 +156,55 @@ def test_drop_oldest_keeps_the_bound_when_a_failed_consolidation_holds_every_sam
     assert not res.applied and "consolidation that failed" in res.notes[0]
     st = engine.stats()
     assert (st.pending_samples, st.dropped_samples, st.submitted_count) == (20, 1, 21)
+
+
+@pytest.mark.parametrize("strategy", list(ConsolidationStrategy))
+def test_a_new_task_after_a_failed_consolidation_finishes_it_first(
+    strategy: ConsolidationStrategy,
+) -> None:
+    """start_new_task() after a consolidation raised: the kept hand-over is consolidated as it
+    was asked (holding samples back), then the rest closes the task, as after a consolidation
+    that never failed; consolidated with the task's closing run instead, its inputs would be
+    tracked a second time."""
+    a, b = _engine(strategy), _engine(strategy)
+    scripts = Script(5).domain(5), Script(5).domain(5)
+    pairs = list(zip((a, b), scripts, strict=True))
+    for engine, script in pairs:
+        apply_engine(engine, script, ("play", 30))
+    bg = b.background
+    bg._delta = FailsOnce(bg._delta, RuntimeError("failed after folding"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="after folding"):
+        b.run_background()
+    a.run_background()
+    for engine, script in pairs:
+        engine.start_new_task()
+        apply_engine(engine, script.domain(6), ("play", 30))
+        apply_engine(engine, script, ("consolidate", 0))
+    assert same_outputs(a, b)
+    assert learning(a.stats()) == learning(b.stats())
+
+
+@pytest.mark.parametrize("strategy", list(ConsolidationStrategy))
+def test_a_failed_consolidation_closing_a_task_is_retried_closing_it(
+    strategy: ConsolidationStrategy,
+) -> None:
+    """start_new_task() raised in its consolidation: a later run_background() finishes that
+    one as it was asked, holding nothing back, and start_new_task() again then only begins the
+    new task, as if it had not failed."""
+    a, b = _engine(strategy), _engine(strategy)
+    scripts = Script(5).domain(5), Script(5).domain(5)
+    pairs = list(zip((a, b), scripts, strict=True))
+    for engine, script in pairs:
+        apply_engine(engine, script, ("play", 30))
+    bg = b.background
+    bg._fold = FailsOnce(bg._fold, RuntimeError("failed after folding"), after=True)  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="after folding"):
+        b.start_new_task()
+    a.start_new_task()
+    b.run_background()
+    b.start_new_task()
+    for engine, script in pairs:
+        apply_engine(engine, script.domain(6), ("play", 30))
+        apply_engine(engine, script, ("consolidate", 0))
+    assert same_outputs(a, b)
+    assert learning(a.stats()) == learning(b.stats())
