@@ -27,6 +27,17 @@ def _played(n: int, seed: int = 5) -> tuple[SonaLlm, Script]:
     return engine, script
 
 
+def _twins(strategy: ConsolidationStrategy, n: int) -> tuple[list[tuple[SonaLlm, Script]], Any]:
+    """Two engines given the same ``n`` calls; the second one's next consolidation raises once
+    it has read its inputs and folded (the stand-in returned)."""
+    pairs = [(_engine(strategy), Script(5).domain(5)) for _ in range(2)]
+    for engine, script in pairs:
+        apply_engine(engine, script, ("play", n))
+    bg = pairs[1][0].background
+    fold = bg._fold = FailsOnce(bg._fold, RuntimeError("failed after folding"), after=True)  # type: ignore[method-assign]
+    return pairs, fold
+
+
 class _Raising:
     """Stands in for ``fn``: every call raises ``error`` (after running ``fn`` when ``after``),
     until ``fixed``."""
@@ -78,18 +89,12 @@ def test_a_consolidation_that_failed_half_way_is_retried_as_if_it_never_ran(
     """It failed after its inputs were read into the pattern bank, the importance and the
     shift detector, and after folding: retried at once, it learns what a consolidation that
     never failed learns, and later shifts of the input domain are detected alike."""
-    a, b = _engine(strategy), _engine(strategy)
-    scripts = Script(5).domain(5), Script(5).domain(5)
-    pairs = list(zip((a, b), scripts, strict=True))
-    for engine, script in pairs:
-        apply_engine(engine, script, ("play", 20))
-    bg = b.background
-    bg._delta = FailsOnce(bg._delta, RuntimeError("failed after folding"))  # type: ignore[method-assign]
+    pairs, fold = _twins(strategy, 20)
+    (a, _), (b, _) = pairs
     with pytest.raises(RuntimeError, match="after folding"):
         b.run_background()
-    assert bg._delta.calls == 1
     reported = [apply_engine(engine, script, ("consolidate", 0)) for engine, script in pairs]
-    assert bg._delta.calls == 2 and reported[0] == reported[1]
+    assert fold.calls == 2 and reported[0] == reported[1]
     for domain in (6, 7):
         for _, script in pairs:
             script.domain(domain)
@@ -166,13 +171,8 @@ def test_a_new_task_after_a_failed_consolidation_finishes_it_first(
     was asked (holding samples back), then the rest closes the task, as after a consolidation
     that never failed; consolidated with the task's closing run instead, its inputs would be
     tracked a second time."""
-    a, b = _engine(strategy), _engine(strategy)
-    scripts = Script(5).domain(5), Script(5).domain(5)
-    pairs = list(zip((a, b), scripts, strict=True))
-    for engine, script in pairs:
-        apply_engine(engine, script, ("play", 30))
-    bg = b.background
-    bg._delta = FailsOnce(bg._delta, RuntimeError("failed after folding"))  # type: ignore[method-assign]
+    pairs, _ = _twins(strategy, 30)
+    (a, _), (b, _) = pairs
     with pytest.raises(RuntimeError, match="after folding"):
         b.run_background()
     a.run_background()
@@ -191,13 +191,8 @@ def test_a_failed_consolidation_closing_a_task_is_retried_closing_it(
     """start_new_task() raised in its consolidation: a later run_background() finishes that
     one as it was asked, holding nothing back, and start_new_task() again then only begins the
     new task, as if it had not failed."""
-    a, b = _engine(strategy), _engine(strategy)
-    scripts = Script(5).domain(5), Script(5).domain(5)
-    pairs = list(zip((a, b), scripts, strict=True))
-    for engine, script in pairs:
-        apply_engine(engine, script, ("play", 30))
-    bg = b.background
-    bg._fold = FailsOnce(bg._fold, RuntimeError("failed after folding"), after=True)  # type: ignore[method-assign]
+    pairs, _ = _twins(strategy, 30)
+    (a, _), (b, _) = pairs
     with pytest.raises(RuntimeError, match="after folding"):
         b.start_new_task()
     a.start_new_task()
