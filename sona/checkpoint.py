@@ -285,7 +285,7 @@ def capture(
     arrays.update({f"pipeline.{k}": v for k, v in pipe_arrays.items()})
     bank_meta, bank_arrays = bg.bank.state()
     arrays.update({f"bank.{k}": v for k, v in bank_arrays.items()})
-    unfinished = rt._unfinished
+    unfinished = inst.unfinished
     learned = 0
     if unfinished is not None:
         arrays["adapter.unfinished"] = _adapter_bytes(unfinished.live)
@@ -741,11 +741,11 @@ def install(rt: SonaRuntime, state: CheckpointState) -> None:
     bg.version = bm.version
     bg.runs = bm.runs
     bg.consolidated = bm.consolidated
-    rt._set_unfinished(state.unfinished)
+    inst.set_unfinished(state.unfinished)
     c = state.counters
     rt.submitted = c.submitted - len(state.queued)  # queued samples count again on delivery
     rt.dropped = c.dropped
     rt.dead_lettered = c.dead_lettered
     rt.deep_runs = c.deep_runs
     rt._ids = SampleIds(state.next_sample_id)
-    rt._pending = len(inst.pending) + len(bg.carry) + rt._unfinished_count()
+    rt._pending = len(inst.pending) + len(bg.carry) + inst.unfinished_count

@@ -26,7 +26,7 @@ from sona.embedding import Embedder
 from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback
 from sona.ingest import SampleFactory
-from sona.instant import HandOver, InstantLoop
+from sona.instant import InstantLoop
 from sona.log import get_logger
 from sona.lora_config import TargetModule
 from sona.results import AdaptationResult, BackgroundResult, DeepResult, LearningStats
@@ -69,11 +69,9 @@ class SonaLlm:
         self.instant = InstantLoop(
             self.config, seed=self.seed, consolidated=lambda: self.background.published
         )
-        # the hand-over a consolidation works on until it commits, whether that one holds
-        # samples back, and how often it raised
-        self._unfinished: HandOver | None = None
+        # whether the consolidation of the unfinished hand-over (instant.unfinished) holds
+        # samples back
         self._unfinished_hold_back = True
-        self._unfinished_failures = 0
         self._ids = itertools.count(1)
         self.submitted = 0
         self.dropped = 0
@@ -150,9 +148,8 @@ class SonaLlm:
         return None
 
     def pending_samples(self) -> int:
-        unfinished = self._unfinished
-        held = len(unfinished.samples) if unfinished is not None else 0
-        return len(self.instant.pending) + self.background.held_back + held
+        inst = self.instant
+        return len(inst.pending) + self.background.held_back + inst.unfinished_count
 
     # ------------------------------------------------------------------ background loop
     def maybe_background(self) -> BackgroundResult | None:
@@ -168,7 +165,7 @@ class SonaLlm:
         # would otherwise skip every other run.
         if now - self._last_background < interval - 1e-9:
             return None
-        if self._unfinished is None and not self.background.ready(len(self.instant.pending)):
+        if self.instant.unfinished is None and not self.background.ready(len(self.instant.pending)):
             self.background_skipped += 1
             return None
         return self.run_background()
@@ -185,44 +182,37 @@ class SonaLlm:
         the runtime's restarted Background loop does). A second failure gives it up (see
         :meth:`_consolidation_failed`)."""
         self._last_background = self._now()
-        hand = self._unfinished
+        inst = self.instant
+        hand = inst.unfinished
         if hand is None:
-            hand = self.instant.hand_over(self.background.held_out(len(self.instant.pending)))
-            self._set_unfinished(hand)
+            hand = inst.hand_over(self.background.held_out(len(inst.pending)))
+            inst.set_unfinished(hand)
             self._unfinished_hold_back = hold_back
         else:  # retried as first asked: a retry on other rows would track its inputs again
             hold_back = self._unfinished_hold_back
         try:
             outcome = self.background.consolidate(hand, hold_back=hold_back)
         except Exception as exc:
-            self._consolidation_failed(hand, exc)
+            self._consolidation_failed(exc)
             raise
-        self._set_unfinished(None)
+        inst.set_unfinished(None)
         if outcome.boundaries:
-            self.instant.new_task()
+            inst.new_task()
         return outcome.result
 
-    def _consolidation_failed(self, hand: HandOver, exc: Exception) -> None:
+    def _consolidation_failed(self, exc: Exception) -> None:
         """The second time a hand-over's consolidation raises it is given up on, as the
         runtime does: the same samples would fail again, and under BLOCK every submit would
         raise with them. Its samples, and those held back before, stay applied but are never
         consolidated: counted as evicted. An interruption (KeyboardInterrupt) is no failure
         of the hand-over and is not counted."""
-        self._unfinished_failures += 1
-        if self._unfinished_failures < 2:
+        inst = self.instant
+        inst.unfinished_failures += 1
+        if inst.unfinished_failures < 2:
             return
-        n = len(hand.samples) + self.background.held_back
+        n = inst.give_up_unfinished(self.background.held_back)
         self.background.carry = []
-        self._set_unfinished(None)
-        self.instant.evicted += n
         _log.error("consolidation_given_up", samples=n, error=repr(exc))
-
-    def _set_unfinished(self, hand: HandOver | None) -> None:
-        """Until its consolidation commits, the Instant loop learns relative to the handed-over
-        adapter as well as to the published state, and ``forward`` adds it."""
-        self._unfinished = hand
-        self._unfinished_failures = 0
-        self.instant.set_in_transit(hand.live if hand is not None else None)
 
     def _now(self) -> float:
         """The clock's reading, checked: a NaN would compare false with everything and make
@@ -292,7 +282,7 @@ class SonaLlm:
         """Consolidate what is pending into the old task, held-back samples included, then
         fold its importance (EWC++). A consolidation that raised is finished first, as it was
         asked, as if it had never failed."""
-        if self._unfinished is not None:
+        if self.instant.unfinished is not None:
             self._consolidate(hold_back=self._unfinished_hold_back)
         if self.instant.pending or self.background.carry:
             self._consolidate(hold_back=False)

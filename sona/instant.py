@@ -88,6 +88,10 @@ class InstantLoop:
         # of the effective delta, so the live adapter learns relative to it too: otherwise the
         # live adapter re-learns what is in transit, and the commit then counts it twice.
         self.in_transit: MicroLoRA | None = None
+        # The hand-over behind ``in_transit``, kept until its consolidation commits or is
+        # given up (a consolidation that raised is retried on it), and how often it raised.
+        self.unfinished: HandOver | None = None
+        self.unfinished_failures = 0
         self._modules = config.micro_lora.target_modules
         self._only = self._modules[0] if len(self._modules) == 1 else None
         self._offsets = {
@@ -277,13 +281,30 @@ class InstantLoop:
         self._next_copy = next_copy(self._appended, in_transit=self.in_transit is not None)
         self._copies.take(len(self.pending) + self._evicted_since)
 
-    def set_in_transit(self, adapter: MicroLoRA | None) -> None:
-        """Set ``in_transit``: the adapter a consolidation under way was handed, or None once
-        it committed, when a hand-over can come again and copies catch up at the next
-        sample."""
-        if adapter is None and self.in_transit is not None and self._copying:
+    def set_unfinished(self, hand: HandOver | None) -> None:
+        """Record the hand-over a consolidation works on, or None once it committed (or was
+        given up), when a hand-over can come again and copies catch up at the next sample.
+        Until then its adapter is ``in_transit``: the live adapter learns relative to it as
+        well as to the published state, and its samples still count as pending."""
+        if hand is None and self.in_transit is not None and self._copying:
             self._next_copy = min(self._next_copy, self._appended + 1)
-        self.in_transit = adapter
+        self.unfinished = hand
+        self.unfinished_failures = 0
+        self.in_transit = hand.live if hand is not None else None
+
+    @property
+    def unfinished_count(self) -> int:
+        """The unfinished hand-over's samples."""
+        return len(self.unfinished.samples) if self.unfinished is not None else 0
+
+    def give_up_unfinished(self, carried: int) -> int:
+        """Drop the unfinished hand-over after its consolidation failed twice (the same samples
+        would fail again): its samples, and the ``carried`` ones the consolidations held back
+        before it, stay applied but are never consolidated, counted as evicted. How many."""
+        n = self.unfinished_count + carried
+        self.set_unfinished(None)
+        self.evicted += n
+        return n
 
     @property
     def copies(self) -> list[tuple[int, MicroLoRA]]:

@@ -248,8 +248,6 @@ class SonaRuntime:
         # quality a Deep run took when it started, until its result is installed: a checkpoint
         # taken meanwhile stores it as still accumulated, so a restore runs it again
         self._deep_taken = 0.0
-        self._unfinished: HandOver | None = None  # handed over, not yet consolidated
-        self._unfinished_failures = 0  # consolidations of it that raised
         # odd while the hand-over or its commit is changing what forward reads; counts changes
         self._view = 0
         self._last_background = time.monotonic()
@@ -516,7 +514,7 @@ class SonaRuntime:
         kept the consolidation, and so any room, off for seconds (measured: 0.25 to over 12 s
         per consolidation while one producer kept submitting into a full DROP_NEWEST buffer)."""
         turn = self._inline_turn
-        if full and self._unfinished is not None:
+        if full and self._instant.unfinished is not None:
             await anyio.sleep(_WORKER_TURN_S)
         else:
             await anyio.lowlevel.checkpoint()
@@ -791,7 +789,7 @@ class SonaRuntime:
         res: BackgroundResult | None = None
         live_pending = len(self._instant.pending)
         forced = new_task or (isinstance(msg, Tick) and msg.force)
-        if self._unfinished is not None or (
+        if self._instant.unfinished is not None or (
             live_pending + bg.held_back > 0 and (forced or bg.ready(live_pending))
         ):
             res = await self._consolidate(hold_back=not new_task)
@@ -805,12 +803,12 @@ class SonaRuntime:
         consolidation crashed is kept and finished first by the restarted loop, so its samples
         are never lost. ``hold_back=False`` closes a task (see ``BackgroundLoop.prepare``)."""
         bg = self._background
-        if self._unfinished is None:
+        if self._instant.unfinished is None:
             ref = self._instant_ref
             assert ref is not None
             # the Instant loop records it (_take_hand_over), in this task when it is idle
             await ref.ask_inline(HandOverRequest())
-        hand = self._unfinished
+        hand = self._instant.unfinished
         assert hand is not None
         try:
             # handed the GIL at once, to overlap ingress (see LoopThread), unless a Deep run
@@ -825,7 +823,7 @@ class SonaRuntime:
             raise
         with self._changing_view():
             bg.commit(outcome)  # on the event loop: stats and forward see it all at once
-            self._set_unfinished(None)
+            self._instant.set_unfinished(None)
         if outcome.boundaries:  # a flag the Instant loop reads at its next hand-over
             self._instant.new_task()
         self._last_background = time.monotonic()
@@ -1065,7 +1063,7 @@ class SonaRuntime:
             instant_avg_latency_us=inst.avg_latency_us,
             background_count=bg.runs,
             deep_count=self.deep_runs,
-            pending_samples=len(inst.pending) + bg.held_back + self._unfinished_count(),
+            pending_samples=len(inst.pending) + bg.held_back + inst.unfinished_count,
             accumulated_quality=inst.accumulated_quality,
             restarts=restarts,
             gave_up=self._supervisor.gave_up,
@@ -1083,12 +1081,12 @@ class SonaRuntime:
         until its consolidation commits, ``stats()``, checkpoints and a restarted Background
         loop all count it, whatever becomes of the task that asked for it. A request that finds
         one unfinished (asked by a run that was interrupted) gets that one."""
-        hand = self._unfinished
+        inst = self._instant
+        hand = inst.unfinished
         if hand is None:
             with self._changing_view():
-                inst = self._instant
                 hand = inst.hand_over(self._background.held_out(len(inst.pending)))
-                self._set_unfinished(hand)
+                inst.set_unfinished(hand)
         return hand
 
     @contextlib.contextmanager
@@ -1109,31 +1107,20 @@ class SonaRuntime:
         BLOCK would hold every submitter forever. Its samples, and those held back from the
         consolidation before, stay applied but are never consolidated: counted as evicted and
         announced (``SamplesDropped``, stage "consolidation", policy "failed")."""
-        if self._unfinished is not hand:
+        inst = self._instant
+        if inst.unfinished is not hand:
             return
-        self._unfinished_failures += 1
-        if self._unfinished_failures < 2:
+        inst.unfinished_failures += 1
+        if inst.unfinished_failures < 2:
             return
         bg = self._background
-        n = len(hand.samples) + len(bg.carry)
         with self._changing_view():
+            n = inst.give_up_unfinished(len(bg.carry))
             bg.carry = []
-            self._set_unfinished(None)
-        self._instant.evicted += n
         self._pending -= n
         self._signal()
         _log.error("consolidation_given_up", samples=n, error=repr(exc))
         self.events.publish(SamplesDropped(count=n, stage="consolidation", policy="failed"))
-
-    def _set_unfinished(self, hand: HandOver | None) -> None:
-        """Record the hand-over a consolidation works on (None once committed); until then
-        the Instant loop learns relative to it as well as to the published state."""
-        self._unfinished = hand
-        self._unfinished_failures = 0
-        self._instant.set_in_transit(hand.live if hand is not None else None)
-
-    def _unfinished_count(self) -> int:
-        return len(self._unfinished.samples) if self._unfinished is not None else 0
 
     def supervisor_stats(self) -> dict[str, dict[str, int]]:
         return self._supervisor.stats()

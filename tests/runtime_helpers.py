@@ -107,7 +107,7 @@ async def consolidating(rt: Any) -> AsyncIterator[None]:
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(rt.consolidate)
-            while rt._unfinished is None:
+            while rt._instant.unfinished is None:
                 await anyio.sleep(0.001)
             try:
                 yield

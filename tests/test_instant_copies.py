@@ -164,11 +164,11 @@ def test_copies_are_sparse_while_a_consolidation_is_under_way_and_catch_up_at_it
     rng = np.random.default_rng(4)
     for i in range(40):
         inst.process(i, _sample(rng))
-    inst.set_in_transit(inst.hand_over(4).live)
+    inst.set_unfinished(inst.hand_over(4))
     for i in range(40, 240):
         inst.process(i, _sample(rng))
     assert [at for at, _ in inst.copies] == list(range(1, 200, IN_TRANSIT_EVERY))
-    inst.set_in_transit(None)
+    inst.set_unfinished(None)
     after = []
     for i in range(240, 262):
         inst.process(i, _sample(rng))

@@ -204,9 +204,9 @@ async def test_drop_oldest_drops_the_newcomer_when_all_pending_is_being_consolid
             for s in samples[:LIMIT]:
                 assert (await rt.submit(s)).applied
             with anyio.fail_after(5):
-                while rt._unfinished is None:  # handed over, hanging in its thread
+                while rt._instant.unfinished is None:  # handed over, hanging in its thread
                     await anyio.sleep(0.001)
-            assert len(rt._unfinished.samples) == LIMIT
+            assert len(rt._instant.unfinished.samples) == LIMIT
             late = [await rt.submit(s) for s in samples[LIMIT:-1]]
             rt.submit_nowait(samples[-1])
             stages = _drops_by_stage(sub)
@@ -238,7 +238,7 @@ async def test_a_restored_consolidation_under_way_still_counts_against_the_bound
         for s in samples[:LIMIT]:
             assert (await rt.submit(s)).applied
         with anyio.fail_after(5):
-            while rt._unfinished is None:  # handed over, hanging in its thread
+            while rt._instant.unfinished is None:  # handed over, hanging in its thread
                 await anyio.sleep(0.001)
         ckpt.write(rt._durable.capture_now(), tmp_path / "c.sona")
         gate.set()

@@ -116,7 +116,7 @@ async def test_forward_keeps_what_was_learned_while_a_consolidation_runs() -> No
         assert np.abs(before - consolidated).max() > 1e-4  # the live adapter adds something
         async with consolidating(rt):
             during = rt.forward(x, Q)
-        assert rt._unfinished is None
+        assert rt._instant.unfinished is None
         np.testing.assert_allclose(during, before, rtol=1e-6, atol=1e-7)
 
 
