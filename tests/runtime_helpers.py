@@ -116,20 +116,22 @@ async def consolidating(rt: Any) -> AsyncIterator[None]:
 
 
 class FailsOnce:
-    """Stands in for ``fn``: the first call raises ``error`` (``after``: once ``fn`` has run,
-    its work done), every later one is ``fn``'s. ``calls`` counts them all."""
+    """Stands in for ``fn``: the first call (the first ``times``) raises ``error``, after ``fn``
+    has run and done its work when ``after``; every later one is ``fn``'s. ``calls`` counts
+    them all."""
 
     def __init__(
-        self, fn: Callable[..., Any], error: BaseException, *, after: bool = False
+        self, fn: Callable[..., Any], error: BaseException, *, after: bool = False, times: int = 1
     ) -> None:
         self.fn = fn
         self.error = error
         self.after = after
+        self.times = times
         self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        if self.calls == 1:
+        if self.calls <= self.times:
             if self.after:
                 self.fn(*args, **kwargs)
             raise self.error

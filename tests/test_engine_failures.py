@@ -5,8 +5,6 @@ is not a failure."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from runtime_helpers import FailsOnce
 from scripted import Script, apply_engine, config, learning, outputs, same_outputs
@@ -27,7 +25,9 @@ def _played(n: int, seed: int = 5) -> tuple[SonaLlm, Script]:
     return engine, script
 
 
-def _twins(strategy: ConsolidationStrategy, n: int) -> tuple[list[tuple[SonaLlm, Script]], Any]:
+def _twins(
+    strategy: ConsolidationStrategy, n: int
+) -> tuple[list[tuple[SonaLlm, Script]], FailsOnce]:
     """Two engines given the same ``n`` calls; the second one's next consolidation raises once
     it has read its inputs and folded (the stand-in returned)."""
     pairs = [(_engine(strategy), Script(5).domain(5)) for _ in range(2)]
@@ -38,24 +38,6 @@ def _twins(strategy: ConsolidationStrategy, n: int) -> tuple[list[tuple[SonaLlm,
     return pairs, fold
 
 
-class _Raising:
-    """Stands in for ``fn``: every call raises ``error`` (after running ``fn`` when ``after``),
-    until ``fixed``."""
-
-    def __init__(self, fn: Any, error: BaseException, *, after: bool = False) -> None:
-        self.fn, self.error, self.after = fn, error, after
-        self.fixed = False
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        if self.fixed:
-            return self.fn(*args, **kwargs)
-        if self.after:
-            self.fn(*args, **kwargs)
-        raise self.error
-
-
 def test_a_failed_consolidation_is_kept_and_finished_first_by_the_next_one() -> None:
     """Nothing is lost: right after the error, forward serves what it served before and the
     samples still count as pending; samples learned meanwhile are learned on top of the kept
@@ -63,7 +45,7 @@ def test_a_failed_consolidation_is_kept_and_finished_first_by_the_next_one() -> 
     engine, script = _played(30)
     before = outputs(engine)
     bg = engine.background
-    fold = bg._fold = _Raising(bg._fold, MemoryError("no memory"), after=True)  # type: ignore[method-assign]
+    bg._fold = FailsOnce(bg._fold, MemoryError("no memory"), after=True)  # type: ignore[method-assign]
     with pytest.raises(MemoryError):
         engine.run_background()
     assert all(a.tobytes() == b.tobytes() for a, b in zip(outputs(engine), before, strict=True))
@@ -72,7 +54,6 @@ def test_a_failed_consolidation_is_kept_and_finished_first_by_the_next_one() -> 
     assert not engine.instant.pending  # they are the kept hand-over's
     apply_engine(engine, script, ("play", 6))
     assert engine.stats().pending_samples == 36
-    fold.fixed = True
     first = engine.run_background()
     assert first.samples_used + bg.held_back == 30  # the kept hand-over alone
     assert len(engine.instant.pending) == 6
@@ -114,7 +95,7 @@ def test_a_consolidation_that_fails_again_is_given_up_on_and_counted() -> None:
     nothing = SonaLlm(config(), seed=5)  # nothing learned, nothing published
     assert not same_outputs(engine, nothing)
     bg = engine.background
-    prepare = bg.prepare = _Raising(bg.prepare, RuntimeError("cannot consolidate"))  # type: ignore[method-assign]
+    bg.prepare = FailsOnce(bg.prepare, RuntimeError("cannot consolidate"), times=2)  # type: ignore[method-assign]
     for _ in range(2):
         with pytest.raises(RuntimeError, match="cannot consolidate"):
             engine.run_background()
@@ -123,7 +104,6 @@ def test_a_consolidation_that_fails_again_is_given_up_on_and_counted() -> None:
     assert engine.instant.in_transit is None
     assert same_outputs(engine, nothing)  # the live adapter restarted, nothing published
     apply_engine(engine, script, ("play", 10))
-    prepare.fixed = True
     result = engine.run_background()
     assert result.samples_used + bg.held_back == 10
     st = engine.stats()
@@ -135,11 +115,10 @@ def test_an_interrupted_consolidation_is_no_failure() -> None:
     and goes on loses nothing."""
     engine, _ = _played(30)
     bg = engine.background
-    prepare = bg.prepare = _Raising(bg.prepare, KeyboardInterrupt())  # type: ignore[method-assign]
+    bg.prepare = FailsOnce(bg.prepare, KeyboardInterrupt(), times=3)  # type: ignore[method-assign]
     for _ in range(3):
         with pytest.raises(KeyboardInterrupt):
             engine.run_background()
-    prepare.fixed = True
     result = engine.run_background()
     assert result.samples_used + bg.held_back == 30
     assert engine.stats().evicted_samples == 0
@@ -153,7 +132,7 @@ def test_drop_oldest_keeps_the_bound_when_a_failed_consolidation_holds_every_sam
     script = Script(5).domain(5)
     apply_engine(engine, script, ("play", 20))
     bg = engine.background
-    bg.prepare = _Raising(bg.prepare, RuntimeError("cannot consolidate"))  # type: ignore[method-assign]
+    bg.prepare = FailsOnce(bg.prepare, RuntimeError("cannot consolidate"))  # type: ignore[method-assign]
     with pytest.raises(RuntimeError):
         engine.run_background()
     x = script.x()
