@@ -18,7 +18,7 @@ import math
 import operator
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +32,12 @@ from sona.lora import MicroLoRA, passed_over_note
 from sona.lora_config import TargetModule
 from sona.objective import (
     MAX_EVAL,
-    LossTerms,
+    Predictor,
     held_out_count,
     hold_out_newest,
     measurable,
-    relative_improvement,
 )
+from sona.objective import quality_delta as measured_delta
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
@@ -45,8 +45,6 @@ from sona.results import BackgroundResult
 from sona.row_scan import Labelled, Projected, scan_rows
 from sona.sample import TrainingSample
 from sona.training import TrainingPipeline
-
-Predictor = Callable[[np.ndarray, TargetModule], np.ndarray]
 
 MINI_BATCH = 16
 
@@ -206,7 +204,14 @@ class BackgroundLoop:
             if folds_live and eval_samples and not rejected:  # (refused: the state stayed)
                 assert hand.before_held is not None
                 after = _without_held(published, hand.live, hand.before_held)
-            quality_delta = self._delta(eval_samples, eval_rows, old.predict, after, notes)
+            quality_delta = measured_delta(
+                eval_samples,
+                old.predict,
+                after,
+                self.config.micro_lora.target_modules,
+                notes,
+                rows=eval_rows,
+            )
         self.replay.extend(train_samples)
         result = BackgroundResult(
             samples_used=len(train),
@@ -379,42 +384,6 @@ class BackgroundLoop:
             return
         if self.pipeline.prox_step(adapter, 2.0 * lr_total * lam) < 0.0:
             notes.append("EWC++ step skipped: it would not have been finite")
-
-    def _delta(
-        self,
-        eval_samples: Sequence[TrainingSample],
-        eval_rows: np.ndarray,
-        before: Predictor,
-        after: Predictor,
-        notes: list[str],
-    ) -> float | None:
-        """Relative improvement of the objective on the held-back samples (their input rows
-        stacked in ``eval_rows``), averaged over modules."""
-        terms = LossTerms.of(eval_samples, eval_rows) if eval_samples else None
-        if terms is None:
-            notes.append("quality_delta: no held-back sample with a measurable objective")
-            return None
-        per_module = any(s.module is not None for s in eval_samples)
-        deltas = []
-        for module in self.config.micro_lora.target_modules:
-            if per_module:  # each module judged on the samples about it
-                own = LossTerms.of(eval_samples, eval_rows, module)
-                if own is None:
-                    continue
-                terms = own
-            try:
-                b = terms.mean_loss(before(terms.x, module))
-                a = terms.mean_loss(after(terms.x, module))
-            except InvalidInputError:  # finite inputs whose predictions overflow float32
-                notes.append("quality_delta: predictions on the held-back samples overflow float32")
-                return None
-            d = relative_improvement(b, a)
-            if d is not None:
-                deltas.append(d)
-        if not deltas:
-            notes.append("quality_delta: the objective is zero on the held-back samples")
-            return None
-        return float(np.mean(deltas))
 
     # ------------------------------------------------------------------ tasks and deep
     def start_new_task(self) -> None:

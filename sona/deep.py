@@ -20,8 +20,7 @@ from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.errors import InvalidInputError
 from sona.kernels.update import vec_sq_norm_finite
 from sona.lora import MicroLoRA
-from sona.lora_config import TargetModule
-from sona.objective import LossTerms, hold_out_newest, relative_improvement
+from sona.objective import hold_out_newest, quality_delta
 from sona.pattern_bank import PatternBank
 from sona.published import Published
 from sona.replay import ReplayPool, rating_only
@@ -207,7 +206,10 @@ def run_deep(job: DeepJob) -> DeepOutcome:
     result = Published(base, ensemble, centroids)
     if not replayed:
         notes.append("nothing to replay: no kept sample an adapter here can step on")
-    delta = _delta(held, old, result, cfg.micro_lora.target_modules, notes) if replayed else None
+    modules = cfg.micro_lora.target_modules
+    delta = None
+    if replayed:  # measured on samples the run held out of its replay
+        delta = quality_delta(held, old.predict, result.predict, modules, notes, kept="held-out")
     return DeepOutcome(
         result,
         bank,
@@ -336,33 +338,3 @@ def _split(samples: list[TrainingSample]) -> tuple[list[TrainingSample], list[Tr
 
 def _itself(sample: TrainingSample) -> TrainingSample:
     return sample
-
-
-def _delta(
-    held: Sequence[TrainingSample],
-    before: Published,
-    after: Published,
-    modules: Sequence[TargetModule],
-    notes: list[str],
-) -> float | None:
-    if not held:
-        notes.append("quality_delta: no held-out sample with a measurable objective")
-        return None
-    deltas = []
-    for m in modules:
-        try:
-            terms = LossTerms.of(held, module=m)  # built once for both predictions
-            if terms is None:
-                continue
-            b = terms.mean_loss(before.predict(terms.x, m))
-            a = terms.mean_loss(after.predict(terms.x, m))
-        except InvalidInputError:  # finite inputs whose predictions overflow float32
-            notes.append("quality_delta: predictions on the held-out samples overflow float32")
-            return None
-        d = relative_improvement(b, a)
-        if d is not None:
-            deltas.append(d)
-    if not deltas:
-        notes.append("quality_delta: the objective is zero on the held-out samples")
-        return None
-    return float(np.mean(deltas))

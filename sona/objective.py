@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from sona.errors import InvalidInputError
 from sona.feedback import FeedbackKind
 from sona.kernels import batch as k_batch
 from sona.lora_config import TargetModule
@@ -21,6 +22,8 @@ from sona.sample import TrainingSample
 from sona.stacking import stack_rows
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, in) -> (n, out) effective delta
+# (n, in), module -> (n, out): a state's effective delta on one module
+Predictor = Callable[[np.ndarray, TargetModule], np.ndarray]
 T = TypeVar("T")
 
 EVAL_FRACTION = 0.1  # of a consolidation's samples, held back to measure it on
@@ -156,3 +159,47 @@ def relative_improvement(before: float | None, after: float | None) -> float | N
     if before is None or after is None or not before > 0.0:
         return None
     return (before - after) / before
+
+
+def quality_delta(
+    samples: Sequence[TrainingSample],
+    before: Predictor,
+    after: Predictor,
+    modules: Sequence[TargetModule],
+    notes: list[str],
+    *,
+    rows: np.ndarray | None = None,
+    kept: str = "held-back",
+) -> float | None:
+    """``quality_delta`` as the Background and Deep loops report it: the relative improvement
+    of the objective on ``samples`` from ``before``'s predictions to ``after``'s, averaged
+    over ``modules``; None, with a note saying why, when it cannot be measured. ``rows``, when
+    given, holds the samples' input rows already stacked; ``kept`` names the samples in notes.
+
+    Each module is judged on the samples about it. When no sample names a module, that is
+    every sample for every module, and the terms are built once."""
+    terms = LossTerms.of(samples, rows) if samples else None
+    if terms is None:
+        notes.append(f"quality_delta: no {kept} sample with a measurable objective")
+        return None
+    per_module = any(s.module is not None for s in samples)
+    deltas = []
+    for module in modules:
+        if per_module:
+            own = LossTerms.of(samples, rows, module)
+            if own is None:
+                continue
+            terms = own
+        try:
+            b = terms.mean_loss(before(terms.x, module))
+            a = terms.mean_loss(after(terms.x, module))
+        except InvalidInputError:  # finite inputs whose predictions overflow float32
+            notes.append(f"quality_delta: predictions on the {kept} samples overflow float32")
+            return None
+        d = relative_improvement(b, a)
+        if d is not None:
+            deltas.append(d)
+    if not deltas:
+        notes.append(f"quality_delta: the objective is zero on the {kept} samples")
+        return None
+    return float(np.mean(deltas))

@@ -12,9 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sona.errors import InvalidInputError
 from sona.feedback import AdaptFeedback, FeedbackKind
 from sona.lora_config import TargetModule
-from sona.objective import LossTerms, hold_out_newest, measurable, relative_improvement
+from sona.objective import (
+    LossTerms,
+    Predictor,
+    hold_out_newest,
+    measurable,
+    quality_delta,
+    relative_improvement,
+)
 from sona.sample import TrainingSample
 
 Q, V = TargetModule.Q_PROJ, TargetModule.V_PROJ
@@ -102,3 +110,96 @@ def test_an_improvement_relative_to_a_zero_objective_is_undefined(after: float) 
     assert relative_improvement(0.0, after) is None
     assert relative_improvement(None, after) is None
     assert relative_improvement(2.0, 0.5) == 0.75
+
+
+def _linear(seed: int) -> tuple[dict[TargetModule, np.ndarray], Predictor]:
+    """A predictor that is a fixed linear map per module, and the maps."""
+    rng = np.random.default_rng(seed)
+    maps = {m: rng.standard_normal((3, 5)) for m in (Q, V)}
+
+    def predict(x: np.ndarray, module: TargetModule) -> np.ndarray:
+        return x.astype(np.float64) @ maps[module].T
+
+    return maps, predict
+
+
+def _reference_delta(
+    samples: list[TrainingSample],
+    before: dict[TargetModule, np.ndarray],
+    after: dict[TargetModule, np.ndarray],
+    modules: tuple[TargetModule, ...],
+) -> float | None:
+    """The definition, sample by sample: per module, the weighted squared error of the
+    samples about it, before and after; the relative improvements averaged."""
+    deltas = []
+    for m in modules:
+        rows, targets, weights = _reference(samples, m)
+        if not rows:
+            continue
+        losses = []
+        for maps in (before, after):
+            errs = [
+                w * float(np.sum((maps[m] @ samples[i].input_embedding - t) ** 2))
+                for i, t, w in zip(rows, targets, weights, strict=True)
+            ]
+            losses.append(0.5 * sum(errs) / len(errs))
+        if losses[0] > 0.0:
+            deltas.append((losses[0] - losses[1]) / losses[0])
+    return float(np.mean(deltas)) if deltas else None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=10),
+    modules=st.lists(st.sampled_from([None, Q, V]), min_size=10, max_size=10),
+    both=st.booleans(),
+    stacked=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_quality_delta_is_the_relative_improvement_per_module_averaged(
+    kinds: list[str], modules: list[TargetModule | None], both: bool, stacked: bool, seed: int
+) -> None:
+    """Each module is judged on the samples about it (its own and those naming none), with
+    or without the input rows passed in stacked; None with a note when nothing is
+    measurable."""
+    rng = np.random.default_rng(seed)
+    samples = [_sample(rng, k, m) for k, m in zip(kinds, modules, strict=False)]
+    targets = (Q, V) if both else (Q,)
+    before_maps, before = _linear(seed)
+    after_maps, after = _linear(seed + 1)
+    rows = np.stack([s.input_embedding for s in samples]) if stacked else None
+    notes: list[str] = []
+    got = quality_delta(samples, before, after, targets, notes, rows=rows)
+    want = _reference_delta(samples, before_maps, after_maps, targets)
+    if want is None:
+        assert got is None and len(notes) == 1 and notes[0].startswith("quality_delta: ")
+    else:
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6) and notes == []
+
+
+def test_quality_delta_says_why_it_cannot_measure() -> None:
+    rng = np.random.default_rng(0)
+    rated = [_sample(rng, "rated", None) for _ in range(3)]
+    _, predict = _linear(0)
+    notes: list[str] = []
+    assert quality_delta([], predict, predict, (Q,), notes, kept="held-out") is None
+    unmeasurable = [_sample(rng, "gradient", None)]
+    assert quality_delta(unmeasurable, predict, predict, (Q,), notes) is None
+    assert notes == [
+        "quality_delta: no held-out sample with a measurable objective",
+        "quality_delta: no held-back sample with a measurable objective",
+    ]
+
+    def exact(x: np.ndarray, module: TargetModule) -> np.ndarray:
+        return np.stack([s.output_embedding for s in rated])
+
+    notes.clear()
+    assert quality_delta(rated, exact, exact, (Q,), notes) is None  # zero objective
+    assert notes == ["quality_delta: the objective is zero on the held-back samples"]
+
+    def overflowing(x: np.ndarray, module: TargetModule) -> np.ndarray:
+        raise InvalidInputError("overflow")
+
+    notes.clear()
+    assert quality_delta(rated, exact, overflowing, (Q,), notes) is None
+    assert notes == ["quality_delta: predictions on the held-back samples overflow float32"]

@@ -21,6 +21,7 @@ from runtime_helpers import (
 from scripted import Script, apply, config, learning, same_outputs
 from sona.actors import DeadLettered, LoopCrashed, LoopRestarted, SamplesDropped, SupervisorGaveUp
 
+from sona import background
 from sona.config import Chaos, ConsolidationStrategy, SonaLlmConfig, SupervisionConfig
 from sona.events import CheckpointWritten, UpdateRejected
 from sona.lora_config import MicroLoraConfig
@@ -140,7 +141,7 @@ async def test_crashing_consolidation_restarts_and_loses_no_sample() -> None:
 
 @pytest.mark.parametrize("strategy", list(ConsolidationStrategy))
 async def test_a_consolidation_that_failed_half_way_is_retried_as_if_it_never_ran(
-    strategy: ConsolidationStrategy,
+    strategy: ConsolidationStrategy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It failed after its inputs were read into the pattern bank and the shift detector: the
     restarted loop's retry reads them in once, so a runtime whose first consolidation failed
@@ -152,10 +153,13 @@ async def test_a_consolidation_that_failed_half_way_is_retried_as_if_it_never_ra
     async with a, b:
         for rt, script in pairs:
             await apply(rt, script, ("play", 20))
-        bg = b._background
-        bg._delta = FailsOnce(bg._delta, RuntimeError("failed after folding"))  # type: ignore[method-assign]
-        reported = [await apply(rt, script, ("consolidate", 0)) for rt, script in pairs]
-        assert bg._delta.calls == 2 and b.stats().restarts == 1
+        reported = [await apply(a, scripts[0], ("consolidate", 0))]
+        # b's measurement of quality_delta, which comes after the fold, fails once
+        failing = FailsOnce(background.measured_delta, RuntimeError("failed after folding"))
+        monkeypatch.setattr(background, "measured_delta", failing)
+        reported.append(await apply(b, scripts[1], ("consolidate", 0)))
+        monkeypatch.undo()
+        assert failing.calls == 2 and b.stats().restarts == 1
         assert reported[0] == reported[1]
         for domain in (6, 7):
             for _, script in pairs:

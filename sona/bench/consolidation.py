@@ -44,7 +44,7 @@ _STAGES = (
     ("sona.pattern_bank", "PatternBank", "update", "pattern bank update"),
     ("sona.merge", "", "merge_adapters", "merge live into consolidated"),
     ("sona.training", "TrainingPipeline", "prox_step", "EWC++ proximal step"),
-    ("sona.background", "BackgroundLoop", "_delta", "quality_delta on held-back"),
+    ("sona.background", "", "measured_delta", "quality_delta on held-back"),
     ("sona.background", "BackgroundLoop", "prepare", "prepare (total)"),
 )
 
