@@ -300,13 +300,14 @@ def _label_block(
     dots: np.ndarray,
     cc: np.ndarray,
     labels: np.ndarray,
+    first: int,
     sums: np.ndarray,
     members: np.ndarray,
     accumulate: bool,
     skip_zero: bool,
 ) -> None:
-    """:func:`nearest` for rows r0..r1-1, whose dot products with the centroids are in
-    ``dots[r - r0]``."""
+    """:func:`nearest` for rows r0..r1-1 of ``xs``, whose dot products with the centroids are
+    in ``dots[r - r0]``; row r's label goes to ``labels[first + r - r0]``."""
     k = cc.shape[0]
     d = xs.shape[1]
     two = np.float32(2.0)
@@ -318,7 +319,7 @@ def _label_block(
             if dist < best_d:
                 best_d = dist
                 best = j
-        labels[r] = best
+        labels[first + r - r0] = best
         if not accumulate:
             continue
         row = xs[r]
@@ -365,7 +366,7 @@ def nearest(
     for r0 in range(0, n, _BLOCK):
         r1 = min(n, r0 + _BLOCK)
         _project(xs, r0, r1, centroids, dots)
-        _label_block(xs, r0, r1, dots, cc, labels, sums, members, accumulate, skip_zero)
+        _label_block(xs, r0, r1, dots, cc, labels, r0, sums, members, accumulate, skip_zero)
 
 
 @kernel
@@ -381,6 +382,7 @@ def scan_rows(
     labels: np.ndarray,
     sums: np.ndarray,
     members: np.ndarray,
+    kept_from: int,
 ) -> None:
     """Gather ``rows`` from ``addresses`` (as :func:`sona.kernels.gather.gather_rows`) and,
     in the same pass over the first ``scanned`` of them while they are in cache, compute what
@@ -393,6 +395,12 @@ def scan_rows(
 
     One long call instead of three: the worker thread that runs it needs the GIL once
     before and once after, rather than twice more in between.
+
+    Only the rows from ``kept_from`` on are written to ``rows`` (0: all of them). A block of
+    rows before it is gathered into a small buffer that stays in cache, read for the passes
+    and overwritten by the next block: when the caller needs only the last rows, the rest are
+    never written out to memory (rows usually come from memory, and writing a row costs
+    about twice what reading it does). Every row takes the same arithmetic either way.
     """
     n = rows.shape[0]
     m = basis.shape[0]
@@ -401,19 +409,26 @@ def scan_rows(
     _clear(sums, members)
     pb = np.empty((_BLOCK, m), np.float32)
     dots = np.empty((_BLOCK, k), np.float32)
+    block = np.empty((_BLOCK if kept_from > 0 else 0, rows.shape[1]), np.float32)
     for r0 in range(0, n, _BLOCK):
         r1 = min(n, r0 + _BLOCK)
-        gather_range(addresses, rows, r0, r1)
+        if r1 <= kept_from:
+            gather_range(addresses[r0:r1], block, 0, r1 - r0)
+            src, b0 = block, 0
+        else:
+            gather_range(addresses, rows, r0, r1)
+            src, b0 = rows, r0
         s1 = min(r1, scanned)
         if r0 >= s1:
             continue
-        _project(rows, r0, s1, basis, pb)
+        b1 = b0 + s1 - r0
+        _project(src, b0, b1, basis, pb)
         for r in range(r0, s1):
             proj[r] = pb[r - r0]
-            energy[r], moment[r] = _fingerprint(rows[r])
+            energy[r], moment[r] = _fingerprint(src[b0 + r - r0])
         if k:
-            _project(rows, r0, s1, centroids, dots)
-            _label_block(rows, r0, s1, dots, cc, labels, sums, members, True, True)
+            _project(src, b0, b1, centroids, dots)
+            _label_block(src, b0, b1, dots, cc, labels, r0, sums, members, True, True)
 
 
 @kernel
@@ -557,7 +572,7 @@ def warm_up() -> None:
     nearest(xs, c, labels, sums, counts, True, True)
     at = np.zeros(3, np.int64)
     proj = np.empty((3, 2), f32)
-    scan_rows(at, xs.copy(), 3, c, proj, sf[:3].copy(), sf[:3].copy(), c, labels, sums, counts)
+    scan_rows(at, xs.copy(), 3, c, proj, sf[:3].copy(), sf[:3].copy(), c, labels, sums, counts, 0)
     projected_cusum(proj, sf[:3].copy(), sf[:3].copy(), sf, si, params, ref_energy, ref_moment)
     move_toward_means(c.copy(), counts.copy(), sums, counts, 0.01)
     weighted_sq_error(xs, xs, np.ones(3))

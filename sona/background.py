@@ -44,6 +44,7 @@ from sona.replay import ReplayPool, rating_only
 from sona.results import BackgroundResult
 from sona.row_scan import Labelled, Projected, scan_rows
 from sona.sample import TrainingSample
+from sona.stacking import stack_rows
 from sona.training import TrainingPipeline
 
 MINI_BATCH = 16
@@ -187,15 +188,19 @@ class BackgroundLoop:
         # was, and its retry reads its inputs into the bank once
         bank = self._bank_spare = self.bank.clone(into=self._bank_spare)
         # every input row once, training rows first: later passes take views
+        basis, centroids = self.pipeline.scan_basis(), bank.scan_centroids()
+        kept_from = 0
+        if folds_live and basis is not None and centroids is not None:
+            # the scan gives the detector and the bank all they read; the fold reads no row,
+            # the importance window the last fisher_samples and quality_delta the held-back
+            kept_from = max(0, len(train_samples) - self.config.training.fisher_samples)
         rows, projected, labelled = self._rows.scan(
-            train_samples + eval_samples,
-            len(train_samples),
-            self.pipeline.scan_basis(),
-            bank.scan_centroids(),
+            train_samples + eval_samples, len(train_samples), basis, centroids, kept_from
         )
         xs = rows[: len(train_samples)] if train_samples else None
         fired = self._track(hand, xs, notes, projected)
         published, rejected = self._fold(old, hand.live, train_samples, xs, notes, labelled, bank)
+        self._rows.release()  # no row before the held-back ones is read from here on
         notes.extend(rejected)  # also announced (UpdateRejected) by the runtime
         eval_rows = rows[len(train_samples) :]
         quality_delta = None
@@ -241,7 +246,9 @@ class BackgroundLoop:
             fired = tracked[2]
         else:
             base = self.published.base
-            fired = self.pipeline.track_many(base, xs, validated=True, projected=projected)
+            fired = self.pipeline.track_many(
+                base, xs, validated=True, projected=projected, complete=self._rows.complete
+            )
             self._tracked = (hand, len(xs), fired)
         for i in fired:
             notes.append(f"task boundary detected at sample {i} of the batch")
@@ -259,7 +266,12 @@ class BackgroundLoop:
     ) -> tuple[Published, list[str]]:
         cfg = self.config
         rejected: list[str] = []
-        labels = bank.update(xs, labelled) if xs is not None else np.empty(0, np.intp)
+        if xs is None:
+            labels = np.empty(0, np.intp)
+        else:
+            if labelled is None or not bank.takes(labelled, len(xs)):
+                self._rows.complete()  # the bank reads the rows themselves
+            labels = bank.update(xs, labelled)
         centroids = bank.centroids[: len(bank)].copy()
         strategy = self.strategy
         if strategy is ConsolidationStrategy.EWC_MERGE:
@@ -504,6 +516,9 @@ class _RowBuffer:
     The rows are only read during :meth:`BackgroundLoop.prepare`, so one buffer serves every
     run; it is sized for a full hand-over and touched once at construction (bounded by
     ``_PREALLOCATE``), and grows if a larger batch ever comes.
+
+    A scan may leave the rows before ``kept_from`` unwritten (see :func:`scan_rows`) when the
+    run reads only the last ones; :meth:`complete` writes them should it need them after all.
     """
 
     def __init__(self, dim: int, rows: int) -> None:
@@ -511,6 +526,7 @@ class _RowBuffer:
         rows = max(0, min(rows, _PREALLOCATE // (4 * dim)))
         self._flat = np.empty(rows * dim, np.float32)
         self._flat.fill(0.0)  # touch every page now, not during the first consolidation
+        self._unwritten: tuple[list[np.ndarray], np.ndarray] | None = None
 
     def scan(
         self,
@@ -518,16 +534,32 @@ class _RowBuffer:
         scanned: int,
         basis: np.ndarray | None,
         centroids: np.ndarray | None,
+        kept_from: int = 0,
     ) -> tuple[np.ndarray, Projected | None, Labelled | None]:
         """The samples' input embeddings as rows of an (n, dim) view of the buffer, and what
-        the first ``scanned`` rows give the detector and the bank (:func:`scan_rows`)."""
+        the first ``scanned`` rows give the detector and the bank (:func:`scan_rows`); rows
+        before ``kept_from`` are written only once :meth:`complete` is called."""
         dim = self.dim
         n = len(samples)
         if n * dim > self._flat.shape[0]:
             self._flat = np.empty(n * dim + n * dim // 4, np.float32)
         rows = self._flat[: n * dim].reshape(n, dim)
         inputs = list(map(_input_embedding, samples))
-        return rows, *scan_rows(inputs, rows, scanned, basis, centroids)
+        scanned_parts = scan_rows(inputs, rows, scanned, basis, centroids, kept_from)
+        self._unwritten = (inputs[:kept_from], rows[:kept_from]) if kept_from else None
+        return rows, *scanned_parts
+
+    def complete(self) -> None:
+        """Write the rows the last scan left unwritten, if any."""
+        if self._unwritten is not None:
+            inputs, rows = self._unwritten
+            self._unwritten = None
+            stack_rows(inputs, self.dim, out=rows)
+
+    def release(self) -> None:
+        """Let go of the rows the last scan left unwritten (their samples' inputs): the run
+        will not read them."""
+        self._unwritten = None
 
 
 def _strategy_weights(

@@ -135,12 +135,7 @@ class ShiftDetector:
         only the CUSUM steps are left to run, with the same result. It is used only if the
         basis is still the one it was taken with.
         """
-        if (
-            projected is not None
-            and projected.basis is self._basis
-            and self.phase != REFERENCE
-            and projected.proj.shape[0] == xs.shape[0]
-        ):
+        if projected is not None and self.takes(projected, xs.shape[0]):
             return self._scan(xs, projected)
         xs = np.ascontiguousarray(xs, dtype=_F32)
         n = xs.shape[0]
@@ -158,6 +153,16 @@ class ShiftDetector:
             hit = self._scan(xs[i:])
             return i + hit if hit >= 0 else -1
         return -1
+
+    def takes(self, projected: Projected, rows: int) -> bool:
+        """Whether :meth:`update_many` of ``rows`` rows takes ``projected`` for them instead
+        of reading the rows: it is of as many rows, on the basis in use, past the reference
+        phase."""
+        return (
+            projected.basis is self._basis
+            and self.phase != REFERENCE
+            and projected.proj.shape[0] == rows
+        )
 
     def scan_basis(self) -> np.ndarray | None:
         """The basis the next rows will be projected on, or None while the reference is still

@@ -91,6 +91,15 @@ class PatternBank:
         (before that, slot filling changes them row by row): see :meth:`update`."""
         return self.centroids if self.size == self.k else None
 
+    def takes(self, labelled: Labelled, rows: int) -> bool:
+        """Whether :meth:`update` of ``rows`` rows takes ``labelled`` for them instead of
+        reading the rows: it is of as many rows, against these centroids, every slot in use."""
+        return (
+            labelled.centroids is self.centroids
+            and self.size == self.k
+            and labelled.labels.shape[0] == rows
+        )
+
     def update(self, xs: np.ndarray, labelled: Labelled | None = None) -> np.ndarray:
         """Fold a batch of inputs in; returns each input's cluster index after the update.
 
@@ -106,12 +115,7 @@ class PatternBank:
         :meth:`scan_centroids` while the rows were gathered, stands for the labels and sums
         (the same, bit for bit) as long as the centroids have not changed since.
         """
-        if (
-            labelled is not None
-            and labelled.centroids is self.centroids
-            and self.size == self.k
-            and labelled.labels.shape[0] == len(xs)
-        ):
+        if labelled is not None and self.takes(labelled, len(xs)):
             k_batch.move_toward_means(
                 self.centroids, self.counts, labelled.sums, labelled.members, _MIN_STEP
             )

@@ -52,12 +52,17 @@ def scan_rows(
     scanned: int,
     basis: np.ndarray | None,
     centroids: np.ndarray | None,
+    kept_from: int = 0,
 ) -> tuple[Projected | None, Labelled | None]:
     """Gather ``rows`` into ``out`` (C-contiguous float32, (len(rows), width)) and read the
     first ``scanned`` for the detector (on ``basis``) and the bank (on ``centroids``); None
     for a part not asked for. Rows that cannot be gathered from their address (strided) are
     copied under the GIL first, and nothing is read for the passes: the caller's passes then
-    read the rows themselves."""
+    read the rows themselves.
+
+    Only the rows from ``kept_from`` on are sure to be written to ``out``; those before it
+    may be left as they were: a caller that reads only the last rows afterwards spares
+    writing the others out to memory."""
     width = out.shape[1]
     at, strided = record_rows(rows, width)
     if strided or (basis is None and centroids is None):
@@ -71,7 +76,9 @@ def scan_rows(
     labels = np.empty(scanned, np.intp)
     sums = np.empty((c.shape[0], width), _F32)
     members = np.empty(c.shape[0], np.int64)
-    k_batch.scan_rows(at, out, scanned, b, proj, energy, moment, c, labels, sums, members)
+    k_batch.scan_rows(
+        at, out, scanned, b, proj, energy, moment, c, labels, sums, members, kept_from
+    )
     return (
         Projected(basis, proj, energy, moment) if basis is not None else None,
         Labelled(centroids, labels, sums, members) if centroids is not None else None,

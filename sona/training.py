@@ -13,7 +13,7 @@ named arrays (:meth:`TrainingPipeline.state_dict`) for checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,6 +301,7 @@ class TrainingPipeline:
         *,
         validated: bool = False,
         projected: Projected | None = None,
+        complete: Callable[[], object] | None = None,
     ) -> list[int]:
         """:meth:`track` for the rows of ``xs`` in order; the row indices that began a task.
 
@@ -310,6 +311,9 @@ class TrainingPipeline:
         ‖x‖² within ``MAX_INPUT_SQ_NORM``), for rows taken from :class:`TrainingSample` inputs,
         which were checked when the samples were built. ``projected``: the rows' projections
         on :meth:`scan_basis`, taken while they were gathered (see ``ShiftDetector.update_many``).
+        ``complete``: the rows of ``xs`` before its last ``fisher_samples`` may not be written
+        yet; it writes them, and is called before any of them is read (the detector reads the
+        rows when it cannot take ``projected``, the window when a shift rearranges it).
         """
         self._check_match(lora)
         dim = lora.config.in_features
@@ -327,9 +331,17 @@ class TrainingPipeline:
         fired: list[int] = []
         pos = 0
         n = rows.shape[0]
+        detecting = self.config.boundary_detection
+        if (
+            complete is not None
+            and detecting
+            and not (projected is not None and detector.takes(projected, n))
+        ):
+            complete()  # the detector reads the rows themselves
+            complete = None
         while pos < n:
             rest = rows[pos:]
-            if not self.config.boundary_detection:
+            if not detecting:
                 hit = -1
             else:  # the projections are of the rows from the first one on
                 hit = detector.update_many(rest, projected if pos == 0 else None)
@@ -337,6 +349,9 @@ class TrainingPipeline:
                 window.push_many(rest)
                 self._samples_seen += rest.shape[0]
                 break
+            if complete is not None:  # the window and the detector read earlier rows now
+                complete()
+                complete = None
             window.push_many(rest[:hit])
             self._samples_seen += hit
             x = rest[hit]

@@ -48,21 +48,25 @@ def _rows(rng: np.random.Generator, n: int, d: int, zeros: int) -> list[np.ndarr
     k=st.integers(0, 9),
     unscanned=st.integers(0, 20),
     zeros=st.integers(0, 4),
+    kept_from=st.integers(0, 80),
 )
 def test_scan_rows_gives_what_the_passes_it_replaces_give(
-    seed: int, n: int, d: int, m: int, k: int, unscanned: int, zeros: int
+    seed: int, n: int, d: int, m: int, k: int, unscanned: int, zeros: int, kept_from: int
 ) -> None:
+    """Whichever rows it is asked to write out (those from ``kept_from`` on), every row is
+    read for the passes alike."""
     rng = np.random.default_rng(seed)
     rows = _rows(rng, n, d, zeros)
+    stacked = np.stack(rows) if n else np.empty((0, d), F32)
     scanned = max(0, n - unscanned)
     basis = np.linalg.qr(rng.standard_normal((d, d)))[0][:, : min(m, d)].T.astype(F32).copy()
     centroids = rng.standard_normal((k, d)).astype(F32)
     out = np.full((n, d), np.nan, F32)
-    projected, labelled = scan_rows(rows, out, scanned, basis, centroids)
-    np.testing.assert_array_equal(out, np.stack(rows) if n else np.empty((0, d)))
+    projected, labelled = scan_rows(rows, out, scanned, basis, centroids, kept_from)
+    np.testing.assert_array_equal(out[kept_from:], stacked[kept_from:])
     assert projected is not None and labelled is not None
     assert projected.basis is basis and labelled.centroids is centroids
-    xs = out[:scanned]
+    xs = stacked[:scanned]
     # the detector: the same CUSUM steps, with the same state after them, bit for bit
     params = np.array([5.0, 0.5, 2.0, 8.0, 0.02])
     ref_e = np.sort(rng.standard_normal(3))
@@ -200,12 +204,50 @@ def _domain_stream(seed: int, n: int) -> list[TrainingSample]:
 def test_a_consolidation_with_the_scan_publishes_what_one_without_does(
     seed: int, batches: list[int], strategy: ConsolidationStrategy
 ) -> None:
+    _with_and_without_scan(seed, batches, strategy)
+
+
+def test_rows_left_unwritten_are_written_where_a_shift_reads_them() -> None:
+    """Under EWC_MERGE the scan also leaves the rows nothing reads unwritten (all but the
+    importance window's and the held-back ones). Where a shift is detected in a batch, the
+    window and the detector read them after all: they are written first, and the run
+    publishes what one that wrote every row publishes."""
+    unwritten, completed = _with_and_without_scan(
+        3, [40, 40, 40, 80, 60], ConsolidationStrategy.EWC_MERGE
+    )
+    assert sum(1 for u in unwritten if u) >= 2  # rows were left unwritten in several runs
+    assert completed == [True]  # ... and written for the one batch with a shift
+
+
+def _with_and_without_scan(
+    seed: int, batches: list[int], strategy: ConsolidationStrategy
+) -> tuple[list[int], list[bool]]:
+    """Consolidations of the same stream by a loop that takes the scan's results and one that
+    does not publish the same, bit for bit; returns, for the first, how many rows each scan
+    left unwritten and, for each call that wrote them after all, whether any were left."""
     cfg = _config(strategy)
     samples = _domain_stream(seed, sum(batches))
     runs = []
+    unwritten: list[int] = []
+    completed: list[bool] = []
     for use_scan in (True, False):
         bg = BackgroundLoop(cfg, seed=seed)
-        if not use_scan:
+        if use_scan:
+            rows, real_scan, real_complete = bg._rows, bg._rows.scan, bg._rows.complete
+
+            def scan(*a: Any, scan: Any = real_scan, rows: Any = rows) -> Any:
+                out = scan(*a)
+                unwritten.append(0 if rows._unwritten is None else len(rows._unwritten[0]))
+                return out
+
+            def complete(complete: Any = real_complete, rows: Any = rows) -> None:
+                if rows._unwritten is not None:
+                    completed.append(True)
+                complete()
+
+            bg._rows.scan = scan  # type: ignore[method-assign]
+            bg._rows.complete = complete  # type: ignore[method-assign]
+        else:
             bg.pipeline.scan_basis = lambda: None  # type: ignore[method-assign]
             bg.bank.scan_centroids = lambda: None  # type: ignore[method-assign]
         inst = InstantLoop(cfg, seed=seed, consolidated=lambda bg=bg: bg.published)  # type: ignore[misc]
@@ -230,6 +272,9 @@ def test_a_consolidation_with_the_scan_publishes_what_one_without_does(
     np.testing.assert_array_equal(fast.bank.centroids, plain.bank.centroids)
     np.testing.assert_array_equal(fast.bank.counts, plain.bank.counts)
     _same_pipeline_state(fast, plain)
+    if strategy is not ConsolidationStrategy.EWC_MERGE:
+        assert not any(unwritten)  # other strategies re-learn from every row
+    return unwritten, completed
 
 
 def zip_ensembles(a: BackgroundLoop, b: BackgroundLoop) -> list[tuple[Any, Any]]:
