@@ -321,6 +321,9 @@ class TrainingPipeline:
         if rows.ndim != 2 or rows.shape[1] != dim:
             raise InvalidInputError(f"xs must have shape (n, {dim}), got {rows.shape}")
         if not validated:
+            if complete is not None:  # the check reads every row
+                complete()
+                complete = None
             bad = int(k_update.rows_input_status(rows))  # GIL-free, no temporary array
             if bad >= 0:
                 _check_row(bad % 4, f"xs[{bad // 4}]")

@@ -21,11 +21,13 @@ from sona.background import BackgroundLoop
 from sona.boundary import ShiftDetector
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.instant import InstantLoop
+from sona.lora import MicroLoRA
 from sona.lora_config import MicroLoraConfig, TargetModule
 from sona.pattern_bank import PatternBank
 from sona.row_scan import Labelled, Projected, scan_rows
 from sona.runtime import SonaRuntime
 from sona.sample import TrainingSample
+from sona.training import TrainingPipeline
 from sona.training_config import TrainingConfig
 from sona.worker_threads import LoopThread
 
@@ -219,6 +221,36 @@ def test_rows_left_unwritten_are_written_where_a_shift_reads_them() -> None:
     assert completed == [True]  # ... and written for the one batch with a shift
 
 
+@pytest.mark.parametrize("validated", [True, False])
+def test_tracking_writes_unwritten_rows_before_it_reads_them(validated: bool) -> None:
+    """Unchecked rows are all read by the check; checked ones, with no usable projections,
+    by the detector: either way ``complete`` runs first."""
+    rng = np.random.default_rng(4)
+    lora = MicroLoRA(MicroLoraConfig.for_hidden_dim(16, rank=2), seed=0)
+    pipe = TrainingPipeline(TrainingConfig(fisher_samples=8))
+    xs = rng.standard_normal((30, 16)).astype(F32)
+    rows = xs.copy()
+    rows[:22] = np.nan  # not written yet
+    calls: list[int] = []
+
+    def complete() -> None:
+        calls.append(1)
+        rows[:22] = xs[:22]
+
+    fired = pipe.track_many(lora, rows, validated=validated, complete=complete)
+    plain = TrainingPipeline(TrainingConfig(fisher_samples=8))
+    assert calls == [1] and fired == plain.track_many(lora, xs)
+    _same_state(pipe.state_dict(), plain.state_dict())
+
+
+def _same_state(
+    a: tuple[dict[str, Any], dict[str, Any]], b: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    assert a[0] == b[0] and a[1].keys() == b[1].keys()
+    for key in a[1]:
+        np.testing.assert_array_equal(a[1][key], b[1][key], err_msg=key)
+
+
 def _with_and_without_scan(
     seed: int, batches: list[int], strategy: ConsolidationStrategy
 ) -> tuple[list[int], list[bool]]:
@@ -284,10 +316,7 @@ def zip_ensembles(a: BackgroundLoop, b: BackgroundLoop) -> list[tuple[Any, Any]]
 
 
 def _same_pipeline_state(a: BackgroundLoop, b: BackgroundLoop) -> None:
-    (ma, xa), (mb, xb) = a.pipeline.state_dict(), b.pipeline.state_dict()
-    assert ma == mb and xa.keys() == xb.keys()
-    for key in xa:
-        np.testing.assert_array_equal(xa[key], xb[key], err_msg=key)
+    _same_state(a.pipeline.state_dict(), b.pipeline.state_dict())
 
 
 # ---------------------------------------------------------------------- the hand-off
