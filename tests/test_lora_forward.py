@@ -460,3 +460,41 @@ def test_module_enum_and_all_members_usable() -> None:
     x = np.ones(12, np.float32)
     outs = [lora.forward(x, m) for m in mods]
     assert len({o.tobytes() for o in outs}) == len(mods)  # independent factors per module
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 40),
+    rank=st.integers(1, 8),
+    sign=st.sampled_from([1.0, -1.0]),
+    seed=st.integers(0, 1000),
+)
+def test_adding_a_batch_in_place_is_forward_added_with_its_sign(
+    n: int, n_in: int, n_out: int, rank: int, sign: float, seed: int
+) -> None:
+    """``_add_batch``, which sums adapters' predictions without a result array each (the
+    Background loop's ``quality_delta`` under EWC_MERGE), adds what ``forward`` gives."""
+    rank = min(rank, n_in, n_out)
+    lora = trained(config(n_in=n_in, n_out=n_out, rank=rank), seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, n_in)).astype(np.float32)
+    start = rng.standard_normal((n, n_out)).astype(np.float32)
+    out = start.copy()
+    lora._add_batch(x, V, out, sign)
+    a, bt = lora.factors(V)
+    expected = start.astype(np.float64) + sign * ref_forward(a, bt, lora.scaling, x)
+    magnitude = np.abs(start) + ref_magnitude(a, bt, lora.scaling, x)
+    assert_f32_close(out, expected, magnitude, n_in + rank + 1)
+
+
+def test_adding_a_batch_beyond_float32_raises() -> None:
+    lora, x = _near_the_largest_delta(2)
+    half = np.stack([x / 2, x / 2])  # a delta of 1.8e38 at row 0, finite
+    out = np.zeros((2, 10), np.float32)
+    lora._add_batch(half, Q, out, 1.0)
+    with pytest.raises(InvalidInputError, match="delta overflows float32"):
+        lora._add_batch(half, Q, out, 1.0)  # 3.6e38
+    with pytest.raises(InvalidInputError, match="must be"):
+        lora._add_batch(half, Q, np.zeros((3, 10), np.float32), 1.0)
