@@ -206,11 +206,9 @@ class SonaLlm:
         raise with them. Its samples, and those held back before, stay applied but are never
         consolidated: counted as evicted. An interruption (KeyboardInterrupt) is no failure
         of the hand-over and is not counted."""
-        inst = self.instant
-        inst.unfinished_failures += 1
-        if inst.unfinished_failures < 2:
+        n = self.instant.unfinished_failed(self.background.held_back)
+        if n is None:
             return
-        n = inst.give_up_unfinished(self.background.held_back)
         self.background.carry = []
         _log.error("consolidation_given_up", samples=n, error=repr(exc))
 

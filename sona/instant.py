@@ -297,10 +297,14 @@ class InstantLoop:
         """The unfinished hand-over's samples."""
         return len(self.unfinished.samples) if self.unfinished is not None else 0
 
-    def give_up_unfinished(self, carried: int) -> int:
-        """Drop the unfinished hand-over after its consolidation failed twice (the same samples
-        would fail again): its samples, and the ``carried`` ones the consolidations held back
-        before it, stay applied but are never consolidated, counted as evicted. How many."""
+    def unfinished_failed(self, carried: int) -> int | None:
+        """Count a failure of the unfinished hand-over's consolidation. The first time it is
+        kept for a retry (None); the second it is given up, as the same samples would fail
+        again: its samples, and the ``carried`` ones the consolidations held back before it,
+        stay applied but are never consolidated, counted as evicted. Returns how many."""
+        self.unfinished_failures += 1
+        if self.unfinished_failures < 2:
+            return None
         n = self.unfinished_count + carried
         self.set_unfinished(None)
         self.evicted += n

@@ -1110,12 +1110,11 @@ class SonaRuntime:
         inst = self._instant
         if inst.unfinished is not hand:
             return
-        inst.unfinished_failures += 1
-        if inst.unfinished_failures < 2:
-            return
         bg = self._background
         with self._changing_view():
-            n = inst.give_up_unfinished(len(bg.carry))
+            n = inst.unfinished_failed(len(bg.carry))
+            if n is None:
+                return
             bg.carry = []
         self._pending -= n
         self._signal()
