@@ -228,19 +228,23 @@ class ShiftDetector:
     def _learn_basis(self) -> None:
         """The subspace holding ``energy`` of the reference inputs' directions.
 
-        Each input counts by its direction alone (rows scaled to unit norm), as the residual
-        fraction it is measured against does: weighted by ‖x‖², a few large inputs held all
-        the energy, the subspace missed directions only smaller inputs used, those inputs
-        looked like a shift all the time, and a real shift drowned in that spread.
+        Each input counts by its direction alone (weight 1/‖x‖²: the rows as unit vectors),
+        as the residual fraction it is measured against does: weighted by ‖x‖², a few large
+        inputs held all the energy, the subspace missed directions only smaller inputs used,
+        those inputs looked like a shift all the time, and a real shift drowned in that
+        spread. The weights go into the Gram matrix of the rows as they are, which costs no
+        unit-row copy of the reference: ‖x‖² comes from the fingerprint pass, in float64 (it
+        overflows float32 from ‖x‖ ≈ 1.8e19).
         """
-        ref = self._reference.astype(np.float64)  # ‖x‖² overflows float32 from ‖x‖ ≈ 1.8e19
-        norms = np.sqrt(np.einsum("ij,ij->i", ref, ref))
-        real = norms > 0.0
+        rows = self._reference[: self._filled]
+        energy, moment = _fingerprints(rows)
+        real = energy > 0.0
         if not real.any():
             self._filled = 0  # all-zero inputs: keep waiting for informative ones
             return
-        unit = (ref[real] / norms[real, None]).astype(_F32)
-        ev, vt = principal_directions(unit, top=self.max_directions)
+        weights = np.zeros_like(energy)
+        weights[real] = 1.0 / energy[real]
+        ev, vt = principal_directions(rows, top=self.max_directions, weights=weights)
         total = float(ev.sum())
         if total <= 0.0 or not np.isfinite(total):
             self._filled = 0
@@ -248,19 +252,18 @@ class ShiftDetector:
         m = int(np.searchsorted(np.cumsum(ev) / total, self.energy) + 1)
         m = min(m, self.max_directions)
         self._basis = np.ascontiguousarray(vt[:m], dtype=_F32)
-        self._fingerprint(self._filled)
+        self._set_fingerprints(energy, moment)
         self.phase = CALIBRATING
 
     def _fingerprint(self, rows: int) -> None:
         """Note the first ``rows`` reference inputs so that repeats of them are recognised."""
-        energy = np.empty(rows)
-        moment = np.empty(rows)
-        k_batch.reference_fingerprints(self._reference[:rows], energy, moment)
+        self._set_fingerprints(*_fingerprints(self._reference[:rows]))
+
+    def _set_fingerprints(self, energy: np.ndarray, moment: np.ndarray) -> None:
         order = np.argsort(energy, kind="stable")
         self._ref_energy = np.ascontiguousarray(energy[order])
         self._ref_moment = np.ascontiguousarray(moment[order])
 
-    # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {
             "phase": self.phase,
@@ -319,3 +322,12 @@ class ShiftDetector:
         self._up_start = counters["up_start"]
         self._down_start = counters["down_start"]
         self.seen = counters["seen"]
+
+
+def _fingerprints(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ‖x‖² and index-weighted sum (:func:`~sona.kernels.batch.reference_fingerprints`),
+    in float64."""
+    energy = np.empty(rows.shape[0])
+    moment = np.empty(rows.shape[0])
+    k_batch.reference_fingerprints(rows, energy, moment)
+    return energy, moment
