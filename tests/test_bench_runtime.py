@@ -44,10 +44,15 @@ def test_sona_part_reports_every_case_and_restores_the_switch_interval(
     for case in ("instant_adapt", "instant_adapt, deep running"):
         assert rows[case]["handler_samples"] == rows[case]["timed_samples"] >= 200
     throughput = [r for r in report["sona"] if r["case"].startswith("sustained")]
-    assert [r["modules"] for r in throughput] == [1, 2]
+    assert [(r["modules"], r["case"].split(" (")[0]) for r in throughput] == [
+        (1, "sustained submit, Deep off"),
+        (2, "sustained submit, Deep off"),
+        (1, "sustained submit, Deep on"),
+    ]
+    assert [r["deep_runs"] > 0 for r in throughput] == [False, False, True]
     assert all(r["samples_per_s"] > 0 and r["max_pending"] <= 1000 for r in throughput)
     for r in throughput:  # labelled with the duration it ran, not "0 s"
-        label = re.fullmatch(r"sustained submit \((\S+) s, bound 1000\)", r["case"])
+        label = re.fullmatch(r"sustained submit, Deep o(?:n|ff) \((\S+) s, bound 1000\)", r["case"])
         assert label is not None and 0.2 <= float(label[1]) < 10
     consolidation = [r for r in report["sona"] if r["case"].startswith("background")]
     assert len(consolidation) == 2
@@ -237,7 +242,7 @@ def test_throughput_divides_by_the_time_the_producers_took(
     largest pending count seen, not the last."""
     monkeypatch.setattr(runtime_sona, "SonaRuntime", _SlowRuntime)
     row = anyio.run(runtime_sona._throughput, 16, (runtime_sona.Q,), 0.05)
-    label = re.fullmatch(r"sustained submit \((\S+) s, bound 1000\)", row["case"])
+    label = re.fullmatch(r"sustained submit, Deep off \((\S+) s, bound 1000\)", row["case"])
     assert label is not None and float(label[1]) >= 0.2
     assert row["samples_per_s"] * float(label[1]) == pytest.approx(8, rel=1e-2)
     assert row["max_pending"] == 9
