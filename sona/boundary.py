@@ -264,6 +264,7 @@ class ShiftDetector:
         self._ref_energy = np.ascontiguousarray(energy[order])
         self._ref_moment = np.ascontiguousarray(moment[order])
 
+    # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {
             "phase": self.phase,

@@ -165,9 +165,9 @@ async def _throughput(
             tg.start_soon(watch)
         elapsed = time.perf_counter() - t0
         st = rt.stats()
-    loop = "Deep on" if deep else "Deep off"
+    deep_label = "Deep on" if deep else "Deep off"
     return {
-        "case": f"sustained submit, {loop} ({elapsed:.3g} s, bound {bound})",
+        "case": f"sustained submit, {deep_label} ({elapsed:.3g} s, bound {bound})",
         "dim": dim,
         "modules": len(modules),
         "p50_us": float("nan"),
