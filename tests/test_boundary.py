@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from sona.bench.tasks import SubspaceSequence
 from sona.boundary import WATCHING, ShiftDetector
@@ -126,6 +128,43 @@ def test_a_shift_is_seen_whatever_the_spread_of_input_norms(seed: int) -> None:
     assert det.update_many(_subspace_stream(rng, old, 3000)) == -1
     assert det.phase == WATCHING
     assert 0 <= det.update_many(_subspace_stream(rng, new, 500)) < 20
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    width=st.sampled_from([24, 96]),
+    zeros=st.integers(0, 6),
+    spread=st.floats(0.0, 20.0),
+)
+def test_the_reference_basis_spans_the_top_directions_of_the_unit_inputs(
+    seed: int, width: int, zeros: int, spread: float
+) -> None:
+    """The basis is the principal subspace of the reference inputs as unit vectors (plain numpy
+    SVD in float64), whatever their norms (up to ~1e20, where ‖x‖² leaves float32) and with
+    zero inputs counting for nothing. 40 inputs: wider than the width 24 (SVD), narrower than
+    96 (Gram matrix)."""
+    rng = np.random.default_rng(seed)
+    n, rank = 40, 4
+    x = rng.standard_normal((n, rank)) @ rng.standard_normal((rank, width))
+    x += 1e-3 * rng.standard_normal((n, width))
+    x *= 10.0 ** rng.uniform(-spread, spread, (n, 1))
+    x[rng.choice(n, zeros, replace=False)] = 0.0
+    x = x.astype(np.float32)
+    det = ShiftDetector(width, reference_samples=n, max_directions=8)
+    assert det.update_many(x) == -1
+    basis = det.scan_basis()
+    assert basis is not None
+    ref = x.astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1)
+    unit = ref[norms > 0] / norms[norms > 0, None]
+    _, sv, vt = np.linalg.svd(unit, full_matrices=False)
+    share = np.cumsum(sv**2) / np.sum(sv**2)
+    assume(np.abs(share - det.energy).min() > 1e-6)  # no count decided by rounding
+    m = min(int(np.searchsorted(share, det.energy) + 1), det.max_directions)
+    assert basis.shape == (m, width)
+    cosines = np.linalg.svd(vt[:m] @ basis.astype(np.float64).T, compute_uv=False)
+    assert cosines.min() > 1.0 - 1e-5
 
 
 @pytest.mark.parametrize("batched", [False, True])
