@@ -136,6 +136,20 @@ def vec_sq_norm_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(acc))
 
 
+@gil_kernel
+def vectors_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.array_equal`` for two 1-D vectors (float equality: -0.0 equals 0.0, NaN nothing):
+    numpy's comparison hands the GIL over per pair from a worker thread, and taking it back
+    from a busy event loop can wait a switch interval (see ``jit.gil_kernel``)."""
+    same: bool = a.shape[0] == b.shape[0]
+    if same:
+        for i in range(a.shape[0]):
+            if a[i] != b[i]:
+                same = False
+                break
+    return same
+
+
 @kernel
 def grad_sq_norm(grad_a: np.ndarray, grad_bt: np.ndarray) -> float:
     """‖dA‖² + ‖dBᵀ‖² in float64 (float32 would overflow for gradients we must reject)."""

@@ -146,6 +146,7 @@ def warm_up(*, force: bool = False) -> float:
     for vec in (x, frozen):
         update.vec_sq_norm_finite(vec)  # Deep's check of each replayed sample
         update.vec_input_status(vec)  # MicroLoRA's check of x on its general paths
+        update.vectors_equal(vec, vec)  # Deep's comparison of a replayed and a held-out sample
     _done = True
     return time.perf_counter() - t0
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from sona.config import ConsolidationStrategy, SonaLlmConfig
 from sona.errors import InvalidInputError
-from sona.kernels.update import vec_sq_norm_finite
+from sona.kernels.update import vec_sq_norm_finite, vectors_equal
 from sona.lora import MicroLoRA
 from sona.objective import hold_out_newest, quality_delta
 from sona.pattern_bank import PatternBank
@@ -130,14 +130,14 @@ def _same(a: TrainingSample, b: TrainingSample) -> bool:
     """The same objective term: equal input, feedback and module."""
     if a is b:
         return True
-    if a.module is not b.module or not np.array_equal(a.input_embedding, b.input_embedding):
+    if a.module is not b.module or not vectors_equal(a.input_embedding, b.input_embedding):
         return False
     fa, fb = a.to_feedback(), b.to_feedback()
     if fa.kind is not fb.kind or fa.quality != fb.quality:
         return False
     if fa.vector is None or fb.vector is None:
         return fa.vector is fb.vector
-    return bool(np.array_equal(fa.vector, fb.vector))
+    return bool(vectors_equal(fa.vector, fb.vector))
 
 
 def run_deep(job: DeepJob) -> DeepOutcome:

@@ -88,6 +88,7 @@ def test_update_and_request_path_kernels_hold_the_gil_and_the_others_release_it(
     def vector_check() -> None:
         update.vec_all_finite(x)
         update.vec_sq_norm_finite(x)
+        update.vectors_equal(x, x)
 
     def check() -> None:
         update.all_finite(a)

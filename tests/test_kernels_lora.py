@@ -260,6 +260,29 @@ def test_all_finite_finds_any_nan_or_inf(n: int, data: st.DataObject, bad: float
     assert ku.all_finite(np.full(5, np.finfo(F32).max, F32))  # large but finite
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    extra=st.integers(0, 2),
+    data=st.data(),
+    frozen=st.booleans(),
+)
+def test_vectors_equal_is_numpy_array_equal(
+    n: int, extra: int, data: st.DataObject, frozen: bool
+) -> None:
+    """Deep's comparison of a replayed and a held-out sample (which must keep the GIL) answers
+    as ``np.array_equal`` does: lengths, -0.0 against 0.0, NaN, one element changed."""
+    values = st.sampled_from([0.0, -0.0, 1.0, -2.5, np.nan, np.inf, 3e38, 1e-45])
+    a = np.array(data.draw(st.lists(values, min_size=n, max_size=n)), F32)
+    b = a.copy() if not extra else np.concatenate([a, np.ones(extra, F32)])
+    if n and data.draw(st.booleans()):
+        b[data.draw(st.integers(0, n - 1))] = data.draw(values)
+    if frozen:  # samples hold read-only copies
+        a, b = (np.frombuffer(v.tobytes(), F32) for v in (a, b))
+    assert ku.vectors_equal(a, b) == np.array_equal(a, b)
+    assert ku.vectors_equal(b, a) == np.array_equal(b, a)
+
+
 # ---------------------------------------------------------------------------- random numbers
 
 
